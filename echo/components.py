@@ -1,0 +1,280 @@
+"""Build or load every component of an ECHO model from one YAML (or dict) description.
+
+A model description (``configs/models/*.yaml``) has one section per component:
+
+```yaml
+vae:            {class: AutoencoderKLWan, pretrained: Wan-AI/Wan2.1-T2V-1.3B-Diffusers, subfolder: vae}
+transformer:    {class: EchoTransformer3DModel, from_wan: Wan-AI/Wan2.1-T2V-1.3B-Diffusers, subfolder: transformer,
+                 config: {audio_dim: 768, audio_num_layers: 13}}
+scheduler:      {class: FlowMatchEulerDiscreteScheduler, config: {shift: 5.0}}
+audio_encoder:  {class: Wav2Vec2Model, config: {hidden_size: 32, ...}}        # tiny, random weights
+...
+```
+
+Each section names a ``class`` (see `COMPONENT_CLASSES`) and exactly one source:
+
+- ``pretrained: <local folder or hub id>`` (+ optional ``subfolder``): loaded with the class's own
+  ``from_pretrained``. Hub ids resolve from the local Hugging Face cache only (``local_files_only=True``) unless
+  ``load_components(..., allow_download=True)`` or the top-level key ``allow_download: true`` is given.
+- ``from_wan: <folder or hub id>`` (transformer only): `EchoTransformer3DModel.from_wan`, every Wan weight loaded under
+  its own name, the ECHO modules added so that the model starts as the Wan model; ``config`` holds the ECHO options.
+- ``config: {...}``: the component is built from this config with random weights drawn from
+  ``torch.manual_seed(seed)`` (``seed`` per section, defaults to the top-level ``seed``, itself 0), so tiny models are
+  reproducible whatever the build order. Tokenizers built from ``config`` are small offline Unigram vocabularies
+  (`build_tiny_tokenizer`).
+
+`load_components` checks that the seams agree (audio width and layer count between the wav2vec2 encoder, the
+generator and the LCU; the text width between the T5/UMT5 encoder and the generator; the LCU's output width and the
+generator's ``context_dim``; the tokenizer's vocabulary and the text encoder's embedding table) and raises a
+`ValueError` naming both keys otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Component name → the classes a section may name, as (module, class). Order is the build order.
+COMPONENT_CLASSES: dict[str, dict[str, tuple[str, str]]] = {
+    "vae": {"AutoencoderKLWan": ("diffusers", "AutoencoderKLWan")},
+    "transformer": {"EchoTransformer3DModel": ("echo.transformer_echo", "EchoTransformer3DModel")},
+    "scheduler": {
+        "FlowMatchEulerDiscreteScheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "UniPCMultistepScheduler": ("diffusers", "UniPCMultistepScheduler"),
+    },
+    "audio_encoder": {"Wav2Vec2Model": ("transformers", "Wav2Vec2Model")},
+    "feature_extractor": {"Wav2Vec2FeatureExtractor": ("transformers", "Wav2Vec2FeatureExtractor")},
+    "text_encoder": {
+        "UMT5EncoderModel": ("transformers", "UMT5EncoderModel"),
+        "T5EncoderModel": ("transformers", "T5EncoderModel"),
+    },
+    "tokenizer": {
+        "PreTrainedTokenizerFast": ("transformers", "PreTrainedTokenizerFast"),
+        "AutoTokenizer": ("transformers", "AutoTokenizer"),
+        "T5TokenizerFast": ("transformers", "T5TokenizerFast"),
+    },
+    "context_encoder": {"LongRangeContextEncoder": ("echo.lcu", "LongRangeContextEncoder")},
+}
+
+# transformers config classes for the `config:` route.
+_TRANSFORMERS_CONFIGS = {
+    "Wav2Vec2Model": "Wav2Vec2Config",
+    "UMT5EncoderModel": "UMT5Config",
+    "T5EncoderModel": "T5Config",
+}
+
+_MODEL_COMPONENTS = ("vae", "transformer", "audio_encoder", "text_encoder", "context_encoder")
+
+# Words of the tiny tokenizer beyond single characters: the emotion vocabulary of the demo and tests.
+TINY_TOKENIZER_WORDS = (
+    "the", "a", "an", "and", "is", "are", "of", "to", "in", "with", "at", "while", "as", "avatar", "user",
+    "listens", "listening", "speaks", "speaking", "calm", "happy", "joyful", "content", "neutral", "sad", "curious",
+    "attentive", "surprised", "amused", "interested", "engaged", "relaxed", "warm", "smile", "smiles", "nods", "face",
+    "expression", "eyes", "mouth", "emotion", "feels", "looks", "slightly", "very", "gently",
+)  # fmt: skip
+
+
+def build_tiny_tokenizer(words: list[str] | tuple[str, ...] = TINY_TOKENIZER_WORDS, model_max_length: int = 512):
+    r"""A small T5-style tokenizer built offline: a Unigram model over characters plus whole ``words``.
+
+    Special tokens follow T5: ``<pad>`` = 0, ``</s>`` = 1 (appended to every sequence), ``<unk>`` = 2. Text is NFKC
+    normalised and lower-cased; words are prefixed with the SentencePiece meta-space ``▁``. Any lower-case ASCII text
+    is encoded without ``<unk>`` (unknown words fall back to characters).
+
+    Args:
+        words (`list[str]`, defaults to `TINY_TOKENIZER_WORDS`): whole-word pieces of the vocabulary.
+        model_max_length (`int`, defaults to 512): the tokenizer's maximum sequence length.
+
+    Returns:
+        `transformers.PreTrainedTokenizerFast` with ``len(tokenizer) == 4 + 68 + len(set(words))``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -4.0) for c in chars] + [("▁" + c, -3.0) for c in string.ascii_lowercase]
+    seen = {p for p, _ in pieces}
+    for word in words:
+        piece = "▁" + word.lower()
+        if piece not in seen:
+            pieces.append((piece, -1.0))
+            seen.add(piece)
+
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+
+
+def load_model_config(config: str | Path | dict) -> dict:
+    """Read a model description: a YAML path or an already parsed dict (deep-copied)."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"model config {str(path)!r} is not a file; expected a YAML file such as configs/models/tiny.yaml")
+    with open(path) as f:
+        loaded = yaml.safe_load(f)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"model config {str(path)!r} holds a {type(loaded).__name__}, expected a mapping of sections")
+    return loaded
+
+
+def _import_class(name: str, section: str):
+    classes = COMPONENT_CLASSES[section]
+    if name not in classes:
+        raise ValueError(f"section {section!r} names class {name!r}; expected one of {sorted(classes)}")
+    module, attr = classes[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_download: bool, default_seed: int):
+    if not isinstance(spec, dict) or "class" not in spec:
+        raise ValueError(f"section {section!r} must be a mapping with a 'class' key, got {spec!r}")
+    sources = [key for key in ("pretrained", "from_wan") if key in spec]
+    if len(sources) > 1:
+        raise ValueError(f"section {section!r} gives both {sources}; give one source")
+    if not sources and "config" not in spec:
+        raise ValueError(f"section {section!r} needs one of 'pretrained', 'from_wan' or 'config'")
+    name = spec["class"]
+    cls = _import_class(name, section)
+    config = dict(spec.get("config") or {})
+    load_kwargs: dict[str, Any] = {"local_files_only": not allow_download}
+    if spec.get("subfolder"):
+        load_kwargs["subfolder"] = spec["subfolder"]
+    is_transformers = COMPONENT_CLASSES[section][name][0] == "transformers"
+    if section in _MODEL_COMPONENTS:
+        load_kwargs["dtype" if is_transformers else "torch_dtype"] = torch_dtype
+
+    # 1. Pretrained weights from a folder or the local hub cache.
+    if "pretrained" in spec:
+        if config and section in ("scheduler", "feature_extractor"):
+            load_kwargs.update(config)  # overrides such as the scheduler's `shift`
+        elif config:
+            raise ValueError(f"section {section!r} gives both 'pretrained' and 'config'; config overrides apply only to schedulers and feature extractors")
+        return cls.from_pretrained(spec["pretrained"], **load_kwargs)
+    if "from_wan" in spec:
+        if section != "transformer":
+            raise ValueError(f"'from_wan' is only valid in the 'transformer' section, found in {section!r}")
+        model = cls.from_wan(spec["from_wan"], **config, **{k: v for k, v in load_kwargs.items() if k == "subfolder"})
+        return model.to(torch_dtype) if model.dtype != torch_dtype else model
+
+    # 2. Built from a config: seeded random weights.
+    seed = int(spec.get("seed", default_seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if section == "tokenizer":
+            return build_tiny_tokenizer(**config)
+        if name in _TRANSFORMERS_CONFIGS:
+            config_cls = getattr(importlib.import_module("transformers"), _TRANSFORMERS_CONFIGS[name])
+            model = cls(config_cls(**config))
+        else:
+            model = cls(**config)
+    if section in _MODEL_COMPONENTS:
+        if model.dtype != torch_dtype:
+            model = model.to(torch_dtype)
+        model = model.eval()
+    return model
+
+
+def _check_seams(components: dict) -> None:
+    transformer = components.get("transformer")
+    audio = components.get("audio_encoder")
+    text = components.get("text_encoder")
+    tokenizer = components.get("tokenizer")
+    lcu = components.get("context_encoder")
+    if transformer is not None and audio is not None:
+        expected = (audio.config.hidden_size, audio.config.num_hidden_layers + 1)
+        got = (transformer.config.audio_dim, transformer.config.audio_num_layers)
+        if got != expected:
+            raise ValueError(
+                f"transformer (audio_dim, audio_num_layers) = {got} but audio_encoder gives hidden_size "
+                f"{expected[0]} with {expected[1]} hidden-state layers (num_hidden_layers + 1); expected {expected}"
+            )
+    if lcu is not None and audio is not None:
+        expected = (audio.config.hidden_size, audio.config.num_hidden_layers + 1)
+        got = (lcu.config.audio_dim, lcu.config.audio_num_layers)
+        if got != expected:
+            raise ValueError(
+                f"context_encoder (audio_dim, audio_num_layers) = {got}, expected {expected} from audio_encoder"
+            )
+    if transformer is not None and text is not None and transformer.config.text_dim != text.config.d_model:
+        raise ValueError(
+            f"transformer text_dim = {transformer.config.text_dim} but text_encoder d_model = {text.config.d_model}"
+        )
+    if transformer is not None and lcu is not None:
+        context_dim = transformer.config.context_dim
+        if context_dim is None:
+            context_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        if context_dim != lcu.config.context_dim:
+            raise ValueError(
+                f"transformer context_dim = {context_dim} but context_encoder context_dim = {lcu.config.context_dim}"
+            )
+    if text is not None and tokenizer is not None and len(tokenizer) > text.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but text_encoder vocab_size = {text.config.vocab_size}; expected "
+            f"vocab_size >= {len(tokenizer)}"
+        )
+
+
+def load_components(
+    config: str | Path | dict,
+    torch_dtype: torch.dtype = torch.float32,
+    allow_download: bool | None = None,
+    only: list[str] | tuple[str, ...] | None = None,
+) -> dict:
+    r"""Build or load the named components of an ECHO model.
+
+    Args:
+        config (`str`, `Path` or `dict`): a model description (``configs/models/*.yaml``) or its parsed dict.
+        torch_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the model components (the VAE, generator,
+            encoders and LCU); schedulers, tokenizers and feature extractors have none.
+        allow_download (`bool`, *optional*): let ``pretrained`` hub ids download; defaults to the description's
+            top-level ``allow_download`` (itself `False`: local folders and the local cache only).
+        only (`list[str]`, *optional*): build only these sections (e.g. ``["audio_encoder", "feature_extractor"]``
+            for data preparation). Seams are checked between the components that were built.
+
+    Returns:
+        `dict[str, Any]`: ``vae`` (`AutoencoderKLWan`), ``transformer`` (`EchoTransformer3DModel`), ``scheduler``
+        (`FlowMatchEulerDiscreteScheduler`), ``audio_encoder`` (`Wav2Vec2Model`), ``feature_extractor``
+        (`Wav2Vec2FeatureExtractor`), ``text_encoder`` (`UMT5EncoderModel` / `T5EncoderModel`), ``tokenizer`` and
+        ``context_encoder`` (`LongRangeContextEncoder`); the keys are exactly the sections present (and requested).
+        The result can be passed as ``EchoPipeline(**components)`` when all eight are present.
+    """
+    description = load_model_config(config)
+    if allow_download is None:
+        allow_download = bool(description.get("allow_download", False))
+    default_seed = int(description.get("seed", 0))
+    unknown = set(description) - set(COMPONENT_CLASSES) - {"allow_download", "seed", "name", "description"}
+    if unknown:
+        raise ValueError(f"model config has unknown sections {sorted(unknown)}; expected {sorted(COMPONENT_CLASSES)}")
+    if only is not None:
+        missing = [name for name in only if name not in description]
+        if missing:
+            raise ValueError(f"requested sections {missing} are not in the model config (it has {sorted(description)})")
+
+    components = {}
+    for section in COMPONENT_CLASSES:
+        if section not in description or (only is not None and section not in only):
+            continue
+        components[section] = _build_one(section, description[section], torch_dtype, allow_download, default_seed)
+    _check_seams(components)
+    return components
