@@ -1,0 +1,352 @@
+"""`ConversationDataset`: training windows over prepared clip folders, and `collate_conversations`.
+
+A prepared clip folder (written by `data_prep`, format in ``docs/interfaces.md``) holds one conversation segment for
+one avatar/user assignment. Every item is a window of ``num_frames = 4k + 1`` consecutive frames of it:
+
+- ``video`` `(3, T, H, W)` in [−1, 1] and ``reference`` `(3, H, W)` (a random frame of the clip) from ``avatar.mp4``;
+- ``avatar_audio`` `(T, L_w, NL, 768)`: the avatar's wav2vec2 rows with their ±``audio_radius`` context windows taken
+  from the whole clip (the window's border frames see their real neighbours); ``avatar_rms`` `(T,)`;
+- ``lip_mask`` / ``face_mask`` `(F, H', W')` rasterised from ``avatar_landmarks.npy`` at the token grid;
+- the user's history from the clip's first frame to the window end: ``user_audio`` `(T_hist, NL, 768)`, optionally
+  ``user_video`` `(T_hist, 3, h_u, w_u)` with ``user_face_mask`` `(T_hist, h_u, w_u)`, and cached understanding
+  tokens ``understanding`` `(N_s, D_s)`;
+- ``emotion_text``: the latest emotion description whose window ends at or before the window end (``emotion.json``),
+  or ``default_emotion``;
+- ``latents`` `(16, F, h, w)` from ``avatar_latents.safetensors`` when ``use_cached_latents`` is set.
+
+Randomness (window start, reference frame) is a pure function of ``(seed, epoch, index)``, so the data of a step
+does not depend on worker processes or on whether training was resumed. Videos are read with decord, or PyAV when
+decord is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .audio import frame_rms
+from .masks import rasterize_masks, token_masks_from_landmarks
+
+REQUIRED_FILES = ("meta.json", "avatar.mp4", "avatar.wav", "avatar_w2v.npy", "avatar_landmarks.npy", "user_w2v.npy")
+
+
+def read_video_frames(path: str | os.PathLike, indices: list[int] | np.ndarray) -> np.ndarray:
+    """Read the given frames of a video file as `(N, H, W, 3)` uint8 (decord, PyAV fallback)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    try:
+        import decord
+    except ImportError:
+        decord = None
+    if decord is not None:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        return reader.get_batch(indices.tolist()).asnumpy()
+
+    import av
+
+    wanted = set(indices.tolist())
+    frames = {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if i >= indices.max():
+                break
+    missing = wanted - set(frames)
+    if missing:
+        raise ValueError(f"{path}: frames {sorted(missing)[:5]} are beyond the end of the video ({len(frames)} read).")
+    return np.stack([frames[i] for i in indices.tolist()])
+
+
+def _to_tensor_frames(frames: np.ndarray, size: int) -> torch.Tensor:
+    """`(N, H, W, 3)` uint8 → `(N, 3, size, size)` float in [−1, 1] (antialiased resize when needed)."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if video.shape[-2:] != (size, size):
+        video = F.interpolate(video, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return video.clamp(-1, 1)
+
+
+@dataclass
+class ClipInfo:
+    """A validated prepared clip folder."""
+
+    path: Path
+    meta: dict
+    num_frames: int
+
+
+class ConversationDataset(Dataset):
+    """Windows of ``num_frames`` frames over prepared clip folders.
+
+    Args:
+        clips (`str`, `Path` or list of them): a data root holding clip folders (each with a ``meta.json``), or an
+            explicit list of clip folders.
+        num_frames (`int`, defaults to 9): video frames per window, ``4k + 1``.
+        resolution (`int`, defaults to 512): square output size of ``video`` / ``reference`` (frames are resized).
+        token_patch (`int`, defaults to 16): pixels per generator token (VAE stride 8 × transformer patch 2).
+        temporal_compression (`int`, defaults to 4): video frames per latent frame.
+        audio_radius (`int`, defaults to 2): context radius of the avatar audio windows (L_w = 2·radius + 1).
+        windows_per_clip (`int`, defaults to 1): items per clip folder per epoch.
+        max_history_frames (`int`, *optional*): keep only the last frames of the user history.
+        use_user_video (`bool`, defaults to `False`): read the user's history frames (LCU visual branch, LPE).
+        user_video_size (`int`, defaults to 64): square size of the user's history frames.
+        use_understanding (`bool`, defaults to `False`): load ``user_omni.safetensors`` (HBCU); required then.
+        use_cached_latents (`bool`, defaults to `False`): return ``latents`` sliced from ``avatar_latents.safetensors``;
+            window starts are then multiples of ``temporal_compression`` (the slice's first latent frame is the
+            4-frame group ending at the window start, an approximation of a first-frame latent).
+        default_emotion (`str`, defaults to `"neutral"`): emotion text of clips without ``emotion.json``.
+        seed (`int`, defaults to 0): seed of the per-item randomness.
+    """
+
+    def __init__(
+        self,
+        clips,
+        num_frames: int = 9,
+        resolution: int = 512,
+        token_patch: int = 16,
+        temporal_compression: int = 4,
+        audio_radius: int = 2,
+        windows_per_clip: int = 1,
+        max_history_frames: int | None = None,
+        use_user_video: bool = False,
+        user_video_size: int = 64,
+        use_understanding: bool = False,
+        use_cached_latents: bool = False,
+        default_emotion: str = "neutral",
+        seed: int = 0,
+    ):
+        if num_frames < 1 or (num_frames - 1) % temporal_compression:
+            raise ValueError(
+                f"`num_frames` is {num_frames}, expected 4k + 1 frames for temporal compression {temporal_compression}."
+            )
+        if resolution % token_patch:
+            raise ValueError(f"`resolution` is {resolution}, expected a multiple of `token_patch` = {token_patch}.")
+        self.num_frames = num_frames
+        self.resolution = resolution
+        self.token_patch = token_patch
+        self.temporal_compression = temporal_compression
+        self.audio_radius = audio_radius
+        self.windows_per_clip = windows_per_clip
+        self.max_history_frames = max_history_frames
+        self.use_user_video = use_user_video
+        self.user_video_size = user_video_size
+        self.use_understanding = use_understanding
+        self.use_cached_latents = use_cached_latents
+        self.default_emotion = default_emotion
+        self.seed = seed
+        self.epoch = 0
+        self.clips = [self._validate(Path(p)) for p in self._list_clips(clips)]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _list_clips(clips) -> list[Path]:
+        if isinstance(clips, (str, os.PathLike)):
+            root = Path(clips)
+            if not root.is_dir():
+                raise FileNotFoundError(f"data root {str(root)!r} does not exist or is not a folder.")
+            if (root / "meta.json").is_file():
+                return [root]
+            found = sorted(p.parent for p in root.glob("*/meta.json"))
+            if not found:
+                raise FileNotFoundError(f"data root {str(root)!r} holds no prepared clip folder (no */meta.json).")
+            return found
+        clips = [Path(c) for c in clips]
+        if not clips:
+            raise ValueError("`clips` is an empty list, expected at least one prepared clip folder.")
+        return clips
+
+    def _validate(self, path: Path) -> ClipInfo:
+        if not path.is_dir():
+            raise FileNotFoundError(f"clip folder {str(path)!r} does not exist.")
+        required = list(REQUIRED_FILES)
+        if self.use_user_video:
+            required += ["user.mp4", "user_landmarks.npy"]
+        if self.use_understanding:
+            required.append("user_omni.safetensors")
+        if self.use_cached_latents:
+            required.append("avatar_latents.safetensors")
+        for name in required:
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"clip folder {str(path)!r} has no {name!r}.")
+        meta = json.loads((path / "meta.json").read_text())
+        if "num_frames" not in meta:
+            raise ValueError(f"{str(path / 'meta.json')!r} has no 'num_frames' key.")
+        num_frames = int(meta["num_frames"])
+        if num_frames < self.num_frames:
+            raise ValueError(
+                f"clip {str(path)!r} has {num_frames} frames, shorter than the training window of "
+                f"num_frames = {self.num_frames} frames."
+            )
+        return ClipInfo(path=path, meta=meta, num_frames=num_frames)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose window starts and reference frames `__getitem__` draws."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.clips) * self.windows_per_clip
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def _window(self, clip: ClipInfo, rng: np.random.Generator) -> tuple[int, int]:
+        last_start = clip.num_frames - self.num_frames
+        if self.use_cached_latents:
+            step = self.temporal_compression
+            start = step * int(rng.integers(0, last_start // step + 1))
+        else:
+            start = int(rng.integers(0, last_start + 1))
+        reference = int(rng.integers(0, clip.num_frames))
+        return start, reference
+
+    def _emotion(self, clip: ClipInfo, end_frame: int) -> str:
+        path = clip.path / "emotion.json"
+        if not path.is_file():
+            return self.default_emotion
+        windows = sorted(json.loads(path.read_text()).get("windows", []), key=lambda w: w["end_frame"])
+        if not windows:
+            return self.default_emotion
+        known = [w for w in windows if w["end_frame"] <= end_frame]
+        return (known[-1] if known else windows[0])["text"]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items.")
+        clip = self.clips[index // self.windows_per_clip]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        start, ref_index = self._window(clip, rng)
+        stop = start + self.num_frames  # exclusive; the window ends at frame stop − 1
+        source_size = int(clip.meta.get("size", self.resolution))
+        item = {"clip_id": str(clip.meta.get("clip_id", clip.path.name))}
+
+        # 1. Avatar video window and reference frame
+        frames = read_video_frames(clip.path / "avatar.mp4", [*range(start, stop), ref_index])
+        frames = _to_tensor_frames(frames, self.resolution)  # T+1, 3, H, W
+        item["video"] = frames[:-1].permute(1, 0, 2, 3).contiguous()  # 3, T, H, W
+        item["reference"] = frames[-1]
+
+        # 2. Avatar audio windows (context from the whole clip) and short-time RMS
+        w2v = np.load(clip.path / "avatar_w2v.npy", mmap_mode="r")
+        if w2v.shape[0] != clip.num_frames:
+            raise ValueError(
+                f"{str(clip.path / 'avatar_w2v.npy')!r} has {w2v.shape[0]} rows, expected num_frames = {clip.num_frames}."
+            )
+        offsets = np.arange(-self.audio_radius, self.audio_radius + 1)
+        rows = np.clip(np.arange(start, stop)[:, None] + offsets, 0, clip.num_frames - 1)  # T, L_w
+        item["avatar_audio"] = torch.from_numpy(np.asarray(w2v[rows.reshape(-1)], dtype=np.float32)).reshape(
+            self.num_frames, len(offsets), *w2v.shape[1:]
+        )
+        wave = _read_wav(clip.path / "avatar.wav")
+        item["avatar_rms"] = torch.from_numpy(frame_rms(wave, clip.num_frames)[start:stop].copy())
+
+        # 3. Lip / face masks at the token grid
+        landmarks = np.load(clip.path / "avatar_landmarks.npy")[start:stop]
+        lip, face = token_masks_from_landmarks(
+            landmarks,
+            self.resolution,
+            self.resolution,
+            source_size=(source_size, source_size),
+            patch_size=(self.token_patch, self.token_patch),
+            temporal_compression=self.temporal_compression,
+        )
+        item["lip_mask"], item["face_mask"] = lip, face
+
+        # 4. User history: frames hist_start … stop − 1
+        hist_start = 0 if self.max_history_frames is None else max(0, stop - self.max_history_frames)
+        user_w2v = np.load(clip.path / "user_w2v.npy", mmap_mode="r")
+        if user_w2v.shape[0] != clip.num_frames:
+            raise ValueError(
+                f"{str(clip.path / 'user_w2v.npy')!r} has {user_w2v.shape[0]} rows, expected num_frames = "
+                f"{clip.num_frames}."
+            )
+        item["user_audio"] = torch.from_numpy(np.asarray(user_w2v[hist_start:stop], dtype=np.float32))
+        if self.use_user_video:
+            size = self.user_video_size
+            user_frames = read_video_frames(clip.path / "user.mp4", list(range(hist_start, stop)))
+            item["user_video"] = _to_tensor_frames(user_frames, size)  # T_hist, 3, h_u, w_u
+            user_landmarks = np.load(clip.path / "user_landmarks.npy")[hist_start:stop]
+            user_lip, user_face = rasterize_masks(user_landmarks, size, size, source_size=(source_size, source_size))
+            item["user_face_mask"] = torch.from_numpy(user_face | user_lip).float()  # whole face, lips included
+        if self.use_understanding:
+            from safetensors.torch import load_file
+
+            tokens = load_file(str(clip.path / "user_omni.safetensors"))
+            if "hidden_states" not in tokens:
+                raise KeyError(f"{str(clip.path / 'user_omni.safetensors')!r} has no 'hidden_states' tensor.")
+            hidden = tokens["hidden_states"].float()
+            item["understanding"] = hidden.reshape(-1, hidden.shape[-1])  # N_s, D_s
+
+        # 5. Emotion text and optional cached latents
+        item["emotion_text"] = self._emotion(clip, stop - 1)
+        if self.use_cached_latents:
+            from safetensors.torch import load_file
+
+            latents = load_file(str(clip.path / "avatar_latents.safetensors"))["latents"]
+            first = start // self.temporal_compression
+            count = (self.num_frames - 1) // self.temporal_compression + 1
+            if latents.shape[1] < first + count:
+                raise ValueError(
+                    f"{str(clip.path / 'avatar_latents.safetensors')!r} has {latents.shape[1]} latent frames, expected "
+                    f"at least {first + count}."
+                )
+            item["latents"] = latents[:, first : first + count].float()
+        return item
+
+
+def _read_wav(path: Path) -> np.ndarray:
+    """A mono 16 kHz wav as float32 in [−1, 1] (PCM 16-bit or float)."""
+    from scipy.io import wavfile
+
+    _, data = wavfile.read(str(path))
+    if data.dtype == np.int16:
+        data = data.astype(np.float32) / 32768.0
+    elif data.dtype == np.int32:
+        data = data.astype(np.float32) / 2147483648.0
+    data = np.asarray(data, dtype=np.float32)
+    return data.mean(axis=1) if data.ndim == 2 else data
+
+
+def _left_pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack `(T_i, ...)` tensors left-padded with zeros to `(B, T_max, ...)`, with a `(B, T_max)` validity mask."""
+    length = max(t.shape[0] for t in tensors)
+    out = tensors[0].new_zeros((len(tensors), length, *tensors[0].shape[1:]))
+    mask = torch.zeros(len(tensors), length, dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        out[i, length - t.shape[0] :] = t
+        mask[i, length - t.shape[0] :] = True
+    return out, mask
+
+
+def collate_conversations(items: list[dict]) -> dict:
+    """Batch `ConversationDataset` items.
+
+    Window tensors are stacked; user histories (``user_audio``, ``user_video``, ``user_face_mask``) are
+    **left-padded** to the longest history (the window always ends at the last index) with ``user_audio_mask``
+    True on valid frames; ``understanding`` is right-padded with ``understanding_mask``; ``emotion_text`` and
+    ``clip_id`` stay lists of strings.
+    """
+    if not items:
+        raise ValueError("`items` is empty, expected at least one dataset item.")
+    batch = {}
+    for key in ("video", "reference", "avatar_audio", "avatar_rms", "lip_mask", "face_mask", "latents"):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
+    batch["user_audio"], batch["user_audio_mask"] = _left_pad([item["user_audio"] for item in items])
+    if "user_video" in items[0]:
+        batch["user_video"], _ = _left_pad([item["user_video"] for item in items])
+        batch["user_face_mask"], _ = _left_pad([item["user_face_mask"] for item in items])
+    if "understanding" in items[0]:
+        tokens = [item["understanding"] for item in items]
+        length = max(t.shape[0] for t in tokens)
+        batch["understanding"] = tokens[0].new_zeros(len(tokens), length, tokens[0].shape[-1])
+        batch["understanding_mask"] = torch.zeros(len(tokens), length, dtype=torch.bool)
+        for i, t in enumerate(tokens):
+            batch["understanding"][i, : t.shape[0]] = t
+            batch["understanding_mask"][i, : t.shape[0]] = True
+    batch["emotion_text"] = [item["emotion_text"] for item in items]
+    batch["clip_id"] = [item["clip_id"] for item in items]
+    return batch

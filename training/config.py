@@ -1,0 +1,235 @@
+"""Training configuration: YAML → nested dataclasses, with strict keys and ``--set section.key=value`` overrides.
+
+A config file (``configs/train/*.yaml``) has the sections below; every key is optional and defaults to the value
+written here. An unknown key anywhere is an error that names its dotted path (``optim.lora_lrr``), so a typo never
+silently trains with a default. Precision and distribution are *not* here: they live in the accelerate config
+(``configs/accelerate/*.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and where stage 2 starts from."""
+
+    # Model description for `echo.components.load_components` (configs/models/tiny.yaml or a real one).
+    config: str = "configs/models/tiny.yaml"
+    # Stage 2: the output folder of stage 1 (its `final/` checkpoint or any `checkpoint-*` folder).
+    stage1_dir: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """`echo.data.ConversationDataset` options and the loader."""
+
+    root: str = "data/prepared"  # a folder of prepared clip folders
+    num_frames: int = 33  # video frames per window, 4k + 1
+    resolution: int = 512
+    windows_per_clip: int = 1
+    max_history_frames: int | None = None
+    user_video_size: int = 64
+    use_cached_latents: bool = False
+    default_emotion: str = "neutral"
+    batch_size: int = 1  # per process
+    num_workers: int = 2
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter on the generator (PEFT); ``target_modules`` is a regex over full dotted module names."""
+
+    rank: int = 128
+    alpha: int | None = None  # defaults to the rank (scale 1)
+    dropout: float = 0.0
+    target_modules: str = r".*blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
+    # Regex over full parameter names of the generator trained in full at `optim.base_lr` (the new modules).
+    trainable_modules: str = r".*(audio_|sdcm).*"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with two learning rates: LoRA weights and the fully trained new modules."""
+
+    lora_lr: float = 1e-4
+    base_lr: float = 2e-5
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization.get_scheduler name
+    lr_warmup_steps: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Flow-matching σ sampling and the auxiliary losses (λ·L_pixel in stage 1, γ·L_align in stage 2)."""
+
+    logit_mean: float = 0.0  # σ ~ shifted logit-normal
+    logit_std: float = 1.0
+    shift: float = 5.0
+    pixel_weight: float = 0.1  # λ
+    pixel_latent_frames: int = 2  # latent frames decoded for L_pixel
+    pixel_loss_type: str = "mse"
+    align_weight: float = 1.0  # γ
+    align_blocks: int = 4  # |S|, clamped to the generator's number of blocks
+    align_distance: str = "mse"
+    speech_weight_floor: float = 0.1
+    motion_prob: float = 0.0  # probability of a continuation sample (leading latent frames given as motion)
+    motion_latent_frames: int = 1
+
+
+@dataclass
+class AblationConfig:
+    """The paper's ablations (Table 1); an off-switch removes the module and its inputs."""
+
+    use_visual: bool = True  # LPE visual branch of the LCU
+    use_understanding: bool = True  # HBCU
+    use_emotion: bool = True  # LAU: emotion text to the text cross-attention (off: the empty prompt)
+    use_sdcm: bool = True
+
+
+@dataclass
+class TrainSettings:
+    """Loop, checkpoints and logging."""
+
+    max_train_steps: int = 10000
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    validation_steps: int | None = None  # render a validation clip every N steps (needs pipelines.EchoPipeline)
+    log_every: int = 1
+    report_to: str | None = "tensorboard"
+    dump_trainable_params: bool = False  # write each rank's trainable parameters at the end (tests, debugging)
+
+
+@dataclass
+class TrainConfig:
+    """The whole training configuration of one stage."""
+
+    stage: int = 1
+    output_dir: str = "outputs/stage1"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def validate(self) -> TrainConfig:
+        if self.stage not in (1, 2):
+            raise ValueError(f"config key 'stage' is {self.stage}, expected 1 or 2.")
+        if self.stage == 2 and not self.model.stage1_dir:
+            raise ValueError("config key 'model.stage1_dir' is required for stage 2 (the stage-1 output folder).")
+        if (self.data.num_frames - 1) % 4:
+            raise ValueError(f"config key 'data.num_frames' is {self.data.num_frames}, expected 4k + 1.")
+        if self.train.gradient_accumulation_steps < 1:
+            raise ValueError("config key 'train.gradient_accumulation_steps' must be ≥ 1.")
+        return self
+
+
+def _coerce(value, annotation, key: str):
+    """Convert a YAML value to a dataclass field type, raising a ValueError naming ``key`` on a mismatch."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}.")
+        return _from_dict(annotation, value, prefix=key + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"config key {key!r} must be a list of {len(args)} values, got {value!r}.")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {value!r}.")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"config key {key!r} must be a number, got {value!r}.")
+        try:
+            converted = annotation(float(value)) if annotation is int else float(value)
+        except ValueError as error:
+            raise ValueError(f"config key {key!r} must be a number, got {value!r}.") from error
+        if annotation is int and float(value) != converted:
+            raise ValueError(f"config key {key!r} must be an integer, got {value!r}.")
+        return converted
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def _from_dict(cls, values: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # annotations are strings under `from __future__ import annotations`
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix + str(unknown[0])!r}; expected one of {sorted(prefix + k for k in fields)}."
+        )
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value.")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a training YAML, apply ``section.key=value`` overrides (values parsed as YAML) and validate.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: an unknown key (named by its dotted path), a value of the wrong type, or an invalid setting.
+    """
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {str(path)!r} does not exist.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"training config {str(path)!r} must hold a mapping, got {type(values).__name__}.")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = values
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section.")
+        node[keys[-1]] = value
+    return _from_dict(TrainConfig, values).validate()
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """The config as plain YAML-able data (tuples as lists)."""
+
+    def convert(value):
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(config))
