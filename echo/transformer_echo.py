@@ -1,0 +1,842 @@
+# Copyright 2025 The ECHO-IHG authors. Built on diffusers' Wan transformer (Copyright 2025 The Wan Team and The
+# HuggingFace Team), whose building blocks are imported, not copied.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+"""The ECHO generator: a Wan2.1 video DiT with block-wise Spatial-aware Decoupled Cross-attention Modulation (SDCM).
+
+Every Wan parameter keeps its diffusers name (``patch_embedding``, ``condition_embedder.*``, ``blocks.N.attn1.*``,
+``blocks.N.attn2.*``, ``blocks.N.ffn.*``, ``blocks.N.scale_shift_table``, ``proj_out``, ``scale_shift_table``), so
+:meth:`EchoTransformer3DModel.from_wan` loads a diffusers ``WanTransformer3DModel`` strictly. The added modules are
+
+- ``audio_proj``: wav2vec2 windows of every video frame → audio tokens per latent frame;
+- ``context_proj``: the LCU's user context f_pu (``context_dim``) → the inner dimension;
+- ``blocks.N.sdcm``: SDCM (Eq. 10-11 of the paper), or, with ``use_sdcm=False``, the direct-fusion ablation (one
+  cross-attention over the concatenation of user-context and audio tokens, unmasked);
+
+and their output projections and gate are zero-initialised (:meth:`EchoTransformer3DModel.initialize_weights`), so
+that at initialisation the model computes exactly what the Wan model computes.
+
+Decisions written down here:
+
+- Tokens are laid out frames × H' × W' (Wan's order), so a latent frame is a contiguous run of H'·W' tokens.
+- The input is ``cat([noisy latents, condition], channels)`` with ``condition = [mask(4), latents(16)]`` (Wan I2V
+  order). ``in_channels`` is the patch embedding's input channel count (``out_channels + condition_channels``, 36 by
+  default): a T2V base (16 channels) grows by ``condition_channels`` zero-initialised channels in ``from_wan``.
+- Audio alignment respects the VAE's temporal compression ``r = vae_scale_factor_temporal`` (4): latent frame 0 covers
+  video frame 0, latent frame j ≥ 1 covers video frames r(j − 1) + 1 … rj. Frame 0's tokens are repeated r times
+  (as Wan's causal VAE pads its first frame), so every latent frame holds r · L_w audio tokens and CrossAttn_2 runs
+  per latent frame: queries (B·F, H'·W', D) against keys (B·F, r·L_w, D). It is frame-aligned by construction.
+- SDCM reads the hidden states after the text cross-attention through its own LayerNorm. ``M_face`` is applied as
+  ``M_face ⊙ (1 − M_lip)`` so the two regions never overlap, whatever the caller passes.
+- The gate's convolutional projectors f_conv^1, f_conv^2 are depthwise k × k convolutions over the H' × W' grid of
+  each latent frame (frames never mix); f_g (a linear layer over the concatenation) mixes channels. This keeps SDCM
+  cheap next to the block's self-attention at real width.
+- Missing inputs: ``context_embeds=None`` gives h_usr = 0 (stage 1), ``audio_embeds=None`` gives h_avt = 0, and
+  masks ``None`` are all-zero masks (no SDCM effect; the SDCM branch is skipped).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanAttnProcessor,
+    WanRotaryPosEmbed,
+    WanTimeTextImageEmbedding,
+    WanTransformer3DModel,
+    WanTransformerBlock,
+)
+from diffusers.utils import BaseOutput, apply_lora_scale
+
+# Names of the `WanTransformer3DModel.__init__` arguments, copied into the Echo config by `from_wan`.
+WAN_CONFIG_KEYS = (
+    "patch_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+    "cross_attn_norm",
+    "qk_norm",
+    "eps",
+    "image_dim",
+    "added_kv_proj_dim",
+    "rope_max_seq_len",
+    "pos_embed_seq_len",
+)
+
+# Parameters that exist in Echo but not in Wan: every other Echo key is a Wan key of the same name.
+_ECHO_ONLY_KEYS = re.compile(r"^(audio_proj\.|context_proj\.|blocks\.\d+\.sdcm\.)")
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class EchoTransformerOutput(BaseOutput):
+    """
+    Output of [`EchoTransformer3DModel`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, out_channels, num_frames, height, width)`):
+            The predicted velocity.
+        block_features (`dict[int, torch.Tensor]`, *optional*):
+            Output hidden states `(batch_size, num_frames * H' * W', inner_dim)` of the blocks asked for with
+            `return_block_features`, keyed by block index.
+    """
+
+    sample: torch.Tensor
+    block_features: dict[int, torch.Tensor] | None = None
+
+
+def _grid_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Check a token-grid mask `(B, F, H', W')` and flatten it to `(B, F·H'·W', 1)`."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected {shape} (batch, latent frames, H', W').")
+    return mask.flatten(1).unsqueeze(-1)
+
+
+class EchoAudioProjection(nn.Module):
+    r"""
+    Avatar audio tokens per latent frame from per-frame wav2vec2 windows.
+
+    The hidden layers are mixed by learned softmax weights, each window row is projected to the inner dimension, and
+    the video frames covered by each latent frame are grouped (frame 0 repeated to a full group for latent frame 0).
+
+    Args:
+        audio_dim (`int`): wav2vec2 feature size (768 for base).
+        num_layers (`int`): wav2vec2 hidden layers stored per frame (13 for base).
+        window (`int`): rows per frame's context window L_w.
+        dim (`int`): the generator's inner dimension.
+        frames_per_latent (`int`): the VAE's temporal compression r.
+        eps (`float`): LayerNorm epsilon.
+    """
+
+    def __init__(self, audio_dim: int, num_layers: int, window: int, dim: int, frames_per_latent: int, eps: float):
+        super().__init__()
+        self.num_layers = num_layers
+        self.window = window
+        self.audio_dim = audio_dim
+        self.frames_per_latent = frames_per_latent
+        self.layer_weights = nn.Parameter(torch.zeros(num_layers))
+        self.norm = nn.LayerNorm(audio_dim, eps=eps)
+        self.proj_in = nn.Linear(audio_dim, dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj_out = nn.Linear(dim, dim)
+        # Position of each token inside its latent frame's group: (video frame slot, window row).
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1, frames_per_latent * window, dim))
+
+    def forward(self, audio_embeds: torch.Tensor, num_latent_frames: int) -> torch.Tensor:
+        """
+        Args:
+            audio_embeds (`torch.Tensor` of shape `(B, T, L_w, NL, audio_dim)`): T = r·(F − 1) + 1.
+            num_latent_frames (`int`): F.
+
+        Returns:
+            `torch.Tensor` of shape `(B, F, r·L_w, dim)`.
+        """
+        r = self.frames_per_latent
+        expected_frames = r * (num_latent_frames - 1) + 1
+        if audio_embeds.ndim != 5 or tuple(audio_embeds.shape[1:]) != (
+            expected_frames,
+            self.window,
+            self.num_layers,
+            self.audio_dim,
+        ):
+            raise ValueError(
+                f"`audio_embeds` has shape {tuple(audio_embeds.shape)}, expected (batch, {expected_frames}, "
+                f"{self.window}, {self.num_layers}, {self.audio_dim}): {expected_frames} = {r}·({num_latent_frames} − 1)"
+                " + 1 video frames for the latents' frames, each with its wav2vec2 window of every hidden layer."
+            )
+        batch_size = audio_embeds.shape[0]
+        weights = self.layer_weights.softmax(0).to(self.proj_in.weight.dtype)
+        audio = torch.einsum("btwlc,l->btwc", audio_embeds.to(self.proj_in.weight.dtype), weights)  # B, T, L_w, C
+        audio = self.proj_out(self.act(self.proj_in(self.norm(audio))))  # B, T, L_w, D
+        audio = torch.cat([audio[:, :1].expand(-1, r - 1, -1, -1), audio], dim=1)  # B, r·F, L_w, D
+        audio = audio.reshape(batch_size, num_latent_frames, r * self.window, -1)  # B, F, r·L_w, D
+        return audio + self.pos_embed
+
+
+class EchoSDCMGate(nn.Module):
+    r"""
+    The SDCM gate g = σ(f_g([f_conv^1(h_usr); f_conv^2(h_avt)])) of Eq. 11.
+
+    Args:
+        dim (`int`): channels of h.
+        kernel_size (`int`): size of the depthwise convolutions over the H' × W' grid of each latent frame.
+    """
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"`sdcm_kernel_size` is {kernel_size}, expected an odd size (same-size padding).")
+        self.conv_usr = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv_avt = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.proj = nn.Linear(2 * dim, dim)
+
+    @staticmethod
+    def _conv(conv: nn.Conv2d, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        batch_size, seq_len, dim = x.shape
+        num_frames, height, width = grid
+        x = x.reshape(batch_size * num_frames, height, width, dim).permute(0, 3, 1, 2)  # B·F, D, H', W'
+        x = conv(x)
+        return x.permute(0, 2, 3, 1).reshape(batch_size, seq_len, dim)
+
+    def forward(self, h_usr: torch.Tensor, h_avt: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """`h_usr`, `h_avt`: `(B, F·H'·W', D)`; `grid`: (F, H', W'). Returns g `(B, F·H'·W', D)` in (0, 1)."""
+        features = torch.cat([self._conv(self.conv_usr, h_usr, grid), self._conv(self.conv_avt, h_avt, grid)], -1)
+        return torch.sigmoid(self.proj(features))
+
+
+class EchoSDCM(nn.Module):
+    r"""
+    Spatial-aware Decoupled Cross-attention Modulation (Eq. 10-11). Returns the residual h_lip + h_face.
+
+    Args:
+        dim (`int`): inner dimension.
+        num_heads (`int`): attention heads of both cross-attentions.
+        eps (`float`): norm epsilon.
+        kernel_size (`int`): gate convolution size.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float, kernel_size: int):
+        super().__init__()
+        self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.attn_usr = WanAttention(
+            dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps, cross_attention_dim_head=dim // num_heads,
+            processor=WanAttnProcessor(),
+        )
+        self.attn_avt = WanAttention(
+            dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps, cross_attention_dim_head=dim // num_heads,
+            processor=WanAttnProcessor(),
+        )
+        self.gate = EchoSDCMGate(dim, kernel_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        audio_tokens: torch.Tensor | None,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        lip_mask: torch.Tensor,
+        face_mask: torch.Tensor,
+        grid: tuple[int, int, int],
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, F·H'·W', D)`): h.
+            audio_tokens (`torch.Tensor` of shape `(B, F, r·L_w, D)`, *optional*): A_avt per latent frame.
+            context (`torch.Tensor` of shape `(B, N_ctx, D)`, *optional*): projected f_pu.
+            context_mask (`torch.Tensor` of shape `(B, N_ctx)`, *optional*): bool, True = valid.
+            lip_mask, face_mask (`torch.Tensor` of shape `(B, F·H'·W', 1)`): token-grid masks.
+            grid (`tuple[int, int, int]`): (F, H', W').
+
+        Returns:
+            `torch.Tensor` of shape `(B, F·H'·W', D)`: h_lip + h_face.
+        """
+        batch_size, seq_len, dim = hidden_states.shape
+        num_frames = grid[0]
+        norm_hidden_states = self.norm(hidden_states.float()).type_as(hidden_states)
+
+        # 1. User stream h_usr = CrossAttn_1(h, f_pu)
+        if context is None:
+            h_usr = torch.zeros_like(norm_hidden_states)
+        else:
+            h_usr = _masked_cross_attention(self.attn_usr, norm_hidden_states, context, context_mask)
+
+        # 2. Avatar stream h_avt = CrossAttn_2(h, A_avt), one latent frame against its own audio tokens
+        if audio_tokens is None:
+            h_avt = torch.zeros_like(norm_hidden_states)
+        else:
+            query = norm_hidden_states.reshape(batch_size * num_frames, seq_len // num_frames, dim)  # B·F, H'W', D
+            keys = audio_tokens.flatten(0, 1).type_as(query)  # B·F, r·L_w, D
+            h_avt = self.attn_avt(query, keys).reshape(batch_size, seq_len, dim)
+
+        # 3. Gate and region-wise combination
+        g = self.gate(h_usr, h_avt, grid)
+        face_mask = face_mask * (1 - lip_mask)
+        h_lip = h_avt * lip_mask
+        h_face = (g * h_avt + (1 - g) * h_usr) * face_mask
+        return h_lip + h_face
+
+
+class EchoDirectFusion(nn.Module):
+    r"""
+    The "w/o SDCM" ablation: one cross-attention per latent frame over [f_pu tokens; that frame's audio tokens],
+    applied to every token (no masks, no gate). Returns the residual.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.attn = WanAttention(
+            dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps, cross_attention_dim_head=dim // num_heads,
+            processor=WanAttnProcessor(),
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        audio_tokens: torch.Tensor | None,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        grid: tuple[int, int, int],
+    ) -> torch.Tensor:
+        """Shapes as in [`EchoSDCM`]; returns `(B, F·H'·W', D)`."""
+        batch_size, seq_len, dim = hidden_states.shape
+        num_frames = grid[0]
+        norm_hidden_states = self.norm(hidden_states.float()).type_as(hidden_states)
+        query = norm_hidden_states.reshape(batch_size * num_frames, seq_len // num_frames, dim)  # B·F, H'W', D
+        keys, masks = [], []
+        if context is not None:
+            keys.append(context.type_as(query).repeat_interleave(num_frames, dim=0))  # B·F, N_ctx, D
+            if context_mask is None:
+                context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+            masks.append(context_mask.bool().repeat_interleave(num_frames, dim=0))
+        if audio_tokens is not None:
+            keys.append(audio_tokens.flatten(0, 1).type_as(query))  # B·F, r·L_w, D
+            masks.append(torch.ones(keys[-1].shape[:2], dtype=torch.bool, device=query.device))
+        output = _masked_cross_attention(self.attn, query, torch.cat(keys, 1), torch.cat(masks, 1))
+        return output.reshape(batch_size, seq_len, dim)
+
+
+def _masked_cross_attention(
+    attn: WanAttention, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-attention with a key padding mask `(B, N)`; a row without any valid key gives a zero output."""
+    if key_mask is None or bool(key_mask.all()):
+        return attn(query, keys)
+    key_mask = key_mask.bool()
+    has_key = key_mask.any(dim=1)  # B
+    key_mask = key_mask | ~has_key[:, None]
+    output = attn(query, keys, attention_mask=key_mask)
+    return output * has_key[:, None, None].to(output.dtype)
+
+
+class EchoTransformerBlock(WanTransformerBlock):
+    r"""
+    A Wan block with SDCM: self-attention → text (+ image) cross-attention → SDCM → feed-forward.
+
+    All Wan sub-modules keep their names; the added module is ``sdcm`` ([`EchoSDCM`], or [`EchoDirectFusion`] with
+    ``use_sdcm=False``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        qk_norm: str = "rms_norm_across_heads",
+        cross_attn_norm: bool = False,
+        eps: float = 1e-6,
+        added_kv_proj_dim: int | None = None,
+        use_sdcm: bool = True,
+        sdcm_kernel_size: int = 3,
+    ):
+        super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+        self.use_sdcm = use_sdcm
+        if use_sdcm:
+            self.sdcm = EchoSDCM(dim, num_heads, eps, sdcm_kernel_size)
+        else:
+            self.sdcm = EchoDirectFusion(dim, num_heads, eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        audio_tokens: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        lip_mask: torch.Tensor | None = None,
+        face_mask: torch.Tensor | None = None,
+        grid: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
+        # batch_size, 6, inner_dim
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table + temb.float()
+        ).chunk(6, dim=1)
+
+        # 1. Self-attention
+        norm_hidden_states = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+        attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
+        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+
+        # 2. Cross-attention (emotion text c_emo, + reference image tokens for I2V bases)
+        norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+        attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
+        hidden_states = hidden_states + attn_output
+
+        # 3. SDCM: ĥ = h + h_lip + h_face (or the direct-fusion residual)
+        if self.use_sdcm:
+            if lip_mask is not None or face_mask is not None:
+                zeros = torch.zeros_like(hidden_states[..., :1])
+                lip_mask = zeros if lip_mask is None else lip_mask.type_as(hidden_states)
+                face_mask = zeros if face_mask is None else face_mask.type_as(hidden_states)
+                hidden_states = hidden_states + self.sdcm(
+                    hidden_states, audio_tokens, context, context_mask, lip_mask, face_mask, grid
+                )
+        elif audio_tokens is not None or context is not None:
+            hidden_states = hidden_states + self.sdcm(hidden_states, audio_tokens, context, context_mask, grid)
+
+        # 4. Feed-forward
+        norm_hidden_states = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(
+            hidden_states
+        )
+        ff_output = self.ffn(norm_hidden_states)
+        hidden_states = (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+        return hidden_states
+
+
+class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""
+    The ECHO generator: a [`~diffusers.WanTransformer3DModel`] with SDCM in every block, avatar-audio tokens, a
+    user-context projection and Wan I2V-style condition channels (reference image / motion frames + mask).
+
+    Args:
+        patch_size (`tuple[int]`, defaults to `(1, 2, 2)`): 3D patch (t, h, w).
+        num_attention_heads (`int`, defaults to `40`): attention heads.
+        attention_head_dim (`int`, defaults to `128`): channels per head.
+        in_channels (`int`, defaults to `36`): input channels of the patch embedding, `out_channels +
+            condition_channels` (the only default that differs from Wan's: Echo always reads the condition).
+        out_channels (`int`, defaults to `16`): latent channels (input noisy latents and predicted velocity).
+        text_dim (`int`, defaults to `4096`): text-encoder width (UMT5-XXL).
+        freq_dim (`int`, defaults to `256`): sinusoidal timestep embedding size.
+        ffn_dim (`int`, defaults to `13824`): feed-forward inner size.
+        num_layers (`int`, defaults to `40`): blocks.
+        cross_attn_norm (`bool`, defaults to `True`): LayerNorm before the text cross-attention.
+        qk_norm (`str`, *optional*, defaults to `"rms_norm_across_heads"`): query/key norm.
+        eps (`float`, defaults to `1e-6`): norm epsilon.
+        image_dim (`int`, *optional*): CLIP image-token width of I2V bases (`None` for T2V).
+        added_kv_proj_dim (`int`, *optional*): image key/value projection input of I2V bases.
+        rope_max_seq_len (`int`, defaults to `1024`): RoPE table length.
+        pos_embed_seq_len (`int`, *optional*): image position embedding length (FLF2V bases).
+        audio_dim (`int`, defaults to `768`): wav2vec2 width.
+        audio_num_layers (`int`, defaults to `13`): wav2vec2 hidden layers per frame.
+        audio_window (`int`, defaults to `5`): L_w, rows of each frame's audio context window.
+        context_dim (`int`, *optional*): width of the LCU's f_pu; `None` means the inner dimension.
+        use_sdcm (`bool`, defaults to `True`): SDCM in every block; `False` gives the direct-fusion ablation.
+        condition_channels (`int`, defaults to `20`): 4 mask + 16 latent channels of the condition.
+        sdcm_kernel_size (`int`, defaults to `3`): gate convolution size.
+        vae_scale_factor_temporal (`int`, defaults to `4`): video frames per latent frame (latent frame 0 covers one).
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+    _no_split_modules = ["EchoTransformerBlock"]
+    _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+    _repeated_blocks = ["EchoTransformerBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 36,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        audio_dim: int = 768,
+        audio_num_layers: int = 13,
+        audio_window: int = 5,
+        context_dim: int | None = None,
+        use_sdcm: bool = True,
+        condition_channels: int = 20,
+        sdcm_kernel_size: int = 3,
+        vae_scale_factor_temporal: int = 4,
+    ) -> None:
+        super().__init__()
+
+        inner_dim = num_attention_heads * attention_head_dim
+        if out_channels is None or in_channels != out_channels + condition_channels:
+            raise ValueError(
+                f"`in_channels` is {in_channels}, expected out_channels + condition_channels = {out_channels} + "
+                f"{condition_channels}: the patch embedding reads the noisy latents and the condition."
+            )
+        if patch_size[0] != 1:
+            raise ValueError(f"`patch_size` is {tuple(patch_size)}, expected a temporal patch of 1 (frame-aligned SDCM).")
+
+        # 1. Patch & position embedding
+        self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, rope_max_seq_len)
+        self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+
+        # 2. Condition embeddings: timestep, emotion text (+ image), avatar audio, user context
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=inner_dim,
+            time_freq_dim=freq_dim,
+            time_proj_dim=inner_dim * 6,
+            text_embed_dim=text_dim,
+            image_embed_dim=image_dim,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        self.audio_proj = EchoAudioProjection(
+            audio_dim, audio_num_layers, audio_window, inner_dim, vae_scale_factor_temporal, eps
+        )
+        self.context_proj = nn.Linear(context_dim or inner_dim, inner_dim)
+
+        # 3. Transformer blocks
+        self.blocks = nn.ModuleList(
+            [
+                EchoTransformerBlock(
+                    inner_dim,
+                    ffn_dim,
+                    num_attention_heads,
+                    qk_norm,
+                    cross_attn_norm,
+                    eps,
+                    added_kv_proj_dim,
+                    use_sdcm=use_sdcm,
+                    sdcm_kernel_size=sdcm_kernel_size,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+        # 4. Output norm & projection
+        self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
+
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Initialise the added modules so that the model computes exactly what the Wan model computes."""
+        for block in self.blocks:
+            sdcm = block.sdcm
+            if isinstance(sdcm, EchoSDCM):
+                # CrossAttn_1 and CrossAttn_2 output projections: h_usr = h_avt = 0, so h_lip = h_face = 0.
+                for attn in (sdcm.attn_usr, sdcm.attn_avt):
+                    nn.init.zeros_(attn.to_out[0].weight)
+                    nn.init.zeros_(attn.to_out[0].bias)
+                # Gate projection f_g: g = σ(0) = 0.5 everywhere, an even mix once the streams are trained.
+                nn.init.zeros_(sdcm.gate.proj.weight)
+                nn.init.zeros_(sdcm.gate.proj.bias)
+            else:
+                # Direct fusion output projection.
+                nn.init.zeros_(sdcm.attn.to_out[0].weight)
+                nn.init.zeros_(sdcm.attn.to_out[0].bias)
+        # Audio token positions start small, as learned position embeddings usually do.
+        nn.init.normal_(self.audio_proj.pos_embed, std=0.02)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loading from Wan
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_wan(
+        cls,
+        wan_transformer: WanTransformer3DModel | str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        **echo_config,
+    ) -> "EchoTransformer3DModel":
+        r"""
+        Build an Echo generator from a diffusers `WanTransformer3DModel` (T2V or I2V).
+
+        Args:
+            wan_transformer (`WanTransformer3DModel`, `str` or `os.PathLike`): a model, or a folder (or the
+                `transformer` subfolder of a Wan pipeline) loadable with `WanTransformer3DModel.from_pretrained`.
+            torch_dtype (`torch.dtype`, *optional*): dtype of the result; defaults to the Wan weights' dtype.
+            echo_config: the Echo-only config arguments (`audio_dim`, `context_dim`, `use_sdcm`, ...).
+
+        Every Wan parameter is loaded under its own name; a T2V base's patch embedding grows by
+        `condition_channels` zero-initialised input channels. Unknown or missing Wan keys raise a `ValueError`.
+        """
+        # 1. Load the Wan model
+        if isinstance(wan_transformer, (str, os.PathLike)):
+            wan_transformer = WanTransformer3DModel.from_pretrained(wan_transformer, torch_dtype=torch_dtype)
+        unknown_args = sorted(set(echo_config) & set(WAN_CONFIG_KEYS))
+        if unknown_args:
+            raise ValueError(f"`echo_config` sets Wan arguments {unknown_args}; these come from the Wan model's config.")
+
+        # 2. Config: Wan's arguments + Echo's
+        config = {key: wan_transformer.config[key] for key in WAN_CONFIG_KEYS if key in wan_transformer.config}
+        condition_channels = echo_config.get("condition_channels", 20)
+        out_channels = config.get("out_channels") or config["in_channels"]
+        config["out_channels"] = out_channels
+        if config["in_channels"] == out_channels:
+            config["in_channels"] = out_channels + condition_channels  # T2V base: grow the patch embedding
+        elif config["in_channels"] != out_channels + condition_channels:
+            raise ValueError(
+                f"Wan `in_channels` is {config['in_channels']}, expected {out_channels} (T2V) or "
+                f"{out_channels + condition_channels} (I2V: latents + {condition_channels} condition channels)."
+            )
+        config["patch_size"] = tuple(config["patch_size"])
+        model = cls(**config, **echo_config)
+
+        # 3. Strict load of every Wan parameter under its own name
+        state_dict = wan_transformer.state_dict()
+        dtype = torch_dtype or next(iter(state_dict.values())).dtype
+        model.load_wan_state_dict(state_dict)
+        if dtype != torch.float32:
+            # Cast like `from_pretrained(torch_dtype=...)`: `_keep_in_fp32_modules` stay in float32.
+            for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+                if tensor.is_floating_point() and not any(m in name.split(".") for m in cls._keep_in_fp32_modules):
+                    tensor.data = tensor.data.to(dtype)
+        return model
+
+    def load_wan_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """
+        Load a `WanTransformer3DModel` state dict strictly: every Wan key must name an Echo parameter of the same
+        shape, and every Echo parameter outside the added modules must be given. The patch embedding may be narrower
+        (T2V base): the extra condition input channels are then zero.
+        """
+        own = self.state_dict()
+        expected = {key for key in own if not _ECHO_ONLY_KEYS.match(key)}
+        given = {key for key in state_dict if not any(ignored in key for ignored in self._keys_to_ignore_on_load_unexpected)}
+        unknown = sorted(given - expected)
+        missing = sorted(expected - given)
+        if unknown:
+            raise ValueError(
+                f"The Wan state dict has unknown keys {unknown} (shapes "
+                f"{[tuple(state_dict[k].shape) for k in unknown]}); expected only keys of `WanTransformer3DModel` with "
+                f"this config ({len(expected)} keys)."
+            )
+        if missing:
+            raise ValueError(
+                f"The Wan state dict misses keys {missing} (expected shapes {[tuple(own[k].shape) for k in missing]})."
+            )
+
+        new_state_dict = dict(own)
+        for key in sorted(given):
+            value = state_dict[key]
+            target = own[key]
+            if key == "patch_embedding.weight" and value.shape != target.shape:
+                latent_channels = self.config.out_channels
+                if value.shape[:1] + value.shape[2:] != target.shape[:1] + target.shape[2:] or value.shape[1] != latent_channels:
+                    raise ValueError(
+                        f"`patch_embedding.weight` of the Wan model has shape {tuple(value.shape)}, expected "
+                        f"{tuple(target.shape)} or {(target.shape[0], latent_channels, *target.shape[2:])} (T2V base)."
+                    )
+                # Noisy latents first (Wan's weights), then the condition channels, zero-initialised.
+                grown = torch.zeros(target.shape, dtype=value.dtype, device=value.device)
+                grown[:, :latent_channels] = value
+                value = grown
+            elif value.shape != target.shape:
+                raise ValueError(
+                    f"Wan parameter `{key}` has shape {tuple(value.shape)}, expected {tuple(target.shape)}."
+                )
+            new_state_dict[key] = value.to(target.dtype)
+        self.load_state_dict(new_state_dict, strict=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # PEFT-format adapters
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_peft_adapter(self, save_directory: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Save one LoRA adapter in PEFT format (`adapter_config.json` + `adapter_model.safetensors`)."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if adapter_name not in getattr(self, "peft_config", {}):
+            raise ValueError(f"Adapter `{adapter_name}` not found; adapters: {list(getattr(self, 'peft_config', {}))}.")
+        os.makedirs(save_directory, exist_ok=True)
+        state_dict = get_peft_model_state_dict(self, adapter_name=adapter_name)
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME))
+        self.peft_config[adapter_name].save_pretrained(save_directory)
+
+    def load_peft_adapter(self, adapter_directory: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Add and load a LoRA adapter saved by [`save_peft_adapter`] (PEFT format); every weight must match."""
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        config = LoraConfig.from_pretrained(adapter_directory)
+        state_dict = load_file(os.path.join(adapter_directory, ADAPTER_WEIGHTS_NAME))
+        self.add_adapter(config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(self, state_dict, adapter_name=adapter_name)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                f"Adapter in {os.fspath(adapter_directory)!r} does not match the model: unexpected keys "
+                f"{sorted(result.unexpected_keys)}, missing keys {sorted(missing)}."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, hidden_states, condition, encoder_hidden_states, context_embeds, context_mask):
+        latent_channels = self.config.out_channels
+        if hidden_states.ndim != 5 or hidden_states.shape[1] != latent_channels:
+            raise ValueError(
+                f"`hidden_states` has shape {tuple(hidden_states.shape)}, expected (batch, {latent_channels}, frames, "
+                "height, width) noisy latents."
+            )
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        _, p_h, p_w = self.config.patch_size
+        if height % p_h or width % p_w:
+            raise ValueError(
+                f"`hidden_states` has shape {tuple(hidden_states.shape)}, expected height and width divisible by the "
+                f"patch {(p_h, p_w)}."
+            )
+        if condition is not None:
+            expected = (batch_size, self.config.condition_channels, num_frames, height, width)
+            if tuple(condition.shape) != expected:
+                raise ValueError(
+                    f"`condition` has shape {tuple(condition.shape)}, expected {expected} ([mask(4), latents(16)] per "
+                    "latent frame, from `echo.conditioning.build_condition`)."
+                )
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch_size or (
+            encoder_hidden_states.shape[2] != self.config.text_dim
+        ):
+            raise ValueError(
+                f"`encoder_hidden_states` has shape {tuple(encoder_hidden_states.shape)}, expected ({batch_size}, "
+                f"text_len, {self.config.text_dim})."
+            )
+        if context_embeds is not None:
+            context_dim = self.context_proj.in_features
+            if context_embeds.ndim != 3 or context_embeds.shape[0] != batch_size or context_embeds.shape[2] != context_dim:
+                raise ValueError(
+                    f"`context_embeds` has shape {tuple(context_embeds.shape)}, expected ({batch_size}, N_ctx, "
+                    f"{context_dim})."
+                )
+            if context_mask is not None and tuple(context_mask.shape) != tuple(context_embeds.shape[:2]):
+                raise ValueError(
+                    f"`context_mask` has shape {tuple(context_mask.shape)}, expected {tuple(context_embeds.shape[:2])}."
+                )
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        audio_embeds: torch.Tensor | None = None,
+        context_embeds: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        lip_mask: torch.Tensor | None = None,
+        face_mask: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        return_block_features: list[int] | None = None,
+    ) -> EchoTransformerOutput | tuple:
+        r"""
+        The [`EchoTransformer3DModel`] forward method.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, out_channels, F, h, w)`): noisy latents x_σ.
+            timestep (`torch.Tensor` of shape `(B,)`): σ·1000 (diffusers flow-matching convention).
+            encoder_hidden_states (`torch.Tensor` of shape `(B, L_txt, text_dim)`): c_emo, the text-encoder states
+                of the emotion description.
+            condition (`torch.Tensor` of shape `(B, condition_channels, F, h, w)`, *optional*): from
+                `echo.conditioning.build_condition`; `None` uses zeros (nothing given).
+            audio_embeds (`torch.Tensor` of shape `(B, T, L_w, NL, audio_dim)`, *optional*): avatar wav2vec2 windows,
+                T = 4(F − 1) + 1.
+            context_embeds (`torch.Tensor` of shape `(B, N_ctx, context_dim)`, *optional*): f_pu from the LCU;
+                `None` switches the user stream off (h_usr = 0).
+            context_mask (`torch.Tensor` of shape `(B, N_ctx)`, *optional*): bool, True = valid.
+            lip_mask, face_mask (`torch.Tensor` of shape `(B, F, H', W')`, *optional*): token-grid {0, 1} masks;
+                `None` means all zeros.
+            encoder_hidden_states_image (`torch.Tensor` of shape `(B, 257, image_dim)`, *optional*): I2V bases.
+            attention_kwargs (`dict`, *optional*): `{"scale": lora_scale}`.
+            return_dict (`bool`, defaults to `True`): return an [`EchoTransformerOutput`].
+            return_block_features (`list[int]`, *optional*): blocks whose output hidden states to return.
+
+        Returns:
+            [`EchoTransformerOutput`] or `(sample,)` / `(sample, block_features)`.
+        """
+        self._check_inputs(hidden_states, condition, encoder_hidden_states, context_embeds, context_mask)
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        post_patch_num_frames = num_frames // p_t
+        post_patch_height = height // p_h
+        post_patch_width = width // p_w
+        grid = (post_patch_num_frames, post_patch_height, post_patch_width)
+        grid_shape = (batch_size, *grid)
+        lip_mask = _grid_mask(lip_mask, "lip_mask", grid_shape)
+        face_mask = _grid_mask(face_mask, "face_mask", grid_shape)
+        if return_block_features is not None:
+            bad = [i for i in return_block_features if not 0 <= i < len(self.blocks)]
+            if bad:
+                raise ValueError(f"`return_block_features` has indices {bad}, expected 0 … {len(self.blocks) - 1}.")
+
+        # 1. Input: [noisy latents, condition] → patch & position embedding
+        if condition is None:
+            condition = hidden_states.new_zeros(batch_size, self.config.condition_channels, num_frames, height, width)
+        hidden_states = torch.cat([hidden_states, condition.to(hidden_states.dtype)], dim=1)
+        rotary_emb = self.rope(hidden_states)
+        hidden_states = self.patch_embedding(hidden_states)
+        hidden_states = hidden_states.flatten(2).transpose(1, 2).contiguous()  # B, F·H'·W', D
+
+        # 2. Condition embeddings
+        temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))  # B, 6, D
+        if encoder_hidden_states_image is not None:
+            encoder_hidden_states = torch.concat([encoder_hidden_states_image, encoder_hidden_states], dim=1)
+
+        audio_tokens = None
+        if audio_embeds is not None:
+            if audio_embeds.shape[0] != batch_size:
+                raise ValueError(f"`audio_embeds` has shape {tuple(audio_embeds.shape)}, expected batch {batch_size}.")
+            audio_tokens = self.audio_proj(audio_embeds, post_patch_num_frames)  # B, F, r·L_w, D
+        context = None
+        if context_embeds is not None:
+            context = self.context_proj(context_embeds.to(self.context_proj.weight.dtype))  # B, N_ctx, D
+
+        # 3. Transformer blocks
+        block_features = {} if return_block_features is not None else None
+        for index, block in enumerate(self.blocks):
+            args = (hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, audio_tokens, context,
+                    context_mask, lip_mask, face_mask, grid)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, *args)
+            else:
+                hidden_states = block(*args)
+            if block_features is not None and index in return_block_features:
+                block_features[index] = hidden_states
+
+        # 4. Output norm, projection & unpatchify
+        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        shift = shift.to(hidden_states.device)
+        scale = scale.to(hidden_states.device)
+        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        hidden_states = self.proj_out(hidden_states)
+
+        hidden_states = hidden_states.reshape(
+            batch_size, post_patch_num_frames, post_patch_height, post_patch_width, p_t, p_h, p_w, -1
+        )
+        hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        output = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+        if not return_dict:
+            return (output,) if block_features is None else (output, block_features)
+        return EchoTransformerOutput(sample=output, block_features=block_features)
+
