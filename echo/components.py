@@ -278,3 +278,59 @@ def load_components(
         components[section] = _build_one(section, description[section], torch_dtype, allow_download, default_seed)
     _check_seams(components)
     return components
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared encodings (the pipeline and training must compute these the same way)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def normalize_latents(vae, latents: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Wan's latent normalisation ``(z − latents_mean) / latents_std`` (``inverse=True``: ``z·std + mean``).
+
+    Args:
+        vae (`AutoencoderKLWan`): supplies ``config.latents_mean`` / ``config.latents_std`` (``z_dim`` values each).
+        latents (`torch.Tensor` of shape `(B, z_dim, F, h, w)`).
+    """
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return latents * std + mean if inverse else (latents - mean) / std
+
+
+def encode_user_video(
+    vae, user_video: torch.Tensor, user_face_mask: torch.Tensor, batch_frames: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The LCU's per-frame user video tokens: every frame encoded alone by the VAE (a one-frame video, distribution
+    mode, Wan-normalised), and the face mask reduced to the latent grid with an any-pixel rule.
+
+    Args:
+        vae (`AutoencoderKLWan`): the generator's VAE (``video_channels`` of the LCU = ``vae.config.z_dim``).
+        user_video (`torch.Tensor` of shape `(B, T, 3, H_u, W_u)`): frames in [−1, 1] (``H_u``, ``W_u`` multiples of
+            the VAE's spatial factor).
+        user_face_mask (`torch.Tensor` of shape `(B, T, H_u, W_u)`): {0, 1} face pixels.
+        batch_frames (`int`, defaults to 64): frames per VAE call.
+
+    Returns:
+        `(tokens, mask)`: `(B, T, z_dim, H_u/8, W_u/8)` in the VAE's dtype and `(B, T, H_u/8, W_u/8)` float {0, 1}.
+    """
+    factor = vae.config.scale_factor_spatial
+    if user_video.ndim != 5 or user_video.shape[2] != 3 or user_video.shape[-1] % factor or user_video.shape[-2] % factor:
+        raise ValueError(
+            f"`user_video` has shape {tuple(user_video.shape)}, expected (B, T, 3, H_u, W_u) with H_u, W_u multiples "
+            f"of {factor}."
+        )
+    if tuple(user_face_mask.shape) != (*user_video.shape[:2], *user_video.shape[3:]):
+        raise ValueError(
+            f"`user_face_mask` has shape {tuple(user_face_mask.shape)}, expected "
+            f"{(*user_video.shape[:2], *user_video.shape[3:])}."
+        )
+    batch_size, num_frames = user_video.shape[:2]
+    frames = user_video.reshape(batch_size * num_frames, 3, 1, *user_video.shape[3:])
+    tokens = []
+    for chunk in frames.split(batch_frames):
+        latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode()  # n, z, 1, h, w
+        tokens.append(normalize_latents(vae, latents)[:, :, 0])
+    tokens = torch.cat(tokens).reshape(batch_size, num_frames, vae.config.z_dim, *tokens[0].shape[-2:])
+    mask = torch.nn.functional.max_pool2d(user_face_mask.float().flatten(0, 1)[:, None], factor)[:, 0]
+    return tokens, mask.reshape(batch_size, num_frames, *mask.shape[-2:]).to(tokens.device)

@@ -1,0 +1,11 @@
+"""Inference for ECHO: `EchoPipeline` (diffusers), mp4 writing, batch rendering and the offline demo.
+
+Importing this package registers `EchoPipeline` in the ``diffusers`` namespace, so that
+``diffusers.DiffusionPipeline.from_pretrained(folder)`` resolves the ``"_class_name": "EchoPipeline"`` of a saved
+pipeline's ``model_index.json`` to this class without any remote code.
+"""
+
+from .pipeline_echo import EchoPipeline, chunk_schedule
+from .pipeline_output import EchoPipelineOutput
+
+__all__ = ["EchoPipeline", "EchoPipelineOutput", "chunk_schedule"]
