@@ -1,0 +1,216 @@
+"""LongRangeContextEncoder (LCU, Eq. 5-9): causality, long range, padding, face selection, gates, switches."""
+
+import inspect
+
+import pytest
+import torch
+
+from echo.lcu import LCUOutput, LongRangeContextEncoder
+
+NL, AUDIO_DIM, C_V, HV, WV, S_DIM = 3, 16, 4, 8, 8, 24
+TINY = dict(
+    audio_dim=AUDIO_DIM,
+    audio_num_layers=NL,
+    audio_window=5,
+    dim=32,
+    num_audio_layers=2,
+    video_channels=C_V,
+    video_grid=(2, 2),
+    num_vision_layers=1,
+    understanding_dim=S_DIM,
+    num_attention_heads=4,
+    context_dim=32,
+)
+
+
+def make_inputs(num_frames, batch_size=1, num_understanding=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    face = torch.zeros(batch_size, num_frames, HV, WV)
+    face[..., 2:7, 1:6] = 1.0  # a face region covering parts of all four grid cells
+    return dict(
+        user_audio=torch.randn(batch_size, num_frames, NL, AUDIO_DIM, generator=g, dtype=dtype),
+        user_video=torch.randn(batch_size, num_frames, C_V, HV, WV, generator=g, dtype=dtype),
+        user_face_mask=face,
+        understanding=torch.randn(batch_size, num_understanding, S_DIM, generator=g, dtype=dtype),
+    )
+
+
+def slice_frames(inputs, frames):
+    out = dict(inputs)
+    for key in ("user_audio", "user_video", "user_face_mask"):
+        out[key] = inputs[key][:, frames]
+    return out
+
+
+@pytest.fixture(scope="module")
+def lcu():
+    torch.manual_seed(0)
+    return LongRangeContextEncoder(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def lcu64():
+    torch.manual_seed(0)
+    return LongRangeContextEncoder(**TINY).double().eval()
+
+
+@torch.no_grad()
+def test_clip_output_ignores_frames_after_its_end_and_left_padding(lcu64):
+    num_frames, t, clip = 40, 29, 9
+    inputs = make_inputs(num_frames, dtype=torch.float64)
+    perturbed = make_inputs(num_frames, seed=1, dtype=torch.float64)
+    for key in ("user_audio", "user_video"):
+        perturbed[key][:, : t + 1] = inputs[key][:, : t + 1]
+    perturbed["understanding"] = inputs["understanding"]
+
+    # 1. Per-frame history encodings are causal: frames ≤ t − radius (audio window look-ahead) and ≤ t (vision)
+    #    are unchanged when the frames after t change; later frames do change (the check can fail).
+    _, audio = lcu64.encode_audio_history(inputs["user_audio"])
+    _, audio_p = lcu64.encode_audio_history(perturbed["user_audio"])
+    torch.testing.assert_close(audio_p[:, : t - 1], audio[:, : t - 1], atol=0, rtol=0)
+    assert (audio_p[:, t + 1 :] - audio[:, t + 1 :]).abs().amax() > 1e-3
+    video = lcu64.encode_video_history(inputs["user_video"], inputs["user_face_mask"])
+    video_p = lcu64.encode_video_history(perturbed["user_video"], perturbed["user_face_mask"])
+    torch.testing.assert_close(video_p[:, : t + 1], video[:, : t + 1], atol=0, rtol=0)
+    assert (video_p[:, t + 1 :] - video[:, t + 1 :]).abs().amax() > 1e-3
+
+    # 2. The clip ending at t: its own history 0..t, alone or left-padded in a batch whose padding holds the
+    #    (perturbed) future frames, gives the same f_pu.
+    alone = lcu64(clip_frames=clip, **slice_frames(inputs, slice(0, t + 1)))
+    order = torch.cat([torch.arange(t + 1, num_frames), torch.arange(0, t + 1)])
+    padded = slice_frames(perturbed, order)
+    batch = {k: torch.cat([padded[k], inputs[k]]) for k in padded}
+    mask = torch.ones(2, num_frames, dtype=torch.bool)
+    mask[0, : num_frames - t - 1] = False
+    out = lcu64(clip_frames=clip, user_audio_mask=mask, **batch)
+    torch.testing.assert_close(out.context[:1], alone.context, atol=1e-12, rtol=1e-10)
+    assert out.context_mask.all()
+    # the full history of the second sample gives a different clip (it ends later)
+    assert (out.context[1] - alone.context[0]).abs().amax() > 1e-3
+
+
+@torch.no_grad()
+def test_long_range_audio_at_frame_10_of_4000_reaches_the_clip_and_f_pu_equals_p_usr_at_init(lcu64):
+    num_frames = 4000
+    inputs = make_inputs(num_frames, dtype=torch.float64)
+    out = lcu64(clip_frames=9, **inputs)
+    # Eq. 9 at initialisation: α = β = 0 → f_pu is P_usr exactly
+    assert torch.equal(out.context, out.perception)
+
+    perturbed = dict(inputs, user_audio=inputs["user_audio"].clone())
+    perturbed["user_audio"][:, 10] += torch.randn(NL, AUDIO_DIM, dtype=torch.float64)
+    out_p = lcu64(clip_frames=9, **perturbed)
+    change = (out_p.context - out.context).abs().amax() / out.context.abs().amax()
+    # float64 round-off is ~1e-16: a relative change above 1e-12 is carried 3,990 frames by the Mamba state
+    assert change > 1e-12, f"relative change {change:.3e}"
+
+
+def test_gates_start_closed_but_learn(lcu):
+    inputs = make_inputs(24)
+    lcu.zero_grad()
+    out = lcu(clip_frames=9, **inputs)
+    out.context.square().sum().backward()
+    # at α = β = 0 only the gates themselves (and the perception path) receive gradient
+    assert lcu.alpha.grad.abs() > 0 and lcu.beta.grad.abs() > 0
+    for name in ("cross_attn", "f_align", "ffn"):
+        grads = [p.grad for n, p in lcu.named_parameters() if n.startswith(name)]
+        assert all(g is None or torch.count_nonzero(g) == 0 for g in grads), name
+    assert torch.count_nonzero(lcu.audio_layers[0].mixer.in_proj.weight.grad) > 0
+    lcu.zero_grad()
+
+
+@torch.no_grad()
+def test_understanding_fusion_after_opening_the_gate_respects_the_mask():
+    torch.manual_seed(0)
+    lcu = LongRangeContextEncoder(**TINY).eval()
+    lcu.alpha.fill_(0.5)
+    inputs = make_inputs(20, num_understanding=6)
+    mask = torch.tensor([[True, True, True, True, False, False]])
+    out = lcu(clip_frames=9, understanding_mask=mask, **inputs)
+    assert not torch.equal(out.context, out.perception)
+    # masked understanding tokens have no effect, valid ones do
+    changed_masked = dict(inputs, understanding=inputs["understanding"].clone())
+    changed_masked["understanding"][:, 4:] += torch.randn(2, S_DIM)
+    torch.testing.assert_close(lcu(clip_frames=9, understanding_mask=mask, **changed_masked).context, out.context)
+    changed_valid = dict(inputs, understanding=inputs["understanding"].clone())
+    changed_valid["understanding"][:, 0] += torch.randn(S_DIM)
+    assert (lcu(clip_frames=9, understanding_mask=mask, **changed_valid).context - out.context).abs().amax() > 1e-4
+    # a sample without any understanding token falls back to f_m = P_usr (no NaN)
+    empty = lcu(clip_frames=9, understanding_mask=torch.zeros_like(mask), **inputs)
+    assert torch.equal(empty.context, empty.perception)
+
+
+@torch.no_grad()
+def test_face_mask_selects_tokens(lcu):
+    inputs = make_inputs(12)
+    out = lcu(clip_frames=5, **inputs)
+    face = inputs["user_face_mask"].bool().unsqueeze(2).expand_as(inputs["user_video"])
+    background = dict(inputs, user_video=torch.where(face, inputs["user_video"], torch.randn_like(inputs["user_video"])))
+    torch.testing.assert_close(lcu(clip_frames=5, **background).context, out.context, atol=1e-6, rtol=1e-6)
+    on_face = dict(inputs, user_video=torch.where(face, torch.randn_like(inputs["user_video"]), inputs["user_video"]))
+    assert (lcu(clip_frames=5, **on_face).context - out.context).abs().amax() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "switches, absent, required",
+    [
+        (dict(), (), ("user_audio", "user_video", "user_face_mask", "understanding")),
+        (dict(use_visual=False), ("video_", "vision_"), ("user_audio", "understanding")),
+        (dict(use_understanding=False), ("f_align", "cross_attn", "alpha"), ("user_audio", "user_video", "user_face_mask")),
+        (dict(use_visual=False, use_understanding=False), ("video_", "vision_", "f_align", "cross_attn", "alpha"),
+         ("user_audio",)),
+    ],
+)  # fmt: skip
+def test_switches_remove_modules_and_inputs(switches, absent, required):
+    torch.manual_seed(0)
+    lcu = LongRangeContextEncoder(**TINY, **switches).eval()
+    keys = set(lcu.state_dict())
+    full_keys = set(LongRangeContextEncoder(**TINY).state_dict())
+    for prefix in absent:
+        assert not any(k.startswith(prefix) for k in keys), prefix
+        assert any(k.startswith(prefix) for k in full_keys), prefix
+    assert keys <= full_keys
+    assert lcu.required_inputs == required
+    inputs = make_inputs(10)
+    given = {k: v for k, v in inputs.items() if k in required}
+    with torch.no_grad():
+        out = lcu(clip_frames=5, **given)
+    assert isinstance(out, LCUOutput) and out.context.shape == (1, 5, 32)
+    # every required input is enforced with a clear error
+    for name in required[1:]:
+        with pytest.raises(ValueError, match=name):
+            lcu(clip_frames=5, **{k: v for k, v in given.items() if k != name})
+    # an input of a removed branch has no effect
+    with torch.no_grad():
+        torch.testing.assert_close(lcu(clip_frames=5, **inputs).context, out.context, atol=0, rtol=0)
+    assert "clip_frames" in inspect.signature(lcu.forward).parameters
+
+
+def test_shape_errors_name_the_tensor(lcu):
+    inputs = make_inputs(10)
+    with pytest.raises(ValueError, match="user_audio.*got \\(1, 10, 3, 15\\)"):
+        lcu(clip_frames=5, **dict(inputs, user_audio=inputs["user_audio"][..., :15]))
+    with pytest.raises(ValueError, match="clip_frames"):
+        lcu(clip_frames=11, **inputs)
+
+
+def test_save_load_round_trip_and_gradient_checkpointing(tmp_path):
+    torch.manual_seed(0)
+    lcu = LongRangeContextEncoder(**TINY)
+    lcu.alpha.data.fill_(0.3)
+    lcu.beta.data.fill_(-0.2)
+    lcu.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = LongRangeContextEncoder.from_pretrained(tmp_path)
+    inputs = make_inputs(16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(clip_frames=5, **inputs).context, lcu(clip_frames=5, **inputs).context)
+
+    lcu.train()
+    lcu(clip_frames=5, **inputs).context.sum().backward()
+    grads = {n: p.grad.clone() for n, p in lcu.named_parameters()}
+    lcu.zero_grad()
+    lcu.enable_gradient_checkpointing()
+    lcu(clip_frames=5, **inputs).context.sum().backward()
+    for n, p in lcu.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
