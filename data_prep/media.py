@@ -1,0 +1,243 @@
+"""Video and audio input/output for data preparation: PyAV decode/encode, WAV read/write, resampling.
+
+Conventions:
+- Video frames are ``uint8`` RGB arrays of shape `(H, W, 3)`; a clip is `(T, H, W, 3)`.
+- Prepared videos are H.264 (``libx264``, ``yuv420p``) at 25 fps, encoded with one thread and fixed options so that
+  the same frames always give the same bytes (resume and reruns are reproducible).
+- Audio is mono ``float32`` in [-1, 1] at 16 kHz. Sources above 16 kHz are resampled with a polyphase filter
+  (`scipy.signal.resample_poly`); sources *below* 16 kHz are rejected with `MediaError`: upsampling would feed
+  wav2vec2 band-limited speech whose features differ from those it was trained on, and in a dataset of 16 kHz or
+  higher recordings a lower rate signals a broken file.
+- Frame-rate conversion picks, for every output frame ``k`` (time ``k / fps``), the source frame whose timestamp is
+  nearest (ties to the earlier frame).
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+FPS = 25
+
+
+class MediaError(RuntimeError):
+    """A source file that cannot be used; the message names the file and the reason."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def probe_video(path: str | Path) -> dict:
+    """Frame timestamps and size of a video, decoding every frame once (robust to missing container metadata).
+
+    Returns:
+        `dict` with ``times`` (`np.ndarray` of shape `(N,)`, seconds), ``duration`` (seconds, last timestamp plus
+        one frame period), ``width``, ``height`` and ``fps`` (the stream's average rate).
+    """
+    import av
+
+    path = Path(path)
+    times = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path.name}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            width, height = stream.codec_context.width, stream.codec_context.height
+            rate = float(stream.average_rate) if stream.average_rate else None
+            for frame in container.decode(stream):
+                times.append(_frame_time(frame, len(times), rate))
+    except av.error.FFmpegError as error:
+        raise MediaError(f"{path.name}: cannot decode video ({error})") from error
+    if not times:
+        raise MediaError(f"{path.name}: the video has no decodable frame")
+    times = np.asarray(times, dtype=np.float64)
+    if rate is None:
+        rate = (len(times) - 1) / max(times[-1] - times[0], 1e-6) if len(times) > 1 else FPS
+    period = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / rate
+    return {"times": times, "duration": float(times[-1] + period), "width": width, "height": height, "fps": rate}
+
+
+def _frame_time(frame, index: int, rate: float | None) -> float:
+    if frame.pts is not None and frame.time_base is not None:
+        return float(frame.pts * frame.time_base)
+    return index / (rate or FPS)
+
+
+def resample_indices(source_times: np.ndarray, num_frames: int, fps: float = FPS) -> np.ndarray:
+    """Index of the source frame nearest to each output time ``k / fps``, `k = 0 … num_frames − 1` (ties: earlier)."""
+    source_times = np.asarray(source_times, dtype=np.float64) - float(source_times[0])
+    targets = np.arange(num_frames) / fps
+    right = np.searchsorted(source_times, targets, side="left").clip(0, len(source_times) - 1)
+    left = (right - 1).clip(0, len(source_times) - 1)
+    take_left = np.abs(targets - source_times[left]) <= np.abs(source_times[right] - targets)
+    return np.where(take_left, left, right)
+
+
+def iter_resampled_frames(
+    path: str | Path, indices: np.ndarray, max_side: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode a video once and yield ``(k, frame)`` for every output frame ``k``, ``frame = source[indices[k]]``.
+
+    Args:
+        path (`str` or `Path`): the video.
+        indices (`np.ndarray` of shape `(T,)`): non-decreasing source frame indices (see `resample_indices`).
+        max_side (`int`, *optional*): downscale frames whose longer side exceeds this (for detection passes).
+    """
+    import av
+    import cv2
+
+    path = Path(path)
+    indices = np.asarray(indices)
+    k = 0
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for source_index, frame in enumerate(container.decode(stream)):
+                if k >= len(indices):
+                    break
+                if indices[k] != source_index:
+                    continue
+                image = frame.to_ndarray(format="rgb24")
+                if max_side is not None and max(image.shape[:2]) > max_side:
+                    scale = max_side / max(image.shape[:2])
+                    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+                    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                while k < len(indices) and indices[k] == source_index:
+                    yield k, image
+                    k += 1
+    except av.error.FFmpegError as error:
+        raise MediaError(f"{path.name}: cannot decode video ({error})") from error
+    if k < len(indices):
+        raise MediaError(f"{path.name}: the video ended after {k} of {len(indices)} expected frames")
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float = FPS, crf: int = 18) -> None:
+    """Encode `(T, H, W, 3)` uint8 RGB frames as H.264 / yuv420p (H and W even), deterministically (one thread)."""
+    import av
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"`frames` has shape {frames.shape} and dtype {frames.dtype}, expected (T, H, W, 3) uint8.")
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"`frames` are {height}×{width}; yuv420p needs even sizes.")
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        stream.thread_count = 1
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """All frames of a video as `(T, H, W, 3)` uint8 RGB (for small files: tests, prepared clips)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """A PCM WAV file as mono float32 in [-1, 1] and its sample rate (channels are averaged)."""
+    path = Path(path)
+    try:
+        with wave.open(str(path), "rb") as handle:
+            rate, channels, width = handle.getframerate(), handle.getnchannels(), handle.getsampwidth()
+            data = handle.readframes(handle.getnframes())
+    except (wave.Error, EOFError) as error:
+        raise MediaError(f"{path.name}: cannot read WAV ({error})") from error
+    if width == 2:
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    elif width == 4:
+        samples = np.frombuffer(data, dtype="<i4").astype(np.float32) / 2147483648.0
+    elif width == 1:
+        samples = (np.frombuffer(data, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    else:
+        raise MediaError(f"{path.name}: unsupported WAV sample width of {width} bytes")
+    samples = samples[: len(samples) // channels * channels].reshape(-1, channels).mean(axis=1)
+    return samples.astype(np.float32), rate
+
+
+def write_wav(path: str | Path, waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write mono float audio in [-1, 1] as 16-bit PCM WAV."""
+    waveform = np.asarray(waveform, dtype=np.float32).reshape(-1)
+    pcm = (np.clip(waveform, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(int(sample_rate))
+        handle.writeframes(pcm.tobytes())
+
+
+def read_video_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """The first audio stream of a video container as mono float32 and its sample rate."""
+    import av
+
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaError(f"{path.name}: no audio stream and no separate audio file")
+            stream = container.streams.audio[0]
+            rate = stream.codec_context.sample_rate
+            chunks = []
+            for frame in container.decode(stream):
+                array = frame.to_ndarray().astype(np.float32)
+                if frame.format.is_planar:
+                    chunks.append(array.mean(axis=0))
+                else:
+                    chunks.append(array.reshape(-1, len(frame.layout.channels)).mean(axis=1))
+    except av.error.FFmpegError as error:
+        raise MediaError(f"{path.name}: cannot decode audio ({error})") from error
+    if not chunks:
+        raise MediaError(f"{path.name}: the audio stream is empty")
+    return np.concatenate(chunks), rate
+
+
+def load_audio(path: str | Path, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode an audio source (WAV or any container PyAV reads) to mono float32 at ``target_rate``.
+
+    Raises:
+        `MediaError`: the file cannot be decoded, or its rate is below ``target_rate`` (see the module docstring).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".wav":
+        waveform, rate = read_wav(path)
+    else:
+        waveform, rate = read_video_audio(path)
+    if rate < target_rate:
+        raise MediaError(
+            f"{path.name}: sample rate {rate} Hz is below the {target_rate} Hz that wav2vec2 expects; upsampling "
+            "would give band-limited speech, re-export the audio at 16 kHz or more"
+        )
+    return resample_audio(waveform, rate, target_rate)
+
+
+def resample_audio(waveform: np.ndarray, rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Polyphase resampling of mono audio from ``rate`` to ``target_rate``."""
+    if rate == target_rate:
+        return np.asarray(waveform, dtype=np.float32)
+    from scipy.signal import resample_poly
+
+    gcd = math.gcd(int(rate), int(target_rate))
+    return resample_poly(waveform, target_rate // gcd, rate // gcd).astype(np.float32)

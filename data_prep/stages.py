@@ -1,0 +1,376 @@
+"""Preparation of one conversation into clip folders (the work each pool process does).
+
+For a conversation with participants P and Q (see `data_prep.layouts`):
+
+1. Text: transcripts (and VAD) from the dataset files; without them, Whisper ASR when a model folder is given.
+2. Audio: every participant's track decoded to mono 16 kHz (`data_prep.media.load_audio`).
+3. Video: frame timestamps probed; the conversation has ``T = min(floor(duration · 25))`` frames at 25 fps (nearest
+   source frame per output time); audio shorter than its video by more than ``av_tolerance`` is an error.
+4. Faces: detection on every 25 fps frame, one tracked face, temporally smoothed square crop boxes.
+5. Clips of ``clip_frames`` frames (the last one kept if it has at least ``min_clip_frames``). Per clip and
+   participant: crops (``size``²), face-mesh landmarks on the crops, wav2vec2 features (one row per frame); then two
+   clip folders, ``<conversation>_<P>_c<k>`` (P avatar, Q user) and ``<conversation>_<Q>_c<k>``.
+
+Atomicity and resume: a clip folder is written as ``<out>/.tmp-<clip_id>-<pid>`` and renamed to ``<out>/<clip_id>``
+when complete, so it exists only when complete; an existing clip folder is never rewritten. When every clip of a
+conversation exists, ``<out>/.done/<conversation>.json`` records it and later runs skip the conversation without
+decoding anything. All per-clip computations start from fresh state (a new face-mesh tracker per clip, no shared
+smoothing state), so a resumed run writes the same bytes as an uninterrupted one. A changed option needs a new
+output folder.
+
+Errors a source can cause raise `PrepError` (a `data_prep.media.MediaError`) whose message starts with the
+offending file's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.faces import FaceMesh, build_detector, crop_frame, smooth_crop_boxes, track_faces
+from data_prep.layouts import Conversation
+from data_prep.media import (
+    FPS,
+    SAMPLE_RATE,
+    MediaError,
+    iter_resampled_frames,
+    load_audio,
+    probe_video,
+    resample_indices,
+    write_video,
+    write_wav,
+)
+from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_seamless_json
+
+PrepError = MediaError
+CORE_STAGE = "clips"
+CACHE_STAGES = ("latents", "omni", "emotion")
+
+
+@dataclass
+class PrepOptions:
+    """Options of a preparation run (all recorded in each clip's ``meta.json``).
+
+    Args:
+        wav2vec2 (`str`): folder (or cache id) of the ``Wav2Vec2Model`` and its feature extractor.
+        size (`int`, defaults to 512): side of the square crops.
+        clip_seconds (`float`, defaults to 10.0): clip length; ``min_clip_seconds`` (1.0) for the last one.
+        crop_scale (`float`, defaults to 1.8): crop side over the larger side of the detected face box.
+        smooth_sigma (`float`, defaults to 2.0): temporal Gaussian on box centres and sizes, in frames.
+        face_backend (`str`, defaults to `"mediapipe"`): box detector, ``"mediapipe"`` or ``"face_alignment"``.
+        min_face_ratio (`float`, defaults to 0.5): a participant whose face is found in fewer frames fails.
+        detect_max_side (`int`, defaults to 640): frames are downscaled to this longer side for detection.
+        av_tolerance (`float`, defaults to 0.1): seconds an audio track may be shorter than its video (zero-padded).
+        asr_model (`str`, *optional*): Whisper folder used when a conversation has no transcript.
+        stages (`list[str]`): ``"clips"`` (the clip folders) and optional caches ``"latents"`` (needs ``vae``),
+            ``"omni"`` (needs ``omni_model``) and ``"emotion"`` (needs ``emotion_model``).
+        device (`str`, defaults to `"cpu"`).
+    """
+
+    wav2vec2: str
+    size: int = 512
+    clip_seconds: float = 10.0
+    min_clip_seconds: float = 1.0
+    crop_scale: float = 1.8
+    smooth_sigma: float = 2.0
+    face_backend: str = "mediapipe"
+    min_face_ratio: float = 0.5
+    detect_max_side: int = 640
+    av_tolerance: float = 0.1
+    asr_model: str | None = None
+    stages: list[str] = field(default_factory=lambda: [CORE_STAGE])
+    vae: str | None = None
+    omni_model: str | None = None
+    emotion_model: str | None = None
+    emotion_window_frames: int = 81
+    device: str = "cpu"
+
+    def __post_init__(self):
+        unknown = set(self.stages) - {CORE_STAGE, *CACHE_STAGES}
+        if unknown:
+            raise ValueError(f"`stages` has {sorted(unknown)}, expected a subset of {[CORE_STAGE, *CACHE_STAGES]}.")
+        if self.size % 2:
+            raise ValueError(f"`size` is {self.size}, expected an even number (yuv420p video).")
+
+    @property
+    def clip_frames(self) -> int:
+        return max(1, int(round(self.clip_seconds * FPS)))
+
+    @property
+    def min_clip_frames(self) -> int:
+        return max(1, int(round(self.min_clip_seconds * FPS)))
+
+
+@dataclass
+class ConversationResult:
+    conversation: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+_MODELS: dict = {}
+
+
+def _wav2vec2(options: PrepOptions):
+    from data_prep.audio_features import Wav2Vec2Features
+
+    key = ("wav2vec2", options.wav2vec2, options.device)
+    if key not in _MODELS:
+        _MODELS[key] = Wav2Vec2Features(options.wav2vec2, device=options.device)
+    return _MODELS[key]
+
+
+def _asr(options: PrepOptions):
+    from data_prep.transcripts import WhisperTranscriber
+
+    key = ("asr", options.asr_model, options.device)
+    if key not in _MODELS:
+        _MODELS[key] = WhisperTranscriber(options.asr_model, device=options.device)
+    return _MODELS[key]
+
+
+def tool_versions(options: PrepOptions) -> dict:
+    import av
+    import mediapipe
+    import torch
+    import transformers
+
+    import echo
+
+    return {
+        "echo": echo.__version__,
+        "mediapipe": mediapipe.__version__,
+        "av": av.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "face_backend": options.face_backend,
+        "wav2vec2": Path(options.wav2vec2).name,
+    }
+
+
+def clip_id(conversation: str, avatar: str, index: int) -> str:
+    return f"{conversation}_{avatar}_c{index:04d}"
+
+
+def clip_ranges(num_frames: int, options: PrepOptions) -> list[tuple[int, int]]:
+    """``[start, end)`` frame ranges of the clips of a conversation of ``num_frames`` frames."""
+    ranges = []
+    for start in range(0, num_frames, options.clip_frames):
+        end = min(num_frames, start + options.clip_frames)
+        if end - start >= options.min_clip_frames:
+            ranges.append((start, end))
+    return ranges
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a conversation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_text(conversation: Conversation, audio: dict[str, np.ndarray], options: PrepOptions):
+    """Steps 1: ``(segments per participant, vad per participant, source)``; ASR needs the decoded audio."""
+    ids = [p.id for p in conversation.participants]
+    segments = {i: [] for i in ids}
+    vad = {i: [] for i in ids}
+    source = "none"
+    if conversation.transcript is not None:
+        segments = read_pairs_transcript(conversation.transcript, ids)
+        source = "dataset"
+    for participant in conversation.participants:
+        if participant.metadata is not None:
+            segments[participant.id], vad[participant.id] = read_seamless_json(participant.metadata)
+            source = "dataset"
+    if source == "none" and options.asr_model is not None and audio:
+        segments = {i: _asr(options)(audio[i]) for i in ids}
+        source = "asr"
+    for i in ids:
+        if not vad[i]:
+            vad[i] = [{"start": s["start"], "end": s["end"]} for s in segments[i]]
+    return segments, vad, source
+
+
+def detect_crop_boxes(video: Path, indices: np.ndarray, source_height: int, options: PrepOptions) -> np.ndarray:
+    """Step 4 for one participant: `(T, 4)` smoothed square crop boxes in source pixels."""
+    detector = build_detector(options.face_backend)
+    detections, scale = [], 1.0
+    try:
+        for _, image in iter_resampled_frames(video, indices, max_side=options.detect_max_side):
+            scale = source_height / image.shape[0]
+            detections.append(detector(image))
+    finally:
+        detector.close()
+    boxes, found = track_faces(detections)
+    if found.mean() < options.min_face_ratio:
+        raise PrepError(
+            f"{video.name}: a face was found in {int(found.sum())} of {len(found)} frames, fewer than the "
+            f"required {options.min_face_ratio:.0%}"
+        )
+    return smooth_crop_boxes(boxes * scale, options.crop_scale, options.smooth_sigma)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One conversation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prepare_conversation(conversation: Conversation, out_dir: str | Path, options: PrepOptions,
+                         on_clip=None) -> ConversationResult:
+    """Write every missing clip folder of ``conversation`` under ``out_dir`` (see the module docstring).
+
+    Args:
+        on_clip (`callable`, *optional*): called as ``on_clip(clip_id, tmp_dir)`` when a clip folder is complete,
+            just before its atomic rename (progress reporting; tests use it to interrupt a run part-way).
+    """
+    out_dir = Path(out_dir)
+    result = ConversationResult(conversation.id)
+    done_marker = out_dir / ".done" / f"{conversation.id}.json"
+    if done_marker.exists():
+        listed = json.loads(done_marker.read_text())["clips"]
+        if all((out_dir / c).is_dir() for c in listed):
+            result.skipped = listed
+            return result
+    ids = [p.id for p in conversation.participants]
+
+    # 1-2. Text and audio. Dataset transcripts are read first (cheap checks before any decoding); ASR needs audio.
+    has_text = conversation.transcript is not None or any(p.metadata for p in conversation.participants)
+    if has_text:
+        segments, vad, text_source = read_text(conversation, {}, options)
+    audio = {p.id: load_audio(p.audio or p.video) for p in conversation.participants}
+    if not has_text:
+        segments, vad, text_source = read_text(conversation, audio, options)
+
+    # 3. Video timing: the common 25 fps frame count; audio must cover it.
+    probes = {p.id: probe_video(p.video) for p in conversation.participants}
+    num_frames = min(int(np.floor(probe["duration"] * FPS + 1e-6)) for probe in probes.values())
+    for participant in conversation.participants:
+        seconds = len(audio[participant.id]) / SAMPLE_RATE
+        if seconds + options.av_tolerance < num_frames / FPS:
+            name = (participant.audio or participant.video).name
+            raise PrepError(
+                f"{name}: audio is {seconds:.2f} s long, shorter than its video ({num_frames / FPS:.2f} s) by more "
+                f"than {options.av_tolerance} s"
+            )
+    ranges = clip_ranges(num_frames, options)
+    if not ranges:
+        raise PrepError(
+            f"{conversation.participants[0].video.name}: {num_frames} frames at 25 fps, shorter than one clip "
+            f"({options.min_clip_frames} frames)"
+        )
+    all_clips = [clip_id(conversation.id, i, k) for k in range(len(ranges)) for i in ids]
+    indices = {i: resample_indices(probes[i]["times"], num_frames) for i in ids}
+
+    # 4. Faces: one tracked, smoothed crop box per frame and participant.
+    if CORE_STAGE in options.stages and not all((out_dir / c).is_dir() for c in all_clips):
+        boxes = {
+            p.id: detect_crop_boxes(p.video, indices[p.id], probes[p.id]["height"], options)
+            for p in conversation.participants
+        }
+        frames = {p.id: iter_resampled_frames(p.video, indices[p.id]) for p in conversation.participants}
+
+        # 5. Clips.
+        for k, (start, end) in enumerate(ranges):
+            crops = {i: np.stack([crop_frame(next(frames[i])[1], boxes[i][t], options.size)
+                                  for t in range(start, end)]) for i in ids}
+            targets = {i: clip_id(conversation.id, i, k) for i in ids}
+            if all((out_dir / c).is_dir() for c in targets.values()):
+                result.skipped += list(targets.values())
+                continue
+            streams = {}
+            for i in ids:
+                with FaceMesh() as mesh:
+                    landmarks = np.stack([mesh(image) for image in crops[i]])
+                samples = audio[i][int(round(start * SAMPLE_RATE / FPS)) : int(round(end * SAMPLE_RATE / FPS))]
+                samples = np.pad(samples, (0, (end - start) * SAMPLE_RATE // FPS - len(samples)))
+                streams[i] = {
+                    "frames": crops[i],
+                    "landmarks": landmarks.astype(np.float32),
+                    "audio": samples.astype(np.float32),
+                    "w2v": _wav2vec2(options)(samples, end - start),
+                    "boxes": boxes[i][start:end],
+                }
+            for a, u in (ids, ids[::-1]):
+                if (out_dir / targets[a]).is_dir():
+                    result.skipped.append(targets[a])
+                    continue
+                transcript = clip_transcript(segments, vad, a, u, start / FPS, end / FPS, text_source)
+                write_clip(out_dir, targets[a], conversation, a, u, streams, start, transcript, options, on_clip)
+                result.written.append(targets[a])
+    done_marker.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic_text(done_marker, json.dumps({"clips": all_clips}, indent=1))
+
+    # 6. Optional caches on the finished clip folders.
+    for stage in CACHE_STAGES:
+        if stage in options.stages:
+            from data_prep import caches
+
+            for c in all_clips:
+                caches.run_stage(stage, out_dir / c, options)
+    return result
+
+
+def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str, user: str, streams: dict,
+               start: int, transcript: dict, options: PrepOptions, on_clip=None) -> Path:
+    """Write one clip folder atomically: ``.tmp-<clip>-<pid>`` → ``<clip>``."""
+    tmp = out_dir / f".tmp-{clip}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    participants = {p.id: p for p in conversation.participants}
+    for role, who in (("avatar", avatar), ("user", user)):
+        stream = streams[who]
+        cached = stream.get("mp4")
+        if cached is not None and cached.exists():
+            shutil.copyfile(cached, tmp / f"{role}.mp4")
+        else:
+            write_video(tmp / f"{role}.mp4", stream["frames"])
+        stream["mp4"] = tmp / f"{role}.mp4"
+        write_wav(tmp / f"{role}.wav", stream["audio"])
+        np.save(tmp / f"{role}_w2v.npy", stream["w2v"])
+        np.save(tmp / f"{role}_landmarks.npy", stream["landmarks"])
+    num_frames = len(streams[avatar]["frames"])
+    (tmp / "transcript.json").write_text(json.dumps(transcript, indent=1))
+    meta = {
+        "clip_id": clip,
+        "source": {
+            "layout": conversation.layout,
+            "conversation": conversation.id,
+            **conversation.source,
+            "avatar_video": participants[avatar].video.name,
+            "user_video": participants[user].video.name,
+            "avatar_audio": (participants[avatar].audio or participants[avatar].video).name,
+            "user_audio": (participants[user].audio or participants[user].video).name,
+        },
+        "fps": FPS,
+        "num_frames": num_frames,
+        "sample_rate": SAMPLE_RATE,
+        "size": options.size,
+        "avatar": {"participant": avatar, "crop_boxes": np.round(streams[avatar]["boxes"], 3).tolist()},
+        "user": {"participant": user, "crop_boxes": np.round(streams[user]["boxes"], 3).tolist()},
+        "start_frame": start,
+        "history_start_frame": start,
+        "audio_features": {"num_layers": int(streams[avatar]["w2v"].shape[1]),
+                           "dim": int(streams[avatar]["w2v"].shape[2])},
+        "options": {k: v for k, v in asdict(options).items() if k not in ("device", "stages")},
+        "tool_versions": tool_versions(options),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if on_clip is not None:
+        on_clip(clip, tmp)
+    final = out_dir / clip
+    os.rename(tmp, final)
+    # The next writer of the same stream copies from the final folder (the tmp one is gone).
+    for role, who in (("avatar", avatar), ("user", user)):
+        streams[who]["mp4"] = final / f"{role}.mp4"
+    return final
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

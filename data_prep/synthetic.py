@@ -1,0 +1,407 @@
+"""Synthetic dyadic conversations: a real face photo animated into talking and listening video, with real speech.
+
+Two participants take turns saying short English sentences, spoken by espeak-ng (two voices). Each participant is
+``skimage.data.astronaut()`` (the second one mirrored and hue-shifted), animated by moving its MediaPipe face-mesh
+landmarks and warping the photo piecewise-affinely over a triangulation of those landmarks:
+
+- **talking**: the jaw, lower lip and chin open with the participant's own speech envelope (short-time RMS per
+  frame), and the mouth interior between the inner lip contours is painted dark;
+- **listening**: slow nods and a slight smile (mouth corners out and up) while the other participant speaks;
+- **always**: a small head yaw / pitch (rotating the landmarks with their MediaPipe depth) and translation.
+
+The animated landmark positions are exact by construction (the warp maps every rest landmark to its animated
+position), so they are returned as ground truth: `SyntheticConversation.landmarks[p]` is `(T, 478, 2)` in pixels of
+the written video, and `SyntheticConversation.mouth_masks(p)` rasterises the known mouth region from them with the
+same rule as `echo.masks.rasterize_masks`.
+
+Layouts written (`make_conversation(layout=...)`), both read by `data_prep.layouts`:
+
+- ``"pairs"``: ``<out_dir>/<name>/{A.mp4, A.wav, B.mp4, B.wav, transcript.json}`` with
+  ``{"segments": [{"speaker": "A"|"B", "start", "end", "text"}]}`` (seconds).
+- ``"seamless"``: ``<out_dir>/V00_S0001_I<interaction:08d>_P<p:04d>A.{mp4,wav,json}`` for the two participants; the
+  json holds ``{"id", "metadata:transcript": [{"start", "end", "transcript", "words": [{"word", "start", "end"}]}],
+  "metadata:vad": [{"start", "end"}]}`` (seconds, this participant only).
+
+A ground-truth file ``<out_dir>/<conversation_id>.truth.npz`` (landmarks, speech envelopes) is written beside the
+layout; the layout readers ignore it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.media import resample_audio, write_video, write_wav
+
+SENTENCES = (
+    "Hello there, how are you today?",
+    "I am doing well, thank you.",
+    "That sounds really great.",
+    "Tell me more about your trip.",
+    "We walked along the river all morning.",
+    "Really? What did you see?",
+    "Mostly birds, and a few boats.",
+    "I would love to go there one day.",
+    "You should, it is very quiet.",
+    "Yes, I think I will.",
+    "What are you working on now?",
+    "A small project about faces.",
+)
+VOICES = ("en-us+m3", "en-us+f3")
+
+# MediaPipe face-mesh rings used by the animator.
+LIPS_OUTER_LOWER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291)
+LIPS_INNER_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
+LIPS_INNER_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
+MOUTH_CORNERS = (61, 291)
+FACE_OVAL = (
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+)
+# The astronaut's head (rows, cols) inside `skimage.data.astronaut()` used as the base frame.
+BASE_WINDOW = (slice(0, 320), slice(64, 384))
+
+
+@dataclass
+class SyntheticConversation:
+    """What `make_conversation` wrote, with the ground truth of its animation.
+
+    Attributes:
+        conversation_id (`str`): the pairs folder name or the Seamless ``V_S_I`` prefix.
+        participants (`list[str]`): participant ids (``["A", "B"]`` or Seamless ``P<p>A`` ids).
+        videos, audios (`dict[str, Path]`): written files per participant.
+        transcript (`list[dict]`): ``{"speaker", "start", "end", "text"}`` segments, seconds.
+        landmarks (`dict[str, np.ndarray]`): `(T, 478, 2)` animated landmark positions per participant (video pixels).
+        envelope (`dict[str, np.ndarray]`): `(T,)` mouth opening in [0, 1] per participant.
+        fps, sample_rate, size, num_frames: the written streams' parameters.
+    """
+
+    conversation_id: str
+    participants: list[str]
+    videos: dict[str, Path]
+    audios: dict[str, Path]
+    transcript: list[dict]
+    landmarks: dict[str, np.ndarray]
+    envelope: dict[str, np.ndarray]
+    fps: float
+    sample_rate: int
+    size: int
+    num_frames: int
+    files: list[Path] = field(default_factory=list)
+
+    def mouth_masks(self, participant: str, height: int | None = None, width: int | None = None) -> np.ndarray:
+        """Known mouth region per frame, `(T, H, W)` bool: `echo.masks.rasterize_masks` lip rule on the truth."""
+        from echo.masks import rasterize_masks
+
+        height = height or self.size
+        width = width or self.size
+        lip, _ = rasterize_masks(self.landmarks[participant], height, width, source_size=(self.size, self.size))
+        return lip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speech
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthesize_speech(text: str, voice: str = VOICES[0], sample_rate: int = 16_000, speed: int = 170) -> np.ndarray:
+    """Speak ``text`` with espeak-ng; mono float32 at ``sample_rate`` (leading and trailing silence trimmed)."""
+    from data_prep.media import read_wav
+
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); it speaks the synthetic dialogue.")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "speech.wav"
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True, capture_output=True
+        )
+        waveform, rate = read_wav(path)
+    waveform = resample_audio(waveform, rate, sample_rate)
+    loud = np.flatnonzero(np.abs(waveform) > 0.01)
+    return waveform[loud[0] : loud[-1] + 1] if loud.size else waveform
+
+
+def _dialogue(seconds: float, rng: np.random.Generator, sample_rate: int) -> tuple[list[dict], list[np.ndarray]]:
+    """Alternating turns filling ``seconds``; returns transcript segments and one audio track per participant."""
+    total = int(round(seconds * sample_rate))
+    tracks = [np.zeros(total, dtype=np.float32), np.zeros(total, dtype=np.float32)]
+    segments = []
+    order = rng.permutation(len(SENTENCES))
+    time = float(rng.uniform(0.1, 0.3))
+    turn = 0
+    while time < seconds - 0.3:
+        speaker = turn % 2
+        text = SENTENCES[order[turn % len(order)]]
+        speech = synthesize_speech(text, VOICES[speaker], sample_rate)
+        start = int(round(time * sample_rate))
+        stop = min(total, start + len(speech))
+        tracks[speaker][start:stop] = speech[: stop - start] * 0.8
+        segments.append({"speaker": speaker, "start": start / sample_rate, "end": stop / sample_rate, "text": text})
+        time = stop / sample_rate + float(rng.uniform(0.15, 0.4))
+        turn += 1
+    return segments, tracks
+
+
+def speech_envelope(waveform: np.ndarray, num_frames: int, fps: float, sample_rate: int) -> np.ndarray:
+    """Mouth opening per frame in [0, 1]: RMS per frame, normalised by its 95th percentile, lightly smoothed."""
+    hop = sample_rate / fps
+    rms = np.array(
+        [np.sqrt(np.mean(waveform[int(t * hop) : int((t + 1) * hop)] ** 2) + 1e-12) for t in range(num_frames)]
+    )
+    reference = np.percentile(rms[rms > 1e-3], 95) if (rms > 1e-3).any() else 1.0
+    opening = np.clip(rms / reference, 0.0, 1.0)
+    opening[rms < 1e-3] = 0.0
+    return np.convolve(np.pad(opening, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid").astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def base_face(variant: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The base frame of participant ``variant`` at ``size``², and its `(478, 3)` landmarks (x, y, z pixels)."""
+    import cv2
+    import skimage.data
+
+    from data_prep.faces import FaceMesh
+
+    image = np.ascontiguousarray(skimage.data.astronaut()[BASE_WINDOW])
+    if variant == 1:
+        image = np.ascontiguousarray(image[:, ::-1])
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + 8) % 180
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    with FaceMesh(static_image_mode=True) as mesh:
+        landmarks = mesh.with_depth(image)
+    if landmarks is None:
+        raise RuntimeError(f"MediaPipe found no face in synthetic participant {variant}.")
+    scale = size / image.shape[0]
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    return image, landmarks * scale
+
+
+class FaceAnimator:
+    """Animate one base face: `render(opening, smile, yaw, pitch, shift)` → frame `(S, S, 3)` and landmarks.
+
+    The control points are the 478 landmarks, a ring around the head that follows the head motion at 60 % (hair and
+    neck move along) and fixed points on the frame border; their Delaunay triangulation at rest is kept, and each
+    frame is the piecewise-affine warp that takes every rest triangle to its animated position.
+    """
+
+    def __init__(self, variant: int, size: int):
+        from scipy.spatial import Delaunay
+
+        self.image, rest = base_face(variant, size)
+        self.size = size
+        self.rest = rest.astype(np.float64)  # 478, 3
+        xy = self.rest[:, :2]
+        self.centre = self.rest.mean(axis=0)
+        lips = xy[list(LIPS_OUTER_LOWER)]
+        self.mouth_width = float(np.linalg.norm(xy[61] - xy[291]))
+        oval = xy[list(FACE_OVAL)]
+        self.face_height = float(oval[:, 1].max() - oval[:, 1].min())
+        self.mouth_centre = lips.mean(axis=0)
+        ring = self.centre[:2] + 1.5 * (oval - self.centre[:2])
+        ring = ring[(ring > 1).all(axis=1) & (ring < size - 2).all(axis=1)]
+        edge = np.linspace(0, size - 1, 6)
+        border = np.concatenate(
+            [np.stack([edge, np.zeros(6)], 1), np.stack([edge, np.full(6, size - 1.0)], 1),
+             np.stack([np.zeros(4), edge[1:-1]], 1), np.stack([np.full(4, size - 1.0), edge[1:-1]], 1)]
+        )
+        self.num_ring = len(ring)
+        self.controls = np.concatenate([xy, ring, border])  # N, 2
+        self.triangles = Delaunay(self.controls).simplices
+        # Jaw weights: 1 on the lower lip, falling off below the upper lip and away from the mouth laterally.
+        upper = xy[list(LIPS_INNER_UPPER)][:, 1].mean()
+        below = np.clip((xy[:, 1] - upper) / (0.12 * self.face_height), 0.0, 1.0)
+        lateral = np.exp(-(((xy[:, 0] - self.mouth_centre[0]) / (1.3 * self.mouth_width)) ** 2))
+        self.jaw = below * lateral
+        self.jaw[list(LIPS_INNER_UPPER)] = 0.0
+        self.jaw[[i for i in LIPS_OUTER_LOWER + LIPS_INNER_LOWER if i not in MOUTH_CORNERS + (78, 308)]] = 1.0
+        self.jaw[list(MOUTH_CORNERS) + [78, 308]] = 0.5
+        self.smile = np.exp(-(np.linalg.norm(xy - xy[61], axis=1) / (0.25 * self.mouth_width)) ** 2) - np.exp(
+            -(np.linalg.norm(xy - xy[291], axis=1) / (0.25 * self.mouth_width)) ** 2
+        )  # +1 near the left corner, −1 near the right one
+        ys, xs = np.mgrid[0:size, 0:size]
+        self.pixels = np.stack([xs.ravel(), ys.ravel(), np.ones(size * size)], axis=1)  # HW, 3
+
+    def landmarks(self, opening: float, smile: float, yaw: float, pitch: float, shift: np.ndarray) -> np.ndarray:
+        """Animated `(478, 2)` landmark positions (pixels); angles in radians, ``shift`` `(2,)` pixels."""
+        points = self.rest.copy()
+        points[:, 1] += opening * 0.45 * self.mouth_width * self.jaw
+        points[:, 0] -= smile * 0.10 * self.mouth_width * self.smile
+        points[:, 1] -= smile * 0.06 * self.mouth_width * np.abs(self.smile)
+        centred = points - self.centre
+        cos_y, sin_y, cos_p, sin_p = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
+        x = centred[:, 0] * cos_y + centred[:, 2] * sin_y
+        z = -centred[:, 0] * sin_y + centred[:, 2] * cos_y
+        y = centred[:, 1] * cos_p - z * sin_p
+        return np.stack([x, y], axis=1) + self.centre[:2] + shift
+
+    def render(self, opening: float, smile: float, yaw: float, pitch: float, shift: np.ndarray):
+        """One frame: `((S, S, 3) uint8, (478, 2) float32 landmarks)`."""
+        import cv2
+
+        points = self.landmarks(opening, smile, yaw, pitch, shift)
+        head = points[list(FACE_OVAL)] - self.rest[list(FACE_OVAL), :2]
+        ring_motion = 0.6 * head[: self.num_ring] if self.num_ring == len(FACE_OVAL) else 0.6 * head.mean(0)
+        controls = self.controls.copy()
+        controls[:478] = points
+        controls[478 : 478 + self.num_ring] += ring_motion
+        # Affine map of each animated triangle back to its rest triangle: source = A @ [x, y, 1].
+        dst = controls[self.triangles]  # K, 3, 2
+        src = self.controls[self.triangles]
+        dst_h = np.concatenate([dst, np.ones((*dst.shape[:2], 1))], axis=2)  # K, 3, 3
+        affine = np.linalg.solve(dst_h, src).transpose(0, 2, 1)  # K, 2, 3
+        label = np.full((self.size, self.size), -1, dtype=np.int32)
+        for k, triangle in enumerate(np.round(dst * 16).astype(np.int32)):
+            cv2.fillConvexPoly(label, triangle, k, lineType=cv2.LINE_8, shift=4)
+        label = label.ravel()
+        inside = label >= 0
+        source = self.pixels[:, :2].copy()
+        source[inside] = np.einsum("nij,nj->ni", affine[label[inside]], self.pixels[inside])
+        maps = source.reshape(self.size, self.size, 2).astype(np.float32)
+        frame = cv2.remap(self.image, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        if opening > 0.05:
+            inner = np.concatenate([points[list(LIPS_INNER_UPPER)], points[list(LIPS_INNER_LOWER)][::-1]])
+            cv2.fillPoly(frame, [np.round(inner * 16).astype(np.int32)], (70, 20, 30), cv2.LINE_AA, shift=4)
+        return frame, points.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_conversation(
+    out_dir: str | Path,
+    layout: str = "pairs",
+    seconds: float = 4.0,
+    size: int = 256,
+    seed: int = 0,
+    fps: float = 25.0,
+    sample_rate: int = 16_000,
+    name: str | None = None,
+    interaction: int = 1,
+) -> SyntheticConversation:
+    """Write one synthetic two-person conversation in ``layout`` under ``out_dir``.
+
+    Args:
+        out_dir (`str` or `Path`): the layout root (created if needed).
+        layout (`str`, defaults to `"pairs"`): ``"pairs"`` or ``"seamless"`` (see the module docstring).
+        seconds (`float`, defaults to 4.0): conversation length.
+        size (`int`, defaults to 256): square video side in pixels (even).
+        seed (`int`, defaults to 0): chooses sentences, pauses and head-motion phases.
+        fps (`float`, defaults to 25.0): video frame rate (other rates exercise the 25 fps resampling of prep).
+        sample_rate (`int`, defaults to 16000): the WAV files' rate.
+        name (`str`, *optional*): pairs folder name, defaults to ``conv<seed:04d>``.
+        interaction (`int`, defaults to 1): Seamless interaction number ``I<interaction:08d>``.
+
+    Returns:
+        `SyntheticConversation` with the written paths and the animation's ground truth.
+    """
+    if layout not in ("pairs", "seamless"):
+        raise ValueError(f"`layout` is {layout!r}, expected 'pairs' or 'seamless'.")
+    if size % 2:
+        raise ValueError(f"`size` is {size}, expected an even number (yuv420p).")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    num_frames = int(round(seconds * fps))
+
+    # 1. Dialogue: alternating turns of real speech, one track per participant.
+    segments, tracks = _dialogue(num_frames / fps, rng, 16_000)
+    openings = [speech_envelope(track, num_frames, fps, 16_000) for track in tracks]
+
+    # 2. Animation: talking follows the own envelope, listening nods and smiles while the other one speaks.
+    time = np.arange(num_frames) / fps
+    frames, landmarks = [], []
+    for p in range(2):
+        animator = FaceAnimator(p, size)
+        other_speaks = np.convolve(openings[1 - p] > 0.05, np.ones(9) / 9, mode="same")
+        phase = rng.uniform(0, 2 * np.pi, size=4)
+        yaw = np.deg2rad(4.0) * np.sin(2 * np.pi * time / 3.3 + phase[0])
+        pitch = np.deg2rad(3.0) * np.sin(2 * np.pi * time / 2.7 + phase[1])
+        pitch += np.deg2rad(4.0) * other_speaks * np.maximum(0, np.sin(2 * np.pi * time / 1.1 + phase[2]))
+        smile = 0.8 * other_speaks
+        shift = 0.02 * size * np.stack([np.sin(2 * np.pi * time / 4.1 + phase[3]), np.sin(2 * np.pi * time / 3.7)], 1)
+        rendered = [animator.render(openings[p][t], smile[t], yaw[t], pitch[t], shift[t]) for t in range(num_frames)]
+        frames.append(np.stack([r[0] for r in rendered]))
+        landmarks.append(np.stack([r[1] for r in rendered]))
+
+    # 3. Files in the requested layout.
+    written = []
+    if layout == "pairs":
+        conversation_id = name or f"conv{seed:04d}"
+        participants = ["A", "B"]
+        folder = out_dir / conversation_id
+        folder.mkdir(parents=True, exist_ok=True)
+        stems = [folder / p for p in participants]
+        transcript = [{**s, "speaker": participants[s["speaker"]]} for s in segments]
+        (folder / "transcript.json").write_text(json.dumps({"segments": transcript}, indent=1))
+        written.append(folder / "transcript.json")
+    else:
+        conversation_id = f"V00_S0001_I{interaction:08d}"
+        participants = [f"P{2 * interaction - 1 + p:04d}A" for p in range(2)]
+        stems = [out_dir / f"{conversation_id}_{p}" for p in participants]
+        transcript = [{**s, "speaker": participants[s["speaker"]]} for s in segments]
+        for p, stem in enumerate(stems):
+            own = [s for s in segments if s["speaker"] == p]
+            entries = [
+                {
+                    "start": s["start"],
+                    "end": s["end"],
+                    "transcript": s["text"],
+                    "words": _word_times(s["text"], s["start"], s["end"]),
+                }
+                for s in own
+            ]
+            vad = [{"start": s["start"], "end": s["end"]} for s in own]
+            payload = {"id": stem.name, "metadata:transcript": entries, "metadata:vad": vad}
+            stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+            written.append(stem.with_suffix(".json"))
+    videos, audios = {}, {}
+    for p, stem in enumerate(stems):
+        videos[participants[p]] = stem.with_suffix(".mp4")
+        audios[participants[p]] = stem.with_suffix(".wav")
+        write_video(videos[participants[p]], frames[p], fps=fps)
+        write_wav(audios[participants[p]], resample_audio(tracks[p], 16_000, sample_rate), sample_rate)
+        written += [videos[participants[p]], audios[participants[p]]]
+
+    conversation = SyntheticConversation(
+        conversation_id=conversation_id,
+        participants=participants,
+        videos=videos,
+        audios=audios,
+        transcript=transcript,
+        landmarks=dict(zip(participants, landmarks)),
+        envelope=dict(zip(participants, openings)),
+        fps=fps,
+        sample_rate=sample_rate,
+        size=size,
+        num_frames=num_frames,
+        files=written,
+    )
+    np.savez(
+        out_dir / f"{conversation_id}.truth.npz",
+        **{f"landmarks_{p}": landmarks[i] for i, p in enumerate(participants)},
+        **{f"envelope_{p}": openings[i] for i, p in enumerate(participants)},
+    )
+    return conversation
+
+
+def _word_times(text: str, start: float, end: float) -> list[dict]:
+    """Spread the words of ``text`` over ``[start, end]`` proportionally to their length."""
+    words = text.split()
+    weights = np.array([len(w) + 1 for w in words], dtype=np.float64)
+    edges = start + (end - start) * np.concatenate([[0], np.cumsum(weights) / weights.sum()])
+    return [{"word": w, "start": float(a), "end": float(b)} for w, a, b in zip(words, edges[:-1], edges[1:])]

@@ -1,0 +1,82 @@
+"""Tiny prepared data for tests and the offline demo, made by the real preparation pipeline.
+
+`make_tiny_prepared_set` writes a short synthetic conversation (`data_prep.synthetic`), saves a randomly initialised
+tiny ``Wav2Vec2Model`` (config ``audio_encoder`` of ``configs/models/tiny.yaml``) with its feature extractor to a
+folder, and runs `data_prep.cli.run_prep` on it: MediaPipe detection, tracking, cropping and face mesh, wav2vec2
+loaded back from that folder with ``from_pretrained``, transcripts from the synthetic dialogue.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
+
+
+def tiny_audio_encoder_config() -> dict:
+    """The ``audio_encoder.config`` mapping of ``configs/models/tiny.yaml``."""
+    return yaml.safe_load(TINY_CONFIG.read_text())["audio_encoder"]["config"]
+
+
+def save_tiny_wav2vec2(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny ``Wav2Vec2Model`` (safetensors) and a ``Wav2Vec2FeatureExtractor`` into ``folder``.
+
+    The model has ``num_hidden_layers + 1`` = 3 hidden-state layers of width 32 (see ``configs/models/tiny.yaml``).
+    """
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    folder = Path(folder)
+    if (folder / "config.json").exists() and (folder / "preprocessor_config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    model = Wav2Vec2Model(Wav2Vec2Config(**tiny_audio_encoder_config())).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True, return_attention_mask=False
+    ).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_prepared_set(
+    out_dir: str | Path,
+    num_frames: int = 33,
+    size: int = 64,
+    seed: int = 0,
+    source_size: int = 128,
+    layout: str = "pairs",
+) -> list[Path]:
+    """Prepare one tiny synthetic conversation; returns its two clip folders (A as avatar, then B as avatar).
+
+    Args:
+        out_dir (`str` or `Path`): receives ``source/`` (the synthetic conversation), ``wav2vec2/`` (the tiny audio
+            encoder) and ``prepared/`` (the clip folders).
+        num_frames (`int`, defaults to 33): T, the frames of each clip (one clip per avatar/user assignment).
+        size (`int`, defaults to 64): crop side of the prepared videos.
+        seed (`int`, defaults to 0): seed of the synthetic dialogue and of the audio encoder's weights.
+        source_size (`int`, defaults to 128): side of the synthetic source videos.
+        layout (`str`, defaults to `"pairs"`): source layout, ``"pairs"`` or ``"seamless"``.
+
+    Returns:
+        `list[Path]`: two prepared clip folders in the format of ``docs/interfaces.md`` (``meta.json``,
+        ``avatar.mp4`` / ``user.mp4`` of ``num_frames`` frames at ``size``², 16 kHz wavs, ``*_w2v.npy`` of shape
+        `(num_frames, 3, 32)` float16, ``*_landmarks.npy`` of shape `(num_frames, 478, 2)`, ``transcript.json``).
+    """
+    from data_prep.cli import run_prep
+    from data_prep.stages import PrepOptions
+    from data_prep.synthetic import make_conversation
+
+    out_dir = Path(out_dir)
+    seconds = num_frames / 25.0
+    make_conversation(out_dir / "source", layout=layout, seconds=seconds, size=source_size, seed=seed)
+    encoder = save_tiny_wav2vec2(out_dir / "wav2vec2", seed=seed)
+    options = PrepOptions(wav2vec2=str(encoder), size=size, clip_seconds=seconds, min_clip_seconds=seconds)
+    summary = run_prep(out_dir / "source", layout, out_dir / "prepared", options, workers=1, progress=False)
+    if summary.failed:
+        raise RuntimeError(f"Preparing the tiny synthetic set failed: {summary.failed}")
+    clips = sorted((out_dir / "prepared").glob("*_c0000"))
+    if len(clips) != 2:
+        raise RuntimeError(f"Expected two prepared clips under {out_dir / 'prepared'}, found {len(clips)}.")
+    return clips
