@@ -1,0 +1,328 @@
+"""``echo-eval``: score generated avatar videos against the ground truth the way the ECHO paper does (Table 1).
+
+    echo-eval --generated DIR --reference DIR [--user DIR] [--weights DIR] [--out report.json] [--markdown PATH]
+
+Clip matching: ``*.mp4`` files are matched by file name between ``--generated`` and ``--reference`` (and ``--user``
+when given). Names present on one side only are skipped with a warning that lists them; an empty or missing folder,
+or no common name at all, is an error. Clips whose generated and reference lengths differ raise an error naming the
+clip (``--length-mismatch truncate`` trims both to the shorter one instead; the user clip is trimmed likewise).
+
+Motion (rPCC, SID, Var, and FD / MSE in the JSON): with ``--motion-source mediapipe`` (default) coefficients come
+from `MediaPipeMotionExtractor` (pose = yaw, pitch, roll, translation; expression = landmark offsets reduced by a PCA
+fitted on the ground-truth frames, ``--expression-components``); with ``--motion-source files`` each folder holds a
+``<clip>.npz`` (``expression``/``exp``/``expcode`` and ``pose``/``posecode``) or ``<clip>.npy`` (T × 56, FLAME
+expression then pose) computed elsewhere (EMOCA, as in the paper). SID fits k-means on the ground-truth frames
+(k = 15 expression, 9 pose). The Markdown table reports the **expression** values of rPCC, SID and Var (the JSON
+holds expression and pose).
+
+Video metrics need ``--weights DIR`` with the converted feature networks (see `echo.metrics.networks`): FID
+(``inception``), FVD (``i3d``), CSIM (``arcface``; generated frames against the first ground-truth frame, or
+``--reference-images DIR/<clip>.png``), LSE-D / LSE-C (``syncnet``; the audio track of the generated mp4, or
+``--audio DIR/<clip>.wav``). A column that cannot be computed is written ``n/a`` and the reason is listed under the
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from echo.metrics import motion as motion_metrics
+from echo.metrics import video as video_metrics
+from echo.metrics.extractor import FlameCoefficientAdapter, LandmarkPCA, MediaPipeMotionExtractor, MotionCoefficients
+from echo.metrics.networks import load_feature_network
+
+logger = logging.getLogger("echo.metrics")
+
+TABLE_COLUMNS = ("rPCC", "SID", "Var", "FID", "FVD", "CSIM", "LSE-D", "LSE-C")
+LOWER_IS_BETTER = {"rPCC", "FID", "FVD", "LSE-D"}
+
+
+def list_clips(folder: str, name: str) -> dict[str, str]:
+    """``{clip name (stem): path}`` of the ``*.mp4`` files of ``folder``; errors on a missing or empty folder."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--{name} folder {folder} does not exist.")
+    clips = {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".mp4")}
+    if not clips:
+        raise ValueError(f"--{name} folder {folder} holds no .mp4 clip.")
+    return clips
+
+
+def match_clips(generated: dict[str, str], reference: dict[str, str], user: dict[str, str] | None = None) -> list[str]:
+    """Names common to all given sets (sorted). Unmatched names are skipped with a warning; none in common errors."""
+    names = set(generated) & set(reference)
+    if user is not None:
+        names &= set(user)
+    sets = {"generated": generated, "reference": reference, **({"user": user} if user is not None else {})}
+    for label, clips in sets.items():
+        skipped = sorted(set(clips) - names)
+        if skipped:
+            logger.warning("skipping %d %s clip(s) without a match: %s", len(skipped), label, ", ".join(skipped))
+    if not names:
+        raise ValueError(
+            f"no clip name is common to the folders ({', '.join(f'{k}: {sorted(v)[:5]}' for k, v in sets.items())}); "
+            "clips are matched by file name."
+        )
+    return sorted(names)
+
+
+@dataclass
+class ClipData:
+    name: str
+    generated: np.ndarray  # T, H, W, 3
+    reference: np.ndarray
+    user: np.ndarray | None
+    fps: float
+    audio: np.ndarray | None
+    reference_image: np.ndarray
+    motion: dict[str, MotionCoefficients] = field(default_factory=dict)
+
+
+def _check_lengths(name: str, clips: dict[str, np.ndarray | None], mode: str) -> dict[str, np.ndarray | None]:
+    lengths = {k: len(v) for k, v in clips.items() if v is not None}
+    if len(set(lengths.values())) <= 1:
+        return clips
+    if mode == "error":
+        raise ValueError(
+            f"clip {name!r} has different lengths {lengths} (frames); generate clips of the ground-truth length or "
+            "pass --length-mismatch truncate."
+        )
+    n = min(lengths.values())
+    logger.warning("clip %r: lengths %s differ, truncating to %d frames", name, lengths, n)
+    return {k: (None if v is None else v[:n]) for k, v in clips.items()}
+
+
+def _load_motion_file(folder: str, name: str, adapter: FlameCoefficientAdapter) -> MotionCoefficients:
+    for ext in (".npz", ".npy"):
+        path = os.path.join(folder, name + ext)
+        if os.path.isfile(path):
+            return adapter.load(path)
+    raise FileNotFoundError(f"motion coefficients for clip {name!r} not found: expected {folder}/{name}.npz or .npy.")
+
+
+def _load_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def markdown_table(table: dict[str, float | None], reasons: dict[str, str], method: str = "generated") -> str:
+    """Markdown table with Table 1's columns; ``n/a`` cells and the reason for each below the table."""
+    arrows = [f"{c} {'↓' if c in LOWER_IS_BETTER else '↑'}" for c in TABLE_COLUMNS]
+    lines = ["| Method | " + " | ".join(arrows) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    lines.append(f"| {method} | " + " | ".join(_fmt(table.get(c)) for c in TABLE_COLUMNS) + " |")
+    if reasons:
+        lines.append("")
+        lines += [f"- {c}: n/a — {reasons[c]}" for c in TABLE_COLUMNS if c in reasons]
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run the evaluation; returns the report dict (also written to ``args.out`` / ``args.markdown``)."""
+    from tqdm.auto import tqdm
+
+    # 1. Match clips
+    generated = list_clips(args.generated, "generated")
+    reference = list_clips(args.reference, "reference")
+    user = list_clips(args.user, "user") if args.user else None
+    names = match_clips(generated, reference, user)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # 2. Feature networks (a missing file disables its metrics, with the reason)
+    reasons: dict[str, str] = {}
+    networks: dict[str, torch.nn.Module | None] = {}
+    for net, columns in (("inception", ["FID"]), ("i3d", ["FVD"]), ("arcface", ["CSIM"]), ("syncnet", ["LSE-D", "LSE-C"])):
+        networks[net] = None
+        if not args.weights:
+            for c in columns:
+                reasons[c] = f"no --weights folder given (needs {net}.safetensors)"
+            continue
+        try:
+            networks[net] = load_feature_network(net, args.weights, device=device)
+        except FileNotFoundError as err:
+            for c in columns:
+                reasons[c] = str(err)
+
+    # 3. Per clip: decode, motion, frame-level metrics
+    extractor = MediaPipeMotionExtractor() if args.motion_source == "mediapipe" else None
+    adapter = FlameCoefficientAdapter(args.expression_dims, args.pose_dims)
+    clips: list[ClipData] = []
+    for name in tqdm(names, desc="echo-eval: clips", disable=args.quiet):
+        gen, fps = video_metrics.read_video(generated[name])
+        ref, _ = video_metrics.read_video(reference[name])
+        usr = video_metrics.read_video(user[name])[0] if user is not None else None
+        checked = _check_lengths(name, {"generated": gen, "reference": ref, "user": usr}, args.length_mismatch)
+        gen, ref, usr = checked["generated"], checked["reference"], checked["user"]
+        audio_path = os.path.join(args.audio, name + ".wav") if args.audio else generated[name]
+        audio = video_metrics.read_audio(audio_path) if os.path.isfile(audio_path) else None
+        if args.reference_images:
+            ref_image = _load_image(os.path.join(args.reference_images, name + ".png"))
+        else:
+            ref_image = ref[0]
+        clip = ClipData(name, gen, ref, usr, fps, audio, ref_image)
+        sets = {"generated": (gen, args.generated), "reference": (ref, args.reference)}
+        if usr is not None:
+            sets["user"] = (usr, args.user)
+        for label, (frames, folder) in sets.items():
+            if extractor is not None:
+                clip.motion[label] = extractor(frames)
+            else:
+                clip.motion[label] = _load_motion_file(folder, name, adapter).truncate(len(gen))
+        clips.append(clip)
+
+    # 4. Motion metrics (expression through a PCA fitted on the ground truth for the landmark route)
+    parts = {}
+    for part in ("expression", "pose"):
+        seqs = {label: [getattr(c.motion[label], part) for c in clips] for label in clips[0].motion}
+        if extractor is not None and part == "expression":
+            pca = LandmarkPCA(args.expression_components).fit(np.concatenate(seqs["reference"]))
+            seqs = {label: [pca.transform(s) for s in v] for label, v in seqs.items()}
+        parts[part] = seqs
+
+    per_clip: dict[str, dict] = {c.name: {"num_frames": len(c.generated)} for c in clips}
+    aggregate: dict[str, float | None] = {}
+    for part, seqs in parts.items():
+        gen_seqs, ref_seqs = seqs["generated"], seqs["reference"]
+        for i, c in enumerate(clips):
+            for label, seq in (("generated", gen_seqs[i]), ("reference", ref_seqs[i])):
+                if len(seq) != len(gen_seqs[i]):
+                    raise ValueError(
+                        f"clip {c.name!r}: {label} {part} coefficients have {len(seq)} frames, the video "
+                        f"{len(gen_seqs[i])}."
+                    )
+            per_clip[c.name][f"mse_{part}"] = motion_metrics.mse(gen_seqs[i], ref_seqs[i])
+            per_clip[c.name][f"var_{part}"] = motion_metrics.variance(gen_seqs[i])
+            per_clip[c.name][f"var_{part}_ground_truth"] = motion_metrics.variance(ref_seqs[i])
+            if "user" in seqs:
+                per_clip[c.name][f"rpcc_{part}"] = motion_metrics.rpcc(gen_seqs[i], ref_seqs[i], seqs["user"][i])
+        k = motion_metrics.SID_CLUSTERS[part]
+        ref_frames = np.concatenate(ref_seqs)
+        if len(ref_frames) >= k:
+            centroids = motion_metrics.kmeans(ref_frames, k, n_init=args.kmeans_init, seed=args.seed)
+            aggregate[f"sid_{part}"] = motion_metrics.sid(gen_seqs, centroids=centroids)
+            aggregate[f"sid_{part}_ground_truth"] = motion_metrics.sid(ref_seqs, centroids=centroids)
+        else:
+            aggregate[f"sid_{part}"] = None
+            reasons.setdefault("SID", f"k-means with k={k} needs at least {k} ground-truth frames, got {len(ref_frames)}")
+        aggregate[f"fd_{part}"] = motion_metrics.frechet_distance(gen_seqs, ref_seqs)
+        aggregate[f"mse_{part}"] = _mean([per_clip[c.name][f"mse_{part}"] for c in clips])
+        aggregate[f"var_{part}"] = _mean([per_clip[c.name][f"var_{part}"] for c in clips])
+        aggregate[f"var_{part}_ground_truth"] = _mean([per_clip[c.name][f"var_{part}_ground_truth"] for c in clips])
+        aggregate[f"rpcc_{part}"] = _mean([per_clip[c.name].get(f"rpcc_{part}") for c in clips])
+    if user is None:
+        reasons["rPCC"] = "needs the user videos (--user DIR)"
+
+    # 5. Video metrics
+    if networks["inception"] is not None:
+        aggregate["fid"] = video_metrics.fid(
+            networks["inception"], [c.generated for c in clips], [c.reference for c in clips], args.frame_stride
+        )
+    if networks["i3d"] is not None:
+        aggregate["fvd"] = video_metrics.fvd(
+            networks["i3d"], [c.generated for c in clips], [c.reference for c in clips], args.fvd_clip_length
+        )
+    if networks["arcface"] is not None:
+        for c in clips:
+            per_clip[c.name]["csim"] = video_metrics.csim(networks["arcface"], c.generated, c.reference_image)
+        aggregate["csim"] = _mean([per_clip[c.name]["csim"] for c in clips])
+    if networks["syncnet"] is not None:
+        silent = [c.name for c in clips if c.audio is None or len(c.audio) == 0]
+        for c in clips:
+            if c.name not in silent:
+                per_clip[c.name].update(video_metrics.lse(networks["syncnet"], c.generated, c.audio, fps=c.fps))
+        aggregate["lse_d"] = _mean([per_clip[c.name].get("lse_d") for c in clips])
+        aggregate["lse_c"] = _mean([per_clip[c.name].get("lse_c") for c in clips])
+        if silent:
+            reason = f"no audio for clip(s) {', '.join(silent)} (mux the avatar audio into the mp4 or pass --audio)"
+            if aggregate["lse_d"] is None:
+                reasons["LSE-D"] = reasons["LSE-C"] = reason
+            else:
+                logger.warning("LSE averaged without %s", reason)
+
+    # 6. Report
+    table = {
+        "rPCC": aggregate.get("rpcc_expression"),
+        "SID": aggregate.get("sid_expression"),
+        "Var": aggregate.get("var_expression"),
+        "FID": aggregate.get("fid"),
+        "FVD": aggregate.get("fvd"),
+        "CSIM": aggregate.get("csim"),
+        "LSE-D": aggregate.get("lse_d"),
+        "LSE-C": aggregate.get("lse_c"),
+    }
+    reasons = {c: r for c, r in reasons.items() if table.get(c) is None}
+    report = {
+        "clips": per_clip,
+        "aggregate": aggregate,
+        "table": table,
+        "unavailable": reasons,
+        "settings": {
+            "generated": args.generated,
+            "reference": args.reference,
+            "user": args.user,
+            "motion_source": args.motion_source,
+            "length_mismatch": args.length_mismatch,
+            "num_clips": len(clips),
+        },
+    }
+    report["markdown"] = markdown_table(table, reasons)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report["markdown"])
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="echo-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generated", required=True, help="folder of generated <clip>.mp4")
+    parser.add_argument("--reference", required=True, help="folder of ground-truth <clip>.mp4")
+    parser.add_argument("--user", default=None, help="folder of the user's <clip>.mp4 (for rPCC)")
+    parser.add_argument("--weights", default=None, help="folder with inception/i3d/arcface/syncnet .safetensors")
+    parser.add_argument("--out", default="report.json")
+    parser.add_argument("--markdown", default=None, help="also write the Table-1 shaped Markdown table here")
+    parser.add_argument("--audio", default=None, help="folder of <clip>.wav for LSE (default: the generated mp4's)")
+    parser.add_argument("--reference-images", default=None, help="folder of <clip>.png reference images for CSIM")
+    parser.add_argument("--motion-source", choices=("mediapipe", "files"), default="mediapipe")
+    parser.add_argument("--expression-dims", type=int, default=50, help="FLAME expression size (files route)")
+    parser.add_argument("--pose-dims", type=int, default=6, help="FLAME pose size (files route)")
+    parser.add_argument("--expression-components", type=int, default=50, help="PCA size (mediapipe route)")
+    parser.add_argument("--length-mismatch", choices=("error", "truncate"), default="error")
+    parser.add_argument("--frame-stride", type=int, default=1, help="FID uses every n-th frame")
+    parser.add_argument("--fvd-clip-length", type=int, default=16)
+    parser.add_argument("--kmeans-init", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    report = evaluate(args)
+    sys.stdout.write(report["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
