@@ -1,0 +1,431 @@
+"""Behaviour of the ECHO generator: Wan equivalence, SDCM semantics (Eq. 10-11), frame alignment, training, LoRA,
+serialisation and input validation. Tiny models (2 blocks, width 32) built from configs with random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file
+
+from echo import flow_matching
+from echo.conditioning import build_condition
+from echo.transformer_echo import EchoTransformer3DModel
+
+WAN_T2V = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    rope_max_seq_len=32,
+)
+WAN_I2V = dict(WAN_T2V, in_channels=36, image_dim=24, added_kv_proj_dim=32)
+ECHO = dict(audio_dim=24, audio_num_layers=3, audio_window=5, context_dim=20)
+B, F_LAT, H, W = 2, 3, 16, 16  # latents (B, 16, 3, 16, 16) → 3 × 8 × 8 tokens
+T_VID = 4 * (F_LAT - 1) + 1  # 9 video frames
+TOKENS = F_LAT * (H // 2) * (W // 2)
+
+
+def make_inputs(seed: int = 0, text_len: int = 7) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randint(0, 3, (B, F_LAT, H // 2, W // 2), generator=g)  # 0 none, 1 lip, 2 face
+    return dict(
+        hidden_states=torch.randn(B, 16, F_LAT, H, W, generator=g),
+        timestep=torch.tensor([700.0, 35.0]),
+        encoder_hidden_states=torch.randn(B, text_len, 32, generator=g),
+        audio_embeds=torch.randn(B, T_VID, 5, 3, 24, generator=g),
+        context_embeds=torch.randn(B, 6, 20, generator=g),
+        lip_mask=(masks == 1).float(),
+        face_mask=(masks == 2).float(),
+    )
+
+
+def perturb_added_modules(model: EchoTransformer3DModel, seed: int = 0) -> EchoTransformer3DModel:
+    """Give the zero-initialised (added) modules random weights, as after some training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("audio_proj.", "context_proj.")) or ".sdcm." in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def wan_t2v_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wan_t2v")
+    WanTransformer3DModel(**WAN_T2V).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def echo_model(wan_t2v_folder):
+    """An Echo model from a saved T2V Wan, with its added modules randomised (a trained SDCM)."""
+    return perturb_added_modules(EchoTransformer3DModel.from_wan(wan_t2v_folder, **ECHO)).eval()
+
+
+class SDCMProbe:
+    """Reads (and optionally overrides) block 0's SDCM through forward hooks on named sub-modules."""
+
+    def __init__(self, model, gate_value: float | None = None):
+        sdcm = model.get_submodule("blocks.0.sdcm")
+        self.out = {}
+        self.handles = [sdcm.register_forward_hook(lambda m, a, o: self.out.__setitem__("delta", o))]
+        if hasattr(sdcm, "gate"):
+            self.handles += [
+                sdcm.attn_usr.register_forward_hook(lambda m, a, o: self.out.__setitem__("h_usr", o)),
+                sdcm.attn_avt.register_forward_hook(lambda m, a, o: self.out.__setitem__("h_avt", o)),
+            ]
+            if gate_value is not None:
+                self.handles.append(sdcm.gate.register_forward_hook(lambda m, a, o: torch.full_like(o, gate_value)))
+
+    def __enter__(self):
+        return self.out
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+# 1. Wan equivalence at initialisation ---------------------------------------------------------------------------------
+
+
+def test_t2v_wan_equivalence_from_saved_folder(wan_t2v_folder):
+    wan = WanTransformer3DModel.from_pretrained(wan_t2v_folder).eval()
+    echo = EchoTransformer3DModel.from_wan(wan_t2v_folder, **ECHO).eval()
+    inputs = make_inputs()
+    with torch.no_grad():
+        expected = wan(inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"]).sample
+        # All Echo inputs present: at initialisation SDCM and the new input channels contribute nothing.
+        condition = build_condition(torch.randn(B, 16, 1, H, W), None, F_LAT)
+        actual = echo(**inputs, condition=condition).sample
+        assert (actual - expected).abs().max() <= 1e-5
+        # The equivalence is not vacuous: a trained SDCM does change the output.
+        perturb_added_modules(echo)
+        assert (echo(**inputs, condition=condition).sample - expected).abs().max() > 1e-2
+    # Every Wan key landed under its own name.
+    wan_state = wan.state_dict()
+    echo_state = echo.state_dict()
+    for key, value in wan_state.items():
+        if key != "patch_embedding.weight":
+            assert torch.equal(echo_state[key], value), key
+    assert torch.equal(echo_state["patch_embedding.weight"][:, :16], wan_state["patch_embedding.weight"])
+    assert echo_state["patch_embedding.weight"][:, 16:].abs().max() == 0
+
+
+def test_i2v_wan_equivalence_from_saved_folder(tmp_path):
+    torch.manual_seed(1)
+    WanTransformer3DModel(**WAN_I2V).save_pretrained(tmp_path)
+    wan = WanTransformer3DModel.from_pretrained(tmp_path).eval()
+    echo = EchoTransformer3DModel.from_wan(tmp_path, **ECHO).eval()
+    inputs = make_inputs(seed=1, text_len=512)  # Wan's I2V attention splits image tokens off a 512-token text
+    image = torch.randn(B, 4, 24)
+    condition = build_condition(torch.randn(B, 16, 1, H, W), None, F_LAT)
+    with torch.no_grad():
+        expected = wan(
+            torch.cat([inputs["hidden_states"], condition], 1), inputs["timestep"], inputs["encoder_hidden_states"],
+            encoder_hidden_states_image=image,
+        ).sample
+        actual = echo(**inputs, condition=condition, encoder_hidden_states_image=image).sample
+    assert (actual - expected).abs().max() <= 1e-5
+    assert torch.equal(echo.state_dict()["patch_embedding.weight"], wan.state_dict()["patch_embedding.weight"])
+
+
+# 2. SDCM semantics -----------------------------------------------------------------------------------------------------
+
+
+def test_lip_tokens_ignore_user_context(echo_model):
+    inputs = make_inputs()
+    context = inputs.pop("context_embeds").requires_grad_(True)
+    with SDCMProbe(echo_model) as out:
+        echo_model(**inputs, context_embeds=context)
+    delta = out["delta"]  # B, N, D
+    lip = inputs["lip_mask"].flatten(1).bool()
+    face = inputs["face_mask"].flatten(1).bool()
+    (grad_lip,) = torch.autograd.grad(delta[lip].sum(), context, retain_graph=True)
+    (grad_face,) = torch.autograd.grad(delta[face].sum(), context)
+    assert torch.count_nonzero(grad_lip) == 0
+    assert grad_face.abs().max() > 0  # the user context does reach the face region
+    # The lip output is exactly the avatar stream.
+    h_avt = out["h_avt"].reshape(delta.shape)
+    torch.testing.assert_close(delta[lip], h_avt[lip], rtol=0, atol=0)
+    assert delta[lip].abs().max() > 0
+
+
+def test_tokens_outside_both_masks_get_no_sdcm_contribution(echo_model):
+    inputs = make_inputs()
+    with torch.no_grad(), SDCMProbe(echo_model) as out:
+        echo_model(**inputs)
+    delta = out["delta"]
+    outside = ((inputs["lip_mask"] + inputs["face_mask"]) == 0).flatten(1)
+    assert outside.any() and (~outside).any()
+    assert torch.count_nonzero(delta[outside]) == 0
+    assert (delta[~outside].abs().amax(-1) > 0).all()
+
+
+@pytest.mark.parametrize("gate", [0.0, 0.3, 1.0])
+def test_face_output_moves_from_user_to_avatar_with_gate(echo_model, gate):
+    inputs = make_inputs()
+    with torch.no_grad(), SDCMProbe(echo_model, gate_value=gate) as out:
+        echo_model(**inputs)
+    delta = out["delta"]
+    h_usr, h_avt = out["h_usr"], out["h_avt"].reshape(delta.shape)
+    face = inputs["face_mask"].flatten(1).bool()
+    assert (h_usr[face] - h_avt[face]).abs().max() > 1e-2  # the two streams differ, so the mix is visible
+    torch.testing.assert_close(delta[face], gate * h_avt[face] + (1 - gate) * h_usr[face], rtol=1e-5, atol=1e-6)
+
+
+def test_overlapping_masks_keep_lip_tokens_audio_driven(echo_model):
+    """M_face is applied as M_face ⊙ (1 − M_lip): a token marked both is treated as lip."""
+    inputs = make_inputs()
+    context = inputs.pop("context_embeds").requires_grad_(True)
+    inputs["face_mask"] = torch.ones_like(inputs["face_mask"])
+    with SDCMProbe(echo_model) as out:
+        echo_model(**inputs, context_embeds=context)
+    lip = inputs["lip_mask"].flatten(1).bool()
+    (grad,) = torch.autograd.grad(out["delta"][lip].sum(), context)
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_without_user_context_face_tokens_follow_gated_audio(echo_model):
+    inputs = make_inputs()
+    inputs.pop("context_embeds")
+    with torch.no_grad(), SDCMProbe(echo_model, gate_value=0.25) as out:
+        echo_model(**inputs)
+    face = inputs["face_mask"].flatten(1).bool()
+    h_avt = out["h_avt"].reshape(out["delta"].shape)
+    torch.testing.assert_close(out["delta"][face], 0.25 * h_avt[face])
+
+
+# 3. Frame alignment ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames,latent_frame", [((5, 9), 2), ((1, 5), 1), ((0, 1), 0)])
+def test_audio_is_frame_aligned(echo_model, frames, latent_frame):
+    inputs = make_inputs()
+    changed = dict(inputs, audio_embeds=inputs["audio_embeds"].clone())
+    changed["audio_embeds"][:, frames[0] : frames[1]] = torch.randn_like(changed["audio_embeds"][:, frames[0] : frames[1]])
+    with torch.no_grad():
+        with SDCMProbe(echo_model) as out:
+            echo_model(**inputs)
+        with SDCMProbe(echo_model) as out_changed:
+            echo_model(**changed)
+    diff = (out["delta"] - out_changed["delta"]).abs().amax(-1).reshape(B, F_LAT, -1).amax(-1)  # B, F
+    for f in range(F_LAT):
+        if f == latent_frame:
+            assert (diff[:, f] > 1e-4).all()
+        else:
+            assert (diff[:, f] == 0).all(), (f, diff)
+
+
+# 4. Training: overfitting one clip with the flow-matching loss ---------------------------------------------------------
+
+
+def test_tiny_model_overfits_one_clip():
+    """Width 64 (the output patch has 64 values, so width 32 would be a bottleneck), 2 latent frames, fixed noise."""
+    torch.manual_seed(0)
+    wan = WanTransformer3DModel(**dict(WAN_T2V, attention_head_dim=32, ffn_dim=128))
+    model = EchoTransformer3DModel.from_wan(wan, **ECHO).train()
+    g = torch.Generator().manual_seed(3)
+    num_latent_frames, batch = 2, 2  # one clip of 5 video frames at two noise levels per step
+    x0 = torch.randn(1, 16, num_latent_frames, H, W, generator=g).repeat(batch, 1, 1, 1, 1)
+    masks = torch.randint(0, 3, (1, num_latent_frames, H // 2, W // 2), generator=g).repeat(batch, 1, 1, 1)
+    conditioning = dict(
+        encoder_hidden_states=torch.randn(1, 7, 32, generator=g).repeat(batch, 1, 1),
+        condition=build_condition(x0[:, :, :1], None, num_latent_frames),
+        audio_embeds=torch.randn(1, 5, 5, 3, 24, generator=g).repeat(batch, 1, 1, 1, 1),
+        context_embeds=torch.randn(1, 6, 20, generator=g).repeat(batch, 1, 1),
+        lip_mask=(masks == 1).float(),
+        face_mask=(masks == 2).float(),
+    )
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = torch.tensor([0.2, 0.9])
+    x_sigma = flow_matching.add_noise(x0, noise, sigma)
+    target = flow_matching.velocity_target(x0, noise)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(80):
+        prediction = model(x_sigma, flow_matching.sigma_to_timestep(sigma), **conditioning).sample
+        loss = flow_matching.flow_loss(prediction, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] <= 0.1 * losses[0], (losses[0], losses[-1])
+    # The new modules took part: SDCM moved away from its zero initialisation.
+    assert model.blocks[0].sdcm.attn_avt.to_out[0].weight.abs().max() > 0
+
+
+def test_gradient_checkpointing_gives_same_gradients(echo_model):
+    inputs = make_inputs()
+    grads = []
+    for checkpointing in (False, True):
+        echo_model.zero_grad()
+        if checkpointing:
+            echo_model.enable_gradient_checkpointing()
+        echo_model(**inputs).sample.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in echo_model.named_parameters() if p.grad is not None})
+        echo_model.disable_gradient_checkpointing()
+    echo_model.zero_grad()
+    assert grads[0].keys() == grads[1].keys()
+    assert any(".sdcm." in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+# 5. LoRA ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_trains_only_adapters_and_round_trips_in_peft_format(wan_t2v_folder, tmp_path):
+    from peft import LoraConfig
+
+    base = perturb_added_modules(EchoTransformer3DModel.from_wan(wan_t2v_folder, **ECHO))
+    base.save_pretrained(tmp_path / "base")
+    model = EchoTransformer3DModel.from_pretrained(tmp_path / "base").eval()
+    inputs = make_inputs()
+    with torch.no_grad():
+        reference = model(**inputs).sample
+
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=r".*blocks\.\d+\.(attn1|attn2|sdcm\.attn_usr)\.to_[qkv]"),
+        adapter_name="stage2",
+    )
+    lora_names = {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert any("sdcm.attn_usr.to_q" in n for n in lora_names) and any("attn1.to_k" in n for n in lora_names)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**inputs).sample.square().mean().backward()
+        optimizer.step()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == lora_names
+    with torch.no_grad():
+        adapted = model(**inputs).sample
+    assert (adapted - reference).abs().max() > 1e-4
+
+    model.save_peft_adapter(tmp_path / "adapter", adapter_name="stage2")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+
+    fresh = EchoTransformer3DModel.from_pretrained(tmp_path / "base").eval()
+    fresh.load_peft_adapter(tmp_path / "adapter", adapter_name="stage2")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).sample, adapted, rtol=1e-5, atol=1e-6)
+
+
+# Serialisation, ablation, features, condition --------------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip(echo_model, tmp_path):
+    echo_model.save_pretrained(tmp_path)
+    loaded = EchoTransformer3DModel.from_pretrained(tmp_path).eval()
+    inputs = make_inputs(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).sample, echo_model(**inputs).sample, rtol=0, atol=0)
+
+
+def test_direct_fusion_ablation(wan_t2v_folder):
+    wan = WanTransformer3DModel.from_pretrained(wan_t2v_folder).eval()
+    model = EchoTransformer3DModel.from_wan(wan, use_sdcm=False, **ECHO).eval()
+    keys = model.state_dict().keys()
+    assert not any(k for k in keys if "attn_usr" in k or "attn_avt" in k or ".gate." in k)
+    assert "blocks.0.sdcm.attn.to_out.0.weight" in keys
+    inputs = make_inputs()
+    with torch.no_grad():
+        expected = wan(inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"]).sample
+        assert (model(**inputs).sample - expected).abs().max() <= 1e-5
+        perturb_added_modules(model)
+        with SDCMProbe(model) as out:
+            model(**inputs)
+    # Unmasked: tokens outside both masks are modulated too.
+    outside = ((inputs["lip_mask"] + inputs["face_mask"]) == 0).flatten(1)
+    assert (out["delta"][outside].abs().amax(-1) > 0).all()
+
+
+def test_return_block_features_are_block_outputs(echo_model):
+    inputs = make_inputs()
+    captured = {}
+    handle = echo_model.blocks[1].register_forward_hook(lambda m, a, o: captured.__setitem__(1, o))
+    with torch.no_grad():
+        output = echo_model(**inputs, return_block_features=[1])
+    handle.remove()
+    assert set(output.block_features) == {1}
+    assert output.block_features[1].shape == (B, TOKENS, 32)
+    torch.testing.assert_close(output.block_features[1], captured[1], rtol=0, atol=0)
+
+
+def _wan_i2v_mask(num_given_video_frames: int, num_video_frames: int) -> torch.Tensor:
+    """The mask of diffusers' Wan I2V pipeline (`prepare_latents`), generalised to several given video frames."""
+    mask = torch.ones(B, 1, num_video_frames, H, W)
+    mask[:, :, num_given_video_frames:] = 0
+    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=4)
+    mask = torch.concat([first, mask[:, :, 1:]], dim=2)
+    mask = mask.view(B, -1, 4, H, W).transpose(1, 2)  # B, 4, F, h, w
+    return mask
+
+
+def test_build_condition_layout_matches_wan_i2v():
+    reference = torch.randn(B, 16, 1, H, W)
+    condition = build_condition(reference, None, F_LAT)
+    assert condition.shape == (B, 20, F_LAT, H, W)
+    torch.testing.assert_close(condition[:, :4], _wan_i2v_mask(1, T_VID))
+    torch.testing.assert_close(condition[:, 4:, :1], reference)
+    assert condition[:, 4:, 1:].abs().max() == 0
+
+    motion = torch.randn(B, 16, 2, H, W)  # the previous chunk's last 4·(2 − 1) + 1 = 5 frames
+    condition = build_condition(reference, motion, F_LAT)
+    torch.testing.assert_close(condition[:, :4], _wan_i2v_mask(5, T_VID))
+    torch.testing.assert_close(condition[:, 4:, :2], motion)
+    assert condition[:, 4:, 2:].abs().max() == 0
+
+
+# 6. Bad input ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(audio_embeds=torch.randn(B, T_VID + 4, 5, 3, 24)), r"`audio_embeds` has shape \(2, 13, 5, 3, 24\), expected \(batch, 9,"),
+        (dict(lip_mask=torch.ones(B, F_LAT + 1, 8, 8)), r"`lip_mask` has shape \(2, 4, 8, 8\), expected \(2, 3, 8, 8\)"),
+        (dict(face_mask=torch.ones(B, F_LAT, 4, 4)), r"`face_mask` has shape \(2, 3, 4, 4\), expected \(2, 3, 8, 8\)"),
+        (dict(hidden_states=torch.randn(B, 17, F_LAT, H, W)), r"`hidden_states` has shape \(2, 17, 3, 16, 16\), expected \(batch, 16,"),
+        (dict(condition=torch.randn(B, 19, F_LAT, H, W)), r"`condition` has shape \(2, 19, 3, 16, 16\), expected \(2, 20, 3, 16, 16\)"),
+        (dict(condition=torch.randn(B, 20, F_LAT + 1, H, W)), r"`condition` has shape \(2, 20, 4, 16, 16\), expected \(2, 20, 3, 16, 16\)"),
+        (dict(context_embeds=torch.randn(B, 6, 21)), r"`context_embeds` has shape \(2, 6, 21\), expected \(2, N_ctx, 20\)"),
+    ],
+)
+def test_bad_inputs_raise_named_value_errors(echo_model, change, match):
+    with pytest.raises(ValueError, match=match), torch.no_grad():
+        echo_model(**dict(make_inputs(), **change))
+
+
+def test_doctored_wan_checkpoints_raise(wan_t2v_folder):
+    wan = WanTransformer3DModel.from_pretrained(wan_t2v_folder)
+    model = EchoTransformer3DModel.from_wan(wan, **ECHO)
+    state = wan.state_dict()
+
+    extra = dict(state, **{"blocks.0.attn1.to_x.weight": torch.zeros(32, 32)})
+    with pytest.raises(ValueError, match=r"unknown keys \['blocks.0.attn1.to_x.weight'\] \(shapes \[\(32, 32\)\]\)"):
+        model.load_wan_state_dict(extra)
+
+    missing = {k: v for k, v in state.items() if k != "blocks.1.ffn.net.0.proj.weight"}
+    with pytest.raises(ValueError, match=r"misses keys \['blocks.1.ffn.net.0.proj.weight'\] \(expected shapes \[\(64, 32\)\]\)"):
+        model.load_wan_state_dict(missing)
+
+    wrong = dict(state, **{"blocks.0.attn2.to_k.weight": torch.zeros(32, 16)})
+    with pytest.raises(ValueError, match=r"`blocks.0.attn2.to_k.weight` has shape \(32, 16\), expected \(32, 32\)"):
+        model.load_wan_state_dict(wrong)
+
+    # A module whose state dict holds an extra parameter fails the same way through `from_wan`.
+    wan.blocks[0].attn1.extra = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"blocks.0.attn1.extra.weight"):
+        EchoTransformer3DModel.from_wan(wan, **ECHO)
+    with pytest.raises(ValueError, match=r"Wan arguments \['num_layers'\]"):
+        EchoTransformer3DModel.from_wan(wan_t2v_folder, num_layers=3)
