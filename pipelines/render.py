@@ -1,0 +1,250 @@
+"""``echo-render``: render many conversations with a saved `EchoPipeline`.
+
+```
+echo-render --pipeline DIR --manifest conversations.jsonl --out DIR [--height 512 --width 512 --steps 40 ...]
+```
+
+The manifest holds one JSON object per line:
+
+```json
+{"id": "conv_001", "reference_image": "ref.png", "avatar_audio": "avatar.wav", "user_video": "user.mp4",
+ "user_audio": "user.wav", "dialogue": [{"speaker": "user", "start": 0.0, "end": 1.2, "text": "..."}],
+ "emotion": "calm and attentive", "num_frames": 250}
+```
+
+``dialogue``, ``emotion`` and ``num_frames`` are optional, and so are ``understanding`` (a ``.safetensors`` file with a
+``hidden_states`` tensor, the cached HBCU tokens of data preparation), ``reference_landmarks`` (``.npy`` `(478, 2)`)
+and ``user_landmarks`` (``.npy`` `(T, 478, 2)``); without landmarks MediaPipe detects them. Relative paths are relative
+to the manifest's folder.
+
+Behaviour:
+
+- every clip is written to ``<out>/<id>.mp4`` (H.264 + the avatar's audio; ``--side-by-side`` adds the user's video on
+  the left), through a temporary file and an atomic rename, so a file under its final name is always complete;
+- ids are sanitised: any character outside ``[A-Za-z0-9._-]`` becomes ``_`` and leading dots are dropped, so no id
+  (``"../x"``, ``"/etc/passwd"``, ``"a/b"``) can write outside ``--out``; two entries that sanitise to the same id
+  fail the second one;
+- clips whose mp4 already exists are skipped, so a rerun renders only what is missing;
+- a clip that fails (missing file, bad entry, model error) is recorded in ``<out>/failures.jsonl`` (``id``,
+  ``error``, ``traceback``; rewritten each run) and the others continue; the exit code is 1 when any clip failed;
+- a progress bar with an ETA runs over the clips and a summary is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+REQUIRED_KEYS = ("id", "reference_image", "avatar_audio", "user_video", "user_audio")
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def sanitize_id(clip_id) -> str:
+    """A file-name-safe id: characters outside ``[A-Za-z0-9._-]`` become ``_``, leading dots are dropped.
+
+    Raises:
+        ValueError: when nothing usable remains (e.g. ``""`` or ``".."``).
+    """
+    if not isinstance(clip_id, (str, int)):
+        raise ValueError(f"`id` is a {type(clip_id).__name__}, expected a string.")
+    safe = _SAFE.sub("_", str(clip_id)).lstrip(".")
+    if not safe.strip("_"):
+        raise ValueError(f"`id` {clip_id!r} has no usable characters after sanitising.")
+    return safe[:200]
+
+
+def output_path(out_dir: Path, clip_id) -> Path:
+    """``<out_dir>/<sanitised id>.mp4``, checked to lie inside ``out_dir``."""
+    out_dir = Path(out_dir).resolve()
+    path = (out_dir / f"{sanitize_id(clip_id)}.mp4").resolve()
+    if path.parent != out_dir:
+        raise ValueError(f"`id` {clip_id!r} resolves to {str(path)!r}, outside the output folder {str(out_dir)!r}.")
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> list[tuple[int, dict | None, str | None]]:
+    """``(line_number, entry, error)`` per non-empty line; ``entry`` is None when the line is not a JSON object."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                rows.append((number, None, f"line {number} is not valid JSON: {error}"))
+                continue
+            if not isinstance(entry, dict):
+                rows.append((number, None, f"line {number} holds a {type(entry).__name__}, expected a JSON object"))
+                continue
+            rows.append((number, entry, None))
+    return rows
+
+
+def _resolve(base: Path, value) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def render_entry(pipe, entry: dict, base: Path, out_path: Path, args: argparse.Namespace) -> int:
+    """Render one manifest entry to ``out_path`` (atomically). Returns the number of frames written."""
+    from safetensors.torch import load_file
+
+    from .video_io import load_image, load_wav, read_frames, write_mp4
+
+    missing = [key for key in REQUIRED_KEYS if key not in entry]
+    if missing:
+        raise ValueError(f"entry is missing keys {missing}; required: {list(REQUIRED_KEYS)}")
+    avatar_audio = load_wav(_resolve(base, entry["avatar_audio"]))
+    user_audio = load_wav(_resolve(base, entry["user_audio"]))
+    user_video = read_frames(_resolve(base, entry["user_video"]))
+    reference = load_image(_resolve(base, entry["reference_image"]))
+    kwargs = {}
+    if "understanding" in entry:
+        tensors = load_file(str(_resolve(base, entry["understanding"])))
+        if "hidden_states" not in tensors:
+            raise KeyError(f"{entry['understanding']!r} has no 'hidden_states' tensor")
+        hidden = tensors["hidden_states"].float()
+        kwargs["understanding"] = hidden.reshape(-1, hidden.shape[-1])
+    if "reference_landmarks" in entry:
+        landmarks = np.load(_resolve(base, entry["reference_landmarks"])).astype(np.float32)
+        scale = np.array([args.width / reference.width, args.height / reference.height], dtype=np.float32)
+        kwargs["reference_landmarks"] = landmarks.reshape(-1, 2) * scale
+    if "user_landmarks" in entry:
+        kwargs["user_landmarks"] = np.load(_resolve(base, entry["user_landmarks"]))
+    num_frames = entry.get("num_frames")
+    if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
+        raise ValueError(f"`num_frames` is {num_frames!r}, expected a positive integer")
+
+    output = pipe(
+        reference_image=reference,
+        avatar_audio=avatar_audio,
+        user_video=user_video,
+        user_audio=user_audio,
+        dialogue=entry.get("dialogue"),
+        emotion=entry.get("emotion"),
+        num_frames=num_frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        audio_guidance_scale=args.audio_guidance_scale,
+        user_guidance_scale=args.user_guidance_scale,
+        num_frames_per_chunk=args.frames_per_chunk,
+        motion_frames=args.motion_frames,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="np",
+        **kwargs,
+    )
+    frames = output.frames[0]
+    tmp_path = out_path.with_name(f".{out_path.stem}.tmp.mp4")
+    try:
+        write_mp4(tmp_path, frames, audio=avatar_audio, user_frames=user_video if args.side_by_side else None)
+        os.replace(tmp_path, out_path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return len(frames)
+
+
+def render_manifest(pipe, manifest: str | os.PathLike, out_dir: str | os.PathLike, args: argparse.Namespace) -> dict:
+    """Render every entry of ``manifest`` into ``out_dir``; returns the summary dict (see `main`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = Path(manifest).resolve().parent
+    rows = read_manifest(manifest)
+    summary = {"rendered": [], "skipped": [], "failed": [], "frames": 0, "seconds": 0.0}
+    failures = []
+    seen = set()
+    start_time = time.perf_counter()
+    bar = tqdm(rows, desc="echo-render", unit="clip", dynamic_ncols=True)
+    for number, entry, error in bar:
+        clip_id = entry.get("id", f"line{number}") if entry is not None else f"line{number}"
+        try:
+            if error is not None:
+                raise ValueError(error)
+            out_path = output_path(out_dir, clip_id)
+            if out_path.name in seen:
+                raise ValueError(f"`id` {clip_id!r} sanitises to {out_path.stem!r}, already used by an earlier entry")
+            seen.add(out_path.name)
+            if out_path.exists():
+                summary["skipped"].append(out_path.stem)
+                continue
+            bar.set_postfix_str(out_path.stem)
+            summary["frames"] += render_entry(pipe, entry, base, out_path, args)
+            summary["rendered"].append(out_path.stem)
+        except Exception as exc:  # one clip's failure is recorded; the others still render
+            failures.append(
+                {"id": str(clip_id), "line": number, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            )
+            summary["failed"].append(str(clip_id))
+            tqdm.write(f"echo-render: {clip_id!r} failed: {type(exc).__name__}: {exc}")
+    bar.close()
+    with open(out_dir / "failures.jsonl", "w") as f:
+        for failure in failures:
+            f.write(json.dumps(failure) + "\n")
+    summary["seconds"] = time.perf_counter() - start_time
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echo-render", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", required=True, help="folder of a saved EchoPipeline (save_pretrained)")
+    parser.add_argument("--manifest", required=True, help="JSON-lines manifest, one conversation per line")
+    parser.add_argument("--out", required=True, help="output folder for <id>.mp4 and failures.jsonl")
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=40, help="denoising steps per chunk")
+    parser.add_argument("--audio-guidance-scale", type=float, default=4.5)
+    parser.add_argument("--user-guidance-scale", type=float, default=2.0)
+    parser.add_argument("--frames-per-chunk", type=int, default=81, help="4k + 1 frames per chunk")
+    parser.add_argument("--motion-frames", type=int, default=5, help="4(m - 1) + 1 frames carried between chunks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--side-by-side", action="store_true", help="show the user's video left of the avatar")
+    parser.add_argument("--device", default=None, help="defaults to cuda when available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="defaults to bfloat16 on cuda, float32 on cpu")  # fmt: skip
+    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() (GPU memory saver)")
+    return parser
+
+
+def load_pipeline(folder: str | os.PathLike, device: str | None = None, dtype: str | None = None, cpu_offload: bool = False):
+    """Load a saved `EchoPipeline` onto ``device`` in ``dtype`` (defaults: cuda + bfloat16 when available)."""
+    from .pipeline_echo import EchoPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    pipe = EchoPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    pipe = load_pipeline(args.pipeline, args.device, args.dtype, args.cpu_offload)
+    summary = render_manifest(pipe, args.manifest, args.out, args)
+    video_seconds = summary["frames"] / 25.0
+    print(
+        f"echo-render: {len(summary['rendered'])} rendered, {len(summary['skipped'])} skipped (already done), "
+        f"{len(summary['failed'])} failed in {summary['seconds']:.1f} s ({video_seconds:.1f} s of video) -> {args.out}"
+    )
+    if summary["failed"]:
+        print(f"echo-render: failures recorded in {Path(args.out) / 'failures.jsonl'}: {', '.join(summary['failed'])}")
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Reading inputs and writing the rendered avatar: H.264 mp4 at 25 fps with the avatar's audio (AAC) muxed in.
+
+Everything goes through PyAV (FFmpeg's libraries), so no ``ffmpeg`` binary is needed.
+"""
+
+from __future__ import annotations
+
+import fractions
+import os
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from echo.audio import FPS, SAMPLE_RATE
+
+
+def load_wav(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of any file PyAV reads (wav, mp3, mp4 ...) as mono float32 at ``sample_rate``.
+
+    Returns:
+        `np.ndarray` of shape `(num_samples,)`.
+    """
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    chunks = []
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{str(path)!r} has no audio stream.")
+        for frame in container.decode(audio=0):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+    for out in resampler.resample(None):
+        chunks.append(out.to_ndarray().reshape(-1))
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
+
+
+def read_frames(path: str | os.PathLike) -> np.ndarray:
+    """All frames of the first video stream as `(T, H, W, 3)` uint8 RGB (the file is assumed to be at 25 fps)."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{str(path)!r} has no video frames.")
+    return np.stack(frames)
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """An RGB PIL image."""
+    return PIL.Image.open(path).convert("RGB")
+
+
+def to_uint8_frames(frames) -> np.ndarray:
+    """`(T, H, W, 3)` uint8 from uint8 or float-in-[0, 1] arrays, `(T, 3, H, W)` tensors in [0, 1] or PIL lists."""
+    if isinstance(frames, (list, tuple)) and frames and isinstance(frames[0], PIL.Image.Image):
+        frames = np.stack([np.asarray(frame.convert("RGB")) for frame in frames])
+    if hasattr(frames, "detach"):  # torch.Tensor (T, 3, H, W)
+        frames = frames.detach().cpu().float().permute(0, 2, 3, 1).numpy()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"`frames` has shape {frames.shape}, expected (T, H, W, 3).")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return frames
+
+
+def side_by_side(avatar: np.ndarray, user: np.ndarray) -> np.ndarray:
+    """``[user | avatar]`` frames: the user's video resized to the avatar's height, its frame count matched to the
+    avatar's (the last user frame repeats when the user's video is shorter)."""
+    avatar, user = to_uint8_frames(avatar), to_uint8_frames(user)
+    height = avatar.shape[1]
+    width = int(round(user.shape[2] * height / user.shape[1] / 2)) * 2
+    index = np.minimum(np.arange(len(avatar)), len(user) - 1)
+    resized = np.stack(
+        [np.asarray(PIL.Image.fromarray(user[i]).resize((width, height), PIL.Image.BICUBIC)) for i in index]
+    )
+    return np.concatenate([resized, avatar], axis=2)
+
+
+def write_mp4(
+    path: str | os.PathLike,
+    frames,
+    audio: np.ndarray | None = None,
+    fps: float = FPS,
+    sample_rate: int = SAMPLE_RATE,
+    user_frames=None,
+    crf: int = 18,
+) -> Path:
+    r"""
+    Write frames as an H.264 (libx264, yuv420p) mp4, with an AAC audio track of exactly the video's duration.
+
+    Args:
+        path (`str` or `os.PathLike`): the output file (its folder must exist).
+        frames: `(T, H, W, 3)` uint8, or floats in [0, 1], or a list of PIL images, or a `(T, 3, H, W)` tensor.
+        audio (`np.ndarray` of shape `(num_samples,)`, *optional*): mono waveform at ``sample_rate``; cut or padded
+            with silence to ``T / fps`` seconds.
+        fps (`float`, defaults to 25): frame rate.
+        sample_rate (`int`, defaults to 16000): rate of ``audio``.
+        user_frames (*optional*): the user's video; when given, the output shows ``[user | avatar]`` side by side.
+        crf (`int`, defaults to 18): x264 quality.
+
+    Returns:
+        `Path` of the written file.
+    """
+    import av
+
+    frames = to_uint8_frames(frames)
+    if user_frames is not None:
+        frames = side_by_side(frames, user_frames)
+    num_frames, height, width = frames.shape[:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"`frames` are {height}x{width}; H.264 yuv420p needs even sizes.")
+    path = Path(path)
+    rate = fractions.Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), "w", format="mp4") as container:
+        video_stream = container.add_stream("libx264", rate=rate)
+        video_stream.width, video_stream.height, video_stream.pix_fmt = width, height, "yuv420p"
+        video_stream.options = {"crf": str(crf), "preset": "veryfast"}
+        audio_stream = None
+        if audio is not None:
+            audio_stream = container.add_stream("aac", rate=sample_rate)
+            audio_stream.layout = "mono"
+
+        for image in frames:
+            for packet in video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in video_stream.encode():
+            container.mux(packet)
+
+        if audio_stream is not None:
+            num_samples = int(round(num_frames / fps * sample_rate))
+            waveform = np.asarray(audio, dtype=np.float32).reshape(-1)[:num_samples]
+            waveform = np.pad(waveform, (0, num_samples - len(waveform)))
+            frame_size = audio_stream.codec_context.frame_size or 1024
+            for start in range(0, num_samples, frame_size):
+                block = waveform[start : start + frame_size]
+                audio_frame = av.AudioFrame.from_ndarray(block[None], format="flt", layout="mono")
+                audio_frame.sample_rate = sample_rate
+                audio_frame.pts = start
+                audio_frame.time_base = fractions.Fraction(1, sample_rate)
+                for packet in audio_stream.encode(audio_frame):
+                    container.mux(packet)
+            for packet in audio_stream.encode():
+                container.mux(packet)
+    return path
+
+
+def probe_mp4(path: str | os.PathLike) -> dict:
+    """Decode an mp4 fully: ``num_frames``, ``fps``, ``width``, ``height`` and, when present, ``audio_seconds``
+    (decoded samples / rate) and ``audio_codec``."""
+    import av
+
+    info = {}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        info["fps"] = float(stream.average_rate)
+        info["width"], info["height"] = stream.codec_context.width, stream.codec_context.height
+        info["video_codec"] = stream.codec_context.name
+        info["num_frames"] = sum(1 for _ in container.decode(video=0))
+    with av.open(str(path)) as container:
+        if container.streams.audio:
+            stream = container.streams.audio[0]
+            samples = sum(frame.samples for frame in container.decode(audio=0))
+            info["audio_seconds"] = samples / stream.codec_context.sample_rate
+            info["audio_codec"] = stream.codec_context.name
+    return info
