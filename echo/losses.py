@@ -8,7 +8,7 @@
   frozen stage-1 reference ``f_ref``.
 
 Latent normalisation follows the Wan pipelines: the generator works on ``(z − mean) / std`` with ``mean`` and ``std``
-read from ``vae.config.latents_mean`` / ``vae.config.latents_std``; `normalize_latents` / `denormalize_latents` convert.
+read from ``vae.config.latents_mean`` / ``vae.config.latents_std`` (`echo.components.normalize_latents`).
 """
 
 from __future__ import annotations
@@ -16,24 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _latent_stats(vae, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    z_dim = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean, device=reference.device, dtype=reference.dtype)
-    std = torch.tensor(vae.config.latents_std, device=reference.device, dtype=reference.dtype)
-    return mean.view(1, z_dim, 1, 1, 1), std.view(1, z_dim, 1, 1, 1)
-
-
-def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE latents `(B, 16, F, h, w)` → the generator's normalised space ``(z − mean) / std``."""
-    mean, std = _latent_stats(vae, latents)
-    return (latents - mean) / std
+from .components import normalize_latents
 
 
 def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Inverse of `normalize_latents`: generator-space latents `(B, 16, F, h, w)` → VAE latents ``z·std + mean``."""
-    mean, std = _latent_stats(vae, latents)
-    return latents * std + mean
+    """Generator-space latents `(B, 16, F, h, w)` → VAE latents ``z·std + mean`` (`normalize_latents` inverted)."""
+    return normalize_latents(vae, latents, inverse=True)
 
 
 def latent_to_video_frames(start: int, num_latent_frames: int, temporal_compression: int = 4) -> list[int]:

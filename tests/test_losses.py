@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from echo.audio import SAMPLE_RATE, frame_rms
+from echo.components import normalize_latents
 from echo.losses import (
     denormalize_latents,
     hfa_loss,
     latent_frame_weights,
     latent_to_video_frames,
-    normalize_latents,
     pixel_loss,
     sample_blocks,
     speech_weights,

@@ -1,0 +1,329 @@
+"""Model set-up of both training stages: components, LoRA adapters, trainable modules, f_ref and checkpoint files.
+
+Stage 1 (paper Sec. 3.3): the generator is frozen, a LoRA adapter (``stage1``) is added on ``lora.target_modules``
+and the new modules matched by ``lora.trainable_modules`` (audio projection, SDCM audio branch) are trained in full.
+
+Stage 2: the stage-1 adapter is loaded and *fused* into the base weights together with the stage-1 new modules; a
+frozen deep copy of that generator is ``f_ref``; a new adapter (``stage2``) is added on the stage-2 targets (text
+cross-attention by default), and the SDCM user branch, the user-context projection and the LCU are trained in full.
+
+Files of a trained state (a checkpoint or the final output), all safetensors:
+
+- ``transformer_lora/``: the adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``);
+- ``transformer_modules.safetensors``: the fully trained generator parameters, under their base-model names;
+- ``context_encoder/``: the LCU (stage 2), `save_pretrained` format.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import TrainConfig
+
+LORA_DIR = "transformer_lora"
+MODULES_FILE = "transformer_modules.safetensors"
+CONTEXT_ENCODER_DIR = "context_encoder"
+
+
+class EchoTrainingModule(nn.Module):
+    """The trainable part of a stage as one module (one DDP/FSDP wrapper): the generator and, in stage 2, the LCU.
+
+    Args:
+        transformer (`EchoTransformer3DModel`): the generator with its LoRA adapter.
+        context_encoder (`LongRangeContextEncoder`, *optional*): the LCU (stage 2); `None` in stage 1.
+    """
+
+    def __init__(self, transformer: nn.Module, context_encoder: nn.Module | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.context_encoder = context_encoder
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        condition: torch.Tensor,
+        audio_embeds: torch.Tensor,
+        lip_mask: torch.Tensor,
+        face_mask: torch.Tensor,
+        user_inputs: dict | None = None,
+        return_block_features: list[int] | None = None,
+    ):
+        """Run the LCU on ``user_inputs`` (stage 2) and the generator; returns an `EchoTransformerOutput`.
+
+        ``user_inputs`` holds the `LongRangeContextEncoder.forward` arguments (``user_audio`` `(B, T_hist, NL, D_a)`,
+        ``clip_frames``, ``user_audio_mask``, ``user_video`` `(B, T_hist, C_v, h_v, w_v)`, ``user_face_mask``,
+        ``understanding``, ``understanding_mask``).
+        """
+        context_embeds = context_mask = None
+        if self.context_encoder is not None:
+            if user_inputs is None:
+                raise ValueError("`user_inputs` is required when the training module holds a context encoder (stage 2).")
+            lcu = self.context_encoder(**user_inputs)
+            context_embeds, context_mask = lcu.context, lcu.context_mask  # B, T_cur, context_dim
+        return self.transformer(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            condition=condition,
+            audio_embeds=audio_embeds,
+            context_embeds=context_embeds,
+            context_mask=context_mask,
+            lip_mask=lip_mask,
+            face_mask=face_mask,
+            return_block_features=return_block_features,
+        )
+
+
+@dataclass
+class TrainingModels:
+    """Everything a training step needs besides the data."""
+
+    module: EchoTrainingModule
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    ref_transformer: nn.Module | None
+    adapter_name: str
+    trainable_pattern: str
+
+
+def _apply_ablation(description: dict, config: TrainConfig) -> dict:
+    """Write the ablation switches into the model description (they change which modules exist)."""
+    switches = config.ablation
+    transformer = description.get("transformer")
+    if transformer is None:
+        raise ValueError(f"model config {config.model.config!r} has no 'transformer' section.")
+    if "pretrained" in transformer:
+        raise ValueError(
+            "model config section 'transformer' loads a saved ECHO generator ('pretrained'); training builds the "
+            "generator from a Wan base ('from_wan') or a 'config' so that ablation switches and adapters apply."
+        )
+    transformer.setdefault("config", {})["use_sdcm"] = switches.use_sdcm
+    if config.stage == 2:
+        lcu = description.get("context_encoder")
+        if lcu is None:
+            raise ValueError(f"model config {config.model.config!r} has no 'context_encoder' section (needed in stage 2).")
+        if "pretrained" not in lcu:
+            lcu.setdefault("config", {}).update(
+                use_visual=switches.use_visual,
+                use_understanding=switches.use_understanding,
+                use_emotion=switches.use_emotion,
+            )
+    return description
+
+
+def _match(pattern: str, name: str) -> bool:
+    return re.fullmatch(pattern, name.replace(".base_layer", "")) is not None
+
+
+def base_name(name: str) -> str:
+    """A parameter name without PEFT's ``.base_layer`` (the name in the base model)."""
+    return name.replace(".base_layer", "")
+
+
+def trainable_module_state(transformer: nn.Module, pattern: str) -> dict[str, torch.Tensor]:
+    """Fully trained generator parameters (matching ``pattern``), keyed by their base-model names."""
+    return {
+        base_name(name): param.detach()
+        for name, param in transformer.named_parameters()
+        if "lora_" not in name and _match(pattern, name)
+    }
+
+
+def load_module_state(transformer: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` (base-model names) into the generator; every key must exist with the same shape."""
+    params = {base_name(n): p for n, p in transformer.named_parameters() if "lora_" not in n}
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"{source}: parameters {unknown[:5]} do not exist in the generator.")
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise ValueError(
+                    f"{source}: parameter {name!r} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}."
+                )
+            params[name].copy_(value)
+
+
+def add_lora(transformer: nn.Module, config: TrainConfig, adapter_name: str) -> None:
+    """Freeze the generator, add a LoRA adapter on ``lora.target_modules`` and unfreeze ``lora.trainable_modules``."""
+    from peft import LoraConfig
+
+    lora = config.lora
+    transformer.requires_grad_(False)
+    lora_config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+        lora_dropout=lora.dropout,
+        init_lora_weights=True,
+        target_modules=lora.target_modules,
+    )
+    try:
+        transformer.add_adapter(lora_config, adapter_name=adapter_name)
+    except ValueError as error:
+        raise ValueError(f"config key 'lora.target_modules' = {lora.target_modules!r}: {error}") from error
+    transformer.set_adapter(adapter_name)
+    matched = 0
+    for name, param in transformer.named_parameters():
+        if f"lora_A.{adapter_name}." in name or f"lora_B.{adapter_name}." in name:
+            param.requires_grad_(True)
+        elif "lora_" not in name and _match(lora.trainable_modules, name):
+            param.requires_grad_(True)
+            matched += 1
+    if lora.trainable_modules and matched == 0:
+        raise ValueError(
+            f"config key 'lora.trainable_modules' = {lora.trainable_modules!r} matches no generator parameter."
+        )
+
+
+def fuse_adapter(transformer: nn.Module, adapter_name: str) -> None:
+    """Merge a LoRA adapter into the base weights and remove every PEFT layer (the model becomes a plain one)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(transformer.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[adapter_name])
+            parent_name, _, child = name.rpartition(".")
+            parent = transformer.get_submodule(parent_name) if parent_name else transformer
+            setattr(parent, child, module.get_base_layer())
+    if hasattr(transformer, "peft_config"):
+        del transformer.peft_config
+    transformer._hf_peft_config_loaded = False
+
+
+def resolve_trained_dir(path: str | os.PathLike) -> Path:
+    """A stage output: the folder itself if it holds an adapter, else its ``final/`` or latest ``checkpoint-N``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"stage-1 output {str(path)!r} does not exist (config key 'model.stage1_dir').")
+    if (path / LORA_DIR).is_dir():
+        return path
+    if (path / "final" / LORA_DIR).is_dir():
+        return path / "final"
+    checkpoints = sorted(
+        (p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and (p / LORA_DIR).is_dir()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
+    if not checkpoints:
+        raise FileNotFoundError(f"stage-1 output {str(path)!r} holds no {LORA_DIR}/, final/ or checkpoint-N/ folder.")
+    return checkpoints[-1]
+
+
+def save_trained(
+    output_dir: str | os.PathLike, transformer: nn.Module, context_encoder: nn.Module | None, adapter_name: str,
+    trainable_pattern: str,
+) -> None:  # fmt: skip
+    """Write the adapter (PEFT format), the fully trained generator modules and the LCU (safetensors)."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    transformer.save_peft_adapter(output_dir / LORA_DIR, adapter_name=adapter_name)
+    state = trainable_module_state(transformer, trainable_pattern)
+    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(output_dir / MODULES_FILE))
+    if context_encoder is not None:
+        context_encoder.save_pretrained(output_dir / CONTEXT_ENCODER_DIR, safe_serialization=True)
+
+
+def load_trained(
+    input_dir: str | os.PathLike, transformer: nn.Module, context_encoder: nn.Module | None, adapter_name: str
+) -> None:
+    """Load what `save_trained` wrote into models that already hold the adapter ``adapter_name`` (resume)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    input_dir = Path(input_dir)
+    adapter_file = input_dir / LORA_DIR / "adapter_model.safetensors"
+    if not adapter_file.is_file():
+        raise FileNotFoundError(f"checkpoint {str(input_dir)!r} has no {LORA_DIR}/adapter_model.safetensors.")
+    result = set_peft_model_state_dict(transformer, load_file(str(adapter_file)), adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if f"lora_A.{adapter_name}." in k or f"lora_B.{adapter_name}." in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"{str(adapter_file)!r} does not match the model: unexpected {sorted(result.unexpected_keys)[:5]}, "
+            f"missing {sorted(missing)[:5]}."
+        )
+    load_module_state(transformer, load_file(str(input_dir / MODULES_FILE)), str(input_dir / MODULES_FILE))
+    if context_encoder is not None:
+        weights = input_dir / CONTEXT_ENCODER_DIR / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"checkpoint {str(input_dir)!r} has no {CONTEXT_ENCODER_DIR}/ weights.")
+        context_encoder.load_state_dict(load_file(str(weights)), strict=True)
+
+
+def load_stage1_into(transformer: nn.Module, stage1_dir: str | os.PathLike) -> Path:
+    """Load the stage-1 modules and adapter into a fresh generator and fuse the adapter into its weights."""
+    from safetensors.torch import load_file
+
+    trained = resolve_trained_dir(stage1_dir)
+    load_module_state(transformer, load_file(str(trained / MODULES_FILE)), str(trained / MODULES_FILE))
+    transformer.load_peft_adapter(trained / LORA_DIR, adapter_name="stage1")
+    fuse_adapter(transformer, "stage1")
+    return trained
+
+
+def build_training_models(config: TrainConfig) -> TrainingModels:
+    """Build every model of the configured stage (frozen parts in eval mode, trainable parts set up).
+
+    Returns:
+        [`TrainingModels`]; ``ref_transformer`` is ``f_ref`` in stage 2 and `None` in stage 1.
+    """
+    from echo.components import load_components, load_model_config
+
+    # 1. Components from the model description, with the ablation switches applied
+    description = _apply_ablation(load_model_config(config.model.config), config)
+    sections = ["vae", "transformer", "text_encoder", "tokenizer"]
+    if config.stage == 2:
+        sections.append("context_encoder")
+    components = load_components(description, only=sections)
+    vae = components["vae"].requires_grad_(False).eval()
+    text_encoder = components["text_encoder"].requires_grad_(False).eval()
+    transformer = components["transformer"]
+
+    # 2. Stage 2: fuse stage 1 into the base; f_ref is a frozen copy of it
+    ref_transformer = None
+    context_encoder = None
+    if config.stage == 2:
+        load_stage1_into(transformer, config.model.stage1_dir)
+        ref_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
+        context_encoder = components["context_encoder"].requires_grad_(True).train()
+
+    # 3. LoRA adapter and fully trained modules
+    adapter_name = f"stage{config.stage}"
+    add_lora(transformer, config, adapter_name)
+    transformer.train()
+    if config.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        if context_encoder is not None:
+            context_encoder.enable_gradient_checkpointing()
+    return TrainingModels(
+        module=EchoTrainingModule(transformer, context_encoder),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=components["tokenizer"],
+        ref_transformer=ref_transformer,
+        adapter_name=adapter_name,
+        trainable_pattern=config.lora.trainable_modules,
+    )
+
+
+def parameter_groups(module: EchoTrainingModule, config: TrainConfig) -> list[dict]:
+    """AdamW groups: LoRA weights at ``optim.lora_lr``, the fully trained modules and the LCU at ``optim.base_lr``."""
+    lora, base = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (lora if "lora_" in name else base).append(param)
+    groups = [{"params": lora, "lr": config.optim.lora_lr, "name": "lora"}]
+    if base:
+        groups.append({"params": base, "lr": config.optim.base_lr, "name": "modules"})
+    return groups
