@@ -9,8 +9,8 @@ Choices the paper and learning2listen leave open, fixed here:
 - **MSE**: mean over frames *and* dims of the squared difference (per clip); the data-set value is the frame-weighted
   mean over clips.
 - **FD**: Fréchet distance between Gaussians fitted to the *frames* (each frame one sample of dimension D) of the
-  generated and of the ground-truth sequences, pooled over clips; ``sqrtm`` of the covariance product with the usual
-  fix (a small ``eps`` added to both diagonals when the product is near-singular; the imaginary residue dropped).
+  generated and of the ground-truth sequences, pooled over clips (covariance with ``ddof=1``); the trace of the
+  covariance-product square root in its symmetric form (see `frechet_distance_from_statistics`).
 - **Var**: variance over time (population variance, ``ddof=0``) of each dim, averaged over dims, per sequence; the
   data-set value is the mean over clips.
 - **SID**: k-means (k = 15 for expression, 9 for pose) fitted on the pooled ground-truth frames with k-means++
@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import linalg
 
 SID_CLUSTERS = {"expression": 15, "pose": 9}
 
@@ -88,14 +87,19 @@ def gaussian_statistics(samples: np.ndarray | Sequence[np.ndarray]) -> tuple[np.
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
-def frechet_distance_from_statistics(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (negative round-off eigenvalues → 0)."""
+    eigvals, eigvecs = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
+
+
+def frechet_distance_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between `N(mu1, sigma1)` and `N(mu2, sigma2)`.
 
-    ``d² = |mu1 − mu2|² + tr(sigma1 + sigma2 − 2 (sigma1 sigma2)^{1/2})`` (Dowson & Landau, 1982), computed as in
-    pytorch-fid: when ``sqrtm`` of the product is not finite (near-singular covariances, e.g. fewer frames than
-    dims) ``eps`` is added to both diagonals; an imaginary residue below 1e-3 is dropped.
+    ``d² = |mu1 − mu2|² + tr(sigma1 + sigma2 − 2 (sigma1 sigma2)^{1/2})`` (Dowson & Landau, 1982). The trace of the
+    square root is computed in its symmetric form, ``tr((sigma1 sigma2)^{1/2}) = Σ sqrt(eig(s1 sigma2 s1))`` with
+    ``s1 = sigma1^{1/2}`` (the two matrices are similar), which equals pytorch-fid's ``scipy.linalg.sqrtm`` value
+    (tested) and stays finite and real for singular covariances (fewer samples than dims) without an ``eps`` fix.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
@@ -106,19 +110,14 @@ def frechet_distance_from_statistics(
             f"`sigma1` {sigma1.shape} and `sigma2` {sigma2.shape} must both be ({mu1.shape[0]}, {mu1.shape[0]})."
         )
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm of the covariance product has an imaginary part {np.max(np.abs(covmean.imag))}.")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    root1 = _sqrt_psd(sigma1)
+    product = root1 @ sigma2 @ root1
+    trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None)).sum()
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
 
 
 def frechet_distance(
-    generated: np.ndarray | Sequence[np.ndarray], ground_truth: np.ndarray | Sequence[np.ndarray], eps: float = 1e-6
+    generated: np.ndarray | Sequence[np.ndarray], ground_truth: np.ndarray | Sequence[np.ndarray]
 ) -> float:
     """FD between the frame distributions of the generated and ground-truth motions (each pooled over clips).
 
@@ -127,13 +126,13 @@ def frechet_distance(
     """
     mu1, sigma1 = gaussian_statistics(generated)
     mu2, sigma2 = gaussian_statistics(ground_truth)
-    return frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2, eps=eps)
+    return frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2)
 
 
 def variance(motion: np.ndarray) -> float:
     """Var: temporal variance (``ddof=0``) of each dim of one `(T, D)` sequence, averaged over the D dims."""
     x = _as_sequence(motion, "motion")
-    return float(np.mean(np.var(x, axis=0)))
+    return float(np.mean(np.var(x - x[0], axis=0)))  # shifting by the first frame makes a constant exactly 0
 
 
 def kmeans(
