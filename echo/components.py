@@ -174,8 +174,10 @@ def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_downloa
     if "from_wan" in spec:
         if section != "transformer":
             raise ValueError(f"'from_wan' is only valid in the 'transformer' section, found in {section!r}")
-        model = cls.from_wan(spec["from_wan"], **config, **{k: v for k, v in load_kwargs.items() if k == "subfolder"})
-        return model.to(torch_dtype) if model.dtype != torch_dtype else model
+        from diffusers import WanTransformer3DModel
+
+        wan = WanTransformer3DModel.from_pretrained(spec["from_wan"], **load_kwargs)
+        return cls.from_wan(wan, torch_dtype=torch_dtype, **config)
 
     # 2. Built from a config: seeded random weights.
     seed = int(spec.get("seed", default_seed))
