@@ -1,0 +1,289 @@
+"""High-level behaviour-grounded context understanding (HBCU, paper Eq. 8).
+
+``S_usr = Φ(P_think, V_usr, A_usr)``: a Qwen2.5-Omni thinker (Qwen3-Omni accepted) reads the user's recent frames and
+audio with an instruction prompt, and the last-layer hidden states of the whole sequence are the understanding
+tokens given to the LCU (``understanding``, `(N_s, D_s)` per clip).
+
+Input presentation (a design decision written down here):
+
+- **frames** `(N, H, W, 3)` uint8 are given to the thinker as N images in time order, through the checkpoint's own
+  image processor (``AutoImageProcessor``; the PIL backend works without torchvision). The caller chooses the frames
+  (e.g. 1-2 fps over the recent history); every frame costs ``(H'·W') / merge_size²`` tokens after resizing.
+- **audio** `(samples,)` 16 kHz mono goes through the checkpoint's Whisper feature extractor in chunks of at most
+  30 s (the encoder's input length); each chunk is one audio segment of the prompt.
+- The conversation is written in Qwen's ChatML layout (what the Omni chat template renders):
+  ``<|im_start|>system … <|im_end|> <|im_start|>user <vision>×N <audio>×C P_think <|im_end|> <|im_start|>assistant``,
+  each placeholder expanded to one token per encoder output, as the Omni processor does.
+
+Everything (thinker, tokenizer, feature extractor, image processor) is loaded from one local folder or Hugging Face
+cache entry with ``from_pretrained``. `OmniUnderstanding.cache` stores ``S_usr`` in a clip folder as
+``user_omni.safetensors`` (key ``"hidden_states"``) so training can read it instead of running the thinker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SAMPLE_RATE = 16_000
+CACHE_FILENAME = "user_omni.safetensors"
+CACHE_KEY = "hidden_states"
+
+SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
+    "visual inputs, as well as generating text and speech."
+)
+P_THINK = (
+    "You are watching and listening to a person talking with a partner in a face-to-face conversation. Think about "
+    "this person's behaviour over the whole excerpt: what they are saying and how, their tone of voice, facial "
+    "expressions, gaze and head movements, how their emotional state evolves, and what kind of facial reaction "
+    "from their partner would be appropriate right now."
+)
+
+# model_type in config.json → (module, class, attribute holding the thinker or None)
+_THINKER_CLASSES = {
+    "qwen2_5_omni_thinker": ("transformers", "Qwen2_5OmniThinkerForConditionalGeneration", None),
+    "qwen2_5_omni": ("transformers", "Qwen2_5OmniForConditionalGeneration", "thinker"),
+    "qwen3_omni_moe_thinker": ("transformers", "Qwen3OmniMoeThinkerForConditionalGeneration", None),
+    "qwen3_omni_moe": ("transformers", "Qwen3OmniMoeForConditionalGeneration", "thinker"),
+}
+
+
+class OmniUnderstanding:
+    r"""Φ of Eq. 8: runs an Omni thinker on the user's frames and audio and returns its last-layer hidden states.
+
+    Args:
+        thinker (`Qwen2_5OmniThinkerForConditionalGeneration` or `Qwen3OmniMoeThinkerForConditionalGeneration`).
+        tokenizer (`PreTrainedTokenizerBase`): with the Omni special tokens (``image_token``, ``audio_token``,
+            ``vision_bos_token``, ``vision_eos_token``, ``audio_bos_token``, ``audio_eos_token``).
+        feature_extractor (`WhisperFeatureExtractor`): log-mel features of the audio.
+        image_processor (`Qwen2VLImageProcessor` or its PIL variant): patches of the frames.
+        prompt (`str`, defaults to `P_THINK`): the instruction P_think.
+        system_prompt (`str`, defaults to Qwen-Omni's system prompt).
+        max_audio_seconds (`float`, defaults to 30.0): length of one audio chunk.
+    """
+
+    def __init__(
+        self,
+        thinker,
+        tokenizer,
+        feature_extractor,
+        image_processor,
+        prompt: str = P_THINK,
+        system_prompt: str = SYSTEM_PROMPT,
+        max_audio_seconds: float = 30.0,
+    ):
+        for name in ("image_token", "audio_token", "vision_bos_token", "vision_eos_token", "audio_bos_token",
+                     "audio_eos_token"):  # fmt: skip
+            if getattr(tokenizer, name, None) is None:
+                raise ValueError(f"The tokenizer has no `{name}`; load the tokenizer of a Qwen-Omni checkpoint.")
+        self.thinker = thinker.eval()
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.image_processor = image_processor
+        self.prompt = prompt
+        self.system_prompt = system_prompt
+        self.max_audio_seconds = float(max_audio_seconds)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        torch_dtype: Optional[torch.dtype] = None,
+        device: Optional[str | torch.device] = None,
+        **kwargs,
+    ) -> "OmniUnderstanding":
+        r"""Load the thinker and its pre-processing from a folder (or a cached model id).
+
+        A full Omni checkpoint (``model_type`` ``qwen2_5_omni`` / ``qwen3_omni_moe``) is loaded whole and its
+        ``thinker`` kept; a thinker-only folder loads directly. Extra ``kwargs`` go to the constructor.
+        """
+        import importlib
+
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
+
+        path = os.fspath(pretrained_model_name_or_path)
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type not in _THINKER_CLASSES:
+            raise ValueError(
+                f"{path!r} holds a {model_type!r} model; expected one of {sorted(_THINKER_CLASSES)} "
+                "(a Qwen2.5-Omni or Qwen3-Omni checkpoint)."
+            )
+        module, class_name, attribute = _THINKER_CLASSES[model_type]
+        model_cls = getattr(importlib.import_module(module), class_name)
+        load_kwargs = {"dtype": torch_dtype}
+        if attribute is not None and model_type == "qwen2_5_omni":
+            load_kwargs["enable_audio_output"] = False  # the talker is not needed for hidden states
+        model = model_cls.from_pretrained(path, **load_kwargs)
+        thinker = getattr(model, attribute) if attribute else model
+        if device is not None:
+            thinker.to(device)
+        return cls(
+            thinker,
+            AutoTokenizer.from_pretrained(path),
+            AutoFeatureExtractor.from_pretrained(path),
+            AutoImageProcessor.from_pretrained(path),
+            **kwargs,
+        )
+
+    @property
+    def hidden_size(self) -> int:
+        """D_s, the width of the returned tokens (the LCU's ``understanding_dim``)."""
+        config = self.thinker.config
+        return getattr(config, "text_config", config).hidden_size
+
+    def _audio_tower(self):
+        # transformers ≥ 5 nests the encoders in `thinker.model`, earlier versions keep them on the thinker
+        for name in ("audio_tower", "model.audio_tower"):
+            try:
+                return self.thinker.get_submodule(name)
+            except AttributeError:
+                continue
+        raise ValueError(f"{type(self.thinker).__name__} has no audio encoder (`audio_tower`).")
+
+    def _build_text(self, num_images: int, num_image_tokens: list[int], num_audio_tokens: list[int]) -> str:
+        tok = self.tokenizer
+        vision = "".join(tok.vision_bos_token + tok.image_token * n + tok.vision_eos_token for n in num_image_tokens)
+        audio = "".join(tok.audio_bos_token + tok.audio_token * n + tok.audio_eos_token for n in num_audio_tokens)
+        return (
+            f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
+            f"<|im_start|>user\n{vision}{audio}{self.prompt}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+
+    def prepare_inputs(self, frames: np.ndarray, audio: Optional[np.ndarray]) -> dict:
+        r"""Thinker inputs for one clip.
+
+        Args:
+            frames (`np.ndarray` of shape `(N, H, W, 3)`, `uint8`): the user's recent frames, in time order.
+            audio (`np.ndarray` of shape `(samples,)`, *optional*): 16 kHz mono waveform.
+
+        Returns:
+            `dict` of tensors: ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``,
+            ``input_features``, ``feature_attention_mask`` (the last four only for the modalities given).
+        """
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"`frames` must be a uint8 array of shape (N, H, W, 3), got {frames.dtype} {frames.shape}.")
+        inputs = {}
+        # 1. Frames → image patches; tokens per frame = grid_t·grid_h·grid_w / merge_size²
+        num_image_tokens = []
+        if len(frames):
+            vision = self.image_processor(images=list(frames), return_tensors="pt")
+            merge = self.image_processor.merge_size
+            num_image_tokens = [int(g.prod()) // merge**2 for g in vision["image_grid_thw"]]
+            inputs.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
+        # 2. Audio → Whisper features in chunks of max_audio_seconds; tokens from the audio tower's own lengths
+        num_audio_tokens = []
+        if audio is not None and len(audio):
+            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+            chunk = int(self.max_audio_seconds * SAMPLE_RATE)
+            chunks = [audio[i : i + chunk] for i in range(0, len(audio), chunk)]
+            features = self.feature_extractor(
+                chunks, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt"
+            )
+            feature_mask = features["attention_mask"]
+            _, lengths = self._audio_tower()._get_feat_extract_output_lengths(feature_mask.sum(-1))
+            num_audio_tokens = [int(n) for n in lengths]
+            inputs.update(input_features=features["input_features"], feature_attention_mask=feature_mask)
+        if not num_image_tokens and not num_audio_tokens:
+            raise ValueError("Give at least one frame or a non-empty audio waveform.")
+        # 3. Prompt with one placeholder per multimodal token
+        text = self._build_text(len(frames), num_image_tokens, num_audio_tokens)
+        tokens = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return inputs
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray, audio: Optional[np.ndarray] = None) -> torch.Tensor:
+        r"""S_usr for one clip.
+
+        Args:
+            frames (`np.ndarray` of shape `(N, H, W, 3)`, `uint8`): the user's recent frames, in time order.
+            audio (`np.ndarray` of shape `(samples,)`, *optional*): the user's 16 kHz mono audio.
+
+        Returns:
+            `torch.Tensor` of shape `(N_s, hidden_size)`, float32 on the CPU: the last-layer hidden states of the
+            whole prompt (system, frame, audio and instruction tokens), ``N_s`` = its length.
+        """
+        inputs = self.prepare_inputs(frames, audio)
+        device, dtype = self.thinker.device, self.thinker.dtype
+        inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+        outputs = self.thinker(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        return outputs.hidden_states[-1][0].float().cpu()
+
+    def cache(
+        self,
+        clip_folder: str | os.PathLike,
+        frames: Optional[np.ndarray] = None,
+        audio: Optional[np.ndarray] = None,
+        overwrite: bool = False,
+    ) -> torch.Tensor:
+        r"""Read ``S_usr`` from ``clip_folder/user_omni.safetensors``, computing and writing it first if needed.
+
+        The file is written atomically (temporary file, then rename). Returns `(N_s, hidden_size)` float32.
+        """
+        path = Path(clip_folder) / CACHE_FILENAME
+        if path.is_file() and not overwrite:
+            return load_understanding(path)
+        if frames is None and audio is None:
+            raise ValueError(f"{path} does not exist and no `frames`/`audio` were given to compute it.")
+        frames = np.zeros((0, 1, 1, 3), np.uint8) if frames is None else frames
+        hidden_states = self(frames, audio)
+        save_understanding(path, hidden_states)
+        return hidden_states
+
+
+def save_understanding(path: str | os.PathLike, hidden_states: torch.Tensor) -> None:
+    """Write `(N_s, D_s)` understanding tokens to a safetensors file (key ``"hidden_states"``), atomically."""
+    from safetensors.torch import save_file
+
+    if hidden_states.ndim != 2:
+        raise ValueError(f"`hidden_states` must have shape (N_s, D_s), got {tuple(hidden_states.shape)}.")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({CACHE_KEY: hidden_states.detach().float().cpu().contiguous()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_understanding(path: str | os.PathLike) -> torch.Tensor:
+    """Read the `(N_s, D_s)` understanding tokens written by `save_understanding`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    if CACHE_KEY not in tensors:
+        raise ValueError(f"{path} has no {CACHE_KEY!r} tensor (keys: {sorted(tensors)}).")
+    return tensors[CACHE_KEY]
+
+
+def pad_understanding(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Batch per-clip `(N_s_i, D_s)` tokens: right-padded `(B, max N_s, D_s)` and the `(B, max N_s)` bool mask."""
+    if not tokens:
+        raise ValueError("`tokens` is empty.")
+    length = max(max(int(t.shape[0]) for t in tokens), 1)
+    batch = tokens[0].new_zeros(len(tokens), length, tokens[0].shape[1])
+    mask = torch.zeros(len(tokens), length, dtype=torch.bool)
+    for i, t in enumerate(tokens):
+        batch[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return batch, mask
+
+
+def resample_audio(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Resample a mono waveform to 16 kHz (polyphase, scipy)."""
+    from scipy.signal import resample_poly
+
+    if sample_rate == SAMPLE_RATE:
+        return np.asarray(waveform, dtype=np.float32)
+    g = math.gcd(int(sample_rate), SAMPLE_RATE)
+    return resample_poly(np.asarray(waveform, dtype=np.float64), SAMPLE_RATE // g, int(sample_rate) // g).astype(
+        np.float32
+    )
