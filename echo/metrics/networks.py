@@ -63,6 +63,15 @@ class FeatureNetwork(nn.Module, ConfigMixin):
         model.load_state_dict(load_file(path), strict=True)
         return model.eval()
 
+    def initialize_weights(self) -> None:
+        """He-normal (fan-in) convolutions and linears, zero biases: a random build keeps its activations at a
+        constant scale through depth (the public weights replace all of it on load)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
     def save_to_folder(self, weights_dir: str) -> None:
         from safetensors.torch import save_file
 
@@ -234,6 +243,7 @@ class InceptionV3Features(FeatureNetwork):
         self.Mixed_7c = InceptionE(self.Mixed_7b.out_channels, w=w, pool="max")
         self.feature_dim = self.Mixed_7c.out_channels
         self.fc = nn.Linear(self.feature_dim, num_classes)
+        self.initialize_weights()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -360,6 +370,7 @@ class I3DFeatures(FeatureNetwork):
             self.add_module(key, I3DInceptionModule(channels, [_c(c, w) for c in _I3D_MIXED[key]]))
             channels = getattr(self, key).out_channels
         self.logits = Unit3D(channels, num_classes, activation=False, use_batch_norm=False, use_bias=True)
+        self.initialize_weights()
 
     _ORDER = ("Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1", "Conv3d_2c_3x3", "MaxPool3d_3a_3x3", "Mixed_3b",
               "Mixed_3c", "MaxPool3d_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f",
@@ -450,6 +461,7 @@ class IResNetEmbedding(FeatureNetwork):
         self.bn2 = nn.BatchNorm2d(inplanes, eps=1e-05)
         self.fc = nn.Linear(inplanes * (input_size // 16) ** 2, embedding_dim)
         self.features = nn.BatchNorm1d(embedding_dim, eps=1e-05)
+        self.initialize_weights()
 
     def forward(self, faces: torch.Tensor) -> torch.Tensor:
         if faces.ndim != 4 or faces.shape[1] != 3:
@@ -542,6 +554,7 @@ class SyncNet(FeatureNetwork):
         self.netfclip = nn.Sequential(
             nn.Linear(v512, v512), nn.BatchNorm1d(v512), nn.ReLU(), nn.Linear(v512, embedding_dim)
         )
+        self.initialize_weights()
 
     def forward_audio(self, mfcc: torch.Tensor) -> torch.Tensor:
         if mfcc.ndim != 4 or tuple(mfcc.shape[1:]) != (1, 13, 20):
