@@ -1,0 +1,236 @@
+"""EchoPipeline on tiny components: determinism, chunking with motion-frame conditioning, the guidance equation,
+save/load round trip, CPU offload."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from echo.components import load_components
+from pipelines import EchoPipeline, chunk_schedule
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
+SIZE = 64  # 8×8 latents, 4×4 tokens per frame
+CHUNK, MOTION = 9, 5
+
+
+def _make_pipe() -> EchoPipeline:
+    components = load_components(TINY)
+    # The ECHO additions start zero-initialised (the generator computes what Wan computes), so neither audio nor user
+    # would change the output. Give those zero tensors small random values, as after training, so the tests can see
+    # each condition's effect.
+    generator = torch.Generator().manual_seed(0)
+    for module in (components["transformer"], components["context_encoder"]):
+        for name, param in module.named_parameters():
+            if not param.any() and "norm" not in name:
+                param.data = torch.randn(param.shape, generator=generator) * 0.2
+    pipe = EchoPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return _make_pipe()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    from skimage.data import astronaut
+
+    from pipelines.pipeline_echo import detect_face_landmarks
+
+    image = astronaut()  # 512 × 512 RGB, a real face
+    landmarks = detect_face_landmarks(image)  # 478 × 2, pixels of the 512² image
+    small = image[::8, ::8]  # 64 × 64
+    rng = np.random.default_rng(0)
+    t = np.arange(16_000 * 2) / 16_000
+    speech = (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
+    user_frames = np.stack([np.roll(small, shift=k % 3, axis=1) for k in range(30)])
+    return {
+        "reference_image": image,
+        "avatar_audio": speech,
+        "user_video": user_frames,
+        "user_audio": (0.1 * rng.standard_normal(16_000 * 2)).astype(np.float32),
+        "reference_landmarks": landmarks * SIZE / 512,
+        "user_landmarks": np.repeat(landmarks[None] / 8, 30, axis=0),
+        "understanding": torch.randn(4, 32, generator=torch.Generator().manual_seed(0)),
+        "emotion": "calm and attentive",
+        "height": SIZE,
+        "width": SIZE,
+        "num_frames_per_chunk": CHUNK,
+        "motion_frames": MOTION,
+    }
+
+
+def _run(pipe, inputs, seed=0, **overrides):
+    kwargs = {**inputs, "num_frames": 9, "num_inference_steps": 2, "output_type": "pt"}
+    kwargs.update(overrides)
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(seed)).frames
+
+
+def test_chunk_schedule_overlaps_by_the_motion_frames():
+    assert chunk_schedule(17, 9, 5) == [(0, 9), (4, 13), (8, 17)]
+    assert chunk_schedule(5, 9, 5) == [(0, 9)]
+    chunks = chunk_schedule(100, 33, 5)
+    assert chunks[0] == (0, 33) and chunks[-1][1] >= 100 and chunks[-2][1] < 100
+    assert all(b[0] == a[1] - 5 for a, b in zip(chunks, chunks[1:]))
+    with pytest.raises(ValueError, match="motion_frames"):
+        chunk_schedule(17, 9, 4)
+    with pytest.raises(ValueError, match="num_frames_per_chunk"):
+        chunk_schedule(17, 10, 5)
+
+
+def test_same_seed_same_frames_other_seed_other_frames(pipe, inputs):
+    first = _run(pipe, inputs, seed=0)
+    again = _run(pipe, inputs, seed=0)
+    other = _run(pipe, inputs, seed=1)
+    assert first.shape == (1, 9, 3, SIZE, SIZE)
+    assert torch.equal(first, again)
+    assert (first - other).abs().max() > 1e-2
+
+
+def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_history(pipe, inputs, monkeypatch):
+    conditions, histories, decoded = {}, [], []
+    original_decode = pipe.decode_latents
+
+    def decode_latents(latents):
+        decoded.append(original_decode(latents))
+        return decoded[-1]
+
+    monkeypatch.setattr(pipe, "decode_latents", decode_latents)
+
+    def transformer_hook(module, args, kwargs):
+        conditions.setdefault(pipe.current_chunk, kwargs["condition"].clone())
+
+    def lcu_hook(module, args, kwargs):
+        histories.append((kwargs["user_audio"].shape[1], kwargs["clip_frames"]))
+
+    handles = [
+        pipe.transformer.register_forward_pre_hook(transformer_hook, with_kwargs=True),
+        pipe.context_encoder.register_forward_pre_hook(lcu_hook, with_kwargs=True),
+    ]
+    try:
+        frames = _run(pipe, inputs, num_frames=17, num_inference_steps=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    # exactly the requested frames, from three chunks (0-8, 4-12, 8-16)
+    assert frames.shape[1] == 17 and sorted(conditions) == [0, 1, 2]
+    # the user's history always starts at frame 0 and ends with the chunk (LCU causal), the clip is the chunk
+    assert histories == [(9, 9), (13, 9), (17, 9)]
+
+    # chunk 0: the reference latent at latent frame 0, nothing else given
+    reference = pipe.prepare_reference(inputs["reference_image"], SIZE, SIZE)
+    reference_latents = pipe.encode_video(reference[:, :, None], "cpu", torch.float32)
+    torch.testing.assert_close(conditions[0][:, 4:, :1], reference_latents)
+    assert conditions[0][:, :4, 0].eq(1).all() and not conditions[0][:, :, 1:].any()
+
+    # chunk 1: latent frames 0-1 hold the VAE encoding of chunk 0's last 5 frames (output frames 4-8)
+    motion = frames[:, 4:9].permute(0, 2, 1, 3, 4) * 2 - 1  # 1, 3, 5, H, W in [-1, 1]
+    motion_latents = pipe.encode_video(motion, "cpu", torch.float32)  # 1, 16, 2, h, w
+    torch.testing.assert_close(conditions[1][:, 4:, :2], motion_latents, atol=1e-4, rtol=1e-4)
+    assert conditions[1][:, :4, :2].eq(1).all() and not conditions[1][:, :, 2:].any()
+    # every continuation holds the previous chunk's own last 5 decoded frames (chunk 2: chunk 1's frames 8-12)
+    for chunk in (1, 2):
+        previous = pipe.encode_video(decoded[chunk - 1][:, :, -MOTION:], "cpu", torch.float32)
+        torch.testing.assert_close(conditions[chunk][:, 4:, :2], previous, atol=0, rtol=0)
+    # the output is chunk 0 followed by chunks 1 and 2 without their regenerated motion frames
+    stitched = torch.cat([decoded[0], decoded[1][:, :, MOTION:], decoded[2][:, :, MOTION:]], dim=2)
+    torch.testing.assert_close(frames, ((stitched + 1) / 2).permute(0, 2, 1, 3, 4), atol=1e-6, rtol=0)
+
+
+def test_guidance_combines_the_three_passes(pipe, inputs, monkeypatch):
+    """noise_pred = uncond + s_a (audio − uncond) + s_u (full − audio); passes with zero weight are skipped."""
+    outputs, combined = [], []
+
+    def transformer_hook(module, args, kwargs, output):
+        if kwargs["audio_embeds"] is None:
+            name = "uncond"
+        else:
+            name = "audio" if kwargs["context_embeds"] is None else "full"
+        outputs.append((name, output[0].clone()))
+
+    original_step = pipe.scheduler.step
+
+    def step(model_output, *args, **kwargs):
+        combined.append(model_output.clone())
+        return original_step(model_output, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", step)
+    handle = pipe.transformer.register_forward_hook(transformer_hook, with_kwargs=True)
+    try:
+        _run(pipe, inputs, num_inference_steps=1, audio_guidance_scale=3.0, user_guidance_scale=2.0)
+        passes = dict(outputs)
+        assert [name for name, _ in outputs] == ["uncond", "audio", "full"]
+        uncond, audio, full = passes["uncond"], passes["audio"], passes["full"]
+        # every condition changes the prediction, so the equation below is not trivially met
+        assert (audio - uncond).abs().max() > 1e-3 and (full - audio).abs().max() > 1e-3
+        torch.testing.assert_close(combined[0], uncond + 3.0 * (audio - uncond) + 2.0 * (full - audio))
+
+        outputs.clear()
+        _run(pipe, inputs, num_inference_steps=1, audio_guidance_scale=1.0, user_guidance_scale=1.0)
+        assert [name for name, _ in outputs] == ["full"]
+    finally:
+        handle.remove()
+
+
+def test_guidance_weights_skip_zero_weight_passes(pipe):
+    cases = {
+        (3.0, 2.0, True): {"uncond": -2.0, "audio": 1.0, "full": 2.0},
+        (1.0, 1.0, True): {"full": 1.0},
+        (2.0, 2.0, True): {"uncond": -1.0, "full": 2.0},
+        (1.0, 2.0, True): {"audio": -1.0, "full": 2.0},
+        (3.0, 2.0, False): {"uncond": -2.0, "audio": 3.0},  # no user: full ≡ audio
+    }
+    for (s_a, s_u, has_user), expected in cases.items():
+        pipe._audio_guidance_scale, pipe._user_guidance_scale = s_a, s_u
+        assert pipe._guidance_weights(has_user) == expected
+
+
+def test_save_pretrained_reloads_through_diffusion_pipeline_and_offloads(pipe, inputs, tmp_path):
+    import json
+
+    import diffusers
+
+    expected = _run(pipe, inputs, seed=3, num_inference_steps=1)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "EchoPipeline"
+    assert index["transformer"] == ["echo.transformer_echo", "EchoTransformer3DModel"]
+    assert list((tmp_path / "transformer").glob("*.safetensors"))
+
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is EchoPipeline
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_run(loaded, inputs, seed=3, num_inference_steps=1), expected, atol=1e-6, rtol=0)
+
+    loaded.enable_model_cpu_offload(device="cpu")
+    assert loaded.transformer._hf_hook is not None
+    torch.testing.assert_close(_run(loaded, inputs, seed=3, num_inference_steps=1), expected, atol=1e-6, rtol=0)
+
+
+def test_reference_masks_come_from_the_face(pipe, inputs):
+    reference = pipe.prepare_reference(inputs["reference_image"], 128, 128)
+    lip, face = pipe.prepare_avatar_masks(reference, 3, inputs["reference_landmarks"] * 2)
+    assert lip.shape == face.shape == (1, 3, 8, 8)
+    assert lip.sum() >= 1 and face.sum() > lip.sum()
+    assert not (lip * face).any()  # disjoint regions
+    mouth = inputs["reference_landmarks"][13] * 2 / 16  # landmark 13: inner upper lip, in tokens
+    assert lip[0, 0, int(mouth[1]), int(mouth[0])] == 1
+    # the lip tokens sit below the eye line of the face mask's tokens
+    eye_row = (inputs["reference_landmarks"][[33, 263], 1].mean() * 2 / 16).astype(int)
+    assert lip[0, 0, : eye_row + 1].sum() == 0
+
+
+def test_bad_inputs_raise_clear_errors(pipe, inputs):
+    with pytest.raises(ValueError, match="divisible by 16"):
+        _run(pipe, inputs, height=72)
+    with pytest.raises(ValueError, match="user_video"):
+        _run(pipe, inputs, user_video=None)
+    with pytest.raises(ValueError, match="one per chunk"):
+        _run(pipe, inputs, num_frames=17, emotion=["a", "b"])
+    with pytest.raises(ValueError, match="understanding"):
+        _run(pipe, inputs, understanding=None)
