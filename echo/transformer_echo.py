@@ -32,9 +32,9 @@ Decisions written down here:
   per latent frame: queries (B·F, H'·W', D) against keys (B·F, r·L_w, D). It is frame-aligned by construction.
 - SDCM reads the hidden states after the text cross-attention through its own LayerNorm. ``M_face`` is applied as
   ``M_face ⊙ (1 − M_lip)`` so the two regions never overlap, whatever the caller passes.
-- The gate's convolutional projectors f_conv^1, f_conv^2 are depthwise k × k convolutions over the H' × W' grid of
-  each latent frame (frames never mix); f_g (a linear layer over the concatenation) mixes channels. This keeps SDCM
-  cheap next to the block's self-attention at real width.
+- The gate's convolutional projectors f_conv^1, f_conv^2 are grouped k × k convolutions over the H' × W' grid of
+  each latent frame (frames never mix) to ``sdcm_gate_dim`` channels (inner dim / 4 by default); f_g, a linear layer
+  over their concatenation, gives an element-wise g. This keeps SDCM cheap next to the block's self-attention.
 - Missing inputs: ``context_embeds=None`` gives h_usr = 0 (stage 1), ``audio_embeds=None`` gives h_avt = 0, and
   masks ``None`` are all-zero masks (no SDCM effect; the SDCM branch is skipped).
 """
@@ -181,26 +181,34 @@ class EchoSDCMGate(nn.Module):
     r"""
     The SDCM gate g = σ(f_g([f_conv^1(h_usr); f_conv^2(h_avt)])) of Eq. 11.
 
+    f_conv^1 and f_conv^2 are grouped k × k convolutions over the H' × W' grid of each latent frame (frames never mix)
+    from `dim` to `gate_dim` channels (each output channel reads `dim / gate_dim` input channels); f_g is a linear layer
+    from the concatenation (2·gate_dim) to `dim`, so g is element-wise. With `gate_dim = dim / 4` the gate costs a
+    quarter of one attention projection per token.
+
     Args:
         dim (`int`): channels of h.
-        kernel_size (`int`): size of the depthwise convolutions over the H' × W' grid of each latent frame.
+        gate_dim (`int`): output channels of each convolutional projector; divides `dim`.
+        kernel_size (`int`): convolution size (odd).
     """
 
-    def __init__(self, dim: int, kernel_size: int):
+    def __init__(self, dim: int, gate_dim: int, kernel_size: int):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"`sdcm_kernel_size` is {kernel_size}, expected an odd size (same-size padding).")
-        self.conv_usr = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.conv_avt = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.proj = nn.Linear(2 * dim, dim)
+        if dim % gate_dim:
+            raise ValueError(f"`sdcm_gate_dim` is {gate_dim}, expected a divisor of the inner dimension {dim}.")
+        self.conv_usr = nn.Conv2d(dim, gate_dim, kernel_size, padding=kernel_size // 2, groups=gate_dim)
+        self.conv_avt = nn.Conv2d(dim, gate_dim, kernel_size, padding=kernel_size // 2, groups=gate_dim)
+        self.proj = nn.Linear(2 * gate_dim, dim)
 
     @staticmethod
     def _conv(conv: nn.Conv2d, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         batch_size, seq_len, dim = x.shape
         num_frames, height, width = grid
         x = x.reshape(batch_size * num_frames, height, width, dim).permute(0, 3, 1, 2)  # B·F, D, H', W'
-        x = conv(x)
-        return x.permute(0, 2, 3, 1).reshape(batch_size, seq_len, dim)
+        x = conv(x)  # B·F, gate_dim, H', W'
+        return x.permute(0, 2, 3, 1).reshape(batch_size, seq_len, -1)
 
     def forward(self, h_usr: torch.Tensor, h_avt: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`h_usr`, `h_avt`: `(B, F·H'·W', D)`; `grid`: (F, H', W'). Returns g `(B, F·H'·W', D)` in (0, 1)."""
@@ -216,10 +224,11 @@ class EchoSDCM(nn.Module):
         dim (`int`): inner dimension.
         num_heads (`int`): attention heads of both cross-attentions.
         eps (`float`): norm epsilon.
+        gate_dim (`int`): channels of each gate convolution.
         kernel_size (`int`): gate convolution size.
     """
 
-    def __init__(self, dim: int, num_heads: int, eps: float, kernel_size: int):
+    def __init__(self, dim: int, num_heads: int, eps: float, gate_dim: int, kernel_size: int):
         super().__init__()
         self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.attn_usr = WanAttention(
@@ -230,7 +239,7 @@ class EchoSDCM(nn.Module):
             dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps, cross_attention_dim_head=dim // num_heads,
             processor=WanAttnProcessor(),
         )
-        self.gate = EchoSDCMGate(dim, kernel_size)
+        self.gate = EchoSDCMGate(dim, gate_dim, kernel_size)
 
     def forward(
         self,
@@ -276,7 +285,7 @@ class EchoSDCM(nn.Module):
         g = self.gate(h_usr, h_avt, grid)
         face_mask = face_mask * (1 - lip_mask)
         h_lip = h_avt * lip_mask
-        h_face = (g * h_avt + (1 - g) * h_usr) * face_mask
+        h_face = (h_usr + g * (h_avt - h_usr)) * face_mask  # g ⊙ h_avt + (1 − g) ⊙ h_usr
         return h_lip + h_face
 
 
@@ -352,11 +361,12 @@ class EchoTransformerBlock(WanTransformerBlock):
         added_kv_proj_dim: int | None = None,
         use_sdcm: bool = True,
         sdcm_kernel_size: int = 3,
+        sdcm_gate_dim: int | None = None,
     ):
         super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
         self.use_sdcm = use_sdcm
         if use_sdcm:
-            self.sdcm = EchoSDCM(dim, num_heads, eps, sdcm_kernel_size)
+            self.sdcm = EchoSDCM(dim, num_heads, eps, sdcm_gate_dim or dim // 4, sdcm_kernel_size)
         else:
             self.sdcm = EchoDirectFusion(dim, num_heads, eps)
 
@@ -440,6 +450,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         use_sdcm (`bool`, defaults to `True`): SDCM in every block; `False` gives the direct-fusion ablation.
         condition_channels (`int`, defaults to `20`): 4 mask + 16 latent channels of the condition.
         sdcm_kernel_size (`int`, defaults to `3`): gate convolution size.
+        sdcm_gate_dim (`int`, *optional*): output channels of each gate convolution; `None` means inner dim / 4.
         vae_scale_factor_temporal (`int`, defaults to `4`): video frames per latent frame (latent frame 0 covers one).
     """
 
@@ -476,6 +487,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         use_sdcm: bool = True,
         condition_channels: int = 20,
         sdcm_kernel_size: int = 3,
+        sdcm_gate_dim: int | None = None,
         vae_scale_factor_temporal: int = 4,
     ) -> None:
         super().__init__()
@@ -520,6 +532,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                     added_kv_proj_dim,
                     use_sdcm=use_sdcm,
                     sdcm_kernel_size=sdcm_kernel_size,
+                    sdcm_gate_dim=sdcm_gate_dim,
                 )
                 for _ in range(num_layers)
             ]
