@@ -160,9 +160,8 @@ def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_downloa
     load_kwargs: dict[str, Any] = {"local_files_only": not allow_download}
     if spec.get("subfolder"):
         load_kwargs["subfolder"] = spec["subfolder"]
-    is_transformers = COMPONENT_CLASSES[section][name][0] == "transformers"
     if section in _MODEL_COMPONENTS:
-        load_kwargs["dtype" if is_transformers else "torch_dtype"] = torch_dtype
+        load_kwargs["dtype"] = torch_dtype
 
     # 1. Pretrained weights from a folder or the local hub cache.
     if "pretrained" in spec:

@@ -223,7 +223,7 @@ def load_pipeline(folder: str | os.PathLike, device: str | None = None, dtype: s
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    pipe = EchoPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
+    pipe = EchoPipeline.from_pretrained(folder, dtype=getattr(torch, dtype))
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -1,0 +1,153 @@
+"""mp4 output (PyAV decode: frames, 25 fps, audio duration) and the echo-render batch renderer."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.video_io import load_wav, probe_mp4, read_frames, write_mp4
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
+AAC_FRAME = 1024 / 16_000  # AAC works in 1024-sample frames: decoded audio may carry one partial frame of padding
+
+
+def _tone(seconds: float, freq: float = 220.0) -> np.ndarray:
+    t = np.arange(int(round(seconds * 16_000))) / 16_000
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_frames", [17, 33])
+def test_mp4_has_the_frames_at_25_fps_and_audio_of_the_same_duration(tmp_path, num_frames):
+    y, x = np.mgrid[0:32, 0:48]
+    frames = np.stack(
+        [np.stack([(x * 5 + 7 * t) % 256, (y * 7 + 3 * t) % 256, np.full_like(x, 9 * t % 256)], -1) for t in range(num_frames)]
+    ).astype(np.uint8)  # smooth moving gradients
+    audio = _tone(10.0)  # longer than the video: cut to its duration
+    path = write_mp4(tmp_path / "clip.mp4", frames, audio=audio)
+    info = probe_mp4(path)
+    assert info["num_frames"] == num_frames and info["fps"] == 25.0
+    assert (info["width"], info["height"], info["video_codec"], info["audio_codec"]) == (48, 32, "h264", "aac")
+    assert abs(info["audio_seconds"] - num_frames / 25) <= AAC_FRAME
+    # the muxed audio is the avatar's: correlation with the source tone
+    decoded = load_wav(path)
+    n = int(num_frames / 25 * 16_000) - 2048
+    corr = np.corrcoef(decoded[1024 : 1024 + n], audio[:n])[0, 1]
+    lagged = max(np.corrcoef(decoded[k : k + n], audio[:n])[0, 1] for k in range(0, 2048, 16))
+    assert max(corr, lagged) > 0.9
+    # H.264 at crf 18 keeps the pixels close
+    assert np.abs(read_frames(path).astype(int) - frames).mean() < 12
+
+
+def test_side_by_side_puts_the_user_left_of_the_avatar(tmp_path):
+    avatar = np.zeros((9, 32, 32, 3), dtype=np.uint8)
+    avatar[..., 0] = 250  # red avatar
+    user = np.zeros((5, 16, 16, 3), dtype=np.uint8)
+    user[..., 2] = 250  # blue user, shorter and smaller: resized to the avatar's height, last frame repeated
+    path = write_mp4(tmp_path / "sbs.mp4", avatar, audio=_tone(1.0), user_frames=user)
+    frames = read_frames(path)
+    assert frames.shape == (9, 32, 64, 3)
+    assert frames[:, :, 4:28, 2].mean() > 200 and frames[:, :, 4:28, 0].mean() < 50
+    assert frames[:, :, 36:60, 0].mean() > 200 and frames[:, :, 36:60, 2].mean() < 50
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    from echo.components import load_components
+    from pipelines import EchoPipeline
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    EchoPipeline(**load_components(TINY)).save_pretrained(folder)
+    return folder
+
+
+def _write_conversation(folder: Path, seconds: float = 0.36) -> dict:
+    """Inputs of one manifest entry: a reference png, two wavs, a user mp4, landmarks and understanding tokens."""
+    import PIL.Image
+    from safetensors.torch import save_file
+    from skimage.data import astronaut
+
+    folder.mkdir(parents=True, exist_ok=True)
+    num_frames = int(round(seconds * 25))
+    image = astronaut()[::4, ::4]  # 128²
+    PIL.Image.fromarray(image).save(folder / "ref.png")
+    write_mp4(folder / "user.mp4", np.repeat(image[None, ::2, ::2], num_frames, 0))
+    from data_prep.media import write_wav
+
+    write_wav(folder / "avatar.wav", _tone(seconds, 200.0))
+    write_wav(folder / "user.wav", _tone(seconds, 300.0))
+    landmarks = np.zeros((478, 2), dtype=np.float32) + 64  # a degenerate face: empty masks, valid shapes
+    np.save(folder / "ref_landmarks.npy", landmarks)
+    np.save(folder / "user_landmarks.npy", np.repeat(landmarks[None] / 2, num_frames, 0))
+    save_file({"hidden_states": torch.randn(1, 4, 32)}, str(folder / "omni.safetensors"))
+    return {
+        "reference_image": "conv/ref.png",
+        "avatar_audio": "conv/avatar.wav",
+        "user_video": "conv/user.mp4",
+        "user_audio": "conv/user.wav",
+        "understanding": "conv/omni.safetensors",
+        "reference_landmarks": "conv/ref_landmarks.npy",
+        "user_landmarks": "conv/user_landmarks.npy",
+        "emotion": "calm",
+    }
+
+
+def test_render_manifest_isolates_failures_skips_done_clips_and_stays_inside_out(saved_pipeline, tmp_path, capsys):
+    from pipelines import render
+
+    work = tmp_path / "work"
+    entry = _write_conversation(work / "conv")
+    lines = [
+        json.dumps({**entry, "id": "good"}),
+        json.dumps({**entry, "id": "broken", "user_audio": "conv/missing.wav"}),
+        "{not json",
+        json.dumps({**entry, "id": "../x", "num_frames": 5}),
+    ]
+    manifest = work / "conversations.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = work / "out"
+    args = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--out", str(out), "--height", "64",
+            "--width", "64", "--steps", "1", "--frames-per-chunk", "9", "--motion-frames", "5", "--side-by-side"]  # fmt: skip
+
+    assert render.main(args) == 1  # some clips failed
+    printed = capsys.readouterr().out
+    assert "2 rendered, 0 skipped" in printed and "2 failed" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["_x.mp4", "failures.jsonl", "good.mp4"]
+    assert not (work / "x.mp4").exists() and not list(tmp_path.glob("x.mp4"))
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in failures] == ["broken", "line3"]
+    assert "missing.wav" in failures[0]["error"]
+    # the default length follows the avatar audio (0.36 s = 9 frames); num_frames overrides it
+    assert probe_mp4(out / "good.mp4")["num_frames"] == 9 and probe_mp4(out / "_x.mp4")["num_frames"] == 5
+    assert probe_mp4(out / "good.mp4")["width"] == 128  # side by side
+
+    # Rerun: finished clips are not rendered again, failures are retried (and fail again).
+    mtime = (out / "good.mp4").stat().st_mtime_ns
+    pipe = render.load_pipeline(saved_pipeline)
+    calls = []
+    original = type(pipe).__call__
+
+    class Counting(type(pipe)):
+        def __call__(self, *a, **k):
+            calls.append(k.get("emotion"))
+            return original(self, *a, **k)
+
+    pipe.__class__ = Counting
+    summary = render.render_manifest(pipe, manifest, out, render.build_parser().parse_args(args))
+    assert calls == [] and sorted(summary["skipped"]) == ["_x", "good"] and summary["rendered"] == []
+    assert (out / "good.mp4").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize(
+    "clip_id, expected",
+    [("../x", "_x"), ("a/b", "a_b"), ("/etc/passwd", "_etc_passwd"), ("..\\..\\y", "_.._y"), ("ok-1.v2", "ok-1.v2")],
+)
+def test_ids_are_sanitised_into_the_output_folder(tmp_path, clip_id, expected):
+    from pipelines.render import output_path, sanitize_id
+
+    assert sanitize_id(clip_id) == expected
+    assert output_path(tmp_path, clip_id).parent == tmp_path.resolve()
+    for bad in ("", "..", "/", "."):
+        with pytest.raises(ValueError):
+            sanitize_id(bad)
