@@ -1,0 +1,161 @@
+"""``echo-eval`` end to end on tiny clips with tiny random feature networks, and its handling of bad input."""
+
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from echo.metrics import cli, motion, video
+from echo.metrics.networks import FEATURE_NETWORKS
+
+TINY = {
+    "inception": dict(width_multiplier=1 / 16, input_size=75),
+    "i3d": dict(width_multiplier=1 / 16, num_classes=16, input_size=32),
+    "arcface": dict(layers=(1, 1, 1, 1), widths=(8, 16, 16, 32), embedding_dim=32, input_size=32),
+    "syncnet": dict(width_multiplier=1 / 16, embedding_dim=32),
+}
+NAMES = ("clip_a", "clip_b")
+T = 10
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a shared CPU OpenMP workers waiting for each other
+    can make them 100× slower; run this module on one thread and restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+def _write_clip(folder, name, rng, num_frames=T, motion_offset=0.0):
+    base = rng.uniform(0, 1, size=(8, 8, 3))
+    frames = np.stack([np.kron(np.roll(base, t, 0), np.ones((6, 6, 1))) for t in range(num_frames)])
+    audio = rng.normal(scale=0.1, size=num_frames * 640).astype(np.float32)
+    video.write_video(os.path.join(folder, f"{name}.mp4"), (200 * frames + 20).astype(np.uint8), audio=audio)
+    t = np.arange(num_frames)[:, None]
+    exp = np.sin(0.3 * t * (1 + np.arange(50))[None] / 10 + rng.uniform(0, 6)) + motion_offset
+    pose = np.cos(0.2 * t * (1 + np.arange(6))[None] / 3 + rng.uniform(0, 6))
+    np.savez(os.path.join(folder, f"{name}.npz"), expcode=exp, posecode=pose)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    for sub in ("reference", "user", "weights"):
+        os.makedirs(root / sub)
+    for name in NAMES:
+        _write_clip(root / "reference", name, rng)
+        _write_clip(root / "user", name, rng)
+    shutil.copytree(root / "reference", root / "copy")  # a "generated" set identical to the ground truth
+    for i, (name, config) in enumerate(TINY.items()):
+        torch.manual_seed(i)
+        FEATURE_NETWORKS[name](**config).eval().save_to_folder(str(root / "weights"))
+    return root
+
+
+def _args(root, generated="copy", **extra):
+    argv = ["--generated", str(root / generated), "--reference", str(root / "reference"), "--motion-source", "files",
+            "--fvd-clip-length", "4", "--frame-stride", "2", "--kmeans-init", "2", "--quiet"]  # fmt: skip
+    for key, value in extra.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def copy_report(data):
+    out = data / "out" / "report.json"
+    assert cli.main(_args(data, user=data / "user", weights=data / "weights", out=out, markdown=data / "t.md")) == 0
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_perfect_copy_scores_like_the_ground_truth(copy_report, data):
+    agg, table = copy_report["aggregate"], copy_report["table"]
+    assert set(copy_report["clips"]) == set(NAMES)
+    assert table["rPCC"] == pytest.approx(0.0, abs=1e-12)
+    assert agg["mse_expression"] == 0.0 and abs(agg["fd_pose"]) < 1e-8
+    assert agg["sid_expression"] == pytest.approx(agg["sid_expression_ground_truth"])
+    assert agg["var_pose"] == pytest.approx(agg["var_pose_ground_truth"])
+    assert abs(table["FID"]) < 1e-6 and abs(table["FVD"]) < 1e-6
+    assert copy_report["unavailable"] == {}
+    # CSIM per clip is the frame-vs-first-ground-truth-frame cosine, computed the same way directly
+    from echo.metrics.networks import load_feature_network
+
+    arcface = load_feature_network("arcface", str(data / "weights"))
+    frames, _ = video.read_video(str(data / "copy" / "clip_a.mp4"))
+    assert copy_report["clips"]["clip_a"]["csim"] == pytest.approx(video.csim(arcface, frames, frames[0]), abs=1e-6)
+    assert copy_report["clips"]["clip_a"]["csim"] < 1.0  # the clip moves, so later frames differ from frame 0
+    assert np.isfinite(table["LSE-D"]) and table["LSE-C"] >= 0
+    markdown = (data / "t.md").read_text()
+    assert "| rPCC ↓ | SID ↑ | Var ↑ | FID ↓ | FVD ↓ | CSIM ↑ | LSE-D ↓ | LSE-C ↑ |" in markdown
+    assert "n/a" not in markdown
+
+
+def test_worse_motion_scores_worse(data, tmp_path):
+    rng = np.random.default_rng(5)
+    os.makedirs(tmp_path / "gen")
+    for name in NAMES:
+        shutil.copy(data / "reference" / f"{name}.mp4", tmp_path / "gen")
+        # static motion: no diversity, no variance, no correlation with the user
+        np.savez(tmp_path / "gen" / f"{name}.npz", expcode=np.zeros((T, 50)) + rng.normal(size=50),
+                 posecode=np.zeros((T, 6)))  # fmt: skip
+    report = cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "gen", user=data / "user", out="")))
+    agg = report["aggregate"]
+    assert agg["var_expression"] == 0.0 < agg["var_expression_ground_truth"]
+    assert agg["sid_expression"] < agg["sid_expression_ground_truth"]
+    assert agg["rpcc_expression"] > 0 and agg["mse_expression"] > 0
+    reference = {n: motion.pcc(np.load(data / "reference" / f"{n}.npz")["expcode"],
+                               np.load(data / "user" / f"{n}.npz")["expcode"]) for n in NAMES}  # fmt: skip
+    # a constant avatar has PCC 0 with the user, so rPCC = |PCC(gt, user)|
+    assert agg["rpcc_expression"] == pytest.approx(np.mean([abs(v) for v in reference.values()]))
+
+
+def test_uncomputable_columns_are_marked_with_a_reason(data, tmp_path):
+    partial = tmp_path / "weights"
+    os.makedirs(partial)
+    shutil.copy(data / "weights" / "inception.safetensors", partial)
+    shutil.copy(data / "weights" / "inception.json", partial)
+    report = cli.evaluate(cli.parse_args(_args(data, weights=partial, out="")))
+    assert report["table"]["FID"] is not None
+    for column in ("rPCC", "FVD", "CSIM", "LSE-D", "LSE-C"):
+        assert report["table"][column] is None and column in report["unavailable"]
+    assert "--user" in report["unavailable"]["rPCC"]
+    assert str(partial / "syncnet.safetensors") in report["unavailable"]["LSE-D"]
+    assert "| n/a |" in report["markdown"] and "- FVD: n/a" in report["markdown"]
+    no_weights = cli.evaluate(cli.parse_args(_args(data, out="")))
+    assert "no --weights folder" in no_weights["unavailable"]["FID"]
+
+
+def test_bad_input(data, tmp_path, caplog):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="holds no .mp4"):
+        cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "empty", out="")))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "missing", out="")))
+    # mismatched names: unmatched ones are skipped with a warning naming them; nothing in common is an error
+    os.makedirs(tmp_path / "renamed")
+    shutil.copy(data / "copy" / "clip_a.mp4", tmp_path / "renamed" / "clip_a.mp4")
+    shutil.copy(data / "copy" / "clip_a.npz", tmp_path / "renamed" / "clip_a.npz")
+    shutil.copy(data / "copy" / "clip_b.mp4", tmp_path / "renamed" / "other.mp4")
+    with caplog.at_level(logging.WARNING, logger="echo.metrics"):
+        report = cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "renamed", out="")))
+    assert list(report["clips"]) == ["clip_a"]
+    assert "other" in caplog.text and "clip_b" in caplog.text
+    os.makedirs(tmp_path / "strangers")
+    shutil.copy(data / "copy" / "clip_b.mp4", tmp_path / "strangers" / "zzz.mp4")
+    with pytest.raises(ValueError, match="no clip name is common"):
+        cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "strangers", out="")))
+    # different lengths: an error naming the clip, or truncation on request
+    os.makedirs(tmp_path / "short")
+    _write_clip(tmp_path / "short", "clip_a", np.random.default_rng(1), num_frames=T - 3)
+    with pytest.raises(ValueError, match="clip 'clip_a' has different lengths"):
+        cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "short", out="")))
+    report = cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "short", length_mismatch="truncate", out="")))
+    assert report["clips"]["clip_a"]["num_frames"] == T - 3
