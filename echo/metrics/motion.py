@@ -135,6 +135,12 @@ def variance(motion: np.ndarray) -> float:
     return float(np.mean(np.var(x - x[0], axis=0)))  # shifting by the first frame makes a constant exactly 0
 
 
+def _squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """`(N, D)`, `(k, D)` → squared Euclidean distances `(N, k)` (clipped at 0 against round-off)."""
+    d = (x**2).sum(1)[:, None] - 2.0 * x @ centroids.T + (centroids**2).sum(1)[None]
+    return np.maximum(d, 0.0)
+
+
 def kmeans(
     data: np.ndarray, num_clusters: int, n_init: int = 10, max_iter: int = 300, seed: int = 0, tol: float = 1e-8
 ) -> np.ndarray:
@@ -159,20 +165,18 @@ def kmeans(
         centroids = np.stack(centroids)
         # 2. Lloyd iterations
         for _ in range(max_iter):
-            dist = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)  # N, k
+            dist = _squared_distances(x, centroids)  # N, k
             labels = dist.argmin(1)
-            new = centroids.copy()
-            for j in range(num_clusters):
-                members = x[labels == j]
-                if len(members):
-                    new[j] = members.mean(0)
-                else:
-                    new[j] = x[dist[np.arange(len(x)), labels].argmax()]
+            counts = np.bincount(labels, minlength=num_clusters)
+            sums = np.eye(num_clusters)[labels].T @ x  # k, D
+            new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
+            for j in np.flatnonzero(counts == 0):  # re-seed an empty cluster with the worst-fitted point
+                new[j] = x[dist[np.arange(len(x)), labels].argmax()]
             shift = np.sum((new - centroids) ** 2)
             centroids = new
             if shift <= tol:
                 break
-        inertia = ((x[:, None, :] - centroids[None]) ** 2).sum(-1).min(1).sum()
+        inertia = _squared_distances(x, centroids).min(1).sum()
         if inertia < best_inertia:
             best, best_inertia = centroids, inertia
     return best
@@ -183,7 +187,7 @@ def assign_clusters(data: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     x = _as_sequence(data, "data")
     if x.shape[1] != centroids.shape[1]:
         raise ValueError(f"`data` has {x.shape[1]} dims but `centroids` has {centroids.shape[1]}; they must match.")
-    return ((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    return _squared_distances(x, np.asarray(centroids, dtype=np.float64)).argmin(1)
 
 
 def entropy_bits(labels: np.ndarray, num_clusters: int) -> float:
