@@ -23,9 +23,12 @@ class Wav2Vec2Features:
         device (`str`, defaults to `"cpu"`).
         chunk_seconds (`float`, defaults to 30.0): longer audio is encoded in chunks of this length (attention cost
             is quadratic) with one second of context on each side.
+        num_threads (`int`, *optional*): CPU threads torch uses during a call (restored afterwards). Preparation
+            runs one process per conversation, so 1 thread per process avoids oversubscribing the cores; `None`
+            keeps torch's setting.
     """
 
-    def __init__(self, model_path, device: str = "cpu", chunk_seconds: float = 30.0):
+    def __init__(self, model_path, device: str = "cpu", chunk_seconds: float = 30.0, num_threads: int | None = None):
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
         self.model_path = str(model_path)
@@ -33,6 +36,7 @@ class Wav2Vec2Features:
         self.model = Wav2Vec2Model.from_pretrained(model_path).to(device).eval()
         self.device = device
         self.chunk_seconds = chunk_seconds
+        self.num_threads = num_threads
 
     @property
     def num_layers(self) -> int:
@@ -50,6 +54,15 @@ class Wav2Vec2Features:
         return torch.stack(output.hidden_states, dim=2)[0].float().cpu()  # N_50Hz, NL, D
 
     def __call__(self, waveform: np.ndarray, num_frames: int, fps: float = FPS) -> np.ndarray:
+        previous = torch.get_num_threads()
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        try:
+            return self._features(waveform, num_frames, fps)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _features(self, waveform: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
         """Encode mono 16 kHz audio covering ``num_frames`` video frames.
 
         Args:

@@ -150,6 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--omni-model", default=None, help="Qwen-Omni folder (stage 'omni')")
     parser.add_argument("--emotion-model", default=None, help="causal LM folder or http(s) endpoint (stage 'emotion')")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker process")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -172,6 +173,7 @@ def main(argv=None) -> int:
         omni_model=args.omni_model,
         emotion_model=args.emotion_model,
         device=args.device,
+        threads=args.threads,
     )
     summary = run_prep(args.input, args.layout, args.out, options, workers=args.workers,
                        progress=not args.no_progress)

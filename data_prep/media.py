@@ -2,8 +2,9 @@
 
 Conventions:
 - Video frames are ``uint8`` RGB arrays of shape `(H, W, 3)`; a clip is `(T, H, W, 3)`.
-- Prepared videos are H.264 (``libx264``, ``yuv420p``) at 25 fps, encoded with one thread and fixed options so that
-  the same frames always give the same bytes (resume and reruns are reproducible).
+- Prepared videos are H.264 (``libx264``, ``yuv420p``, BT.601 limited range) at 25 fps, encoded with one thread,
+  explicit timestamps, OpenCV's colour conversion and no macroblock-tree rate control, so that the same frames
+  always give the same bytes (resume and reruns are reproducible).
 - Audio is mono ``float32`` in [-1, 1] at 16 kHz. Sources above 16 kHz are resampled with a polyphase filter
   (`scipy.signal.resample_poly`); sources *below* 16 kHz are rejected with `MediaError`: upsampling would feed
   wav2vec2 band-limited speech whose features differ from those it was trained on, and in a dataset of 16 kHz or
@@ -24,6 +25,9 @@ import numpy as np
 
 SAMPLE_RATE = 16_000
 FPS = 25
+# x264 settings of prepared videos. One thread makes the bytes independent of scheduling; macroblock-tree rate
+# control is off because with it the same frames were seen to encode to different bytes from run to run.
+X264_OPTIONS = {"preset": "veryfast", "threads": "1", "x264-params": "no-mbtree=1"}
 
 
 class MediaError(RuntimeError):
@@ -125,6 +129,7 @@ def iter_resampled_frames(
 def write_video(path: str | Path, frames: np.ndarray, fps: float = FPS, crf: int = 18) -> None:
     """Encode `(T, H, W, 3)` uint8 RGB frames as H.264 / yuv420p (H and W even), deterministically (one thread)."""
     import av
+    import cv2
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -133,12 +138,18 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = FPS, crf: int
     if height % 2 or width % 2:
         raise ValueError(f"`frames` are {height}×{width}; yuv420p needs even sizes.")
     with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+        rate = fractions.Fraction(fps).limit_denominator(1001)
+        stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        stream.time_base = 1 / rate
+        stream.options = {"crf": str(crf), **X264_OPTIONS}
         stream.thread_count = 1
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+        for index, image in enumerate(frames):
+            # I420 by OpenCV (BT.601 limited range, like swscale's default) keeps the conversion independent of the
+            # FFmpeg build.
+            frame = av.VideoFrame.from_ndarray(cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+            frame.pts, frame.time_base = index, 1 / rate  # explicit timestamps: rate control never guesses
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

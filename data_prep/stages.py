@@ -70,6 +70,7 @@ class PrepOptions:
         stages (`list[str]`): ``"clips"`` (the clip folders) and optional caches ``"latents"`` (needs ``vae``),
             ``"omni"`` (needs ``omni_model``) and ``"emotion"`` (needs ``emotion_model``).
         device (`str`, defaults to `"cpu"`).
+        threads (`int`, defaults to 1): torch CPU threads per worker process (the pool provides the parallelism).
     """
 
     wav2vec2: str
@@ -89,6 +90,7 @@ class PrepOptions:
     emotion_model: str | None = None
     emotion_window_frames: int = 81
     device: str = "cpu"
+    threads: int = 1
 
     def __post_init__(self):
         unknown = set(self.stages) - {CORE_STAGE, *CACHE_STAGES}
@@ -119,9 +121,9 @@ _MODELS: dict = {}
 def _wav2vec2(options: PrepOptions):
     from data_prep.audio_features import Wav2Vec2Features
 
-    key = ("wav2vec2", options.wav2vec2, options.device)
+    key = ("wav2vec2", options.wav2vec2, options.device, options.threads)
     if key not in _MODELS:
-        _MODELS[key] = Wav2Vec2Features(options.wav2vec2, device=options.device)
+        _MODELS[key] = Wav2Vec2Features(options.wav2vec2, device=options.device, num_threads=options.threads)
     return _MODELS[key]
 
 
@@ -356,7 +358,7 @@ def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str
         "history_start_frame": start,
         "audio_features": {"num_layers": int(streams[avatar]["w2v"].shape[1]),
                            "dim": int(streams[avatar]["w2v"].shape[2])},
-        "options": {k: v for k, v in asdict(options).items() if k not in ("device", "stages")},
+        "options": {k: v for k, v in asdict(options).items() if k not in ("device", "stages", "threads")},
         "tool_versions": tool_versions(options),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
