@@ -12,7 +12,8 @@ one avatar/user assignment. Every item is a window of ``num_frames = 4k + 1`` co
   tokens ``understanding`` `(N_s, D_s)`;
 - ``emotion_text``: the latest emotion description whose window ends at or before the window end (``emotion.json``),
   or ``default_emotion``;
-- ``latents`` `(16, F, h, w)` from ``avatar_latents.safetensors`` when ``use_cached_latents`` is set.
+- ``latents`` `(16, F, h, w)` from ``avatar_latents.safetensors`` when ``use_cached_latents`` is set;
+- ``clip_id`` and ``window_start`` (the window's first frame in the clip), for logging and data-sharding checks.
 
 Randomness (window start, reference frame) is a pure function of ``(seed, epoch, index)``, so the data of a step
 does not depend on worker processes or on whether training was resumed. Videos are read with decord, or PyAV when
@@ -221,7 +222,7 @@ class ConversationDataset(Dataset):
         start, ref_index = self._window(clip, rng)
         stop = start + self.num_frames  # exclusive; the window ends at frame stop − 1
         source_size = int(clip.meta.get("size", self.resolution))
-        item = {"clip_id": str(clip.meta.get("clip_id", clip.path.name))}
+        item = {"clip_id": str(clip.meta.get("clip_id", clip.path.name)), "window_start": start}
 
         # 1. Avatar video window and reference frame
         frames = read_video_frames(clip.path / "avatar.mp4", [*range(start, stop), ref_index])
@@ -327,7 +328,7 @@ def collate_conversations(items: list[dict]) -> dict:
     Window tensors are stacked; user histories (``user_audio``, ``user_video``, ``user_face_mask``) are
     **left-padded** to the longest history (the window always ends at the last index) with ``user_audio_mask``
     True on valid frames; ``understanding`` is right-padded with ``understanding_mask``; ``emotion_text`` and
-    ``clip_id`` stay lists of strings.
+    ``clip_id`` stay lists of strings, ``window_start`` a list of ints.
     """
     if not items:
         raise ValueError("`items` is empty, expected at least one dataset item.")
@@ -349,4 +350,5 @@ def collate_conversations(items: list[dict]) -> dict:
             batch["understanding_mask"][i, : t.shape[0]] = True
     batch["emotion_text"] = [item["emotion_text"] for item in items]
     batch["clip_id"] = [item["clip_id"] for item in items]
+    batch["window_start"] = [item["window_start"] for item in items]
     return batch

@@ -74,7 +74,7 @@ class LossConfig:
 
     logit_mean: float = 0.0  # σ ~ shifted logit-normal
     logit_std: float = 1.0
-    shift: float = 5.0
+    shift: float | None = None  # None: the `shift` of the model's scheduler (one source for training and sampling)
     pixel_weight: float = 0.1  # λ
     pixel_latent_frames: int = 2  # latent frames decoded for L_pixel
     pixel_loss_type: str = "mse"
@@ -196,21 +196,42 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read a config file; a top-level ``base: <file>`` (relative to this file) is read first and overridden."""
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {str(path)!r} does not exist.")
+    if path.resolve() in chain:
+        raise ValueError(f"training config {str(path)!r} inherits from itself through 'base'.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"training config {str(path)!r} must hold a mapping, got {type(values).__name__}.")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    return _merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), values)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a training YAML, apply ``section.key=value`` overrides (values parsed as YAML) and validate.
+
+    A file may start from another one with a top-level ``base: other.yaml`` (a path relative to the file); its own
+    keys override the base's, section by section (the ablation configs are written this way).
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: an unknown key (named by its dotted path), a value of the wrong type, or an invalid setting.
     """
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config {str(path)!r} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"training config {str(path)!r} must hold a mapping, got {type(values).__name__}.")
+    values = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         keys, value = _parse_override(item)
         node = values

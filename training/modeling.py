@@ -92,6 +92,7 @@ class TrainingModels:
     text_encoder: nn.Module
     tokenizer: object
     ref_transformer: nn.Module | None
+    scheduler: object
     adapter_name: str
     trainable_pattern: str
 
@@ -281,7 +282,7 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
 
     # 1. Components from the model description, with the ablation switches applied
     description = _apply_ablation(load_model_config(config.model.config), config)
-    sections = ["vae", "transformer", "text_encoder", "tokenizer"]
+    sections = ["vae", "transformer", "scheduler", "text_encoder", "tokenizer"]
     if config.stage == 2:
         sections.append("context_encoder")
     components = load_components(description, only=sections)
@@ -311,6 +312,7 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
         text_encoder=text_encoder,
         tokenizer=components["tokenizer"],
         ref_transformer=ref_transformer,
+        scheduler=components["scheduler"],
         adapter_name=adapter_name,
         trainable_pattern=config.lora.trainable_modules,
     )

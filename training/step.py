@@ -122,8 +122,9 @@ def training_step(
             user_inputs["understanding_mask"] = batch["understanding_mask"].to(device)
 
     # 3. Noise: x_σ = (1 − σ)·x0 + σ·ε, timestep σ·1000
+    shift = loss_cfg.shift if loss_cfg.shift is not None else models.scheduler.config.shift
     sigmas = sample_sigmas(
-        batch_size, shift=loss_cfg.shift, mean=loss_cfg.logit_mean, std=loss_cfg.logit_std, generator=generator
+        batch_size, shift=shift, mean=loss_cfg.logit_mean, std=loss_cfg.logit_std, generator=generator
     ).to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     noisy = add_noise(latents, noise, sigmas)

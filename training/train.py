@@ -130,7 +130,12 @@ def _flat_hparams(config: TrainConfig) -> dict:
 
 
 def main(config: TrainConfig) -> dict:
-    """Train one stage. Returns ``{"global_step", "history": [per-step loss terms of this rank]}``."""
+    """Train one stage.
+
+    Returns:
+        `dict`: ``global_step``, ``history`` (this rank's loss terms per optimizer step), ``num_processes``, and the
+        in-memory ``models`` ([`TrainingModels`]) and ``text_embedder`` for inspection.
+    """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
@@ -263,12 +268,13 @@ def main(config: TrainConfig) -> dict:
     running: dict[str, float] = {}
     epoch = micro_step // batches_per_epoch
     while global_step < train_cfg.max_train_steps:
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
         skip = micro_step - epoch * batches_per_epoch
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        # The prepared loader re-seeds its sampler with its own pass counter on every `iter`; set it to the epoch.
+        epoch_loader.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         for batch in epoch_loader:
-            seen_clips.extend(batch["clip_id"])
+            seen_clips.extend(f"{c}@{w}" for c, w in zip(batch["clip_id"], batch["window_start"]))
             generator = step_generator(config.seed, accelerator.process_index, micro_step)
             with accelerator.accumulate(module):
                 terms = training_step(models, module, batch, config, text_embedder, generator, device, weight_dtype)
@@ -317,7 +323,13 @@ def main(config: TrainConfig) -> dict:
         dump_rank_state(output_dir, accelerator, unwrapped, history, seen_clips)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    result = {"global_step": global_step, "history": history, "num_processes": accelerator.num_processes}
+    result = {
+        "global_step": global_step,
+        "history": history,
+        "num_processes": accelerator.num_processes,
+        "models": models,
+        "text_embedder": text_embedder,
+    }
     if accelerator.num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, notebooks)
     return result

@@ -1,0 +1,228 @@
+"""Training behaviour on tiny models and a tiny prepared conversation: two-process DDP, exact resume, stage 2 with
+f_ref and HFA, falling losses, the paper's ablations, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.config import load_config
+from training.modeling import LORA_DIR, MODULES_FILE
+from training.train import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "train"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from training.testing import make_tiny_training_set
+
+    # The session's base folder is shared by every test module, so the set is prepared once per run.
+    return make_tiny_training_set(tmp_path_factory.getbasetemp() / "echo_tiny_training", num_frames=17)
+
+
+def _run(config: str, data_root: Path, output_dir: Path, *overrides: str) -> dict:
+    args = ["--config", str(CONFIGS / config), "--set", f"data.root={data_root}", "--set", f"output_dir={output_dir}"]
+    for item in overrides:
+        args += ["--set", item]
+    return cli(args)
+
+
+def _trained_state(folder: Path) -> dict[str, torch.Tensor]:
+    state = {f"lora.{k}": v for k, v in load_file(str(folder / LORA_DIR / "adapter_model.safetensors")).items()}
+    state.update({f"modules.{k}": v for k, v in load_file(str(folder / MODULES_FILE)).items()})
+    return state
+
+
+FAST = ("optim.lora_lr=5e-3", "optim.base_lr=5e-3", "train.checkpointing_steps=10")
+
+
+@pytest.fixture(scope="module")
+def stage1_runs(data_root, tmp_path_factory):
+    """An uninterrupted 20-step stage-1 run, and one stopped after step 10 then resumed to step 20."""
+    base = tmp_path_factory.mktemp("stage1")
+    full = _run("tiny_stage1.yaml", data_root, base / "full", "train.max_train_steps=20", *FAST)
+    first = _run("tiny_stage1.yaml", data_root, base / "split", "train.max_train_steps=10", *FAST)
+    resumed = _run(
+        "tiny_stage1.yaml", data_root, base / "split", "train.max_train_steps=20", "train.resume_from_checkpoint=latest",
+        *FAST,
+    )  # fmt: skip
+    return {"base": base, "full": full, "first": first, "resumed": resumed}
+
+
+def test_resume_matches_an_uninterrupted_run(stage1_runs):
+    full, first, resumed = stage1_runs["full"], stage1_runs["first"], stage1_runs["resumed"]
+    assert [h["step"] for h in resumed["history"]] == list(range(11, 21))
+    losses_full = torch.tensor([h["loss"] for h in full["history"]])
+    losses_split = torch.tensor([h["loss"] for h in first["history"] + resumed["history"]])
+    torch.testing.assert_close(losses_split, losses_full, rtol=1e-5, atol=1e-6)
+    a = _trained_state(stage1_runs["base"] / "full" / "final")
+    b = _trained_state(stage1_runs["base"] / "split" / "final")
+    assert a.keys() == b.keys() and any(k.startswith("modules.audio_proj") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The step-10 checkpoint holds the adapter in PEFT format and the new modules in safetensors.
+    checkpoint = stage1_runs["base"] / "split" / "checkpoint-10"
+    config = json.loads((checkpoint / LORA_DIR / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    assert not list((stage1_runs["base"] / "split").glob(".checkpoint-*"))  # no temporary folder is left behind
+
+
+def test_checkpoints_total_limit_prunes_old_checkpoints(stage1_runs):
+    # checkpoints_total_limit = 2 with a save every 2 steps (tiny config) or 10 steps (here): the newest two remain.
+    steps = sorted(int(p.name.split("-")[1]) for p in (stage1_runs["base"] / "full").glob("checkpoint-*"))
+    assert steps == [10, 20]
+
+
+def test_stage1_loss_falls(stage1_runs):
+    losses = [h["loss"] for h in stage1_runs["full"]["history"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
+    assert all("pixel" in h and h["pixel"] > 0 for h in stage1_runs["full"]["history"])
+
+
+@pytest.fixture(scope="module")
+def stage2_run(stage1_runs, data_root):
+    stage1_dir = stage1_runs["base"] / "full"
+    result = _run(
+        "tiny_stage2.yaml", data_root, stage1_runs["base"] / "stage2", f"model.stage1_dir={stage1_dir}",
+        "train.max_train_steps=16", "train.checkpointing_steps=0", "optim.lora_lr=5e-3", "optim.base_lr=5e-3",
+    )  # fmt: skip
+    return result, stage1_dir
+
+
+def test_stage2_f_ref_is_the_frozen_stage1_model(stage2_run):
+    from echo.components import load_components, load_model_config
+    from training.modeling import _apply_ablation, load_stage1_into
+
+    result, stage1_dir = stage2_run
+    models = result["models"]
+    config = load_config(CONFIGS / "tiny_stage2.yaml")
+    description = _apply_ablation(load_model_config(ROOT / config.model.config), config)
+    fresh = load_components(description, only=["transformer"])["transformer"]
+    load_stage1_into(fresh, stage1_dir)
+    ref_state = models.ref_transformer.state_dict()
+    assert ref_state.keys() == fresh.state_dict().keys()
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(ref_state[key], value, rtol=0, atol=0, msg=key)  # f_ref never changed
+    assert not any(p.requires_grad for p in models.ref_transformer.parameters())
+    # ... while the adapted generator and the LCU did change.
+    adapted = models.module.transformer
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B.stage2" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    assert all(".attn2." in n for n, _ in adapted.named_parameters() if "lora_A.stage2" in n)
+
+
+def test_stage2_align_is_zero_while_the_model_equals_f_ref_then_grows(stage2_run):
+    history = stage2_run[0]["history"]
+    # Step 1 runs before any update: LoRA B = 0 and the SDCM user stream is zero-initialised, so h_ℓ = h_ℓ^ref.
+    assert history[0]["align"] == 0.0
+    assert max(h["align"] for h in history[1:]) > 0.0
+
+
+def test_stage2_loss_falls(stage2_run):
+    losses = [h["flow"] for h in stage2_run[0]["history"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.02, losses
+
+
+@pytest.mark.parametrize(
+    "config, removed",
+    [
+        ("tiny_stage2_wo_lpe.yaml", "context_encoder.video_proj"),
+        ("tiny_stage2_wo_hbcu.yaml", "context_encoder.f_align"),
+        ("tiny_stage2_wo_lau.yaml", None),
+    ],
+)
+def test_stage2_ablations_train_from_their_configs(config, removed, stage1_runs, data_root, tmp_path):
+    result = _run(
+        config, data_root, tmp_path / "out", f"model.stage1_dir={stage1_runs['base'] / 'full'}",
+        "train.max_train_steps=2", "train.checkpointing_steps=0",
+    )  # fmt: skip
+    assert result["global_step"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    names = [n for n, _ in result["models"].module.named_parameters()]
+    if removed is not None:
+        assert not any(n.startswith(removed) for n in names)  # the module is removed, not zeroed
+    else:
+        assert set(result["text_embedder"].cache) == {""}  # w/o LAU: only the empty prompt reaches the generator
+    assert (tmp_path / "out" / "final" / "context_encoder" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_wo_sdcm_ablation_trains_both_stages(data_root, tmp_path):
+    from echo.transformer_echo import EchoDirectFusion
+
+    first = _run("tiny_stage1_wo_sdcm.yaml", data_root, tmp_path / "s1", "train.max_train_steps=2", "train.checkpointing_steps=0")
+    assert isinstance(first["models"].module.transformer.blocks[0].sdcm, EchoDirectFusion)
+    second = _run(
+        "tiny_stage2_wo_sdcm.yaml", data_root, tmp_path / "s2", f"model.stage1_dir={tmp_path / 's1'}",
+        "train.max_train_steps=2", "train.checkpointing_steps=0",
+    )  # fmt: skip
+    assert second["history"][0]["align"] == 0.0 and second["global_step"] == 2
+
+
+def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
+    """`accelerate launch` with two CPU processes (gloo): both ranks end with the same parameters."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+        "--main_process_port", "29533", "-m", "training.train", "--config", str(CONFIGS / "tiny_stage1.yaml"),
+        "--set", f"data.root={data_root}", "--set", f"output_dir={out}", "--set", "train.max_train_steps=2",
+        "--set", "train.checkpointing_steps=0", "--set", "train.dump_trainable_params=true",
+    ]  # fmt: skip
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summaries = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["num_processes"] for s in summaries] == [2, 2]
+    assert [s["process_index"] for s in summaries] == [0, 1]
+    # The ranks read different shards of the data (batch r of each step) ...
+    assert summaries[0]["clip_ids"] != summaries[1]["clip_ids"]
+    # ... and computed different losses, yet hold identical parameters after the synchronised updates.
+    assert summaries[0]["history"][0]["loss"] != summaries[1]["history"][0]["loss"]
+    params = [load_file(str(out / "ranks" / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert params[0].keys() == params[1].keys() and len(params[0]) > 0
+    initial_b = [k for k in params[0] if "lora_B" in k]
+    assert any(params[0][k].abs().sum() > 0 for k in initial_b)  # training moved the weights
+    for key in params[0]:
+        torch.testing.assert_close(params[0][key], params[1][key], rtol=0, atol=0, msg=key)
+
+
+def test_missing_clip_folder_is_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        cli(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", f"data.root={missing}", "--set", f"output_dir={tmp_path}"])
+
+
+def test_clip_shorter_than_the_window_is_named(data_root, tmp_path):
+    with pytest.raises(ValueError, match=r"conv0000_A_c0000.*17 frames.*num_frames = 21"):
+        _run("tiny_stage1.yaml", data_root, tmp_path, "data.num_frames=21")
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'optim.lora_lrr'"):
+        cli(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", "optim.lora_lrr=1e-4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: " + str(CONFIGS / "tiny_stage1.yaml") + "\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ValueError, match="unknown config key 'train.max_steps'"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="'data.num_frames' must be an integer"):
+        load_config(CONFIGS / "tiny_stage1.yaml", ["data.num_frames=8.5"])
+    with pytest.raises(ValueError, match="'model.stage1_dir' is required"):
+        load_config(CONFIGS / "tiny_stage2.yaml", ["model.stage1_dir=null"])
+
+
+def test_every_shipped_config_loads():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        config = load_config(path)
+        assert config.stage in (1, 2), path
+    real = load_config(CONFIGS / "stage1.yaml")
+    assert (real.lora.rank, real.optim.lora_lr, real.optim.base_lr) == (128, 1e-4, 2e-5)
+    switches = {p.name: load_config(p).ablation for p in CONFIGS.glob("stage2_wo_*.yaml")}
+    assert not switches["stage2_wo_lpe.yaml"].use_visual and not switches["stage2_wo_hbcu.yaml"].use_understanding
+    assert not switches["stage2_wo_lau.yaml"].use_emotion and not switches["stage2_wo_sdcm.yaml"].use_sdcm
