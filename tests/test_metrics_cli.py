@@ -159,3 +159,32 @@ def test_bad_input(data, tmp_path, caplog):
         cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "short", out="")))
     report = cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "short", length_mismatch="truncate", out="")))
     assert report["clips"]["clip_a"]["num_frames"] == T - 3
+
+
+def _astronaut_clip(shifts):
+    import cv2
+    import skimage.data
+
+    image = skimage.data.astronaut()
+    crops = [image[10 + dy : 266 + dy, 95 + dx : 351 + dx] for dx, dy in shifts]
+    return np.stack([cv2.resize(c, (160, 160), interpolation=cv2.INTER_AREA) for c in crops])
+
+
+def test_mediapipe_route_end_to_end(tmp_path):
+    """Landmark motion from real face frames: a copy of the ground truth scores rPCC = MSE = 0, and a generated
+    clip that moves less than the ground truth gets a lower pose variance."""
+    t = np.arange(16)
+    moving = [(int(12 * np.sin(0.5 * i)), int(6 * np.cos(0.3 * i))) for i in t]
+    still = [(int(2 * np.sin(0.5 * i)), 0) for i in t]
+    for sub, shifts in (("reference", moving), ("user", moving[::-1]), ("still", still)):
+        os.makedirs(tmp_path / sub)
+        video.write_video(str(tmp_path / sub / "clip.mp4"), _astronaut_clip(shifts))
+    argv = ["--reference", str(tmp_path / "reference"), "--user", str(tmp_path / "user"), "--kmeans-init", "2",
+            "--expression-components", "8", "--quiet", "--out", ""]  # fmt: skip
+    copy = cli.evaluate(cli.parse_args(["--generated", str(tmp_path / "reference"), *argv]))
+    assert copy["table"]["rPCC"] == pytest.approx(0.0, abs=1e-12)
+    assert copy["aggregate"]["mse_pose"] == 0.0 and copy["aggregate"]["mse_expression"] == 0.0
+    still_report = cli.evaluate(cli.parse_args(["--generated", str(tmp_path / "still"), *argv]))
+    clip = still_report["clips"]["clip"]
+    assert clip["var_pose"] < 0.5 * clip["var_pose_ground_truth"]
+    assert still_report["aggregate"]["mse_pose"] > 0
