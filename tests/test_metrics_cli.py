@@ -188,3 +188,17 @@ def test_mediapipe_route_end_to_end(tmp_path):
     clip = still_report["clips"]["clip"]
     assert clip["var_pose"] < 0.5 * clip["var_pose_ground_truth"]
     assert still_report["aggregate"]["mse_pose"] > 0
+
+
+def test_too_few_samples_and_short_coefficients(data, tmp_path):
+    os.makedirs(tmp_path / "one")
+    for ext in ("mp4", "npz"):
+        shutil.copy(data / "copy" / f"clip_a.{ext}", tmp_path / "one")
+    report = cli.evaluate(
+        cli.parse_args(_args(data, generated=tmp_path / "one", weights=data / "weights", fvd_clip_length=16, out=""))
+    )
+    assert report["table"]["FVD"] is None and "at least 2 samples" in report["unavailable"]["FVD"]
+    assert report["table"]["FID"] is not None
+    np.savez(tmp_path / "one" / "clip_a.npz", expcode=np.zeros((T - 1, 50)), posecode=np.zeros((T - 1, 6)))
+    with pytest.raises(ValueError, match="clip 'clip_a': the generated motion coefficients have 9 frames"):
+        cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "one", out="")))

@@ -181,9 +181,17 @@ def evaluate(args: argparse.Namespace) -> dict:
             sets["user"] = (usr, args.user)
         for label, (frames, folder) in sets.items():
             if extractor is not None:
-                clip.motion[label] = extractor(frames)
-            else:
-                clip.motion[label] = _load_motion_file(folder, name, adapter).truncate(len(gen))
+                try:
+                    clip.motion[label] = extractor(frames)
+                except ValueError as err:
+                    raise ValueError(f"clip {name!r} ({label}): {err}") from err
+                continue
+            coeffs = _load_motion_file(folder, name, adapter)
+            if len(coeffs) != len(gen) and not (args.length_mismatch == "truncate" and len(coeffs) > len(gen)):
+                raise ValueError(
+                    f"clip {name!r}: the {label} motion coefficients have {len(coeffs)} frames, the videos {len(gen)}."
+                )
+            clip.motion[label] = coeffs.truncate(len(gen))
         clips.append(clip)
 
     # 4. Motion metrics (expression through a PCA fitted on the ground truth for the landmark route)
@@ -200,12 +208,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     for part, seqs in parts.items():
         gen_seqs, ref_seqs = seqs["generated"], seqs["reference"]
         for i, c in enumerate(clips):
-            for label, seq in (("generated", gen_seqs[i]), ("reference", ref_seqs[i])):
-                if len(seq) != len(gen_seqs[i]):
-                    raise ValueError(
-                        f"clip {c.name!r}: {label} {part} coefficients have {len(seq)} frames, the video "
-                        f"{len(gen_seqs[i])}."
-                    )
             per_clip[c.name][f"mse_{part}"] = motion_metrics.mse(gen_seqs[i], ref_seqs[i])
             per_clip[c.name][f"var_{part}"] = motion_metrics.variance(gen_seqs[i])
             per_clip[c.name][f"var_{part}_ground_truth"] = motion_metrics.variance(ref_seqs[i])
@@ -228,7 +230,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     if user is None:
         reasons["rPCC"] = "needs the user videos (--user DIR)"
 
-    # 5. Video metrics
+    # 5. Video metrics (a Fréchet distance needs at least 2 samples per set)
+    num_fid_frames = sum(len(c.generated[:: args.frame_stride]) for c in clips)
+    num_fvd_windows = sum(max(1, len(c.generated) // args.fvd_clip_length) for c in clips)
+    for net, column, count, unit in (("inception", "FID", num_fid_frames, "frames"),
+                                     ("i3d", "FVD", num_fvd_windows, f"{args.fvd_clip_length}-frame windows")):  # fmt: skip
+        if networks[net] is not None and count < 2:
+            networks[net] = None
+            reasons[column] = f"a Fréchet distance needs at least 2 samples per set, got {count} {unit}"
     if networks["inception"] is not None:
         aggregate["fid"] = video_metrics.fid(
             networks["inception"], [c.generated for c in clips], [c.reference for c in clips], args.frame_stride

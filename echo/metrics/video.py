@@ -164,7 +164,11 @@ def fvd(network: torch.nn.Module, generated: Iterable[np.ndarray], reference: It
 
 
 def csim(network: torch.nn.Module, frames: np.ndarray, reference_image: np.ndarray, batch_size: int = 32) -> float:
-    """Mean cosine similarity between ArcFace embeddings of `(T, H, W, 3)` frames and a `(H, W, 3)` reference."""
+    """Mean cosine similarity between ArcFace embeddings of `(T, H, W, 3)` frames and a `(H, W, 3)` reference.
+
+    The whole frame is resized to the network's input (ArcFace expects aligned face crops; the prepared and
+    generated clips of this project are face-centred crops, so no further alignment is done).
+    """
     emb = torch.from_numpy(image_features(network, frames, batch_size))
     ref = torch.from_numpy(image_features(network, np.asarray(reference_image)[None], batch_size))
     return float(F.cosine_similarity(emb, ref.expand_as(emb), dim=1).mean())
