@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="model description (configs/models/*.yaml)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic conversation")
     parser.add_argument("--size", type=int, default=128, help="rendered avatar side in pixels (multiple of 16)")
+    parser.add_argument("--source-size", type=int, default=256, help="side of the synthetic conversation's videos")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per chunk")
     parser.add_argument("--frames-per-chunk", type=int, default=33)
     parser.add_argument("--motion-frames", type=int, default=5)
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Synthetic conversation: A talks and listens (the avatar), B is the user
     print(f"[1/4] synthesising a {args.seconds:.1f} s conversation (espeak-ng speech, animated face photo) ...")
-    conversation = make_conversation(out / "conversation", layout="pairs", seconds=args.seconds, seed=args.seed)
+    conversation = make_conversation(
+        out / "conversation", layout="pairs", seconds=args.seconds, size=args.source_size, seed=args.seed
+    )
     avatar, user = conversation.participants
     avatar_audio = load_wav(conversation.audios[avatar])
     user_audio = load_wav(conversation.audios[user])
