@@ -284,9 +284,8 @@ class EchoSDCM(nn.Module):
         # 3. Gate and region-wise combination
         g = self.gate(h_usr, h_avt, grid)
         face_mask = face_mask * (1 - lip_mask)
-        h_lip = h_avt * lip_mask
-        h_face = (h_usr + g * (h_avt - h_usr)) * face_mask  # g ⊙ h_avt + (1 − g) ⊙ h_usr
-        return h_lip + h_face
+        h_face = torch.lerp(h_usr, h_avt, g) * face_mask  # (g ⊙ h_avt + (1 − g) ⊙ h_usr) ⊙ M_face
+        return torch.addcmul(h_face, h_avt, lip_mask)  # h_lip + h_face, h_lip = h_avt ⊙ M_lip
 
 
 class EchoDirectFusion(nn.Module):
