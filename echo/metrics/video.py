@@ -14,9 +14,9 @@ Choices fixed here (the paper cites the metrics without these details):
   image, averaged over frames (the paper compares against the avatar's reference image; ``echo-eval`` uses the
   first frame of the ground-truth clip unless a reference image is given).
 - **LSE-D / LSE-C**: SyncNet as in syncnet_python's ``SyncNetInstance.evaluate``: 5-frame visual windows at 224²
-  (BGR, 0-255), 13-d MFCC (python_speech_features defaults, 100 Hz) windows of 20 rows starting at ``4·frame``;
-  mean over frames of the feature distance at each offset in ``[−vshift, vshift]`` (``vshift`` = 15); LSE-D is the
-  minimum of those means, LSE-C their median minus the minimum.
+  (BGR, 0-255), 13-d MFCC windows of 20 rows starting at ``4·frame`` (python_speech_features defaults, 100 Hz, audio
+  on the 16-bit PCM scale); mean over frames of the feature distance at each offset in ``[−vshift, vshift]``
+  (``vshift`` = 15); LSE-D is the minimum of those means, LSE-C their median minus the minimum.
 """
 
 from __future__ import annotations
@@ -248,7 +248,8 @@ def lse(network: torch.nn.Module, frames: np.ndarray, audio: np.ndarray, fps: fl
     video = torch.from_numpy(np.ascontiguousarray(frames[:num_frames, :, :, ::-1])).permute(3, 0, 1, 2).float()
     video = F.interpolate(video.permute(1, 0, 2, 3), size=(224, 224), mode="bilinear", align_corners=False)
     video = video.permute(1, 0, 2, 3)  # 3, T, 224, 224
-    cc = torch.from_numpy(mfcc(audio).T.copy()).float()  # 13, N
+    # syncnet_python reads 16-bit PCM, so its MFCC c0 (log energy) is on the int16 scale
+    cc = torch.from_numpy(mfcc(np.asarray(audio, dtype=np.float64) * 32768.0).T.copy()).float()  # 13, N
     # 3. Embeddings of every window
     vis, aud = [], []
     for i in range(0, last, batch_size):
