@@ -6,8 +6,8 @@ sequences (clips of different lengths) are accepted where a metric pools frames 
 
 Choices the paper and learning2listen leave open, fixed here:
 
-- **MSE**: mean over frames *and* dims of the squared difference (per clip); the data-set value is the frame-weighted
-  mean over clips.
+- **MSE**: mean over frames *and* dims of the squared difference (per clip); the data-set value is the mean over
+  clips.
 - **FD**: Fréchet distance between Gaussians fitted to the *frames* (each frame one sample of dimension D) of the
   generated and of the ground-truth sequences, pooled over clips (covariance with ``ddof=1``); the trace of the
   covariance-product square root in its symmetric form (see `frechet_distance_from_statistics`).
@@ -18,12 +18,13 @@ Choices the paper and learning2listen leave open, fixed here:
   nearest centroid and SID is the Shannon entropy of that histogram in **bits** (``log2``), so it lies in
   ``[0, log2(k)]`` (3.91 for k = 15, 3.17 for k = 9). The histogram is taken over all frames of the generated set
   passed in (one sequence, or a list pooled together). Note: the paper's Table 1 reports a ground-truth SID of
-  3.972, slightly above ``log2(15)``; that value cannot come from one 15-bin histogram in any base, so Table 1's
-  aggregation of expression and pose is not recoverable from the text. We report expression and pose SID
-  separately and their mean.
+  3.972, slightly above ``log2(15)`` = 3.907; a 15-bin histogram cannot reach it in bits (nor in nats), so Table 1's
+  aggregation of expression and pose is not recoverable from the text. ``echo-eval`` reports expression and pose
+  SID separately (and the ground truth's own SID under the same clusters, as a reference value).
 - **rPCC**: PCC(a, u) between an avatar sequence ``a`` and the user sequence ``u`` is the Pearson correlation over
   time of each dim, averaged over dims (dims that are constant in either sequence contribute 0, the correlation of
-  a constant signal being undefined); ``rpcc = |PCC(gt, user) − PCC(generated, user)|``.
+  a constant signal being undefined); ``rpcc = |PCC(gt, user) − PCC(generated, user)|`` per clip, averaged over
+  clips for the data set.
 """
 
 from __future__ import annotations
