@@ -140,3 +140,16 @@ def test_flame_adapter(tmp_path):
     np.savez(tmp_path / "bad.npz", shape=exp)
     with pytest.raises(KeyError, match="expcode"):
         adapter.load(str(tmp_path / "bad.npz"))
+
+
+def test_pose_sign_conventions():
+    """yaw > 0 moves the nose tip to the image's left, pitch > 0 moves it down, roll > 0 turns the face clockwise."""
+    model = ex.canonical_pose_points(camera_frame=True)
+    nose = ex.POSE_LANDMARK_INDICES.index(4)
+    right_eye, left_eye = ex.POSE_LANDMARK_INDICES.index(33), ex.POSE_LANDMARK_INDICES.index(263)
+    centre = np.array([0.0, 0.0, 45.0])
+    frontal = _project(model, _rotation(0, 0, 0), centre, 256)
+    assert _project(model, _rotation(15, 0, 0), centre, 256)[nose, 0] < frontal[nose, 0]
+    assert _project(model, _rotation(0, 15, 0), centre, 256)[nose, 1] > frontal[nose, 1]
+    rolled = _project(model, _rotation(0, 0, 15), centre, 256)
+    assert rolled[left_eye, 1] > rolled[right_eye, 1]  # the image-right eye drops: clockwise

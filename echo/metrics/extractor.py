@@ -16,7 +16,8 @@ this module offers two routes to the `(T, D)` sequences that `echo.metrics.motio
 Camera model for ``solvePnP``: a pinhole with focal length ``max(H, W)`` pixels and the principal point at the image
 centre (no calibration is known for generated videos). Angles: the rotation ``R`` from the canonical face to the
 camera (x right, y down, z forward) is decomposed as ``R = Rz(roll) · Ry(yaw) · Rx(pitch)``; yaw > 0 turns the face
-towards the image's left (the subject's right), pitch > 0 tilts the chin up, roll is the in-plane rotation.
+towards the image's left (the subject's right), pitch > 0 lowers the nose (looking down), roll > 0 turns the face
+clockwise in the image.
 """
 
 from __future__ import annotations
