@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -71,18 +70,6 @@ def match_clips(generated: dict[str, str], reference: dict[str, str], user: dict
             "clips are matched by file name."
         )
     return sorted(names)
-
-
-@dataclass
-class ClipData:
-    name: str
-    generated: np.ndarray  # T, H, W, 3
-    reference: np.ndarray
-    user: np.ndarray | None
-    fps: float
-    audio: np.ndarray | None
-    reference_image: np.ndarray
-    motion: dict[str, MotionCoefficients] = field(default_factory=dict)
 
 
 def _check_lengths(name: str, clips: dict[str, np.ndarray | None], mode: str) -> dict[str, np.ndarray | None]:
@@ -159,30 +146,32 @@ def evaluate(args: argparse.Namespace) -> dict:
             for c in columns:
                 reasons[c] = str(err)
 
-    # 3. Per clip: decode, motion, frame-level metrics
+    # 3. Per clip: decode, motion, per-clip video metrics and feature sets; frames are dropped after each clip
     extractor = MediaPipeMotionExtractor() if args.motion_source == "mediapipe" else None
     adapter = FlameCoefficientAdapter(args.expression_dims, args.pose_dims)
-    clips: list[ClipData] = []
+    per_clip: dict[str, dict] = {}
+    motions: dict[str, dict[str, MotionCoefficients]] = {}
+    features: dict[str, dict[str, list[np.ndarray]]] = {
+        "inception": {"generated": [], "reference": []},
+        "i3d": {"generated": [], "reference": []},
+    }
+    silent: list[str] = []
     for name in tqdm(names, desc="echo-eval: clips", disable=args.quiet):
         gen, fps = video_metrics.read_video(generated[name])
         ref, _ = video_metrics.read_video(reference[name])
         usr = video_metrics.read_video(user[name])[0] if user is not None else None
         checked = _check_lengths(name, {"generated": gen, "reference": ref, "user": usr}, args.length_mismatch)
         gen, ref, usr = checked["generated"], checked["reference"], checked["user"]
-        audio_path = os.path.join(args.audio, name + ".wav") if args.audio else generated[name]
-        audio = video_metrics.read_audio(audio_path) if os.path.isfile(audio_path) else None
-        if args.reference_images:
-            ref_image = _load_image(os.path.join(args.reference_images, name + ".png"))
-        else:
-            ref_image = ref[0]
-        clip = ClipData(name, gen, ref, usr, fps, audio, ref_image)
+        per_clip[name] = {"num_frames": len(gen)}
+        # 3a. Motion coefficients
+        motions[name] = {}
         sets = {"generated": (gen, args.generated), "reference": (ref, args.reference)}
         if usr is not None:
             sets["user"] = (usr, args.user)
         for label, (frames, folder) in sets.items():
             if extractor is not None:
                 try:
-                    clip.motion[label] = extractor(frames)
+                    motions[name][label] = extractor(frames)
                 except ValueError as err:
                     raise ValueError(f"clip {name!r} ({label}): {err}") from err
                 continue
@@ -191,28 +180,50 @@ def evaluate(args: argparse.Namespace) -> dict:
                 raise ValueError(
                     f"clip {name!r}: the {label} motion coefficients have {len(coeffs)} frames, the videos {len(gen)}."
                 )
-            clip.motion[label] = coeffs.truncate(len(gen))
-        clips.append(clip)
+            motions[name][label] = coeffs.truncate(len(gen))
+        # 3b. Feature sets of FID (frames) and FVD (windows)
+        if networks["inception"] is not None:
+            for label, frames in (("generated", gen), ("reference", ref)):
+                feats = video_metrics.image_features(networks["inception"], frames[:: args.frame_stride])
+                features["inception"][label].append(feats)
+        if networks["i3d"] is not None:
+            for label, frames in (("generated", gen), ("reference", ref)):
+                feats = video_metrics.video_features(networks["i3d"], frames, args.fvd_clip_length)
+                features["i3d"][label].append(feats)
+        # 3c. CSIM against the reference image, LSE with the avatar audio
+        if networks["arcface"] is not None:
+            if args.reference_images:
+                ref_image = _load_image(os.path.join(args.reference_images, name + ".png"))
+            else:
+                ref_image = ref[0]
+            per_clip[name]["csim"] = video_metrics.csim(networks["arcface"], gen, ref_image)
+        if networks["syncnet"] is not None:
+            audio_path = os.path.join(args.audio, name + ".wav") if args.audio else generated[name]
+            audio = video_metrics.read_audio(audio_path) if os.path.isfile(audio_path) else None
+            if audio is None or len(audio) == 0:
+                silent.append(name)
+            else:
+                per_clip[name].update(video_metrics.lse(networks["syncnet"], gen, audio, fps=fps))
+        del gen, ref, usr, checked, sets
 
     # 4. Motion metrics (expression through a PCA fitted on the ground truth for the landmark route)
     parts = {}
     for part in ("expression", "pose"):
-        seqs = {label: [getattr(c.motion[label], part) for c in clips] for label in clips[0].motion}
+        seqs = {label: [getattr(motions[n][label], part) for n in names] for label in motions[names[0]]}
         if extractor is not None and part == "expression":
             pca = LandmarkPCA(args.expression_components).fit(np.concatenate(seqs["reference"]))
             seqs = {label: [pca.transform(s) for s in v] for label, v in seqs.items()}
         parts[part] = seqs
 
-    per_clip: dict[str, dict] = {c.name: {"num_frames": len(c.generated)} for c in clips}
     aggregate: dict[str, float | None] = {}
     for part, seqs in parts.items():
         gen_seqs, ref_seqs = seqs["generated"], seqs["reference"]
-        for i, c in enumerate(clips):
-            per_clip[c.name][f"mse_{part}"] = motion_metrics.mse(gen_seqs[i], ref_seqs[i])
-            per_clip[c.name][f"var_{part}"] = motion_metrics.variance(gen_seqs[i])
-            per_clip[c.name][f"var_{part}_ground_truth"] = motion_metrics.variance(ref_seqs[i])
+        for i, name in enumerate(names):
+            per_clip[name][f"mse_{part}"] = motion_metrics.mse(gen_seqs[i], ref_seqs[i])
+            per_clip[name][f"var_{part}"] = motion_metrics.variance(gen_seqs[i])
+            per_clip[name][f"var_{part}_ground_truth"] = motion_metrics.variance(ref_seqs[i])
             if "user" in seqs:
-                per_clip[c.name][f"rpcc_{part}"] = motion_metrics.rpcc(gen_seqs[i], ref_seqs[i], seqs["user"][i])
+                per_clip[name][f"rpcc_{part}"] = motion_metrics.rpcc(gen_seqs[i], ref_seqs[i], seqs["user"][i])
         k = motion_metrics.SID_CLUSTERS[part]
         ref_frames = np.concatenate(ref_seqs)
         if len(ref_frames) >= k:
@@ -223,40 +234,27 @@ def evaluate(args: argparse.Namespace) -> dict:
             aggregate[f"sid_{part}"] = None
             reasons.setdefault("SID", f"k-means with k={k} needs at least {k} ground-truth frames, got {len(ref_frames)}")
         aggregate[f"fd_{part}"] = motion_metrics.frechet_distance(gen_seqs, ref_seqs)
-        aggregate[f"mse_{part}"] = _mean([per_clip[c.name][f"mse_{part}"] for c in clips])
-        aggregate[f"var_{part}"] = _mean([per_clip[c.name][f"var_{part}"] for c in clips])
-        aggregate[f"var_{part}_ground_truth"] = _mean([per_clip[c.name][f"var_{part}_ground_truth"] for c in clips])
-        aggregate[f"rpcc_{part}"] = _mean([per_clip[c.name].get(f"rpcc_{part}") for c in clips])
+        for key in (f"mse_{part}", f"var_{part}", f"var_{part}_ground_truth", f"rpcc_{part}"):
+            aggregate[key] = _mean([per_clip[n].get(key) for n in names])
     if user is None:
         reasons["rPCC"] = "needs the user videos (--user DIR)"
 
-    # 5. Video metrics (a Fréchet distance needs at least 2 samples per set)
-    num_fid_frames = sum(len(c.generated[:: args.frame_stride]) for c in clips)
-    num_fvd_windows = sum(max(1, len(c.generated) // args.fvd_clip_length) for c in clips)
-    for net, column, count, unit in (("inception", "FID", num_fid_frames, "frames"),
-                                     ("i3d", "FVD", num_fvd_windows, f"{args.fvd_clip_length}-frame windows")):  # fmt: skip
-        if networks[net] is not None and count < 2:
-            networks[net] = None
-            reasons[column] = f"a Fréchet distance needs at least 2 samples per set, got {count} {unit}"
-    if networks["inception"] is not None:
-        aggregate["fid"] = video_metrics.fid(
-            networks["inception"], [c.generated for c in clips], [c.reference for c in clips], args.frame_stride
-        )
-    if networks["i3d"] is not None:
-        aggregate["fvd"] = video_metrics.fvd(
-            networks["i3d"], [c.generated for c in clips], [c.reference for c in clips], args.fvd_clip_length
-        )
+    # 5. Set-level video metrics (a Fréchet distance needs at least 2 samples per set) and averages
+    for net, column, key, unit in (("inception", "FID", "fid", "frames"),
+                                   ("i3d", "FVD", "fvd", f"{args.fvd_clip_length}-frame windows")):  # fmt: skip
+        if networks[net] is None:
+            continue
+        gen_feats = np.concatenate(features[net]["generated"])
+        ref_feats = np.concatenate(features[net]["reference"])
+        if min(len(gen_feats), len(ref_feats)) < 2:
+            reasons[column] = f"a Fréchet distance needs at least 2 samples per set, got {len(gen_feats)} {unit}"
+        else:
+            aggregate[key] = video_metrics.frechet_feature_distance(gen_feats, ref_feats)
     if networks["arcface"] is not None:
-        for c in clips:
-            per_clip[c.name]["csim"] = video_metrics.csim(networks["arcface"], c.generated, c.reference_image)
-        aggregate["csim"] = _mean([per_clip[c.name]["csim"] for c in clips])
+        aggregate["csim"] = _mean([per_clip[n]["csim"] for n in names])
     if networks["syncnet"] is not None:
-        silent = [c.name for c in clips if c.audio is None or len(c.audio) == 0]
-        for c in clips:
-            if c.name not in silent:
-                per_clip[c.name].update(video_metrics.lse(networks["syncnet"], c.generated, c.audio, fps=c.fps))
-        aggregate["lse_d"] = _mean([per_clip[c.name].get("lse_d") for c in clips])
-        aggregate["lse_c"] = _mean([per_clip[c.name].get("lse_c") for c in clips])
+        aggregate["lse_d"] = _mean([per_clip[n].get("lse_d") for n in names])
+        aggregate["lse_c"] = _mean([per_clip[n].get("lse_c") for n in names])
         if silent:
             reason = f"no audio for clip(s) {', '.join(silent)} (mux the avatar audio into the mp4 or pass --audio)"
             if aggregate["lse_d"] is None:
@@ -287,7 +285,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             "user": args.user,
             "motion_source": args.motion_source,
             "length_mismatch": args.length_mismatch,
-            "num_clips": len(clips),
+            "num_clips": len(names),
         },
     }
     report["markdown"] = markdown_table(table, reasons)
