@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import sys
 import traceback
@@ -101,7 +102,8 @@ def run_prep(
             except Exception as error:  # reported per input; the run continues with the others
                 record(None, _failure(conversation, error))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # Spawned (not forked) workers: the parent may hold torch / MediaPipe threads that a fork would copy mid-state.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_work, c, str(out_dir), options) for c in conversations]
             for future in as_completed(futures):
                 _, result, failure = future.result()
@@ -149,6 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder (stage 'latents')")
     parser.add_argument("--omni-model", default=None, help="Qwen-Omni folder (stage 'omni')")
     parser.add_argument("--emotion-model", default=None, help="causal LM folder or http(s) endpoint (stage 'emotion')")
+    parser.add_argument("--emotion-served-model", default="default", help="model name at the --emotion-model endpoint")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker process")
     parser.add_argument("--no-progress", action="store_true")
@@ -172,6 +175,7 @@ def main(argv=None) -> int:
         vae=args.vae,
         omni_model=args.omni_model,
         emotion_model=args.emotion_model,
+        emotion_served_model=args.emotion_served_model,
         device=args.device,
         threads=args.threads,
     )

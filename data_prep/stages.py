@@ -68,7 +68,8 @@ class PrepOptions:
         av_tolerance (`float`, defaults to 0.1): seconds an audio track may be shorter than its video (zero-padded).
         asr_model (`str`, *optional*): Whisper folder used when a conversation has no transcript.
         stages (`list[str]`): ``"clips"`` (the clip folders) and optional caches ``"latents"`` (needs ``vae``),
-            ``"omni"`` (needs ``omni_model``) and ``"emotion"`` (needs ``emotion_model``).
+            ``"omni"`` (needs ``omni_model``) and ``"emotion"`` (needs ``emotion_model``: a causal-LM folder or an
+            OpenAI-compatible endpoint URL serving ``emotion_served_model``); see `data_prep.caches`.
         device (`str`, defaults to `"cpu"`).
         threads (`int`, defaults to 1): torch CPU threads per worker process (the pool provides the parallelism).
     """
@@ -88,6 +89,7 @@ class PrepOptions:
     vae: str | None = None
     omni_model: str | None = None
     emotion_model: str | None = None
+    emotion_served_model: str = "default"
     emotion_window_frames: int = 81
     device: str = "cpu"
     threads: int = 1
@@ -236,6 +238,7 @@ def prepare_conversation(conversation: Conversation, out_dir: str | Path, option
         listed = json.loads(done_marker.read_text())["clips"]
         if all((out_dir / c).is_dir() for c in listed):
             result.skipped = listed
+            run_caches(out_dir, listed, options)
             return result
     ids = [p.id for p in conversation.participants]
 
@@ -303,17 +306,26 @@ def prepare_conversation(conversation: Conversation, out_dir: str | Path, option
                 transcript = clip_transcript(segments, vad, a, u, start / FPS, end / FPS, text_source)
                 write_clip(out_dir, targets[a], conversation, a, u, streams, start, transcript, options, on_clip)
                 result.written.append(targets[a])
-    done_marker.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic_text(done_marker, json.dumps({"clips": all_clips}, indent=1))
+    if all((out_dir / c).is_dir() for c in all_clips):
+        done_marker.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic_text(done_marker, json.dumps({"clips": all_clips}, indent=1))
 
     # 6. Optional caches on the finished clip folders.
-    for stage in CACHE_STAGES:
-        if stage in options.stages:
-            from data_prep import caches
-
-            for c in all_clips:
-                caches.run_stage(stage, out_dir / c, options)
+    run_caches(out_dir, all_clips, options)
     return result
+
+
+def run_caches(out_dir: Path, clips: list[str], options: PrepOptions) -> None:
+    """Step 6: the optional cache stages on every existing clip folder of a conversation (see `data_prep.caches`)."""
+    stages = [stage for stage in CACHE_STAGES if stage in options.stages]
+    if not stages:
+        return
+    from data_prep import caches
+
+    for clip in clips:
+        if (out_dir / clip).is_dir():
+            for stage in stages:
+                caches.run_stage(stage, out_dir / clip, options)
 
 
 def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str, user: str, streams: dict,

@@ -80,3 +80,60 @@ def make_tiny_prepared_set(
     if len(clips) != 2:
         raise RuntimeError(f"Expected two prepared clips under {out_dir / 'prepared'}, found {len(clips)}.")
     return clips
+
+
+WHISPER_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|transcribe|>",
+    "<|translate|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+)
+
+
+def save_tiny_whisper(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny English-only ``WhisperForConditionalGeneration`` and its ``WhisperProcessor``.
+
+    The tokenizer is a byte-level BPE over the 256 byte symbols (no merges) plus Whisper's special tokens, so it is
+    built offline; the model has one encoder and one decoder layer of width 32 and 80 mel bins. Its transcripts are
+    random bytes: it exercises the ASR path, not recognition.
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder = Path(folder)
+    if (folder / "config.json").exists() and (folder / "preprocessor_config.json").exists():
+        return folder
+    vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
+    for token in WHISPER_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>")
+    tokenizer.add_tokens(list(WHISPER_SPECIAL_TOKENS), special_tokens=True)
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer).save_pretrained(folder)
+    end, start = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"]
+    config = WhisperConfig(
+        vocab_size=len(vocab), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_source_positions=1500, max_target_positions=24, pad_token_id=end, bos_token_id=end, eos_token_id=end,
+        decoder_start_token_id=start,
+    )
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=start, eos_token_id=end, pad_token_id=end, bos_token_id=end,
+        no_timestamps_token_id=vocab["<|notimestamps|>"], is_multilingual=False,
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

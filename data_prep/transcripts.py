@@ -136,10 +136,10 @@ class WhisperTranscriber:
                 end = min(region["end"], start + 30.0)
                 audio = waveform[int(start * sample_rate) : int(end * sample_rate)]
                 features = self.processor(audio, sampling_rate=sample_rate, return_tensors="pt").input_features
+                # The decoder prompt (start, language, task, no-timestamps) takes up to 4 of its positions.
+                limit = min(self.max_new_tokens, self.model.config.max_target_positions - 4)
                 with torch.no_grad():
-                    tokens = self.model.generate(
-                        features.to(self.device, self.model.dtype), max_new_tokens=self.max_new_tokens
-                    )
+                    tokens = self.model.generate(features.to(self.device, self.model.dtype), max_new_tokens=limit)
                 text = self.processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
                 segments.append({"start": start, "end": end, "text": text})
                 start = end

@@ -1,0 +1,139 @@
+"""Optional caches added to finished clip folders (``echo-prep --stages clips,latents,omni,emotion``).
+
+Each stage reads a complete clip folder, skips it when its output exists, and writes its file atomically
+(temporary name, then `os.replace`):
+
+- ``latents`` → ``avatar_latents.safetensors``, key ``"latents"``, `(16, F_all, h, w)` float32: the posterior mode of
+  the Wan VAE (``AutoencoderKLWan`` from ``--vae``, a VAE folder or a pipeline folder with a ``vae/`` subfolder) for
+  the first ``F = 4(F_all − 1) + 1`` frames of ``avatar.mp4``, *not* normalised (training applies
+  ``vae.config.latents_mean/std``).
+- ``omni`` → ``user_omni.safetensors``, key ``"hidden_states"``, `(N_s, D_s)`: `echo.understanding.OmniUnderstanding`
+  (``--omni-model``) on the user's frames sampled at ``omni_fps`` (2 fps) and the user's audio.
+- ``emotion`` → ``emotion.json`` ``{"windows": [{"end_frame", "text"}]}``: `echo.emotion.EmotionReasoner` on the clip's
+  dialogue history (``transcript.json``) at the end of every window of ``emotion_window_frames`` frames and at the
+  clip's last frame. ``--emotion-model`` is a local causal-LM folder, or an OpenAI-compatible endpoint
+  ``http(s)://host:port/v1`` whose served model name is ``--emotion-served-model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from data_prep.media import read_video, read_wav
+
+_LOADED: dict = {}
+
+
+def _atomic_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _vae(options):
+    from diffusers import AutoencoderKLWan
+
+    key = ("vae", options.vae, options.device)
+    if key not in _LOADED:
+        subfolder = "vae" if (Path(options.vae) / "vae" / "config.json").exists() else None
+        vae = AutoencoderKLWan.from_pretrained(options.vae, subfolder=subfolder)
+        _LOADED[key] = vae.to(options.device).eval()
+    return _LOADED[key]
+
+
+@torch.no_grad()
+def cache_latents(clip_dir: str | Path, vae, temporal_compression: int = 4) -> Path:
+    """Write ``avatar_latents.safetensors`` (see the module docstring); returns its path."""
+    from safetensors.torch import save_file
+
+    clip_dir = Path(clip_dir)
+    path = clip_dir / "avatar_latents.safetensors"
+    if path.exists():
+        return path
+    frames = read_video(clip_dir / "avatar.mp4")
+    usable = (len(frames) - 1) // temporal_compression * temporal_compression + 1
+    video = torch.from_numpy(frames[:usable]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # 1, 3, F, H, W
+    latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()[0]  # 16, F_all, h, w
+    tmp = _atomic_path(path)
+    save_file({"latents": latents.float().cpu().contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def cache_omni(clip_dir: str | Path, understanding, omni_fps: float = 2.0) -> Path:
+    """Write ``user_omni.safetensors`` with `OmniUnderstanding.cache` (frames at ``omni_fps``, all user audio)."""
+    clip_dir = Path(clip_dir)
+    path = clip_dir / "user_omni.safetensors"
+    if path.exists():
+        return path
+    meta = json.loads((clip_dir / "meta.json").read_text())
+    frames = read_video(clip_dir / "user.mp4")
+    step = max(1, int(round(meta["fps"] / omni_fps)))
+    audio, _ = read_wav(clip_dir / "user.wav")
+    understanding.cache(clip_dir, frames=frames[::step], audio=audio)
+    return path
+
+
+def emotion_windows(num_frames: int, window_frames: int) -> list[int]:
+    """End frames of the emotion windows: every ``window_frames`` frames and the clip's last frame."""
+    ends = list(range(window_frames - 1, num_frames, window_frames))
+    if not ends or ends[-1] != num_frames - 1:
+        ends.append(num_frames - 1)
+    return ends
+
+
+def cache_emotion(clip_dir: str | Path, reasoner, window_frames: int = 81) -> Path:
+    """Write ``emotion.json`` (see the module docstring)."""
+    clip_dir = Path(clip_dir)
+    path = clip_dir / "emotion.json"
+    if path.exists():
+        return path
+    meta = json.loads((clip_dir / "meta.json").read_text())
+    history = json.loads((clip_dir / "transcript.json").read_text())["segments"]
+    windows = []
+    for end_frame in emotion_windows(meta["num_frames"], window_frames):
+        text = reasoner.describe(history, clip_end=(end_frame + 1) / meta["fps"], avatar_speaker="avatar")
+        windows.append({"end_frame": end_frame, "text": text})
+    tmp = _atomic_path(path)
+    tmp.write_text(json.dumps({"windows": windows}, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def run_stage(stage: str, clip_dir: str | Path, options) -> Path:
+    """Run one cache ``stage`` on a finished clip folder, loading its model once per process."""
+    if stage == "latents":
+        if options.vae is None:
+            raise ValueError("Stage 'latents' needs `--vae`, an AutoencoderKLWan folder.")
+        return cache_latents(clip_dir, _vae(options))
+    if stage == "omni":
+        if options.omni_model is None:
+            raise ValueError("Stage 'omni' needs `--omni-model`, a Qwen2.5-Omni / Qwen3-Omni folder.")
+        key = ("omni", options.omni_model, options.device)
+        if key not in _LOADED:
+            from echo.understanding import OmniUnderstanding
+
+            _LOADED[key] = OmniUnderstanding.from_pretrained(options.omni_model, device=options.device)
+        return cache_omni(clip_dir, _LOADED[key])
+    if stage == "emotion":
+        if options.emotion_model is None:
+            raise ValueError("Stage 'emotion' needs `--emotion-model`, a causal-LM folder or an http(s) endpoint.")
+        key = ("emotion", options.emotion_model, options.device)
+        if key not in _LOADED:
+            from echo.emotion import EmotionReasoner
+
+            if str(options.emotion_model).startswith(("http://", "https://")):
+                reasoner = EmotionReasoner(
+                    backend="openai", model=options.emotion_served_model, base_url=options.emotion_model,
+                    on_error="raise",
+                )
+            else:
+                reasoner = EmotionReasoner(
+                    backend="transformers", model=options.emotion_model, device=options.device, on_error="raise"
+                )
+            _LOADED[key] = reasoner
+        return cache_emotion(clip_dir, _LOADED[key], options.emotion_window_frames)
+    raise ValueError(f"`stage` is {stage!r}, expected 'latents', 'omni' or 'emotion'.")
+

@@ -1,0 +1,184 @@
+"""Parts of data preparation: audio policy, crops and boxes, transcripts, ASR, caches, face backends, process pool."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from data_prep.faces import FaceAlignmentDetector, crop_frame, crop_to_source, smooth_crop_boxes, source_to_crop
+from data_prep.media import MediaError, load_audio, read_wav, write_wav
+from data_prep.stages import PrepOptions
+from data_prep.synthetic import make_conversation
+from data_prep.testing import make_tiny_prepared_set, save_tiny_wav2vec2, save_tiny_whisper
+from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_seamless_json
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return save_tiny_wav2vec2(tmp_path_factory.mktemp("wav2vec2"))
+
+
+def test_audio_above_16k_is_resampled_and_below_is_rejected(tmp_path):
+    rate = 22_050
+    time = np.arange(rate) / rate
+    write_wav(tmp_path / "tone.wav", 0.5 * np.sin(2 * np.pi * 440 * time), rate)
+    audio = load_audio(tmp_path / "tone.wav")
+    assert len(audio) == 16_000
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert np.argmax(spectrum) == pytest.approx(440, abs=1)  # 1 s of audio: bin = Hz
+    write_wav(tmp_path / "phone.wav", np.zeros(8_000), 8_000)
+    with pytest.raises(MediaError, match=r"^phone\.wav: sample rate 8000 Hz is below"):
+        load_audio(tmp_path / "phone.wav")
+
+
+def test_crop_maps_pixels_like_the_landmark_transform():
+    """A dot at source point p appears at source_to_crop(p) in the crop; crop_to_source inverts it."""
+    image = np.zeros((240, 320, 3), dtype=np.uint8)
+    point = np.array([201.0, 97.0])
+    image[97, 201] = 255
+    box = np.array([150.0, 40.0, 270.0, 160.0])  # 120 px square
+    crop = crop_frame(image, box, 240)  # ×2 upscaling
+    found = np.argwhere(crop[..., 0] == crop[..., 0].max()).mean(axis=0)[::-1]
+    np.testing.assert_allclose(found, source_to_crop(point, box, 240), atol=1.0)
+    np.testing.assert_allclose(crop_to_source(source_to_crop(point, box, 240), box, 240), point, atol=1e-4)
+    # Outside the frame the crop is black.
+    assert crop_frame(image, np.array([-100.0, -100.0, 20.0, 20.0]), 64)[:32, :32].max() == 0
+
+
+def test_crop_boxes_fill_gaps_and_smooth_jitter():
+    rng = np.random.default_rng(0)
+    centre = np.stack([np.linspace(100, 140, 60), np.full(60, 80.0)], axis=1)
+    jitter = rng.normal(0, 3, size=(60, 2))
+    boxes = np.concatenate([centre + jitter - 20, centre + jitter + 20], axis=1)
+    boxes[20:26] = np.nan  # missed detections
+    crops = smooth_crop_boxes(boxes, crop_scale=2.0, sigma=2.0)
+    assert np.isfinite(crops).all()
+    side = crops[:, 2] - crops[:, 0]
+    np.testing.assert_allclose(side, crops[:, 3] - crops[:, 1], rtol=1e-5)  # square
+    np.testing.assert_allclose(side, 80.0, rtol=1e-4)  # 2 × the 40 px face box
+    smoothed = (crops[:, :2] + crops[:, 2:]) / 2
+    assert np.abs(smoothed - centre).std() < 0.6 * jitter.std()
+    # The gap follows the track (interpolated between its neighbours), not a jump to a default.
+    assert np.abs(smoothed[20:26, 0] - centre[20:26, 0]).max() < 4.0
+
+
+def test_transcript_readers_name_the_file_and_accept_word_lists(tmp_path):
+    path = tmp_path / "transcript.json"
+    path.write_text(json.dumps({"segments": [{"speaker": "C", "start": 0.0, "end": 1.0, "text": "hi"}]}))
+    with pytest.raises(MediaError, match=r"^transcript\.json: segment speaker 'C' is not one of"):
+        read_pairs_transcript(path, ["A", "B"])
+    seamless = tmp_path / "V01_S0002_I00000003_P0004.json"
+    seamless.write_text(json.dumps({
+        "metadata:transcript": [{"start": 0.5, "end": 1.5, "words": [{"word": "good", "start": 0.5, "end": 0.9},
+                                                                      {"word": "morning", "start": 0.9, "end": 1.5}]}],
+        "metadata:vad": [{"start": 0.4, "end": 1.6}],
+    }))
+    segments, vad = read_seamless_json(seamless)
+    assert segments == [{"start": 0.5, "end": 1.5, "text": "good morning"}] and vad == [{"start": 0.4, "end": 1.6}]
+    seamless.write_text(json.dumps({"metadata:vad": [{"start": 2.0, "end": 1.0}]}))
+    with pytest.raises(MediaError, match=r"^V01_S0002_I00000003_P0004\.json: `metadata:vad` entry ends"):
+        read_seamless_json(seamless)
+
+
+def test_clip_transcript_keeps_the_history_and_swaps_roles():
+    segments = {"A": [{"start": 1.0, "end": 2.0, "text": "one"}, {"start": 9.0, "end": 9.5, "text": "late"}],
+                "B": [{"start": 2.5, "end": 4.0, "text": "two"}]}
+    vad = {"A": [{"start": 1.0, "end": 2.0}], "B": [{"start": 2.5, "end": 4.0}]}
+    clip = clip_transcript(segments, vad, "B", "A", clip_start=3.0, clip_end=5.0, source="dataset")
+    # Times relative to the clip start; the earlier turn is history (negative times); later speech is not included.
+    assert clip["segments"] == [{"speaker": "user", "start": -2.0, "end": -1.0, "text": "one"},
+                                {"speaker": "avatar", "start": -0.5, "end": 1.0, "text": "two"}]
+    assert clip["vad"] == {"avatar": [[0.0, 1.0]], "user": []}
+
+
+def test_asr_transcribes_conversations_without_transcripts(tmp_path, encoder):
+    """No transcript: a Whisper model from a folder fills one in, one segment per speech region of each speaker."""
+    conversation = make_conversation(tmp_path / "src", "pairs", seconds=2.4, size=128, seed=9)
+    (conversation.videos["A"].parent / "transcript.json").unlink()
+    whisper = save_tiny_whisper(tmp_path / "whisper")
+    options = PrepOptions(wav2vec2=str(encoder), size=64, clip_seconds=2.4, asr_model=str(whisper))
+    from data_prep.cli import run_prep
+
+    summary = run_prep(tmp_path / "src", "pairs", tmp_path / "out", options, progress=False)
+    assert summary.failed == []
+    transcript = json.loads((tmp_path / "out" / "conv0009_A_c0000" / "transcript.json").read_text())
+    assert transcript["transcript_source"] == "asr"
+    truth = {"A": "avatar", "B": "user"}
+    for segment in conversation.transcript:  # every spoken turn is found, by the right speaker, at the right time
+        found = [s for s in transcript["segments"] if s["speaker"] == truth[segment["speaker"]]
+                 and s["start"] < segment["end"] and s["end"] > segment["start"]]
+        assert len(found) == 1
+        assert abs(found[0]["start"] - segment["start"]) < 0.2 and abs(found[0]["end"] - segment["end"]) < 0.3
+
+
+def test_latent_cache_stage_encodes_the_avatar_video_with_the_vae(tmp_path):
+    import torch
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+
+    from data_prep.caches import run_stage
+    from data_prep.media import read_video
+
+    clips = make_tiny_prepared_set(tmp_path, num_frames=13, size=64, seed=1)
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True]).save_pretrained(tmp_path / "vae")
+    options = PrepOptions(wav2vec2=str(tmp_path / "wav2vec2"), vae=str(tmp_path / "vae"), stages=["latents"])
+    path = run_stage("latents", clips[0], options)
+    latents = load_file(str(path))["latents"]
+    assert latents.shape == (16, 4, 8, 8)  # 13 = 4·3 + 1 frames → 4 latent frames, 64 / 8 pixels
+    vae = AutoencoderKLWan.from_pretrained(tmp_path / "vae").eval()
+    video = torch.from_numpy(read_video(clips[0] / "avatar.mp4")).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        expected = vae.encode(video).latent_dist.mode()[0]
+        other = vae.encode(torch.from_numpy(read_video(clips[0] / "user.mp4")).permute(3, 0, 1, 2)[None].float()
+                           / 127.5 - 1).latent_dist.mode()[0]
+    torch.testing.assert_close(latents, expected)
+    assert (latents - other).abs().mean() > 0.1 * (latents - expected).abs().mean() + 1e-3
+    stamp = path.stat().st_mtime_ns
+    run_stage("latents", clips[0], options)  # idempotent: an existing cache is kept
+    assert path.stat().st_mtime_ns == stamp
+
+
+def test_emotion_windows_end_every_window_and_at_the_clip_end():
+    from data_prep.caches import emotion_windows
+
+    assert emotion_windows(200, 81) == [80, 161, 199]
+    assert emotion_windows(162, 81) == [80, 161]
+    assert emotion_windows(10, 81) == [9]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("face_alignment") is not None, reason="face-alignment is installed")
+def test_face_alignment_backend_explains_how_to_install_it():
+    with pytest.raises(ImportError, match=r"pip install face-alignment") as error:
+        FaceAlignmentDetector()
+    assert "pre-download" in str(error.value) and "--face-backend mediapipe" in str(error.value)
+
+
+@pytest.mark.slow
+def test_process_pool_gives_the_inline_outputs(tmp_path, encoder):
+    from data_prep.cli import run_prep
+
+    for seed in (11, 12):
+        make_conversation(tmp_path / "src", "pairs", seconds=1.0, size=128, seed=seed)
+    options = PrepOptions(wav2vec2=str(encoder), size=64, clip_seconds=1.0)
+    inline = run_prep(tmp_path / "src", "pairs", tmp_path / "inline", options, workers=1, progress=False)
+    pooled = run_prep(tmp_path / "src", "pairs", tmp_path / "pool", options, workers=2, progress=False)
+    assert inline.clips_written == pooled.clips_written and len(pooled.clips_written) == 4
+    for clip in pooled.clips_written:
+        for name in ("avatar.mp4", "user_w2v.npy", "avatar_landmarks.npy", "transcript.json"):
+            assert (tmp_path / "inline" / clip / name).read_bytes() == (tmp_path / "pool" / clip / name).read_bytes()
+
+
+def test_read_wav_averages_channels(tmp_path):
+    import wave
+
+    stereo = np.stack([np.full(100, 1000, dtype="<i2"), np.full(100, -1000, dtype="<i2")], axis=1)
+    with wave.open(str(tmp_path / "s.wav"), "wb") as handle:
+        handle.setnchannels(2)
+        handle.setsampwidth(2)
+        handle.setframerate(16_000)
+        handle.writeframes(stereo.tobytes())
+    audio, rate = read_wav(tmp_path / "s.wav")
+    assert rate == 16_000 and audio.shape == (100,) and np.abs(audio).max() == 0.0
