@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (
@@ -419,7 +420,7 @@ class EchoTransformerBlock(WanTransformerBlock):
         return hidden_states
 
 
-class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""
     The ECHO generator: a [`~diffusers.WanTransformer3DModel`] with SDCM in every block, avatar-audio tokens, a
     user-context projection and Wan I2V-style condition channels (reference image / motion frames + mask).
@@ -701,7 +702,10 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     # Forward
     # ------------------------------------------------------------------------------------------------------------
 
-    def _check_inputs(self, hidden_states, condition, encoder_hidden_states, context_embeds, context_mask):
+    def _check_inputs(
+        self, hidden_states, timestep, condition, encoder_hidden_states, encoder_hidden_states_image, context_embeds,
+        context_mask,
+    ):
         latent_channels = self.config.out_channels
         if hidden_states.ndim != 5 or hidden_states.shape[1] != latent_channels:
             raise ValueError(
@@ -715,6 +719,8 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"`hidden_states` has shape {tuple(hidden_states.shape)}, expected height and width divisible by the "
                 f"patch {(p_h, p_w)}."
             )
+        if timestep.ndim != 1 or timestep.shape[0] != batch_size:
+            raise ValueError(f"`timestep` has shape {tuple(timestep.shape)}, expected ({batch_size},): σ·1000 per sample.")
         if condition is not None:
             expected = (batch_size, self.config.condition_channels, num_frames, height, width)
             if tuple(condition.shape) != expected:
@@ -729,6 +735,18 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"`encoder_hidden_states` has shape {tuple(encoder_hidden_states.shape)}, expected ({batch_size}, "
                 f"text_len, {self.config.text_dim})."
             )
+        if self.config.added_kv_proj_dim is not None:
+            # Wan's attention processor splits image tokens off the front of a 512-token text context.
+            if encoder_hidden_states_image is None:
+                raise ValueError(
+                    "`encoder_hidden_states_image` is None, expected (batch, 257, image_dim) CLIP image tokens: this "
+                    "I2V base has image key/value projections (`added_kv_proj_dim`)."
+                )
+            if encoder_hidden_states.shape[1] != 512:
+                raise ValueError(
+                    f"`encoder_hidden_states` has shape {tuple(encoder_hidden_states.shape)}, expected ({batch_size}, "
+                    f"512, {self.config.text_dim}): I2V bases need the text padded to 512 tokens, as Wan pipelines do."
+                )
         if context_embeds is not None:
             context_dim = self.context_proj.in_features
             if context_embeds.ndim != 3 or context_embeds.shape[0] != batch_size or context_embeds.shape[2] != context_dim:
@@ -783,7 +801,10 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Returns:
             [`EchoTransformerOutput`] or `(sample,)` / `(sample, block_features)`.
         """
-        self._check_inputs(hidden_states, condition, encoder_hidden_states, context_embeds, context_mask)
+        self._check_inputs(
+            hidden_states, timestep, condition, encoder_hidden_states, encoder_hidden_states_image, context_embeds,
+            context_mask,
+        )
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         post_patch_num_frames = num_frames // p_t

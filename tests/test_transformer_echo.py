@@ -56,6 +56,15 @@ def perturb_added_modules(model: EchoTransformer3DModel, seed: int = 0) -> EchoT
     return model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def wan_t2v_folder(tmp_path_factory):
     torch.manual_seed(0)
@@ -135,6 +144,11 @@ def test_i2v_wan_equivalence_from_saved_folder(tmp_path):
         actual = echo(**inputs, condition=condition, encoder_hidden_states_image=image).sample
     assert (actual - expected).abs().max() <= 1e-5
     assert torch.equal(echo.state_dict()["patch_embedding.weight"], wan.state_dict()["patch_embedding.weight"])
+    with pytest.raises(ValueError, match=r"`encoder_hidden_states_image` is None, expected \(batch, 257, image_dim\)"):
+        echo(**inputs, condition=condition)
+    short_text = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"][:, :7])
+    with pytest.raises(ValueError, match=r"`encoder_hidden_states` has shape \(2, 7, 32\), expected \(2, 512, 32\)"):
+        echo(**short_text, condition=condition, encoder_hidden_states_image=image)
 
 
 # 2. SDCM semantics -----------------------------------------------------------------------------------------------------
@@ -201,6 +215,23 @@ def test_without_user_context_face_tokens_follow_gated_audio(echo_model):
     face = inputs["face_mask"].flatten(1).bool()
     h_avt = out["h_avt"].reshape(out["delta"].shape)
     torch.testing.assert_close(out["delta"][face], 0.25 * h_avt[face])
+
+
+def test_context_mask_equals_dropping_the_masked_tokens(echo_model):
+    inputs = make_inputs()
+    context = inputs.pop("context_embeds")
+    mask = torch.tensor([[True, True, True, False, False, False], [False] * 6])
+    with torch.no_grad():
+        with SDCMProbe(echo_model) as masked:
+            echo_model(**inputs, context_embeds=context, context_mask=mask)
+        with SDCMProbe(echo_model) as dropped:
+            echo_model(**inputs, context_embeds=context[:, :3])
+        with SDCMProbe(echo_model) as without:
+            echo_model(**inputs)
+    torch.testing.assert_close(masked["delta"][0], dropped["delta"][0], rtol=1e-5, atol=1e-6)
+    # A sample without any valid context token gets no user stream, as with `context_embeds=None`.
+    torch.testing.assert_close(masked["delta"][1], without["delta"][1], rtol=1e-5, atol=1e-6)
+    assert (masked["delta"][0] - without["delta"][0]).abs().max() > 1e-3
 
 
 # 3. Frame alignment ----------------------------------------------------------------------------------------------------
@@ -399,6 +430,8 @@ def test_build_condition_layout_matches_wan_i2v():
         (dict(condition=torch.randn(B, 19, F_LAT, H, W)), r"`condition` has shape \(2, 19, 3, 16, 16\), expected \(2, 20, 3, 16, 16\)"),
         (dict(condition=torch.randn(B, 20, F_LAT + 1, H, W)), r"`condition` has shape \(2, 20, 4, 16, 16\), expected \(2, 20, 3, 16, 16\)"),
         (dict(context_embeds=torch.randn(B, 6, 21)), r"`context_embeds` has shape \(2, 6, 21\), expected \(2, N_ctx, 20\)"),
+        (dict(context_mask=torch.ones(B, 5, dtype=torch.bool)), r"`context_mask` has shape \(2, 5\), expected \(2, 6\)"),
+        (dict(timestep=torch.tensor(500.0)), r"`timestep` has shape \(\), expected \(2,\)"),
     ],
 )
 def test_bad_inputs_raise_named_value_errors(echo_model, change, match):
