@@ -158,8 +158,10 @@ def main(args) -> None:
         for name, (block, is_echo) in blocks.items()
     }
     tokens = size["grid"][0] * size["grid"][1] * size["grid"][2]
-    print(f"device={device.type} size={size_name} dtype={str(dtype).removeprefix('torch.')} dim={size['dim']} "
-          f"heads={size['heads']} ffn={size['ffn_dim']} tokens={tokens} grid={size['grid']}")
+    print(
+        f"device={device.type} size={size_name} dtype={str(dtype).removeprefix('torch.')} dim={size['dim']} "
+        f"heads={size['heads']} ffn={size['ffn_dim']} tokens={tokens} grid={size['grid']}"
+    )
     print(f"{'block':<8}{'fwd+bwd ms':>12}{'params (M)':>12}{'GFLOPs':>12}{'peak GiB':>10}")
     for name, r in results.items():
         print(f"{name:<8}{r['ms']:>12.2f}{r['params'] / 1e6:>12.3f}{r['gflops']:>12.2f}{r['peak_gib']:>10.2f}")
@@ -171,8 +173,10 @@ def main(args) -> None:
         wan_meta, echo_meta = build_blocks(SIZES["wan1.3b"], meta, torch.bfloat16)
         meta_inputs = make_inputs(SIZES["wan1.3b"], meta, torch.bfloat16)
         wan_flops, echo_flops = count_flops(wan_meta, meta_inputs, False), count_flops(echo_meta, meta_inputs, True)
-        print(f"wan1.3b width, 21x32x32 tokens, meta device: wan {wan_flops / 1e12:.2f} TFLOPs, "
-              f"echo {echo_flops / 1e12:.2f} TFLOPs (forward + backward, attention included)")
+        print(
+            f"wan1.3b width, 21x32x32 tokens, meta device: wan {wan_flops / 1e12:.2f} TFLOPs, "
+            f"echo {echo_flops / 1e12:.2f} TFLOPs (forward + backward, attention included)"
+        )
         extra = f"echo_over_wan_flops_wan1.3b={echo_flops / wan_flops:.3f} "
 
     wan_r, echo_r = results["wan"], results["echo"]

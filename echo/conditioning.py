@@ -34,7 +34,9 @@ def build_condition(
     """
     given = motion_latents if motion_latents is not None else reference_latents
     if given is None:
-        raise ValueError("`build_condition` needs `reference_latents` (B, C, 1, h, w) or `motion_latents` (B, C, m, h, w).")
+        raise ValueError(
+            "`build_condition` needs `reference_latents` (B, C, 1, h, w) or `motion_latents` (B, C, m, h, w)."
+        )
     name = "motion_latents" if motion_latents is not None else "reference_latents"
     if given.ndim != 5:
         raise ValueError(f"`{name}` has shape {tuple(given.shape)}, expected (batch, channels, frames, height, width).")

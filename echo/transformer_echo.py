@@ -166,8 +166,9 @@ class EchoAudioProjection(nn.Module):
         ):
             raise ValueError(
                 f"`audio_embeds` has shape {tuple(audio_embeds.shape)}, expected (batch, {expected_frames}, "
-                f"{self.window}, {self.num_layers}, {self.audio_dim}): {expected_frames} = {r}·({num_latent_frames} − 1)"
-                " + 1 video frames for the latents' frames, each with its wav2vec2 window of every hidden layer."
+                f"{self.window}, {self.num_layers}, {self.audio_dim}): {expected_frames} = "
+                f"{r}·({num_latent_frames} − 1) + 1 video frames for the latents' frames, each with its wav2vec2 "
+                "window of every hidden layer."
             )
         batch_size = audio_embeds.shape[0]
         weights = self.layer_weights.softmax(0).to(self.proj_in.weight.dtype)
@@ -233,11 +234,19 @@ class EchoSDCM(nn.Module):
         super().__init__()
         self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.attn_usr = WanAttention(
-            dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps, cross_attention_dim_head=dim // num_heads,
+            dim=dim,
+            heads=num_heads,
+            dim_head=dim // num_heads,
+            eps=eps,
+            cross_attention_dim_head=dim // num_heads,
             processor=WanAttnProcessor(),
         )
         self.attn_avt = WanAttention(
-            dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps, cross_attention_dim_head=dim // num_heads,
+            dim=dim,
+            heads=num_heads,
+            dim_head=dim // num_heads,
+            eps=eps,
+            cross_attention_dim_head=dim // num_heads,
             processor=WanAttnProcessor(),
         )
         self.gate = EchoSDCMGate(dim, gate_dim, kernel_size)
@@ -299,7 +308,11 @@ class EchoDirectFusion(nn.Module):
         super().__init__()
         self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.attn = WanAttention(
-            dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps, cross_attention_dim_head=dim // num_heads,
+            dim=dim,
+            heads=num_heads,
+            dim_head=dim // num_heads,
+            eps=eps,
+            cross_attention_dim_head=dim // num_heads,
             processor=WanAttnProcessor(),
         )
 
@@ -499,7 +512,9 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 f"{condition_channels}: the patch embedding reads the noisy latents and the condition."
             )
         if patch_size[0] != 1:
-            raise ValueError(f"`patch_size` is {tuple(patch_size)}, expected a temporal patch of 1 (frame-aligned SDCM).")
+            raise ValueError(
+                f"`patch_size` is {tuple(patch_size)}, expected a temporal patch of 1 (frame-aligned SDCM)."
+            )
 
         # 1. Patch & position embedding
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, rope_max_seq_len)
@@ -593,7 +608,9 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             wan_transformer = WanTransformer3DModel.from_pretrained(wan_transformer, torch_dtype=torch_dtype)
         unknown_args = sorted(set(echo_config) & set(WAN_CONFIG_KEYS))
         if unknown_args:
-            raise ValueError(f"`echo_config` sets Wan arguments {unknown_args}; these come from the Wan model's config.")
+            raise ValueError(
+                f"`echo_config` sets Wan arguments {unknown_args}; these come from the Wan model's config."
+            )
 
         # 2. Config: Wan's arguments + Echo's
         config = {key: wan_transformer.config[key] for key in WAN_CONFIG_KEYS if key in wan_transformer.config}
@@ -629,7 +646,9 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         """
         own = self.state_dict()
         expected = {key for key in own if not _ECHO_ONLY_KEYS.match(key)}
-        given = {key for key in state_dict if not any(ignored in key for ignored in self._keys_to_ignore_on_load_unexpected)}
+        given = {
+            key for key in state_dict if not any(ignored in key for ignored in self._keys_to_ignore_on_load_unexpected)
+        }
         unknown = sorted(given - expected)
         missing = sorted(expected - given)
         if unknown:
@@ -649,7 +668,10 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             target = own[key]
             if key == "patch_embedding.weight" and value.shape != target.shape:
                 latent_channels = self.config.out_channels
-                if value.shape[:1] + value.shape[2:] != target.shape[:1] + target.shape[2:] or value.shape[1] != latent_channels:
+                if (
+                    value.shape[:1] + value.shape[2:] != target.shape[:1] + target.shape[2:]
+                    or value.shape[1] != latent_channels
+                ):
                     raise ValueError(
                         f"`patch_embedding.weight` of the Wan model has shape {tuple(value.shape)}, expected "
                         f"{tuple(target.shape)} or {(target.shape[0], latent_channels, *target.shape[2:])} (T2V base)."
@@ -678,7 +700,10 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             raise ValueError(f"Adapter `{adapter_name}` not found; adapters: {list(getattr(self, 'peft_config', {}))}.")
         os.makedirs(save_directory, exist_ok=True)
         state_dict = get_peft_model_state_dict(self, adapter_name=adapter_name)
-        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME))
+        save_file(
+            {k: v.detach().contiguous() for k, v in state_dict.items()},
+            os.path.join(save_directory, ADAPTER_WEIGHTS_NAME),
+        )
         self.peft_config[adapter_name].save_pretrained(save_directory)
 
     def load_peft_adapter(self, adapter_directory: str | os.PathLike, adapter_name: str = "default") -> None:
@@ -703,7 +728,13 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     # ------------------------------------------------------------------------------------------------------------
 
     def _check_inputs(
-        self, hidden_states, timestep, condition, encoder_hidden_states, encoder_hidden_states_image, context_embeds,
+        self,
+        hidden_states,
+        timestep,
+        condition,
+        encoder_hidden_states,
+        encoder_hidden_states_image,
+        context_embeds,
         context_mask,
     ):
         latent_channels = self.config.out_channels
@@ -720,7 +751,9 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 f"patch {(p_h, p_w)}."
             )
         if timestep.ndim != 1 or timestep.shape[0] != batch_size:
-            raise ValueError(f"`timestep` has shape {tuple(timestep.shape)}, expected ({batch_size},): σ·1000 per sample.")
+            raise ValueError(
+                f"`timestep` has shape {tuple(timestep.shape)}, expected ({batch_size},): σ·1000 per sample."
+            )
         if condition is not None:
             expected = (batch_size, self.config.condition_channels, num_frames, height, width)
             if tuple(condition.shape) != expected:
@@ -728,8 +761,10 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                     f"`condition` has shape {tuple(condition.shape)}, expected {expected} ([mask(4), latents(16)] per "
                     "latent frame, from `echo.conditioning.build_condition`)."
                 )
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch_size or (
-            encoder_hidden_states.shape[2] != self.config.text_dim
+        if (
+            encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != batch_size
+            or (encoder_hidden_states.shape[2] != self.config.text_dim)
         ):
             raise ValueError(
                 f"`encoder_hidden_states` has shape {tuple(encoder_hidden_states.shape)}, expected ({batch_size}, "
@@ -749,7 +784,11 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 )
         if context_embeds is not None:
             context_dim = self.context_proj.in_features
-            if context_embeds.ndim != 3 or context_embeds.shape[0] != batch_size or context_embeds.shape[2] != context_dim:
+            if (
+                context_embeds.ndim != 3
+                or context_embeds.shape[0] != batch_size
+                or context_embeds.shape[2] != context_dim
+            ):
                 raise ValueError(
                     f"`context_embeds` has shape {tuple(context_embeds.shape)}, expected ({batch_size}, N_ctx, "
                     f"{context_dim})."
@@ -802,7 +841,12 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             [`EchoTransformerOutput`] or `(sample,)` / `(sample, block_features)`.
         """
         self._check_inputs(
-            hidden_states, timestep, condition, encoder_hidden_states, encoder_hidden_states_image, context_embeds,
+            hidden_states,
+            timestep,
+            condition,
+            encoder_hidden_states,
+            encoder_hidden_states_image,
+            context_embeds,
             context_mask,
         )
         batch_size, _, num_frames, height, width = hidden_states.shape
@@ -847,8 +891,18 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         # 3. Transformer blocks
         block_features = {} if return_block_features is not None else None
         for index, block in enumerate(self.blocks):
-            args = (hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, audio_tokens, context,
-                    context_mask, lip_mask, face_mask, grid)
+            args = (
+                hidden_states,
+                encoder_hidden_states,
+                timestep_proj,
+                rotary_emb,
+                audio_tokens,
+                context,
+                context_mask,
+                lip_mask,
+                face_mask,
+                grid,
+            )
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, *args)
             else:
@@ -872,4 +926,3 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         if not return_dict:
             return (output,) if block_features is None else (output, block_features)
         return EchoTransformerOutput(sample=output, block_features=block_features)
-

@@ -77,7 +77,9 @@ def test_flow_loss_mask_and_weighting():
     g = torch.Generator().manual_seed(2)
     prediction = torch.randn(3, 16, 2, 4, 4, generator=g)
     target = torch.randn(prediction.shape, generator=g)
-    torch.testing.assert_close(flow_matching.flow_loss(prediction, target), torch.nn.functional.mse_loss(prediction, target))
+    torch.testing.assert_close(
+        flow_matching.flow_loss(prediction, target), torch.nn.functional.mse_loss(prediction, target)
+    )
 
     # A mask over latent frames: changing the prediction outside it does not change the loss.
     mask = torch.zeros(3, 1, 2, 1, 1)

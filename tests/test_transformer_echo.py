@@ -138,7 +138,9 @@ def test_i2v_wan_equivalence_from_saved_folder(tmp_path):
     condition = build_condition(torch.randn(B, 16, 1, H, W), None, F_LAT)
     with torch.no_grad():
         expected = wan(
-            torch.cat([inputs["hidden_states"], condition], 1), inputs["timestep"], inputs["encoder_hidden_states"],
+            torch.cat([inputs["hidden_states"], condition], 1),
+            inputs["timestep"],
+            inputs["encoder_hidden_states"],
             encoder_hidden_states_image=image,
         ).sample
         actual = echo(**inputs, condition=condition, encoder_hidden_states_image=image).sample
@@ -151,7 +153,7 @@ def test_i2v_wan_equivalence_from_saved_folder(tmp_path):
         echo(**short_text, condition=condition, encoder_hidden_states_image=image)
 
 
-# 2. SDCM semantics -----------------------------------------------------------------------------------------------------
+# 2. SDCM semantics ----------------------------------------------------------------------------------------------------
 
 
 def test_lip_tokens_ignore_user_context(echo_model):
@@ -234,14 +236,16 @@ def test_context_mask_equals_dropping_the_masked_tokens(echo_model):
     assert (masked["delta"][0] - without["delta"][0]).abs().max() > 1e-3
 
 
-# 3. Frame alignment ----------------------------------------------------------------------------------------------------
+# 3. Frame alignment ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("frames,latent_frame", [((5, 9), 2), ((1, 5), 1), ((0, 1), 0)])
 def test_audio_is_frame_aligned(echo_model, frames, latent_frame):
     inputs = make_inputs()
     changed = dict(inputs, audio_embeds=inputs["audio_embeds"].clone())
-    changed["audio_embeds"][:, frames[0] : frames[1]] = torch.randn_like(changed["audio_embeds"][:, frames[0] : frames[1]])
+    changed["audio_embeds"][:, frames[0] : frames[1]] = torch.randn_like(
+        changed["audio_embeds"][:, frames[0] : frames[1]]
+    )
     with torch.no_grad():
         with SDCMProbe(echo_model) as out:
             echo_model(**inputs)
@@ -255,7 +259,7 @@ def test_audio_is_frame_aligned(echo_model, frames, latent_frame):
             assert (diff[:, f] == 0).all(), (f, diff)
 
 
-# 4. Training: overfitting one clip with the flow-matching loss ---------------------------------------------------------
+# 4. Training: overfitting one clip with the flow-matching loss --------------------------------------------------------
 
 
 def test_tiny_model_overfits_one_clip():
@@ -310,7 +314,7 @@ def test_gradient_checkpointing_gives_same_gradients(echo_model):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
-# 5. LoRA ---------------------------------------------------------------------------------------------------------------
+# 5. LoRA --------------------------------------------------------------------------------------------------------------
 
 
 def test_lora_trains_only_adapters_and_round_trips_in_peft_format(wan_t2v_folder, tmp_path):
@@ -351,7 +355,7 @@ def test_lora_trains_only_adapters_and_round_trips_in_peft_format(wan_t2v_folder
         torch.testing.assert_close(fresh(**inputs).sample, adapted, rtol=1e-5, atol=1e-6)
 
 
-# Serialisation, ablation, features, condition --------------------------------------------------------------------------
+# Serialisation, ablation, features, condition -------------------------------------------------------------------------
 
 
 def test_save_pretrained_round_trip(echo_model, tmp_path):
@@ -359,7 +363,20 @@ def test_save_pretrained_round_trip(echo_model, tmp_path):
     loaded = EchoTransformer3DModel.from_pretrained(tmp_path).eval()
     inputs = make_inputs(seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).sample, echo_model(**inputs).sample, rtol=0, atol=0)
+        expected = echo_model(**inputs).sample
+        torch.testing.assert_close(loaded(**inputs).sample, expected, rtol=0, atol=0)
+
+    # bfloat16: Wan's float32 modules stay float32, SDCM runs in bfloat16, and the output stays close.
+    half = EchoTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    assert half.blocks[0].scale_shift_table.dtype == torch.float32
+    assert half.blocks[0].sdcm.attn_avt.to_q.weight.dtype == torch.bfloat16
+    half_inputs = {
+        k: v.to(torch.bfloat16) if k not in ("timestep", "lip_mask", "face_mask") else v for k, v in inputs.items()
+    }
+    with torch.no_grad():
+        output = half(**half_inputs).sample
+    assert output.dtype == torch.bfloat16
+    assert (output.float() - expected).abs().max() < 0.1 * expected.abs().max()
 
 
 def test_direct_fusion_ablation(wan_t2v_folder):
@@ -417,20 +434,41 @@ def test_build_condition_layout_matches_wan_i2v():
     assert condition[:, 4:, 2:].abs().max() == 0
 
 
-# 6. Bad input ----------------------------------------------------------------------------------------------------------
+# 6. Bad input ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(audio_embeds=torch.randn(B, T_VID + 4, 5, 3, 24)), r"`audio_embeds` has shape \(2, 13, 5, 3, 24\), expected \(batch, 9,"),
-        (dict(lip_mask=torch.ones(B, F_LAT + 1, 8, 8)), r"`lip_mask` has shape \(2, 4, 8, 8\), expected \(2, 3, 8, 8\)"),
+        (
+            dict(audio_embeds=torch.randn(B, T_VID + 4, 5, 3, 24)),
+            r"`audio_embeds` has shape \(2, 13, 5, 3, 24\), expected \(batch, 9,",
+        ),
+        (
+            dict(lip_mask=torch.ones(B, F_LAT + 1, 8, 8)),
+            r"`lip_mask` has shape \(2, 4, 8, 8\), expected \(2, 3, 8, 8\)",
+        ),
         (dict(face_mask=torch.ones(B, F_LAT, 4, 4)), r"`face_mask` has shape \(2, 3, 4, 4\), expected \(2, 3, 8, 8\)"),
-        (dict(hidden_states=torch.randn(B, 17, F_LAT, H, W)), r"`hidden_states` has shape \(2, 17, 3, 16, 16\), expected \(batch, 16,"),
-        (dict(condition=torch.randn(B, 19, F_LAT, H, W)), r"`condition` has shape \(2, 19, 3, 16, 16\), expected \(2, 20, 3, 16, 16\)"),
-        (dict(condition=torch.randn(B, 20, F_LAT + 1, H, W)), r"`condition` has shape \(2, 20, 4, 16, 16\), expected \(2, 20, 3, 16, 16\)"),
-        (dict(context_embeds=torch.randn(B, 6, 21)), r"`context_embeds` has shape \(2, 6, 21\), expected \(2, N_ctx, 20\)"),
-        (dict(context_mask=torch.ones(B, 5, dtype=torch.bool)), r"`context_mask` has shape \(2, 5\), expected \(2, 6\)"),
+        (
+            dict(hidden_states=torch.randn(B, 17, F_LAT, H, W)),
+            r"`hidden_states` has shape \(2, 17, 3, 16, 16\), expected \(batch, 16,",
+        ),
+        (
+            dict(condition=torch.randn(B, 19, F_LAT, H, W)),
+            r"`condition` has shape \(2, 19, 3, 16, 16\), expected \(2, 20, 3, 16, 16\)",
+        ),
+        (
+            dict(condition=torch.randn(B, 20, F_LAT + 1, H, W)),
+            r"`condition` has shape \(2, 20, 4, 16, 16\), expected \(2, 20, 3, 16, 16\)",
+        ),
+        (
+            dict(context_embeds=torch.randn(B, 6, 21)),
+            r"`context_embeds` has shape \(2, 6, 21\), expected \(2, N_ctx, 20\)",
+        ),
+        (
+            dict(context_mask=torch.ones(B, 5, dtype=torch.bool)),
+            r"`context_mask` has shape \(2, 5\), expected \(2, 6\)",
+        ),
         (dict(timestep=torch.tensor(500.0)), r"`timestep` has shape \(\), expected \(2,\)"),
     ],
 )
@@ -449,7 +487,9 @@ def test_doctored_wan_checkpoints_raise(wan_t2v_folder):
         model.load_wan_state_dict(extra)
 
     missing = {k: v for k, v in state.items() if k != "blocks.1.ffn.net.0.proj.weight"}
-    with pytest.raises(ValueError, match=r"misses keys \['blocks.1.ffn.net.0.proj.weight'\] \(expected shapes \[\(64, 32\)\]\)"):
+    with pytest.raises(
+        ValueError, match=r"misses keys \['blocks.1.ffn.net.0.proj.weight'\] \(expected shapes \[\(64, 32\)\]\)"
+    ):
         model.load_wan_state_dict(missing)
 
     wrong = dict(state, **{"blocks.0.attn2.to_k.weight": torch.zeros(32, 16)})
