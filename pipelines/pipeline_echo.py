@@ -106,25 +106,43 @@ def chunk_schedule(num_frames: int, num_frames_per_chunk: int, motion_frames: in
     return chunks
 
 
-def detect_face_landmarks(image: np.ndarray) -> np.ndarray:
-    """The 478 MediaPipe face-mesh landmarks of the most prominent face in an RGB uint8 image, `(478, 2)` in pixels."""
+def detect_face_landmarks(images: np.ndarray) -> np.ndarray:
+    r"""MediaPipe face-mesh landmarks (478 points, refined) of the most prominent face, in pixels.
+
+    Args:
+        images (`np.ndarray`): one RGB uint8 image `(H, W, 3)` or frames `(T, H, W, 3)`.
+
+    Returns:
+        `np.ndarray` float32: `(478, 2)` for one image (a `ValueError` when no face is found), or `(T, 478, 2)` for
+        frames, NaN on frames without a face (as in prepared data, they give empty masks).
+    """
     try:
         import mediapipe as mp
     except ImportError as error:
         raise ImportError(
-            "Detecting the reference face needs MediaPipe (`pip install 'echo-ihg[prep]'`); alternatively pass "
-            "`reference_landmarks` (478, 2) or `lip_mask` / `face_mask` to the pipeline."
+            "Detecting faces needs MediaPipe (`pip install 'echo-ihg[prep]'`); alternatively pass "
+            "`reference_landmarks` (478, 2) / `user_landmarks` (T, 478, 2), or `lip_mask` / `face_mask`."
         ) from error
-    image = np.ascontiguousarray(image[..., :3].astype(np.uint8))
+    images = np.asarray(images)
+    single = images.ndim == 3
+    frames = images[None] if single else images
+    if frames.ndim != 4 or frames.shape[-1] < 3:
+        raise ValueError(f"`images` has shape {images.shape}, expected (H, W, 3) or (T, H, W, 3) RGB.")
+    height, width = frames.shape[1:3]
+    landmarks = np.full((len(frames), NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
     with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True) as mesh:
-        result = mesh.process(image)
-    if not result.multi_face_landmarks:
-        raise ValueError(
-            "MediaPipe found no face in `reference_image`; pass `reference_landmarks` or `lip_mask` / `face_mask`."
-        )
-    height, width = image.shape[:2]
-    points = result.multi_face_landmarks[0].landmark
-    return np.array([[p.x * width, p.y * height] for p in points], dtype=np.float32)
+        for t, frame in enumerate(frames):
+            result = mesh.process(np.ascontiguousarray(frame[..., :3].astype(np.uint8)))
+            if result.multi_face_landmarks:
+                points = result.multi_face_landmarks[0].landmark
+                landmarks[t] = [[p.x * width, p.y * height] for p in points]
+    if single:
+        if np.isnan(landmarks[0]).any():
+            raise ValueError(
+                "MediaPipe found no face in `reference_image`; pass `reference_landmarks` or `lip_mask` / `face_mask`."
+            )
+        return landmarks[0]
+    return landmarks
 
 
 def _to_uint8_frames(video) -> np.ndarray:
@@ -516,6 +534,7 @@ class EchoPipeline(DiffusionPipeline):
             emotion (`str` or `list[str]`, *optional*):
                 The avatar's emotional state in words, for all chunks or one per chunk. When `None`, it is reasoned
                 per chunk by ``emotion_reasoner`` from ``dialogue`` up to the chunk's end, else ``default_emotion``.
+                A model trained without LAU (``context_encoder.config.use_emotion=False``) gets the empty prompt.
             num_frames (`int`, *optional*):
                 Frames to generate at 25 fps; defaults to the avatar audio's duration.
             height (`int`, defaults to 512), width (`int`, defaults to 512):
@@ -631,6 +650,7 @@ class EchoPipeline(DiffusionPipeline):
             )
 
         # 4. Denoise chunk by chunk
+        use_emotion = self.context_encoder is None or getattr(self.context_encoder.config, "use_emotion", True)
         pieces = []
         previous_video = None
         motion_latent_frames = (motion_frames - 1) // self.vae_scale_factor_temporal + 1
@@ -639,7 +659,9 @@ class EchoPipeline(DiffusionPipeline):
                 self._current_chunk = chunk_index
 
                 # 4.1 Emotion text (LAU) → c_emo
-                if isinstance(emotion, list):
+                if not use_emotion:  # the "w/o LAU" ablation: the empty prompt, as in training
+                    text = ""
+                elif isinstance(emotion, list):
                     text = emotion[chunk_index]
                 elif emotion is not None:
                     text = emotion
@@ -767,7 +789,7 @@ class EchoPipeline(DiffusionPipeline):
         inputs["frames"] = user_video[index]  # T_all, H_u, W_u, 3 uint8
         if self.context_encoder.config.use_visual:
             if user_landmarks is None:
-                user_landmarks = np.stack([self._detect_or_nan(frame) for frame in user_video])
+                user_landmarks = detect_face_landmarks(user_video)
             user_landmarks = np.asarray(user_landmarks, dtype=np.float32)
             if user_landmarks.shape != (len(user_video), NUM_LANDMARKS, 2):
                 raise ValueError(
@@ -782,13 +804,6 @@ class EchoPipeline(DiffusionPipeline):
             tokens, token_mask = encode_user_video(self.vae, frames.clamp(-1, 1)[None], face_mask[None])
             inputs["video_tokens"], inputs["face_mask"] = tokens[0], token_mask[0]
         return inputs
-
-    @staticmethod
-    def _detect_or_nan(frame: np.ndarray) -> np.ndarray:
-        try:
-            return detect_face_landmarks(frame)
-        except ValueError:  # no face in this frame: empty mask, as in prepared data
-            return np.full((NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
 
     def encode_user_context(
         self,

@@ -11,7 +11,7 @@ from echo.components import load_components
 from pipelines import EchoPipeline, chunk_schedule
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
-SIZE = 64  # 8×8 latents, 4×4 tokens per frame
+SIZE = 32  # 4×4 latents, 2×2 tokens per frame
 CHUNK, MOTION = 9, 5
 
 
@@ -61,6 +61,7 @@ def inputs():
         "width": SIZE,
         "num_frames_per_chunk": CHUNK,
         "motion_frames": MOTION,
+        "user_video_size": 32,
     }
 
 
@@ -223,6 +224,39 @@ def test_reference_masks_come_from_the_face(pipe, inputs):
     # the lip tokens sit below the eye line of the face mask's tokens
     eye_row = (inputs["reference_landmarks"][[33, 263], 1].mean() * 2 / 16).astype(int)
     assert lip[0, 0, : eye_row + 1].sum() == 0
+
+
+def test_face_detection_on_frames_marks_missing_faces_with_nan(inputs):
+    from pipelines.pipeline_echo import detect_face_landmarks
+
+    image = inputs["reference_image"]
+    frames = np.stack([image, np.zeros_like(image), image])
+    landmarks = detect_face_landmarks(frames)
+    assert landmarks.shape == (3, 478, 2)
+    assert np.isnan(landmarks[1]).all() and np.isfinite(landmarks[[0, 2]]).all()
+    np.testing.assert_allclose(landmarks[0], inputs["reference_landmarks"] * 512 / SIZE, rtol=1e-5)
+    with pytest.raises(ValueError, match="no face"):
+        detect_face_landmarks(np.zeros_like(image))
+
+
+def test_emotion_text_reaches_the_text_cross_attention_and_lau_off_uses_the_empty_prompt(pipe, inputs):
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    lcu_config = pipe.context_encoder.config
+    try:
+        scales = {"audio_guidance_scale": 1.0, "user_guidance_scale": 1.0, "num_inference_steps": 1}
+        _run(pipe, inputs, emotion="joyful", **scales)
+        pipe.context_encoder.register_to_config(use_emotion=False)
+        _run(pipe, inputs, emotion="joyful", **scales)
+    finally:
+        pipe.context_encoder.register_to_config(use_emotion=lcu_config.use_emotion)
+        handle.remove()
+    torch.testing.assert_close(seen[0], pipe.encode_prompt("joyful", device="cpu"))
+    torch.testing.assert_close(seen[1], pipe.encode_prompt("", device="cpu"))
+    assert not torch.allclose(seen[0], seen[1])
+    assert pipe.context_encoder.config.use_emotion
 
 
 def test_bad_inputs_raise_clear_errors(pipe, inputs):
