@@ -6,11 +6,13 @@ tokens given to the LCU (``understanding``, `(N_s, D_s)` per clip).
 
 Input presentation (a design decision written down here):
 
-- **frames** `(N, H, W, 3)` uint8 are given to the thinker as N images in time order, through the checkpoint's own
-  image processor (``AutoImageProcessor``; the PIL backend works without torchvision). The caller chooses the frames
-  (e.g. 1-2 fps over the recent history); every frame costs ``(H'·W') / merge_size²`` tokens after resizing.
-- **audio** `(samples,)` 16 kHz mono goes through the checkpoint's Whisper feature extractor in chunks of at most
-  30 s (the encoder's input length); each chunk is one audio segment of the prompt.
+- **frames** `(N, H, W, 3)` uint8 (the user's history, in time order) are given to the thinker as images through
+  the checkpoint's own image processor (``AutoImageProcessor``; the PIL backend works without torchvision). At most
+  ``max_frames`` of them are used, evenly spaced over the history and always including the last one; every frame
+  costs ``(H'·W') / merge_size²`` tokens after the processor's resizing.
+- **audio** `(samples,)` 16 kHz mono: the most recent ``max_audio_seconds`` go through the checkpoint's Whisper
+  feature extractor in chunks of ``audio_chunk_seconds`` (30 s, the encoder's input length); each chunk is one audio
+  segment of the prompt.
 - The conversation is written in Qwen's ChatML layout (what the Omni chat template renders):
   ``<|im_start|>system … <|im_end|> <|im_start|>user <vision>×N <audio>×C P_think <|im_end|> <|im_start|>assistant``,
   each placeholder expanded to one token per encoder output, as the Omni processor does.
@@ -68,7 +70,9 @@ class OmniUnderstanding:
         image_processor (`Qwen2VLImageProcessor` or its PIL variant): patches of the frames.
         prompt (`str`, defaults to `P_THINK`): the instruction P_think.
         system_prompt (`str`, defaults to Qwen-Omni's system prompt).
-        max_audio_seconds (`float`, defaults to 30.0): length of one audio chunk.
+        max_frames (`int`, defaults to 16): frames given to the thinker, evenly spaced over the history.
+        max_audio_seconds (`float`, defaults to 300.0): the most recent audio given to the thinker.
+        audio_chunk_seconds (`float`, defaults to 30.0): length of one audio segment (Whisper's input length).
     """
 
     def __init__(
@@ -79,7 +83,9 @@ class OmniUnderstanding:
         image_processor,
         prompt: str = P_THINK,
         system_prompt: str = SYSTEM_PROMPT,
-        max_audio_seconds: float = 30.0,
+        max_frames: int = 16,
+        max_audio_seconds: float = 300.0,
+        audio_chunk_seconds: float = 30.0,
     ):
         for name in ("image_token", "audio_token", "vision_bos_token", "vision_eos_token", "audio_bos_token",
                      "audio_eos_token"):  # fmt: skip
@@ -91,7 +97,9 @@ class OmniUnderstanding:
         self.image_processor = image_processor
         self.prompt = prompt
         self.system_prompt = system_prompt
+        self.max_frames = int(max_frames)
         self.max_audio_seconds = float(max_audio_seconds)
+        self.audio_chunk_seconds = float(audio_chunk_seconds)
 
     @classmethod
     def from_pretrained(
@@ -163,7 +171,8 @@ class OmniUnderstanding:
         r"""Thinker inputs for one clip.
 
         Args:
-            frames (`np.ndarray` of shape `(N, H, W, 3)`, `uint8`): the user's recent frames, in time order.
+            frames (`np.ndarray` of shape `(N, H, W, 3)`, `uint8`): the user's frames, in time order (at most
+                ``max_frames`` are used).
             audio (`np.ndarray` of shape `(samples,)`, *optional*): 16 kHz mono waveform.
 
         Returns:
@@ -174,6 +183,9 @@ class OmniUnderstanding:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"`frames` must be a uint8 array of shape (N, H, W, 3), got {frames.dtype} {frames.shape}.")
         inputs = {}
+        if len(frames) > self.max_frames:
+            # evenly spaced over the history, the last frame always included
+            frames = frames[np.unique(np.round(np.linspace(0, len(frames) - 1, self.max_frames)).astype(int))]
         # 1. Frames → image patches; tokens per frame = grid_t·grid_h·grid_w / merge_size²
         num_image_tokens = []
         if len(frames):
@@ -181,11 +193,11 @@ class OmniUnderstanding:
             merge = self.image_processor.merge_size
             num_image_tokens = [int(g.prod()) // merge**2 for g in vision["image_grid_thw"]]
             inputs.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
-        # 2. Audio → Whisper features in chunks of max_audio_seconds; tokens from the audio tower's own lengths
+        # 2. Audio → Whisper features in chunks; tokens from the audio tower's own lengths
         num_audio_tokens = []
         if audio is not None and len(audio):
-            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-            chunk = int(self.max_audio_seconds * SAMPLE_RATE)
+            audio = np.asarray(audio, dtype=np.float32).reshape(-1)[-int(self.max_audio_seconds * SAMPLE_RATE) :]
+            chunk = int(self.audio_chunk_seconds * SAMPLE_RATE)
             chunks = [audio[i : i + chunk] for i in range(0, len(audio), chunk)]
             features = self.feature_extractor(
                 chunks, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt"

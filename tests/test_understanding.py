@@ -144,6 +144,27 @@ def test_loading_from_a_saved_folder_round_trips(omni, speech, face_frames):
         loaded(face_frames[0], speech)
 
 
+def test_long_histories_are_subsampled_and_chunked(omni, speech, face_frames):
+    folder, (thinker, tokenizer, feature_extractor, image_processor), _ = omni
+    understanding = OmniUnderstanding(
+        thinker, tokenizer, feature_extractor, image_processor, max_frames=3, max_audio_seconds=2.5,
+        audio_chunk_seconds=1.0,
+    )  # fmt: skip
+    history = np.repeat(face_frames, 10, axis=0)  # 40 frames
+    ids = understanding.prepare_inputs(history, speech)["input_ids"][0]
+    count = lambda name: int((ids == tokenizer.convert_tokens_to_ids(SPECIAL[name])).sum())  # noqa: E731
+    assert count("vision_bos_token") == 3 and count("image_token") == 3 * 4
+    # the most recent 2.5 s of speech in 1 s segments
+    assert len(speech) > 2.5 * 16000 and count("audio_bos_token") == 3
+    # the first and last frames are always among the selected ones, a frame between two picks is not
+    base = understanding.prepare_inputs(history, None)["pixel_values"]
+    for index, changes in ((0, True), (39, True), (5, False)):
+        edited = history.copy()
+        edited[index] = 255 - edited[index]
+        pixels = understanding.prepare_inputs(edited, None)["pixel_values"]
+        assert (not torch.equal(pixels, base)) == changes, index
+
+
 def test_cache_writes_and_reads_user_omni(omni, speech, face_frames, tmp_path):
     _, _, understanding = omni
     hidden = understanding.cache(tmp_path, face_frames[:2], speech)
