@@ -589,6 +589,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         cls,
         wan_transformer: WanTransformer3DModel | str | os.PathLike,
         torch_dtype: torch.dtype | None = None,
+        subfolder: str | None = None,
         **echo_config,
     ) -> "EchoTransformer3DModel":
         r"""
@@ -598,6 +599,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             wan_transformer (`WanTransformer3DModel`, `str` or `os.PathLike`): a model, or a folder (or the
                 `transformer` subfolder of a Wan pipeline) loadable with `WanTransformer3DModel.from_pretrained`.
             torch_dtype (`torch.dtype`, *optional*): dtype of the result; defaults to the Wan weights' dtype.
+            subfolder (`str`, *optional*): e.g. `"transformer"` when `wan_transformer` is a Wan pipeline folder.
             echo_config: the Echo-only config arguments (`audio_dim`, `context_dim`, `use_sdcm`, ...).
 
         Every Wan parameter is loaded under its own name; a T2V base's patch embedding grows by
@@ -605,7 +607,9 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         """
         # 1. Load the Wan model
         if isinstance(wan_transformer, (str, os.PathLike)):
-            wan_transformer = WanTransformer3DModel.from_pretrained(wan_transformer, torch_dtype=torch_dtype)
+            wan_transformer = WanTransformer3DModel.from_pretrained(
+                wan_transformer, subfolder=subfolder, torch_dtype=torch_dtype
+            )
         unknown_args = sorted(set(echo_config) & set(WAN_CONFIG_KEYS))
         if unknown_args:
             raise ValueError(

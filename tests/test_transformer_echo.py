@@ -130,9 +130,9 @@ def test_t2v_wan_equivalence_from_saved_folder(wan_t2v_folder):
 
 def test_i2v_wan_equivalence_from_saved_folder(tmp_path):
     torch.manual_seed(1)
-    WanTransformer3DModel(**WAN_I2V).save_pretrained(tmp_path)
-    wan = WanTransformer3DModel.from_pretrained(tmp_path).eval()
-    echo = EchoTransformer3DModel.from_wan(tmp_path, **ECHO).eval()
+    WanTransformer3DModel(**WAN_I2V).save_pretrained(tmp_path / "transformer")  # a Wan pipeline folder's layout
+    wan = WanTransformer3DModel.from_pretrained(tmp_path / "transformer").eval()
+    echo = EchoTransformer3DModel.from_wan(tmp_path, subfolder="transformer", **ECHO).eval()
     inputs = make_inputs(seed=1, text_len=512)  # Wan's I2V attention splits image tokens off a 512-token text
     image = torch.randn(B, 4, 24)
     condition = build_condition(torch.randn(B, 16, 1, H, W), None, F_LAT)
@@ -257,6 +257,25 @@ def test_audio_is_frame_aligned(echo_model, frames, latent_frame):
             assert (diff[:, f] > 1e-4).all()
         else:
             assert (diff[:, f] == 0).all(), (f, diff)
+
+
+def test_audio_layers_are_mixed_by_learned_softmax_weights(echo_model):
+    """With the layer weights' softmax concentrated on layer 0, the other wav2vec2 layers do not reach the tokens."""
+    inputs = make_inputs()
+    changed = dict(inputs, audio_embeds=inputs["audio_embeds"].clone())
+    changed["audio_embeds"][..., 1:, :] = torch.randn_like(changed["audio_embeds"][..., 1:, :])
+    audio_proj = echo_model.audio_proj
+    saved = audio_proj.layer_weights.detach().clone()
+    with torch.no_grad():
+        tokens = audio_proj(inputs["audio_embeds"], F_LAT)
+        assert (audio_proj(changed["audio_embeds"], F_LAT) - tokens).abs().max() > 1e-3
+        audio_proj.layer_weights.copy_(torch.tensor([100.0, -100.0, -100.0]))
+        try:
+            torch.testing.assert_close(
+                audio_proj(changed["audio_embeds"], F_LAT), audio_proj(inputs["audio_embeds"], F_LAT), rtol=0, atol=0
+            )
+        finally:
+            audio_proj.layer_weights.copy_(saved)
 
 
 # 4. Training: overfitting one clip with the flow-matching loss --------------------------------------------------------
