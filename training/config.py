@@ -109,6 +109,7 @@ class TrainSettings:
     validation_steps: int | None = None  # render a validation clip every N steps (needs pipelines.EchoPipeline)
     log_every: int = 1
     report_to: str | None = "tensorboard"
+    overfit_one_batch: bool = False  # sanity check: repeat the first batch with the same σ and noise every step
     dump_trainable_params: bool = False  # write each rank's trainable parameters at the end (tests, debugging)
 
 

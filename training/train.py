@@ -266,6 +266,7 @@ def main(config: TrainConfig) -> dict:
     )  # fmt: skip
     module.train()
     running: dict[str, float] = {}
+    fixed_batch = None
     epoch = micro_step // batches_per_epoch
     while global_step < train_cfg.max_train_steps:
         skip = micro_step - epoch * batches_per_epoch
@@ -274,8 +275,13 @@ def main(config: TrainConfig) -> dict:
         epoch_loader.set_epoch(epoch)
         dataset.set_epoch(epoch)
         for batch in epoch_loader:
+            if train_cfg.overfit_one_batch:
+                fixed_batch = fixed_batch if fixed_batch is not None else batch
+                batch = fixed_batch
             seen_clips.extend(f"{c}@{w}" for c, w in zip(batch["clip_id"], batch["window_start"]))
-            generator = step_generator(config.seed, accelerator.process_index, micro_step)
+            generator = step_generator(
+                config.seed, accelerator.process_index, 0 if train_cfg.overfit_one_batch else micro_step
+            )
             with accelerator.accumulate(module):
                 terms = training_step(models, module, batch, config, text_embedder, generator, device, weight_dtype)
                 accelerator.backward(terms["loss"])

@@ -1,0 +1,152 @@
+"""`ConversationDataset` over real prepared clips: windows agree with the clip files, histories are left-padded,
+randomness is a function of (seed, epoch, index), and bad input is named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from echo.audio import frame_rms, window_features
+from echo.data import ConversationDataset, _read_wav, collate_conversations, read_video_frames
+from echo.masks import token_masks_from_landmarks
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from training.testing import make_tiny_training_set
+
+    return make_tiny_training_set(tmp_path_factory.getbasetemp() / "echo_tiny_training", num_frames=17)
+
+
+def _first_clip(root):
+    return sorted(p.parent for p in root.glob("*/meta.json"))[0]
+
+
+@pytest.fixture(scope="module")
+def dataset(data_root):
+    return ConversationDataset(
+        data_root, num_frames=9, resolution=64, windows_per_clip=3, use_user_video=True, user_video_size=32,
+        use_understanding=True, seed=3,
+    )  # fmt: skip
+
+
+def test_window_matches_the_clip_files(dataset):
+    item = dataset[4]
+    clip = dataset.clips[4 // 3].path
+    start = item["window_start"]
+    assert 0 <= start <= 17 - 9
+
+    frames = read_video_frames(clip / "avatar.mp4", range(start, start + 9))
+    expected = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1  # 3, T, H, W (64² stored, no resize)
+    torch.testing.assert_close(item["video"], expected)
+
+    w2v = torch.from_numpy(np.load(clip / "avatar_w2v.npy").astype(np.float32))
+    full_windows = window_features(w2v[None], radius=2)[0]  # windows over the whole clip
+    torch.testing.assert_close(item["avatar_audio"], full_windows[start : start + 9])
+
+    rms = frame_rms(_read_wav(clip / "avatar.wav"), 17)[start : start + 9]
+    torch.testing.assert_close(item["avatar_rms"], torch.from_numpy(rms))
+
+    lip, face = token_masks_from_landmarks(np.load(clip / "avatar_landmarks.npy")[start : start + 9], 64, 64)
+    torch.testing.assert_close(item["lip_mask"], lip)
+    torch.testing.assert_close(item["face_mask"], face)
+    assert item["lip_mask"].sum() > 0 and (item["lip_mask"] * item["face_mask"]).sum() == 0
+
+    # The user history runs from the clip's first frame to the window end.
+    user = np.load(clip / "user_w2v.npy").astype(np.float32)
+    torch.testing.assert_close(item["user_audio"], torch.from_numpy(user[: start + 9]))
+    assert item["user_video"].shape == (start + 9, 3, 32, 32) and item["user_face_mask"].sum() > 0
+
+
+def test_pyav_reader_matches_decord(data_root, monkeypatch):
+    clip = _first_clip(data_root)
+    decoded = read_video_frames(clip / "avatar.mp4", [0, 5, 16])
+    monkeypatch.setitem(__import__("sys").modules, "decord", None)  # `import decord` now raises ImportError
+    fallback = read_video_frames(clip / "avatar.mp4", [0, 5, 16])
+    assert np.abs(decoded.astype(int) - fallback.astype(int)).max() <= 2
+
+
+def test_randomness_depends_on_seed_epoch_and_index_only(data_root):
+    dataset = ConversationDataset(data_root, num_frames=9, resolution=64, windows_per_clip=3, seed=3)
+    first = [dataset[i]["window_start"] for i in range(len(dataset))]
+    assert first == [dataset[i]["window_start"] for i in range(len(dataset))]
+    dataset.set_epoch(1)
+    try:
+        second = [dataset[i]["window_start"] for i in range(len(dataset))]
+    finally:
+        dataset.set_epoch(0)
+    assert first != second
+
+
+def test_collate_left_pads_histories(dataset):
+    items = [dataset[i] for i in range(len(dataset))]
+    items = sorted(items, key=lambda it: it["user_audio"].shape[0])[:: len(items) - 1]  # shortest and longest
+    lengths = [it["user_audio"].shape[0] for it in items]
+    assert lengths[0] < lengths[1]
+    batch = collate_conversations(items)
+    longest = lengths[1]
+    assert batch["user_audio"].shape[:2] == (2, longest)
+    for row, item in enumerate(items):
+        n = item["user_audio"].shape[0]
+        assert batch["user_audio_mask"][row].tolist() == [False] * (longest - n) + [True] * n
+        torch.testing.assert_close(batch["user_audio"][row, longest - n :], item["user_audio"])
+        assert batch["user_audio"][row, : longest - n].abs().sum() == 0
+        torch.testing.assert_close(batch["user_video"][row, longest - n :], item["user_video"])
+        # understanding tokens are right-padded with their own mask
+        k = item["understanding"].shape[0]
+        assert batch["understanding_mask"][row].sum() == k
+        torch.testing.assert_close(batch["understanding"][row, :k], item["understanding"])
+    assert batch["video"].shape == (2, 3, 9, 64, 64) and batch["lip_mask"].shape == (2, 3, 4, 4)
+    assert batch["emotion_text"] == [it["emotion_text"] for it in items]
+
+
+def test_emotion_text_is_the_latest_window_known_at_the_window_end(data_root, tmp_path):
+    clip = tmp_path / "clip"
+    shutil.copytree(_first_clip(data_root), clip)
+    (clip / "emotion.json").write_text(
+        json.dumps({"windows": [{"end_frame": 4, "text": "calm"}, {"end_frame": 12, "text": "happy"}]})
+    )
+    dataset = ConversationDataset([clip], num_frames=9, resolution=64, windows_per_clip=8)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        end = item["window_start"] + 8
+        assert item["emotion_text"] == ("happy" if end >= 12 else "calm")
+    (clip / "emotion.json").unlink()
+    assert ConversationDataset([clip], num_frames=9, resolution=64, default_emotion="neutral")[0]["emotion_text"] == "neutral"
+
+
+def test_cached_latents_are_sliced_on_latent_frame_boundaries(data_root, tmp_path):
+    from safetensors.torch import save_file
+
+    clip = tmp_path / "clip"
+    shutil.copytree(_first_clip(data_root), clip)
+    latents = torch.arange(5, dtype=torch.float32).view(1, 5, 1, 1).expand(16, 5, 8, 8).contiguous()  # F_all = 5
+    save_file({"latents": latents}, str(clip / "avatar_latents.safetensors"))
+    dataset = ConversationDataset([clip], num_frames=9, resolution=64, windows_per_clip=6, use_cached_latents=True)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        start = item["window_start"]
+        assert start % 4 == 0
+        assert item["latents"][0, :, 0, 0].tolist() == [start // 4 + j for j in range(3)]
+
+
+def test_bad_input_is_named(data_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_clip"):
+        ConversationDataset([tmp_path / "missing_clip"], num_frames=9, resolution=64)
+    with pytest.raises(ValueError, match=r"has 17 frames, shorter than the training window of num_frames = 21"):
+        ConversationDataset(data_root, num_frames=21, resolution=64)
+    broken = tmp_path / "broken"
+    shutil.copytree(_first_clip(data_root), broken)
+    (broken / "avatar_w2v.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="avatar_w2v.npy"):
+        ConversationDataset([broken], num_frames=9, resolution=64)
+    with pytest.raises(FileNotFoundError, match="user_omni.safetensors"):
+        shutil.copytree(_first_clip(data_root), tmp_path / "no_omni")
+        (tmp_path / "no_omni" / "user_omni.safetensors").unlink()
+        ConversationDataset([tmp_path / "no_omni"], num_frames=9, resolution=64, use_understanding=True)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        ConversationDataset(data_root, num_frames=8, resolution=64)
