@@ -92,6 +92,8 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # the SSM state matrix and skip stay in float32 under `from_pretrained(torch_dtype=...)` (as in mamba-ssm)
+    _keep_in_fp32_modules = ["A_log", "D"]
 
     @register_to_config
     def __init__(

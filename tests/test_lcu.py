@@ -214,3 +214,17 @@ def test_save_load_round_trip_and_gradient_checkpointing(tmp_path):
     lcu(clip_frames=5, **inputs).context.sum().backward()
     for n, p in lcu.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_bfloat16_load_keeps_the_ssm_parameters_in_float32(tmp_path):
+    torch.manual_seed(0)
+    lcu = LongRangeContextEncoder(**TINY).eval()
+    lcu.save_pretrained(tmp_path)
+    half = LongRangeContextEncoder.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    mixer = half.audio_layers[0].mixer
+    assert mixer.A_log.dtype == mixer.D.dtype == torch.float32 and mixer.in_proj.weight.dtype == torch.bfloat16
+    inputs = make_inputs(30)
+    with torch.no_grad():
+        out, ref = half(clip_frames=9, **inputs).context, lcu(clip_frames=9, **inputs).context
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.03, rtol=0.05)
