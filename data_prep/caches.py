@@ -104,6 +104,13 @@ def cache_emotion(clip_dir: str | Path, reasoner, window_frames: int = 81) -> Pa
 
 def run_stage(stage: str, clip_dir: str | Path, options) -> Path:
     """Run one cache ``stage`` on a finished clip folder, loading its model once per process."""
+    from data_prep.stages import torch_threads
+
+    with torch_threads(options.threads):
+        return _run_stage(stage, clip_dir, options)
+
+
+def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
     if stage == "latents":
         if options.vae is None:
             raise ValueError("Stage 'latents' needs `--vae`, an AutoencoderKLWan folder.")

@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.faces import build_detector
 from data_prep.layouts import Conversation, find_conversations
 from data_prep.media import MediaError
 from data_prep.stages import CACHE_STAGES, CORE_STAGE, PrepOptions, prepare_conversation
@@ -78,6 +79,8 @@ def run_prep(
     """
     from tqdm.auto import tqdm
 
+    # Fail fast on a missing face backend (e.g. face-alignment not installed) instead of once per conversation.
+    build_detector(options.face_backend).close()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".tmp-*"):

@@ -24,6 +24,7 @@ offending file's name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -223,15 +224,36 @@ def detect_crop_boxes(video: Path, indices: np.ndarray, source_height: int, opti
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None):
+    """Run a block with ``num_threads`` torch CPU threads (`None`: unchanged), restoring the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def prepare_conversation(conversation: Conversation, out_dir: str | Path, options: PrepOptions,
                          on_clip=None) -> ConversationResult:
     """Write every missing clip folder of ``conversation`` under ``out_dir`` (see the module docstring).
+
+    Torch runs with ``options.threads`` CPU threads meanwhile (the process pool provides the parallelism).
 
     Args:
         on_clip (`callable`, *optional*): called as ``on_clip(clip_id, tmp_dir)`` when a clip folder is complete,
             just before its atomic rename (progress reporting; tests use it to interrupt a run part-way).
     """
-    out_dir = Path(out_dir)
+    with torch_threads(options.threads):
+        return _prepare_conversation(conversation, Path(out_dir), options, on_clip)
+
+
+def _prepare_conversation(conversation: Conversation, out_dir: Path, options: PrepOptions,
+                          on_clip=None) -> ConversationResult:
     result = ConversationResult(conversation.id)
     done_marker = out_dir / ".done" / f"{conversation.id}.json"
     if done_marker.exists():

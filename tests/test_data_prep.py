@@ -262,3 +262,38 @@ def test_tiny_prepared_set_for_other_tests(tmp_path):
         assert read_video(clip / "avatar.mp4").shape == (21, 64, 64, 3)
         assert np.load(clip / "avatar_w2v.npy").shape == (21, 3, 32)
     np.testing.assert_array_equal(np.load(clips[0] / "avatar_w2v.npy"), np.load(clips[1] / "user_w2v.npy"))
+
+
+@pytest.mark.slow
+def test_resume_after_a_real_sigkill(tmp_path, encoder):
+    """echo-prep in a subprocess, SIGKILLed once its first clip folder appears, then rerun: same files as a full run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_conversation(tmp_path / "src", "pairs", seconds=2.4, size=128, seed=13)
+    command = [sys.executable, "-m", "data_prep.cli", "--input", str(tmp_path / "src"), "--layout", "pairs",
+               "--wav2vec2", str(encoder), "--size", "64", "--clip-seconds", "0.4", "--min-clip-seconds", "0.4",
+               "--no-progress", "--out"]
+    subprocess.run([*command, str(tmp_path / "full")], check=True, capture_output=True)
+    process = subprocess.Popen([*command, str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (tmp_path / "killed").is_dir() and any(not p.name.startswith(".") and p.is_dir()
+                                                  for p in (tmp_path / "killed").iterdir()):
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = [p for p in (tmp_path / "killed").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert 0 < len(finished) < 12, "the kill should land part-way through the 12 clips"
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for d in finished for p in d.iterdir()}
+    subprocess.run([*command, str(tmp_path / "killed")], check=True, capture_output=True)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in before} == before
+    full, again = _tree(tmp_path / "full"), _tree(tmp_path / "killed")
+    assert full.keys() == again.keys()
+    for name in full:
+        assert full[name].read_bytes() == again[name].read_bytes(), name

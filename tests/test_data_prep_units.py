@@ -8,7 +8,7 @@ import pytest
 
 from data_prep.faces import FaceAlignmentDetector, crop_frame, crop_to_source, smooth_crop_boxes, source_to_crop
 from data_prep.media import MediaError, load_audio, read_wav, write_wav
-from data_prep.stages import PrepOptions
+from data_prep.stages import PrepOptions, torch_threads
 from data_prep.synthetic import make_conversation
 from data_prep.testing import make_tiny_prepared_set, save_tiny_wav2vec2, save_tiny_whisper
 from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_seamless_json
@@ -130,7 +130,7 @@ def test_latent_cache_stage_encodes_the_avatar_video_with_the_vae(tmp_path):
     assert latents.shape == (16, 4, 8, 8)  # 13 = 4·3 + 1 frames → 4 latent frames, 64 / 8 pixels
     vae = AutoencoderKLWan.from_pretrained(tmp_path / "vae").eval()
     video = torch.from_numpy(read_video(clips[0] / "avatar.mp4")).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(1):  # the thread count prep uses (and no oversubscription in CI)
         expected = vae.encode(video).latent_dist.mode()[0]
         other = vae.encode(torch.from_numpy(read_video(clips[0] / "user.mp4")).permute(3, 0, 1, 2)[None].float()
                            / 127.5 - 1).latent_dist.mode()[0]
