@@ -4,7 +4,7 @@ Data flow (shapes for one batch, ``T`` = history length, ``T_cur`` = current cli
 
 ```
 user_audio (B, T, NL, 768) ─ layer mix ─ LayerNorm ─ window (L_w) ─ f_audio ─ K × [x + Mamba(LN(x))]   (Eq. 5)
-        └─ current-clip windows A (B, T_cur, L_w, 768) + g ⊙ tanh(f_proj(Ā))                              (Eq. 6)
+        └─ current-clip windows A (B, T_cur, L_w, 768) + g ⊙ tanh(f_proj(Ā)) ─ flatten L_w·768 → D per frame (Eq. 6)
 user_video (B, T, C_v, h_v, w_v) ─ face-token selection + pooling to a G = g_h × g_w grid                 (Eq. 7)
         └─ N_v × [spatial Mamba within each frame, temporal Mamba across frames] ─ V̂ (B, T, G, D)
 F_int([Â ; V̂]) per current frame ─ P_usr (B, T_cur, context_dim)
