@@ -113,13 +113,21 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
         pipe.context_encoder.register_forward_pre_hook(lcu_hook, with_kwargs=True),
     ]
     try:
-        frames = _run(pipe, inputs, num_frames=17, num_inference_steps=1)
+        steps = []
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            steps.append((pipeline.current_chunk, step, tuple(callback_kwargs["latents"].shape)))
+            return callback_kwargs
+
+        frames = _run(pipe, inputs, num_frames=17, num_inference_steps=1, callback_on_step_end=on_step_end)
     finally:
         for handle in handles:
             handle.remove()
 
     # exactly the requested frames, from three chunks (0-8, 4-12, 8-16)
     assert frames.shape[1] == 17 and sorted(conditions) == [0, 1, 2]
+    latent_shape = (1, 16, 3, SIZE // 8, SIZE // 8)
+    assert steps == [(0, 0, latent_shape), (1, 0, latent_shape), (2, 0, latent_shape)]
     # the user's history always starts at frame 0 and ends with the chunk (LCU causal), the clip is the chunk
     assert histories == [(9, 9), (13, 9), (17, 9)]
 
