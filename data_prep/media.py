@@ -40,11 +40,15 @@ class MediaError(RuntimeError):
 
 
 def probe_video(path: str | Path) -> dict:
-    """Frame timestamps and size of a video, decoding every frame once (robust to missing container metadata).
+    """Frame timestamps and size of a video, from its packets (no decoding).
 
     Returns:
-        `dict` with ``times`` (`np.ndarray` of shape `(N,)`, seconds), ``duration`` (seconds, last timestamp plus
-        one frame period), ``width``, ``height`` and ``fps`` (the stream's average rate).
+        `dict` with ``times`` (`np.ndarray` of shape `(N,)`, sorted presentation times in seconds), ``duration``
+        (seconds, last timestamp plus one frame period), ``width``, ``height`` and ``fps`` (the stream's average
+        rate, or estimated from the timestamps).
+
+    Raises:
+        `MediaError`: the container cannot be opened or demuxed, or holds no video frame.
     """
     import av
 
@@ -55,26 +59,21 @@ def probe_video(path: str | Path) -> dict:
             if not container.streams.video:
                 raise MediaError(f"{path.name}: no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
             width, height = stream.codec_context.width, stream.codec_context.height
             rate = float(stream.average_rate) if stream.average_rate else None
-            for frame in container.decode(stream):
-                times.append(_frame_time(frame, len(times), rate))
+            for packet in container.demux(stream):
+                if packet.size and packet.pts is not None:
+                    times.append(float(packet.pts * packet.time_base))
     except av.error.FFmpegError as error:
         raise MediaError(f"{path.name}: cannot decode video ({error})") from error
-    if not times:
+    if not times or not width or not height:
         raise MediaError(f"{path.name}: the video has no decodable frame")
-    times = np.asarray(times, dtype=np.float64)
+    times = np.sort(np.asarray(times, dtype=np.float64))
     if rate is None:
         rate = (len(times) - 1) / max(times[-1] - times[0], 1e-6) if len(times) > 1 else FPS
     period = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / rate
-    return {"times": times, "duration": float(times[-1] + period), "width": width, "height": height, "fps": rate}
-
-
-def _frame_time(frame, index: int, rate: float | None) -> float:
-    if frame.pts is not None and frame.time_base is not None:
-        return float(frame.pts * frame.time_base)
-    return index / (rate or FPS)
+    return {"times": times, "duration": float(times[-1] - times[0] + period), "width": width, "height": height,
+            "fps": rate}
 
 
 def resample_indices(source_times: np.ndarray, num_frames: int, fps: float = FPS) -> np.ndarray:
@@ -126,8 +125,20 @@ def iter_resampled_frames(
         raise MediaError(f"{path.name}: the video ended after {k} of {len(indices)} expected frames")
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = FPS, crf: int = 18) -> None:
-    """Encode `(T, H, W, 3)` uint8 RGB frames as H.264 / yuv420p (H and W even), deterministically (one thread)."""
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float = FPS,
+    crf: int = 18,
+    audio: np.ndarray | None = None,
+    sample_rate: int = SAMPLE_RATE,
+) -> None:
+    """Encode `(T, H, W, 3)` uint8 RGB frames as H.264 / yuv420p (H and W even), deterministically (one thread).
+
+    Args:
+        audio (`np.ndarray` of shape `(N,)`, *optional*): mono float audio in [-1, 1] muxed as an AAC stream.
+        sample_rate (`int`, defaults to 16000): rate of ``audio``.
+    """
     import av
     import cv2
 
@@ -144,6 +155,9 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = FPS, crf: int
         stream.time_base = 1 / rate
         stream.options = {"crf": str(crf), **X264_OPTIONS}
         stream.thread_count = 1
+        audio_stream = None
+        if audio is not None:
+            audio_stream = container.add_stream("aac", rate=int(sample_rate), layout="mono")
         for index, image in enumerate(frames):
             # I420 by OpenCV (BT.601 limited range, like swscale's default) keeps the conversion independent of the
             # FFmpeg build.
@@ -153,6 +167,17 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = FPS, crf: int
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if audio_stream is not None:
+            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
+            chunk = 1024
+            for start in range(0, samples.shape[1], chunk):
+                piece = np.ascontiguousarray(samples[:, start : start + chunk])
+                frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = int(sample_rate), start
+                for packet in audio_stream.encode(frame):
+                    container.mux(packet)
+            for packet in audio_stream.encode():
+                container.mux(packet)
 
 
 def read_video(path: str | Path) -> np.ndarray:

@@ -16,7 +16,8 @@ same rule as `echo.masks.rasterize_masks`.
 
 Layouts written (`make_conversation(layout=...)`), both read by `data_prep.layouts`:
 
-- ``"pairs"``: ``<out_dir>/<name>/{A.mp4, A.wav, B.mp4, B.wav, transcript.json}`` with
+- ``"pairs"``: ``<out_dir>/<name>/{A.mp4, A.wav, B.mp4, B.wav, transcript.json}`` (or the speech muxed into the
+  mp4s, ``audio_in_video=True``) with
   ``{"segments": [{"speaker": "A"|"B", "start", "end", "text"}]}`` (seconds).
 - ``"seamless"``: ``<out_dir>/V00_S0001_I<interaction:08d>_P<p:04d>A.{mp4,wav,json}`` for the two participants; the
   json holds ``{"id", "metadata:transcript": [{"start", "end", "transcript", "words": [{"word", "start", "end"}]}],
@@ -292,6 +293,7 @@ def make_conversation(
     sample_rate: int = 16_000,
     name: str | None = None,
     interaction: int = 1,
+    audio_in_video: bool = False,
 ) -> SyntheticConversation:
     """Write one synthetic two-person conversation in ``layout`` under ``out_dir``.
 
@@ -305,6 +307,8 @@ def make_conversation(
         sample_rate (`int`, defaults to 16000): the WAV files' rate.
         name (`str`, *optional*): pairs folder name, defaults to ``conv<seed:04d>``.
         interaction (`int`, defaults to 1): Seamless interaction number ``I<interaction:08d>``.
+        audio_in_video (`bool`, defaults to `False`): pairs layout only; mux each speech track into its mp4 (AAC at
+            ``sample_rate``) instead of writing a separate wav.
 
     Returns:
         `SyntheticConversation` with the written paths and the animation's ground truth.
@@ -370,12 +374,19 @@ def make_conversation(
             stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
             written.append(stem.with_suffix(".json"))
     videos, audios = {}, {}
+    if audio_in_video and layout != "pairs":
+        raise ValueError("`audio_in_video` applies to the pairs layout; the Seamless layout has a wav per participant.")
     for p, stem in enumerate(stems):
+        track = resample_audio(tracks[p], 16_000, sample_rate)
         videos[participants[p]] = stem.with_suffix(".mp4")
-        audios[participants[p]] = stem.with_suffix(".wav")
-        write_video(videos[participants[p]], frames[p], fps=fps)
-        write_wav(audios[participants[p]], resample_audio(tracks[p], 16_000, sample_rate), sample_rate)
-        written += [videos[participants[p]], audios[participants[p]]]
+        if audio_in_video:
+            audios[participants[p]] = videos[participants[p]]
+            write_video(videos[participants[p]], frames[p], fps=fps, audio=track, sample_rate=sample_rate)
+        else:
+            audios[participants[p]] = stem.with_suffix(".wav")
+            write_video(videos[participants[p]], frames[p], fps=fps)
+            write_wav(audios[participants[p]], track, sample_rate)
+        written += sorted({videos[participants[p]], audios[participants[p]]})
 
     conversation = SyntheticConversation(
         conversation_id=conversation_id,

@@ -182,3 +182,24 @@ def test_read_wav_averages_channels(tmp_path):
         handle.writeframes(stereo.tobytes())
     audio, rate = read_wav(tmp_path / "s.wav")
     assert rate == 16_000 and audio.shape == (100,) and np.abs(audio).max() == 0.0
+
+
+def test_audio_muxed_in_the_video_is_used_when_there_is_no_wav(tmp_path, encoder):
+    """Pairs layout without wav files: the mp4's AAC track (48 kHz) is decoded, resampled and aligned to the frames."""
+    from data_prep.cli import run_prep
+    from echo.audio import frame_rms
+
+    conversation = make_conversation(tmp_path / "src", "pairs", seconds=1.6, size=128, seed=10, sample_rate=48_000,
+                                     audio_in_video=True)
+    assert not list((tmp_path / "src").rglob("*.wav"))
+    options = PrepOptions(wav2vec2=str(encoder), size=64, clip_seconds=1.6)
+    summary = run_prep(tmp_path / "src", "pairs", tmp_path / "out", options, progress=False)
+    assert summary.failed == []
+    for speaker in conversation.participants:
+        clip = tmp_path / "out" / f"conv0010_{speaker}_c0000"
+        assert json.loads((clip / "meta.json").read_text())["source"]["avatar_audio"] == f"{speaker}.mp4"
+        audio, rate = read_wav(clip / "avatar.wav")
+        assert rate == 16_000 and len(audio) == 40 * 640
+        envelope = conversation.envelope[speaker]
+        if envelope.max() > 0:  # the speech lands on the frames the mouth moves on
+            assert np.corrcoef(frame_rms(audio, 40), envelope)[0, 1] > 0.9
