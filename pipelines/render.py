@@ -13,9 +13,11 @@ The manifest holds one JSON object per line:
 ```
 
 ``dialogue``, ``emotion`` and ``num_frames`` are optional, and so are ``understanding`` (a ``.safetensors`` file with a
-``hidden_states`` tensor, the cached HBCU tokens of data preparation), ``reference_landmarks`` (``.npy`` `(478, 2)`)
-and ``user_landmarks`` (``.npy`` `(T, 478, 2)``); without landmarks MediaPipe detects them. Relative paths are relative
-to the manifest's folder.
+``hidden_states`` tensor, the cached HBCU tokens of data preparation), ``reference_landmarks`` (``.npy`` `(478, 2)`,
+pixels of the reference image) and ``user_landmarks`` (``.npy`` `(T, 478, 2)`, pixels of the user's frames); without
+landmarks MediaPipe detects them. Relative paths are relative to the manifest's folder. ``--understanding-model``
+computes the understanding tokens of entries without a file, ``--emotion-backend`` reasons the emotion of entries
+without one from their dialogue (`echo.EmotionReasoner`).
 
 Behaviour:
 
@@ -96,8 +98,13 @@ def _resolve(base: Path, value) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def render_entry(pipe, entry: dict, base: Path, out_path: Path, args: argparse.Namespace) -> int:
-    """Render one manifest entry to ``out_path`` (atomically). Returns the number of frames written."""
+def render_entry(
+    pipe, entry: dict, base: Path, out_path: Path, args: argparse.Namespace, helpers: dict | None = None
+) -> int:
+    """Render one manifest entry to ``out_path`` (atomically). Returns the number of frames written.
+
+    ``helpers`` holds optional pipeline arguments shared by all entries (``understanding_model``,
+    ``emotion_reasoner``)."""
     from safetensors.torch import load_file
 
     from .video_io import load_image, load_wav, read_frames, write_mp4
@@ -109,7 +116,7 @@ def render_entry(pipe, entry: dict, base: Path, out_path: Path, args: argparse.N
     user_audio = load_wav(_resolve(base, entry["user_audio"]))
     user_video = read_frames(_resolve(base, entry["user_video"]))
     reference = load_image(_resolve(base, entry["reference_image"]))
-    kwargs = {}
+    kwargs = dict(helpers or {})
     if "understanding" in entry:
         tensors = load_file(str(_resolve(base, entry["understanding"])))
         if "hidden_states" not in tensors:
@@ -156,7 +163,13 @@ def render_entry(pipe, entry: dict, base: Path, out_path: Path, args: argparse.N
     return len(frames)
 
 
-def render_manifest(pipe, manifest: str | os.PathLike, out_dir: str | os.PathLike, args: argparse.Namespace) -> dict:
+def render_manifest(
+    pipe,
+    manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    args: argparse.Namespace,
+    helpers: dict | None = None,
+) -> dict:
     """Render every entry of ``manifest`` into ``out_dir``; returns the summary dict (see `main`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +193,7 @@ def render_manifest(pipe, manifest: str | os.PathLike, out_dir: str | os.PathLik
                 summary["skipped"].append(out_path.stem)
                 continue
             bar.set_postfix_str(out_path.stem)
-            summary["frames"] += render_entry(pipe, entry, base, out_path, args)
+            summary["frames"] += render_entry(pipe, entry, base, out_path, args, helpers)
             summary["rendered"].append(out_path.stem)
         except Exception as exc:  # one clip's failure is recorded; the others still render
             failures.append(
@@ -214,7 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="defaults to bfloat16 on cuda, float32 on cpu")  # fmt: skip
     parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() (GPU memory saver)")
+    parser.add_argument("--understanding-model", default=None,
+                        help="Qwen-Omni folder computing the HBCU tokens of entries without an 'understanding' file")  # fmt: skip
+    parser.add_argument("--emotion-backend", default=None, choices=["transformers", "openai"],
+                        help="reason the avatar's emotion from each entry's dialogue (entries without 'emotion')")  # fmt: skip
+    parser.add_argument("--emotion-model", default=None, help="local LM folder, or the served model name")
+    parser.add_argument("--emotion-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     return parser
+
+
+def build_helpers(args: argparse.Namespace) -> dict:
+    """The optional understanding model and emotion reasoner named on the command line, as pipeline arguments."""
+    helpers = {}
+    if getattr(args, "understanding_model", None):
+        from echo.understanding import OmniUnderstanding
+
+        helpers["understanding_model"] = OmniUnderstanding.from_pretrained(args.understanding_model)
+    if getattr(args, "emotion_backend", None):
+        from echo.emotion import EmotionReasoner
+
+        helpers["emotion_reasoner"] = EmotionReasoner(
+            backend=args.emotion_backend, model=args.emotion_model, base_url=args.emotion_base_url
+        )
+    return helpers
 
 
 def load_pipeline(folder: str | os.PathLike, device: str | None = None, dtype: str | None = None, cpu_offload: bool = False):
@@ -235,7 +270,7 @@ def load_pipeline(folder: str | os.PathLike, device: str | None = None, dtype: s
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     pipe = load_pipeline(args.pipeline, args.device, args.dtype, args.cpu_offload)
-    summary = render_manifest(pipe, args.manifest, args.out, args)
+    summary = render_manifest(pipe, args.manifest, args.out, args, build_helpers(args))
     video_seconds = summary["frames"] / 25.0
     print(
         f"echo-render: {len(summary['rendered'])} rendered, {len(summary['skipped'])} skipped (already done), "
