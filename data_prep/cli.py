@@ -1,7 +1,7 @@
 """``echo-prep``: conversations → prepared clip folders.
 
-    echo-prep --input DIR --layout {seamless,pairs} --out DIR --wav2vec2 FOLDER [--workers N]
-              [--stages clips,latents,omni,emotion] [--size 512] [--clip-seconds 10] ...
+    echo-prep --input DIR --layout {seamless,pairs} --out DIR [--workers N] [--stages clips,latents,omni,emotion]
+              [--wav2vec2 FOLDER] [--size 512] [--clip-seconds 10] ...
 
 Conversations are processed by a process pool (``--workers 1`` runs inline), with a progress bar. The run ends with a
 table of the failed inputs (conversation, offending file, reason), also written to ``<out>/prep_summary.json``::
@@ -134,22 +134,27 @@ def format_summary(summary: PrepSummary) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("echo-prep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        "echo-prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", required=True, help="folder of conversations")
     parser.add_argument("--layout", required=True, choices=["seamless", "pairs"])
     parser.add_argument("--out", required=True, help="folder of prepared clip folders")
-    parser.add_argument("--wav2vec2", required=True, help="Wav2Vec2Model folder or cache id (e.g. facebook/wav2vec2-base-960h)")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--wav2vec2", default="facebook/wav2vec2-base-960h",
+        help="Wav2Vec2Model folder, or a model id already in the Hugging Face cache (default: %(default)s)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="processes (1 = inline)")
     parser.add_argument("--stages", default=CORE_STAGE,
                         help=f"comma-separated subset of {','.join([CORE_STAGE, *CACHE_STAGES])}")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--clip-seconds", type=float, default=10.0)
-    parser.add_argument("--min-clip-seconds", type=float, default=1.0)
-    parser.add_argument("--crop-scale", type=float, default=1.8)
-    parser.add_argument("--smooth-sigma", type=float, default=2.0)
+    parser.add_argument("--size", type=int, default=512, help="side of the square crops")
+    parser.add_argument("--clip-seconds", type=float, default=10.0, help="clip length")
+    parser.add_argument("--min-clip-seconds", type=float, default=1.0, help="shortest kept last clip")
+    parser.add_argument("--crop-scale", type=float, default=1.8, help="crop side / larger face-box side")
+    parser.add_argument("--smooth-sigma", type=float, default=2.0, help="temporal box smoothing, frames")
     parser.add_argument("--face-backend", default="mediapipe", choices=["mediapipe", "face_alignment"])
-    parser.add_argument("--min-face-ratio", type=float, default=0.5)
-    parser.add_argument("--av-tolerance", type=float, default=0.1)
+    parser.add_argument("--min-face-ratio", type=float, default=0.5, help="fail below this fraction of face frames")
+    parser.add_argument("--av-tolerance", type=float, default=0.1, help="seconds audio may fall short of video")
     parser.add_argument("--asr-model", default=None, help="Whisper folder for conversations without transcripts")
     parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder (stage 'latents')")
     parser.add_argument("--omni-model", default=None, help="Qwen-Omni folder (stage 'omni')")

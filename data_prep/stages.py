@@ -101,6 +101,16 @@ class PrepOptions:
             raise ValueError(f"`stages` has {sorted(unknown)}, expected a subset of {[CORE_STAGE, *CACHE_STAGES]}.")
         if self.size % 2:
             raise ValueError(f"`size` is {self.size}, expected an even number (yuv420p video).")
+        if not 0 < self.min_clip_seconds <= self.clip_seconds:
+            raise ValueError(
+                f"`clip_seconds` = {self.clip_seconds} and `min_clip_seconds` = {self.min_clip_seconds}, expected "
+                "0 < min_clip_seconds ≤ clip_seconds."
+            )
+        if not 0.0 <= self.min_face_ratio <= 1.0:
+            raise ValueError(f"`min_face_ratio` is {self.min_face_ratio}, expected a fraction in [0, 1].")
+        for stage, needed in (("latents", "vae"), ("omni", "omni_model"), ("emotion", "emotion_model")):
+            if stage in self.stages and getattr(self, needed) is None:
+                raise ValueError(f"Stage {stage!r} needs `{needed}` (--{needed.replace('_', '-')}).")
 
     @property
     def clip_frames(self) -> int:
