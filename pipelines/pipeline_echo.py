@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerBase, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -393,8 +393,11 @@ class EchoPipeline(DiffusionPipeline):
         num_frames_per_chunk,
         motion_frames,
         emotion,
+        output_type="np",
         callback_on_step_end_tensor_inputs=None,
     ):
+        if output_type not in ("np", "pt", "pil"):
+            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt' or 'pil'.")
         if reference_image is None:
             raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
         if avatar_audio is None:
@@ -483,6 +486,7 @@ class EchoPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         reference_image: PIL.Image.Image | np.ndarray | torch.Tensor = None,
@@ -602,6 +606,7 @@ class EchoPipeline(DiffusionPipeline):
             num_frames_per_chunk,
             motion_frames,
             emotion,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         self._audio_guidance_scale = audio_guidance_scale

@@ -276,3 +276,7 @@ def test_bad_inputs_raise_clear_errors(pipe, inputs):
         _run(pipe, inputs, num_frames=17, emotion=["a", "b"])
     with pytest.raises(ValueError, match="understanding"):
         _run(pipe, inputs, understanding=None)
+    with pytest.raises(ValueError, match="output_type"):
+        _run(pipe, inputs, output_type="latent")
+    with pytest.raises(ValueError, match="reference_landmarks"):
+        _run(pipe, inputs, reference_landmarks=np.zeros((68, 2)))
