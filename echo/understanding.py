@@ -148,14 +148,13 @@ class OmniUnderstanding:
         config = self.thinker.config
         return getattr(config, "text_config", config).hidden_size
 
-    def _audio_tower(self):
-        # transformers ≥ 5 nests the encoders in `thinker.model`, earlier versions keep them on the thinker
-        for name in ("audio_tower", "model.audio_tower"):
-            try:
-                return self.thinker.get_submodule(name)
-            except AttributeError:
-                continue
-        raise ValueError(f"{type(self.thinker).__name__} has no audio encoder (`audio_tower`).")
+    def _num_audio_tokens(self, feature_lengths: torch.Tensor) -> list[int]:
+        """Audio placeholders per chunk: the Omni processor's own rule for the thinker's family."""
+        import importlib
+
+        family = "qwen3_omni_moe" if self.thinker.config.model_type.startswith("qwen3_omni") else "qwen2_5_omni"
+        module = importlib.import_module(f"transformers.models.{family}.processing_{family}")
+        return [int(n) for n in module._get_feat_extract_output_lengths(feature_lengths)]
 
     def _build_text(self, num_images: int, num_image_tokens: list[int], num_audio_tokens: list[int]) -> str:
         tok = self.tokenizer
@@ -193,7 +192,7 @@ class OmniUnderstanding:
             merge = self.image_processor.merge_size
             num_image_tokens = [int(g.prod()) // merge**2 for g in vision["image_grid_thw"]]
             inputs.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
-        # 2. Audio → Whisper features in chunks; tokens from the audio tower's own lengths
+        # 2. Audio → Whisper features in chunks of audio_chunk_seconds
         num_audio_tokens = []
         if audio is not None and len(audio):
             audio = np.asarray(audio, dtype=np.float32).reshape(-1)[-int(self.max_audio_seconds * SAMPLE_RATE) :]
@@ -203,8 +202,7 @@ class OmniUnderstanding:
                 chunks, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt"
             )
             feature_mask = features["attention_mask"]
-            _, lengths = self._audio_tower()._get_feat_extract_output_lengths(feature_mask.sum(-1))
-            num_audio_tokens = [int(n) for n in lengths]
+            num_audio_tokens = self._num_audio_tokens(feature_mask.sum(-1))
             inputs.update(input_features=features["input_features"], feature_attention_mask=feature_mask)
         if not num_image_tokens and not num_audio_tokens:
             raise ValueError("Give at least one frame or a non-empty audio waveform.")
