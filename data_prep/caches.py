@@ -85,7 +85,9 @@ def emotion_windows(num_frames: int, window_frames: int) -> list[int]:
 
 
 def cache_emotion(clip_dir: str | Path, reasoner, window_frames: int = 81) -> Path:
-    """Write ``emotion.json`` (see the module docstring)."""
+    """Write ``emotion.json`` (see the module docstring); windows before anyone spoke get the neutral description."""
+    from echo.emotion import format_history
+
     clip_dir = Path(clip_dir)
     path = clip_dir / "emotion.json"
     if path.exists():
@@ -94,7 +96,11 @@ def cache_emotion(clip_dir: str | Path, reasoner, window_frames: int = 81) -> Pa
     history = json.loads((clip_dir / "transcript.json").read_text())["segments"]
     windows = []
     for end_frame in emotion_windows(meta["num_frames"], window_frames):
-        text = reasoner.describe(history, clip_end=(end_frame + 1) / meta["fps"], avatar_speaker="avatar")
+        clip_end = (end_frame + 1) / meta["fps"]
+        if format_history(history, clip_end, "avatar"):
+            text = reasoner.describe(history, clip_end=clip_end, avatar_speaker="avatar")
+        else:  # nothing said yet: the neutral state, not a backend failure
+            text = reasoner.neutral_description
         windows.append({"end_frame": end_frame, "text": text})
     tmp = _atomic_path(path)
     tmp.write_text(json.dumps({"windows": windows}, indent=1))

@@ -203,3 +203,34 @@ def test_audio_muxed_in_the_video_is_used_when_there_is_no_wav(tmp_path, encoder
         envelope = conversation.envelope[speaker]
         if envelope.max() > 0:  # the speech lands on the frames the mouth moves on
             assert np.corrcoef(frame_rms(audio, 40), envelope)[0, 1] > 0.9
+
+
+def test_emotion_cache_stage_describes_each_window_from_its_history(tmp_path):
+    """A local causal LM (tiny, from a folder) writes one text per window; before anyone speaks: neutral."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_prep.caches import run_stage
+    from echo.components import build_tiny_tokenizer
+    from echo.emotion import NEUTRAL_DESCRIPTION
+
+    clips = make_tiny_prepared_set(tmp_path, num_frames=21, size=64, seed=0)
+    tokenizer = build_tiny_tokenizer(model_max_length=2048)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    options = PrepOptions(wav2vec2=str(tmp_path / "wav2vec2"), stages=["emotion"], emotion_model=str(tmp_path / "lm"),
+                          emotion_window_frames=5)
+    path = run_stage("emotion", clips[0], options)
+    windows = json.loads(path.read_text())["windows"]
+    assert [w["end_frame"] for w in windows] == [4, 9, 14, 19, 20]
+    segments = json.loads((clips[0] / "transcript.json").read_text())["segments"]
+    first_speech = min(s["start"] for s in segments)
+    for window in windows:
+        spoken = first_speech < (window["end_frame"] + 1) / 25
+        assert (window["text"] == NEUTRAL_DESCRIPTION) != spoken, (window, first_speech)
+        assert window["text"].strip()
