@@ -332,21 +332,22 @@ class EchoDirectFusion(nn.Module):
         keys, masks = [], []
         if context is not None:
             keys.append(context.type_as(query).repeat_interleave(num_frames, dim=0))  # B·F, N_ctx, D
-            if context_mask is None:
-                context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
-            masks.append(context_mask.bool().repeat_interleave(num_frames, dim=0))
+            valid = context_mask if context_mask is not None else torch.ones_like(context[..., 0], dtype=torch.bool)
+            masks.append(valid.bool().repeat_interleave(num_frames, dim=0))
         if audio_tokens is not None:
             keys.append(audio_tokens.flatten(0, 1).type_as(query))  # B·F, r·L_w, D
             masks.append(torch.ones(keys[-1].shape[:2], dtype=torch.bool, device=query.device))
-        output = _masked_cross_attention(self.attn, query, torch.cat(keys, 1), torch.cat(masks, 1))
+        key_mask = torch.cat(masks, 1) if context is not None and context_mask is not None else None
+        output = _masked_cross_attention(self.attn, query, torch.cat(keys, 1), key_mask)
         return output.reshape(batch_size, seq_len, dim)
 
 
 def _masked_cross_attention(
     attn: WanAttention, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Cross-attention with a key padding mask `(B, N)`; a row without any valid key gives a zero output."""
-    if key_mask is None or bool(key_mask.all()):
+    """Cross-attention with a key padding mask `(B, N)`; a row without any valid key gives a zero output. No host
+    synchronisation: the mask is used as given, with empty rows opened and their output zeroed."""
+    if key_mask is None:
         return attn(query, keys)
     key_mask = key_mask.bool()
     has_key = key_mask.any(dim=1)  # B

@@ -414,6 +414,14 @@ def test_direct_fusion_ablation(wan_t2v_folder):
     # Unmasked: tokens outside both masks are modulated too.
     outside = ((inputs["lip_mask"] + inputs["face_mask"]) == 0).flatten(1)
     assert (out["delta"][outside].abs().amax(-1) > 0).all()
+    # Padded user-context tokens are ignored in the fused key set.
+    context_mask = torch.tensor([[True] * 3 + [False] * 3] * B)
+    with torch.no_grad():
+        with SDCMProbe(model) as masked:
+            model(**dict(inputs, context_mask=context_mask))
+        with SDCMProbe(model) as dropped:
+            model(**dict(inputs, context_embeds=inputs["context_embeds"][:, :3]))
+    torch.testing.assert_close(masked["delta"], dropped["delta"], rtol=1e-5, atol=1e-6)
 
 
 def test_return_block_features_are_block_outputs(echo_model):
