@@ -7,8 +7,8 @@ Schemas read:
       {"segments": [{"speaker": "<video stem>", "start": 0.5, "end": 1.7, "text": "Hello there."}, ...]}
 
 - Seamless Interaction layout, ``<file id>.json`` per participant: ``"metadata:transcript"`` is a list of entries
-  with ``"start"`` and ``"end"`` (seconds) and the text in ``"transcript"`` or ``"text"``, or else in ``"words"``
-  (a list of strings or of ``{"word", "start", "end"}``); ``"metadata:vad"`` is a list of ``{"start", "end"}``
+  with ``"start"`` and ``"end"`` (seconds) and the text in ``"transcript"`` or ``"text"``, or, when those are
+  missing or empty, in ``"words"`` (a list of strings or of ``{"word", "start", "end", "score"}``); ``"metadata:vad"`` is a list of ``{"start", "end"}``
   (seconds). Both keys are optional; a missing one reads as an empty list.
 
 Written per clip, ``transcript.json``::
@@ -75,8 +75,8 @@ def read_seamless_json(path: str | Path) -> tuple[list[dict], list[dict]]:
     segments, vad = [], []
     for entry in data.get("metadata:transcript") or []:
         segment = _segment(entry, path, "metadata:transcript")
-        text = entry.get("transcript", entry.get("text"))
-        if text is None:
+        text = entry.get("transcript") or entry.get("text")
+        if not text:  # an empty "transcript" with word timings does occur: rebuild the text from the words
             words = entry.get("words") or []
             text = " ".join(w["word"] if isinstance(w, dict) else str(w) for w in words)
         segments.append({**segment, "text": str(text).strip()})
