@@ -71,8 +71,8 @@ def test_transcript_readers_name_the_file_and_accept_word_lists(tmp_path):
     seamless = tmp_path / "V01_S0002_I00000003_P0004.json"
     seamless.write_text(json.dumps({
         "metadata:transcript": [{"start": 0.5, "end": 1.5, "transcript": "",
-                                 "words": [{"word": "good", "start": 0.5, "end": 0.9},
-                                                                      {"word": "morning", "start": 0.9, "end": 1.5}]}],
+                                 "words": [{"word": "good", "start": 0.5, "end": 0.9, "score": 0.9},
+                                           {"word": "morning", "start": 0.9, "end": 1.5, "score": 0.8}]}],
         "metadata:vad": [{"start": 0.4, "end": 1.6}],
     }))
     segments, vad = read_seamless_json(seamless)
