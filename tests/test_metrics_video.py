@@ -193,3 +193,20 @@ def test_write_read_video_round_trip(tmp_path):
     n = min(len(audio), len(tone)) - 2048
     spectrum = np.abs(np.fft.rfft(audio[1024 : 1024 + n]))
     assert abs(np.argmax(spectrum) * 16000 / n - 440) < 10
+
+
+def test_convert_a_full_size_public_layout(tmp_path, capsys):
+    """A full-size SyncNet state dict (syncnet_v2.model's layout, here random) converts and loads back unchanged."""
+    torch.manual_seed(0)
+    public = nets.SyncNet().eval()
+    _randomise_batchnorm(public, 0)
+    torch.save({"state_dict": public.state_dict()}, tmp_path / "syncnet_v2.model")
+    nets._main(["convert", "syncnet", str(tmp_path / "syncnet_v2.model"), str(tmp_path / "weights")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "weights" / "syncnet.safetensors")
+    loaded = nets.load_feature_network("syncnet", str(tmp_path / "weights"))
+    mfcc = torch.randn(2, 1, 13, 20)
+    torch.testing.assert_close(loaded.forward_audio(mfcc), public.forward_audio(mfcc), rtol=0, atol=0)
+    # without the config json the public full-size config is assumed
+    os.remove(tmp_path / "weights" / "syncnet.json")
+    reloaded = nets.load_feature_network("syncnet", str(tmp_path / "weights"))
+    torch.testing.assert_close(reloaded.forward_audio(mfcc), public.forward_audio(mfcc), rtol=0, atol=0)
