@@ -235,3 +235,27 @@ def test_emotion_cache_stage_describes_each_window_from_its_history(tmp_path):
         spoken = first_speech < (window["end_frame"] + 1) / 25
         assert (window["text"] == NEUTRAL_DESCRIPTION) != spoken, (window, first_speech)
         assert window["text"].strip()
+
+
+@pytest.mark.slow
+def test_omni_cache_stage_runs_the_thinker_on_the_user_stream(tmp_path):
+    """``--stages clips,omni``: user_omni.safetensors holds the thinker's states for the user's frames and audio."""
+    import torch
+    from safetensors.torch import load_file
+
+    from data_prep.cli import run_prep
+    from data_prep.media import read_video
+    from echo.understanding import OmniUnderstanding
+    from tests.test_understanding import build_omni_folder
+
+    make_tiny_prepared_set(tmp_path, num_frames=13, size=64, seed=2)
+    build_omni_folder(tmp_path / "omni")
+    options = PrepOptions(wav2vec2=str(tmp_path / "wav2vec2"), size=64, clip_seconds=13 / 25,
+                          min_clip_seconds=13 / 25, stages=["clips", "omni"], omni_model=str(tmp_path / "omni"))
+    summary = run_prep(tmp_path / "source", "pairs", tmp_path / "prepared", options, progress=False)
+    assert summary.failed == [] and len(summary.clips_skipped) == 2  # clips existed: only the cache was added
+    thinker = OmniUnderstanding.from_pretrained(tmp_path / "omni")
+    for clip in sorted((tmp_path / "prepared").glob("*_c0000")):
+        cached = load_file(str(clip / "user_omni.safetensors"))["hidden_states"]
+        expected = thinker(read_video(clip / "user.mp4")[::12], read_wav(clip / "user.wav")[0])
+        torch.testing.assert_close(cached, expected)
