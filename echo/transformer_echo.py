@@ -185,8 +185,8 @@ class EchoSDCMGate(nn.Module):
 
     f_conv^1 and f_conv^2 are grouped k × k convolutions over the H' × W' grid of each latent frame (frames never mix)
     from `dim` to `gate_dim` channels (each output channel reads `dim / gate_dim` input channels); f_g is a linear layer
-    from the concatenation (2·gate_dim) to `dim`, so g is element-wise. With `gate_dim = dim / 4` the gate costs a
-    quarter of one attention projection per token.
+    from the concatenation (2·gate_dim) to `dim`, so g is element-wise. With `gate_dim = dim / 4` the gate costs half
+    of one attention projection per token.
 
     Args:
         dim (`int`): channels of h.
