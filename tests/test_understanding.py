@@ -188,3 +188,67 @@ def test_cache_writes_and_reads_user_omni(omni, speech, face_frames, tmp_path):
         lcu.alpha.fill_(1.0)
         out = lcu(torch.randn(2, 12, 2, 8), clip_frames=5, understanding=batch, understanding_mask=mask)
     assert torch.isfinite(out.context).all() and not torch.equal(out.context, out.perception)
+
+
+def test_qwen3_omni_thinker_is_accepted(tmp_path, speech, face_frames):
+    """A tiny Qwen3-Omni (MoE) thinker folder loads through the same class and reads the same inputs."""
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen3OmniMoeThinkerConfig,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from echo.components import build_tiny_tokenizer
+
+    special = dict(
+        image_token="<|image_pad|>", video_token="<|video_pad|>", audio_token="<|audio_pad|>",
+        vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>", audio_bos_token="<|audio_start|>",
+        audio_eos_token="<|audio_end|>",
+    )  # fmt: skip
+    base = build_tiny_tokenizer(model_max_length=8192)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=8192, **special,
+    )  # fmt: skip
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>", *special.values()]})
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in special.items()}
+    config = Qwen3OmniMoeThinkerConfig(
+        audio_config=dict(
+            num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+            output_dim=64, n_window=50, downsample_hidden_size=16,
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[1],
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                             "interleaved": True},
+        ),
+        audio_token_id=ids["audio_token"], image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"], vision_start_token_id=ids["vision_bos_token"], user_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen3OmniMoeThinkerForConditionalGeneration(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    feature_extractor = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64}, patch_size=16)
+    preprocessor = {**feature_extractor.to_dict(), **image_processor.to_dict(), "image_processor_type": "Qwen2VLImageProcessor"}
+    preprocessor.pop("image_processor_class", None)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor, default=str))
+
+    understanding = OmniUnderstanding.from_pretrained(tmp_path)
+    assert type(understanding.thinker).__name__ == "Qwen3OmniMoeThinkerForConditionalGeneration"
+    hidden = understanding(face_frames[:2], speech)
+    ids_in = understanding.prepare_inputs(face_frames[:2], speech)["input_ids"][0]
+    assert hidden.shape == (len(ids_in), 64) and torch.isfinite(hidden).all()
+    # the speech reaches the hidden states from its first token on (the random MoE audio path is weak: 1e-5 is
+    # still far above the zero difference of the tokens before the audio)
+    silent = understanding(face_frames[:2], np.zeros_like(speech))
+    first_audio = int((ids_in == ids["audio_bos_token"]).nonzero()[0, 0])
+    torch.testing.assert_close(silent[:first_audio], hidden[:first_audio], atol=1e-6, rtol=1e-6)
+    assert (silent[first_audio + 1 :] - hidden[first_audio + 1 :]).abs().amax() > 1e-5
