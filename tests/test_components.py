@@ -145,3 +145,22 @@ def test_encode_user_video_is_per_frame_vae_encoding(tiny):
     expected = np.zeros((3, 2, 2))
     expected[1, 1, 0] = 1
     np.testing.assert_array_equal(mask[0].numpy(), expected)
+
+
+def test_wan_config_names_real_folders_and_never_downloads():
+    """configs/models/wan2.1-t2v-1.3b.yaml: every part from the Wan diffusers folder layout or wav2vec2-base, the ECHO
+    widths agreeing with them; without the weights in the local cache loading fails instead of downloading."""
+    from echo.components import COMPONENT_CLASSES
+
+    config = load_model_config(TINY.with_name("wan2.1-t2v-1.3b.yaml"))
+    assert config["allow_download"] is False and set(COMPONENT_CLASSES) == set(config) - {"allow_download", "seed"}
+    wan = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    for section in ("vae", "scheduler", "text_encoder", "tokenizer"):
+        assert (config[section]["pretrained"], config[section]["subfolder"]) == (wan, section)
+    assert (config["transformer"]["from_wan"], config["transformer"]["subfolder"]) == (wan, "transformer")
+    assert config["audio_encoder"]["pretrained"] == config["feature_extractor"]["pretrained"] == "facebook/wav2vec2-base-960h"
+    echo, lcu = config["transformer"]["config"], config["context_encoder"]["config"]
+    assert (echo["audio_dim"], echo["audio_num_layers"]) == (lcu["audio_dim"], lcu["audio_num_layers"]) == (768, 13)
+    assert echo["context_dim"] == lcu["context_dim"] == 1536  # Wan2.1-1.3B inner width: 12 heads × 128
+    with pytest.raises(OSError):
+        load_components(config, only=["scheduler"])
