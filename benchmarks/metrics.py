@@ -4,7 +4,8 @@ CPU: tiny feature networks (random weights, the widths of the tests), float32. G
 the full-size public architectures (InceptionV3, I3D, iresnet100, SyncNet; random weights, same cost) in bfloat16.
 The MediaPipe extractor always runs on the CPU (its models ship in the wheel).
 
-Usage: ``python benchmarks/metrics.py [--frames 64] [--repeats 3]``
+Usage: ``python benchmarks/metrics.py [--frames 64] [--repeats 3] [--threads N]`` (on a shared CPU, ``--threads 1``
+keeps the tiny networks from waiting on busy OpenMP workers).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def parse_args():
     parser.add_argument("--frames", type=int, default=64, help="frames per measured clip")
     parser.add_argument("--size", type=int, default=256, help="frame size (pixels)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args()
 
 
@@ -51,6 +53,8 @@ def timed(fn, repeats: int, cuda: bool) -> float:
 
 
 def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
