@@ -163,4 +163,4 @@ def test_wan_config_names_real_folders_and_never_downloads():
     assert (echo["audio_dim"], echo["audio_num_layers"]) == (lcu["audio_dim"], lcu["audio_num_layers"]) == (768, 13)
     assert echo["context_dim"] == lcu["context_dim"] == 1536  # Wan2.1-1.3B inner width: 12 heads × 128
     with pytest.raises(OSError):
-        load_components(config, only=["scheduler"])
+        load_components(config, only=["tokenizer"])
