@@ -109,6 +109,7 @@ def markdown_table(table: dict[str, float | None], reasons: dict[str, str], meth
     arrows = [f"{c} {'↓' if c in LOWER_IS_BETTER else '↑'}" for c in TABLE_COLUMNS]
     lines = ["| Method | " + " | ".join(arrows) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     lines.append(f"| {method} | " + " | ".join(_fmt(table.get(c)) for c in TABLE_COLUMNS) + " |")
+    lines += ["", "rPCC, SID and Var are computed on the expression coefficients (pose values are in the JSON report)."]
     if reasons:
         lines.append("")
         lines += [f"- {c}: n/a — {reasons[c]}" for c in TABLE_COLUMNS if c in reasons]
