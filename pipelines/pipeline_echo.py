@@ -340,13 +340,16 @@ class EchoPipeline(DiffusionPipeline):
         reference_landmarks: np.ndarray | None = None,
         lip_mask: torch.Tensor | None = None,
         face_mask: torch.Tensor | None = None,
+        reference_image=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
         Token-grid lip and face masks `(1, F, H', W')` for SDCM.
 
         ``lip_mask`` / ``face_mask`` are used as given (`(H', W')`, `(F, H', W')` or `(1, F, H', W')`). Otherwise the
         face-mesh landmarks of the reference (``reference_landmarks`` `(478, 2)` in pixels of ``reference``, or
-        MediaPipe's detection) are rasterised at the reference's resolution and held for all frames.
+        MediaPipe's detection on the original ``reference_image`` when given, else on ``reference``) are rasterised at
+        the reference's resolution and held for all frames (the avatar's face stays roughly where the reference has
+        it; the masks are not tracked through the generated frames).
         """
         height, width = reference.shape[-2:]
         patch = self.transformer.config.patch_size
@@ -359,11 +362,23 @@ class EchoPipeline(DiffusionPipeline):
                 mask = torch.as_tensor(mask).float()
                 if mask.shape[-2:] != grid:
                     raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected (..., {grid[0]}, {grid[1]}).")
-                masks.append(mask.reshape(1, -1, *grid).expand(1, num_latent_frames, *grid))
+                mask = mask.reshape(-1, *grid)
+                if mask.shape[0] not in (1, num_latent_frames):
+                    raise ValueError(
+                        f"`{name}` has {mask.shape[0]} frames, expected 1 or one per latent frame ({num_latent_frames})."
+                    )
+                masks.append(mask[None].expand(1, num_latent_frames, *grid))
             return masks[0], masks[1] * (1 - masks[0])
         if reference_landmarks is None:
-            image = ((reference[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-            reference_landmarks = detect_face_landmarks(image)
+            if reference_image is None:
+                reference_image = ((reference[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255)
+            image = np.asarray(reference_image.convert("RGB") if isinstance(reference_image, PIL.Image.Image) else reference_image)
+            if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:  # (3, H, W) tensor in [-1, 1]
+                image = (np.transpose(image, (1, 2, 0)) + 1) * 127.5
+            image = np.clip(image, 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image
+            # detect on the full-resolution image, then scale to the reference's size (preprocessing stretches)
+            scale = np.array([width / image.shape[1], height / image.shape[0]], dtype=np.float32)
+            reference_landmarks = detect_face_landmarks(image) * scale
         reference_landmarks = np.asarray(reference_landmarks, dtype=np.float32)
         if reference_landmarks.shape != (NUM_LANDMARKS, 2):
             raise ValueError(
@@ -638,7 +653,7 @@ class EchoPipeline(DiffusionPipeline):
         reference_latents = self.encode_video(reference[:, :, None], device, dtype)  # 1, 16, 1, h, w
         num_latent_frames = (num_frames_per_chunk - 1) // self.vae_scale_factor_temporal + 1
         avatar_lip, avatar_face = self.prepare_avatar_masks(
-            reference, num_latent_frames, reference_landmarks, lip_mask, face_mask
+            reference, num_latent_frames, reference_landmarks, lip_mask, face_mask, reference_image
         )
         avatar_lip, avatar_face = avatar_lip.to(device, dtype), avatar_face.to(device, dtype)
 

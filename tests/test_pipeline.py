@@ -223,15 +223,21 @@ def test_save_pretrained_reloads_through_diffusion_pipeline_and_offloads(pipe, i
 
 def test_reference_masks_come_from_the_face(pipe, inputs):
     reference = pipe.prepare_reference(inputs["reference_image"], 128, 128)
-    lip, face = pipe.prepare_avatar_masks(reference, 3, inputs["reference_landmarks"] * 2)
+    landmarks = inputs["reference_landmarks"] * 128 / SIZE  # pixels of the 128² reference
+    lip, face = pipe.prepare_avatar_masks(reference, 3, landmarks)
     assert lip.shape == face.shape == (1, 3, 8, 8)
-    assert lip.sum() >= 1 and face.sum() > lip.sum()
+    assert lip.sum() >= 1 and face.sum() > 2 * lip.sum()
     assert not (lip * face).any()  # disjoint regions
-    mouth = inputs["reference_landmarks"][13] * 2 / 16  # landmark 13: inner upper lip, in tokens
+    mouth = landmarks[13] / 16  # landmark 13: inner upper lip, in tokens of 16 pixels
     assert lip[0, 0, int(mouth[1]), int(mouth[0])] == 1
-    # the lip tokens sit below the eye line of the face mask's tokens
-    eye_row = (inputs["reference_landmarks"][[33, 263], 1].mean() * 2 / 16).astype(int)
-    assert lip[0, 0, : eye_row + 1].sum() == 0
+    eye_row = int(landmarks[[33, 263], 1].mean() / 16)  # no lip token at or above the eyes
+    assert lip[0, 0, : eye_row + 1].sum() == 0 and face[0, 0, eye_row].sum() >= 1
+    # without landmarks, MediaPipe finds them on the full-resolution reference: the same masks
+    detected = pipe.prepare_avatar_masks(reference, 3, None, reference_image=inputs["reference_image"])
+    assert torch.equal(detected[0], lip) and torch.equal(detected[1], face)
+    # masks given at the token grid are used as they are (face without lip)
+    given = pipe.prepare_avatar_masks(reference, 3, lip_mask=lip[0, 0], face_mask=torch.ones(8, 8))
+    assert torch.equal(given[0], lip) and torch.equal(given[1], 1 - lip)
 
 
 def test_face_detection_on_frames_marks_missing_faces_with_nan(inputs):
