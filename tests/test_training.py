@@ -93,7 +93,7 @@ def stage2_run(stage1_runs, data_root):
     stage1_dir = stage1_runs["base"] / "full"
     result = _run(
         "tiny_stage2.yaml", data_root, stage1_runs["base"] / "stage2", f"model.stage1_dir={stage1_dir}",
-        "train.max_train_steps=12", "train.checkpointing_steps=0", "optim.lora_lr=5e-3", "optim.base_lr=5e-3",
+        "train.max_train_steps=10", "train.checkpointing_steps=0", "optim.lora_lr=5e-3", "optim.base_lr=5e-3",
         "train.overfit_one_batch=true",
     )  # fmt: skip
     return result, stage1_dir
@@ -130,7 +130,8 @@ def test_stage2_align_is_zero_while_the_model_equals_f_ref_then_grows(stage2_run
 
 def test_stage2_loss_falls_when_overfitting_one_batch(stage2_run):
     losses = [h["loss"] for h in stage2_run[0]["history"]]
-    assert losses[-1] < 0.9 * losses[0] and sum(losses[-3:]) < sum(losses[:3]), losses
+    assert losses[-1] < min(losses[:3]) - 0.02, losses
+    assert all(b < a for a, b in zip(losses[-4:], losses[-3:])), losses  # steadily falling at the end
 
 
 @pytest.mark.parametrize(
@@ -144,9 +145,9 @@ def test_stage2_loss_falls_when_overfitting_one_batch(stage2_run):
 def test_stage2_ablations_train_from_their_configs(config, removed, stage1_runs, data_root, tmp_path):
     result = _run(
         config, data_root, tmp_path / "out", f"model.stage1_dir={stage1_runs['base'] / 'full'}",
-        "train.max_train_steps=2", "train.checkpointing_steps=0",
+        "train.max_train_steps=1", "train.checkpointing_steps=0",
     )  # fmt: skip
-    assert result["global_step"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    assert result["global_step"] == 1 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
     names = [n for n, _ in result["models"].module.named_parameters()]
     if removed is not None:
         assert not any(n.startswith(removed) for n in names)  # the module is removed, not zeroed
@@ -158,13 +159,17 @@ def test_stage2_ablations_train_from_their_configs(config, removed, stage1_runs,
 def test_wo_sdcm_ablation_trains_both_stages(data_root, tmp_path):
     from echo.transformer_echo import EchoDirectFusion
 
-    first = _run("tiny_stage1_wo_sdcm.yaml", data_root, tmp_path / "s1", "train.max_train_steps=2", "train.checkpointing_steps=0")
+    first = _run("tiny_stage1_wo_sdcm.yaml", data_root, tmp_path / "s1", "train.max_train_steps=1", "train.checkpointing_steps=0")
     assert isinstance(first["models"].module.transformer.blocks[0].sdcm, EchoDirectFusion)
     second = _run(
         "tiny_stage2_wo_sdcm.yaml", data_root, tmp_path / "s2", f"model.stage1_dir={tmp_path / 's1'}",
-        "train.max_train_steps=2", "train.checkpointing_steps=0",
+        "train.max_train_steps=1", "train.checkpointing_steps=0",
     )  # fmt: skip
-    assert second["history"][0]["align"] == 0.0 and second["global_step"] == 2
+    assert isinstance(second["models"].ref_transformer.blocks[0].sdcm, EchoDirectFusion)
+    assert second["global_step"] == 1 and torch.isfinite(torch.tensor(second["history"][0]["loss"]))
+    # w/o SDCM the user context shares the audio cross-attention trained in stage 1, so the adapted model differs
+    # from f_ref (which sees the stage-1 inputs, without user context) from the first step on.
+    assert second["history"][0]["align"] > 0
 
 
 def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
@@ -177,6 +182,7 @@ def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
         "--set", f"data.root={data_root}", "--set", f"output_dir={out}", "--set", "train.max_train_steps=2",
         "--set", "train.checkpointing_steps=0", "--set", "train.dump_trainable_params=true",
     ]  # fmt: skip
+    command[command.index("--main_process_port"):command.index("--main_process_port")] = ["--num_cpu_threads_per_process", "1"]
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert completed.returncode == 0, completed.stderr[-3000:]
     summaries = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -159,6 +159,8 @@ def training_step(
         )
         loss = loss + loss_cfg.pixel_weight * terms["pixel"]
     if blocks is not None:
+        # f_ref sees the stage-1 inputs (same noisy latents, text, audio, masks; no user context), so L_align measures
+        # how far the adapted generator drifts from the talking behaviour stage 1 established.
         with torch.no_grad():
             reference = models.ref_transformer(
                 noisy.to(weight_dtype),
