@@ -94,7 +94,7 @@ def stage2_run(stage1_runs, data_root):
     result = _run(
         "tiny_stage2.yaml", data_root, stage1_runs["base"] / "stage2", f"model.stage1_dir={stage1_dir}",
         "train.max_train_steps=10", "train.checkpointing_steps=0", "optim.lora_lr=5e-3", "optim.base_lr=5e-3",
-        "train.overfit_one_batch=true",
+        "train.overfit_one_batch=true", "train.validation_steps=10", "train.validation_inference_steps=2",
     )  # fmt: skip
     return result, stage1_dir
 
@@ -126,6 +126,13 @@ def test_stage2_align_is_zero_while_the_model_equals_f_ref_then_grows(stage2_run
     # Step 1 runs before any update: LoRA B = 0 and the SDCM user stream is zero-initialised, so h_ℓ = h_ℓ^ref.
     assert history[0]["align"] == 0.0
     assert max(h["align"] for h in history[1:]) > 0.0
+
+
+def test_stage2_validation_render_is_written(stage2_run, stage1_runs):
+    from pipelines.video_io import probe_mp4
+
+    info = probe_mp4(stage1_runs["base"] / "stage2" / "validation" / "step-10.mp4")
+    assert info["num_frames"] == 9 and info["width"] == 64 and info.get("audio_seconds", 0) > 0, info
 
 
 def test_stage2_loss_falls_when_overfitting_one_batch(stage2_run):

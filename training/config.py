@@ -106,7 +106,8 @@ class TrainSettings:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 3
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
-    validation_steps: int | None = None  # render a validation clip every N steps (needs pipelines.EchoPipeline)
+    validation_steps: int | None = None  # render the first training clip every N steps (pipelines.EchoPipeline)
+    validation_inference_steps: int = 20
     log_every: int = 1
     report_to: str | None = "tensorboard"
     overfit_one_batch: bool = False  # sanity check: repeat the first batch with the same σ and noise every step

@@ -253,6 +253,12 @@ def main(config: TrainConfig) -> dict:
     if accelerator.is_main_process and train_cfg.report_to:
         accelerator.init_trackers(f"echo-stage{config.stage}", config=_flat_hparams(config))
 
+    renderer = None
+    if train_cfg.validation_steps:
+        from .validation import ValidationRenderer
+
+        renderer = ValidationRenderer(config, models, dataset.clips[0].path)
+
     # 7. Loop: micro-steps are counted so that a resumed run skips exactly the consumed batches
     accumulation = train_cfg.gradient_accumulation_steps
     batches_per_epoch = len(loader)
@@ -310,7 +316,10 @@ def main(config: TrainConfig) -> dict:
             if train_cfg.checkpointing_steps and global_step % train_cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, global_step, train_cfg.checkpoints_total_limit)
             if train_cfg.validation_steps and global_step % train_cfg.validation_steps == 0:
-                run_validation(accelerator, models, config, global_step)
+                if accelerator.is_main_process:
+                    path = renderer(accelerator.unwrap_model(module), output_dir, global_step, device)
+                    accelerator.print(f"step {global_step}: validation render {path}")
+                accelerator.wait_for_everyone()
             if global_step >= train_cfg.max_train_steps:
                 break
         epoch += 1
@@ -358,18 +367,6 @@ def dump_rank_state(output_dir: Path, accelerator, module, history: list[dict], 
         "history": history,
     }
     (folder / f"rank{rank}.json").write_text(json.dumps(summary))
-
-
-def run_validation(accelerator, models, config: TrainConfig, step: int) -> None:
-    """Render a validation clip with `pipelines.EchoPipeline` when that pipeline is installed (main process)."""
-    if not accelerator.is_main_process:
-        return
-    try:
-        from pipelines import EchoPipeline  # noqa: F401
-    except ImportError:
-        accelerator.print(f"step {step}: validation skipped, `pipelines.EchoPipeline` is not available")
-        return
-    accelerator.print(f"step {step}: validation renders are not configured for this build")
 
 
 def cli(argv: list[str] | None = None) -> dict:
