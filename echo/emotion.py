@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from typing import Optional, Sequence
@@ -180,6 +181,8 @@ class EmotionReasoner:
             text = self._chat_local(messages)
         if text is None:  # the failure was already handled
             return self.neutral_description
+        # reasoning models (e.g. Qwen3 served by vLLM) may prepend their thoughts: keep the answer only
+        text = re.sub(r"<think>.*?(</think>|$)", " ", text, flags=re.DOTALL)
         text = " ".join(text.split())
         if not text:
             where = self.endpoint if self.backend == "openai" else self.model_name

@@ -101,7 +101,8 @@ class _ChatHandler(BaseHTTPRequestHandler):
         type(self).requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
         transcript = body["messages"][-1]["content"]
         user_lines = sum(line.split("] ")[1].startswith("USER") for line in transcript.splitlines() if "] " in line)
-        reply = {"choices": [{"message": {"role": "assistant", "content": f" delighted, smiling ({user_lines}) "}}]}
+        content = f"<think>The user shares good news.\nThe avatar is happy.</think>\n delighted, smiling ({user_lines}) "
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -123,7 +124,7 @@ def chat_server():
     server.server_close()
 
 
-def test_openai_backend_posts_the_history_and_returns_the_reply(chat_server):
+def test_openai_backend_posts_the_history_and_returns_the_answer(chat_server):
     _ChatHandler.requests.clear()
     reasoner = EmotionReasoner(backend="openai", model="qwen-7b-chat", base_url=chat_server, api_key="k", timeout=5)
     assert reasoner.describe(HISTORY, CLIP_END, avatar_speaker="A") == "delighted, smiling (3)"
