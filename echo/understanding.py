@@ -156,23 +156,24 @@ class OmniUnderstanding:
         module = importlib.import_module(f"transformers.models.{family}.processing_{family}")
         return [int(n) for n in module._get_feat_extract_output_lengths(feature_lengths)]
 
-    def _build_text(self, num_images: int, num_image_tokens: list[int], num_audio_tokens: list[int]) -> str:
+    def _build_text(self, num_image_tokens: list[int], num_audio_tokens: list[int], prompt: str) -> str:
         tok = self.tokenizer
         vision = "".join(tok.vision_bos_token + tok.image_token * n + tok.vision_eos_token for n in num_image_tokens)
         audio = "".join(tok.audio_bos_token + tok.audio_token * n + tok.audio_eos_token for n in num_audio_tokens)
         return (
             f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
-            f"<|im_start|>user\n{vision}{audio}{self.prompt}<|im_end|>\n"
+            f"<|im_start|>user\n{vision}{audio}{prompt}<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
 
-    def prepare_inputs(self, frames: np.ndarray, audio: Optional[np.ndarray]) -> dict:
+    def prepare_inputs(self, frames: np.ndarray, audio: Optional[np.ndarray], prompt: Optional[str] = None) -> dict:
         r"""Thinker inputs for one clip.
 
         Args:
             frames (`np.ndarray` of shape `(N, H, W, 3)`, `uint8`): the user's frames, in time order (at most
                 ``max_frames`` are used).
             audio (`np.ndarray` of shape `(samples,)`, *optional*): 16 kHz mono waveform.
+            prompt (`str`, *optional*): the instruction; defaults to ``self.prompt`` (P_think).
 
         Returns:
             `dict` of tensors: ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``,
@@ -207,24 +208,27 @@ class OmniUnderstanding:
         if not num_image_tokens and not num_audio_tokens:
             raise ValueError("Give at least one frame or a non-empty audio waveform.")
         # 3. Prompt with one placeholder per multimodal token
-        text = self._build_text(len(frames), num_image_tokens, num_audio_tokens)
+        text = self._build_text(num_image_tokens, num_audio_tokens, self.prompt if prompt is None else prompt)
         tokens = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         return inputs
 
     @torch.no_grad()
-    def __call__(self, frames: np.ndarray, audio: Optional[np.ndarray] = None) -> torch.Tensor:
+    def __call__(
+        self, frames: np.ndarray, audio: Optional[np.ndarray] = None, prompt: Optional[str] = None
+    ) -> torch.Tensor:
         r"""S_usr for one clip.
 
         Args:
             frames (`np.ndarray` of shape `(N, H, W, 3)`, `uint8`): the user's recent frames, in time order.
             audio (`np.ndarray` of shape `(samples,)`, *optional*): the user's 16 kHz mono audio.
+            prompt (`str`, *optional*): the instruction; defaults to ``self.prompt`` (P_think).
 
         Returns:
             `torch.Tensor` of shape `(N_s, hidden_size)`, float32 on the CPU: the last-layer hidden states of the
             whole prompt (system, frame, audio and instruction tokens), ``N_s`` = its length.
         """
-        inputs = self.prepare_inputs(frames, audio)
+        inputs = self.prepare_inputs(frames, audio, prompt)
         device, dtype = self.thinker.device, self.thinker.dtype
         inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
         outputs = self.thinker(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)

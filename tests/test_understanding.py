@@ -131,6 +131,11 @@ def test_thinker_reads_real_speech_and_face_frames(omni, speech, face_frames):
     first_audio = int((ids == tokenizer.convert_tokens_to_ids(SPECIAL["audio_bos_token"])).nonzero()[0, 0])
     torch.testing.assert_close(silent[:first_audio], hidden[:first_audio], atol=1e-5, rtol=1e-5)
     assert (silent[first_audio + 1 :] - hidden[first_audio + 1 :]).abs().amax() > 1e-3
+    # P_think is read after the media: another instruction keeps every token up to the audio end
+    other = understanding(face_frames, speech, prompt="Describe the room.")
+    audio_end = int((ids == tokenizer.convert_tokens_to_ids(SPECIAL["audio_eos_token"])).nonzero()[0, 0]) + 1
+    torch.testing.assert_close(other[:audio_end], hidden[:audio_end], atol=1e-5, rtol=1e-5)
+    assert other.shape[0] != hidden.shape[0]
     # and the frames matter: a mirrored face changes the tokens from the first image on
     mirrored = understanding(face_frames[:, :, ::-1].copy(), speech)
     assert (mirrored[first_audio:] - hidden[first_audio:]).abs().amax() > 1e-3
