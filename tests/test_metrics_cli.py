@@ -23,15 +23,6 @@ T = 10
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny networks gain nothing from intra-op threads, and on a shared CPU OpenMP workers waiting for each other
-    can make them 100× slower; run this module on one thread and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 def _write_clip(folder, name, rng, num_frames=T, motion_offset=0.0):
     base = rng.uniform(0, 1, size=(8, 8, 3))
     frames = np.stack([np.kron(np.roll(base, t, 0), np.ones((6, 6, 1))) for t in range(num_frames)])

@@ -19,15 +19,6 @@ TINY = {
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny networks gain nothing from intra-op threads, and on a shared CPU OpenMP workers waiting for each other
-    can make them 100× slower; run this module on one thread and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 def _randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
     """Random BN statistics so that a loaded model differs from a freshly built one."""
     g = torch.Generator().manual_seed(seed)

@@ -56,15 +56,6 @@ def perturb_added_modules(model: EchoTransformer3DModel, seed: int = 0) -> EchoT
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def wan_t2v_folder(tmp_path_factory):
     torch.manual_seed(0)
