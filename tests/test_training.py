@@ -69,6 +69,14 @@ def test_resume_matches_an_uninterrupted_run(stage1_runs):
     assert a.keys() == b.keys() and any(k.startswith("modules.audio_proj") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The saved adapter is exactly PEFT's state dict of the trained model.
+    from peft.utils import get_peft_model_state_dict
+
+    peft_state = get_peft_model_state_dict(full["models"].module.transformer, adapter_name="stage1")
+    saved = load_file(str(stage1_runs["base"] / "full" / "final" / LORA_DIR / "adapter_model.safetensors"))
+    assert saved.keys() == peft_state.keys()
+    for key in saved:
+        torch.testing.assert_close(saved[key], peft_state[key], rtol=0, atol=0)
     # The step-10 checkpoint holds the adapter in PEFT format and the new modules in safetensors.
     checkpoint = stage1_runs["base"] / "split" / "checkpoint-10"
     config = json.loads((checkpoint / LORA_DIR / "adapter_config.json").read_text())
@@ -119,6 +127,13 @@ def test_stage2_f_ref_is_the_frozen_stage1_model(stage2_run):
     lora_b = [p for n, p in adapted.named_parameters() if "lora_B.stage2" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
     assert all(".attn2." in n for n, _ in adapted.named_parameters() if "lora_A.stage2" in n)
+    # The LCU is saved in diffusers format and loads back with `from_pretrained`.
+    from echo.lcu import LongRangeContextEncoder
+
+    output = stage2_run[1].parent / "stage2" / "final" / "context_encoder"
+    loaded = LongRangeContextEncoder.from_pretrained(output)
+    for key, value in models.module.context_encoder.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_stage2_align_is_zero_while_the_model_equals_f_ref_then_grows(stage2_run):

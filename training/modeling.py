@@ -30,6 +30,8 @@ from .config import TrainConfig
 LORA_DIR = "transformer_lora"
 MODULES_FILE = "transformer_modules.safetensors"
 CONTEXT_ENCODER_DIR = "context_encoder"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's file names
+LCU_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' file name, so `from_pretrained` reads it
 
 
 class EchoTrainingModule(nn.Module):
@@ -220,19 +222,45 @@ def resolve_trained_dir(path: str | os.PathLike) -> Path:
 
 
 def save_trained(
-    output_dir: str | os.PathLike, transformer: nn.Module, context_encoder: nn.Module | None, adapter_name: str,
+    output_dir: str | os.PathLike, state: dict[str, torch.Tensor], module: EchoTrainingModule, adapter_name: str,
     trainable_pattern: str,
 ) -> None:  # fmt: skip
-    """Write the adapter (PEFT format), the fully trained generator modules and the LCU (safetensors)."""
+    """Write the adapter (PEFT format), the fully trained generator modules and the LCU (safetensors).
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the checkpoint or output folder.
+        state (`dict[str, torch.Tensor]`): the full state dict of the [`EchoTrainingModule`] (keys ``transformer.*``
+            and ``context_encoder.*``), e.g. ``accelerator.get_state_dict(module)``, which gathers FSDP shards.
+        module ([`EchoTrainingModule`]): the unwrapped module (its adapter config and the LCU's config).
+        adapter_name (`str`): the adapter to save.
+        trainable_pattern (`str`): regex of the fully trained generator parameters (base-model names).
+    """
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    transformer.save_peft_adapter(output_dir / LORA_DIR, adapter_name=adapter_name)
-    state = trainable_module_state(transformer, trainable_pattern)
-    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(output_dir / MODULES_FILE))
-    if context_encoder is not None:
-        context_encoder.save_pretrained(output_dir / CONTEXT_ENCODER_DIR, safe_serialization=True)
+    (output_dir / LORA_DIR).mkdir(parents=True, exist_ok=True)
+    adapter_tag = f".{adapter_name}."
+    adapter, modules, lcu = {}, {}, {}
+    for key, value in state.items():
+        value = value.detach().contiguous().cpu()
+        if key.startswith("transformer."):
+            name = key[len("transformer.") :]
+            if "lora_" in name:
+                if adapter_tag in name:  # PEFT format: the adapter name is dropped from the key
+                    adapter[name.replace(adapter_tag, ".")] = value
+            elif _match(trainable_pattern, name):
+                modules[base_name(name)] = value
+        elif key.startswith("context_encoder."):
+            lcu[key[len("context_encoder.") :]] = value
+    if not adapter:
+        raise ValueError(f"the state holds no weight of the LoRA adapter {adapter_name!r}.")
+    save_file(adapter, str(output_dir / LORA_DIR / ADAPTER_WEIGHTS_NAME))
+    module.transformer.peft_config[adapter_name].save_pretrained(str(output_dir / LORA_DIR))
+    save_file(modules, str(output_dir / MODULES_FILE))
+    if module.context_encoder is not None:
+        (output_dir / CONTEXT_ENCODER_DIR).mkdir(exist_ok=True)
+        module.context_encoder.save_config(output_dir / CONTEXT_ENCODER_DIR)
+        save_file(lcu, str(output_dir / CONTEXT_ENCODER_DIR / LCU_WEIGHTS_NAME))
 
 
 def load_trained(
@@ -243,7 +271,7 @@ def load_trained(
     from safetensors.torch import load_file
 
     input_dir = Path(input_dir)
-    adapter_file = input_dir / LORA_DIR / "adapter_model.safetensors"
+    adapter_file = input_dir / LORA_DIR / ADAPTER_WEIGHTS_NAME
     if not adapter_file.is_file():
         raise FileNotFoundError(f"checkpoint {str(input_dir)!r} has no {LORA_DIR}/adapter_model.safetensors.")
     result = set_peft_model_state_dict(transformer, load_file(str(adapter_file)), adapter_name=adapter_name)
@@ -255,7 +283,7 @@ def load_trained(
         )
     load_module_state(transformer, load_file(str(input_dir / MODULES_FILE)), str(input_dir / MODULES_FILE))
     if context_encoder is not None:
-        weights = input_dir / CONTEXT_ENCODER_DIR / "diffusion_pytorch_model.safetensors"
+        weights = input_dir / CONTEXT_ENCODER_DIR / LCU_WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"checkpoint {str(input_dir)!r} has no {CONTEXT_ENCODER_DIR}/ weights.")
         context_encoder.load_state_dict(load_file(str(weights)), strict=True)

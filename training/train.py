@@ -226,14 +226,10 @@ def main(config: TrainConfig) -> dict:
     # 5. Checkpoint hooks: the adapter (PEFT) and trained modules instead of the full model
     def save_hook(hook_models, weights, hook_dir):
         for model in hook_models:
-            unwrapped = accelerator.unwrap_model(model)
+            state = accelerator.get_state_dict(model)  # collective under FSDP (gathers the shards on rank 0)
             if accelerator.is_main_process:
-                save_trained(
-                    hook_dir, unwrapped.transformer, unwrapped.context_encoder, models.adapter_name,
-                    models.trainable_pattern,
-                )  # fmt: skip
-            if weights:
-                weights.pop()
+                save_trained(hook_dir, state, accelerator.unwrap_model(model), models.adapter_name, models.trainable_pattern)
+        weights.clear()  # the frozen base is not rewritten with every checkpoint
 
     def load_hook(hook_models, hook_dir):
         while hook_models:
@@ -328,11 +324,9 @@ def main(config: TrainConfig) -> dict:
     # 8. Final weights (PEFT adapter + safetensors) and, on request, every rank's trainable parameters
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(module)
+    state = accelerator.get_state_dict(module)
     if accelerator.is_main_process:
-        save_trained(
-            output_dir / "final", unwrapped.transformer, unwrapped.context_encoder, models.adapter_name,
-            models.trainable_pattern,
-        )  # fmt: skip
+        save_trained(output_dir / "final", state, unwrapped, models.adapter_name, models.trainable_pattern)
         (output_dir / "final" / "training_config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     if train_cfg.dump_trainable_params:
         dump_rank_state(output_dir, accelerator, unwrapped, history, seen_clips)
