@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from training.config import load_config
 from training.modeling import LORA_DIR, MODULES_FILE
-from training.train import cli
+from training.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "train"
@@ -33,7 +33,7 @@ def _run(config: str, data_root: Path, output_dir: Path, *overrides: str) -> dic
     args = ["--config", str(CONFIGS / config), "--set", f"data.root={data_root}", "--set", f"output_dir={output_dir}"]
     for item in overrides:
         args += ["--set", item]
-    return cli(args)
+    return run(args)
 
 
 def _trained_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -225,7 +225,7 @@ def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
 def test_missing_clip_folder_is_named(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        cli(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", f"data.root={missing}", "--set", f"output_dir={tmp_path}"])
+        run(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", f"data.root={missing}", "--set", f"output_dir={tmp_path}"])
 
 
 def test_clip_shorter_than_the_window_is_named(data_root, tmp_path):
@@ -235,7 +235,7 @@ def test_clip_shorter_than_the_window_is_named(data_root, tmp_path):
 
 def test_unknown_config_key_is_named(tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'optim.lora_lrr'"):
-        cli(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", "optim.lora_lrr=1e-4"])
+        run(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", "optim.lora_lrr=1e-4"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: " + str(CONFIGS / "tiny_stage1.yaml") + "\ntrain:\n  max_steps: 3\n")
     with pytest.raises(ValueError, match="unknown config key 'train.max_steps'"):
@@ -255,3 +255,24 @@ def test_every_shipped_config_loads():
     switches = {p.name: load_config(p).ablation for p in CONFIGS.glob("stage2_wo_*.yaml")}
     assert not switches["stage2_wo_lpe.yaml"].use_visual and not switches["stage2_wo_hbcu.yaml"].use_understanding
     assert not switches["stage2_wo_lau.yaml"].use_emotion and not switches["stage2_wo_sdcm.yaml"].use_sdcm
+
+
+def test_gradient_checkpointing_matches_and_accumulation_counts_optimizer_steps(data_root, tmp_path):
+    common = ("train.max_train_steps=2", "train.checkpointing_steps=0")
+    plain = _run("tiny_stage1.yaml", data_root, tmp_path / "plain", *common)
+    recomputed = _run(
+        "tiny_stage1.yaml", data_root, tmp_path / "gc", *common, "train.gradient_checkpointing=true",
+        "train.report_to=tensorboard",
+    )  # fmt: skip
+    assert recomputed["models"].module.transformer.gradient_checkpointing
+    torch.testing.assert_close(
+        torch.tensor([h["loss"] for h in recomputed["history"]]), torch.tensor([h["loss"] for h in plain["history"]])
+    )
+    assert list((tmp_path / "gc" / "logs").rglob("events.out.tfevents.*"))  # TensorBoard through accelerate
+    accumulated = _run(
+        "tiny_stage1.yaml", data_root, tmp_path / "ga", *common, "train.gradient_accumulation_steps=2",
+        "train.dump_trainable_params=true",
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "ga" / "ranks" / "rank0.json").read_text())
+    assert accumulated["global_step"] == 2 and len(summary["clip_ids"]) == 4  # two micro-batches per update
+    assert accumulated["history"][0]["loss"] != plain["history"][0]["loss"]  # the mean over two micro-batches

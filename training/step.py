@@ -27,29 +27,21 @@ def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
 
 
 class TextEmbedder:
-    """Emotion text → `(B, L, text_dim)` with the frozen T5/UMT5 encoder, cached per distinct text.
-
-    As in the Wan pipelines, states beyond a text's own tokens are zeroed and every sequence is padded to
-    ``max_length`` (the tokenizer's ``model_max_length``, at most 512).
-    """
+    """Emotion text → `(B, L, text_dim)` with `echo.emotion.EmotionTextEncoder` (Wan's prompt encoding, as the
+    pipeline does), cached per distinct text; ``L = min(512, tokenizer.model_max_length)``."""
 
     def __init__(self, tokenizer, text_encoder, max_length: int | None = None):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.max_length = max_length or min(int(tokenizer.model_max_length), 512)
+        from echo.emotion import EmotionTextEncoder
+
+        self.encoder = EmotionTextEncoder(
+            text_encoder, tokenizer, max_length=max_length or min(int(tokenizer.model_max_length), 512)
+        )
         self.cache: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def __call__(self, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if missing:
-            inputs = self.tokenizer(
-                missing, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-            )
-            ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
-            states = self.text_encoder(ids, attention_mask=mask).last_hidden_state  # N, L, text_dim
-            states = states * mask[..., None].to(states.dtype)
-            for text, state in zip(missing, states):
+            for text, state in zip(missing, self.encoder.encode(missing)):
                 self.cache[text] = state.detach()
         return torch.stack([self.cache[t] for t in texts]).to(device=device, dtype=dtype)
 

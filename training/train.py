@@ -363,7 +363,8 @@ def dump_rank_state(output_dir: Path, accelerator, module, history: list[dict], 
     (folder / f"rank{rank}.json").write_text(json.dumps(summary))
 
 
-def cli(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse the command line (``--config``, ``--set``, ``--resume``) and train; returns `main`'s result."""
     args = parse_args(argv)
     overrides = list(args.set)
     if args.resume is not None:
@@ -371,5 +372,11 @@ def cli(argv: list[str] | None = None) -> dict:
     return main(load_config(args.config, overrides))
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``echo-train`` console script and ``python -m training.train``."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    cli()
+    raise SystemExit(cli())
