@@ -276,3 +276,26 @@ def test_gradient_checkpointing_matches_and_accumulation_counts_optimizer_steps(
     summary = json.loads((tmp_path / "ga" / "ranks" / "rank0.json").read_text())
     assert accumulated["global_step"] == 2 and len(summary["clip_ids"]) == 4  # two micro-batches per update
     assert accumulated["history"][0]["loss"] != plain["history"][0]["loss"]  # the mean over two micro-batches
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`:UserWarning")  # one process here
+def test_fsdp_wrap_policy_separates_frozen_and_trainable_weights(tmp_path):
+    """FSDP-1 with `use_orig_params=False` (configs/accelerate/fsdp.yaml) needs uniformly trainable flat parameters."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from training.modeling import build_training_models, fsdp_auto_wrap_policy
+
+    config = load_config(CONFIGS / "tiny_stage1.yaml")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="uniform `requires_grad`"):
+            FSDP(build_training_models(config).module, use_orig_params=False, device_id=torch.device("cpu"))
+        module = build_training_models(config).module
+        wrapped = FSDP(
+            module, auto_wrap_policy=fsdp_auto_wrap_policy(module), use_orig_params=False, device_id=torch.device("cpu")
+        )
+        flat = [p for p in wrapped.parameters()]
+        assert any(p.requires_grad for p in flat) and any(not p.requires_grad for p in flat)
+    finally:
+        dist.destroy_process_group()

@@ -357,3 +357,35 @@ def parameter_groups(module: EchoTrainingModule, config: TrainConfig) -> list[di
     if base:
         groups.append({"params": base, "lr": config.optim.base_lr, "name": "modules"})
     return groups
+
+
+def fsdp_auto_wrap_policy(module: nn.Module, block_classes: tuple[type, ...] | None = None):
+    """FSDP-1 wrap policy for frozen base weights next to trainable ones (with ``fsdp_use_orig_params: false``).
+
+    A flat parameter must be uniformly trainable or frozen, so, as peft's ``fsdp_auto_wrap_policy`` does, every
+    sub-module whose parameters are all trainable (LoRA ``lora_A`` / ``lora_B`` layers, the fully trained new modules,
+    the LCU) becomes its own FSDP unit, and every generator block another one (holding the block's frozen weights).
+    """
+    import functools
+
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    if block_classes is None:
+        from echo.transformer_echo import EchoTransformerBlock
+
+        block_classes = (EchoTransformerBlock,)
+
+    def all_trainable(sub: nn.Module) -> bool:
+        if sub is module or isinstance(sub, (nn.ModuleList, nn.ModuleDict)):  # containers have no forward to hook
+            return False
+        params = list(sub.parameters())
+        return bool(params) and all(p.requires_grad for p in params)
+
+    return functools.partial(
+        _or_policy,
+        policies=[
+            functools.partial(lambda_auto_wrap_policy, lambda_fn=all_trainable),
+            functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=set(block_classes)),
+        ],
+    )
+

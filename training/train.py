@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from .config import TrainConfig, config_to_dict, load_config
-from .modeling import build_training_models, load_trained, parameter_groups, save_trained
+from .modeling import build_training_models, fsdp_auto_wrap_policy, load_trained, parameter_groups, save_trained
 from .step import TextEmbedder, step_generator, training_step
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def main(config: TrainConfig) -> dict:
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -214,6 +214,9 @@ def main(config: TrainConfig) -> dict:
         num_warmup_steps=optim.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=train_cfg.max_train_steps * accelerator.num_processes,
     )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        # Frozen and trainable weights must not share a flat parameter (fsdp_use_orig_params: false).
+        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(models.module)
     module, optimizer, loader, lr_scheduler = accelerator.prepare(models.module, optimizer, loader, lr_scheduler)
     if len(loader) == 0:
         raise ValueError(
