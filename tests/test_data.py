@@ -150,3 +150,26 @@ def test_bad_input_is_named(data_root, tmp_path):
         ConversationDataset([tmp_path / "no_omni"], num_frames=9, resolution=64, use_understanding=True)
     with pytest.raises(ValueError, match="4k \\+ 1"):
         ConversationDataset(data_root, num_frames=8, resolution=64)
+
+
+def test_speech_weights_of_a_prepared_clip_follow_its_voice_activity(data_root):
+    """w(i) (Eq. 12) from the `avatar_rms` of a real prepared clip: frames inside the avatar's speech segments
+    (transcript VAD) weigh more than frames outside them."""
+    from echo.losses import speech_weights
+
+    checked = 0
+    for clip in sorted(p.parent for p in data_root.glob("*/meta.json")):
+        dataset = ConversationDataset([clip], num_frames=17, resolution=64)
+        weights = speech_weights(dataset[0]["avatar_rms"][None])[0]
+        vad = json.loads((clip / "transcript.json").read_text())["vad"]["avatar"]
+        times = (torch.arange(17) + 0.5) / 25
+        speaking = torch.zeros(17, dtype=torch.bool)
+        for start, end in vad:
+            speaking |= (times >= start + 0.04) & (times <= end - 0.04)
+        silent = torch.ones(17, dtype=torch.bool)
+        for start, end in vad:
+            silent &= (times < start - 0.04) | (times > end + 0.04)
+        if speaking.sum() >= 3 and silent.sum() >= 3:
+            assert weights[speaking].mean() > 2 * weights[silent].mean(), (weights, vad)
+            checked += 1
+    assert checked >= 1
