@@ -194,13 +194,21 @@ def test_wo_sdcm_ablation_trains_both_stages(data_root, tmp_path):
     assert second["history"][0]["align"] > 0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
     """`accelerate launch` with two CPU processes (gloo): both ranks end with the same parameters."""
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-        "--main_process_port", "29533", "-m", "training.train", "--config", str(CONFIGS / "tiny_stage1.yaml"),
+        "--main_process_port", str(_free_port()), "-m", "training.train", "--config", str(CONFIGS / "tiny_stage1.yaml"),
         "--set", f"data.root={data_root}", "--set", f"output_dir={out}", "--set", "train.max_train_steps=2",
         "--set", "train.checkpointing_steps=0", "--set", "train.dump_trainable_params=true",
     ]  # fmt: skip
@@ -209,6 +217,7 @@ def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     summaries = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["num_processes"] for s in summaries] == [2, 2]
+    assert all(s["distributed_type"] == "DistributedType.MULTI_CPU" for s in summaries)  # one gloo group
     assert [s["process_index"] for s in summaries] == [0, 1]
     # The ranks read different shards of the data (batch r of each step) ...
     assert summaries[0]["clip_ids"] != summaries[1]["clip_ids"]
