@@ -13,7 +13,7 @@ counting pass uses the math attention kernel so that attention products are coun
 second / peak: the dense bf16 peak of the GPU's datasheet (H100 SXM / H200: 989 TFLOP/s), or on CPU the throughput of
 a large float32 matmul measured here (the achievable peak of this machine).
 
-    python benchmarks/train_step.py [--size tiny|wan1.3b] [--batch-size N] [--steps N]
+    python benchmarks/train_step.py [--size tiny|wan1.3b] [--batch-size N] [--steps N] [--cached-latents]
 
 The last line holds the headline figures as `name=value` pairs (goal on an H100/H200: mfu ≥ 0.45).
 """
@@ -70,6 +70,9 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--cached-latents", action="store_true", help="feed precomputed clip latents (data.use_cached_latents) instead of encoding"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--num-layers", type=int, default=None, help="override the generator depth (smoke runs)")
     parser.add_argument("--resolution", type=int, default=None, help="override the clip side")
@@ -171,6 +174,13 @@ def main():
     optimizer = torch.optim.AdamW(parameter_groups(module, config), weight_decay=config.optim.weight_decay)
     text_embedder = TextEmbedder(models.tokenizer, models.text_encoder)
     batch = make_batch(size, batch_size)
+    if args.cached_latents:
+        from echo.components import normalize_latents
+        from training.step import encode_video
+
+        with torch.no_grad():  # the dataset returns raw VAE latents; the step normalises them
+            latents = encode_video(models.vae, batch["video"].to(device))
+            batch["latents"] = normalize_latents(models.vae, latents, inverse=True).cpu()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def step(index: int) -> dict:
@@ -222,6 +232,7 @@ def main():
         ("device", torch.cuda.get_device_name(device) if cuda else "cpu"),
         ("size", args.size or ("wan1.3b" if cuda else "tiny")),
         ("batch x frames x res", f"{batch_size} x {size['num_frames']} x {size['resolution']}²"),
+        ("clip latents", "cached" if args.cached_latents else "VAE-encoded every step"),
         ("generator params (trainable)", f"{total / 1e6:.1f}M ({trainable / 1e6:.2f}M)"),
         ("loss (last step)", f"{float(terms['loss'].detach()):.4f}"),
         ("step time (best of %d)" % args.steps, f"{step_s * 1e3:.1f} ms"),
