@@ -103,8 +103,8 @@ class TrainSettings:
     max_train_steps: int = 10000
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = 3
+    checkpointing_steps: int = 500  # save_state every N optimizer steps (0: only the final weights)
+    checkpoints_total_limit: int | None = 3  # keep the newest N checkpoints (None: all)
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
     validation_steps: int | None = None  # render the first training clip every N steps (pipelines.EchoPipeline)
     validation_inference_steps: int = 20
