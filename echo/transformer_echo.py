@@ -260,6 +260,7 @@ class EchoSDCM(nn.Module):
         lip_mask: torch.Tensor,
         face_mask: torch.Tensor,
         grid: tuple[int, int, int],
+        audio_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -269,6 +270,8 @@ class EchoSDCM(nn.Module):
             context_mask (`torch.Tensor` of shape `(B, N_ctx)`, *optional*): bool, True = valid.
             lip_mask, face_mask (`torch.Tensor` of shape `(B, F·H'·W', 1)`): token-grid masks.
             grid (`tuple[int, int, int]`): (F, H', W').
+            audio_mask (`torch.Tensor` of shape `(B,)`, *optional*): bool, False = this sample has no avatar audio
+                (h_avt = 0 for it, exactly as ``audio_tokens=None``); used for condition dropout.
 
         Returns:
             `torch.Tensor` of shape `(B, F·H'·W', D)`: h_lip + h_face.
@@ -289,7 +292,8 @@ class EchoSDCM(nn.Module):
         else:
             query = norm_hidden_states.reshape(batch_size * num_frames, seq_len // num_frames, dim)  # B·F, H'W', D
             keys = audio_tokens.flatten(0, 1).type_as(query)  # B·F, r·L_w, D
-            h_avt = self.attn_avt(query, keys).reshape(batch_size, seq_len, dim)
+            key_mask = _audio_key_mask(audio_mask, keys, num_frames)
+            h_avt = _masked_cross_attention(self.attn_avt, query, keys, key_mask).reshape(batch_size, seq_len, dim)
 
         # 3. Gate and region-wise combination
         g = self.gate(h_usr, h_avt, grid)
@@ -323,6 +327,7 @@ class EchoDirectFusion(nn.Module):
         context: torch.Tensor | None,
         context_mask: torch.Tensor | None,
         grid: tuple[int, int, int],
+        audio_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Shapes as in [`EchoSDCM`]; returns `(B, F·H'·W', D)`."""
         batch_size, seq_len, dim = hidden_states.shape
@@ -336,10 +341,23 @@ class EchoDirectFusion(nn.Module):
             masks.append(valid.bool().repeat_interleave(num_frames, dim=0))
         if audio_tokens is not None:
             keys.append(audio_tokens.flatten(0, 1).type_as(query))  # B·F, r·L_w, D
-            masks.append(torch.ones(keys[-1].shape[:2], dtype=torch.bool, device=query.device))
-        key_mask = torch.cat(masks, 1) if context is not None and context_mask is not None else None
+            audio_key_mask = _audio_key_mask(audio_mask, keys[-1], num_frames)
+            masks.append(
+                audio_key_mask if audio_key_mask is not None else torch.ones_like(keys[-1][..., 0], dtype=torch.bool)
+            )
+        masked = (context is not None and context_mask is not None) or (
+            audio_tokens is not None and audio_mask is not None
+        )
+        key_mask = torch.cat(masks, 1) if masked else None
         output = _masked_cross_attention(self.attn, query, torch.cat(keys, 1), key_mask)
         return output.reshape(batch_size, seq_len, dim)
+
+
+def _audio_key_mask(audio_mask: torch.Tensor | None, keys: torch.Tensor, num_frames: int) -> torch.Tensor | None:
+    """Per-sample audio presence `(B,)` → a key mask `(B·F, r·L_w)` for the per-latent-frame audio attention."""
+    if audio_mask is None:
+        return None
+    return audio_mask.bool().repeat_interleave(num_frames, dim=0)[:, None].expand(-1, keys.shape[1])
 
 
 def _masked_cross_attention(
@@ -396,6 +414,7 @@ class EchoTransformerBlock(WanTransformerBlock):
         lip_mask: torch.Tensor | None = None,
         face_mask: torch.Tensor | None = None,
         grid: tuple[int, int, int] | None = None,
+        audio_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # batch_size, 6, inner_dim
         shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
@@ -419,10 +438,12 @@ class EchoTransformerBlock(WanTransformerBlock):
                 lip_mask = zeros if lip_mask is None else lip_mask.type_as(hidden_states)
                 face_mask = zeros if face_mask is None else face_mask.type_as(hidden_states)
                 hidden_states = hidden_states + self.sdcm(
-                    hidden_states, audio_tokens, context, context_mask, lip_mask, face_mask, grid
+                    hidden_states, audio_tokens, context, context_mask, lip_mask, face_mask, grid, audio_mask
                 )
         elif audio_tokens is not None or context is not None:
-            hidden_states = hidden_states + self.sdcm(hidden_states, audio_tokens, context, context_mask, grid)
+            hidden_states = hidden_states + self.sdcm(
+                hidden_states, audio_tokens, context, context_mask, grid, audio_mask
+            )
 
         # 4. Feed-forward
         norm_hidden_states = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(
@@ -819,6 +840,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
         return_block_features: list[int] | None = None,
+        audio_mask: torch.Tensor | None = None,
     ) -> EchoTransformerOutput | tuple:
         r"""
         The [`EchoTransformer3DModel`] forward method.
@@ -841,6 +863,9 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             attention_kwargs (`dict`, *optional*): `{"scale": lora_scale}`.
             return_dict (`bool`, defaults to `True`): return an [`EchoTransformerOutput`].
             return_block_features (`list[int]`, *optional*): blocks whose output hidden states to return.
+            audio_mask (`torch.Tensor` of shape `(B,)`, *optional*): bool, False drops the avatar audio of that sample
+                (the same output as ``audio_embeds=None`` for it). With ``context_mask`` rows all False for the user
+                stream, this gives per-sample condition dropout for classifier-free guidance.
 
         Returns:
             [`EchoTransformerOutput`] or `(sample,)` / `(sample, block_features)`.
@@ -889,6 +914,8 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             if audio_embeds.shape[0] != batch_size:
                 raise ValueError(f"`audio_embeds` has shape {tuple(audio_embeds.shape)}, expected batch {batch_size}.")
             audio_tokens = self.audio_proj(audio_embeds, post_patch_num_frames)  # B, F, r·L_w, D
+            if audio_mask is not None and tuple(audio_mask.shape) != (batch_size,):
+                raise ValueError(f"`audio_mask` has shape {tuple(audio_mask.shape)}, expected ({batch_size},).")
         context = None
         if context_embeds is not None:
             context = self.context_proj(context_embeds.to(self.context_proj.weight.dtype))  # B, N_ctx, D
@@ -907,6 +934,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 lip_mask,
                 face_mask,
                 grid,
+                audio_mask,
             )
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, *args)

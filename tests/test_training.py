@@ -308,3 +308,23 @@ def test_fsdp_wrap_policy_separates_frozen_and_trainable_weights(tmp_path):
         assert any(p.requires_grad for p in flat) and any(not p.requires_grad for p in flat)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("audio_drop_prob, changes", [(1.0, False), (0.0, True)])
+def test_audio_dropout_removes_the_audio_stream_from_the_update(data_root, tmp_path, audio_drop_prob, changes):
+    """Condition dropout for audio guidance: with every sample's audio dropped the audio projection gets exactly zero
+    gradient (its weights stay at their initial values without weight decay); without dropout it learns."""
+    from accelerate.utils import set_seed
+
+    from training.modeling import build_training_models
+
+    overrides = ("train.max_train_steps=2", "optim.weight_decay=0", "optim.base_lr=1e-2", "optim.lr_warmup_steps=0")
+    result = _run(
+        "tiny_stage1.yaml", data_root, tmp_path / "run", *overrides, f"loss.audio_drop_prob={audio_drop_prob}"
+    )
+    config = load_config(CONFIGS / "tiny_stage1.yaml", [f"data.root={data_root}", *overrides])
+    set_seed(config.seed)
+    initial = build_training_models(config).module.transformer.audio_proj.state_dict()
+    trained = result["models"].module.transformer.audio_proj.state_dict()
+    differs = [k for k, v in trained.items() if not torch.equal(v, initial[k])]
+    assert bool(differs) == changes, differs

@@ -227,6 +227,23 @@ def test_context_mask_equals_dropping_the_masked_tokens(echo_model):
     assert (masked["delta"][0] - without["delta"][0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("use_sdcm", [True, False])
+def test_audio_mask_drops_one_samples_audio_exactly_like_no_audio(wan_t2v_folder, use_sdcm):
+    """Per-sample condition dropout (classifier-free guidance training): ``audio_mask[b] = False`` gives sample b the
+    output of ``audio_embeds=None`` and leaves the other sample's output as with audio."""
+    model = perturb_added_modules(EchoTransformer3DModel.from_wan(wan_t2v_folder, use_sdcm=use_sdcm, **ECHO)).eval()
+    inputs = make_inputs()
+    with torch.no_grad():
+        dropped = model(**inputs, audio_mask=torch.tensor([True, False])).sample
+        full = model(**inputs).sample
+        silent = model(**dict(inputs, audio_embeds=None)).sample
+    torch.testing.assert_close(dropped[0], full[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dropped[1], silent[1], rtol=1e-5, atol=1e-6)
+    assert (full[1] - silent[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="audio_mask"):
+        model(**inputs, audio_mask=torch.tensor([True]))
+
+
 # 3. Frame alignment ---------------------------------------------------------------------------------------------------
 
 

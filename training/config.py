@@ -84,6 +84,10 @@ class LossConfig:
     speech_weight_floor: float = 0.1
     motion_prob: float = 0.0  # probability of a continuation sample (leading latent frames given as motion)
     motion_latent_frames: int = 1
+    # Condition dropout for classifier-free guidance: per sample, the avatar audio (resp. the user context) is dropped
+    # with this probability, so the pipeline's "uncond" and "audio" guidance passes stay in the training distribution.
+    audio_drop_prob: float = 0.0
+    user_drop_prob: float = 0.0
 
 
 @dataclass
@@ -138,6 +142,9 @@ class TrainConfig:
             raise ValueError(f"config key 'data.num_frames' is {self.data.num_frames}, expected 4k + 1.")
         if self.train.gradient_accumulation_steps < 1:
             raise ValueError("config key 'train.gradient_accumulation_steps' must be ≥ 1.")
+        for key in ("audio_drop_prob", "user_drop_prob"):
+            if not 0.0 <= getattr(self.loss, key) <= 1.0:
+                raise ValueError(f"config key 'loss.{key}' is {getattr(self.loss, key)}, expected a probability in [0, 1].")
         return self
 
 

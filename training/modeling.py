@@ -58,12 +58,15 @@ class EchoTrainingModule(nn.Module):
         face_mask: torch.Tensor,
         user_inputs: dict | None = None,
         return_block_features: list[int] | None = None,
+        audio_mask: torch.Tensor | None = None,
+        user_keep: torch.Tensor | None = None,
     ):
         """Run the LCU on ``user_inputs`` (stage 2) and the generator; returns an `EchoTransformerOutput`.
 
         ``user_inputs`` holds the `LongRangeContextEncoder.forward` arguments (``user_audio`` `(B, T_hist, NL, D_a)`,
         ``clip_frames``, ``user_audio_mask``, ``user_video`` `(B, T_hist, C_v, h_v, w_v)`, ``user_face_mask``,
-        ``understanding``, ``understanding_mask``).
+        ``understanding``, ``understanding_mask``). ``audio_mask`` / ``user_keep`` `(B,)` bool drop a sample's avatar
+        audio / user context (condition dropout; the user context is dropped through its ``context_mask``).
         """
         context_embeds = context_mask = None
         if self.context_encoder is not None:
@@ -71,6 +74,8 @@ class EchoTrainingModule(nn.Module):
                 raise ValueError("`user_inputs` is required when the training module holds a context encoder (stage 2).")
             lcu = self.context_encoder(**user_inputs)
             context_embeds, context_mask = lcu.context, lcu.context_mask  # B, T_cur, context_dim
+            if user_keep is not None:
+                context_mask = context_mask.bool() & user_keep[:, None]
         return self.transformer(
             hidden_states,
             timestep,
@@ -82,6 +87,7 @@ class EchoTrainingModule(nn.Module):
             lip_mask=lip_mask,
             face_mask=face_mask,
             return_block_features=return_block_features,
+            audio_mask=audio_mask,
         )
 
 

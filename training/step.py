@@ -122,6 +122,13 @@ def training_step(
     noisy = add_noise(latents, noise, sigmas)
     timestep = sigma_to_timestep(sigmas)
 
+    # Condition dropout (classifier-free guidance): per-sample keep masks, drawn only when enabled
+    audio_mask = user_keep = None
+    if loss_cfg.audio_drop_prob > 0:
+        audio_mask = (torch.rand(batch_size, generator=generator) >= loss_cfg.audio_drop_prob).to(device)
+    if config.stage == 2 and loss_cfg.user_drop_prob > 0:
+        user_keep = (torch.rand(batch_size, generator=generator) >= loss_cfg.user_drop_prob).to(device)
+
     blocks = None
     if config.stage == 2 and loss_cfg.align_weight > 0:
         num_layers = models.ref_transformer.config.num_layers
@@ -138,6 +145,8 @@ def training_step(
         face_mask,
         user_inputs=user_inputs,
         return_block_features=blocks,
+        audio_mask=audio_mask,
+        user_keep=user_keep,
     )
     prediction = output.sample.float()
     terms = {"flow": flow_loss(prediction, velocity_target(latents, noise))}
