@@ -172,10 +172,10 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
                 bias=True,
                 out_bias=True,
             )
-            self.alpha = nn.Parameter(torch.zeros(()))
+            self.alpha = nn.Parameter(torch.zeros(1))  # 1-element, not 0-dim: FSDP flattens parameters
         self.ffn_norm = nn.LayerNorm(context_dim)
         self.ffn = FeedForward(context_dim, mult=ffn_mult, activation_fn="gelu-approximate")
-        self.beta = nn.Parameter(torch.zeros(()))
+        self.beta = nn.Parameter(torch.zeros(1))
 
         self._warned_unused = set()
 

@@ -288,14 +288,17 @@ def test_gradient_checkpointing_matches_and_accumulation_counts_optimizer_steps(
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`:UserWarning")  # one process here
-def test_fsdp_wrap_policy_separates_frozen_and_trainable_weights(tmp_path):
-    """FSDP-1 with `use_orig_params=False` (configs/accelerate/fsdp.yaml) needs uniformly trainable flat parameters."""
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fsdp_wrap_policy_separates_frozen_and_trainable_weights(tmp_path, stage, stage1_runs):
+    """FSDP-1 with `use_orig_params=False` (configs/accelerate/fsdp.yaml) needs uniformly trainable flat parameters
+    (and no 0-dim parameters, which it cannot flatten: stage 2 holds the LCU's gates α and β)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from training.modeling import build_training_models, fsdp_auto_wrap_policy
 
-    config = load_config(CONFIGS / "tiny_stage1.yaml")
+    overrides = [f"model.stage1_dir={stage1_runs['base'] / 'full'}"] if stage == 2 else []
+    config = load_config(CONFIGS / f"tiny_stage{stage}.yaml", overrides)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="uniform `requires_grad`"):
