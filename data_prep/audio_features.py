@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from echo.audio import FPS, SAMPLE_RATE, resample_rows
+from echo.audio import FPS, wav2vec2_frame_features
 
 
 class Wav2Vec2Features:
@@ -46,13 +46,6 @@ class Wav2Vec2Features:
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
-    @torch.no_grad()
-    def _encode(self, waveform: np.ndarray) -> torch.Tensor:
-        inputs = self.feature_extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        values = inputs.input_values.to(self.device, self.model.dtype)
-        output = self.model(values, output_hidden_states=True)
-        return torch.stack(output.hidden_states, dim=2)[0].float().cpu()  # N_50Hz, NL, D
-
     def __call__(self, waveform: np.ndarray, num_frames: int, fps: float = FPS) -> np.ndarray:
         previous = torch.get_num_threads()
         if self.num_threads is not None:
@@ -73,25 +66,7 @@ class Wav2Vec2Features:
         Returns:
             `np.ndarray` of shape `(T, num_hidden_layers + 1, hidden_size)`, float16.
         """
-        num_samples = int(round(num_frames * SAMPLE_RATE / fps))
-        waveform = np.asarray(waveform, dtype=np.float32).reshape(-1)[:num_samples]
-        waveform = np.pad(waveform, (0, num_samples - len(waveform)))
-        chunk = int(self.chunk_seconds * SAMPLE_RATE)
-        if num_samples <= chunk:
-            rows = self._encode(waveform)
-            return resample_rows(rows, num_frames).numpy().astype(np.float16)
-        # Long audio: encode overlapping chunks, keep each chunk's centre frames.
-        context = SAMPLE_RATE
-        frames_per_chunk = int(self.chunk_seconds * fps)
-        pieces = []
-        for first in range(0, num_frames, frames_per_chunk):
-            last = min(num_frames, first + frames_per_chunk)
-            lo = int(round(first * SAMPLE_RATE / fps))
-            hi = int(round(last * SAMPLE_RATE / fps))
-            pad_lo, pad_hi = min(context, lo), min(context, num_samples - hi)
-            rows = self._encode(waveform[lo - pad_lo : hi + pad_hi])
-            total = (hi + pad_hi) - (lo - pad_lo)
-            keep = resample_rows(rows, max(1, int(round(total * fps / SAMPLE_RATE))))
-            offset = int(round(pad_lo * fps / SAMPLE_RATE))
-            pieces.append(keep[offset : offset + (last - first)])
-        return resample_rows(torch.cat(pieces), num_frames).numpy().astype(np.float16)
+        features = wav2vec2_frame_features(
+            self.model, self.feature_extractor, waveform, num_frames, fps=fps, chunk_seconds=self.chunk_seconds
+        )
+        return features.numpy().astype(np.float16)

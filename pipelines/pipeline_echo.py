@@ -41,7 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerBase, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from echo.audio import FPS, SAMPLE_RATE, resample_rows, window_features
+from echo.audio import FPS, SAMPLE_RATE, wav2vec2_frame_features, window_features
 from echo.components import encode_user_video, normalize_latents
 from echo.conditioning import build_condition
 from echo.lcu import LongRangeContextEncoder
@@ -275,39 +275,20 @@ class EchoPipeline(DiffusionPipeline):
             [torch.cat([u, u.new_zeros(max_sequence_length - u.size(0), u.size(1))]) for u in prompt_embeds], dim=0
         )  # batch_size, max_sequence_length, text_dim
 
-    def _wav2vec2_rows(self, waveform: np.ndarray) -> torch.Tensor:
-        inputs = self.feature_extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        input_values = inputs.input_values.to(self.audio_encoder.device, self.audio_encoder.dtype)
-        hidden_states = self.audio_encoder(input_values, output_hidden_states=True).hidden_states
-        return torch.stack(hidden_states, dim=2)[0].float().cpu()  # N_50Hz, NL, D
-
     def encode_audio(self, waveform: np.ndarray, num_frames: int, chunk_seconds: float = 30.0) -> torch.Tensor:
         r"""
-        Per-video-frame wav2vec2 features of a 16 kHz mono waveform, computed exactly as data preparation does
-        (`data_prep.audio_features.Wav2Vec2Features`): every hidden state stacked, the ~50 Hz rows linearly resampled
+        Per-video-frame wav2vec2 features of a 16 kHz mono waveform, computed by the function data preparation uses
+        (`echo.audio.wav2vec2_frame_features`): every hidden state stacked, the ~50 Hz rows linearly resampled
         to one row per 25 fps frame; the waveform is zero-padded (silence) or cut to ``num_frames / 25`` seconds, and
         audio longer than ``chunk_seconds`` is encoded in chunks with one second of context on each side.
 
         Returns:
             `torch.Tensor` of shape `(num_frames, num_hidden_layers + 1, hidden_size)`, float32 on the CPU.
         """
-        num_samples = int(round(num_frames * SAMPLE_RATE / FPS))
-        waveform = _to_waveform(waveform, "audio")[:num_samples]
-        waveform = np.pad(waveform, (0, num_samples - len(waveform)))
-        chunk = int(chunk_seconds * SAMPLE_RATE)
-        if num_samples <= chunk:
-            return resample_rows(self._wav2vec2_rows(waveform), num_frames)  # T, NL, D
-        context, frames_per_chunk, pieces = SAMPLE_RATE, int(chunk_seconds * FPS), []
-        for first in range(0, num_frames, frames_per_chunk):
-            last = min(num_frames, first + frames_per_chunk)
-            lo, hi = int(round(first * SAMPLE_RATE / FPS)), int(round(last * SAMPLE_RATE / FPS))
-            pad_lo, pad_hi = min(context, lo), min(context, num_samples - hi)
-            rows = self._wav2vec2_rows(waveform[lo - pad_lo : hi + pad_hi])
-            total = (hi + pad_hi) - (lo - pad_lo)
-            keep = resample_rows(rows, max(1, int(round(total * FPS / SAMPLE_RATE))))
-            offset = int(round(pad_lo * FPS / SAMPLE_RATE))
-            pieces.append(keep[offset : offset + (last - first)])
-        return resample_rows(torch.cat(pieces), num_frames)  # T, NL, D
+        return wav2vec2_frame_features(
+            self.audio_encoder, self.feature_extractor, _to_waveform(waveform, "audio"), num_frames,
+            chunk_seconds=chunk_seconds,
+        )  # fmt: skip
 
     def encode_video(self, video: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         r"""VAE encoding (distribution mode) of `(B, 3, T, H, W)` frames in [−1, 1] → normalised latents
