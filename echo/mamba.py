@@ -32,6 +32,11 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 from mambapy.pscan import pscan
 
+SCAN_CHUNK_SIZE = 256  # steps per parallel scan of the PyTorch path
+# Largest (batch · chunk · d_inner · d_state) state tensor of one scan: small tensors are reused by the allocator and
+# stay in cache, large ones are fresh, page-faulted memory every call (the cost per frame would grow with the length).
+SCAN_MAX_STATE_ELEMENTS = 1 << 21
+
 MAMBA_KERNEL_INSTALL_HINT = (
     "The fused Mamba kernels need the `mamba-ssm` package and a CUDA device. Install them with "
     "`pip install mamba-ssm causal-conv1d --no-build-isolation` (or `pip install echo-ihg[mamba]`), or build the "
@@ -52,8 +57,14 @@ def selective_scan_pytorch(
     C: torch.Tensor,
     D: torch.Tensor,
     z: Optional[torch.Tensor] = None,
+    chunk_size: int = SCAN_CHUNK_SIZE,
 ) -> torch.Tensor:
     r"""Selective scan with a parallel scan, computed in float32 (float64 inputs stay float64).
+
+    The sequence is scanned in chunks of ``chunk_size`` steps, each a parallel scan started from the previous chunk's
+    last state (``h_0`` enters as ``exp(Δ_1 A) h_0`` added to the first input), and a large batch of independent
+    sequences in groups. The result is the same recurrence; keeping each scan's working set small keeps the cost per
+    step constant, so the total stays linear in the length.
 
     Args:
         u (`torch.Tensor` of shape `(batch, length, d_inner)`): scan input x.
@@ -64,6 +75,7 @@ def selective_scan_pytorch(
         D (`torch.Tensor` of shape `(d_inner,)`): skip connection.
         z (`torch.Tensor` of shape `(batch, length, d_inner)`, *optional*): gate, the output is multiplied by
             ``silu(z)``.
+        chunk_size (`int`, defaults to `SCAN_CHUNK_SIZE`): steps per parallel scan.
 
     Returns:
         `torch.Tensor` of shape `(batch, length, d_inner)` in the dtype of ``u``.
@@ -71,15 +83,37 @@ def selective_scan_pytorch(
     dtype = u.dtype
     compute_dtype = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
     u, delta, A, B, C, D = (t.to(compute_dtype) for t in (u, delta, A, B, C, D))
-    # batch, length, d_inner, d_state
-    delta_a = torch.exp(delta.unsqueeze(-1) * A)
-    delta_b_u = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
-    states = pscan(delta_a, delta_b_u)
-    y = (states @ C.unsqueeze(-1)).squeeze(-1)  # batch, length, d_inner
+    # Independent sequences are scanned in groups whose state tensors stay under SCAN_MAX_STATE_ELEMENTS.
+    batch_size, length, d_inner = u.shape
+    group = max(1, SCAN_MAX_STATE_ELEMENTS // (min(length, chunk_size) * d_inner * A.shape[-1]))
+    if batch_size > group:
+        pieces = zip(*(t.split(group, dim=0) for t in (u, delta, B, C)))
+        y = torch.cat([_chunked_scan(u_g, delta_g, A, B_g, C_g, chunk_size) for u_g, delta_g, B_g, C_g in pieces])
+    else:
+        y = _chunked_scan(u, delta, A, B, C, chunk_size)
     y = y + u * D
     if z is not None:
         y = y * F.silu(z.to(compute_dtype))
     return y.to(dtype)
+
+
+def _chunked_scan(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """``y_t = C_t h_t`` of the recurrence, one parallel scan per chunk of ``chunk_size`` steps."""
+    # `split`, not repeated slicing: a slice's backward fills a full-length gradient per chunk (quadratic in length).
+    outputs, state = [], None
+    for u_c, delta_c, B_c, C_c in zip(*(t.split(chunk_size, dim=1) for t in (u, delta, B, C))):
+        # batch, chunk, d_inner, d_state
+        delta_a = torch.exp(delta_c.unsqueeze(-1) * A)
+        delta_b_u = (delta_c * u_c).unsqueeze(-1) * B_c.unsqueeze(2)
+        if state is not None:  # carry h_0 of this chunk: h_1 = exp(Δ_1 A) h_0 + Δ_1 B_1 x_1
+            first, rest = delta_b_u.split([1, delta_b_u.shape[1] - 1], dim=1)
+            delta_b_u = torch.cat([first + delta_a[:, :1] * state[:, None], rest], dim=1)
+        states = pscan(delta_a, delta_b_u)
+        state = states[:, -1]  # batch, d_inner, d_state
+        outputs.append((states @ C_c.unsqueeze(-1)).squeeze(-1))  # batch, chunk, d_inner
+    return torch.cat(outputs, dim=1)
 
 
 class MambaBlock(nn.Module):
@@ -123,6 +157,7 @@ class MambaBlock(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.use_kernel = use_kernel
+        self.scan_chunk_size = SCAN_CHUNK_SIZE  # PyTorch path: steps per parallel scan
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = nn.Conv1d(
@@ -214,7 +249,7 @@ class MambaBlock(nn.Module):
         else:
             compute_dtype = torch.promote_types(dt.dtype, torch.float32)
             delta = F.softplus(dt.to(compute_dtype) + self.dt_proj.bias.to(compute_dtype))
-            y = selective_scan_pytorch(x, delta, A, B, C, self.D, z=z)
+            y = selective_scan_pytorch(x, delta, A, B, C, self.D, z=z, chunk_size=self.scan_chunk_size)
 
         # 5. Output projection
         return self.out_proj(y.to(hidden_states.dtype))

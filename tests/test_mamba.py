@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from echo.mamba import MambaBlock, kernel_available, selective_scan_pytorch
+from echo.mamba import SCAN_CHUNK_SIZE, MambaBlock, kernel_available, selective_scan_pytorch
 
 
 def sequential_mamba(block: MambaBlock, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -43,11 +43,24 @@ def block():
     return MambaBlock(d_model=16, d_state=8, d_conv=4, expand=2, dt_min=0.05, dt_max=0.5, use_kernel=False).double()
 
 
-@pytest.mark.parametrize("length", [1, 7, 16, 37])
-def test_parallel_scan_matches_sequential_recurrence_outputs_and_gradients(block, length):
+@pytest.mark.parametrize(
+    "length, chunk_size, max_state",
+    [(1, 256, None), (7, 256, None), (16, 256, None), (37, 256, None), (37, 8, None), (37, 1, None), (37, 8, 1)],
+)
+def test_parallel_scan_matches_sequential_recurrence_outputs_and_gradients(
+    block, length, chunk_size, max_state, monkeypatch
+):
+    """Outputs and gradients of the parallel scan: in one chunk, chunked in time with the state carried across chunks,
+    and with the batch scanned one sequence at a time (``max_state=1``)."""
+    if max_state is not None:
+        monkeypatch.setattr("echo.mamba.SCAN_MAX_STATE_ELEMENTS", max_state)
     torch.manual_seed(length)
     x = torch.randn(2, length, 16, dtype=torch.float64, requires_grad=True)
-    out = block(x)
+    block.scan_chunk_size = chunk_size
+    try:
+        out = block(x)
+    finally:
+        block.scan_chunk_size = SCAN_CHUNK_SIZE
     ref = sequential_mamba(block, x)
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
 
