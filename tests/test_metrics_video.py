@@ -107,7 +107,13 @@ def test_fid_identical_is_zero_and_shift_is_larger(weights_dir, clips):
              (("real", real), ("shifted", shifted))}  # fmt: skip
     # the order of frames does not matter (frames are one pooled set)
     assert abs(video.frechet_feature_distance(feats["real"][::-1], feats["real"])) < 1e-6
-    assert video.frechet_feature_distance(feats["shifted"], feats["real"]) > 1e-2
+    shifted_fid = video.fid(models["inception"], shifted, real)
+    assert shifted_fid > 1e-2
+    # fid() scores the generated set against the reference set: the Fréchet distance of their pooled features
+    assert shifted_fid == pytest.approx(video.frechet_feature_distance(feats["shifted"], feats["real"]), rel=1e-9)
+    # a half-way set (every other clip shifted) lies between the identical and the fully shifted set
+    mixed = [shifted[0], real[1], shifted[2]]
+    assert 1e-3 < video.fid(models["inception"], mixed, real) < shifted_fid
 
 
 def test_fvd_identical_is_zero_and_shift_is_larger(weights_dir, clips):
@@ -117,7 +123,9 @@ def test_fvd_identical_is_zero_and_shift_is_larger(weights_dir, clips):
     feats = {k: np.concatenate([video.video_features(models["i3d"], c, clip_length=4) for c in v]) for k, v in
              (("real", real), ("shifted", shifted))}  # fmt: skip
     assert len(feats["real"]) == 2 * len(real)  # non-overlapping 4-frame windows of 8-frame clips
-    assert video.frechet_feature_distance(feats["shifted"], feats["real"]) > 1e-3
+    shifted_fvd = video.fvd(models["i3d"], shifted, real, clip_length=4)
+    assert shifted_fvd > 1e-3
+    assert shifted_fvd == pytest.approx(video.frechet_feature_distance(feats["shifted"], feats["real"]), rel=1e-9)
 
 
 def test_csim(weights_dir, clips):
@@ -127,6 +135,11 @@ def test_csim(weights_dir, clips):
     assert video.csim(models["arcface"], frames, real[0][0]) == pytest.approx(1.0, abs=1e-5)
     other = video.csim(models["arcface"], shifted[1], real[0][0])
     assert other < 1.0 - 1e-4
+    # the cosine by hand: mean over frames of <e_t, e_ref> / (|e_t| |e_ref|)
+    emb = video.image_features(models["arcface"], shifted[1])
+    ref = video.image_features(models["arcface"], real[0][:1])[0]
+    by_hand = np.mean(emb @ ref / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref)))
+    assert other == pytest.approx(by_hand, abs=1e-6)
 
 
 def test_sync_distances_find_the_offset():

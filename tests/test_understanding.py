@@ -123,8 +123,16 @@ def test_thinker_reads_real_speech_and_face_frames(omni, speech, face_frames):
     expected_audio = ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
     assert abs(int((ids == thinker.config.audio_token_id).sum()) - expected_audio) <= 1
 
-    hidden = understanding(face_frames, speech)
+    captured = {}
+    final_norm = understanding.thinker.get_submodule("model.language_model.norm")
+    handle = final_norm.register_forward_hook(lambda m, a, o: captured.__setitem__("last", o))
+    try:
+        hidden = understanding(face_frames, speech)
+    finally:
+        handle.remove()
     assert hidden.shape == (len(ids), 64) and hidden.dtype == torch.float32 and torch.isfinite(hidden).all()
+    # S_usr is the last layer: the text model's output after its final norm (not an earlier layer's states)
+    torch.testing.assert_close(hidden, captured["last"][0].float(), atol=0, rtol=0)
     # the thinker is causal: replacing the speech by silence leaves every token before the audio unchanged and
     # changes the audio tokens and everything after them (the prompt reads the audio)
     silent = understanding(face_frames, np.zeros_like(speech))
