@@ -120,8 +120,23 @@ def test_landmark_pca_keeps_structured_variation():
     codes = pca.transform(frames)
     recon = codes @ pca.components + pca.mean
     assert np.abs(recon - frames).max() < 0.01
-    # PCA codes keep correlations that a metric reads
-    assert pcc(codes, pca.transform(frames)) == pytest.approx(1.0)
+    # the basis is orthonormal and ordered: the first code carries the most variance
+    np.testing.assert_allclose(pca.components @ pca.components.T, np.eye(2), atol=1e-10)
+    assert codes[:, 0].var() >= codes[:, 1].var()
+    # the basis spans the structured variation: new frames from the same two factors keep their norm in the codes
+    # (an orthogonal change of coordinates), while a direction orthogonal to the basis is dropped
+    other = rng.normal(size=(50, 2)) @ basis
+    centred = other - other.mean(0)
+    assert np.linalg.norm(pca.transform(other) - pca.transform(other).mean(0)) == pytest.approx(
+        np.linalg.norm(centred), rel=1e-3
+    )
+    orthogonal = rng.normal(size=30)
+    orthogonal -= basis.T @ np.linalg.lstsq(basis.T, orthogonal, rcond=None)[0]
+    assert np.abs(pca.transform(pca.mean + orthogonal[None])).max() < 1e-2 * np.linalg.norm(orthogonal)
+    # PCA codes keep the correlations a metric reads: two sequences with correlated factors stay correlated
+    factors = rng.normal(size=(60, 2))
+    a, b = factors @ basis, (factors + 0.1 * rng.normal(size=(60, 2))) @ basis
+    assert pcc(pca.transform(a), pca.transform(b)) > 0.9
 
 
 def test_flame_adapter(tmp_path):
