@@ -179,13 +179,44 @@ def test_tokens_outside_both_masks_get_no_sdcm_contribution(echo_model):
 @pytest.mark.parametrize("gate", [0.0, 0.3, 1.0])
 def test_face_output_moves_from_user_to_avatar_with_gate(echo_model, gate):
     inputs = make_inputs()
-    with torch.no_grad(), SDCMProbe(echo_model, gate_value=gate) as out:
-        echo_model(**inputs)
+    gate_inputs = []
+    handle = echo_model.blocks[0].sdcm.gate.register_forward_hook(lambda m, a, o: gate_inputs.append(a))
+    try:
+        with torch.no_grad(), SDCMProbe(echo_model, gate_value=gate) as out:
+            echo_model(**inputs)
+    finally:
+        handle.remove()
     delta = out["delta"]
     h_usr, h_avt = out["h_usr"], out["h_avt"].reshape(delta.shape)
+    # the gate reads the two streams in Eq. 11's order: f_conv^1 gets h_usr, f_conv^2 gets h_avt
+    torch.testing.assert_close(gate_inputs[0][0], h_usr, rtol=0, atol=0)
+    torch.testing.assert_close(gate_inputs[0][1], h_avt, rtol=0, atol=0)
     face = inputs["face_mask"].flatten(1).bool()
     assert (h_usr[face] - h_avt[face]).abs().max() > 1e-2  # the two streams differ, so the mix is visible
     torch.testing.assert_close(delta[face], gate * h_avt[face] + (1 - gate) * h_usr[face], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stream", ["h_usr", "h_avt"])
+def test_sdcm_gate_reads_both_streams_locally_within_each_frame(echo_model, stream):
+    """Eq. 11: g = σ(f_g([f_conv^1(h_usr); f_conv^2(h_avt)])). A change of either stream at one token moves g exactly
+    on the k × k neighbourhood of that token in its own latent frame (convolutions over H' × W', frames never mix)."""
+    gate = echo_model.blocks[0].sdcm.gate
+    radius = gate.conv_usr.kernel_size[0] // 2
+    grid = (F_LAT, H // 2, W // 2)
+    g = torch.Generator().manual_seed(7)
+    streams = {name: torch.randn(B, TOKENS, 32, generator=g) for name in ("h_usr", "h_avt")}
+    changed = {name: value.clone() for name, value in streams.items()}
+    frame, row, col = 1, 4, 2
+    changed[stream].view(B, *grid, 32)[:, frame, row, col] += torch.randn(32, generator=g)
+    with torch.no_grad():
+        out = gate(streams["h_usr"], streams["h_avt"], grid)
+        out_changed = gate(changed["h_usr"], changed["h_avt"], grid)
+    assert ((out > 0) & (out < 1)).all()
+    diff = (out_changed - out).abs().amax(-1).reshape(B, *grid)
+    near = torch.zeros(grid, dtype=torch.bool)
+    near[frame, row - radius : row + radius + 1, col - radius : col + radius + 1] = True
+    assert (diff[:, near] > 1e-6).all()
+    assert (diff[:, ~near] == 0).all()
 
 
 def test_overlapping_masks_keep_lip_tokens_audio_driven(echo_model):
