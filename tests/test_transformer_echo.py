@@ -357,15 +357,24 @@ def test_tiny_model_overfits_one_clip():
 
 def test_gradient_checkpointing_gives_same_gradients(echo_model):
     inputs = make_inputs()
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
         echo_model.zero_grad()
         if checkpointing:
             echo_model.enable_gradient_checkpointing()
-        echo_model(**inputs).sample.square().mean().backward()
+        block, count = echo_model.blocks[0], [0]
+        block_forward = block.forward  # counted through the instance (hooks do not fire on recomputation)
+        block.forward = lambda *a, _c=count, _f=block_forward, **k: (_c.__setitem__(0, _c[0] + 1), _f(*a, **k))[1]
+        try:
+            echo_model(**inputs).sample.square().mean().backward()
+        finally:
+            del block.forward
+            echo_model.disable_gradient_checkpointing()
+        calls.append(count[0])
         grads.append({n: p.grad.clone() for n, p in echo_model.named_parameters() if p.grad is not None})
-        echo_model.disable_gradient_checkpointing()
     echo_model.zero_grad()
+    # checkpointing is really on: the block's forward runs again during the backward pass
+    assert calls == [1, 2]
     assert grads[0].keys() == grads[1].keys()
     assert any(".sdcm." in n for n in grads[0])
     for name in grads[0]:
