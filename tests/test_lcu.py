@@ -105,6 +105,34 @@ def test_long_range_audio_at_frame_10_of_4000_reaches_the_clip_and_f_pu_equals_p
     assert change > 1e-12, f"relative change {change:.3e}"
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("gate_logit", [-1e4, 0.0, 1e4])
+def test_current_windows_are_modulated_by_the_gated_history(lcu64, gate_logit):
+    """Eq. 6: Â = A + g ⊙ tanh(f_proj(Ā_K)), with A the current clip's windows and Ā_K the history state of its
+    frame. g = 0 passes the windows through unchanged; g = 1 adds the full history term."""
+    clip = 6
+    inputs = make_inputs(20, dtype=torch.float64)
+    seen = {}
+    hooks = [
+        lcu64.audio_gate.register_forward_hook(lambda m, a, o: torch.full_like(o, gate_logit)),
+        lcu64.f_proj.register_forward_hook(lambda m, a, o: seen.update(state=a[0], history=torch.tanh(o))),
+        lcu64.audio_tokens.register_forward_hook(lambda m, a, o: seen.__setitem__("modulated", a[0])),
+    ]
+    try:
+        lcu64(clip_frames=clip, **inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    windows, states = lcu64.encode_audio_history(inputs["user_audio"])
+    current = windows[:, -clip:]  # B, T_cur, L_w, audio_dim
+    # Ā_K of each current frame is the history state at that same frame, shared by its L_w window rows
+    torch.testing.assert_close(seen["state"], states[:, -clip:, None].expand(-1, -1, current.shape[2], -1))
+    modulated = seen["modulated"].reshape(current.shape)
+    g = torch.sigmoid(torch.tensor(gate_logit, dtype=torch.float64))
+    assert seen["history"].abs().amax() > 1e-3
+    torch.testing.assert_close(modulated, current + g * seen["history"], atol=1e-12, rtol=1e-12)
+
+
 def test_gates_start_closed_but_learn(lcu):
     inputs = make_inputs(24)
     lcu.zero_grad()
