@@ -179,6 +179,21 @@ def test_face_mask_selects_tokens(lcu):
     assert (lcu(clip_frames=5, **on_face).context - out.context).abs().amax() > 1e-4
 
 
+@torch.no_grad()
+def test_vision_mamba_mixes_space_within_a_frame_and_time_causally(lcu64):
+    """Eq. 7's vision Mamba scans the face grid of each frame, then time: a change of one grid cell at frame 5
+    reaches the other cells of frame 5 and later frames, never earlier frames."""
+    inputs = make_inputs(12, dtype=torch.float64)
+    changed = inputs["user_video"].clone()
+    changed[:, 5, :, 2:4, 1:4] += 1.0  # face pixels of grid cell 0 (rows 0-3, columns 0-3) only
+    vision = lcu64.encode_video_history(inputs["user_video"], inputs["user_face_mask"])
+    vision_changed = lcu64.encode_video_history(changed, inputs["user_face_mask"])
+    diff = (vision_changed - vision).abs().amax(-1)[0]  # T, G
+    assert (diff[:5] == 0).all()
+    assert (diff[5] > 1e-6).all()  # cell 0 itself and, through the spatial scan, the other cells
+    assert (diff[6:] > 1e-6).all()
+
+
 @pytest.mark.parametrize(
     "switches, absent, required",
     [
