@@ -55,6 +55,10 @@ def test_shift_moves_sigma_mass_up():
     # The mean of the normal moves the mass too.
     later = flow_matching.sample_sigmas(20000, mean=1.0, generator=torch.Generator().manual_seed(0))
     assert abs(later.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.02
+    # Unshifted, logit(σ) is the normal itself: N(mean, std²)
+    narrow = flow_matching.sample_sigmas(20000, mean=-0.5, std=0.4, generator=torch.Generator().manual_seed(1))
+    logits = torch.logit(narrow.double())
+    assert abs(logits.mean().item() + 0.5) < 0.02 and abs(logits.std().item() - 0.4) < 0.02
 
 
 def test_predict_x0_inverts_add_noise():
