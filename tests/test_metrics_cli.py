@@ -108,6 +108,33 @@ def test_worse_motion_scores_worse(data, tmp_path):
     assert agg["rpcc_expression"] == pytest.approx(np.mean([abs(v) for v in reference.values()]))
 
 
+def test_altered_videos_score_worse_and_match_the_direct_metrics(data, tmp_path):
+    """A generated set that differs from the ground truth (brightened, mirrored frames): FID and FVD above the copy's
+    zero and equal to the metrics computed directly on the decoded clips; CSIM is the generated frames' similarity to
+    the first ground-truth frame."""
+    from echo.metrics.networks import load_feature_network
+
+    os.makedirs(tmp_path / "gen")
+    decoded = {}
+    for name in NAMES:
+        frames, _ = video.read_video(str(data / "reference" / f"{name}.mp4"))
+        altered = np.clip(frames.astype(int) + 50, 0, 255).astype(np.uint8)[:, :, ::-1]
+        video.write_video(str(tmp_path / "gen" / f"{name}.mp4"), altered, audio=video.read_audio(
+            str(data / "reference" / f"{name}.mp4")))  # fmt: skip
+        shutil.copy(data / "reference" / f"{name}.npz", tmp_path / "gen")
+        decoded[name] = (video.read_video(str(tmp_path / "gen" / f"{name}.mp4"))[0], frames)
+    report = cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "gen", weights=data / "weights", out="")))
+    nets = {n: load_feature_network(n, str(data / "weights")) for n in ("inception", "i3d", "arcface")}
+    gen, ref = [decoded[n][0] for n in NAMES], [decoded[n][1] for n in NAMES]
+    assert report["table"]["FID"] > 1e-3
+    assert report["table"]["FID"] == pytest.approx(video.fid(nets["inception"], gen, ref, frame_stride=2), rel=1e-6)
+    assert report["table"]["FVD"] > 1e-3
+    assert report["table"]["FVD"] == pytest.approx(video.fvd(nets["i3d"], gen, ref, clip_length=4), rel=1e-6)
+    for name, (g, r) in decoded.items():
+        assert report["clips"][name]["csim"] == pytest.approx(video.csim(nets["arcface"], g, r[0]), abs=1e-6)
+    assert report["table"]["CSIM"] < 1.0 - 1e-4
+
+
 def test_uncomputable_columns_are_marked_with_a_reason(data, tmp_path):
     partial = tmp_path / "weights"
     os.makedirs(partial)
