@@ -158,13 +158,28 @@ def test_sync_distances_find_the_offset():
     assert float(mdist.min()) < 1e-4 and float(torch.median(mdist) - mdist.min()) > 1.0
 
 
-def test_lse_end_to_end_and_errors(weights_dir):
+def test_lse_end_to_end_and_errors(weights_dir, monkeypatch):
     _, models = weights_dir
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 255, size=(10, 32, 32, 3), dtype=np.uint8)
     audio = rng.normal(scale=0.1, size=16000 * 10 // 25).astype(np.float32)
+    seen = {}
+    sync_distances = video.sync_distances
+
+    def recording_sync_distances(visual, audio_embeddings, vshift):
+        seen.update(windows=(len(visual), len(audio_embeddings)), d=sync_distances(visual, audio_embeddings, vshift))
+        return seen["d"]
+
+    monkeypatch.setattr(video, "sync_distances", recording_sync_distances)
     out = video.lse(models["syncnet"], frames, audio)
     assert np.isfinite(out["lse_d"]) and out["lse_c"] >= 0 and -15 <= out["offset"] <= 15
+    # syncnet_python's summary of the offset search: LSE-D the minimum mean distance, LSE-C median − minimum, the
+    # offset vshift − argmin; one 5-frame window per start frame 0 … T − 6
+    dist = seen["d"]
+    assert dist.shape == (31,) and seen["windows"] == (10 - 5, 10 - 5)
+    assert out["lse_d"] == pytest.approx(float(dist.min()))
+    assert out["lse_c"] == pytest.approx(float(dist.median() - dist.min()))
+    assert out["offset"] == 15 - int(dist.argmin())
     with pytest.raises(ValueError, match="25 fps"):
         video.lse(models["syncnet"], frames, audio, fps=30)
     with pytest.raises(ValueError, match="at least 6 frames"):
