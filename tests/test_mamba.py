@@ -72,6 +72,23 @@ def test_parallel_scan_matches_sequential_recurrence_outputs_and_gradients(
         torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-9, msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
+def test_pytorch_path_is_a_parallel_scan_per_chunk(block, monkeypatch):
+    """The PyTorch path runs mambapy's parallel scan once per chunk of ``scan_chunk_size`` steps (forward and
+    backward), never a per-step loop: 37 steps in chunks of 8 are 5 scans whatever the length within a chunk."""
+    import echo.mamba
+
+    calls = []
+    pscan = echo.mamba.pscan
+    monkeypatch.setattr(echo.mamba, "pscan", lambda a, x: (calls.append(a.shape[1]), pscan(a, x))[1])
+    x = torch.randn(2, 37, 16, dtype=torch.float64, requires_grad=True)
+    block.scan_chunk_size = 8
+    try:
+        torch.autograd.grad(block(x).sum(), x)
+    finally:
+        block.scan_chunk_size = SCAN_CHUNK_SIZE
+    assert calls == [8, 8, 8, 8, 5]
+
+
 def test_scan_is_causal_and_mixes_the_past(block):
     torch.manual_seed(1)
     x = torch.randn(1, 24, 16, dtype=torch.float64)
