@@ -10,6 +10,7 @@ import torch
 
 from echo.understanding import (
     CACHE_FILENAME,
+    P_THINK,
     OmniUnderstanding,
     load_understanding,
     pad_understanding,
@@ -117,6 +118,9 @@ def test_thinker_reads_real_speech_and_face_frames(omni, speech, face_frames):
     assert understanding.hidden_size == 64
     inputs = understanding.prepare_inputs(face_frames, speech)
     ids = inputs["input_ids"][0]
+    # the default instruction is P_think, after the media (the tiny tokenizer lower-cases)
+    text = understanding.tokenizer.decode(ids)
+    assert P_THINK.lower() in text and text.index("<|audio_eos|>") < text.index(P_THINK.lower()[:40])
     # one placeholder per encoder output: 4 frames × (4 × 4 patches / 2²) image tokens; Whisper frames /4 for audio
     assert int((ids == thinker.config.image_token_id).sum()) == 4 * 4
     mel_frames = len(speech) // 160
