@@ -124,7 +124,7 @@ def test_altered_videos_score_worse_and_match_the_direct_metrics(data, tmp_path)
         shutil.copy(data / "reference" / f"{name}.npz", tmp_path / "gen")
         decoded[name] = (video.read_video(str(tmp_path / "gen" / f"{name}.mp4"))[0], frames)
     report = cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "gen", weights=data / "weights", out="")))
-    nets = {n: load_feature_network(n, str(data / "weights")) for n in ("inception", "i3d", "arcface")}
+    nets = {n: load_feature_network(n, str(data / "weights")) for n in ("inception", "i3d", "arcface", "syncnet")}
     gen, ref = [decoded[n][0] for n in NAMES], [decoded[n][1] for n in NAMES]
     assert report["table"]["FID"] > 1e-3
     assert report["table"]["FID"] == pytest.approx(video.fid(nets["inception"], gen, ref, frame_stride=2), rel=1e-6)
@@ -132,6 +132,10 @@ def test_altered_videos_score_worse_and_match_the_direct_metrics(data, tmp_path)
     assert report["table"]["FVD"] == pytest.approx(video.fvd(nets["i3d"], gen, ref, clip_length=4), rel=1e-6)
     for name, (g, r) in decoded.items():
         assert report["clips"][name]["csim"] == pytest.approx(video.csim(nets["arcface"], g, r[0]), abs=1e-6)
+        # LSE of the generated frames with the audio muxed into the generated clip
+        sync = video.lse(nets["syncnet"], g, video.read_audio(str(tmp_path / "gen" / f"{name}.mp4")))
+        assert report["clips"][name]["lse_d"] == pytest.approx(sync["lse_d"], rel=1e-6)
+        assert report["clips"][name]["lse_c"] == pytest.approx(sync["lse_c"], rel=1e-6, abs=1e-9)
     assert report["table"]["CSIM"] < 1.0 - 1e-4
 
 
