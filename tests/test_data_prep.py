@@ -81,6 +81,10 @@ def test_lip_mask_from_saved_landmarks_overlaps_the_animated_mouth(prepared_512)
         known, _ = rasterize_masks(truth, 512, 512)
         iou = (predicted & known).sum((1, 2)) / (predicted | known).sum((1, 2))
         assert iou.min() >= 0.5, (participant, iou.min())
+        # Frame by frame, not just on average: the lip area follows the known mouth's (opening, head motion), so
+        # landmarks saved out of frame order (or of another participant) fail here.
+        area_corr = np.corrcoef(predicted.sum((1, 2)), known.sum((1, 2)))[0, 1]
+        assert area_corr > 0.7, (participant, area_corr)
         # The masks move with the mouth: the opening frames have a larger lip area than the closed ones.
         envelope = conversation.envelope[participant][index]
         if envelope.max() > 0.5:
@@ -181,22 +185,24 @@ def test_resume_after_a_kill_gives_the_uninterrupted_outputs(tmp_path, encoder):
 
     written = []
 
-    def kill_during_third_clip(clip, tmp_dir):
+    def kill_during_fourth_clip(clip, tmp_dir):
         written.append(clip)
-        if len(written) == 3:  # the third clip folder is complete in its tmp folder but not renamed yet
+        # The fourth clip folder is complete in its tmp folder but not renamed yet: the first window's two
+        # assignments are done, the second window's first assignment is done, its second one is not.
+        if len(written) == 4:
             raise _Killed
 
     with pytest.raises(_Killed):
         run_prep(tmp_path / "src", "pairs", tmp_path / "resumed", options, progress=False,
-                 on_clip=kill_during_third_clip)
+                 on_clip=kill_during_fourth_clip)
     finished = sorted(p for p in (tmp_path / "resumed").iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [p.name for p in finished] == sorted(written[:2])
+    assert [p.name for p in finished] == sorted(written[:3])
     assert len(list((tmp_path / "resumed").glob(".tmp-*"))) == 1  # the half-done clip is not visible as a clip
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for d in finished for p in d.iterdir()}
 
     resumed = run_prep(tmp_path / "src", "pairs", tmp_path / "resumed", options, progress=False)
-    assert sorted(resumed.clips_skipped) == sorted(written[:2])
-    assert sorted(resumed.clips_written) == sorted(set(reference.clips_written) - set(written[:2]))
+    assert sorted(resumed.clips_skipped) == sorted(written[:3])
+    assert sorted(resumed.clips_written) == sorted(set(reference.clips_written) - set(written[:3]))
     assert not list((tmp_path / "resumed").glob(".tmp-*"))
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in before} == before  # finished clips untouched
     full, again = _tree(tmp_path / "full"), _tree(tmp_path / "resumed")

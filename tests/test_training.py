@@ -42,7 +42,8 @@ def _trained_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-FAST = ("optim.lora_lr=5e-3", "optim.base_lr=5e-3", "train.checkpointing_steps=10")
+# The learning-rate warm-up spans the resume point (step 10), so a resume must restore the scheduler's state too.
+FAST = ("optim.lora_lr=5e-3", "optim.base_lr=5e-3", "train.checkpointing_steps=10", "optim.lr_warmup_steps=12")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,9 @@ def test_stage1_loss_falls(stage1_runs):
     losses = [h["loss"] for h in stage1_runs["full"]["history"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
     assert all("pixel" in h and h["pixel"] > 0 for h in stage1_runs["full"]["history"])
+    # The optimised total is L_flow + λ·L_pixel (λ = 0.1 in the tiny config).
+    for h in stage1_runs["full"]["history"]:
+        assert h["loss"] == pytest.approx(h["flow"] + 0.1 * h["pixel"], rel=1e-5), h
 
 
 @pytest.fixture(scope="module")
@@ -154,17 +158,52 @@ def test_stage2_loss_falls_when_overfitting_one_batch(stage2_run):
     losses = [h["loss"] for h in stage2_run[0]["history"]]
     assert losses[-1] < min(losses[:3]) - 0.02, losses
     assert all(b < a for a, b in zip(losses[-4:], losses[-3:])), losses  # steadily falling at the end
+    # The optimised total is L_flow + γ·L_align (γ = 1 in the tiny config).
+    for h in stage2_run[0]["history"]:
+        assert h["loss"] == pytest.approx(h["flow"] + 1.0 * h["align"], rel=1e-5), h
+
+
+def test_stage2_align_weights_come_from_the_avatar_speech(stage1_runs, data_root, tmp_path, monkeypatch):
+    """Eq. 12 in the training step: the frame weights given to L_align are w(i) of the batch's avatar RMS (grouped
+    to latent frames), not uniform weights."""
+    import training.step as step_module
+    import training.train as train_module
+    from echo.losses import latent_frame_weights, speech_weights
+
+    batches, weights = [], []
+    original_step, original_hfa = train_module.training_step, step_module.hfa_loss
+
+    def spy_step(models, module, batch, *args, **kwargs):
+        batches.append(batch)
+        return original_step(models, module, batch, *args, **kwargs)
+
+    def spy_hfa(features, ref_features, frame_weights, *args, **kwargs):
+        weights.append(frame_weights.detach().clone())
+        return original_hfa(features, ref_features, frame_weights, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_step", spy_step)
+    monkeypatch.setattr(step_module, "hfa_loss", spy_hfa)
+    _run(
+        "tiny_stage2.yaml", data_root, tmp_path / "out", f"model.stage1_dir={stage1_runs['base'] / 'full'}",
+        "train.max_train_steps=2", "train.checkpointing_steps=0",
+    )  # fmt: skip
+    assert len(batches) == len(weights) == 2
+    floor = load_config(CONFIGS / "tiny_stage2.yaml", ["model.stage1_dir=x"]).loss.speech_weight_floor
+    for batch, given in zip(batches, weights):
+        expected = latent_frame_weights(speech_weights(batch["avatar_rms"], floor))
+        torch.testing.assert_close(given, expected)
+    assert any(w.max() - w.min() > 0.1 for w in weights), weights  # the windows hold speech and quieter frames
 
 
 @pytest.mark.parametrize(
-    "config, removed",
+    "config, removed, switch",
     [
-        ("tiny_stage2_wo_lpe.yaml", "context_encoder.video_proj"),
-        ("tiny_stage2_wo_hbcu.yaml", "context_encoder.f_align"),
-        ("tiny_stage2_wo_lau.yaml", None),
+        ("tiny_stage2_wo_lpe.yaml", "context_encoder.video_proj", "use_visual"),
+        ("tiny_stage2_wo_hbcu.yaml", "context_encoder.f_align", "use_understanding"),
+        ("tiny_stage2_wo_lau.yaml", None, "use_emotion"),
     ],
 )
-def test_stage2_ablations_train_from_their_configs(config, removed, stage1_runs, data_root, tmp_path):
+def test_stage2_ablations_train_from_their_configs(config, removed, switch, stage1_runs, data_root, tmp_path):
     result = _run(
         config, data_root, tmp_path / "out", f"model.stage1_dir={stage1_runs['base'] / 'full'}",
         "train.max_train_steps=1", "train.checkpointing_steps=0",
@@ -176,6 +215,9 @@ def test_stage2_ablations_train_from_their_configs(config, removed, stage1_runs,
     else:
         assert set(result["text_embedder"].cache) == {""}  # w/o LAU: only the empty prompt reaches the generator
     assert (tmp_path / "out" / "final" / "context_encoder" / "diffusion_pytorch_model.safetensors").is_file()
+    # The switch is saved with the LCU, so the pipeline built from this output runs the same ablation.
+    saved = json.loads((tmp_path / "out" / "final" / "context_encoder" / "config.json").read_text())
+    assert saved[switch] is False and result["models"].module.context_encoder.config[switch] is False
 
 
 def test_wo_sdcm_ablation_trains_both_stages(data_root, tmp_path):
