@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from echo.audio import frame_rms, window_features
 from echo.data import ConversationDataset, _read_wav, collate_conversations, read_video_frames
-from echo.masks import token_masks_from_landmarks
+from echo.masks import rasterize_masks, token_masks_from_landmarks
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,17 @@ def test_window_matches_the_clip_files(dataset):
     user = np.load(clip / "user_w2v.npy").astype(np.float32)
     torch.testing.assert_close(item["user_audio"], torch.from_numpy(user[: start + 9]))
     assert item["user_video"].shape == (start + 9, 3, 32, 32) and item["user_face_mask"].sum() > 0
+    # ... in every stream: the user's own frames 0 … window end (not the avatar's), downsized with antialiasing,
+    user_frames = torch.from_numpy(read_video_frames(clip / "user.mp4", range(start + 9))).permute(0, 3, 1, 2)
+    expected_user = F.interpolate(user_frames.float() / 127.5 - 1, size=(32, 32), mode="bilinear", antialias=True)
+    torch.testing.assert_close(item["user_video"], expected_user.clamp(-1, 1))
+    # and the user's face mask from the user's landmarks (64² crop pixels) at 32².
+    lip_u, face_u = rasterize_masks(np.load(clip / "user_landmarks.npy")[: start + 9], 32, 32, source_size=(64, 64))
+    torch.testing.assert_close(item["user_face_mask"], torch.from_numpy(face_u | lip_u).float())
+    avatar_lip, avatar_face = rasterize_masks(
+        np.load(clip / "avatar_landmarks.npy")[: start + 9], 32, 32, source_size=(64, 64)
+    )
+    assert not np.array_equal(face_u | lip_u, avatar_face | avatar_lip)  # the two faces differ, so this can fail
 
 
 def test_pyav_reader_matches_decord(data_root, monkeypatch):

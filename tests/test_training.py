@@ -373,3 +373,22 @@ def test_audio_dropout_removes_the_audio_stream_from_the_update(data_root, tmp_p
     trained = result["models"].module.transformer.audio_proj.state_dict()
     differs = [k for k, v in trained.items() if not torch.equal(v, initial[k])]
     assert bool(differs) == changes, differs
+
+
+def test_lora_and_new_modules_get_their_own_learning_rates(data_root):
+    """AdamW groups (Sec. 3.3): every LoRA weight at `optim.lora_lr`, every other trainable weight (the new modules)
+    at `optim.base_lr`; the frozen base generator is in no group."""
+    from training.modeling import build_training_models, parameter_groups
+
+    config = load_config(CONFIGS / "tiny_stage1.yaml", [f"data.root={data_root}", "optim.lora_lr=3e-4", "optim.base_lr=2e-5"])
+    module = build_training_models(config).module
+    groups = {g["name"]: g for g in parameter_groups(module, config)}
+    assert (groups["lora"]["lr"], groups["modules"]["lr"]) == (3e-4, 2e-5)
+    names = {id(p): n for n, p in module.named_parameters()}
+    lora = {names[id(p)] for p in groups["lora"]["params"]}
+    modules = {names[id(p)] for p in groups["modules"]["params"]}
+    assert lora and all("lora_" in n for n in lora)
+    assert modules and not any("lora_" in n for n in modules) and any(".audio_proj." in f".{n}" for n in modules)
+    assert lora | modules == {n for n, p in module.named_parameters() if p.requires_grad}
+    frozen_base = [p for n, p in module.named_parameters() if n.endswith("attn1.to_q.base_layer.weight")]
+    assert frozen_base and not any(p.requires_grad for p in frozen_base)
