@@ -102,11 +102,18 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
 
     monkeypatch.setattr(pipe, "decode_latents", decode_latents)
 
+    audio_windows = {}
+
     def transformer_hook(module, args, kwargs):
         conditions.setdefault(pipe.current_chunk, kwargs["condition"].clone())
+        if kwargs["audio_embeds"] is not None:  # the unconditional guidance pass has none
+            audio_windows.setdefault(pipe.current_chunk, kwargs["audio_embeds"].clone())
+
+    user_streams = []
 
     def lcu_hook(module, args, kwargs):
         histories.append((kwargs["user_audio"].shape[1], kwargs["clip_frames"]))
+        user_streams.append({k: kwargs[k].clone() for k in ("user_audio", "user_video", "user_face_mask")})
 
     handles = [
         pipe.transformer.register_forward_pre_hook(transformer_hook, with_kwargs=True),
@@ -130,6 +137,30 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
     assert steps == [(0, 0, latent_shape), (1, 0, latent_shape), (2, 0, latent_shape)]
     # the user's history always starts at frame 0 and ends with the chunk (LCU causal), the clip is the chunk
     assert histories == [(9, 9), (13, 9), (17, 9)]
+    # ... and holds the user's own streams, frame for frame: wav2vec2 rows of the user audio, the VAE tokens of each
+    # user frame (resized to user_video_size with antialiasing) and its face mask from the user landmarks.
+    import torch.nn.functional as F
+
+    from echo.components import encode_user_video
+    from echo.masks import rasterize_masks
+
+    user = torch.from_numpy(inputs["user_video"][:17]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    user = F.interpolate(user, size=(32, 32), mode="bilinear", antialias=True).clamp(-1, 1)
+    lip, face = rasterize_masks(inputs["user_landmarks"][:17], 32, 32, source_size=(64, 64))
+    tokens, token_mask = encode_user_video(pipe.vae, user[None], torch.from_numpy(lip | face).float()[None])
+    audio_rows = pipe.encode_audio(inputs["user_audio"], 17)
+    for streams, stop in zip(user_streams, (9, 13, 17)):
+        torch.testing.assert_close(streams["user_video"], tokens[:, :stop], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(streams["user_face_mask"], token_mask[:, :stop])
+        torch.testing.assert_close(streams["user_audio"][0], audio_rows[:stop].to(streams["user_audio"].dtype))
+    assert token_mask.any() and not token_mask.all()
+    # The avatar audio of each chunk is the wav2vec2 windows of the chunk's own frames [start, stop).
+    from echo.audio import window_features
+
+    avatar_rows = pipe.encode_audio(inputs["avatar_audio"], 17)
+    expected_windows = window_features(avatar_rows[None], radius=pipe.transformer.config.audio_window // 2)
+    for chunk, (start, stop) in enumerate([(0, 9), (4, 13), (8, 17)]):
+        torch.testing.assert_close(audio_windows[chunk], expected_windows[:, start:stop].to(audio_windows[chunk].dtype))
 
     # chunk 0: the reference latent at latent frame 0, nothing else given
     reference = pipe.prepare_reference(inputs["reference_image"], SIZE, SIZE)
