@@ -131,6 +131,13 @@ def test_stage2_f_ref_is_the_frozen_stage1_model(stage2_run):
     lora_b = [p for n, p in adapted.named_parameters() if "lora_B.stage2" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
     assert all(".attn2." in n for n, _ in adapted.named_parameters() if "lora_A.stage2" in n)
+    # The LCU and the SDCM are trained in stage 2: they moved away from their initial (stage-1) values.
+    initial_lcu = load_components(description, only=["context_encoder"])["context_encoder"].state_dict()
+    trained_lcu = models.module.context_encoder.state_dict()
+    assert any(not torch.equal(trained_lcu[k], v) for k, v in initial_lcu.items())
+    sdcm = {n: p for n, p in adapted.named_parameters() if ".sdcm." in n}
+    assert sdcm and all(p.requires_grad for p in sdcm.values())
+    assert any(not torch.equal(p, ref_state[n]) for n, p in sdcm.items() if n in ref_state)
     # The LCU is saved in diffusers format and loads back with `from_pretrained`.
     from echo.lcu import LongRangeContextEncoder
 
