@@ -399,3 +399,46 @@ def test_lora_and_new_modules_get_their_own_learning_rates(data_root):
     assert lora | modules == {n for n, p in module.named_parameters() if p.requires_grad}
     frozen_base = [p for n, p in module.named_parameters() if n.endswith("attn1.to_q.base_layer.weight")]
     assert frozen_base and not any(p.requires_grad for p in frozen_base)
+
+
+def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, tmp_path, monkeypatch):
+    """One stage-1 step seen from the generator's inputs: the condition holds the VAE latent of the batch's reference
+    frame at latent frame 0 (mask channels 1 there, 0 elsewhere), the audio windows and token masks are the batch's,
+    the noisy input is (1 − σ)·x0 + ε·σ of the batch video's latents, and L_flow is the MSE to v = ε − x0."""
+    import training.train as train_module
+    from echo.components import normalize_latents
+
+    seen = []
+    original_step = train_module.training_step
+
+    def spy_step(models, module, batch, *args, **kwargs):
+        def capture(mod, inputs, kwargs_, output):
+            seen.append({"inputs": [t.detach().clone() for t in inputs[:7]], "prediction": output.sample.detach()})
+
+        handle = module.register_forward_hook(capture, with_kwargs=True)
+        try:
+            terms = original_step(models, module, batch, *args, **kwargs)
+        finally:
+            handle.remove()
+        seen[-1].update(batch=batch, vae=models.vae, flow=float(terms["flow"]))
+        return terms
+
+    monkeypatch.setattr(train_module, "training_step", spy_step)
+    _run("tiny_stage1.yaml", data_root, tmp_path / "out", "train.max_train_steps=1", "train.checkpointing_steps=0")
+    (record,) = seen
+    noisy, timestep, _, condition, audio, lip, face = record["inputs"]
+    batch, vae = record["batch"], record["vae"]
+    with torch.no_grad():
+        x0 = normalize_latents(vae, vae.encode(batch["video"]).latent_dist.mode())
+        reference = normalize_latents(vae, vae.encode(batch["reference"][:, :, None]).latent_dist.mode())
+    torch.testing.assert_close(condition[:, 4:, :1], reference)
+    assert condition[:, :4, 0].eq(1).all() and not condition[:, :, 1:].any()
+    torch.testing.assert_close(audio, batch["avatar_audio"])
+    torch.testing.assert_close(lip, batch["lip_mask"].to(lip.dtype))
+    torch.testing.assert_close(face, batch["face_mask"].to(face.dtype))
+    sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
+    assert 0 < float(sigma.min()) and float(sigma.max()) < 1
+    noise = (noisy - (1 - sigma) * x0) / sigma
+    assert 0.5 < float(noise.std()) < 1.5  # a standard normal ε, so x0 really is the batch's video latent
+    flow = torch.nn.functional.mse_loss(record["prediction"].float(), noise - x0)
+    assert record["flow"] == pytest.approx(float(flow), rel=1e-4)
