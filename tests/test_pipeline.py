@@ -102,12 +102,13 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
 
     monkeypatch.setattr(pipe, "decode_latents", decode_latents)
 
-    audio_windows = {}
+    audio_windows, masks = {}, []
 
     def transformer_hook(module, args, kwargs):
         conditions.setdefault(pipe.current_chunk, kwargs["condition"].clone())
         if kwargs["audio_embeds"] is not None:  # the unconditional guidance pass has none
             audio_windows.setdefault(pipe.current_chunk, kwargs["audio_embeds"].clone())
+        masks.append((kwargs["lip_mask"].clone(), kwargs["face_mask"].clone()))
 
     user_streams = []
 
@@ -164,6 +165,10 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
 
     # chunk 0: the reference latent at latent frame 0, nothing else given
     reference = pipe.prepare_reference(inputs["reference_image"], SIZE, SIZE)
+    # every pass of every chunk gets the avatar's lip and face token masks from the reference landmarks
+    lip, face = pipe.prepare_avatar_masks(reference, 3, inputs["reference_landmarks"])
+    assert lip.any() and face.any() and not torch.equal(lip, face)  # so a swap or a missing mask fails below
+    assert masks and all(torch.equal(m[0], lip) and torch.equal(m[1], face) for m in masks)
     reference_latents = pipe.encode_video(reference[:, :, None], "cpu", torch.float32)
     torch.testing.assert_close(conditions[0][:, 4:, :1], reference_latents)
     assert conditions[0][:, :4, 0].eq(1).all() and not conditions[0][:, :, 1:].any()
