@@ -442,3 +442,41 @@ def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, 
     assert 0.5 < float(noise.std()) < 1.5  # a standard normal ε, so x0 really is the batch's video latent
     flow = torch.nn.functional.mse_loss(record["prediction"].float(), noise - x0)
     assert record["flow"] == pytest.approx(float(flow), rel=1e-4)
+
+
+def test_stage2_step_gives_the_lcu_the_batch_user_history(stage1_runs, data_root, tmp_path, monkeypatch):
+    """Stage 2: the LCU input of a step is the batch's user history (wav2vec2 rows and padding mask, per-frame VAE
+    tokens of the user frames with the face mask, understanding tokens) and the clip length is the window."""
+    import training.train as train_module
+    from echo.components import encode_user_video
+
+    seen = []
+    original_step = train_module.training_step
+
+    def spy_step(models, module, batch, *args, **kwargs):
+        def capture(mod, inputs, kwargs_):
+            seen.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs_["user_inputs"].items()})
+
+        handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            return original_step(models, module, batch, *args, **kwargs)
+        finally:
+            handle.remove()
+            seen[-1].update(batch=batch, vae=models.vae)
+
+    monkeypatch.setattr(train_module, "training_step", spy_step)
+    _run(
+        "tiny_stage2.yaml", data_root, tmp_path / "out", f"model.stage1_dir={stage1_runs['base'] / 'full'}",
+        "train.max_train_steps=1", "train.checkpointing_steps=0",
+    )  # fmt: skip
+    (record,) = seen
+    batch = record["batch"]
+    assert record["clip_frames"] == 9 and batch["user_audio"].shape[1] >= 9
+    torch.testing.assert_close(record["user_audio"], batch["user_audio"])
+    assert torch.equal(record["user_audio_mask"], batch["user_audio_mask"]) and batch["user_audio"].abs().sum() > 0
+    with torch.no_grad():
+        tokens, mask = encode_user_video(record["vae"], batch["user_video"], batch["user_face_mask"])
+    torch.testing.assert_close(record["user_video"], tokens)
+    torch.testing.assert_close(record["user_face_mask"], mask)
+    torch.testing.assert_close(record["understanding"], batch["understanding"])
+    assert torch.equal(record["understanding_mask"], batch["understanding_mask"])
