@@ -179,6 +179,18 @@ class EchoAudioProjection(nn.Module):
         return audio + self.pos_embed
 
 
+def _cross_attention(dim: int, num_heads: int, eps: float) -> WanAttention:
+    """A Wan cross-attention (q/k RMS norm across heads) whose keys and values come from an external sequence."""
+    return WanAttention(
+        dim=dim,
+        heads=num_heads,
+        dim_head=dim // num_heads,
+        eps=eps,
+        cross_attention_dim_head=dim // num_heads,
+        processor=WanAttnProcessor(),
+    )
+
+
 class EchoSDCMGate(nn.Module):
     r"""
     The SDCM gate g = σ(f_g([f_conv^1(h_usr); f_conv^2(h_avt)])) of Eq. 11.
@@ -233,22 +245,8 @@ class EchoSDCM(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, gate_dim: int, kernel_size: int):
         super().__init__()
         self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
-        self.attn_usr = WanAttention(
-            dim=dim,
-            heads=num_heads,
-            dim_head=dim // num_heads,
-            eps=eps,
-            cross_attention_dim_head=dim // num_heads,
-            processor=WanAttnProcessor(),
-        )
-        self.attn_avt = WanAttention(
-            dim=dim,
-            heads=num_heads,
-            dim_head=dim // num_heads,
-            eps=eps,
-            cross_attention_dim_head=dim // num_heads,
-            processor=WanAttnProcessor(),
-        )
+        self.attn_usr = _cross_attention(dim, num_heads, eps)
+        self.attn_avt = _cross_attention(dim, num_heads, eps)
         self.gate = EchoSDCMGate(dim, gate_dim, kernel_size)
 
     def forward(
@@ -311,14 +309,7 @@ class EchoDirectFusion(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
-        self.attn = WanAttention(
-            dim=dim,
-            heads=num_heads,
-            dim_head=dim // num_heads,
-            eps=eps,
-            cross_attention_dim_head=dim // num_heads,
-            processor=WanAttnProcessor(),
-        )
+        self.attn = _cross_attention(dim, num_heads, eps)
 
     def forward(
         self,
