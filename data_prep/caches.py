@@ -1,4 +1,4 @@
-"""Optional caches added to finished clip folders (``echo-prep --stages clips,latents,omni,emotion``).
+"""Optional caches added to finished clip folders (``echo-prep --stages clips,latents,omni,emotion,emotion_embeds``).
 
 Each stage reads a complete clip folder, skips it when its output exists, and writes its file atomically
 (temporary name, then `os.replace`):
@@ -13,6 +13,14 @@ Each stage reads a complete clip folder, skips it when its output exists, and wr
   dialogue history (``transcript.json``) at the end of every window of ``emotion_window_frames`` frames and at the
   clip's last frame. ``--emotion-model`` is a local causal-LM folder, or an OpenAI-compatible endpoint
   ``http(s)://host:port/v1`` whose served model name is ``--emotion-served-model``.
+- ``emotion_embeds`` → ``emotion_embeds.safetensors``: `echo.emotion.EmotionTextEncoder` (``--text-encoder``, in
+  ``--text-encoder-dtype``) on every distinct text the dataset can give the clip: the empty prompt ``""`` (training
+  with ``ablation.use_emotion: false``), ``--default-emotion`` (clips without ``emotion.json``) and the texts of
+  ``emotion.json``. Tensors ``"embeds"`` `(N, L_max, D)` (each text's hidden states, zero past its own tokens,
+  ``L_max`` the longest text of the clip) and ``"lengths"`` `(N,)`; metadata ``"texts"`` (JSON list, row order) and
+  ``"max_length"`` (the encoder's padded length L_txt, ``min(tokenizer.model_max_length, 512)`` as in training).
+  `echo.data.ConversationDataset(use_cached_emotion_embeds=True)` pads a row back to ``max_length`` with zeros,
+  which is exactly the encoder's output for that text.
 """
 
 from __future__ import annotations
@@ -108,6 +116,53 @@ def cache_emotion(clip_dir: str | Path, reasoner, window_frames: int = 81) -> Pa
     return path
 
 
+def emotion_texts(clip_dir: str | Path, default_emotion: str = "neutral") -> list[str]:
+    """The distinct emotion texts a dataset window of the clip can use: ``""``, ``default_emotion``, then ``emotion.json``."""
+    texts = ["", default_emotion]
+    path = Path(clip_dir) / "emotion.json"
+    if path.is_file():
+        texts += [str(w["text"]) for w in json.loads(path.read_text()).get("windows", [])]
+    return list(dict.fromkeys(texts))
+
+
+def cache_emotion_embeds(clip_dir: str | Path, encoder, default_emotion: str = "neutral") -> Path:
+    """Write ``emotion_embeds.safetensors`` (see the module docstring) with an `EmotionTextEncoder`."""
+    from safetensors.torch import save_file
+
+    clip_dir = Path(clip_dir)
+    path = clip_dir / "emotion_embeds.safetensors"
+    if path.exists():
+        return path
+    texts = emotion_texts(clip_dir, default_emotion)
+    hidden, mask = encoder.encode(texts, return_mask=True)  # N, L_txt, D and N, L_txt
+    lengths = mask.sum(dim=1).long().cpu()
+    longest = max(int(lengths.max()), 1)
+    tensors = {"embeds": hidden[:, :longest].cpu().contiguous(), "lengths": lengths}
+    metadata = {"texts": json.dumps(texts), "max_length": str(hidden.shape[1])}
+    tmp = _atomic_path(path)
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def _text_encoder(options):
+    from echo.emotion import EmotionTextEncoder
+
+    key = ("text_encoder", options.text_encoder, options.text_encoder_dtype, options.device)
+    if key not in _LOADED:
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if options.text_encoder_dtype not in dtypes:
+            raise ValueError(
+                f"`text_encoder_dtype` is {options.text_encoder_dtype!r}, expected one of {sorted(dtypes)}."
+            )
+        encoder = EmotionTextEncoder.from_pretrained(options.text_encoder, torch_dtype=dtypes[options.text_encoder_dtype])
+        # Training's `TextEmbedder` pads to min(tokenizer.model_max_length, 512): the cache must match it.
+        encoder.max_length = min(int(encoder.tokenizer.model_max_length), 512)
+        encoder.text_encoder.to(options.device)
+        _LOADED[key] = encoder
+    return _LOADED[key]
+
+
 def run_stage(stage: str, clip_dir: str | Path, options) -> Path:
     """Run one cache ``stage`` on a finished clip folder, loading its model once per process."""
     from data_prep.stages import torch_threads
@@ -148,5 +203,9 @@ def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
                 )
             _LOADED[key] = reasoner
         return cache_emotion(clip_dir, _LOADED[key], options.emotion_window_frames)
-    raise ValueError(f"`stage` is {stage!r}, expected 'latents', 'omni' or 'emotion'.")
+    if stage == "emotion_embeds":
+        if options.text_encoder is None:
+            raise ValueError("Stage 'emotion_embeds' needs `--text-encoder`, a T5/UMT5 encoder or pipeline folder.")
+        return cache_emotion_embeds(clip_dir, _text_encoder(options), options.default_emotion)
+    raise ValueError(f"`stage` is {stage!r}, expected 'latents', 'omni', 'emotion' or 'emotion_embeds'.")
 

@@ -1,6 +1,6 @@
 """``echo-prep``: conversations → prepared clip folders.
 
-    echo-prep --input DIR --layout {seamless,pairs} --out DIR [--workers N] [--stages clips,latents,omni,emotion]
+    echo-prep --input DIR --layout {seamless,pairs} --out DIR [--workers N] [--stages clips,latents,omni,emotion,emotion_embeds]
               [--wav2vec2 FOLDER] [--size 512] [--clip-seconds 10] ...
 
 Conversations are processed by a process pool (``--workers 1`` runs inline), with a progress bar. The run ends with a
@@ -160,6 +160,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--omni-model", default=None, help="Qwen-Omni folder (stage 'omni')")
     parser.add_argument("--emotion-model", default=None, help="causal LM folder or http(s) endpoint (stage 'emotion')")
     parser.add_argument("--emotion-served-model", default="default", help="model name at the --emotion-model endpoint")
+    parser.add_argument("--text-encoder", default=None,
+                        help="T5/UMT5 encoder folder, or a pipeline folder with text_encoder/ (stage 'emotion_embeds')")
+    parser.add_argument("--text-encoder-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the text encoder and of the cached embeddings (default: %(default)s)")
+    parser.add_argument("--default-emotion", default="neutral",
+                        help="training's data.default_emotion, also cached by 'emotion_embeds' (default: %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker process")
     parser.add_argument("--no-progress", action="store_true")
@@ -184,6 +190,9 @@ def main(argv=None) -> int:
         omni_model=args.omni_model,
         emotion_model=args.emotion_model,
         emotion_served_model=args.emotion_served_model,
+        text_encoder=args.text_encoder,
+        text_encoder_dtype=args.text_encoder_dtype,
+        default_emotion=args.default_emotion,
         device=args.device,
         threads=args.threads,
     )

@@ -50,7 +50,7 @@ from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_s
 
 PrepError = MediaError
 CORE_STAGE = "clips"
-CACHE_STAGES = ("latents", "omni", "emotion")
+CACHE_STAGES = ("latents", "omni", "emotion", "emotion_embeds")
 
 
 @dataclass
@@ -70,7 +70,15 @@ class PrepOptions:
         asr_model (`str`, *optional*): Whisper folder used when a conversation has no transcript.
         stages (`list[str]`): ``"clips"`` (the clip folders) and optional caches ``"latents"`` (needs ``vae``),
             ``"omni"`` (needs ``omni_model``) and ``"emotion"`` (needs ``emotion_model``: a causal-LM folder or an
-            OpenAI-compatible endpoint URL serving ``emotion_served_model``); see `data_prep.caches`.
+            OpenAI-compatible endpoint URL serving ``emotion_served_model``) and ``"emotion_embeds"`` (needs
+            ``text_encoder``: the T5/UMT5 text encoder of the emotion texts, run after ``"emotion"``); see
+            `data_prep.caches`.
+        text_encoder (`str`, *optional*): an encoder folder with its tokenizer, or a pipeline folder holding
+            ``text_encoder/`` and ``tokenizer/`` (stage ``"emotion_embeds"``).
+        text_encoder_dtype (`str`, defaults to `"float32"`): ``"float32"``, ``"bfloat16"`` or ``"float16"``; the
+            cached embeddings keep this dtype.
+        default_emotion (`str`, defaults to `"neutral"`): the dataset's ``default_emotion`` (clips without
+            ``emotion.json``), also embedded by stage ``"emotion_embeds"``.
         device (`str`, defaults to `"cpu"`).
         threads (`int`, defaults to 1): torch CPU threads per worker process (the pool provides the parallelism).
     """
@@ -92,6 +100,9 @@ class PrepOptions:
     emotion_model: str | None = None
     emotion_served_model: str = "default"
     emotion_window_frames: int = 81
+    text_encoder: str | None = None
+    text_encoder_dtype: str = "float32"
+    default_emotion: str = "neutral"
     device: str = "cpu"
     threads: int = 1
 

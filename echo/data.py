@@ -11,7 +11,8 @@ one avatar/user assignment. Every item is a window of ``num_frames = 4k + 1`` co
   ``user_video`` `(T_hist, 3, h_u, w_u)` with ``user_face_mask`` `(T_hist, h_u, w_u)`, and cached understanding
   tokens ``understanding`` `(N_s, D_s)`;
 - ``emotion_text``: the latest emotion description whose window ends at or before the window end (``emotion.json``),
-  or ``default_emotion``;
+  or ``default_emotion`` (``""`` with ``drop_emotion``); with ``use_cached_emotion_embeds`` also its embedding
+  ``emotion_embeds`` `(L_txt, D)` from ``emotion_embeds.safetensors`` (``echo-prep --stages emotion_embeds``);
 - ``latents`` `(16, F, h, w)` from ``avatar_latents.safetensors`` when ``use_cached_latents`` is set;
 - ``clip_id`` and ``window_start`` (the window's first frame in the clip), for logging and data-sharding checks.
 
@@ -102,6 +103,10 @@ class ConversationDataset(Dataset):
             window starts are then multiples of ``temporal_compression`` (the slice's first latent frame is the
             4-frame group ending at the window start, an approximation of a first-frame latent).
         default_emotion (`str`, defaults to `"neutral"`): emotion text of clips without ``emotion.json``.
+        drop_emotion (`bool`, defaults to `False`): every window's emotion text is the empty prompt ``""`` (training
+            with ``ablation.use_emotion: false``).
+        use_cached_emotion_embeds (`bool`, defaults to `False`): also return ``emotion_embeds`` `(L_txt, D)`, the
+            cached `EmotionTextEncoder` embedding of ``emotion_text`` (``emotion_embeds.safetensors``; required then).
         seed (`int`, defaults to 0): seed of the per-item randomness.
     """
 
@@ -120,6 +125,8 @@ class ConversationDataset(Dataset):
         use_understanding: bool = False,
         use_cached_latents: bool = False,
         default_emotion: str = "neutral",
+        drop_emotion: bool = False,
+        use_cached_emotion_embeds: bool = False,
         seed: int = 0,
     ):
         if num_frames < 1 or (num_frames - 1) % temporal_compression:
@@ -140,6 +147,8 @@ class ConversationDataset(Dataset):
         self.use_understanding = use_understanding
         self.use_cached_latents = use_cached_latents
         self.default_emotion = default_emotion
+        self.drop_emotion = drop_emotion
+        self.use_cached_emotion_embeds = use_cached_emotion_embeds
         self.seed = seed
         self.epoch = 0
         self.clips = [self._validate(Path(p)) for p in self._list_clips(clips)]
@@ -175,6 +184,12 @@ class ConversationDataset(Dataset):
         for name in required:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"clip folder {str(path)!r} has no {name!r}.")
+        if self.use_cached_emotion_embeds and not (path / "emotion_embeds.safetensors").is_file():
+            raise FileNotFoundError(
+                f"clip folder {str(path)!r} has no 'emotion_embeds.safetensors' (`use_cached_emotion_embeds` is set). "
+                "Write it with `echo-prep --input ... --layout ... --out <data root> --stages emotion_embeds "
+                "--text-encoder <T5/UMT5 folder>`, or turn the option off to encode the emotion text during training."
+            )
         meta = json.loads((path / "meta.json").read_text())
         if "num_frames" not in meta:
             raise ValueError(f"{str(path / 'meta.json')!r} has no 'num_frames' key.")
@@ -205,6 +220,8 @@ class ConversationDataset(Dataset):
         return start, reference
 
     def _emotion(self, clip: ClipInfo, end_frame: int) -> str:
+        if self.drop_emotion:
+            return ""
         path = clip.path / "emotion.json"
         if not path.is_file():
             return self.default_emotion
@@ -283,6 +300,8 @@ class ConversationDataset(Dataset):
 
         # 5. Emotion text and optional cached latents
         item["emotion_text"] = self._emotion(clip, stop - 1)
+        if self.use_cached_emotion_embeds:
+            item["emotion_embeds"] = load_emotion_embeds(clip.path, item["emotion_text"])
         if self.use_cached_latents:
             from safetensors.torch import load_file
 
@@ -296,6 +315,32 @@ class ConversationDataset(Dataset):
                 )
             item["latents"] = latents[:, first : first + count].float()
         return item
+
+
+def load_emotion_embeds(clip_dir: str | os.PathLike, text: str) -> torch.Tensor:
+    """The cached embedding of ``text`` in ``emotion_embeds.safetensors``, zero-padded to its ``max_length``.
+
+    Returns:
+        `torch.Tensor` of shape `(L_txt, D)` in the cached dtype: what `EmotionTextEncoder.encode(text)[0]` gives.
+    """
+    from safetensors import safe_open
+
+    path = Path(clip_dir) / "emotion_embeds.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if "texts" not in metadata or "max_length" not in metadata:
+            raise ValueError(f"{str(path)!r} has no 'texts' / 'max_length' metadata; rewrite it with echo-prep.")
+        texts = json.loads(metadata["texts"])
+        if text not in texts:
+            raise ValueError(
+                f"{str(path)!r} has no embedding of the emotion text {text!r} (it holds {len(texts)} texts; "
+                "emotion.json or `default_emotion` changed after it was written). Delete it and rerun "
+                "`echo-prep --stages emotion_embeds --default-emotion <data.default_emotion> ...`."
+            )
+        row = f.get_slice("embeds")[texts.index(text)]  # L_max, D
+    out = row.new_zeros(int(metadata["max_length"]), row.shape[-1])
+    out[: row.shape[0]] = row
+    return out
 
 
 def _read_wav(path: Path) -> np.ndarray:
@@ -328,7 +373,8 @@ def collate_conversations(items: list[dict]) -> dict:
     Window tensors are stacked; user histories (``user_audio``, ``user_video``, ``user_face_mask``) are
     **left-padded** to the longest history (the window always ends at the last index) with ``user_audio_mask``
     True on valid frames; ``understanding`` is right-padded with ``understanding_mask``; ``emotion_text`` and
-    ``clip_id`` stay lists of strings, ``window_start`` a list of ints.
+    ``clip_id`` stay lists of strings, ``window_start`` a list of ints. ``emotion_embeds`` are right-padded with
+    zeros to the longest `L_txt` (as `EmotionTextEncoder` pads), `(B, L_txt, D)`.
     """
     if not items:
         raise ValueError("`items` is empty, expected at least one dataset item.")
@@ -348,6 +394,12 @@ def collate_conversations(items: list[dict]) -> dict:
         for i, t in enumerate(tokens):
             batch["understanding"][i, : t.shape[0]] = t
             batch["understanding_mask"][i, : t.shape[0]] = True
+    if "emotion_embeds" in items[0]:
+        embeds = [item["emotion_embeds"] for item in items]
+        length = max(e.shape[0] for e in embeds)
+        batch["emotion_embeds"] = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
+        for i, e in enumerate(embeds):
+            batch["emotion_embeds"][i, : e.shape[0]] = e
     batch["emotion_text"] = [item["emotion_text"] for item in items]
     batch["clip_id"] = [item["clip_id"] for item in items]
     batch["window_start"] = [item["window_start"] for item in items]

@@ -185,3 +185,32 @@ def test_speech_weights_of_a_prepared_clip_follow_its_voice_activity(data_root):
             assert weights[speaking].mean() > 2 * weights[silent].mean(), (weights, vad)
             checked += 1
     assert checked >= 1
+
+
+def test_cached_emotion_embeds_are_the_embedding_of_the_window_text(data_root, tmp_path):
+    from data_prep.caches import cache_emotion_embeds
+    from echo.emotion import EmotionTextEncoder
+    from training.testing import save_tiny_text_encoder
+
+    encoder = EmotionTextEncoder.from_pretrained(save_tiny_text_encoder(tmp_path / "text"), max_length=64)
+    clips = []
+    for source in sorted(p.parent for p in data_root.glob("*/meta.json")):
+        clips.append(tmp_path / source.name)
+        shutil.copytree(source, clips[-1])
+    with pytest.raises(FileNotFoundError, match=f"{clips[0].name}.*emotion_embeds.safetensors.*--stages emotion_embeds"):
+        ConversationDataset(clips, num_frames=9, resolution=64, use_cached_emotion_embeds=True)
+    for clip in clips:
+        cache_emotion_embeds(clip, encoder)
+    kwargs = dict(num_frames=9, resolution=64, windows_per_clip=4, seed=1)
+    by_text = ConversationDataset(clips, **kwargs)
+    cached = ConversationDataset(clips, use_cached_emotion_embeds=True, **kwargs)
+    items = [cached[i] for i in range(len(cached))]
+    assert len({it["emotion_text"] for it in items}) == 2  # both emotion windows are exercised
+    for index, item in enumerate(items):
+        assert item["emotion_text"] == by_text[index]["emotion_text"]
+        torch.testing.assert_close(item["emotion_embeds"], encoder.encode(item["emotion_text"])[0], rtol=0, atol=0)
+    batch = collate_conversations(items[:2])
+    torch.testing.assert_close(batch["emotion_embeds"], encoder.encode(batch["emotion_text"]), rtol=0, atol=0)
+    dropped = ConversationDataset(clips, use_cached_emotion_embeds=True, drop_emotion=True, **kwargs)[0]
+    assert dropped["emotion_text"] == ""
+    torch.testing.assert_close(dropped["emotion_embeds"], encoder.encode("")[0], rtol=0, atol=0)

@@ -262,3 +262,32 @@ def test_omni_cache_stage_runs_the_thinker_on_the_user_stream(tmp_path):
         cached = load_file(str(clip / "user_omni.safetensors"))["hidden_states"]
         expected = thinker(read_video(clip / "user.mp4")[::12], read_wav(clip / "user.wav")[0])
         torch.testing.assert_close(cached, expected)
+
+
+def test_emotion_embeds_stage_caches_exactly_the_text_encoder_output(tmp_path):
+    """Every text a window can use ("" , the default, each emotion.json window) is cached as the encoder gives it,
+    once: a second run keeps the file."""
+    import torch
+
+    from data_prep.caches import run_stage
+    from echo.data import load_emotion_embeds
+    from echo.emotion import EmotionTextEncoder
+    from training.testing import save_tiny_text_encoder
+
+    folder = save_tiny_text_encoder(tmp_path / "text")
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    texts = ["the avatar smiles and feels happy", "calm", "the avatar smiles and feels happy"]
+    windows = [{"end_frame": 4 * i, "text": t} for i, t in enumerate(texts)]
+    (clip / "emotion.json").write_text(json.dumps({"windows": windows}))
+    options = PrepOptions(wav2vec2="unused", stages=["emotion_embeds"], text_encoder=str(folder), default_emotion="neutral")
+    path = run_stage("emotion_embeds", clip, options)
+    encoder = EmotionTextEncoder.from_pretrained(folder, max_length=64)  # the tiny tokenizer's model_max_length
+    for text in ["", "neutral", *texts]:
+        torch.testing.assert_close(load_emotion_embeds(clip, text), encoder.encode(text)[0], rtol=0, atol=0)
+    stamp = path.stat().st_mtime_ns
+    assert run_stage("emotion_embeds", clip, options) == path and path.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="no embedding of the emotion text 'excited'.*emotion_embeds"):
+        load_emotion_embeds(clip, "excited")
+    with pytest.raises(ValueError, match="--text-encoder"):
+        run_stage("emotion_embeds", clip, PrepOptions(wav2vec2="unused", stages=["emotion_embeds"]))

@@ -480,3 +480,40 @@ def test_stage2_step_gives_the_lcu_the_batch_user_history(stage1_runs, data_root
     torch.testing.assert_close(record["user_face_mask"], mask)
     torch.testing.assert_close(record["understanding"], batch["understanding"])
     assert torch.equal(record["understanding_mask"], batch["understanding_mask"])
+
+
+def test_cached_emotion_embeds_train_like_the_text_encoder_without_building_it(data_root, tmp_path, monkeypatch, caplog):
+    """With `data.use_cached_emotion_embeds` the text encoder is never built, the losses equal the text path's, and
+    validation renders (which need the encoder) are skipped with a warning."""
+    import shutil
+
+    import echo.components
+    from data_prep.caches import cache_emotion_embeds
+    from echo.emotion import EmotionTextEncoder
+    from training.testing import save_tiny_text_encoder
+
+    encoder = EmotionTextEncoder.from_pretrained(save_tiny_text_encoder(tmp_path / "text"), max_length=64)
+    root = tmp_path / "prepared"
+    shutil.copytree(data_root, root)
+    for clip in sorted(p.parent for p in root.glob("*/meta.json")):
+        cache_emotion_embeds(clip, encoder)
+    requested = []
+    original = echo.components.load_components
+
+    def spy(*args, only=None, **kwargs):
+        requested.append(list(only))
+        return original(*args, only=only, **kwargs)
+
+    monkeypatch.setattr(echo.components, "load_components", spy)
+    common = ("ablation.use_emotion=true", "train.max_train_steps=2", "train.checkpointing_steps=0")
+    by_text = _run("tiny_stage1.yaml", root, tmp_path / "text_run", *common)
+    cached = _run(
+        "tiny_stage1.yaml", root, tmp_path / "cached_run", "data.use_cached_emotion_embeds=true",
+        "train.validation_steps=1", *common,
+    )  # fmt: skip
+    assert "text_encoder" in requested[0] and not any(s in requested[1] for s in ("text_encoder", "tokenizer"))
+    assert cached["models"].text_encoder is None and cached["text_embedder"] is None
+    assert len(cached["history"]) == 2
+    assert "validation renders are skipped" in caplog.text and not (tmp_path / "cached_run" / "validation").exists()
+    for a, b in zip(by_text["history"], cached["history"]):
+        assert a["loss"] == b["loss"] and a["flow"] == b["flow"]

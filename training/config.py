@@ -37,6 +37,9 @@ class DataConfig:
     max_history_frames: int | None = None
     user_video_size: int = 64
     use_cached_latents: bool = False
+    # Read the emotion embeddings from `emotion_embeds.safetensors` (echo-prep --stages emotion_embeds) instead of
+    # loading the text encoder: saves its memory (~11 GB for UMT5-XXL); validation renders are then skipped.
+    use_cached_emotion_embeds: bool = False
     default_emotion: str = "neutral"
     batch_size: int = 1  # per process
     num_workers: int = 2

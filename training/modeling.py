@@ -97,8 +97,8 @@ class TrainingModels:
 
     module: EchoTrainingModule
     vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
+    text_encoder: nn.Module | None  # None with `data.use_cached_emotion_embeds`
+    tokenizer: object | None
     ref_transformer: nn.Module | None
     scheduler: object
     adapter_name: str
@@ -310,18 +310,23 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
     """Build every model of the configured stage (frozen parts in eval mode, trainable parts set up).
 
     Returns:
-        [`TrainingModels`]; ``ref_transformer`` is ``f_ref`` in stage 2 and `None` in stage 1.
+        [`TrainingModels`]; ``ref_transformer`` is ``f_ref`` in stage 2 and `None` in stage 1; ``text_encoder`` and
+        ``tokenizer`` are `None` (never built) with ``data.use_cached_emotion_embeds``.
     """
     from echo.components import load_components, load_model_config
 
     # 1. Components from the model description, with the ablation switches applied
     description = _apply_ablation(load_model_config(config.model.config), config)
-    sections = ["vae", "transformer", "scheduler", "text_encoder", "tokenizer"]
+    sections = ["vae", "transformer", "scheduler"]
+    if not config.data.use_cached_emotion_embeds:
+        sections += ["text_encoder", "tokenizer"]
     if config.stage == 2:
         sections.append("context_encoder")
     components = load_components(description, only=sections)
     vae = components["vae"].requires_grad_(False).eval()
-    text_encoder = components["text_encoder"].requires_grad_(False).eval()
+    text_encoder = components.get("text_encoder")
+    if text_encoder is not None:
+        text_encoder = text_encoder.requires_grad_(False).eval()
     transformer = components["transformer"]
 
     # 2. Stage 2: fuse stage 1 into the base; f_ref is a frozen copy of it
@@ -344,7 +349,7 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
         module=EchoTrainingModule(transformer, context_encoder),
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=components["tokenizer"],
+        tokenizer=components.get("tokenizer"),
         ref_transformer=ref_transformer,
         scheduler=components["scheduler"],
         adapter_name=adapter_name,

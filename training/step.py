@@ -58,7 +58,7 @@ def training_step(
     module: torch.nn.Module,
     batch: dict,
     config: TrainConfig,
-    text_embedder: TextEmbedder,
+    text_embedder: TextEmbedder | None,
     generator: torch.Generator,
     device: torch.device,
     weight_dtype: torch.dtype,
@@ -68,7 +68,9 @@ def training_step(
     Args:
         models ([`TrainingModels`]): frozen parts (VAE, text encoder, ``f_ref``) and names.
         module (`torch.nn.Module`): the prepared (possibly DDP/FSDP-wrapped) [`EchoTrainingModule`].
-        batch (`dict`): a `collate_conversations` batch.
+        batch (`dict`): a `collate_conversations` batch; its ``emotion_embeds`` `(B, L_txt, D)` (cached, see
+            ``data.use_cached_emotion_embeds``) are used as they are, otherwise ``text_embedder`` encodes its texts.
+        text_embedder ([`TextEmbedder`], *optional*): `None` when the batch holds ``emotion_embeds``.
         generator (`torch.Generator`): the step's CPU generator (`step_generator`).
 
     Returns:
@@ -93,8 +95,13 @@ def training_step(
     audio_embeds = batch["avatar_audio"].to(device, weight_dtype)
     lip_mask, face_mask = batch["lip_mask"].to(device), batch["face_mask"].to(device)
     use_emotion = config.ablation.use_emotion
-    texts = batch["emotion_text"] if use_emotion else [""] * batch_size
-    text_embeds = text_embedder(texts, device, weight_dtype)
+    if "emotion_embeds" in batch:  # cached; the dataset already gives "" when the emotion is ablated
+        text_embeds = batch["emotion_embeds"].to(device, weight_dtype)
+    elif text_embedder is None:
+        raise ValueError("The batch has no 'emotion_embeds' and no text embedder was given to encode its emotion text.")
+    else:
+        texts = batch["emotion_text"] if use_emotion else [""] * batch_size
+        text_embeds = text_embedder(texts, device, weight_dtype)
 
     # 2. User inputs of the LCU (stage 2)
     user_inputs = None

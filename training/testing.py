@@ -48,3 +48,20 @@ def make_tiny_training_set(
         (clip / "emotion.json").write_text(json.dumps({"windows": windows}))
     done.write_text("ok")
     return root
+
+
+def save_tiny_text_encoder(out_dir: str | Path) -> Path:
+    """Save the tiny model's text encoder and tokenizer (``configs/models/tiny.yaml``, the weights training builds) as
+    a pipeline-style folder with ``text_encoder/`` and ``tokenizer/``, for ``echo-prep --text-encoder``.
+
+    Returns:
+        `Path`: ``out_dir``.
+    """
+    from echo.components import load_components
+
+    out_dir = Path(out_dir)
+    config = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
+    components = load_components(str(config), only=["text_encoder", "tokenizer"])
+    components["text_encoder"].save_pretrained(out_dir / "text_encoder")
+    components["tokenizer"].save_pretrained(out_dir / "tokenizer")
+    return out_dir

@@ -172,7 +172,7 @@ def main(config: TrainConfig) -> dict:
         if frozen is not None:
             frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, weight_dtype)
     transformer_config = models.module.transformer.config
-    text_embedder = TextEmbedder(models.tokenizer, models.text_encoder)
+    text_embedder = None if models.text_encoder is None else TextEmbedder(models.tokenizer, models.text_encoder)
 
     # 3. Data
     vae_config = models.vae.config
@@ -190,6 +190,8 @@ def main(config: TrainConfig) -> dict:
         use_understanding=config.stage == 2 and config.ablation.use_understanding,
         use_cached_latents=config.data.use_cached_latents,
         default_emotion=config.data.default_emotion,
+        drop_emotion=not config.ablation.use_emotion,
+        use_cached_emotion_embeds=config.data.use_cached_emotion_embeds,
         seed=config.seed,
     )
     sampler = EpochSampler(len(dataset), config.seed)
@@ -253,7 +255,12 @@ def main(config: TrainConfig) -> dict:
         accelerator.init_trackers(f"echo-stage{config.stage}", config=_flat_hparams(config))
 
     renderer = None
-    if train_cfg.validation_steps:
+    if train_cfg.validation_steps and models.text_encoder is None:
+        logger.warning(
+            "train.validation_steps is set but data.use_cached_emotion_embeds is on: the text encoder the validation "
+            "pipeline needs is not loaded, so validation renders are skipped."
+        )
+    elif train_cfg.validation_steps:
         from .validation import ValidationRenderer
 
         renderer = ValidationRenderer(config, models, dataset.clips[0].path)
@@ -314,7 +321,7 @@ def main(config: TrainConfig) -> dict:
                 accelerator.log(logs, step=global_step)
             if train_cfg.checkpointing_steps and global_step % train_cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, global_step, train_cfg.checkpoints_total_limit)
-            if train_cfg.validation_steps and global_step % train_cfg.validation_steps == 0:
+            if renderer is not None and global_step % train_cfg.validation_steps == 0:
                 if accelerator.is_main_process:
                     path = renderer(accelerator.unwrap_model(module), output_dir, global_step, device)
                     accelerator.print(f"step {global_step}: validation render {path}")
