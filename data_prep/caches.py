@@ -1,4 +1,5 @@
-"""Optional caches added to finished clip folders (``echo-prep --stages clips,latents,omni,emotion,emotion_embeds``).
+"""Optional caches added to finished clip folders
+(``echo-prep --stages clips,latents,omni,emotion,emotion_embeds,user_tokens``).
 
 Each stage reads a complete clip folder, skips it when its output exists, and writes its file atomically
 (temporary name, then `os.replace`):
@@ -21,6 +22,12 @@ Each stage reads a complete clip folder, skips it when its output exists, and wr
   ``"max_length"`` (the encoder's padded length L_txt, ``min(tokenizer.model_max_length, 512)`` as in training).
   `echo.data.ConversationDataset(use_cached_emotion_embeds=True)` pads a row back to ``max_length`` with zeros,
   which is exactly the encoder's output for that text.
+- ``user_tokens`` → ``user_tokens.safetensors``: `echo.components.encode_user_video` (the Wan VAE of ``--vae``) on
+  every user frame of the clip, read and resized to ``--user-video-size``² exactly as the dataset reads them
+  (`echo.data.read_user_frames`). Tensors ``"tokens"`` `(T, z_dim, h, w)` (normalised per-frame latents, float32)
+  and ``"face_mask"`` `(T, h, w)` (the face mask at the token grid), ``T = meta["num_frames"]``; metadata
+  ``"user_video_size"``. `echo.data.ConversationDataset(use_cached_user_tokens=True)` slices the window's history
+  from it instead of reading and encoding the frames during training.
 """
 
 from __future__ import annotations
@@ -145,6 +152,43 @@ def cache_emotion_embeds(clip_dir: str | Path, encoder, default_emotion: str = "
     return path
 
 
+@torch.no_grad()
+def cache_user_tokens(clip_dir: str | Path, vae, user_video_size: int = 64, chunk_frames: int = 1024) -> Path:
+    """Write ``user_tokens.safetensors`` (see the module docstring); returns its path.
+
+    The frames are read and encoded ``chunk_frames`` at a time (a multiple of `encode_user_video`'s 64-frame VAE
+    batches, so the result is the same as one call on the whole clip) to bound the memory of long clips.
+    """
+    from safetensors.torch import save_file
+
+    from echo.components import encode_user_video
+    from echo.data import read_user_frames
+
+    if chunk_frames < 64 or chunk_frames % 64:
+        raise ValueError(f"`chunk_frames` is {chunk_frames}, expected a positive multiple of 64.")
+    clip_dir = Path(clip_dir)
+    path = clip_dir / "user_tokens.safetensors"
+    if path.exists():
+        return path
+    meta = json.loads((clip_dir / "meta.json").read_text())
+    for key in ("num_frames", "size"):
+        if key not in meta:
+            raise ValueError(f"{str(clip_dir / 'meta.json')!r} has no {key!r} key.")
+    num_frames, source_size = int(meta["num_frames"]), int(meta["size"])
+    tokens, masks = [], []
+    for start in range(0, num_frames, chunk_frames):
+        stop = min(start + chunk_frames, num_frames)
+        frames, face_mask = read_user_frames(clip_dir, start, stop, user_video_size, source_size)
+        chunk_tokens, chunk_mask = encode_user_video(vae, frames[None], face_mask[None])  # 1, n, C, h, w and 1, n, h, w
+        tokens.append(chunk_tokens[0].float().cpu())
+        masks.append(chunk_mask[0].float().cpu())
+    tensors = {"tokens": torch.cat(tokens).contiguous(), "face_mask": torch.cat(masks).contiguous()}
+    tmp = _atomic_path(path)
+    save_file(tensors, str(tmp), metadata={"user_video_size": str(user_video_size)})
+    os.replace(tmp, path)
+    return path
+
+
 def _text_encoder(options):
     from echo.emotion import EmotionTextEncoder
 
@@ -207,5 +251,9 @@ def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
         if options.text_encoder is None:
             raise ValueError("Stage 'emotion_embeds' needs `--text-encoder`, a T5/UMT5 encoder or pipeline folder.")
         return cache_emotion_embeds(clip_dir, _text_encoder(options), options.default_emotion)
-    raise ValueError(f"`stage` is {stage!r}, expected 'latents', 'omni', 'emotion' or 'emotion_embeds'.")
+    if stage == "user_tokens":
+        if options.vae is None:
+            raise ValueError("Stage 'user_tokens' needs `--vae`, a Wan VAE folder or a pipeline folder with vae/.")
+        return cache_user_tokens(clip_dir, _vae(options), options.user_video_size)
+    raise ValueError(f"`stage` is {stage!r}, expected 'latents', 'omni', 'emotion', 'emotion_embeds' or 'user_tokens'.")
 

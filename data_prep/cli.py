@@ -1,6 +1,6 @@
 """``echo-prep``: conversations → prepared clip folders.
 
-    echo-prep --input DIR --layout {seamless,pairs} --out DIR [--workers N] [--stages clips,latents,omni,emotion,emotion_embeds]
+    echo-prep --input DIR --layout {seamless,pairs} --out DIR [--workers N] [--stages clips,latents,omni,emotion,emotion_embeds,user_tokens]
               [--wav2vec2 FOLDER] [--size 512] [--clip-seconds 10] ...
 
 Conversations are processed by a process pool (``--workers 1`` runs inline), with a progress bar. The run ends with a
@@ -156,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-face-ratio", type=float, default=0.5, help="fail below this fraction of face frames")
     parser.add_argument("--av-tolerance", type=float, default=0.1, help="seconds audio may fall short of video")
     parser.add_argument("--asr-model", default=None, help="Whisper folder for conversations without transcripts")
-    parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder (stage 'latents')")
+    parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder (stages 'latents', 'user_tokens')")
     parser.add_argument("--omni-model", default=None, help="Qwen-Omni folder (stage 'omni')")
     parser.add_argument("--emotion-model", default=None, help="causal LM folder or http(s) endpoint (stage 'emotion')")
     parser.add_argument("--emotion-served-model", default="default", help="model name at the --emotion-model endpoint")
@@ -166,6 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="dtype of the text encoder and of the cached embeddings (default: %(default)s)")
     parser.add_argument("--default-emotion", default="neutral",
                         help="training's data.default_emotion, also cached by 'emotion_embeds' (default: %(default)s)")
+    parser.add_argument("--user-video-size", type=int, default=64,
+                        help="training's data.user_video_size, for stage 'user_tokens' (default: %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker process")
     parser.add_argument("--no-progress", action="store_true")
@@ -193,6 +195,7 @@ def main(argv=None) -> int:
         text_encoder=args.text_encoder,
         text_encoder_dtype=args.text_encoder_dtype,
         default_emotion=args.default_emotion,
+        user_video_size=args.user_video_size,
         device=args.device,
         threads=args.threads,
     )

@@ -50,7 +50,7 @@ from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_s
 
 PrepError = MediaError
 CORE_STAGE = "clips"
-CACHE_STAGES = ("latents", "omni", "emotion", "emotion_embeds")
+CACHE_STAGES = ("latents", "omni", "emotion", "emotion_embeds", "user_tokens")
 
 
 @dataclass
@@ -71,14 +71,16 @@ class PrepOptions:
         stages (`list[str]`): ``"clips"`` (the clip folders) and optional caches ``"latents"`` (needs ``vae``),
             ``"omni"`` (needs ``omni_model``) and ``"emotion"`` (needs ``emotion_model``: a causal-LM folder or an
             OpenAI-compatible endpoint URL serving ``emotion_served_model``) and ``"emotion_embeds"`` (needs
-            ``text_encoder``: the T5/UMT5 text encoder of the emotion texts, run after ``"emotion"``); see
-            `data_prep.caches`.
+            ``text_encoder``: the T5/UMT5 text encoder of the emotion texts, run after ``"emotion"``) and
+            ``"user_tokens"`` (needs ``vae``: the LCU's per-frame VAE tokens of the user video); see `data_prep.caches`.
         text_encoder (`str`, *optional*): an encoder folder with its tokenizer, or a pipeline folder holding
             ``text_encoder/`` and ``tokenizer/`` (stage ``"emotion_embeds"``).
         text_encoder_dtype (`str`, defaults to `"float32"`): ``"float32"``, ``"bfloat16"`` or ``"float16"``; the
             cached embeddings keep this dtype.
         default_emotion (`str`, defaults to `"neutral"`): the dataset's ``default_emotion`` (clips without
             ``emotion.json``), also embedded by stage ``"emotion_embeds"``.
+        user_video_size (`int`, defaults to 64): training's ``data.user_video_size``, the square size stage
+            ``"user_tokens"`` resizes the user frames to.
         device (`str`, defaults to `"cpu"`).
         threads (`int`, defaults to 1): torch CPU threads per worker process (the pool provides the parallelism).
     """
@@ -103,6 +105,7 @@ class PrepOptions:
     text_encoder: str | None = None
     text_encoder_dtype: str = "float32"
     default_emotion: str = "neutral"
+    user_video_size: int = 64
     device: str = "cpu"
     threads: int = 1
 
@@ -119,7 +122,12 @@ class PrepOptions:
             )
         if not 0.0 <= self.min_face_ratio <= 1.0:
             raise ValueError(f"`min_face_ratio` is {self.min_face_ratio}, expected a fraction in [0, 1].")
-        for stage, needed in (("latents", "vae"), ("omni", "omni_model"), ("emotion", "emotion_model")):
+        for stage, needed in (
+            ("latents", "vae"),
+            ("user_tokens", "vae"),
+            ("omni", "omni_model"),
+            ("emotion", "emotion_model"),
+        ):
             if stage in self.stages and getattr(self, needed) is None:
                 raise ValueError(f"Stage {stage!r} needs `{needed}` (--{needed.replace('_', '-')}).")
 

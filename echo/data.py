@@ -8,7 +8,9 @@ one avatar/user assignment. Every item is a window of ``num_frames = 4k + 1`` co
   from the whole clip (the window's border frames see their real neighbours); ``avatar_rms`` `(T,)`;
 - ``lip_mask`` / ``face_mask`` `(F, H', W')` rasterised from ``avatar_landmarks.npy`` at the token grid;
 - the user's history from the clip's first frame to the window end: ``user_audio`` `(T_hist, NL, 768)`, optionally
-  ``user_video`` `(T_hist, 3, h_u, w_u)` with ``user_face_mask`` `(T_hist, h_u, w_u)`, and cached understanding
+  ``user_video`` `(T_hist, 3, h_u, w_u)` with ``user_face_mask`` `(T_hist, h_u, w_u)` (or, with
+  ``use_cached_user_tokens``, their VAE tokens ``user_tokens`` `(T_hist, C, h, w)` with ``user_token_mask``
+  `(T_hist, h, w)` from ``user_tokens.safetensors``, ``echo-prep --stages user_tokens``), and cached understanding
   tokens ``understanding`` `(N_s, D_s)`;
 - ``emotion_text``: the latest emotion description whose window ends at or before the window end (``emotion.json``),
   or ``default_emotion`` (``""`` with ``drop_emotion``); with ``use_cached_emotion_embeds`` also its embedding
@@ -74,6 +76,28 @@ def _to_tensor_frames(frames: np.ndarray, size: int) -> torch.Tensor:
     return video.clamp(-1, 1)
 
 
+def read_user_frames(
+    clip_dir: str | os.PathLike, start: int, stop: int, size: int, source_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The user's frames ``start … stop − 1`` of a clip folder as the LCU's visual branch reads them.
+
+    Args:
+        clip_dir (`str` or `os.PathLike`): a prepared clip folder with ``user.mp4`` and ``user_landmarks.npy``.
+        start (`int`), stop (`int`): the frame range (``stop`` exclusive).
+        size (`int`): square output size ``h_u = w_u`` (``data.user_video_size``).
+        source_size (`int`): side of the prepared crop the landmarks are in (``meta.json`` ``"size"``).
+
+    Returns:
+        `(frames, face_mask)`: `(T, 3, size, size)` float in [−1, 1] and `(T, size, size)` float {0, 1} (the whole
+        face, lips included).
+    """
+    clip_dir = Path(clip_dir)
+    frames = _to_tensor_frames(read_video_frames(clip_dir / "user.mp4", list(range(start, stop))), size)
+    landmarks = np.load(clip_dir / "user_landmarks.npy")[start:stop]
+    lip, face = rasterize_masks(landmarks, size, size, source_size=(source_size, source_size))
+    return frames, torch.from_numpy(face | lip).float()
+
+
 @dataclass
 class ClipInfo:
     """A validated prepared clip folder."""
@@ -107,6 +131,10 @@ class ConversationDataset(Dataset):
             with ``ablation.use_emotion: false``).
         use_cached_emotion_embeds (`bool`, defaults to `False`): also return ``emotion_embeds`` `(L_txt, D)`, the
             cached `EmotionTextEncoder` embedding of ``emotion_text`` (``emotion_embeds.safetensors``; required then).
+        use_cached_user_tokens (`bool`, defaults to `False`): with ``use_user_video``, return the user history's cached
+            VAE tokens ``user_tokens`` `(T_hist, C, h, w)` and ``user_token_mask`` `(T_hist, h, w)` (the output of
+            `echo.components.encode_user_video`, from ``user_tokens.safetensors`` written at ``user_video_size``;
+            required then) instead of ``user_video`` / ``user_face_mask``.
         seed (`int`, defaults to 0): seed of the per-item randomness.
     """
 
@@ -127,6 +155,7 @@ class ConversationDataset(Dataset):
         default_emotion: str = "neutral",
         drop_emotion: bool = False,
         use_cached_emotion_embeds: bool = False,
+        use_cached_user_tokens: bool = False,
         seed: int = 0,
     ):
         if num_frames < 1 or (num_frames - 1) % temporal_compression:
@@ -149,6 +178,7 @@ class ConversationDataset(Dataset):
         self.default_emotion = default_emotion
         self.drop_emotion = drop_emotion
         self.use_cached_emotion_embeds = use_cached_emotion_embeds
+        self.use_cached_user_tokens = use_cached_user_tokens
         self.seed = seed
         self.epoch = 0
         self.clips = [self._validate(Path(p)) for p in self._list_clips(clips)]
@@ -194,6 +224,8 @@ class ConversationDataset(Dataset):
         if "num_frames" not in meta:
             raise ValueError(f"{str(path / 'meta.json')!r} has no 'num_frames' key.")
         num_frames = int(meta["num_frames"])
+        if self.use_user_video and self.use_cached_user_tokens:
+            check_user_tokens(path, self.user_video_size, num_frames)
         if num_frames < self.num_frames:
             raise ValueError(
                 f"clip {str(path)!r} has {num_frames} frames, shorter than the training window of "
@@ -282,13 +314,16 @@ class ConversationDataset(Dataset):
                 f"{clip.num_frames}."
             )
         item["user_audio"] = torch.from_numpy(np.asarray(user_w2v[hist_start:stop], dtype=np.float32))
-        if self.use_user_video:
-            size = self.user_video_size
-            user_frames = read_video_frames(clip.path / "user.mp4", list(range(hist_start, stop)))
-            item["user_video"] = _to_tensor_frames(user_frames, size)  # T_hist, 3, h_u, w_u
-            user_landmarks = np.load(clip.path / "user_landmarks.npy")[hist_start:stop]
-            user_lip, user_face = rasterize_masks(user_landmarks, size, size, source_size=(source_size, source_size))
-            item["user_face_mask"] = torch.from_numpy(user_face | user_lip).float()  # whole face, lips included
+        if self.use_user_video and self.use_cached_user_tokens:
+            from safetensors import safe_open
+
+            with safe_open(str(clip.path / "user_tokens.safetensors"), framework="pt") as f:
+                item["user_tokens"] = f.get_slice("tokens")[hist_start:stop]  # T_hist, C, h, w
+                item["user_token_mask"] = f.get_slice("face_mask")[hist_start:stop]  # T_hist, h, w
+        elif self.use_user_video:
+            item["user_video"], item["user_face_mask"] = read_user_frames(
+                clip.path, hist_start, stop, self.user_video_size, source_size
+            )  # T_hist, 3, h_u, w_u and T_hist, h_u, w_u
         if self.use_understanding:
             from safetensors.torch import load_file
 
@@ -315,6 +350,40 @@ class ConversationDataset(Dataset):
                 )
             item["latents"] = latents[:, first : first + count].float()
         return item
+
+
+def check_user_tokens(clip_dir: str | os.PathLike, user_video_size: int, num_frames: int) -> None:
+    """Raise a clear error unless ``user_tokens.safetensors`` of the clip folder holds ``num_frames`` frames encoded at
+    ``user_video_size``² (see `data_prep.caches.cache_user_tokens`)."""
+    from safetensors import safe_open
+
+    path = Path(clip_dir) / "user_tokens.safetensors"
+    command = (
+        f"`echo-prep --input ... --layout ... --out <data root> --stages user_tokens --vae <VAE folder> "
+        f"--user-video-size {user_video_size}`"
+    )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"clip folder {str(Path(clip_dir))!r} has no 'user_tokens.safetensors' (`use_cached_user_tokens` is set). "
+            f"Write it with {command}, or turn the option off to encode the user frames during training."
+        )
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        frames = f.get_slice("tokens").get_shape()[0] if "tokens" in f.keys() else None
+        has_mask = "face_mask" in f.keys()
+    size = metadata.get("user_video_size")
+    if size is None or frames is None or not has_mask:
+        raise ValueError(f"{str(path)!r} has no 'tokens' / 'face_mask' / 'user_video_size'; rewrite it with {command}.")
+    if int(size) != user_video_size:
+        raise ValueError(
+            f"{str(path)!r} holds user tokens of {size}² frames but `user_video_size` (data.user_video_size) is "
+            f"{user_video_size}. Delete it and rerun {command}, or set the size it was written with."
+        )
+    if frames != num_frames:
+        raise ValueError(
+            f"{str(path)!r} holds {frames} frames, expected the clip's num_frames = {num_frames}. Delete it and rerun "
+            f"{command}."
+        )
 
 
 def load_emotion_embeds(clip_dir: str | os.PathLike, text: str) -> torch.Tensor:
@@ -370,11 +439,12 @@ def _left_pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def collate_conversations(items: list[dict]) -> dict:
     """Batch `ConversationDataset` items.
 
-    Window tensors are stacked; user histories (``user_audio``, ``user_video``, ``user_face_mask``) are
-    **left-padded** to the longest history (the window always ends at the last index) with ``user_audio_mask``
-    True on valid frames; ``understanding`` is right-padded with ``understanding_mask``; ``emotion_text`` and
-    ``clip_id`` stay lists of strings, ``window_start`` a list of ints. ``emotion_embeds`` are right-padded with
-    zeros to the longest `L_txt` (as `EmotionTextEncoder` pads), `(B, L_txt, D)`.
+    Window tensors are stacked; user histories (``user_audio``, ``user_video``, ``user_face_mask`` or the cached
+    ``user_tokens``, ``user_token_mask``) are **left-padded** to the longest history (the window always ends at the
+    last index) with ``user_audio_mask`` True on valid frames; ``understanding`` is right-padded with
+    ``understanding_mask``; ``emotion_text`` and ``clip_id`` stay lists of strings, ``window_start`` a list of ints.
+    ``emotion_embeds`` are right-padded with zeros to the longest `L_txt` (as `EmotionTextEncoder` pads),
+    `(B, L_txt, D)`.
     """
     if not items:
         raise ValueError("`items` is empty, expected at least one dataset item.")
@@ -383,9 +453,9 @@ def collate_conversations(items: list[dict]) -> dict:
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
     batch["user_audio"], batch["user_audio_mask"] = _left_pad([item["user_audio"] for item in items])
-    if "user_video" in items[0]:
-        batch["user_video"], _ = _left_pad([item["user_video"] for item in items])
-        batch["user_face_mask"], _ = _left_pad([item["user_face_mask"] for item in items])
+    for key in ("user_video", "user_face_mask", "user_tokens", "user_token_mask"):
+        if key in items[0]:
+            batch[key], _ = _left_pad([item[key] for item in items])
     if "understanding" in items[0]:
         tokens = [item["understanding"] for item in items]
         length = max(t.shape[0] for t in tokens)

@@ -214,3 +214,62 @@ def test_cached_emotion_embeds_are_the_embedding_of_the_window_text(data_root, t
     dropped = ConversationDataset(clips, use_cached_emotion_embeds=True, drop_emotion=True, **kwargs)[0]
     assert dropped["emotion_text"] == ""
     torch.testing.assert_close(dropped["emotion_embeds"], encoder.encode("")[0], rtol=0, atol=0)
+
+
+def test_cached_user_tokens_are_the_lcu_tokens_of_the_history_frames(data_root, tmp_path):
+    """With `use_cached_user_tokens` an item holds, for its history (frames 0 … window end, or the last
+    `max_history_frames`), the rows of `encode_user_video` over the whole clip's frames as the frame path reads them;
+    collate left-pads them; a missing file or one of another size names the clip folder and the echo-prep command."""
+    from diffusers import AutoencoderKLWan
+
+    from data_prep.caches import cache_user_tokens
+    from echo.components import encode_user_video
+    from training.testing import save_tiny_vae
+
+    vae = AutoencoderKLWan.from_pretrained(save_tiny_vae(tmp_path / "vae")).eval()
+    clips = []
+    for source in sorted(p.parent for p in data_root.glob("*/meta.json")):
+        clips.append(tmp_path / source.name)
+        shutil.copytree(source, clips[-1])
+    kwargs = dict(resolution=64, use_user_video=True, user_video_size=32, seed=3)
+    with pytest.raises(FileNotFoundError, match=f"{clips[0].name}.*user_tokens.safetensors.*--stages user_tokens"):
+        ConversationDataset(clips, use_cached_user_tokens=True, **kwargs)
+    for clip in clips:
+        cache_user_tokens(clip, vae, user_video_size=32)
+    with pytest.raises(ValueError, match=f"{clips[0].name}.*32.*user_video_size.*is 64.*--user-video-size 64"):
+        ConversationDataset(clips, use_cached_user_tokens=True, **{**kwargs, "user_video_size": 64})
+    whole = ConversationDataset(clips, num_frames=17, **kwargs)  # 17-frame clips: one window, the whole clip
+    with torch.no_grad():
+        encoded = [encode_user_video(vae, whole[i]["user_video"][None], whole[i]["user_face_mask"][None]) for i in (0, 1)]
+    for history in (None, 10):
+        options = dict(num_frames=9, windows_per_clip=3, max_history_frames=history, **kwargs)
+        frames = ConversationDataset(clips, **options)
+        cached = ConversationDataset(clips, use_cached_user_tokens=True, **options)
+        items = [cached[i] for i in range(len(cached))]
+        lengths = {it["user_tokens"].shape[0] for it in items}
+        assert len(lengths) > 1 if history is None else max(lengths) == history  # several lengths / truncated
+        for index, item in enumerate(items):
+            reference, clip = frames[index], index // 3
+            stop = item["window_start"] + 9
+            rows = slice(0 if history is None else max(0, stop - history), stop)
+            assert "user_video" not in item and "user_face_mask" not in item
+            # The frame path reads the same frames and masks the cache was encoded from …
+            assert torch.equal(reference["user_video"], whole[clip]["user_video"][rows])
+            assert torch.equal(reference["user_face_mask"], whole[clip]["user_face_mask"][rows])
+            # … and the item holds exactly their rows of the cached encoding.
+            tokens, mask = encoded[clip]
+            torch.testing.assert_close(item["user_tokens"], tokens[0, rows], rtol=0, atol=0)
+            torch.testing.assert_close(item["user_token_mask"], mask[0, rows], rtol=0, atol=0)
+            # Encoding the shorter history alone differs only by the VAE's batch-size-dependent float rounding.
+            with torch.no_grad():
+                alone, alone_mask = encode_user_video(vae, reference["user_video"][None], reference["user_face_mask"][None])
+            torch.testing.assert_close(item["user_tokens"], alone[0])
+            torch.testing.assert_close(item["user_token_mask"], alone_mask[0], rtol=0, atol=0)
+        if history is None:
+            by_length = {it["user_tokens"].shape[0]: it for it in items}
+    short, long = by_length[min(by_length)], by_length[max(by_length)]
+    batch = collate_conversations([short, long])
+    pad = long["user_tokens"].shape[0] - short["user_tokens"].shape[0]
+    assert torch.equal(batch["user_tokens"][0, pad:], short["user_tokens"]) and not batch["user_tokens"][0, :pad].any()
+    assert torch.equal(batch["user_token_mask"][1], long["user_token_mask"])
+    assert torch.equal(batch["user_audio_mask"][0], torch.arange(long["user_tokens"].shape[0]) >= pad)

@@ -291,3 +291,39 @@ def test_emotion_embeds_stage_caches_exactly_the_text_encoder_output(tmp_path):
         load_emotion_embeds(clip, "excited")
     with pytest.raises(ValueError, match="--text-encoder"):
         run_stage("emotion_embeds", clip, PrepOptions(wav2vec2="unused", stages=["emotion_embeds"]))
+
+
+def test_user_tokens_stage_caches_exactly_the_lcu_tokens_of_the_dataset_frames(tmp_path, tmp_path_factory):
+    """The cache is `encode_user_video` of every user frame as the dataset reads them (frames and face masks at
+    --user-video-size, from the clip's first to its last frame), in the metadata's size; a second run keeps it."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKLWan
+    from safetensors import safe_open
+
+    from data_prep.caches import run_stage
+    from echo.components import encode_user_video
+    from echo.data import ConversationDataset
+    from training.testing import make_tiny_training_set, save_tiny_vae
+
+    root = make_tiny_training_set(tmp_path_factory.getbasetemp() / "echo_tiny_training", num_frames=17)
+    clip = tmp_path / "clip"
+    shutil.copytree(sorted(p.parent for p in root.glob("*/meta.json"))[0], clip)
+    folder = save_tiny_vae(tmp_path / "vae")
+    options = PrepOptions(wav2vec2="unused", stages=["user_tokens"], vae=str(folder), user_video_size=32)
+    path = run_stage("user_tokens", clip, options)
+    item = ConversationDataset(clip, num_frames=17, resolution=64, use_user_video=True, user_video_size=32)[0]
+    assert item["user_video"].shape[0] == 17  # the whole clip
+    with torch.no_grad():
+        tokens, mask = encode_user_video(AutoencoderKLWan.from_pretrained(folder).eval(), item["user_video"][None],
+                                         item["user_face_mask"][None])
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"user_video_size": "32"}
+        torch.testing.assert_close(f.get_tensor("tokens"), tokens[0], rtol=0, atol=0)
+        torch.testing.assert_close(f.get_tensor("face_mask"), mask[0], rtol=0, atol=0)
+    assert mask.any() and not mask.all()
+    stamp = path.stat().st_mtime_ns
+    assert run_stage("user_tokens", clip, options) == path and path.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="--vae"):
+        run_stage("user_tokens", clip, PrepOptions(wav2vec2="unused", stages=["clips"]))

@@ -517,3 +517,44 @@ def test_cached_emotion_embeds_train_like_the_text_encoder_without_building_it(d
     assert "validation renders are skipped" in caplog.text and not (tmp_path / "cached_run" / "validation").exists()
     for a, b in zip(by_text["history"], cached["history"]):
         assert a["loss"] == b["loss"] and a["flow"] == b["flow"]
+
+
+def test_cached_user_tokens_train_like_the_frame_path_without_encoding_the_user_video(
+    stage1_runs, data_root, tmp_path, monkeypatch
+):
+    """With `data.use_cached_user_tokens` a stage-2 run never encodes the user frames and its losses equal the frame
+    path's. The windows here span the whole 17-frame clips, so the step's VAE batch is the cache's and the tokens are
+    bit-identical (a shorter history encoded alone differs by the VAE's batch-size-dependent float rounding)."""
+    import shutil
+
+    import training.step
+    from data_prep.caches import cache_user_tokens
+    from echo.components import load_components
+
+    root = tmp_path / "prepared"
+    shutil.copytree(data_root, root)
+    vae = load_components(str(ROOT / "configs" / "models" / "tiny.yaml"), only=["vae"])["vae"].eval()
+    for clip in sorted(p.parent for p in root.glob("*/meta.json")):
+        cache_user_tokens(clip, vae, user_video_size=32)  # tiny_stage2.yaml: data.user_video_size = 32
+    calls = []
+    original = training.step.encode_user_video
+
+    def spy(vae, user_video, user_face_mask):
+        calls.append(tuple(user_video.shape))
+        return original(vae, user_video, user_face_mask)
+
+    monkeypatch.setattr(training.step, "encode_user_video", spy)
+    common = (
+        f"model.stage1_dir={stage1_runs['base'] / 'full'}", "data.num_frames=17", "train.max_train_steps=2",
+        "train.checkpointing_steps=0",
+    )  # fmt: skip
+    by_frames = _run("tiny_stage2.yaml", root, tmp_path / "frames_run", *common)
+    assert len(calls) == 2 and all(shape[1] == 17 for shape in calls)
+    cached = _run("tiny_stage2.yaml", root, tmp_path / "cached_run", "data.use_cached_user_tokens=true", *common)
+    assert len(calls) == 2  # no VAE pass over the user video in the cached run
+    assert len(cached["history"]) == 2
+    for a, b in zip(by_frames["history"], cached["history"]):
+        assert a["loss"] == b["loss"] and a["flow"] == b["flow"] and a["align"] == b["align"]
+    with pytest.raises(ValueError, match="user_tokens.safetensors.*user_video_size.*--user-video-size 64"):
+        _run("tiny_stage2.yaml", root, tmp_path / "bad_run", "data.use_cached_user_tokens=true",
+             "data.user_video_size=64", *common)  # fmt: skip

@@ -40,6 +40,9 @@ class DataConfig:
     # Read the emotion embeddings from `emotion_embeds.safetensors` (echo-prep --stages emotion_embeds) instead of
     # loading the text encoder: saves its memory (~11 GB for UMT5-XXL); validation renders are then skipped.
     use_cached_emotion_embeds: bool = False
+    # Stage 2 with ablation.use_visual: read the user history's VAE tokens from `user_tokens.safetensors`
+    # (echo-prep --stages user_tokens --user-video-size <user_video_size>) instead of encoding the frames every step.
+    use_cached_user_tokens: bool = False
     default_emotion: str = "neutral"
     batch_size: int = 1  # per process
     num_workers: int = 2

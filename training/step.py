@@ -70,6 +70,9 @@ def training_step(
         module (`torch.nn.Module`): the prepared (possibly DDP/FSDP-wrapped) [`EchoTrainingModule`].
         batch (`dict`): a `collate_conversations` batch; its ``emotion_embeds`` `(B, L_txt, D)` (cached, see
             ``data.use_cached_emotion_embeds``) are used as they are, otherwise ``text_embedder`` encodes its texts.
+            In stage 2 its cached ``user_tokens`` `(B, T_hist, C, h, w)` and ``user_token_mask`` `(B, T_hist, h, w)`
+            (``data.use_cached_user_tokens``) go to the LCU as they are (cast to the VAE's dtype, as
+            `encode_user_video` returns them), otherwise `encode_user_video` encodes ``user_video`` / ``user_face_mask``.
         text_embedder ([`TextEmbedder`], *optional*): `None` when the batch holds ``emotion_embeds``.
         generator (`torch.Generator`): the step's CPU generator (`step_generator`).
 
@@ -111,7 +114,10 @@ def training_step(
             "clip_frames": video.shape[2],
             "user_audio_mask": batch["user_audio_mask"].to(device),
         }
-        if config.ablation.use_visual:
+        if config.ablation.use_visual and "user_tokens" in batch:  # cached: no VAE pass over the history
+            user_inputs["user_video"] = batch["user_tokens"].to(device, vae.dtype)
+            user_inputs["user_face_mask"] = batch["user_token_mask"].to(device)
+        elif config.ablation.use_visual:
             with torch.no_grad():
                 user_inputs["user_video"], user_inputs["user_face_mask"] = encode_user_video(
                     vae, batch["user_video"].to(device), batch["user_face_mask"].to(device)

@@ -65,3 +65,18 @@ def save_tiny_text_encoder(out_dir: str | Path) -> Path:
     components["text_encoder"].save_pretrained(out_dir / "text_encoder")
     components["tokenizer"].save_pretrained(out_dir / "tokenizer")
     return out_dir
+
+
+def save_tiny_vae(out_dir: str | Path) -> Path:
+    """Save the tiny model's VAE (``configs/models/tiny.yaml``, the weights training builds) as a folder for
+    ``echo-prep --vae``.
+
+    Returns:
+        `Path`: ``out_dir``.
+    """
+    from echo.components import load_components
+
+    out_dir = Path(out_dir)
+    config = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
+    load_components(str(config), only=["vae"])["vae"].save_pretrained(out_dir)
+    return out_dir

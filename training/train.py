@@ -192,6 +192,7 @@ def main(config: TrainConfig) -> dict:
         default_emotion=config.data.default_emotion,
         drop_emotion=not config.ablation.use_emotion,
         use_cached_emotion_embeds=config.data.use_cached_emotion_embeds,
+        use_cached_user_tokens=config.data.use_cached_user_tokens,
         seed=config.seed,
     )
     sampler = EpochSampler(len(dataset), config.seed)
