@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
-FPS = 25
+import echo.media
+from echo.audio import FPS, SAMPLE_RATE
+
 # x264 settings of prepared videos. One thread makes the bytes independent of scheduling; macroblock-tree rate
 # control is off because with it the same frames were seen to encode to different bytes from run to run.
 X264_OPTIONS = {"preset": "veryfast", "threads": "1", "x264-params": "no-mbtree=1"}
@@ -182,10 +183,7 @@ def write_video(
 
 def read_video(path: str | Path) -> np.ndarray:
     """All frames of a video as `(T, H, W, 3)` uint8 RGB (for small files: tests, prepared clips)."""
-    import av
-
-    with av.open(str(path)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    return echo.media.read_video(path)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

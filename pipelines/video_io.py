@@ -13,6 +13,7 @@ import numpy as np
 import PIL.Image
 
 from echo.audio import FPS, SAMPLE_RATE
+from echo.media import read_audio, read_video
 
 
 def load_wav(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -21,30 +22,15 @@ def load_wav(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndar
     Returns:
         `np.ndarray` of shape `(num_samples,)`.
     """
-    import av
-
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    chunks = []
-    with av.open(str(path)) as container:
-        if not container.streams.audio:
-            raise ValueError(f"{str(path)!r} has no audio stream.")
-        for frame in container.decode(audio=0):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-    for out in resampler.resample(None):
-        chunks.append(out.to_ndarray().reshape(-1))
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
+    audio = read_audio(path, sample_rate)
+    if audio is None:
+        raise ValueError(f"{str(path)!r} has no audio stream.")
+    return audio
 
 
 def read_frames(path: str | os.PathLike) -> np.ndarray:
     """All frames of the first video stream as `(T, H, W, 3)` uint8 RGB (the file is assumed to be at 25 fps)."""
-    import av
-
-    with av.open(str(path)) as container:
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"{str(path)!r} has no video frames.")
-    return np.stack(frames)
+    return read_video(path)[0]
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from echo.media import read_audio, read_video
 from echo.metrics.motion import frechet_distance_from_statistics
 
 SYNCNET_SAMPLE_RATE = 16_000
@@ -35,38 +36,6 @@ SYNCNET_SAMPLE_RATE = 16_000
 # --------------------------------------------------------------------------------------------------------------------
 # I/O
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def read_video(path: str) -> tuple[np.ndarray, float]:
-    """Decode all frames of ``path`` with PyAV → (`(T, H, W, 3)` uint8 RGB, fps)."""
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream.")
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate) if stream.average_rate else 25.0
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    if not frames:
-        raise ValueError(f"{path} has a video stream but no decodable frame.")
-    return np.stack(frames), fps
-
-
-def read_audio(path: str, sample_rate: int = SYNCNET_SAMPLE_RATE) -> np.ndarray | None:
-    """Decode the first audio stream of ``path`` (mp4 or wav) as mono float32 at ``sample_rate``; None if absent."""
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.audio:
-            return None
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-        chunks = []
-        for frame in container.decode(container.streams.audio[0]):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
 def write_video(
