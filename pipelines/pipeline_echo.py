@@ -654,6 +654,7 @@ class EchoPipeline(DiffusionPipeline):
         use_emotion = self.context_encoder is None or getattr(self.context_encoder.config, "use_emotion", True)
         pieces = []
         previous_video = None
+        prompt_cache: dict[str, torch.Tensor] = {}
         motion_latent_frames = (motion_frames - 1) // self.vae_scale_factor_temporal + 1
         with self.progress_bar(total=len(chunks) * num_inference_steps) as progress_bar:
             for chunk_index, (start, stop) in enumerate(chunks):
@@ -670,7 +671,9 @@ class EchoPipeline(DiffusionPipeline):
                     text = emotion_reasoner.describe(dialogue, clip_end=stop / FPS, avatar_speaker="avatar")
                 else:
                     text = default_emotion
-                prompt_embeds = self.encode_prompt(text, max_sequence_length, device=device, dtype=dtype)
+                if text not in prompt_cache:  # the same emotion text over many chunks is encoded once
+                    prompt_cache[text] = self.encode_prompt(text, max_sequence_length, device=device, dtype=dtype)
+                prompt_embeds = prompt_cache[text]
 
                 # 4.2 User context f_pu from the history 0 … stop − 1 (LCU, causal)
                 context_embeds = context_mask = None
