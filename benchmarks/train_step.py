@@ -175,7 +175,7 @@ def main():
     text_embedder = TextEmbedder(models.tokenizer, models.text_encoder)
     batch = make_batch(size, batch_size)
     if args.cached_latents:
-        from echo.components import normalize_latents
+        from echo.encoding import normalize_latents
         from training.step import encode_video
 
         with torch.no_grad():  # the dataset returns raw VAE latents; the step normalises them

@@ -161,7 +161,7 @@ def cache_user_tokens(clip_dir: str | Path, vae, user_video_size: int = 64, chun
     """
     from safetensors.torch import save_file
 
-    from echo.components import encode_user_video
+    from echo.encoding import encode_user_video
     from echo.data import read_user_frames
 
     if chunk_frames < 64 or chunk_frames % 64:

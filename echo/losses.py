@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .components import normalize_latents
+from .encoding import normalize_latents
 
 
 def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:

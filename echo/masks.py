@@ -142,3 +142,35 @@ def token_masks_from_landmarks(
     lip_tok = masks_to_token_grid(torch.from_numpy(lip), patch_size, temporal_compression)
     face_tok = masks_to_token_grid(torch.from_numpy(face), patch_size, temporal_compression)
     return lip_tok, face_tok * (1 - lip_tok)
+
+
+def reference_token_masks(
+    landmarks: np.ndarray,
+    height: int,
+    width: int,
+    num_latent_frames: int,
+    source_size: tuple[int, int] | None = None,
+    patch_size: tuple[int, int] = (16, 16),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDCM's token masks of a chunk, from the reference image's landmarks, held for every latent frame.
+
+    Training and inference use this one rule: the generator never sees masks of the frames it is generating (the
+    ground truth's landmarks would tell it where the target face will be, which the pipeline cannot know), only the
+    reference's face and lip regions.
+
+    Args:
+        landmarks (`np.ndarray` of shape `(478, 2)`): pixels of an image of ``source_size`` (default ``(height, width)``).
+        height (`int`), width (`int`): the generated frames' size.
+        num_latent_frames (`int`): F.
+        patch_size (`tuple[int, int]`, defaults to `(16, 16)`): pixels per token (VAE stride × transformer patch).
+
+    Returns:
+        `(lip, face)`: float {0, 1} tensors `(F, H', W')`, face excluding lip.
+    """
+    landmarks = np.asarray(landmarks, dtype=np.float32)
+    if landmarks.shape != (NUM_LANDMARKS, 2):
+        raise ValueError(f"`landmarks` has shape {landmarks.shape}, expected ({NUM_LANDMARKS}, 2).")
+    lip, face = token_masks_from_landmarks(
+        landmarks[None], height, width, source_size=source_size, patch_size=patch_size, temporal_compression=1
+    )  # 1, H', W'
+    return lip.expand(num_latent_frames, -1, -1).contiguous(), face.expand(num_latent_frames, -1, -1).contiguous()

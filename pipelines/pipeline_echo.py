@@ -42,7 +42,7 @@ from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerBase, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from echo.audio import FPS, SAMPLE_RATE, wav2vec2_frame_features, window_features
-from echo.components import encode_user_video, normalize_latents
+from echo.encoding import encode_user_video, normalize_latents
 from echo.conditioning import build_condition
 from echo.lcu import LongRangeContextEncoder
 from echo.masks import NUM_LANDMARKS, masks_to_token_grid, rasterize_masks

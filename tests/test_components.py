@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from echo.components import build_tiny_tokenizer, encode_user_video, load_components, load_model_config
+from echo.components import build_tiny_tokenizer, load_components, load_model_config
+from echo.encoding import encode_user_video
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 

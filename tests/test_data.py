@@ -223,7 +223,7 @@ def test_cached_user_tokens_are_the_lcu_tokens_of_the_history_frames(data_root, 
     from diffusers import AutoencoderKLWan
 
     from data_prep.caches import cache_user_tokens
-    from echo.components import encode_user_video
+    from echo.encoding import encode_user_video
     from training.testing import save_tiny_vae
 
     vae = AutoencoderKLWan.from_pretrained(save_tiny_vae(tmp_path / "vae")).eval()

@@ -303,7 +303,7 @@ def test_user_tokens_stage_caches_exactly_the_lcu_tokens_of_the_dataset_frames(t
     from safetensors import safe_open
 
     from data_prep.caches import run_stage
-    from echo.components import encode_user_video
+    from echo.encoding import encode_user_video
     from echo.data import ConversationDataset
     from training.testing import make_tiny_training_set, save_tiny_vae
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from echo.audio import SAMPLE_RATE, frame_rms
-from echo.components import normalize_latents
+from echo.encoding import normalize_latents
 from echo.losses import (
     denormalize_latents,
     hfa_loss,

@@ -142,7 +142,7 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
     # user frame (resized to user_video_size with antialiasing) and its face mask from the user landmarks.
     import torch.nn.functional as F
 
-    from echo.components import encode_user_video
+    from echo.encoding import encode_user_video
     from echo.masks import rasterize_masks
 
     user = torch.from_numpy(inputs["user_video"][:17]).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -406,7 +406,7 @@ def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, 
     frame at latent frame 0 (mask channels 1 there, 0 elsewhere), the audio windows and token masks are the batch's,
     the noisy input is (1 − σ)·x0 + ε·σ of the batch video's latents, and L_flow is the MSE to v = ε − x0."""
     import training.train as train_module
-    from echo.components import normalize_latents
+    from echo.encoding import normalize_latents
 
     seen = []
     original_step = train_module.training_step
@@ -448,7 +448,7 @@ def test_stage2_step_gives_the_lcu_the_batch_user_history(stage1_runs, data_root
     """Stage 2: the LCU input of a step is the batch's user history (wav2vec2 rows and padding mask, per-frame VAE
     tokens of the user frames with the face mask, understanding tokens) and the clip length is the window."""
     import training.train as train_module
-    from echo.components import encode_user_video
+    from echo.encoding import encode_user_video
 
     seen = []
     original_step = train_module.training_step

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from echo.components import encode_user_video, normalize_latents
+from echo.encoding import encode_user_video, normalize_latents
 from echo.conditioning import build_condition
 from echo.flow_matching import add_noise, flow_loss, predict_x0, sample_sigmas, sigma_to_timestep, velocity_target
 from echo.losses import hfa_loss, latent_frame_weights, pixel_loss, sample_blocks, speech_weights

@@ -1,0 +1,107 @@
+"""`EchoSettings`: the settings a trained ECHO model depends on, in one place.
+
+Training writes them next to the weights it saves (``echo_settings.json`` in every checkpoint and in ``final/``),
+the export step copies them into the pipeline folder (``EchoPipeline``'s ``settings`` config entry in
+``model_index.json``), and `EchoPipeline.__call__`, ``echo-render`` and validation read their defaults from there.
+A value given explicitly to the pipeline or a CLI overrides the saved one for that call only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SETTINGS_NAME = "echo_settings.json"
+
+
+@dataclass(frozen=True)
+class EchoSettings:
+    """What a trained model was trained with, and how it samples by default.
+
+    Args:
+        resolution (`int`, defaults to 512): square frame size the model was trained at (height = width).
+        num_frames_per_chunk (`int`, defaults to 33): frames of a training window and of a rendered chunk, ``4k + 1``.
+        motion_frames (`int`, defaults to 1): frames a continuation chunk shares with the previous one,
+            ``4(m − 1) + 1`` (their VAE latents are the chunk's motion condition, with the reference image).
+        user_video_size (`int`, defaults to 64): square size of the user's frames read by the LCU's visual branch.
+        max_history_frames (`int`, *optional*): the user history the LCU reads is at most this many frames long.
+        max_sequence_length (`int`, defaults to 512): emotion-text tokens (capped by the tokenizer's maximum).
+        default_emotion (`str`, defaults to `"neutral"`): emotion text when none is given or known yet.
+        use_emotion (`bool`, defaults to `True`): `False` = the "w/o LAU" ablation, every prompt is ``""``.
+        num_inference_steps (`int`, defaults to 40), audio_guidance_scale (`float`, defaults to 4.5),
+        user_guidance_scale (`float`, defaults to 2.0): sampling defaults.
+    """
+
+    resolution: int = 512
+    num_frames_per_chunk: int = 33
+    motion_frames: int = 1
+    user_video_size: int = 64
+    max_history_frames: int | None = None
+    max_sequence_length: int = 512
+    default_emotion: str = "neutral"
+    use_emotion: bool = True
+    num_inference_steps: int = 40
+    audio_guidance_scale: float = 4.5
+    user_guidance_scale: float = 2.0
+
+    def __post_init__(self):
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"`resolution` is {self.resolution}, expected a positive multiple of 16.")
+        if self.num_frames_per_chunk < 1 or (self.num_frames_per_chunk - 1) % 4:
+            raise ValueError(f"`num_frames_per_chunk` is {self.num_frames_per_chunk}, expected 4k + 1.")
+        if not 0 < self.motion_frames < self.num_frames_per_chunk or (self.motion_frames - 1) % 4:
+            raise ValueError(
+                f"`motion_frames` is {self.motion_frames}, expected 4(m − 1) + 1 with 0 < motion_frames < "
+                f"num_frames_per_chunk = {self.num_frames_per_chunk}."
+            )
+        if self.user_video_size < 8 or self.user_video_size % 8:
+            raise ValueError(f"`user_video_size` is {self.user_video_size}, expected a positive multiple of 8.")
+        if self.max_history_frames is not None and self.max_history_frames < 1:
+            raise ValueError(f"`max_history_frames` is {self.max_history_frames}, expected None or at least 1.")
+        if self.max_sequence_length < 1:
+            raise ValueError(f"`max_sequence_length` is {self.max_sequence_length}, expected at least 1.")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` is {self.num_inference_steps}, expected at least 1.")
+        for name in ("audio_guidance_scale", "user_guidance_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value == value):
+                raise ValueError(f"`{name}` is {value!r}, expected a finite number >= 0.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None, source: str = "settings") -> EchoSettings:
+        """Settings from a dict; an unknown key is an error naming it (a typo never silently falls back)."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source} has unknown keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**values)
+
+    def replace(self, **changes) -> EchoSettings:
+        return dataclasses.replace(self, **changes)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``echo_settings.json`` into ``folder`` atomically."""
+        path = Path(folder) / SETTINGS_NAME
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> EchoSettings:
+        """Read ``echo_settings.json`` of ``folder``; errors name the file."""
+        path = Path(folder) / SETTINGS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} does not exist: the folder holds no saved ECHO settings.")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(path)!r} is not valid JSON ({error}).") from error
+        return cls.from_dict(values, source=repr(str(path)))
