@@ -290,13 +290,99 @@ def evaluate(args: argparse.Namespace) -> dict:
         },
     }
     report["markdown"] = markdown_table(table, reasons)
+    _write_report(report, args)
+    return report
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a killed or failed write leaves the old file
+    (or none), never a truncated one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_report(report: dict, args: argparse.Namespace) -> None:
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        _write_atomic(args.out, json.dumps(report, indent=2))
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report["markdown"])
+        _write_atomic(args.markdown, report["markdown"])
+
+
+BEHAVIOUR_COLUMNS = (
+    ("lip_sync_r", "lip sync r ↑"),
+    ("listening_ratio", "listening ratio ↑"),
+    ("face_rate", "face rate ↑"),
+    ("psnr", "PSNR ↑"),
+    ("ssim", "SSIM ↑"),
+)
+
+
+def behaviour_markdown(per_clip: dict[str, dict], aggregate: dict, failed: dict[str, str]) -> str:
+    """Markdown table of the behaviour measures: one row per clip, then the mean; failed clips listed below."""
+    header = "| clip | " + " | ".join(label for _, label in BEHAVIOUR_COLUMNS) + " |"
+    lines = [header, "|---" * (len(BEHAVIOUR_COLUMNS) + 1) + "|"]
+    for name, row in [*per_clip.items(), ("**mean**", aggregate)]:
+        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(key)) for key, _ in BEHAVIOUR_COLUMNS) + " |")
+    long = {k: aggregate[k] for k in ("first_face_rate", "last_face_rate", "first_psnr", "last_psnr") if k in aggregate}
+    if long:
+        lines += ["", "Long video (first vs last window): " + ", ".join(f"{k} {v:.3f}" for k, v in long.items())]
+    if failed:
+        lines += ["", "Failed clips (left out of the mean):"] + [f"- {name}: {reason}" for name, reason in failed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_behaviour(args: argparse.Namespace) -> dict:
+    """``echo-eval --behaviour``: lip sync, listening, quality and long-video measures per clip
+    (`echo.metrics.behaviour.conversation_behaviour`), from the generated and ground-truth mp4s and both
+    participants' wavs (``--audio DIR/<clip>.wav``, ``--user-audio DIR/<clip>.wav``). A clip that fails (unreadable,
+    no audio) is reported with its reason and the others go on."""
+    from tqdm.auto import tqdm
+
+    from echo.media import read_audio
+
+    from . import behaviour
+
+    if not args.audio or not args.user_audio:
+        raise ValueError("--behaviour needs --audio DIR (the avatar's <clip>.wav) and --user-audio DIR (the user's).")
+    generated = list_clips(args.generated, "generated")
+    reference = list_clips(args.reference, "reference")
+    names = match_clips(generated, reference)
+    per_clip: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for name in tqdm(names, desc="echo-eval: behaviour", disable=args.quiet):
+        try:
+            gen, fps = video_metrics.read_video(generated[name])
+            ref, _ = video_metrics.read_video(reference[name])
+            checked = _check_lengths(name, {"generated": gen, "reference": ref}, args.length_mismatch)
+            waves = {}
+            for label, folder in (("avatar", args.audio), ("user", args.user_audio)):
+                path = os.path.join(folder, name + ".wav")
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"no {label} audio {path}")
+                waves[label] = read_audio(path)
+            per_clip[name] = behaviour.conversation_behaviour(
+                checked["generated"], checked["reference"], waves["avatar"], waves["user"], fps=fps,
+                window_seconds=args.long_window,
+            )  # fmt: skip
+        except (OSError, ValueError) as error:
+            logger.warning("clip %r failed: %s", name, error)
+            failed[name] = f"{type(error).__name__}: {error}"
+    keys = sorted({k for row in per_clip.values() for k in row if k != "num_frames"})
+    aggregate = {k: _mean([row.get(k) for row in per_clip.values()]) for k in keys}
+    report = {"clips": per_clip, "aggregate": aggregate, "failed": failed, "settings": {
+        "generated": args.generated, "reference": args.reference, "audio": args.audio, "user_audio": args.user_audio,
+        "num_clips": len(names), "long_window_seconds": args.long_window,
+    }}  # fmt: skip
+    report["markdown"] = behaviour_markdown(per_clip, aggregate, failed)
+    _write_report(report, args)
     return report
 
 
@@ -321,13 +407,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--behaviour", action="store_true",
+        help="report lip sync, listening, PSNR/SSIM, face rate and long-video stability instead of Table 1's metrics "
+        "(needs --audio and --user-audio)",
+    )  # fmt: skip
+    parser.add_argument("--user-audio", default=None, help="folder of the user's <clip>.wav (--behaviour)")
+    parser.add_argument("--long-window", type=float, default=10.0, help="seconds of the first/last long-video windows")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    report = evaluate(args)
+    report = evaluate_behaviour(args) if args.behaviour else evaluate(args)
     sys.stdout.write(report["markdown"])
     return 0
 

@@ -1,0 +1,128 @@
+"""Behaviour measures of the demo report (echo.metrics.behaviour): lip sync, listening, quality, long video."""
+
+import numpy as np
+import pytest
+
+from echo.audio import SAMPLE_RATE, frame_rms
+from echo.metrics import behaviour
+
+
+@pytest.fixture(scope="module")
+def conversation(tmp_path_factory):
+    from data_prep.synthetic import make_conversation
+
+    return make_conversation(tmp_path_factory.mktemp("behaviour"), seconds=6.0, size=128, seed=3)
+
+
+def _wave(conversation, participant):
+    from scipy.io import wavfile
+
+    rate, data = wavfile.read(conversation.audios[participant])
+    assert rate == SAMPLE_RATE
+    return data.astype(np.float32) / 32768.0 if data.dtype == np.int16 else data.astype(np.float32)
+
+
+def test_mouth_opening_is_the_inner_lip_gap_over_face_height():
+    landmarks = np.zeros((2, 478, 2))
+    landmarks[:, behaviour.FOREHEAD] = [50, 10]
+    landmarks[:, behaviour.CHIN] = [50, 110]  # face height 100
+    landmarks[:, behaviour.UPPER_INNER_LIP] = [50, 80]
+    landmarks[0, behaviour.LOWER_INNER_LIP] = [50, 80]
+    landmarks[1, behaviour.LOWER_INNER_LIP] = [50, 92]
+    np.testing.assert_allclose(behaviour.mouth_opening(landmarks), [0.0, 0.12])
+
+
+def test_lip_sync_r_of_the_ground_truth_follows_its_speech_and_not_the_other_speaker(conversation):
+    """The synthetic ground truth opens its mouth with its own speech: r is high with its own audio, and the other
+    participant's audio (whom it listens to) does not explain it."""
+    a, b = conversation.participants
+    opening = behaviour.mouth_opening(conversation.landmarks[a])
+    wave_a, wave_b = _wave(conversation, a), _wave(conversation, b)
+    speaking = behaviour.voice_activity(wave_a, conversation.num_frames)
+    assert 0.2 < speaking.mean() < 0.8
+    own = behaviour.lip_sync_r(opening, frame_rms(wave_a, conversation.num_frames), speaking)
+    other = behaviour.pearson(opening, frame_rms(wave_b, conversation.num_frames))
+    assert own > 0.5
+    assert other < own - 0.4
+
+
+def test_listening_ratio_is_motion_energy_while_the_user_speaks_over_mutual_silence():
+    num_frames = 40
+    pose = np.zeros((num_frames, 6))
+    user_speaking = np.zeros(num_frames, dtype=bool)
+    user_speaking[:20] = True
+    pose[:20, 1] = np.where(np.arange(20) % 2, 10.0, 0.0)  # 10° pitch steps while the user speaks: energy 1 per frame
+    pose[20:, 3] = np.where(np.arange(20) % 2, 0.5, 0.0)  # half a face height steps in silence: energy 0.25
+    energy = behaviour.motion_energy(pose)
+    np.testing.assert_allclose(energy[2:19], 1.0)
+    np.testing.assert_allclose(energy[22:], 0.25)
+    ratio = behaviour.listening_ratio(energy, user_speaking, ~user_speaking)
+    assert ratio == pytest.approx((energy[:20].mean()) / energy[20:].mean())
+    assert 3.0 < ratio < 5.0
+    assert behaviour.listening_ratio(energy, user_speaking, np.zeros(num_frames, dtype=bool)) is None
+
+
+def test_voice_activity_marks_speech_and_bridges_short_gaps():
+    rng = np.random.default_rng(0)
+    num_frames = 50
+    wave = rng.normal(0, 1e-4, num_frames * 640).astype(np.float32)
+    wave[10 * 640 : 30 * 640] += 0.3 * np.sin(np.arange(20 * 640) * 0.05).astype(np.float32)
+    wave[19 * 640 : 20 * 640] = 0  # a one-frame gap inside the word
+    active = behaviour.voice_activity(wave, num_frames)
+    assert active[12:28].all() and not active[:8].any() and not active[32:].any()
+
+
+def test_psnr_and_ssim_of_identical_and_shifted_frames():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert behaviour.psnr(frames, frames) == float("inf")
+    noisy = np.clip(frames.astype(int) + 10, 0, 255).astype(np.uint8)
+    mse = np.mean((noisy.astype(float) - frames) ** 2)
+    assert behaviour.psnr(noisy, frames) == pytest.approx(10 * np.log10(255**2 / mse))
+    assert behaviour.ssim(frames, frames) == pytest.approx(1.0)
+    assert behaviour.ssim(rng.integers(0, 256, frames.shape, dtype=np.uint8), frames) < 0.1
+
+
+def test_conversation_behaviour_on_the_ground_truth_video(conversation):
+    """MediaPipe on the ground-truth video itself: a face on every frame, lip sync with its own audio, and the long
+    video keys for a clip of more than two windows."""
+    from echo.media import read_video
+
+    a, b = conversation.participants
+    frames = read_video(conversation.videos[a])[0]
+    result = behaviour.conversation_behaviour(
+        frames, frames, _wave(conversation, a), _wave(conversation, b), window_seconds=2.0
+    )
+    assert result["face_rate"] == 1.0
+    assert result["lip_sync_r"] > 0.5
+    assert result["psnr"] == float("inf") and result["ssim"] == pytest.approx(1.0)
+    assert result["first_face_rate"] == result["last_face_rate"] == 1.0
+
+
+def test_echo_eval_behaviour_reports_every_clip_and_survives_a_corrupt_one(conversation, tmp_path):
+    """`echo-eval --behaviour` on the ground truth against itself: per-clip rows and the mean in the JSON and the
+    Markdown; a corrupt generated clip is listed with its reason while the others are still scored."""
+    import json
+    import shutil
+
+    from echo.metrics.cli import main
+
+    a, b = conversation.participants
+    folders = {k: tmp_path / k for k in ("generated", "reference", "audio", "user_audio")}
+    for folder in folders.values():
+        folder.mkdir()
+    for clip in ("c1", "c2"):
+        for k in ("generated", "reference"):
+            shutil.copyfile(conversation.videos[a], folders[k] / f"{clip}.mp4")
+        shutil.copyfile(conversation.audios[a], folders["audio"] / f"{clip}.wav")
+        shutil.copyfile(conversation.audios[b], folders["user_audio"] / f"{clip}.wav")
+    (folders["generated"] / "c2.mp4").write_bytes(b"not a video")
+    out = tmp_path / "report.json"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in folders.items()]
+    assert main([*args, "--behaviour", f"--out={out}", f"--markdown={tmp_path / 'report.md'}", "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["clips"]) == {"c1"} and set(report["failed"]) == {"c2"}
+    assert report["aggregate"]["lip_sync_r"] == pytest.approx(report["clips"]["c1"]["lip_sync_r"])
+    assert report["clips"]["c1"]["lip_sync_r"] > 0.5
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| c1 |" in markdown and "c2:" in markdown and not list(tmp_path.glob(".*.tmp"))
