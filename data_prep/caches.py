@@ -1,50 +1,64 @@
 """Optional caches added to finished clip folders
 (``echo-prep --stages clips,latents,omni,emotion,emotion_embeds,user_tokens``).
 
-Each stage reads a complete clip folder, skips it when its output exists, and writes its file atomically
-(temporary name, then `os.replace`):
+Each stage reads a complete clip folder, skips it when its output exists, and writes its file atomically through
+`echo.clip_format` (the one owner of the file names and layouts):
 
 - ``latents`` → ``avatar_latents.safetensors``, key ``"latents"``, `(16, F_all, h, w)` float32: the posterior mode of
   the Wan VAE (``AutoencoderKLWan`` from ``--vae``, a VAE folder or a pipeline folder with a ``vae/`` subfolder) for
-  the first ``F = 4(F_all − 1) + 1`` frames of ``avatar.mp4``, *not* normalised (training applies
-  ``vae.config.latents_mean/std``).
-- ``omni`` → ``user_omni.safetensors``, key ``"hidden_states"``, `(N_s, D_s)`: `echo.understanding.OmniUnderstanding`
-  (``--omni-model``) on the user's frames sampled at ``omni_fps`` (2 fps) and the user's audio.
+  the first ``F = 4(F_all − 1) + 1`` frames of ``avatar.mp4`` read as the dataset reads them, *not* normalised
+  (training applies ``vae.config.latents_mean/std``).
+- ``omni`` → ``user_omni.safetensors``: understanding tokens S_usr per stride of the conversation, so that a training
+  window sees Φ only of the user's media up to its own end, as the pipeline does. For every conversation frame
+  ``e = k·omni_stride − 1`` inside the clip, `echo.understanding.OmniUnderstanding` (``--omni-model``) is run on
+  the user's frames and audio from the conversation's start (across the earlier clips of the conversation) up to
+  frame ``e`` inclusive: exactly ``understanding_model(frames[:e + 1], audio[:(e + 1)·640])`` of the pipeline (the
+  thinker keeps ``max_frames`` evenly spaced frames; only those are decoded). One thinker call per stride and clip.
+  A file of an older echo-prep (one whole-clip entry) is replaced.
 - ``emotion`` → ``emotion.json`` ``{"windows": [{"end_frame", "text"}]}``: `echo.emotion.EmotionReasoner` on the clip's
   dialogue history (``transcript.json``) at the end of every window of ``emotion_window_frames`` frames and at the
   clip's last frame. ``--emotion-model`` is a local causal-LM folder, or an OpenAI-compatible endpoint
   ``http(s)://host:port/v1`` whose served model name is ``--emotion-served-model``.
 - ``emotion_embeds`` → ``emotion_embeds.safetensors``: `echo.emotion.EmotionTextEncoder` (``--text-encoder``, in
-  ``--text-encoder-dtype``) on every distinct text the dataset can give the clip: the empty prompt ``""`` (training
-  with ``ablation.use_emotion: false``), ``--default-emotion`` (clips without ``emotion.json``) and the texts of
-  ``emotion.json``. Tensors ``"embeds"`` `(N, L_max, D)` (each text's hidden states, zero past its own tokens,
-  ``L_max`` the longest text of the clip) and ``"lengths"`` `(N,)`; metadata ``"texts"`` (JSON list, row order) and
-  ``"max_length"`` (the encoder's padded length L_txt, ``min(tokenizer.model_max_length, 512)`` as in training).
-  `echo.data.ConversationDataset(use_cached_emotion_embeds=True)` pads a row back to ``max_length`` with zeros,
-  which is exactly the encoder's output for that text.
-- ``user_tokens`` → ``user_tokens.safetensors``: `echo.components.encode_user_video` (the Wan VAE of ``--vae``) on
+  ``--text-encoder-dtype``) on every distinct text the dataset can take from the clip (`echo.clip_format.emotion_texts`:
+  the empty prompt ``""``, ``--default-emotion`` and the texts of ``emotion.json``). Tensors ``"embeds"``
+  `(N, L_max, D)` and ``"lengths"`` `(N,)`; metadata ``"texts"`` and ``"max_length"`` (the encoder's padded length
+  L_txt, ``min(tokenizer.model_max_length, 512)`` as in training).
+- ``user_tokens`` → ``user_tokens.safetensors``: `echo.encoding.encode_user_video` (the Wan VAE of ``--vae``) on
   every user frame of the clip, read and resized to ``--user-video-size``² exactly as the dataset reads them
-  (`echo.data.read_user_frames`). Tensors ``"tokens"`` `(T, z_dim, h, w)` (normalised per-frame latents, float32)
-  and ``"face_mask"`` `(T, h, w)` (the face mask at the token grid), ``T = meta["num_frames"]``; metadata
-  ``"user_video_size"``. `echo.data.ConversationDataset(use_cached_user_tokens=True)` slices the window's history
-  from it instead of reading and encoding the frames during training.
+  (`echo.data.read_user_frames`). Tensors ``"tokens"`` `(T, z_dim, h, w)` (normalised, float32) and ``"face_mask"``
+  `(T, h, w)`; metadata ``"user_video_size"``.
+
+This module imports nothing from `data_prep.stages` (which runs the stages); `torch_threads` and `CACHE_STAGES`
+live here for both.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from data_prep.media import read_video, read_wav
+from echo import clip_format
+
+CACHE_STAGES = ("latents", "omni", "emotion", "emotion_embeds", "user_tokens")
+DEFAULT_OMNI_STRIDE = 25  # one understanding entry per second of conversation
 
 _LOADED: dict = {}
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None):
+    """Run a block with ``num_threads`` torch CPU threads (`None`: unchanged), restoring the previous count."""
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _vae(options):
@@ -61,34 +75,78 @@ def _vae(options):
 @torch.no_grad()
 def cache_latents(clip_dir: str | Path, vae, temporal_compression: int = 4) -> Path:
     """Write ``avatar_latents.safetensors`` (see the module docstring); returns its path."""
-    from safetensors.torch import save_file
+    from echo.encoding import frames_to_tensor
 
     clip_dir = Path(clip_dir)
-    path = clip_dir / "avatar_latents.safetensors"
+    path = clip_dir / clip_format.AVATAR_LATENTS
     if path.exists():
         return path
-    frames = read_video(clip_dir / "avatar.mp4")
-    usable = (len(frames) - 1) // temporal_compression * temporal_compression + 1
-    video = torch.from_numpy(frames[:usable]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # 1, 3, F, H, W
+    record = clip_format.read_clip(clip_dir)
+    usable = (record.num_frames - 1) // temporal_compression * temporal_compression + 1
+    frames = clip_format.read_video_frames(clip_dir / clip_format.video_name("avatar"), range(usable))
+    video = frames_to_tensor(frames, frames.shape[1:3]).permute(1, 0, 2, 3)[None]  # 1, 3, F, H, W
     latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()[0]  # 16, F_all, h, w
-    tmp = _atomic_path(path)
-    save_file({"latents": latents.float().cpu().contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return clip_format.write_avatar_latents(clip_dir, latents)
 
 
-def cache_omni(clip_dir: str | Path, understanding, omni_fps: float = 2.0) -> Path:
-    """Write ``user_omni.safetensors`` with `OmniUnderstanding.cache` (frames at ``omni_fps``, all user audio)."""
+def omni_entry_ends(record: clip_format.ClipRecord, stride: int) -> list[int]:
+    """Clip frames (inclusive) ending the clip's understanding entries: conversation frames ``k·stride − 1``."""
+    if stride < 1:
+        raise ValueError(f"`stride` is {stride}, expected at least 1 frame.")
+    first = -(-(record.start_frame + 1) // stride) * stride - 1  # the first k·stride − 1 ≥ start_frame
+    return [e - record.start_frame for e in range(first, record.end_frame, stride)]
+
+
+def cache_omni(clip_dir: str | Path, understanding, stride: int = DEFAULT_OMNI_STRIDE) -> Path:
+    """Write ``user_omni.safetensors`` with one S_usr entry per ``stride`` frames of the conversation (see the module
+    docstring); returns its path.
+
+    Args:
+        understanding (`OmniUnderstanding` or a callable ``(frames (N, H, W, 3) uint8, audio (S,)) -> (N_s, D_s)``
+            with ``max_frames`` and ``hidden_size`` attributes).
+        stride (`int`, defaults to 25): frames between entries.
+    """
+    from echo.understanding import history_frame_indices
+
     clip_dir = Path(clip_dir)
-    path = clip_dir / "user_omni.safetensors"
-    if path.exists():
+    path = clip_dir / clip_format.USER_OMNI
+    record = clip_format.read_clip(clip_dir)
+    if path.exists() and not clip_format.read_understanding_index(clip_dir, record.num_frames).legacy:
         return path
-    meta = json.loads((clip_dir / "meta.json").read_text())
-    frames = read_video(clip_dir / "user.mp4")
-    step = max(1, int(round(meta["fps"] / omni_fps)))
-    audio, _ = read_wav(clip_dir / "user.wav")
-    understanding.cache(clip_dir, frames=frames[::step], audio=audio)
-    return path
+    run = clip_format.contiguous_run(clip_format.conversation_siblings(record), record)
+    origin = run[0].start_frame  # the history's first frame (the conversation's start unless a clip is missing)
+    ends = omni_entry_ends(record, stride)
+    spf = clip_format.SAMPLE_RATE // clip_format.FPS  # audio samples per frame
+
+    # 1. Which history frames the thinker keeps for each entry, and those frames decoded once
+    selections = [origin + history_frame_indices(record.start_frame + e + 1 - origin, understanding.max_frames)
+                  for e in ends]  # fmt: skip
+    needed = sorted(set(np.concatenate(selections).tolist())) if selections else []
+    frames = {}
+    for other in run:
+        local = [g - other.start_frame for g in needed if other.start_frame <= g < other.end_frame]
+        if local:
+            decoded = clip_format.read_video_frames(other.path / clip_format.video_name("user"), local)
+            frames.update({other.start_frame + i: image for i, image in zip(local, decoded)})
+
+    # 2. The user's audio from the history's start, clip after clip (each wav holds exactly T·640 samples)
+    audio = []
+    for other in run:
+        wave = clip_format.read_clip_wav(other.path, "user")
+        if len(wave) != other.num_frames * spf:
+            raise clip_format.ClipFormatError(
+                other.path / clip_format.wav_name("user"),
+                f"has {len(wave)} samples, expected num_frames × {spf} = {other.num_frames * spf}",
+            )
+        audio.append(wave)
+    audio = np.concatenate(audio)
+
+    # 3. One thinker call per entry, on the media up to the entry's end
+    tokens = []
+    for end, selection in zip(ends, selections):
+        count = record.start_frame + end + 1 - origin
+        tokens.append(understanding(np.stack([frames[g] for g in selection.tolist()]), audio[: count * spf]))
+    return clip_format.write_understanding(clip_dir, ends, tokens, stride, hidden_size=understanding.hidden_size)
 
 
 def emotion_windows(num_frames: int, window_frames: int) -> list[int]:
@@ -104,52 +162,33 @@ def cache_emotion(clip_dir: str | Path, reasoner, window_frames: int = 81) -> Pa
     from echo.emotion import format_history
 
     clip_dir = Path(clip_dir)
-    path = clip_dir / "emotion.json"
+    path = clip_dir / clip_format.EMOTION
     if path.exists():
         return path
-    meta = json.loads((clip_dir / "meta.json").read_text())
-    history = json.loads((clip_dir / "transcript.json").read_text())["segments"]
+    meta = clip_format.read_meta(clip_dir)
+    history = clip_format.read_transcript(clip_dir)["segments"]
     windows = []
     for end_frame in emotion_windows(meta["num_frames"], window_frames):
-        clip_end = (end_frame + 1) / meta["fps"]
+        clip_end = (end_frame + 1) / clip_format.FPS
         if format_history(history, clip_end, "avatar"):
             text = reasoner.describe(history, clip_end=clip_end, avatar_speaker="avatar")
         else:  # nothing said yet: the neutral state, not a backend failure
             text = reasoner.neutral_description
         windows.append({"end_frame": end_frame, "text": text})
-    tmp = _atomic_path(path)
-    tmp.write_text(json.dumps({"windows": windows}, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
-def emotion_texts(clip_dir: str | Path, default_emotion: str = "neutral") -> list[str]:
-    """The distinct emotion texts a dataset window of the clip can use: ``""``, ``default_emotion``, then ``emotion.json``."""
-    texts = ["", default_emotion]
-    path = Path(clip_dir) / "emotion.json"
-    if path.is_file():
-        texts += [str(w["text"]) for w in json.loads(path.read_text()).get("windows", [])]
-    return list(dict.fromkeys(texts))
+    return clip_format.write_emotion_windows(clip_dir, windows)
 
 
 def cache_emotion_embeds(clip_dir: str | Path, encoder, default_emotion: str = "neutral") -> Path:
     """Write ``emotion_embeds.safetensors`` (see the module docstring) with an `EmotionTextEncoder`."""
-    from safetensors.torch import save_file
-
     clip_dir = Path(clip_dir)
-    path = clip_dir / "emotion_embeds.safetensors"
+    path = clip_dir / clip_format.EMOTION_EMBEDS
     if path.exists():
         return path
-    texts = emotion_texts(clip_dir, default_emotion)
+    texts = clip_format.emotion_texts(clip_dir, default_emotion)
     hidden, mask = encoder.encode(texts, return_mask=True)  # N, L_txt, D and N, L_txt
     lengths = mask.sum(dim=1).long().cpu()
     longest = max(int(lengths.max()), 1)
-    tensors = {"embeds": hidden[:, :longest].cpu().contiguous(), "lengths": lengths}
-    metadata = {"texts": json.dumps(texts), "max_length": str(hidden.shape[1])}
-    tmp = _atomic_path(path)
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return clip_format.write_emotion_embeds(clip_dir, texts, hidden[:, :longest].cpu(), lengths, hidden.shape[1])
 
 
 @torch.no_grad()
@@ -159,34 +198,26 @@ def cache_user_tokens(clip_dir: str | Path, vae, user_video_size: int = 64, chun
     The frames are read and encoded ``chunk_frames`` at a time (a multiple of `encode_user_video`'s 64-frame VAE
     batches, so the result is the same as one call on the whole clip) to bound the memory of long clips.
     """
-    from safetensors.torch import save_file
-
-    from echo.encoding import encode_user_video
     from echo.data import read_user_frames
+    from echo.encoding import encode_user_video
 
     if chunk_frames < 64 or chunk_frames % 64:
         raise ValueError(f"`chunk_frames` is {chunk_frames}, expected a positive multiple of 64.")
     clip_dir = Path(clip_dir)
-    path = clip_dir / "user_tokens.safetensors"
+    path = clip_dir / clip_format.USER_TOKENS
     if path.exists():
         return path
-    meta = json.loads((clip_dir / "meta.json").read_text())
-    for key in ("num_frames", "size"):
-        if key not in meta:
-            raise ValueError(f"{str(clip_dir / 'meta.json')!r} has no {key!r} key.")
-    num_frames, source_size = int(meta["num_frames"]), int(meta["size"])
+    record = clip_format.read_clip(clip_dir)
+    if record.size is None:
+        raise clip_format.ClipFormatError(clip_dir / clip_format.META, "has no 'size' key")
     tokens, masks = [], []
-    for start in range(0, num_frames, chunk_frames):
-        stop = min(start + chunk_frames, num_frames)
-        frames, face_mask = read_user_frames(clip_dir, start, stop, user_video_size, source_size)
+    for start in range(0, record.num_frames, chunk_frames):
+        stop = min(start + chunk_frames, record.num_frames)
+        frames, face_mask = read_user_frames(clip_dir, start, stop, user_video_size, record.size)
         chunk_tokens, chunk_mask = encode_user_video(vae, frames[None], face_mask[None])  # 1, n, C, h, w and 1, n, h, w
         tokens.append(chunk_tokens[0].float().cpu())
         masks.append(chunk_mask[0].float().cpu())
-    tensors = {"tokens": torch.cat(tokens).contiguous(), "face_mask": torch.cat(masks).contiguous()}
-    tmp = _atomic_path(path)
-    save_file(tensors, str(tmp), metadata={"user_video_size": str(user_video_size)})
-    os.replace(tmp, path)
-    return path
+    return clip_format.write_user_tokens(clip_dir, torch.cat(tokens), torch.cat(masks), user_video_size)
 
 
 def _text_encoder(options):
@@ -209,8 +240,6 @@ def _text_encoder(options):
 
 def run_stage(stage: str, clip_dir: str | Path, options) -> Path:
     """Run one cache ``stage`` on a finished clip folder, loading its model once per process."""
-    from data_prep.stages import torch_threads
-
     with torch_threads(options.threads):
         return _run_stage(stage, clip_dir, options)
 
@@ -228,7 +257,7 @@ def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
             from echo.understanding import OmniUnderstanding
 
             _LOADED[key] = OmniUnderstanding.from_pretrained(options.omni_model, device=options.device)
-        return cache_omni(clip_dir, _LOADED[key])
+        return cache_omni(clip_dir, _LOADED[key], options.omni_stride)
     if stage == "emotion":
         if options.emotion_model is None:
             raise ValueError("Stage 'emotion' needs `--emotion-model`, a causal-LM folder or an http(s) endpoint.")
@@ -255,5 +284,4 @@ def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
         if options.vae is None:
             raise ValueError("Stage 'user_tokens' needs `--vae`, a Wan VAE folder or a pipeline folder with vae/.")
         return cache_user_tokens(clip_dir, _vae(options), options.user_video_size)
-    raise ValueError(f"`stage` is {stage!r}, expected 'latents', 'omni', 'emotion', 'emotion_embeds' or 'user_tokens'.")
-
+    raise ValueError(f"`stage` is {stage!r}, expected one of {CACHE_STAGES}.")

@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.caches import DEFAULT_OMNI_STRIDE
 from data_prep.faces import build_detector
 from data_prep.layouts import Conversation, find_conversations
 from data_prep.media import MediaError
@@ -168,6 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="training's data.default_emotion, also cached by 'emotion_embeds' (default: %(default)s)")
     parser.add_argument("--user-video-size", type=int, default=64,
                         help="training's data.user_video_size, for stage 'user_tokens' (default: %(default)s)")
+    parser.add_argument("--omni-stride", type=int, default=DEFAULT_OMNI_STRIDE,
+                        help="frames between the understanding entries of stage 'omni', each Φ of the user's media "
+                             "from the conversation's start to its end frame (default: %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker process")
     parser.add_argument("--no-progress", action="store_true")
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
         text_encoder_dtype=args.text_encoder_dtype,
         default_emotion=args.default_emotion,
         user_video_size=args.user_video_size,
+        omni_stride=args.omni_stride,
         device=args.device,
         threads=args.threads,
     )

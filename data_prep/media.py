@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import fractions
 import math
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 import echo.media
+from echo import clip_format
 from echo.audio import FPS, SAMPLE_RATE
+from echo.clip_format import write_wav  # noqa: F401 (the writer of 16-bit PCM WAV files, re-exported)
 
 # x264 settings of prepared videos. One thread makes the bytes independent of scheduling; macroblock-tree rate
 # control is off because with it the same frames were seen to encode to different bytes from run to run.
@@ -192,35 +193,18 @@ def read_video(path: str | Path) -> np.ndarray:
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """A PCM WAV file as mono float32 in [-1, 1] and its sample rate (channels are averaged)."""
+    """A WAV file as mono float32 in [-1, 1] and its sample rate (`echo.clip_format.read_wav`, channels averaged).
+
+    Raises:
+        `MediaError`: the file is missing or unreadable; the message starts with its name.
+    """
     path = Path(path)
     try:
-        with wave.open(str(path), "rb") as handle:
-            rate, channels, width = handle.getframerate(), handle.getnchannels(), handle.getsampwidth()
-            data = handle.readframes(handle.getnframes())
-    except (wave.Error, EOFError) as error:
-        raise MediaError(f"{path.name}: cannot read WAV ({error})") from error
-    if width == 2:
-        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    elif width == 4:
-        samples = np.frombuffer(data, dtype="<i4").astype(np.float32) / 2147483648.0
-    elif width == 1:
-        samples = (np.frombuffer(data, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    else:
-        raise MediaError(f"{path.name}: unsupported WAV sample width of {width} bytes")
-    samples = samples[: len(samples) // channels * channels].reshape(-1, channels).mean(axis=1)
-    return samples.astype(np.float32), rate
-
-
-def write_wav(path: str | Path, waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write mono float audio in [-1, 1] as 16-bit PCM WAV."""
-    waveform = np.asarray(waveform, dtype=np.float32).reshape(-1)
-    pcm = (np.clip(waveform, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    with wave.open(str(path), "wb") as handle:
-        handle.setnchannels(1)
-        handle.setsampwidth(2)
-        handle.setframerate(int(sample_rate))
-        handle.writeframes(pcm.tobytes())
+        return clip_format.read_wav(path)
+    except clip_format.ClipFormatError as error:
+        raise MediaError(f"{path.name}: {error.reason}") from error
+    except FileNotFoundError as error:
+        raise MediaError(f"{path.name}: no such file") from error
 
 
 def read_video_audio(path: str | Path) -> tuple[np.ndarray, int]:

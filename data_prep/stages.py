@@ -24,7 +24,6 @@ offending file's name.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import caches
+from data_prep.caches import CACHE_STAGES, DEFAULT_OMNI_STRIDE, torch_threads  # noqa: F401 (torch_threads re-exported)
 from data_prep.faces import FaceMesh, build_detector, crop_frame, smooth_crop_boxes, track_faces
 from data_prep.layouts import Conversation
 from data_prep.media import (
@@ -44,13 +45,12 @@ from data_prep.media import (
     probe_video,
     resample_indices,
     write_video,
-    write_wav,
 )
 from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_seamless_json
+from echo import clip_format
 
 PrepError = MediaError
 CORE_STAGE = "clips"
-CACHE_STAGES = ("latents", "omni", "emotion", "emotion_embeds", "user_tokens")
 
 
 @dataclass
@@ -81,6 +81,8 @@ class PrepOptions:
             ``emotion.json``), also embedded by stage ``"emotion_embeds"``.
         user_video_size (`int`, defaults to 64): training's ``data.user_video_size``, the square size stage
             ``"user_tokens"`` resizes the user frames to.
+        omni_stride (`int`, defaults to 25): frames between the understanding entries of stage ``"omni"`` (one
+            thinker call per stride of every clip; a training window uses the latest entry ending at or before it).
         device (`str`, defaults to `"cpu"`).
         threads (`int`, defaults to 1): torch CPU threads per worker process (the pool provides the parallelism).
     """
@@ -106,6 +108,7 @@ class PrepOptions:
     text_encoder_dtype: str = "float32"
     default_emotion: str = "neutral"
     user_video_size: int = 64
+    omni_stride: int = DEFAULT_OMNI_STRIDE
     device: str = "cpu"
     threads: int = 1
 
@@ -120,6 +123,8 @@ class PrepOptions:
                 f"`clip_seconds` = {self.clip_seconds} and `min_clip_seconds` = {self.min_clip_seconds}, expected "
                 "0 < min_clip_seconds ≤ clip_seconds."
             )
+        if self.omni_stride < 1:
+            raise ValueError(f"`omni_stride` is {self.omni_stride}, expected at least 1 frame.")
         if not 0.0 <= self.min_face_ratio <= 1.0:
             raise ValueError(f"`min_face_ratio` is {self.min_face_ratio}, expected a fraction in [0, 1].")
         for stage, needed in (
@@ -188,8 +193,7 @@ def tool_versions(options: PrepOptions) -> dict:
     }
 
 
-def clip_id(conversation: str, avatar: str, index: int) -> str:
-    return f"{conversation}_{avatar}_c{index:04d}"
+clip_id = clip_format.clip_id
 
 
 def clip_ranges(num_frames: int, options: PrepOptions) -> list[tuple[int, int]]:
@@ -251,20 +255,6 @@ def detect_crop_boxes(video: Path, indices: np.ndarray, source_height: int, opti
 # ----------------------------------------------------------------------------------------------------------------
 # One conversation
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: int | None):
-    """Run a block with ``num_threads`` torch CPU threads (`None`: unchanged), restoring the previous count."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def prepare_conversation(conversation: Conversation, out_dir: str | Path, options: PrepOptions,
@@ -371,8 +361,6 @@ def run_caches(out_dir: Path, clips: list[str], options: PrepOptions) -> None:
     stages = [stage for stage in CACHE_STAGES if stage in options.stages]
     if not stages:
         return
-    from data_prep import caches
-
     for clip in clips:
         if (out_dir / clip).is_dir():
             for stage in stages:
@@ -390,16 +378,17 @@ def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str
     for role, who in (("avatar", avatar), ("user", user)):
         stream = streams[who]
         cached = stream.get("mp4")
+        video = tmp / clip_format.video_name(role)
         if cached is not None and cached.exists():
-            shutil.copyfile(cached, tmp / f"{role}.mp4")
+            shutil.copyfile(cached, video)
         else:
-            write_video(tmp / f"{role}.mp4", stream["frames"])
-        stream["mp4"] = tmp / f"{role}.mp4"
-        write_wav(tmp / f"{role}.wav", stream["audio"])
-        np.save(tmp / f"{role}_w2v.npy", stream["w2v"])
-        np.save(tmp / f"{role}_landmarks.npy", stream["landmarks"])
+            write_video(video, stream["frames"])
+        stream["mp4"] = video
+        clip_format.write_wav(tmp / clip_format.wav_name(role), stream["audio"])
+        clip_format.write_w2v(tmp, role, stream["w2v"])
+        clip_format.write_landmarks(tmp, role, stream["landmarks"])
     num_frames = len(streams[avatar]["frames"])
-    (tmp / "transcript.json").write_text(json.dumps(transcript, indent=1))
+    clip_format.write_transcript(tmp, transcript)
     meta = {
         "clip_id": clip,
         "source": {
@@ -418,20 +407,19 @@ def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str
         "avatar": {"participant": avatar, "crop_boxes": np.round(streams[avatar]["boxes"], 3).tolist()},
         "user": {"participant": user, "crop_boxes": np.round(streams[user]["boxes"], 3).tolist()},
         "start_frame": start,
-        "history_start_frame": start,
         "audio_features": {"num_layers": int(streams[avatar]["w2v"].shape[1]),
                            "dim": int(streams[avatar]["w2v"].shape[2])},
         "options": {k: v for k, v in asdict(options).items() if k not in ("device", "stages", "threads")},
         "tool_versions": tool_versions(options),
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    clip_format.write_meta(tmp, meta)
     if on_clip is not None:
         on_clip(clip, tmp)
     final = out_dir / clip
     os.rename(tmp, final)
     # The next writer of the same stream copies from the final folder (the tmp one is gone).
     for role, who in (("avatar", avatar), ("user", user)):
-        streams[who]["mp4"] = final / f"{role}.mp4"
+        streams[who]["mp4"] = final / clip_format.video_name(role)
     return final
 
 

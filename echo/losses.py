@@ -2,7 +2,8 @@
 
 - `pixel_loss`: the stage-1 auxiliary reconstruction loss ``L_pixel``. The predicted clean latents ``x̂0`` of a
   random contiguous run of latent frames are decoded by the (frozen) VAE and compared with the ground-truth frames.
-- `speech_weights`: the frame weights ``w(i)`` of Eq. 12 from the avatar audio's frame-wise normalised short-time RMS.
+- `speech_weights`: the frame weights ``w(i)`` of Eq. 12 from the avatar audio's short-time RMS, normalised over the
+  avatar's whole track (not per window).
 - `latent_frame_weights`: maps per-video-frame weights to latent frames (the resolution of the generator features).
 - `hfa_loss`: the stage-2 hierarchical feature alignment ``L_align`` (Eq. 12) between the adapted generator and the
   frozen stage-1 reference ``f_ref``.
@@ -99,27 +100,27 @@ def pixel_loss(
     return F.l1_loss(decoded.float(), target.float())
 
 
-def speech_weights(rms: torch.Tensor, floor: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
-    """Frame weights ``w(i)`` of Eq. 12 from the avatar audio's short-time RMS energy.
+def speech_weights(rms: torch.Tensor, floor: float = 0.1) -> torch.Tensor:
+    """Frame weights ``w(i)`` of Eq. 12 from the avatar audio's track-normalised short-time RMS energy.
 
-    The RMS of every clip is normalised frame-wise by its maximum over the clip, ``r̂(i) = rms(i) / max_j rms(j)``,
-    and mapped to ``w(i) = floor + (1 − floor)·r̂(i)``: a frame at the clip's loudest level weighs 1, a silent frame
-    weighs ``floor`` (listening frames are down-weighted, not ignored).
+    ``w(i) = floor + (1 − floor)·clamp(r̂(i), 0, 1)``, where ``r̂`` is the per-frame RMS already divided by the reference
+    level of the avatar's **whole track** (`echo.data.track_rms_reference`; batch key ``avatar_rms``): a frame of
+    speech weighs ≈ 1 and a frame of microphone noise ≈ ``floor``. Nothing is normalised per window, so a window of
+    pure listening gets the floor weight (listening frames are down-weighted, not ignored) instead of having its
+    noise stretched to 1.
 
     Args:
-        rms (`torch.Tensor` of shape `(B, T)`): per-video-frame RMS (`echo.audio.frame_rms`, batch key `avatar_rms`).
+        rms (`torch.Tensor` of shape `(B, T)`): per-video-frame track-normalised RMS.
         floor (`float`, defaults to 0.1): the weight of a silent frame, in [0, 1].
 
     Returns:
-        `torch.Tensor` of shape `(B, T)` in ``[floor, 1]``.
+        `torch.Tensor` of shape `(B, T)` in ``[floor, 1]``, float32.
     """
     if rms.ndim != 2:
         raise ValueError(f"`rms` has shape {tuple(rms.shape)}, expected (B, T).")
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"`floor` is {floor}, expected a value in [0, 1].")
-    rms = rms.float().clamp_min(0)
-    normalised = rms / rms.amax(dim=1, keepdim=True).clamp_min(eps)
-    return floor + (1.0 - floor) * normalised
+    return floor + (1.0 - floor) * rms.float().clamp(0.0, 1.0)
 
 
 def latent_frame_weights(weights: torch.Tensor, temporal_compression: int = 4) -> torch.Tensor:

@@ -18,8 +18,9 @@ Input presentation (a design decision written down here):
   each placeholder expanded to one token per encoder output, as the Omni processor does.
 
 Everything (thinker, tokenizer, feature extractor, image processor) is loaded from one local folder or Hugging Face
-cache entry with ``from_pretrained``. `OmniUnderstanding.cache` stores ``S_usr`` in a clip folder as
-``user_omni.safetensors`` (key ``"hidden_states"``) so training can read it instead of running the thinker.
+cache entry with ``from_pretrained``. ``echo-prep --stages omni`` stores ``S_usr`` of the user's history up to every
+stride's end in a clip folder (`echo.clip_format.write_understanding`), so training reads what the pipeline computes
+at a chunk's end instead of running the thinker.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from diffusers.utils import logging
 logger = logging.get_logger(__name__)
 
 SAMPLE_RATE = 16_000
-CACHE_FILENAME = "user_omni.safetensors"
-CACHE_KEY = "hidden_states"
 
 SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
@@ -185,7 +184,7 @@ class OmniUnderstanding:
         inputs = {}
         if len(frames) > self.max_frames:
             # evenly spaced over the history, the last frame always included
-            frames = frames[np.unique(np.round(np.linspace(0, len(frames) - 1, self.max_frames)).astype(int))]
+            frames = frames[history_frame_indices(len(frames), self.max_frames)]
         # 1. Frames → image patches; tokens per frame = grid_t·grid_h·grid_w / merge_size²
         num_image_tokens = []
         if len(frames):
@@ -234,48 +233,14 @@ class OmniUnderstanding:
         outputs = self.thinker(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
         return outputs.hidden_states[-1][0].float().cpu()
 
-    def cache(
-        self,
-        clip_folder: str | os.PathLike,
-        frames: Optional[np.ndarray] = None,
-        audio: Optional[np.ndarray] = None,
-        overwrite: bool = False,
-    ) -> torch.Tensor:
-        r"""Read ``S_usr`` from ``clip_folder/user_omni.safetensors``, computing and writing it first if needed.
 
-        The file is written atomically (temporary file, then rename). Returns `(N_s, hidden_size)` float32.
-        """
-        path = Path(clip_folder) / CACHE_FILENAME
-        if path.is_file() and not overwrite:
-            return load_understanding(path)
-        if frames is None and audio is None:
-            raise ValueError(f"{path} does not exist and no `frames`/`audio` were given to compute it.")
-        frames = np.zeros((0, 1, 1, 3), np.uint8) if frames is None else frames
-        hidden_states = self(frames, audio)
-        save_understanding(path, hidden_states)
-        return hidden_states
-
-
-def save_understanding(path: str | os.PathLike, hidden_states: torch.Tensor) -> None:
-    """Write `(N_s, D_s)` understanding tokens to a safetensors file (key ``"hidden_states"``), atomically."""
-    from safetensors.torch import save_file
-
-    if hidden_states.ndim != 2:
-        raise ValueError(f"`hidden_states` must have shape (N_s, D_s), got {tuple(hidden_states.shape)}.")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({CACHE_KEY: hidden_states.detach().float().cpu().contiguous()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_understanding(path: str | os.PathLike) -> torch.Tensor:
-    """Read the `(N_s, D_s)` understanding tokens written by `save_understanding`."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    if CACHE_KEY not in tensors:
-        raise ValueError(f"{path} has no {CACHE_KEY!r} tensor (keys: {sorted(tensors)}).")
-    return tensors[CACHE_KEY]
+def history_frame_indices(num_frames: int, max_frames: int) -> np.ndarray:
+    """The frames of a history of ``num_frames`` that `OmniUnderstanding` gives the thinker: all of them, or
+    ``max_frames`` evenly spaced ones, the first and last always included (giving it exactly these frames gives the
+    result of giving it all of them)."""
+    if num_frames <= max_frames:
+        return np.arange(num_frames)
+    return np.unique(np.round(np.linspace(0, num_frames - 1, max_frames)).astype(int))
 
 
 def pad_understanding(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

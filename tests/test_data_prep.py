@@ -15,6 +15,7 @@ from data_prep.stages import PrepOptions
 from data_prep.synthetic import make_conversation
 from data_prep.testing import make_tiny_prepared_set, save_tiny_wav2vec2
 from data_prep.transcripts import read_seamless_json
+from echo import clip_format
 from echo.masks import rasterize_masks
 
 
@@ -53,6 +54,11 @@ def test_end_to_end_512_at_25_fps(prepared_512):
             landmarks = np.load(out / clip / f"{role}_landmarks.npy")
             assert landmarks.shape == (num_frames, 478, 2) and np.isfinite(landmarks).all()
             assert len(meta[role]["crop_boxes"]) == num_frames
+        # Read back through the format's owner: the track of the clip is its conversation and avatar.
+        record = clip_format.read_clip(out / clip)
+        assert (record.conversation, record.avatar, record.start_frame) == ("conv0001", clip.split("_")[1], 0)
+        assert clip_format.read_w2v(out / clip, "user", num_frames).dtype == np.float16
+    assert [p.name for p in clip_format.list_clip_folders(out)] == clips
 
 
 def test_prepared_audio_is_the_source_audio_resampled(prepared_512):
@@ -182,6 +188,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_outputs(tmp_path, encoder):
     options = PrepOptions(wav2vec2=str(encoder), size=64, clip_seconds=0.48, min_clip_seconds=0.48)
     reference = run_prep(tmp_path / "src", "pairs", tmp_path / "full", options, progress=False)
     assert len(reference.clips_written) == 6  # 3 clips × 2 avatar/user assignments
+    # The three clips of an assignment form one track, in conversation order, each starting where the last ended.
+    track = clip_format.conversation_siblings(clip_format.read_clip(tmp_path / "full" / "conv0006_A_c0002"))
+    assert [(r.path.name, r.start_frame) for r in track] == [(f"conv0006_A_c000{k}", 12 * k) for k in range(3)]
 
     written = []
 

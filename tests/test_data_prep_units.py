@@ -122,7 +122,10 @@ def test_latent_cache_stage_encodes_the_avatar_video_with_the_vae(tmp_path):
     from safetensors.torch import load_file
 
     from data_prep.caches import run_stage
-    from data_prep.media import read_video
+    from echo.clip_format import read_video_frames
+
+    def read_video(path):  # the dataset's reader
+        return read_video_frames(path, range(13))
 
     clips = make_tiny_prepared_set(tmp_path, num_frames=13, size=64, seed=1)
     torch.manual_seed(0)
@@ -173,6 +176,41 @@ def test_process_pool_gives_the_inline_outputs(tmp_path, encoder):
     for clip in pooled.clips_written:
         for name in ("avatar.mp4", "user_w2v.npy", "avatar_landmarks.npy", "transcript.json"):
             assert (tmp_path / "inline" / clip / name).read_bytes() == (tmp_path / "pool" / clip / name).read_bytes()
+
+
+def test_one_wav_reader_for_prep_and_training(tmp_path):
+    """`data_prep.media.read_wav` is `echo.clip_format.read_wav` (PCM and float files give the same samples); a broken
+    file is a `MediaError` starting with its name for echo-prep and a `ValueError` naming its path for training."""
+    from scipy.io import wavfile
+
+    from echo import clip_format
+
+    rng = np.random.default_rng(0)
+    samples = (rng.uniform(-0.5, 0.5, 1600) * 32767).round() / 32767
+    write_wav(tmp_path / "pcm.wav", samples)
+    wavfile.write(tmp_path / "float.wav", 16_000, samples.astype(np.float32))
+    pcm, rate = read_wav(tmp_path / "pcm.wav")
+    assert rate == 16_000 and np.abs(pcm - samples).max() < 1e-4
+    np.testing.assert_allclose(clip_format.read_wav(tmp_path / "float.wav")[0], pcm, atol=1e-4)
+    np.testing.assert_array_equal(clip_format.read_wav(tmp_path / "pcm.wav")[0], pcm)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk")
+    with pytest.raises(MediaError, match=r"^broken\.wav: cannot read WAV"):
+        read_wav(tmp_path / "broken.wav")
+    with pytest.raises(ValueError, match=r"broken\.wav.*cannot read WAV"):
+        clip_format.read_wav(tmp_path / "broken.wav")
+
+
+def test_caches_do_not_import_the_stages():
+    """The import cycle between `data_prep.caches` and `data_prep.stages` is broken: caches stand alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, types, data_prep.caches as caches\n"
+        "try:\n    caches.run_stage('unknown', '.', types.SimpleNamespace(threads=1))\nexcept ValueError:\n    pass\n"
+        "assert 'data_prep.stages' not in sys.modules, 'data_prep.caches imported data_prep.stages'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_read_wav_averages_channels(tmp_path):
@@ -242,26 +280,76 @@ def test_emotion_cache_stage_describes_each_window_from_its_history(tmp_path):
 
 @pytest.mark.slow
 def test_omni_cache_stage_runs_the_thinker_on_the_user_stream(tmp_path):
-    """``--stages clips,omni``: user_omni.safetensors holds the thinker's states for the user's frames and audio."""
+    """``--stages clips,omni``: user_omni.safetensors holds, per stride, the thinker's states for the user's frames and
+    audio up to the entry's end."""
     import torch
-    from safetensors.torch import load_file
 
     from data_prep.cli import run_prep
-    from data_prep.media import read_video
+    from echo import clip_format
     from echo.understanding import OmniUnderstanding
     from tests.test_understanding import build_omni_folder
 
     make_tiny_prepared_set(tmp_path, num_frames=13, size=64, seed=2)
     build_omni_folder(tmp_path / "omni")
-    options = PrepOptions(wav2vec2=str(tmp_path / "wav2vec2"), size=64, clip_seconds=13 / 25,
+    options = PrepOptions(wav2vec2=str(tmp_path / "wav2vec2"), size=64, clip_seconds=13 / 25, omni_stride=5,
                           min_clip_seconds=13 / 25, stages=["clips", "omni"], omni_model=str(tmp_path / "omni"))
     summary = run_prep(tmp_path / "source", "pairs", tmp_path / "prepared", options, progress=False)
     assert summary.failed == [] and len(summary.clips_skipped) == 2  # clips existed: only the cache was added
     thinker = OmniUnderstanding.from_pretrained(tmp_path / "omni")
     for clip in sorted((tmp_path / "prepared").glob("*_c0000")):
-        cached = load_file(str(clip / "user_omni.safetensors"))["hidden_states"]
-        expected = thinker(read_video(clip / "user.mp4")[::12], read_wav(clip / "user.wav")[0])
-        torch.testing.assert_close(cached, expected)
+        index = clip_format.read_understanding_index(clip, 13)
+        assert index.end_frames.tolist() == [4, 9] and not index.legacy
+        frames = clip_format.read_video_frames(clip / "user.mp4", range(13))
+        audio = clip_format.read_clip_wav(clip, "user")
+        for entry, end in enumerate(index.end_frames.tolist()):
+            expected = thinker(frames[: end + 1], audio[: (end + 1) * 640])
+            torch.testing.assert_close(clip_format.read_understanding_entry(index, entry), expected)
+
+
+def test_omni_cache_replaces_a_whole_clip_file_and_keeps_its_own(tmp_path):
+    """A ``user_omni.safetensors`` of an older echo-prep (Φ over the whole clip, which training windows must not see) is
+    read as one entry at the clip's last frame and rewritten by the stage; a per-stride file is kept."""
+    import torch
+    from safetensors.torch import save_file
+
+    from data_prep.caches import cache_omni, omni_entry_ends
+    from echo import clip_format
+
+    clip = tmp_path / "conv_A_c0001"
+    clip.mkdir()
+    clip_format.write_meta(clip, {"num_frames": 10, "start_frame": 10, "source": {"conversation": "conv"},
+                                  "avatar": {"participant": "A"}})  # fmt: skip
+    save_file({"hidden_states": torch.ones(3, 4)}, str(clip / clip_format.USER_OMNI))
+    index = clip_format.read_understanding_index(clip, 10)
+    assert index.legacy and index.end_frames.tolist() == [9]
+
+    class Recorder:  # stands for the thinker: one token row per frame it was given, valued by the audio length
+        max_frames, hidden_size, calls = 4, 2, []
+
+        def __call__(self, frames, audio):
+            self.calls.append((len(frames), len(audio)))
+            return torch.full((len(frames), 2), float(len(audio)))
+
+    first = tmp_path / "conv_A_c0000"
+    first.mkdir()
+    clip_format.write_meta(first, {"num_frames": 10, "start_frame": 0, "source": {"conversation": "conv"},
+                                   "avatar": {"participant": "A"}})  # fmt: skip
+    for folder in (first, clip):
+        from data_prep.media import write_video
+
+        write_video(folder / "user.mp4", np.zeros((10, 32, 32, 3), np.uint8))
+        write_wav(folder / "user.wav", np.zeros(10 * 640))
+    record = clip_format.read_clip(clip)
+    assert omni_entry_ends(record, 4) == [1, 5, 9]  # conversation frames 11, 15, 19
+    recorder = Recorder()
+    path = cache_omni(clip, recorder, stride=4)
+    assert recorder.calls == [(4, 12 * 640), (4, 16 * 640), (4, 20 * 640)]  # from the conversation's start
+    index = clip_format.read_understanding_index(clip, 10)
+    assert not index.legacy and index.end_frames.tolist() == [1, 5, 9]
+    assert clip_format.read_understanding_entry(index, 1).eq(16 * 640).all()
+    stamp = path.stat().st_mtime_ns
+    cache_omni(clip, recorder, stride=4)
+    assert path.stat().st_mtime_ns == stamp and len(recorder.calls) == 3
 
 
 def test_emotion_embeds_stage_caches_exactly_the_text_encoder_output(tmp_path):
@@ -270,7 +358,7 @@ def test_emotion_embeds_stage_caches_exactly_the_text_encoder_output(tmp_path):
     import torch
 
     from data_prep.caches import run_stage
-    from echo.data import load_emotion_embeds
+    from echo.clip_format import load_emotion_embeds
     from echo.emotion import EmotionTextEncoder
     from training.testing import save_tiny_text_encoder
 
@@ -303,8 +391,8 @@ def test_user_tokens_stage_caches_exactly_the_lcu_tokens_of_the_dataset_frames(t
     from safetensors import safe_open
 
     from data_prep.caches import run_stage
-    from echo.encoding import encode_user_video
     from echo.data import ConversationDataset
+    from echo.encoding import encode_user_video
     from training.testing import make_tiny_training_set, save_tiny_vae
 
     root = make_tiny_training_set(tmp_path_factory.getbasetemp() / "echo_tiny_training", num_frames=17)

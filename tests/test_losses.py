@@ -88,9 +88,12 @@ def speech_with_silence(tmp_path_factory):
 
 
 def test_speech_weights_favour_speaking_frames_of_real_speech(speech_with_silence):
+    from echo.data import track_rms_reference
+
     wave, speech_start, speech_end = speech_with_silence
     num_frames = int(len(wave) / SAMPLE_RATE * 25)
-    rms = torch.from_numpy(frame_rms(wave, num_frames))[None]
+    rms = frame_rms(wave, num_frames)
+    rms = torch.from_numpy(rms / track_rms_reference(rms))[None]  # normalised over the whole track, as the dataset does
     weights = speech_weights(rms, floor=0.1)[0]
     frames = np.arange(num_frames)
     silent = (frames + 1) * SAMPLE_RATE / 25 <= speech_start
@@ -100,14 +103,20 @@ def test_speech_weights_favour_speaking_frames_of_real_speech(speech_with_silenc
     torch.testing.assert_close(weights[torch.from_numpy(silent)], torch.full((int(silent.sum()),), 0.1))
     assert weights[loud].min() > 0.1 + 0.9 * 0.25 - 1e-6
     assert weights.max() == pytest.approx(1.0)
-    # The weight is a monotone function of the clip-normalised energy.
+    # The weight is a monotone function of the track-normalised energy.
     order = torch.argsort(rms[0])
     assert torch.all(torch.diff(weights[order]) >= -1e-7)
 
 
-def test_speech_weights_are_scale_invariant():
-    rms = torch.rand(2, 9)
-    torch.testing.assert_close(speech_weights(rms), speech_weights(rms * 37.0))
+def test_speech_weights_map_track_normalised_rms_without_per_window_normalisation():
+    """w = floor + (1 − floor)·clamp(r̂, 0, 1) frame by frame: a window of quiet frames is not stretched to 1, and a
+    frame's weight does not depend on the other frames of its window."""
+    rms = torch.tensor([[0.0, 0.01, 0.02, 0.01, 0.0], [0.2, 0.9, 1.3, -0.1, 0.5]])
+    expected = 0.1 + 0.9 * rms.clamp(0, 1)
+    torch.testing.assert_close(speech_weights(rms, floor=0.1), expected)
+    assert speech_weights(rms[:1], floor=0.1).max() < 0.12  # listening only: at the floor
+    torch.testing.assert_close(speech_weights(rms[:, :2], floor=0.3), speech_weights(rms, floor=0.3)[:, :2])
+    assert speech_weights(rms, floor=1.0).eq(1).all() and speech_weights(rms, floor=0.0)[1, 2] == 1
 
 
 def test_latent_frame_weights_group_like_the_vae():

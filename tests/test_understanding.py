@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from echo.understanding import (
-    CACHE_FILENAME,
     P_THINK,
     OmniUnderstanding,
-    load_understanding,
     pad_understanding,
     resample_audio,
 )
@@ -182,15 +180,9 @@ def test_long_histories_are_subsampled_and_chunked(omni, speech, face_frames):
         assert (not torch.equal(pixels, base)) == changes, index
 
 
-def test_cache_writes_and_reads_user_omni(omni, speech, face_frames, tmp_path):
+def test_understanding_tokens_feed_the_lcu(omni, speech, face_frames):
     _, _, understanding = omni
-    hidden = understanding.cache(tmp_path, face_frames[:2], speech)
-    assert (tmp_path / CACHE_FILENAME).is_file() and not list(tmp_path.glob("*.tmp"))
-    torch.testing.assert_close(load_understanding(tmp_path / CACHE_FILENAME), hidden, atol=0, rtol=0)
-    # a second call reads the file: no inputs needed, same tokens
-    torch.testing.assert_close(understanding.cache(tmp_path), hidden, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="does not exist"):
-        understanding.cache(tmp_path / "missing")
+    hidden = understanding(face_frames[:2], speech)
 
     # cached tokens of two clips feed the LCU as S_usr (understanding_dim = the thinker's hidden size)
     from echo.lcu import LongRangeContextEncoder

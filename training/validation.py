@@ -2,18 +2,22 @@
 first clip of the training set (its first avatar frame as the reference, its audio, the user's side in stage 2).
 
 The pipeline shares the training modules (no copy); the audio encoder and feature extractor are loaded once from the
-model description. The video, with the avatar's audio, goes to ``output_dir/validation/step-<N>.mp4``.
+model description. It carries the run's settings (`training.config.settings_from_config`: resolution, window = chunk
+length, motion frames, user video size, text length, default emotion, the LAU switch), so it renders with the defaults
+the exported model will have and through the encodings the training step uses (`echo.encoding`). The video, with the
+avatar's audio, goes to ``output_dir/validation/step-<N>.mp4``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from echo import clip_format
+
+from .config import TrainConfig, settings_from_config
 from .modeling import TrainingModels
 
 
@@ -30,6 +34,9 @@ class ValidationRenderer:
         self.config = config
         self.models = models
         self.clip = Path(clip)
+        self.settings = settings_from_config(config).replace(
+            num_inference_steps=config.train.validation_inference_steps
+        )
         self._audio = None
 
     def _audio_components(self, device: torch.device) -> tuple:
@@ -41,44 +48,32 @@ class ValidationRenderer:
         return self._audio
 
     def _inputs(self) -> dict:
-        from pipelines.video_io import load_wav, read_frames
-
         config, clip = self.config, self.clip
-        meta = json.loads((clip / "meta.json").read_text())
-        size = int(meta.get("size", config.data.resolution))
-        num_frames, resolution = config.data.num_frames, config.data.resolution
-        frames = read_frames(clip / "avatar.mp4")
-        scale = resolution / size
+        meta = clip_format.read_meta(clip)
+        num_frames = config.data.num_frames
+        all_frames = range(meta["num_frames"])
+        frames = clip_format.read_video_frames(clip / clip_format.video_name("avatar"), all_frames)
+        # Size, chunk length, user video size, default emotion and the LAU switch ("" prompt without LAU) come from
+        # the pipeline's settings; the reference landmarks are in pixels of the reference frame, resized with it.
         inputs = {
             "reference_image": frames[0],
-            "reference_landmarks": np.load(clip / "avatar_landmarks.npy")[0] * scale,
-            "avatar_audio": load_wav(clip / "avatar.wav"),
+            "reference_landmarks": clip_format.read_landmarks(clip, "avatar")[0],
+            "avatar_audio": clip_format.read_clip_wav(clip, "avatar"),
             "num_frames": num_frames,
-            "height": resolution,
-            "width": resolution,
-            "num_frames_per_chunk": num_frames,
-            "default_emotion": config.data.default_emotion,
-            "user_video_size": config.data.user_video_size,
         }
-        if not config.ablation.use_emotion:
-            inputs["emotion"] = ""  # as in training: the empty prompt
-        if frames.shape[1] != resolution:
-            import PIL.Image
-
-            inputs["reference_image"] = PIL.Image.fromarray(frames[0]).resize((resolution, resolution))
         if config.stage == 2:
-            inputs["user_video"] = read_frames(clip / "user.mp4")
-            inputs["user_audio"] = load_wav(clip / "user.wav")
-            inputs["user_landmarks"] = np.load(clip / "user_landmarks.npy")
-            if config.ablation.use_understanding and (clip / "user_omni.safetensors").is_file():
-                from safetensors.torch import load_file
-
-                inputs["understanding"] = load_file(str(clip / "user_omni.safetensors"))["hidden_states"].float()
-            if (clip / "emotion.json").is_file():
-                windows = json.loads((clip / "emotion.json").read_text()).get("windows", [])
-                known = [w for w in windows if w["end_frame"] <= num_frames - 1]
-                if known and config.ablation.use_emotion:
-                    inputs["emotion"] = known[-1]["text"]
+            inputs["user_video"] = clip_format.read_video_frames(clip / clip_format.video_name("user"), all_frames)
+            inputs["user_audio"] = clip_format.read_clip_wav(clip, "user")
+            inputs["user_landmarks"] = clip_format.read_landmarks(clip, "user")
+            if config.ablation.use_understanding and (clip / clip_format.USER_OMNI).is_file():
+                index = clip_format.read_understanding_index(clip, meta["num_frames"])
+                known = np.nonzero(index.end_frames <= num_frames - 1)[0]
+                if len(index.end_frames):  # a monitor render: without an entry by the chunk's end, the first one
+                    entry = int(known[-1]) if len(known) else 0
+                    inputs["understanding"] = clip_format.read_understanding_entry(index, entry)
+            if config.ablation.use_emotion:
+                windows = clip_format.read_emotion_windows(clip)
+                inputs["emotion"] = clip_format.emotion_text_at(windows, num_frames - 1, config.data.default_emotion)
         return inputs
 
     @torch.no_grad()
@@ -96,6 +91,7 @@ class ValidationRenderer:
             text_encoder=self.models.text_encoder,
             tokenizer=self.models.tokenizer,
             context_encoder=module.context_encoder,
+            settings=self.settings,
         )
         inputs = self._inputs()
         was_training = module.training
@@ -103,7 +99,6 @@ class ValidationRenderer:
         try:
             frames = pipeline(
                 **inputs,
-                num_inference_steps=self.config.train.validation_inference_steps,
                 generator=torch.Generator().manual_seed(self.config.seed),
                 output_type="np",
             ).frames[0]
