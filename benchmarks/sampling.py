@@ -117,7 +117,7 @@ def main():
         num_frames_per_chunk=args.frames_per_chunk,
         motion_frames=args.motion_frames,
         understanding=torch.zeros(8, components["context_encoder"].config.understanding_dim),
-        reference_landmarks=landmarks * args.size / 512,
+        reference_landmarks=landmarks,  # pixels of the 512² reference image
         user_landmarks=np.repeat(landmarks[None] / 8, args.frames, axis=0),
         output_type="np",
     )

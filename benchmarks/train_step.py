@@ -41,10 +41,10 @@ WAN_13B = {
     "transformer": {
         "class": "EchoTransformer3DModel",
         "config": {
-            "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 36,
+            "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 52,
             "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
             "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "audio_dim": 768, "audio_num_layers": 13,
-            "audio_window": 5, "context_dim": 1536, "use_sdcm": True, "condition_channels": 20,
+            "audio_window": 5, "context_dim": 1536, "use_sdcm": True, "condition_channels": 36,
         },
     },
     "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "config": {"shift": 5.0}},
@@ -151,8 +151,9 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from echo.encoding import PromptEncoder
     from training.modeling import build_training_models, parameter_groups
-    from training.step import TextEmbedder, step_generator, training_step
+    from training.step import step_generator, training_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -172,21 +173,20 @@ def main():
     for frozen in (models.vae, models.text_encoder):
         frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, weight_dtype)
     optimizer = torch.optim.AdamW(parameter_groups(module, config), weight_decay=config.optim.weight_decay)
-    text_embedder = TextEmbedder(models.tokenizer, models.text_encoder)
+    prompt_encoder = PromptEncoder(models.text_encoder, models.tokenizer, config.data.max_sequence_length)
     batch = make_batch(size, batch_size)
     if args.cached_latents:
-        from echo.encoding import normalize_latents
-        from training.step import encode_video
+        from echo.encoding import encode_latents, normalize_latents
 
         with torch.no_grad():  # the dataset returns raw VAE latents; the step normalises them
-            latents = encode_video(models.vae, batch["video"].to(device))
+            latents = encode_latents(models.vae, batch["video"].to(device))
             batch["latents"] = normalize_latents(models.vae, latents, inverse=True).cpu()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def step(index: int) -> dict:
         with autocast:
             terms = training_step(
-                models, module, batch, config, text_embedder, step_generator(0, 0, index), device, weight_dtype
+                models, module, batch, config, prompt_encoder, step_generator(0, 0, index), device, weight_dtype
             )
         terms["loss"].backward()
         optimizer.step()

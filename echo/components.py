@@ -23,6 +23,10 @@ Each section names a ``class`` (see `COMPONENT_CLASSES`) and exactly one source:
   reproducible whatever the build order. Tokenizers built from ``config`` are small offline Unigram vocabularies
   (`build_tiny_tokenizer`).
 
+A top-level ``settings:`` mapping holds the `echo.settings.EchoSettings` the model is used with (resolution, frames
+per chunk, motion frames, user video size, sampling defaults); `load_components` validates it and returns it as a
+plain dict under ``"settings"``, so ``EchoPipeline(**load_components(path))`` carries it into ``model_index.json``.
+
 `load_components` checks that the seams agree (audio width and layer count between the wav2vec2 encoder, the
 generator and the LCU; the text width between the T5/UMT5 encoder and the generator; the LCU's output width and the
 generator's ``context_dim``; the tokenizer's vocabulary and the text encoder's embedding table) and raises a
@@ -251,20 +255,22 @@ def load_components(
         allow_download (`bool`, *optional*): let ``pretrained`` hub ids download; defaults to the description's
             top-level ``allow_download`` (itself `False`: local folders and the local cache only).
         only (`list[str]`, *optional*): build only these sections (e.g. ``["audio_encoder", "feature_extractor"]``
-            for data preparation). Seams are checked between the components that were built.
+            for data preparation; ``"settings"`` for the settings). Seams are checked between the components that
+            were built.
 
     Returns:
         `dict[str, Any]`: ``vae`` (`AutoencoderKLWan`), ``transformer`` (`EchoTransformer3DModel`), ``scheduler``
         (`FlowMatchEulerDiscreteScheduler`), ``audio_encoder`` (`Wav2Vec2Model`), ``feature_extractor``
         (`Wav2Vec2FeatureExtractor`), ``text_encoder`` (`UMT5EncoderModel` / `T5EncoderModel`), ``tokenizer`` and
-        ``context_encoder`` (`LongRangeContextEncoder`); the keys are exactly the sections present (and requested).
-        The result can be passed as ``EchoPipeline(**components)`` when all eight are present.
+        ``context_encoder`` (`LongRangeContextEncoder`), and ``settings`` (a validated `EchoSettings` dict); the keys
+        are exactly the sections present (and requested). The result can be passed as ``EchoPipeline(**components)``
+        when all eight components are present.
     """
     description = load_model_config(config)
     if allow_download is None:
         allow_download = bool(description.get("allow_download", False))
     default_seed = int(description.get("seed", 0))
-    unknown = set(description) - set(COMPONENT_CLASSES) - {"allow_download", "seed", "name", "description"}
+    unknown = set(description) - set(COMPONENT_CLASSES) - {"allow_download", "seed", "name", "description", "settings"}
     if unknown:
         raise ValueError(f"model config has unknown sections {sorted(unknown)}; expected {sorted(COMPONENT_CLASSES)}")
     if only is not None:
@@ -273,6 +279,12 @@ def load_components(
             raise ValueError(f"requested sections {missing} are not in the model config (it has {sorted(description)})")
 
     components = {}
+    if "settings" in description and (only is None or "settings" in only):
+        from .settings import EchoSettings
+
+        components["settings"] = EchoSettings.from_dict(
+            description["settings"], source="model config section 'settings'"
+        ).to_dict()
     for section in COMPONENT_CLASSES:
         if section not in description or (only is not None and section not in only):
             continue

@@ -4,11 +4,16 @@ Training and inference must build the generator's and the LCU's inputs identical
 inference conditions it never saw in training. Each function here is the only implementation of its encoding:
 
 - `normalize_latents`, `encode_latents`, `decode_latents`: VAE encode / decode with Wan's latent normalisation;
-- `frames_to_tensor`: uint8 frames → `(T, 3, size, size)` in [−1, 1] (antialiased resize);
-- `encode_user_video`: the LCU's per-frame user video tokens with their face masks;
+- `frames_to_tensor`: uint8 frames → `(T, 3, size, size)` in [−1, 1] (antialiased resize), for the avatar's frames
+  and reference image and the user's frames;
+- `prepare_user_video`, `encode_user_video`: the user's frames and face masks, then the LCU's per-frame video tokens;
 - `PromptEncoder`: the emotion text embedding (Wan's prompt encoding), its length clamp and a per-text cache;
 - `detect_face_landmarks`: MediaPipe face-mesh landmarks; `echo.masks.reference_token_masks`: SDCM's token masks;
-- `chunk_condition`: a chunk's condition (reference image + motion frames, Eq. 1).
+- `chunk_condition`: a chunk's condition (the reference image in every chunk, plus the motion frames of a
+  continuation chunk, Eq. 1; layout in `echo.conditioning`).
+
+Things the two sides legitimately do differently stay outside: the pipeline's motion frames are its own generated
+frames, training's are the window's ground truth; both go through `chunk_condition`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ def encode_user_video(
     r"""The LCU's per-frame user video tokens: every frame encoded alone by the VAE (a one-frame video, distribution
     mode, Wan-normalised), and the face mask reduced to the latent grid with an any-pixel rule.
 
+    Every VAE call gets exactly ``batch_frames`` frames in a freshly allocated batch (the last one padded with zero
+    frames that are dropped): convolution kernels round differently for different batch sizes and buffer alignments,
+    so with a fixed batch a frame's tokens do not depend on how many frames are encoded with it. The data-prep cache (whole clip), the training step (a window's
+    history) and the pipeline (the conversation so far) therefore give every frame bit-identical tokens.
+
     Args:
         vae (`AutoencoderKLWan`): the generator's VAE (``video_channels`` of the LCU = ``vae.config.z_dim``).
         user_video (`torch.Tensor` of shape `(B, T, 3, H_u, W_u)`): frames in [−1, 1] (``H_u``, ``W_u`` multiples of
@@ -50,7 +60,12 @@ def encode_user_video(
         `(tokens, mask)`: `(B, T, z_dim, H_u/8, W_u/8)` in the VAE's dtype and `(B, T, H_u/8, W_u/8)` float {0, 1}.
     """
     factor = vae.config.scale_factor_spatial
-    if user_video.ndim != 5 or user_video.shape[2] != 3 or user_video.shape[-1] % factor or user_video.shape[-2] % factor:
+    if (
+        user_video.ndim != 5
+        or user_video.shape[2] != 3
+        or user_video.shape[-1] % factor
+        or user_video.shape[-2] % factor
+    ):
         raise ValueError(
             f"`user_video` has shape {tuple(user_video.shape)}, expected (B, T, 3, H_u, W_u) with H_u, W_u multiples "
             f"of {factor}."
@@ -60,15 +75,50 @@ def encode_user_video(
             f"`user_face_mask` has shape {tuple(user_face_mask.shape)}, expected "
             f"{(*user_video.shape[:2], *user_video.shape[3:])}."
         )
+    if batch_frames < 1:
+        raise ValueError(f"`batch_frames` is {batch_frames}, expected at least 1.")
     batch_size, num_frames = user_video.shape[:2]
     frames = user_video.reshape(batch_size * num_frames, 3, 1, *user_video.shape[3:])
     tokens = []
     for chunk in frames.split(batch_frames):
-        latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode()  # n, z, 1, h, w
+        count = chunk.shape[0]
+        # A fixed batch size in a fresh buffer (zero frames pad the last batch): the same kernels and the same memory
+        # alignment, hence the same rounding, for every frame wherever it sits in the video.
+        batch = frames.new_zeros(batch_frames, *chunk.shape[1:])
+        batch[:count] = chunk
+        latents = vae.encode(batch.to(vae.device, vae.dtype)).latent_dist.mode()[:count]  # n, z, 1, h, w
         tokens.append(normalize_latents(vae, latents)[:, :, 0])
     tokens = torch.cat(tokens).reshape(batch_size, num_frames, vae.config.z_dim, *tokens[0].shape[-2:])
-    mask = torch.nn.functional.max_pool2d(user_face_mask.float().flatten(0, 1)[:, None], factor)[:, 0]
+    mask = F.max_pool2d(user_face_mask.float().flatten(0, 1)[:, None], factor)[:, 0]
     return tokens, mask.reshape(batch_size, num_frames, *mask.shape[-2:]).to(tokens.device)
+
+
+def prepare_user_video(frames: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The user's frames as the LCU's visual branch reads them, before `encode_user_video`.
+
+    Args:
+        frames (`np.ndarray` of shape `(T, H, W, 3)`): uint8 RGB frames.
+        landmarks (`np.ndarray` of shape `(T, 478, 2)`): face-mesh points in pixels of ``frames`` (NaN rows: no face).
+        size (`int`): square side ``h_u = w_u`` (``EchoSettings.user_video_size``), a multiple of the VAE's factor.
+
+    Returns:
+        `(video, face_mask)`: `(T, 3, size, size)` float in [−1, 1] (`frames_to_tensor`) and `(T, size, size)` float
+        {0, 1}: the whole face, lips included (the lip and face regions of `echo.masks.rasterize_masks`).
+    """
+    from .masks import rasterize_masks
+
+    frames = np.asarray(frames)
+    landmarks = np.asarray(landmarks, dtype=np.float32)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"`frames` has shape {frames.shape}, expected (T, H, W, 3) uint8 RGB.")
+    if landmarks.shape != (len(frames), NUM_LANDMARKS, 2):
+        raise ValueError(
+            f"`landmarks` has shape {landmarks.shape}, expected ({len(frames)}, {NUM_LANDMARKS}, 2): one face mesh per "
+            "frame, in pixels of the frames."
+        )
+    lip, face = rasterize_masks(landmarks, size, size, source_size=frames.shape[1:3])
+    return frames_to_tensor(frames, size), torch.from_numpy(lip | face).float()
+
 
 @torch.no_grad()
 def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
@@ -84,10 +134,48 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
 
 
+@torch.no_grad()
+def chunk_condition(
+    vae, reference: torch.Tensor, motion_video: torch.Tensor | None, num_latent_frames: int
+) -> torch.Tensor:
+    r"""The condition of one chunk (Eq. 1): the reference image in every chunk, plus the motion frames in a
+    continuation chunk, laid out by `echo.conditioning.build_condition`.
+
+    Args:
+        vae (`AutoencoderKLWan`): the generator's VAE.
+        reference (`torch.Tensor` of shape `(B, 3, H, W)`): the reference image in [−1, 1].
+        motion_video (`torch.Tensor` of shape `(B, 3, T_m, H, W)`, *optional*): in [−1, 1], the ``T_m = 4(m − 1) + 1``
+            frames a continuation chunk shares with the previous one (the pipeline: the previous chunk's last
+            generated frames; training: the window's first ground-truth frames). `None` for a first chunk.
+        num_latent_frames (`int`): F, the chunk's latent frames.
+
+    Returns:
+        `torch.Tensor` of shape `(B, 4 + 2·z_dim, F, H/8, W/8)` float32: ``[mask, given latents, reference plane]``.
+    """
+    from .conditioning import build_condition
+
+    if reference.ndim != 4 or reference.shape[1] != 3:
+        raise ValueError(f"`reference` has shape {tuple(reference.shape)}, expected (B, 3, H, W) in [-1, 1].")
+    if motion_video is not None and (
+        motion_video.ndim != 5
+        or motion_video.shape[:2] != reference.shape[:2]
+        or motion_video.shape[3:] != reference.shape[2:]
+    ):
+        raise ValueError(
+            f"`motion_video` has shape {tuple(motion_video.shape)}, expected ({reference.shape[0]}, 3, T_m, "
+            f"{reference.shape[2]}, {reference.shape[3]}) like `reference` {tuple(reference.shape)}."
+        )
+    reference_latents = encode_latents(vae, reference[:, :, None])  # B, z, 1, h, w
+    motion_latents = None if motion_video is None else encode_latents(vae, motion_video)  # B, z, m, h, w
+    return build_condition(
+        reference_latents, motion_latents, num_latent_frames, vae_scale_factor_temporal=vae.config.scale_factor_temporal
+    )
+
+
 def frames_to_tensor(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
     """`(T, H, W, 3)` uint8 → `(T, 3, h, w)` float in [−1, 1], resized (bilinear, antialiased) when needed."""
     size = (size, size) if isinstance(size, int) else tuple(size)
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    video = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if tuple(video.shape[-2:]) != size:
         video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
     return video.clamp(-1, 1)

@@ -27,7 +27,8 @@ class EchoSettings:
         motion_frames (`int`, defaults to 1): frames a continuation chunk shares with the previous one,
             ``4(m − 1) + 1`` (their VAE latents are the chunk's motion condition, with the reference image).
         user_video_size (`int`, defaults to 64): square size of the user's frames read by the LCU's visual branch.
-        max_history_frames (`int`, *optional*): the user history the LCU reads is at most this many frames long.
+        max_history_frames (`int`, *optional*): the user history the LCU reads is at most this many frames long (at
+            least a chunk).
         max_sequence_length (`int`, defaults to 512): emotion-text tokens (capped by the tokenizer's maximum).
         default_emotion (`str`, defaults to `"neutral"`): emotion text when none is given or known yet.
         use_emotion (`bool`, defaults to `True`): `False` = the "w/o LAU" ablation, every prompt is ``""``.
@@ -59,8 +60,11 @@ class EchoSettings:
             )
         if self.user_video_size < 8 or self.user_video_size % 8:
             raise ValueError(f"`user_video_size` is {self.user_video_size}, expected a positive multiple of 8.")
-        if self.max_history_frames is not None and self.max_history_frames < 1:
-            raise ValueError(f"`max_history_frames` is {self.max_history_frames}, expected None or at least 1.")
+        if self.max_history_frames is not None and self.max_history_frames < self.num_frames_per_chunk:
+            raise ValueError(
+                f"`max_history_frames` is {self.max_history_frames}, expected None or at least num_frames_per_chunk = "
+                f"{self.num_frames_per_chunk} (the history ends with the chunk)."
+            )
         if self.max_sequence_length < 1:
             raise ValueError(f"`max_sequence_length` is {self.max_sequence_length}, expected at least 1.")
         if self.num_inference_steps < 1:

@@ -23,9 +23,12 @@ that at initialisation the model computes exactly what the Wan model computes.
 Decisions written down here:
 
 - Tokens are laid out frames × H' × W' (Wan's order), so a latent frame is a contiguous run of H'·W' tokens.
-- The input is ``cat([noisy latents, condition], channels)`` with ``condition = [mask(4), latents(16)]`` (Wan I2V
-  order). ``in_channels`` is the patch embedding's input channel count (``out_channels + condition_channels``, 36 by
-  default): a T2V base (16 channels) grows by ``condition_channels`` zero-initialised channels in ``from_wan``.
+- The input is ``cat([noisy latents, condition], channels)`` with ``condition = [mask(4), given latents(16),
+  reference plane(16)]`` (`echo.conditioning`: Wan I2V's condition, then the reference latent on every latent frame,
+  so that every chunk is conditioned on the reference, Eq. 1). ``in_channels`` is the patch embedding's input channel
+  count (``out_channels + condition_channels``, 16 + 36 = 52 by default). ``from_wan`` keeps a base's own input
+  channels (16 for T2V, 36 for I2V) and zero-initialises the weights of the channels it does not have, so the built
+  model computes what the base computes.
 - Audio alignment respects the VAE's temporal compression ``r = vae_scale_factor_temporal`` (4): latent frame 0 covers
   video frame 0, latent frame j ≥ 1 covers video frames r(j − 1) + 1 … rj. Frame 0's tokens are repeated r times
   (as Wan's causal VAE pads its first frame), so every latent frame holds r · L_w audio tokens and CrossAttn_2 runs
@@ -87,8 +90,16 @@ WAN_CONFIG_KEYS = (
 # Parameters that exist in Echo but not in Wan: every other Echo key is a Wan key of the same name.
 _ECHO_ONLY_KEYS = re.compile(r"^(audio_proj\.|context_proj\.|blocks\.\d+\.sdcm\.)")
 
+# `[mask(4), given latents(16), reference plane(16)]` (`echo.conditioning.build_condition` with the Wan VAE).
+DEFAULT_CONDITION_CHANNELS = 36
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _base_input_channels(latent_channels: int, vae_scale_factor_temporal: int = 4) -> tuple[int, int]:
+    """Input channels of the Wan bases `from_wan` accepts: T2V (noisy latents) and I2V (+ mask + given latents)."""
+    return latent_channels, 2 * latent_channels + vae_scale_factor_temporal
 
 
 @dataclass
@@ -449,14 +460,14 @@ class EchoTransformerBlock(WanTransformerBlock):
 class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""
     The ECHO generator: a [`~diffusers.WanTransformer3DModel`] with SDCM in every block, avatar-audio tokens, a
-    user-context projection and Wan I2V-style condition channels (reference image / motion frames + mask).
+    user-context projection and condition channels (Wan I2V's mask + given frames, plus a reference plane).
 
     Args:
         patch_size (`tuple[int]`, defaults to `(1, 2, 2)`): 3D patch (t, h, w).
         num_attention_heads (`int`, defaults to `40`): attention heads.
         attention_head_dim (`int`, defaults to `128`): channels per head.
-        in_channels (`int`, defaults to `36`): input channels of the patch embedding, `out_channels +
-            condition_channels` (the only default that differs from Wan's: Echo always reads the condition).
+        in_channels (`int`, defaults to `52`): input channels of the patch embedding, `out_channels +
+            condition_channels` (Echo always reads the condition).
         out_channels (`int`, defaults to `16`): latent channels (input noisy latents and predicted velocity).
         text_dim (`int`, defaults to `4096`): text-encoder width (UMT5-XXL).
         freq_dim (`int`, defaults to `256`): sinusoidal timestep embedding size.
@@ -474,7 +485,8 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         audio_window (`int`, defaults to `5`): L_w, rows of each frame's audio context window.
         context_dim (`int`, *optional*): width of the LCU's f_pu; `None` means the inner dimension.
         use_sdcm (`bool`, defaults to `True`): SDCM in every block; `False` gives the direct-fusion ablation.
-        condition_channels (`int`, defaults to `20`): 4 mask + 16 latent channels of the condition.
+        condition_channels (`int`, defaults to `36`): channels of the condition `[mask(4), given latents(16),
+            reference plane(16)]` (`echo.conditioning.build_condition`).
         sdcm_kernel_size (`int`, defaults to `3`): gate convolution size.
         sdcm_gate_dim (`int`, *optional*): output channels of each gate convolution; `None` means inner dim / 4.
         vae_scale_factor_temporal (`int`, defaults to `4`): video frames per latent frame (latent frame 0 covers one).
@@ -493,7 +505,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         patch_size: tuple[int, ...] = (1, 2, 2),
         num_attention_heads: int = 40,
         attention_head_dim: int = 128,
-        in_channels: int = 36,
+        in_channels: int = 52,
         out_channels: int = 16,
         text_dim: int = 4096,
         freq_dim: int = 256,
@@ -511,7 +523,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         audio_window: int = 5,
         context_dim: int | None = None,
         use_sdcm: bool = True,
-        condition_channels: int = 20,
+        condition_channels: int = DEFAULT_CONDITION_CHANNELS,
         sdcm_kernel_size: int = 3,
         sdcm_gate_dim: int | None = None,
         vae_scale_factor_temporal: int = 4,
@@ -615,8 +627,10 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             subfolder (`str`, *optional*): e.g. `"transformer"` when `wan_transformer` is a Wan pipeline folder.
             echo_config: the Echo-only config arguments (`audio_dim`, `context_dim`, `use_sdcm`, ...).
 
-        Every Wan parameter is loaded under its own name; a T2V base's patch embedding grows by
-        `condition_channels` zero-initialised input channels. Unknown or missing Wan keys raise a `ValueError`.
+        Every Wan parameter is loaded under its own name. The patch embedding keeps the base's own input channels
+        (T2V: the 16 noisy-latent channels; I2V: those plus Wan's 20 condition channels, which are the first 20 of
+        ECHO's condition) and gets zero weights for the others, so the built model computes exactly what the base
+        computes. Unknown or missing Wan keys raise a `ValueError`.
         """
         # 1. Load the Wan model
         if isinstance(wan_transformer, (str, os.PathLike)):
@@ -631,16 +645,18 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
 
         # 2. Config: Wan's arguments + Echo's
         config = {key: wan_transformer.config[key] for key in WAN_CONFIG_KEYS if key in wan_transformer.config}
-        condition_channels = echo_config.get("condition_channels", 20)
+        condition_channels = echo_config.get("condition_channels", DEFAULT_CONDITION_CHANNELS)
         out_channels = config.get("out_channels") or config["in_channels"]
         config["out_channels"] = out_channels
-        if config["in_channels"] == out_channels:
-            config["in_channels"] = out_channels + condition_channels  # T2V base: grow the patch embedding
-        elif config["in_channels"] != out_channels + condition_channels:
+        vae_scale_factor_temporal = echo_config.get("vae_scale_factor_temporal", 4)
+        base_channels = _base_input_channels(out_channels, vae_scale_factor_temporal)
+        if config["in_channels"] not in base_channels or config["in_channels"] > out_channels + condition_channels:
             raise ValueError(
-                f"Wan `in_channels` is {config['in_channels']}, expected {out_channels} (T2V) or "
-                f"{out_channels + condition_channels} (I2V: latents + {condition_channels} condition channels)."
+                f"Wan `in_channels` is {config['in_channels']}, expected {base_channels[0]} (T2V) or "
+                f"{base_channels[1]} (I2V: latents + mask + given latents), at most out_channels + condition_channels "
+                f"= {out_channels + condition_channels}."
             )
+        config["in_channels"] = out_channels + condition_channels  # the base's channels, then zero-initialised ones
         config["patch_size"] = tuple(config["patch_size"])
         model = cls(**config, **echo_config)
 
@@ -659,7 +675,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         """
         Load a `WanTransformer3DModel` state dict strictly: every Wan key must name an Echo parameter of the same
         shape, and every Echo parameter outside the added modules must be given. The patch embedding may be narrower
-        (T2V base): the extra condition input channels are then zero.
+        (a T2V or I2V base): it fills the first input channels and the remaining condition channels get zero weights.
         """
         own = self.state_dict()
         expected = {key for key in own if not _ECHO_ONLY_KEYS.match(key)}
@@ -684,18 +700,18 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             value = state_dict[key]
             target = own[key]
             if key == "patch_embedding.weight" and value.shape != target.shape:
-                latent_channels = self.config.out_channels
-                if (
-                    value.shape[:1] + value.shape[2:] != target.shape[:1] + target.shape[2:]
-                    or value.shape[1] != latent_channels
-                ):
+                bases = _base_input_channels(self.config.out_channels, self.config.vae_scale_factor_temporal)
+                allowed = [channels for channels in bases if channels < target.shape[1]]
+                same_kernel = value.shape[:1] + value.shape[2:] == target.shape[:1] + target.shape[2:]
+                if not same_kernel or value.shape[1] not in allowed:
                     raise ValueError(
                         f"`patch_embedding.weight` of the Wan model has shape {tuple(value.shape)}, expected "
-                        f"{tuple(target.shape)} or {(target.shape[0], latent_channels, *target.shape[2:])} (T2V base)."
+                        f"{tuple(target.shape)}, or {allowed} input channels (T2V / I2V base) of "
+                        f"{(target.shape[0], '…', *target.shape[2:])}."
                     )
-                # Noisy latents first (Wan's weights), then the condition channels, zero-initialised.
+                # The base's input channels first (its own weights), then the condition channels it lacks, zero.
                 grown = torch.zeros(target.shape, dtype=value.dtype, device=value.device)
-                grown[:, :latent_channels] = value
+                grown[:, : value.shape[1]] = value
                 value = grown
             elif value.shape != target.shape:
                 raise ValueError(
@@ -775,8 +791,8 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             expected = (batch_size, self.config.condition_channels, num_frames, height, width)
             if tuple(condition.shape) != expected:
                 raise ValueError(
-                    f"`condition` has shape {tuple(condition.shape)}, expected {expected} ([mask(4), latents(16)] per "
-                    "latent frame, from `echo.conditioning.build_condition`)."
+                    f"`condition` has shape {tuple(condition.shape)}, expected {expected} ([mask, given latents, "
+                    "reference plane] per latent frame, from `echo.conditioning.build_condition`)."
                 )
         if (
             encoder_hidden_states.ndim != 3

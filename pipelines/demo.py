@@ -7,7 +7,7 @@ echo-demo --out demo_out          # what `make demo` runs
 1. A two-person conversation is synthesised (`data_prep.synthetic.make_conversation`): a real face photo animated into
    talking and listening video, real speech from espeak-ng. Participant A is the avatar, B the user.
 2. An `EchoPipeline` is built from ``configs/models/tiny.yaml`` (every component from its config, seeded random
-   weights; nothing is downloaded) and saved to ``<out>/pipeline``.
+   weights; nothing is downloaded; its ``settings:`` become the pipeline's defaults) and saved to ``<out>/pipeline``.
 3. The avatar is rendered chunk by chunk from A's first frame and audio, listening to B's video and audio, and written
    to ``<out>/demo.mp4`` (B's video on the left, the avatar on the right, A's audio muxed in).
 4. ``<out>/manifest.jsonl`` describes the same conversation for ``echo-render --pipeline <out>/pipeline``.
@@ -39,11 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="model description (configs/models/*.yaml)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic conversation")
-    parser.add_argument("--size", type=int, default=128, help="rendered avatar side in pixels (multiple of 16)")
+    # None = the model's setting (the `settings:` of --config), as in echo-render.
+    parser.add_argument("--size", type=int, default=None,
+                        help="rendered avatar side in pixels, a multiple of 16 (default: the model's resolution)")  # fmt: skip
     parser.add_argument("--source-size", type=int, default=256, help="side of the synthetic conversation's videos")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per chunk")
-    parser.add_argument("--frames-per-chunk", type=int, default=33)
-    parser.add_argument("--motion-frames", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the model's)")
+    parser.add_argument("--frames-per-chunk", type=int, default=None, help="default: the model's training window")
+    parser.add_argument("--motion-frames", type=int, default=None, help="default: the model's")
+    parser.add_argument("--user-video-size", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--emotion", default=None, help="emotion text for every chunk (default: the pipeline's)")
     parser.add_argument(
@@ -77,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     user_audio = load_wav(conversation.audios[user])
     user_video = read_frames(conversation.videos[user])
     reference = read_frames(conversation.videos[avatar])[0]
-    scale = args.size / conversation.size
-    reference_landmarks = conversation.landmarks[avatar][0] * scale
+    reference_landmarks = conversation.landmarks[avatar][0]  # pixels of the reference frame
     user_landmarks = conversation.landmarks[user]
     dialogue = [{**s, "speaker": "avatar" if s["speaker"] == avatar else "user"} for s in conversation.transcript]
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.save_pretrained(out / "pipeline")
 
     # 3. Render
-    print(f"[3/4] rendering {conversation.num_frames} frames at {args.size}x{args.size} ...")
+    size = args.size or pipe.settings.resolution
+    print(f"[3/4] rendering {conversation.num_frames} frames at {size}x{size} ...")
     output = pipe(
         reference_image=reference,
         avatar_audio=avatar_audio,
@@ -106,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         dialogue=dialogue,
         emotion=args.emotion,
         num_frames=conversation.num_frames,
-        height=args.size,
-        width=args.size,
+        height=size,
+        width=size,
         num_inference_steps=args.steps,
         num_frames_per_chunk=args.frames_per_chunk,
         motion_frames=args.motion_frames,
+        user_video_size=args.user_video_size,
         generator=torch.Generator().manual_seed(args.seed),
         reference_landmarks=reference_landmarks,
         user_landmarks=user_landmarks,
@@ -138,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
 
     print(f"[4/4] wrote {video_path} ({conversation.num_frames} frames, 25 fps, user left | avatar right, A's audio)")
+    options = {"--height": args.size, "--width": args.size, "--steps": args.steps,
+               "--frames-per-chunk": args.frames_per_chunk, "--motion-frames": args.motion_frames,
+               "--user-video-size": args.user_video_size}  # fmt: skip
+    given = "".join(f" {flag} {value}" for flag, value in options.items() if value is not None)
     print(f"      pipeline: {out / 'pipeline'}; batch rendering: echo-render --pipeline {out / 'pipeline'} "
-          f"--manifest {out / 'manifest.jsonl'} --out {out / 'renders'} --height {args.size} --width {args.size} "
-          f"--steps {args.steps} --frames-per-chunk {args.frames_per_chunk}")  # fmt: skip
+          f"--manifest {out / 'manifest.jsonl'} --out {out / 'renders'}{given}")  # fmt: skip
     print(f"done in {time.perf_counter() - start:.1f} s")
     print(notice)
     return 0

@@ -10,15 +10,21 @@ conversation), the pipeline renders the avatar frame by frame at 25 fps:
 - an emotion description (LAU, Eq. 3), given or reasoned from the dialogue, enters through the text cross-attention.
 
 A conversation longer than one chunk is rendered chunk by chunk (Eq. 1). Every chunk has ``num_frames_per_chunk =
-4k + 1`` frames. The first chunk is conditioned on the reference image (latent frame 0 of the condition); every
-continuation chunk starts ``motion_frames`` frames before the end of the previous one, is conditioned on the VAE
-encoding of those last ``motion_frames`` generated frames (latent frames ``0 … m − 1``,
-``motion_frames = 4(m − 1) + 1``), regenerates them, and drops them from the output.
+4k + 1`` frames. Every chunk is conditioned on the reference image (the condition's reference plane, and latent frame
+0 of the first chunk); every continuation chunk starts ``motion_frames`` frames before the end of the previous one,
+is also conditioned on the VAE encoding of those last ``motion_frames`` generated frames (latent frames ``0 … m − 1``,
+``motion_frames = 4(m − 1) + 1``), regenerates them, and drops them from the output. The condition is built by
+`echo.encoding.chunk_condition`, the function the training step uses.
 
-Avatar masks: SDCM needs the avatar's lip and face regions at the token grid. They are rasterised
-(`echo.masks.rasterize_masks`) from the 478 face-mesh landmarks of the reference image, held for every frame of the
-video. The landmarks are given as ``reference_landmarks`` or detected with MediaPipe's face mesh when it is
-installed; ``lip_mask`` / ``face_mask`` may be passed directly at the token grid instead.
+Defaults: resolution, frames per chunk, motion frames, user video size, text length, default emotion, the LAU switch
+and the sampling defaults are the settings the model was trained with (`echo.settings.EchoSettings`, stored in the
+pipeline's config, i.e. ``model_index.json``, and read through `EchoPipeline.settings`); a `__call__` argument left
+at `None` takes the saved setting.
+
+Avatar masks: SDCM needs the avatar's lip and face regions at the token grid. They come from the 478 face-mesh
+landmarks of the reference image through `echo.masks.reference_token_masks` (the rule training uses), held for every
+frame. The landmarks are given as ``reference_landmarks`` or detected with MediaPipe's face mesh when it is installed;
+``lip_mask`` / ``face_mask`` may be passed directly at the token grid instead.
 
 Classifier-free guidance runs up to three passes per step: ``uncond`` (no avatar audio, no user context), ``audio``
 (avatar audio, no user context) and ``full`` (both), combined as
@@ -42,13 +48,22 @@ from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerBase, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from echo.audio import FPS, SAMPLE_RATE, wav2vec2_frame_features, window_features
-from echo.encoding import encode_user_video, normalize_latents
-from echo.conditioning import build_condition
+from echo.encoding import (
+    PromptEncoder,
+    chunk_condition,
+    decode_latents,
+    detect_face_landmarks,
+    encode_user_video,
+    frames_to_tensor,
+    prepare_user_video,
+)
 from echo.lcu import LongRangeContextEncoder
-from echo.masks import NUM_LANDMARKS, masks_to_token_grid, rasterize_masks
+from echo.masks import NUM_LANDMARKS, reference_token_masks
+from echo.settings import EchoSettings
 from echo.transformer_echo import EchoTransformer3DModel
 
 from .pipeline_output import EchoPipelineOutput
+from .video_io import to_uint8_frames
 
 logger = logging.get_logger(__name__)
 
@@ -67,10 +82,7 @@ EXAMPLE_DOC_STRING = """
         ...     user_video=read_frames("user.mp4"),
         ...     user_audio=load_wav("user.wav"),
         ...     emotion="The avatar listens attentively with a warm smile.",
-        ...     height=512,
-        ...     width=512,
-        ...     num_inference_steps=40,
-        ... )
+        ... )  # at the model's resolution, chunk length and sampling defaults (`pipe.settings`)
         >>> write_mp4("avatar.mp4", out.frames[0], audio=load_wav("avatar.wav"))
         ```
 """
@@ -106,57 +118,22 @@ def chunk_schedule(num_frames: int, num_frames_per_chunk: int, motion_frames: in
     return chunks
 
 
-def detect_face_landmarks(images: np.ndarray) -> np.ndarray:
-    r"""MediaPipe face-mesh landmarks (478 points, refined) of the most prominent face, in pixels.
-
-    Args:
-        images (`np.ndarray`): one RGB uint8 image `(H, W, 3)` or frames `(T, H, W, 3)`.
-
-    Returns:
-        `np.ndarray` float32: `(478, 2)` for one image (a `ValueError` when no face is found), or `(T, 478, 2)` for
-        frames, NaN on frames without a face (as in prepared data, they give empty masks).
-    """
-    try:
-        import mediapipe as mp
-    except ImportError as error:
-        raise ImportError(
-            "Detecting faces needs MediaPipe (`pip install 'echo-ihg[prep]'`); alternatively pass "
-            "`reference_landmarks` (478, 2) / `user_landmarks` (T, 478, 2), or `lip_mask` / `face_mask`."
-        ) from error
-    images = np.asarray(images)
-    single = images.ndim == 3
-    frames = images[None] if single else images
-    if frames.ndim != 4 or frames.shape[-1] < 3:
-        raise ValueError(f"`images` has shape {images.shape}, expected (H, W, 3) or (T, H, W, 3) RGB.")
-    height, width = frames.shape[1:3]
-    landmarks = np.full((len(frames), NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
-    with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True) as mesh:
-        for t, frame in enumerate(frames):
-            result = mesh.process(np.ascontiguousarray(frame[..., :3].astype(np.uint8)))
-            if result.multi_face_landmarks:
-                points = result.multi_face_landmarks[0].landmark
-                landmarks[t] = [[p.x * width, p.y * height] for p in points]
-    if single:
-        if np.isnan(landmarks[0]).any():
-            raise ValueError(
-                "MediaPipe found no face in `reference_image`; pass `reference_landmarks` or `lip_mask` / `face_mask`."
-            )
-        return landmarks[0]
-    return landmarks
-
-
-def _to_uint8_frames(video) -> np.ndarray:
-    """Frames as `(T, H, W, 3)` uint8 from a uint8 array, a float array in [0, 1], a tensor or a list of PIL images."""
-    if isinstance(video, (list, tuple)):
-        video = np.stack([np.asarray(frame.convert("RGB") if isinstance(frame, PIL.Image.Image) else frame) for frame in video])
-    if isinstance(video, torch.Tensor):
-        video = video.detach().cpu().numpy()
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"`user_video` has shape {video.shape}, expected (T, H, W, 3) RGB frames.")
-    if video.dtype != np.uint8:
-        video = (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
-    return video
+def _reference_uint8(image) -> np.ndarray:
+    """The reference image as `(H, W, 3)` uint8: from PIL, a uint8 or float-in-[0, 1] array, or a `(3, H, W)` tensor in
+    [−1, 1] (as `echo.data` gives frames)."""
+    if isinstance(image, PIL.Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"`reference_image` tensor has shape {tuple(image.shape)}, expected (3, H, W) in [-1, 1].")
+        return (
+            ((image.detach().float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        )
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"`reference_image` has shape {image.shape}, expected (H, W, 3) RGB.")
+        return to_uint8_frames(image[None], "reference_image")[0]
+    raise ValueError(f"`reference_image` is a {type(image).__name__}, expected a PIL image, an array or a tensor.")
 
 
 def _to_waveform(audio, name: str) -> np.ndarray:
@@ -195,6 +172,10 @@ class EchoPipeline(DiffusionPipeline):
         context_encoder ([`~echo.LongRangeContextEncoder`], *optional*):
             The LCU (Eq. 5-9) that turns the user's history into the context tokens ``f_pu``. Without it the user branch
             is off and the avatar only talks.
+        settings (`dict` or [`~echo.settings.EchoSettings`], *optional*):
+            The settings the model was trained with (`EchoSettings` fields; missing keys take `EchoSettings`'s
+            defaults). Stored in the pipeline's config (``model_index.json``), so `save_pretrained` /
+            `from_pretrained` keep them; `__call__` arguments left at `None` read them through `settings`.
     """
 
     model_cpu_offload_seq = "text_encoder->audio_encoder->context_encoder->transformer->vae"
@@ -211,6 +192,7 @@ class EchoPipeline(DiffusionPipeline):
         text_encoder: torch.nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         context_encoder: LongRangeContextEncoder | None = None,
+        settings: dict | EchoSettings | None = None,
     ):
         super().__init__()
 
@@ -224,56 +206,47 @@ class EchoPipeline(DiffusionPipeline):
             tokenizer=tokenizer,
             context_encoder=context_encoder,
         )
+        if not isinstance(settings, EchoSettings):
+            settings = EchoSettings.from_dict(settings, source="`settings`")
+        self.register_to_config(settings=settings.to_dict())
 
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
+    @property
+    def settings(self) -> EchoSettings:
+        """The settings the model was trained with (from the config): the defaults of `__call__`."""
+        return EchoSettings.from_dict(self.config.settings, source="the pipeline config's `settings`")
+
     # ------------------------------------------------------------------------------------------------------------
-    # Encoders
+    # Encoders (thin wrappers of `echo.encoding`, the functions training uses)
     # ------------------------------------------------------------------------------------------------------------
 
     def encode_prompt(
         self,
         prompt: str | list[str],
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         r"""
-        Encodes emotion descriptions with the T5/UMT5 encoder, as Wan does: the last hidden state of the valid tokens,
-        zero-padded to ``max_sequence_length``.
+        Encodes emotion descriptions with the T5/UMT5 encoder as Wan does (`echo.encoding.PromptEncoder`, which the
+        training step uses): the last hidden state of the valid tokens, zero-padded to the sequence length.
 
         Args:
             prompt (`str` or `list[str]`): emotion description(s).
-            max_sequence_length (`int`, defaults to 512): padded length (capped by the tokenizer's maximum).
+            max_sequence_length (`int`, *optional*): padded length (capped by the tokenizer's maximum); defaults to
+                ``settings.max_sequence_length``.
             device (`torch.device`, *optional*), dtype (`torch.dtype`, *optional*): of the returned embeddings.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, max_sequence_length, text_dim)`.
         """
-        device = device or self._execution_device
-        dtype = dtype or self.text_encoder.dtype
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        max_sequence_length = min(max_sequence_length, self.tokenizer.model_max_length)
-
-        text_inputs = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        input_ids, mask = text_inputs.input_ids, text_inputs.attention_mask
-        seq_lens = mask.gt(0).sum(dim=1).long()
-        prompt_embeds = self.text_encoder(input_ids.to(self.text_encoder.device), mask.to(self.text_encoder.device))
-        prompt_embeds = prompt_embeds.last_hidden_state.to(dtype=dtype, device=device)
-        prompt_embeds = [u[:v] for u, v in zip(prompt_embeds, seq_lens)]
-        return torch.stack(
-            [torch.cat([u, u.new_zeros(max_sequence_length - u.size(0), u.size(1))]) for u in prompt_embeds], dim=0
-        )  # batch_size, max_sequence_length, text_dim
+        if max_sequence_length is None:
+            max_sequence_length = self.settings.max_sequence_length
+        encoder = PromptEncoder(self.text_encoder, self.tokenizer, max_sequence_length)
+        return encoder(prompt, device=device or self._execution_device, dtype=dtype or self.text_encoder.dtype)
 
     def encode_audio(self, waveform: np.ndarray, num_frames: int, chunk_seconds: float = 30.0) -> torch.Tensor:
         r"""
@@ -290,33 +263,29 @@ class EchoPipeline(DiffusionPipeline):
             chunk_seconds=chunk_seconds,
         )  # fmt: skip
 
-    def encode_video(self, video: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        r"""VAE encoding (distribution mode) of `(B, 3, T, H, W)` frames in [−1, 1] → normalised latents
-        `(B, 16, (T − 1)/4 + 1, H/8, W/8)`, ``(z − latents_mean) / latents_std`` as in Wan."""
-        latents = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
-        return normalize_latents(self.vae, latents).to(device, dtype)
-
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        r"""Normalised latents `(B, 16, F, h, w)` → frames `(B, 3, 4(F − 1) + 1, 8h, 8w)` in [−1, 1]."""
-        latents = normalize_latents(self.vae, latents.to(self.vae.device, self.vae.dtype), inverse=True)
-        return self.vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
+        r"""Normalised latents `(B, 16, F, h, w)` → frames `(B, 3, 4(F − 1) + 1, 8h, 8w)` in [−1, 1]
+        (`echo.encoding.decode_latents`)."""
+        return decode_latents(self.vae, latents)
 
     def prepare_reference(self, image, height: int, width: int) -> torch.Tensor:
-        """Reference image (PIL, `(H, W, 3)` uint8 / float array, or `(3, H, W)` tensor in [−1, 1]) → `(1, 3, H, W)`."""
+        """Reference image (PIL, `(H, W, 3)` uint8 / float-in-[0, 1] array, or `(3, H, W)` tensor in [−1, 1]) →
+        `(1, 3, height, width)` in [−1, 1], resized as training resizes its frames (`echo.encoding.frames_to_tensor`)."""
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(f"`reference_image` tensor has shape {tuple(image.shape)}, expected (3, H, W) in [-1, 1].")
+                raise ValueError(
+                    f"`reference_image` tensor has shape {tuple(image.shape)}, expected (3, H, W) in [-1, 1]."
+                )
             image = image[None].float()
-            return F.interpolate(image, size=(height, width), mode="bilinear", antialias=True).clamp(-1, 1)
-        if isinstance(image, np.ndarray):
-            image = PIL.Image.fromarray(_to_uint8_frames(image[None])[0])
-        if not isinstance(image, PIL.Image.Image):
-            raise ValueError(f"`reference_image` is a {type(image).__name__}, expected a PIL image, an array or a tensor.")
-        return self.video_processor.preprocess(image.convert("RGB"), height=height, width=width)  # 1, 3, H, W
+            if tuple(image.shape[-2:]) != (height, width):
+                image = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+            return image.clamp(-1, 1)
+        return frames_to_tensor(_reference_uint8(image)[None], (height, width))  # 1, 3, H, W
 
     def prepare_avatar_masks(
         self,
-        reference: torch.Tensor,
+        height: int,
+        width: int,
         num_latent_frames: int,
         reference_landmarks: np.ndarray | None = None,
         lip_mask: torch.Tensor | None = None,
@@ -326,15 +295,14 @@ class EchoPipeline(DiffusionPipeline):
         r"""
         Token-grid lip and face masks `(1, F, H', W')` for SDCM.
 
-        ``lip_mask`` / ``face_mask`` are used as given (`(H', W')`, `(F, H', W')` or `(1, F, H', W')`). Otherwise the
-        face-mesh landmarks of the reference (``reference_landmarks`` `(478, 2)` in pixels of ``reference``, or
-        MediaPipe's detection on the original ``reference_image`` when given, else on ``reference``) are rasterised at
-        the reference's resolution and held for all frames (the avatar's face stays roughly where the reference has
-        it; the masks are not tracked through the generated frames).
+        ``lip_mask`` / ``face_mask`` are used as given (`(H', W')`, `(F, H', W')` or `(1, F, H', W')`). Otherwise they
+        are `echo.masks.reference_token_masks` of the reference's face-mesh landmarks (``reference_landmarks``
+        `(478, 2)` in pixels of ``reference_image``, or MediaPipe's detection on ``reference_image``): the reference's
+        static masks, held for all frames, which is exactly what training gives the generator.
         """
-        height, width = reference.shape[-2:]
         patch = self.transformer.config.patch_size
-        grid = (height // (self.vae_scale_factor_spatial * patch[1]), width // (self.vae_scale_factor_spatial * patch[2]))
+        patch_px = (self.vae_scale_factor_spatial * patch[1], self.vae_scale_factor_spatial * patch[2])
+        grid = (height // patch_px[0], width // patch_px[1])
         if (lip_mask is None) != (face_mask is None):
             raise ValueError("Pass both `lip_mask` and `face_mask`, or neither.")
         if lip_mask is not None:
@@ -350,28 +318,21 @@ class EchoPipeline(DiffusionPipeline):
                     )
                 masks.append(mask[None].expand(1, num_latent_frames, *grid))
             return masks[0], masks[1] * (1 - masks[0])
+        if reference_image is None:
+            raise ValueError("`prepare_avatar_masks` needs `reference_image` (its landmarks are in its pixels).")
+        image = _reference_uint8(reference_image)  # H_ref, W_ref, 3
         if reference_landmarks is None:
-            if reference_image is None:
-                reference_image = ((reference[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255)
-            image = np.asarray(reference_image.convert("RGB") if isinstance(reference_image, PIL.Image.Image) else reference_image)
-            if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:  # (3, H, W) tensor in [-1, 1]
-                image = (np.transpose(image, (1, 2, 0)) + 1) * 127.5
-            image = np.clip(image, 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image
-            # detect on the full-resolution image, then scale to the reference's size (preprocessing stretches)
-            scale = np.array([width / image.shape[1], height / image.shape[0]], dtype=np.float32)
-            reference_landmarks = detect_face_landmarks(image) * scale
+            reference_landmarks = detect_face_landmarks(image)
         reference_landmarks = np.asarray(reference_landmarks, dtype=np.float32)
         if reference_landmarks.shape != (NUM_LANDMARKS, 2):
             raise ValueError(
                 f"`reference_landmarks` has shape {reference_landmarks.shape}, expected ({NUM_LANDMARKS}, 2) pixels "
-                f"of the {height}x{width} reference."
+                f"of the {image.shape[0]}x{image.shape[1]} reference image."
             )
-        lip, face = rasterize_masks(reference_landmarks[None], height, width)  # 1, H, W each
-        patch_px = (self.vae_scale_factor_spatial * patch[1], self.vae_scale_factor_spatial * patch[2])
-        lip = masks_to_token_grid(torch.from_numpy(lip), patch_px, self.vae_scale_factor_temporal)  # 1, H', W'
-        face = masks_to_token_grid(torch.from_numpy(face), patch_px, self.vae_scale_factor_temporal)
-        face = face * (1 - lip)
-        return lip[None].expand(1, num_latent_frames, *grid), face[None].expand(1, num_latent_frames, *grid)
+        lip, face = reference_token_masks(
+            reference_landmarks, height, width, num_latent_frames, source_size=image.shape[:2], patch_size=patch_px
+        )  # F, H', W' each
+        return lip[None], face[None]
 
     # ------------------------------------------------------------------------------------------------------------
     # Checks and latents
@@ -391,18 +352,27 @@ class EchoPipeline(DiffusionPipeline):
         emotion,
         output_type="np",
         callback_on_step_end_tensor_inputs=None,
+        avatar_audio_features=None,
+        user_audio_features=None,
     ):
         if output_type not in ("np", "pt", "pil"):
             raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt' or 'pil'.")
         if reference_image is None:
             raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
-        if avatar_audio is None:
-            raise ValueError("`avatar_audio` is required: a mono waveform at 16 kHz.")
+        if avatar_audio is None and avatar_audio_features is None:
+            raise ValueError(
+                "`avatar_audio` is required: a mono waveform at 16 kHz (or its per-frame wav2vec2 rows as "
+                "`avatar_audio_features`)."
+            )
         unit = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         if height % unit != 0 or width % unit != 0:
             raise ValueError(f"`height` and `width` have to be divisible by {unit} but are {height} and {width}.")
+        if user_audio is None:
+            user_audio = user_audio_features
         if (user_video is None) != (user_audio is None):
-            raise ValueError("Pass both `user_video` and `user_audio` (the user's side of the conversation), or neither.")
+            raise ValueError(
+                "Pass both `user_video` and `user_audio` (the user's side of the conversation), or neither."
+            )
         if user_audio is not None and self.context_encoder is None:
             raise ValueError("`user_audio` was given but the pipeline has no `context_encoder` (LCU) to encode it.")
         if num_frames is not None and num_frames < 1:
@@ -492,13 +462,13 @@ class EchoPipeline(DiffusionPipeline):
         dialogue: list[dict] | None = None,
         emotion: str | list[str] | None = None,
         num_frames: int | None = None,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 40,
-        audio_guidance_scale: float = 4.5,
-        user_guidance_scale: float = 2.0,
-        num_frames_per_chunk: int = 81,
-        motion_frames: int = 5,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        audio_guidance_scale: float | None = None,
+        user_guidance_scale: float | None = None,
+        num_frames_per_chunk: int | None = None,
+        motion_frames: int | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -509,15 +479,19 @@ class EchoPipeline(DiffusionPipeline):
         user_landmarks: np.ndarray | None = None,
         lip_mask: torch.Tensor | None = None,
         face_mask: torch.Tensor | None = None,
-        default_emotion: str = "neutral",
-        user_video_size: int = 64,
-        max_sequence_length: int = 512,
+        default_emotion: str | None = None,
+        user_video_size: int | None = None,
+        max_sequence_length: int | None = None,
+        avatar_audio_features: np.ndarray | torch.Tensor | None = None,
+        user_audio_features: np.ndarray | torch.Tensor | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
     ):
         r"""
         The call function to the pipeline for generation.
+
+        Every argument documented as "defaults to the model's setting" is read from `settings` when left at `None`.
 
         Args:
             reference_image (`PIL.Image.Image`, `np.ndarray` `(H, W, 3)` or `torch.Tensor` `(3, H, W)` in [−1, 1]):
@@ -534,19 +508,21 @@ class EchoPipeline(DiffusionPipeline):
             emotion (`str` or `list[str]`, *optional*):
                 The avatar's emotional state in words, for all chunks or one per chunk. When `None`, it is reasoned
                 per chunk by ``emotion_reasoner`` from ``dialogue`` up to the chunk's end, else ``default_emotion``.
-                A model trained without LAU (``context_encoder.config.use_emotion=False``) gets the empty prompt.
+                A model trained without LAU (``settings.use_emotion=False``) gets the empty prompt.
             num_frames (`int`, *optional*):
                 Frames to generate at 25 fps; defaults to the avatar audio's duration.
-            height (`int`, defaults to 512), width (`int`, defaults to 512):
-                Output size, multiples of 16.
-            num_inference_steps (`int`, defaults to 40):
-                Denoising steps per chunk.
-            audio_guidance_scale (`float`, defaults to 4.5), user_guidance_scale (`float`, defaults to 2.0):
-                ``s_a`` and ``s_u`` of ``uncond + s_a (audio − uncond) + s_u (full − audio)``.
-            num_frames_per_chunk (`int`, defaults to 81):
-                ``4k + 1`` frames generated per chunk.
-            motion_frames (`int`, defaults to 5):
-                ``T_prev = 4(m − 1) + 1`` last frames of a chunk that condition the next one.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Output size, multiples of 16; default to the model's setting (``settings.resolution``).
+            num_inference_steps (`int`, *optional*):
+                Denoising steps per chunk; defaults to the model's setting.
+            audio_guidance_scale (`float`, *optional*), user_guidance_scale (`float`, *optional*):
+                ``s_a`` and ``s_u`` of ``uncond + s_a (audio − uncond) + s_u (full − audio)``; default to the model's
+                settings.
+            num_frames_per_chunk (`int`, *optional*):
+                ``4k + 1`` frames generated per chunk; defaults to the model's setting (its training window).
+            motion_frames (`int`, *optional*):
+                ``T_prev = 4(m − 1) + 1`` last frames of a chunk that condition the next one; defaults to the model's
+                setting.
             generator (`torch.Generator`, *optional*):
                 Makes generation deterministic; one generator draws the noise of all chunks in order.
             output_type (`str`, defaults to `"np"`):
@@ -561,19 +537,26 @@ class EchoPipeline(DiffusionPipeline):
             emotion_reasoner (*optional*):
                 An object with ``describe(history, clip_end, avatar_speaker)`` (e.g. `echo.EmotionReasoner`).
             reference_landmarks (`np.ndarray` `(478, 2)`, *optional*):
-                Face-mesh landmarks of the reference in pixels of the `height` × `width` image; detected with
-                MediaPipe when omitted.
+                Face-mesh landmarks of the reference in pixels of ``reference_image`` (as given, before resizing);
+                detected with MediaPipe when omitted.
             user_landmarks (`np.ndarray` `(T_u, 478, 2)`, *optional*):
                 Face-mesh landmarks of the user's frames (pixels of the given frames) for the LCU's face-masked token
                 selection (Eq. 7); detected with MediaPipe when omitted and the LCU uses the visual branch.
             lip_mask (`torch.Tensor`, *optional*), face_mask (`torch.Tensor`, *optional*):
                 Token-grid masks `(H', W')` or `(F, H', W')` replacing the landmark masks.
-            default_emotion (`str`, defaults to `"neutral"`):
-                Emotion text when none is given or reasoned (as in training).
-            user_video_size (`int`, defaults to 64):
-                Square size the user's frames are resized to before the LCU's VAE tokens (as in training).
-            max_sequence_length (`int`, defaults to 512):
-                Token length of the emotion embeddings.
+            default_emotion (`str`, *optional*):
+                Emotion text when none is given or reasoned; defaults to the model's setting.
+            user_video_size (`int`, *optional*):
+                Square size the user's frames are resized to before the LCU's VAE tokens; defaults to the model's
+                setting (the size it was trained with).
+            max_sequence_length (`int`, *optional*):
+                Token length of the emotion embeddings; defaults to the model's setting.
+            avatar_audio_features (`np.ndarray` or `torch.Tensor` of shape `(T, NL, D)`, *optional*):
+                The avatar audio's per-frame wav2vec2 rows, as `encode_audio` computes them (e.g. a prepared clip's
+                ``avatar_w2v.npy``), used instead of encoding ``avatar_audio``; at least as many rows as the chunks
+                cover (the last chunk may run past ``num_frames``).
+            user_audio_features (`np.ndarray` or `torch.Tensor` of shape `(T, NL, D)`, *optional*):
+                The same for ``user_audio`` (e.g. ``user_w2v.npy``).
             attention_kwargs (`dict`, *optional*):
                 Passed to the transformer's attention processors.
             callback_on_step_end (`Callable`, *optional*):
@@ -590,6 +573,26 @@ class EchoPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
+        # 0. Defaults: the settings the model was trained with; an explicit argument overrides them for this call
+        settings = self.settings.replace(
+            **{
+                name: value
+                for name, value in {
+                    "num_frames_per_chunk": num_frames_per_chunk,
+                    "motion_frames": motion_frames,
+                    "user_video_size": user_video_size,
+                    "max_sequence_length": max_sequence_length,
+                    "default_emotion": default_emotion,
+                    "num_inference_steps": num_inference_steps,
+                    "audio_guidance_scale": audio_guidance_scale,
+                    "user_guidance_scale": user_guidance_scale,
+                }.items()
+                if value is not None
+            }
+        )
+        height = settings.resolution if height is None else height
+        width = settings.resolution if width is None else width
+
         # 1. Check inputs. Raise error if not correct
         self.check_inputs(
             reference_image,
@@ -599,14 +602,16 @@ class EchoPipeline(DiffusionPipeline):
             height,
             width,
             num_frames,
-            num_frames_per_chunk,
-            motion_frames,
+            settings.num_frames_per_chunk,
+            settings.motion_frames,
             emotion,
             output_type,
             callback_on_step_end_tensor_inputs,
+            avatar_audio_features=avatar_audio_features,
+            user_audio_features=user_audio_features,
         )
-        self._audio_guidance_scale = audio_guidance_scale
-        self._user_guidance_scale = user_guidance_scale
+        self._audio_guidance_scale = settings.audio_guidance_scale
+        self._user_guidance_scale = settings.user_guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._current_chunk = None
@@ -614,9 +619,14 @@ class EchoPipeline(DiffusionPipeline):
 
         device = self._execution_device
         dtype = self.transformer.dtype
-        avatar_audio = _to_waveform(avatar_audio, "avatar_audio")
+        num_frames_per_chunk, motion_frames = settings.num_frames_per_chunk, settings.motion_frames
+        if avatar_audio is not None:
+            avatar_audio = _to_waveform(avatar_audio, "avatar_audio")
         if num_frames is None:
-            num_frames = max(1, int(round(len(avatar_audio) * FPS / SAMPLE_RATE)))
+            if avatar_audio is not None:
+                num_frames = max(1, int(round(len(avatar_audio) * FPS / SAMPLE_RATE)))
+            else:
+                num_frames = len(avatar_audio_features)
         chunks = chunk_schedule(num_frames, num_frames_per_chunk, motion_frames)
         total_frames = chunks[-1][1]
         if isinstance(emotion, list) and len(emotion) != len(chunks):
@@ -626,42 +636,43 @@ class EchoPipeline(DiffusionPipeline):
                 f"`understanding` is a list of {len(understanding)} tensors, expected one per chunk ({len(chunks)})."
             )
 
-        # 2. Encode the avatar's audio (per-frame wav2vec2 rows with ±2 context windows) and the reference
-        avatar_features = self.encode_audio(avatar_audio, total_frames)  # T_all, NL, D
+        # 2. Encode the avatar's audio (per-frame wav2vec2 rows with ±2 context windows); the reference and its masks
+        if avatar_audio_features is not None:
+            avatar_features = _feature_rows(avatar_audio_features, total_frames, "avatar_audio_features")
+        else:
+            avatar_features = self.encode_audio(avatar_audio, total_frames)  # T_all, NL, D
         avatar_windows = window_features(avatar_features[None], radius=self.transformer.config.audio_window // 2)
         avatar_windows = avatar_windows.to(device, dtype)  # 1, T_all, L_w, NL, D
-        reference = self.prepare_reference(reference_image, height, width).to(device)  # 1, 3, H, W
-        reference_latents = self.encode_video(reference[:, :, None], device, dtype)  # 1, 16, 1, h, w
+        reference = self.prepare_reference(reference_image, height, width).to(device)  # 1, 3, H, W in [-1, 1]
         num_latent_frames = (num_frames_per_chunk - 1) // self.vae_scale_factor_temporal + 1
         avatar_lip, avatar_face = self.prepare_avatar_masks(
-            reference, num_latent_frames, reference_landmarks, lip_mask, face_mask, reference_image
+            height, width, num_latent_frames, reference_landmarks, lip_mask, face_mask, reference_image
         )
-        avatar_lip, avatar_face = avatar_lip.to(device, dtype), avatar_face.to(device, dtype)
+        avatar_lip, avatar_face = avatar_lip.to(device, dtype), avatar_face.to(device, dtype)  # 1, F, H', W'
 
-        # 3. Prepare the user's side: per-frame wav2vec2 rows and video for the LCU
-        has_user = user_audio is not None
+        # 3. Prepare the user's side: per-frame wav2vec2 rows and video tokens for the LCU
+        has_user = user_video is not None
         user_inputs = None
         if has_user:
             user_inputs = self.prepare_user_inputs(
-                _to_waveform(user_audio, "user_audio"),
-                _to_uint8_frames(user_video),
+                None if user_audio is None else _to_waveform(user_audio, "user_audio"),
+                to_uint8_frames(user_video, "user_video"),
                 total_frames,
                 user_landmarks,
-                user_video_size,
+                settings.user_video_size,
+                user_audio_features=user_audio_features,
             )
 
         # 4. Denoise chunk by chunk
-        use_emotion = self.context_encoder is None or getattr(self.context_encoder.config, "use_emotion", True)
+        prompt_encoder = PromptEncoder(self.text_encoder, self.tokenizer, settings.max_sequence_length)
         pieces = []
         previous_video = None
-        prompt_cache: dict[str, torch.Tensor] = {}
-        motion_latent_frames = (motion_frames - 1) // self.vae_scale_factor_temporal + 1
-        with self.progress_bar(total=len(chunks) * num_inference_steps) as progress_bar:
+        with self.progress_bar(total=len(chunks) * settings.num_inference_steps) as progress_bar:
             for chunk_index, (start, stop) in enumerate(chunks):
                 self._current_chunk = chunk_index
 
-                # 4.1 Emotion text (LAU) → c_emo
-                if not use_emotion:  # the "w/o LAU" ablation: the empty prompt, as in training
+                # 4.1 Emotion text (LAU) → c_emo; each distinct text is encoded once per call
+                if not settings.use_emotion:  # the "w/o LAU" ablation: the empty prompt, as in training
                     text = ""
                 elif isinstance(emotion, list):
                     text = emotion[chunk_index]
@@ -670,35 +681,28 @@ class EchoPipeline(DiffusionPipeline):
                 elif emotion_reasoner is not None and dialogue:
                     text = emotion_reasoner.describe(dialogue, clip_end=stop / FPS, avatar_speaker="avatar")
                 else:
-                    text = default_emotion
-                if text not in prompt_cache:  # the same emotion text over many chunks is encoded once
-                    prompt_cache[text] = self.encode_prompt(text, max_sequence_length, device=device, dtype=dtype)
-                prompt_embeds = prompt_cache[text]
+                    text = settings.default_emotion
+                prompt_embeds = prompt_encoder(text, device=device, dtype=dtype)  # 1, L_txt, text_dim
 
-                # 4.2 User context f_pu from the history 0 … stop − 1 (LCU, causal)
+                # 4.2 User context f_pu from the history up to the chunk's end (LCU, causal)
                 context_embeds = context_mask = None
                 if has_user:
-                    chunk_understanding = understanding[chunk_index] if isinstance(understanding, list) else understanding
-                    context_embeds, context_mask = self.encode_user_context(
-                        user_inputs, start, stop, chunk_understanding, understanding_model, device, dtype
+                    chunk_understanding = (
+                        understanding[chunk_index] if isinstance(understanding, list) else understanding
                     )
+                    context_embeds, context_mask = self.encode_user_context(
+                        user_inputs, start, stop, chunk_understanding, understanding_model, device, dtype,
+                        max_history_frames=settings.max_history_frames,
+                    )  # fmt: skip
 
-                # 4.3 Condition: the reference (first chunk) or the previous chunk's last motion frames
-                if previous_video is None:
-                    condition = build_condition(reference_latents, None, num_latent_frames)
-                else:
-                    motion_video = previous_video[:, :, -motion_frames:]  # 1, 3, T_prev, H, W
-                    motion_latents = self.encode_video(motion_video, device, dtype)  # 1, 16, m, h, w
-                    if motion_latents.shape[2] != motion_latent_frames:
-                        raise ValueError(
-                            f"motion latents have {motion_latents.shape[2]} frames, expected {motion_latent_frames}."
-                        )
-                    condition = build_condition(None, motion_latents, num_latent_frames)
-                condition = condition.to(device, dtype)  # 1, 20, F, h, w
+                # 4.3 Condition (Eq. 1): the reference in every chunk, plus the previous chunk's last motion frames
+                motion_video = None if previous_video is None else previous_video[:, :, -motion_frames:]
+                condition = chunk_condition(self.vae, reference, motion_video, num_latent_frames)
+                condition = condition.to(device, dtype)  # 1, 4 + 2·16, F, h, w
 
                 # 4.4 Noise and timesteps
                 latents = self.prepare_latents(num_frames_per_chunk, height, width, torch.float32, device, generator)
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
                 timesteps = self.scheduler.timesteps
                 self._num_timesteps = len(timesteps)
                 audio_embeds = avatar_windows[:, start:stop]  # 1, N, L_w, NL, D
@@ -775,23 +779,29 @@ class EchoPipeline(DiffusionPipeline):
 
     def prepare_user_inputs(
         self,
-        user_audio: np.ndarray,
+        user_audio: np.ndarray | None,
         user_video: np.ndarray,
         total_frames: int,
         user_landmarks: np.ndarray | None,
         user_video_size: int,
+        user_audio_features: np.ndarray | torch.Tensor | None = None,
     ) -> dict:
         r"""
         Per-frame user inputs for the whole conversation, ``total_frames`` rows (the video repeats its last frame and
-        the audio is padded with silence beyond their ends): ``audio_features`` `(T, NL, D)`, ``frames``
-        `(T, H_u, W_u, 3)` uint8, ``waveform``, and, when the LCU uses the visual branch, ``video_tokens``
-        `(T, C_v, h_v, w_v)` and ``face_mask`` `(T, h_v, w_v)` (`echo.components.encode_user_video` of the frames
-        resized to ``user_video_size``², face = face oval including the lips, from ``user_landmarks``).
+        the audio is padded with silence beyond their ends): ``audio_features`` `(T, NL, D)` (``user_audio_features``
+        when given), ``frames`` `(T, H_u, W_u, 3)` uint8, ``waveform``, and, when the LCU uses the visual branch,
+        ``video_tokens`` `(T, C_v, h_v, w_v)` and ``face_mask`` `(T, h_v, w_v)`: `echo.encoding.prepare_user_video`
+        (frames resized to ``user_video_size``², the face from ``user_landmarks``) then `echo.encoding.encode_user_video`,
+        as training encodes them.
         """
-        inputs = {"audio_features": self.encode_audio(user_audio, total_frames), "waveform": user_audio}
+        if user_audio_features is not None:
+            features = _feature_rows(user_audio_features, total_frames, "user_audio_features")
+        else:
+            features = self.encode_audio(user_audio, total_frames)
+        inputs = {"audio_features": features, "waveform": user_audio}
         index = np.minimum(np.arange(total_frames), len(user_video) - 1)
         inputs["frames"] = user_video[index]  # T_all, H_u, W_u, 3 uint8
-        if self.context_encoder.config.use_visual:
+        if "user_video" in self.context_encoder.required_inputs:
             if user_landmarks is None:
                 user_landmarks = detect_face_landmarks(user_video)
             user_landmarks = np.asarray(user_landmarks, dtype=np.float32)
@@ -799,13 +809,8 @@ class EchoPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"`user_landmarks` has shape {user_landmarks.shape}, expected ({len(user_video)}, {NUM_LANDMARKS}, 2)."
                 )
-            size = user_video_size
-            lip, face = rasterize_masks(user_landmarks[index], size, size, source_size=user_video.shape[1:3])
-            frames = torch.from_numpy(inputs["frames"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # T, 3, H_u, W_u
-            if frames.shape[-2:] != (size, size):
-                frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            face_mask = torch.from_numpy(lip | face).float()  # whole face, lips included
-            tokens, token_mask = encode_user_video(self.vae, frames.clamp(-1, 1)[None], face_mask[None])
+            frames, face_mask = prepare_user_video(inputs["frames"], user_landmarks[index], user_video_size)
+            tokens, token_mask = encode_user_video(self.vae, frames[None], face_mask[None])
             inputs["video_tokens"], inputs["face_mask"] = tokens[0], token_mask[0]
         return inputs
 
@@ -818,24 +823,32 @@ class EchoPipeline(DiffusionPipeline):
         understanding_model: Callable | None,
         device: torch.device,
         dtype: torch.dtype,
+        max_history_frames: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
-        The LCU's context tokens for the chunk ``[start, stop)``: the user's history is frames ``0 … stop − 1`` and the
-        current clip its last ``stop − start`` frames.
+        The LCU's context tokens for the chunk ``[start, stop)``: the user's history is frames ``first … stop − 1``
+        (``first = 0``, or ``stop − max_history_frames`` when that is later, as in training) and the current clip its
+        last ``stop − start`` frames. The LCU gets the inputs its ``required_inputs`` name, in the form the training
+        step gives them (validity masks included).
 
         Returns:
             `(context, context_mask)`: `(1, N_ctx, context_dim)` and `(1, N_ctx)` bool.
         """
         lcu = self.context_encoder
+        required = lcu.required_inputs
+        first = 0 if max_history_frames is None else max(0, stop - max_history_frames)
         kwargs = {
-            "user_audio": user_inputs["audio_features"][None, :stop].to(device, lcu.dtype),  # 1, T_hist, NL, D
+            "user_audio": user_inputs["audio_features"][None, first:stop].to(device),  # 1, T_hist, NL, D
             "clip_frames": stop - start,
+            "user_audio_mask": torch.ones(1, stop - first, dtype=torch.bool, device=device),
         }
-        if lcu.config.use_visual:
-            kwargs["user_video"] = user_inputs["video_tokens"][None, :stop].to(device, lcu.dtype)  # 1, T_hist, C_v, h, w
-            kwargs["user_face_mask"] = user_inputs["face_mask"][None, :stop].to(device)  # 1, T_hist, h, w
-        if lcu.config.use_understanding:
+        if "user_video" in required:
+            kwargs["user_video"] = user_inputs["video_tokens"][None, first:stop].to(device)  # 1, T_hist, C_v, h, w
+            kwargs["user_face_mask"] = user_inputs["face_mask"][None, first:stop].to(device)  # 1, T_hist, h, w
+        if "understanding" in required:
             if understanding is None and understanding_model is not None:
+                if user_inputs["waveform"] is None:
+                    raise ValueError("`understanding_model` needs the user's waveform: pass `user_audio`.")
                 num_samples = int(round(stop * SAMPLE_RATE / FPS))
                 understanding = understanding_model(user_inputs["frames"][:stop], user_inputs["waveform"][:num_samples])
             if understanding is None:
@@ -843,12 +856,33 @@ class EchoPipeline(DiffusionPipeline):
                     "The context encoder uses understanding tokens (use_understanding=True): pass `understanding` "
                     "(N_s, D_s) or an `understanding_model`."
                 )
-            understanding = torch.as_tensor(understanding)
+            understanding = torch.as_tensor(understanding).to(device, torch.float32)
             if understanding.ndim == 2:
-                understanding = understanding[None]
-            kwargs["understanding"] = understanding.to(device, lcu.dtype)
+                understanding = understanding[None]  # 1, N_s, D_s
+            num_tokens = understanding.shape[1]
+            if num_tokens == 0:  # nothing understood yet: one hidden zero token, as a training batch holds it
+                understanding = understanding.new_zeros(1, 1, understanding.shape[2])
+            kwargs["understanding"] = understanding
+            kwargs["understanding_mask"] = torch.full(
+                understanding.shape[:2], num_tokens > 0, dtype=torch.bool, device=device
+            )
         output = lcu(**kwargs)
         return output.context.to(device, dtype), output.context_mask.to(device)
+
+
+def _feature_rows(features: np.ndarray | torch.Tensor, num_rows: int, name: str) -> torch.Tensor:
+    """The first ``num_rows`` per-frame wav2vec2 rows `(T, NL, D)` of precomputed features (e.g. a memory-mapped
+    float16 ``*_w2v.npy``), float32 on the CPU, as the dataset reads them."""
+    if not isinstance(features, torch.Tensor):
+        features = np.asarray(features)
+    if features.ndim != 3 or features.shape[0] < num_rows:
+        raise ValueError(
+            f"`{name}` has shape {tuple(features.shape)}, expected (T, NL, D) per-frame wav2vec2 rows with T >= "
+            f"{num_rows} (the chunks cover frames 0 … {num_rows - 1})."
+        )
+    if isinstance(features, torch.Tensor):
+        return features[:num_rows].detach().float().cpu()
+    return torch.from_numpy(np.array(features[:num_rows], dtype=np.float32))  # a copy: memory maps are read-only
 
 
 def _register_with_diffusers() -> None:

@@ -1,8 +1,11 @@
 """``echo-render``: render many conversations with a saved `EchoPipeline`.
 
 ```
-echo-render --pipeline DIR --manifest conversations.jsonl --out DIR [--height 512 --width 512 --steps 40 ...]
+echo-render --pipeline DIR --manifest conversations.jsonl --out DIR [--height H --width W --steps N ...]
 ```
+
+Resolution, chunk length, motion frames, user video size and sampling options default to the settings saved with the
+model (`EchoPipeline.settings`, i.e. what it was trained with); an option given on the command line overrides them.
 
 The manifest holds one JSON object per line:
 
@@ -123,10 +126,8 @@ def render_entry(
             raise KeyError(f"{entry['understanding']!r} has no 'hidden_states' tensor")
         hidden = tensors["hidden_states"].float()
         kwargs["understanding"] = hidden.reshape(-1, hidden.shape[-1])
-    if "reference_landmarks" in entry:
-        landmarks = np.load(_resolve(base, entry["reference_landmarks"])).astype(np.float32)
-        scale = np.array([args.width / reference.width, args.height / reference.height], dtype=np.float32)
-        kwargs["reference_landmarks"] = landmarks.reshape(-1, 2) * scale
+    if "reference_landmarks" in entry:  # pixels of the reference image, as the pipeline takes them
+        kwargs["reference_landmarks"] = np.load(_resolve(base, entry["reference_landmarks"])).astype(np.float32)
     if "user_landmarks" in entry:
         kwargs["user_landmarks"] = np.load(_resolve(base, entry["user_landmarks"]))
     num_frames = entry.get("num_frames")
@@ -148,6 +149,7 @@ def render_entry(
         user_guidance_scale=args.user_guidance_scale,
         num_frames_per_chunk=args.frames_per_chunk,
         motion_frames=args.motion_frames,
+        user_video_size=args.user_video_size,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
         **kwargs,
@@ -214,13 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", required=True, help="folder of a saved EchoPipeline (save_pretrained)")
     parser.add_argument("--manifest", required=True, help="JSON-lines manifest, one conversation per line")
     parser.add_argument("--out", required=True, help="output folder for <id>.mp4 and failures.jsonl")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=40, help="denoising steps per chunk")
-    parser.add_argument("--audio-guidance-scale", type=float, default=4.5)
-    parser.add_argument("--user-guidance-scale", type=float, default=2.0)
-    parser.add_argument("--frames-per-chunk", type=int, default=81, help="4k + 1 frames per chunk")
-    parser.add_argument("--motion-frames", type=int, default=5, help="4(m - 1) + 1 frames carried between chunks")
+    # None = the setting saved with the model (what it was trained with), for every option of this group.
+    parser.add_argument("--height", type=int, default=None, help="default: the model's resolution")
+    parser.add_argument("--width", type=int, default=None, help="default: the model's resolution")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the model's)")
+    parser.add_argument("--audio-guidance-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--user-guidance-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--frames-per-chunk", type=int, default=None,
+                        help="4k + 1 frames per chunk (default: the model's training window)")  # fmt: skip
+    parser.add_argument("--motion-frames", type=int, default=None,
+                        help="4(m - 1) + 1 frames carried between chunks (default: the model's)")  # fmt: skip
+    parser.add_argument("--user-video-size", type=int, default=None,
+                        help="side of the user's frames read by the LCU (default: the model's)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--side-by-side", action="store_true", help="show the user's video left of the avatar")
     parser.add_argument("--device", default=None, help="defaults to cuda when available, else cpu")

@@ -38,15 +38,21 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     return PIL.Image.open(path).convert("RGB")
 
 
-def to_uint8_frames(frames) -> np.ndarray:
-    """`(T, H, W, 3)` uint8 from uint8 or float-in-[0, 1] arrays, `(T, 3, H, W)` tensors in [0, 1] or PIL lists."""
-    if isinstance(frames, (list, tuple)) and frames and isinstance(frames[0], PIL.Image.Image):
-        frames = np.stack([np.asarray(frame.convert("RGB")) for frame in frames])
-    if hasattr(frames, "detach"):  # torch.Tensor (T, 3, H, W)
-        frames = frames.detach().cpu().float().permute(0, 2, 3, 1).numpy()
+def to_uint8_frames(frames, name: str = "frames") -> np.ndarray:
+    """`(T, H, W, 3)` uint8 from uint8 or float-in-[0, 1] arrays, `(T, 3, H, W)` or `(T, H, W, 3)` tensors in [0, 1]
+    (or uint8), or lists of PIL images / arrays; ``name`` names the argument in errors."""
+    if isinstance(frames, (list, tuple)) and frames:
+        frames = np.stack(
+            [np.asarray(f.convert("RGB")) if isinstance(f, PIL.Image.Image) else np.asarray(f) for f in frames]
+        )
+    if hasattr(frames, "detach"):  # torch.Tensor
+        frames = frames.detach().cpu()
+        if frames.ndim == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3:  # T, 3, H, W
+            frames = frames.permute(0, 2, 3, 1)
+        frames = frames.numpy()
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"`frames` has shape {frames.shape}, expected (T, H, W, 3).")
+        raise ValueError(f"`{name}` has shape {frames.shape}, expected (T, H, W, 3) RGB frames.")
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return frames

@@ -25,7 +25,7 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_tiny_components_are_seeded_and_agree_on_the_seams(tiny):
     assert set(tiny) == {
         "vae", "transformer", "scheduler", "audio_encoder", "feature_extractor", "text_encoder", "tokenizer",
-        "context_encoder",
+        "context_encoder", "settings",
     }  # fmt: skip
     transformer, audio = tiny["transformer"], tiny["audio_encoder"]
     assert (transformer.config.audio_dim, transformer.config.audio_num_layers) == (32, 3)
@@ -154,14 +154,76 @@ def test_wan_config_names_real_folders_and_never_downloads():
     from echo.components import COMPONENT_CLASSES
 
     config = load_model_config(TINY.with_name("wan2.1-t2v-1.3b.yaml"))
-    assert config["allow_download"] is False and set(COMPONENT_CLASSES) == set(config) - {"allow_download", "seed"}
+    assert config["allow_download"] is False
+    assert set(COMPONENT_CLASSES) == set(config) - {"allow_download", "seed", "settings"}
     wan = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     for section in ("vae", "scheduler", "text_encoder", "tokenizer"):
         assert (config[section]["pretrained"], config[section]["subfolder"]) == (wan, section)
     assert (config["transformer"]["from_wan"], config["transformer"]["subfolder"]) == (wan, "transformer")
-    assert config["audio_encoder"]["pretrained"] == config["feature_extractor"]["pretrained"] == "facebook/wav2vec2-base-960h"
+    assert (
+        config["audio_encoder"]["pretrained"]
+        == config["feature_extractor"]["pretrained"]
+        == "facebook/wav2vec2-base-960h"
+    )
     echo, lcu = config["transformer"]["config"], config["context_encoder"]["config"]
     assert (echo["audio_dim"], echo["audio_num_layers"]) == (lcu["audio_dim"], lcu["audio_num_layers"]) == (768, 13)
     assert echo["context_dim"] == lcu["context_dim"] == 1536  # Wan2.1-1.3B inner width: 12 heads × 128
     with pytest.raises(OSError):
         load_components(config, only=["tokenizer"])
+
+
+@pytest.mark.parametrize(
+    "model_config, stage_configs",
+    [
+        ("tiny.yaml", ("tiny_stage1.yaml", "tiny_stage2.yaml")),
+        ("wan2.1-t2v-1.3b.yaml", ("stage1.yaml", "stage2.yaml")),
+        ("demo.yaml", ("demo_stage1.yaml", "demo_stage2.yaml")),
+    ],
+)
+def test_model_settings_are_what_its_training_configs_train(model_config, stage_configs):
+    """The `settings:` of a model description (the pipeline's defaults) agree with the training configs that train it:
+    resolution, window = chunk length, motion frames, user video size and history length."""
+    from training.config import load_config
+
+    settings = load_components(TINY.with_name(model_config), only=["settings"])["settings"]
+    for name in stage_configs:
+        config = load_config(TINY.parents[1] / "train" / name, ["model.stage1_dir=x"])
+        assert settings["resolution"] == config.data.resolution, name
+        assert settings["num_frames_per_chunk"] == config.data.num_frames, name
+        assert settings["motion_frames"] == 4 * (config.loss.motion_latent_frames - 1) + 1, name
+        if config.stage == 2:
+            assert settings["user_video_size"] == config.data.user_video_size, name
+            assert settings["max_history_frames"] == config.data.max_history_frames, name
+            assert settings["use_emotion"] == config.ablation.use_emotion, name  # stage 1 never sees emotion text
+
+
+def test_settings_section_is_validated_and_reaches_the_pipeline():
+    from echo.settings import EchoSettings
+    from pipelines import EchoPipeline
+
+    config = load_model_config(TINY)
+    settings = load_components(config, only=["settings"])["settings"]
+    assert settings == EchoSettings.from_dict(config["settings"]).to_dict() and settings["resolution"] == 64
+    assert "settings" not in load_components(config, only=["tokenizer"])  # only what was asked for
+    config["settings"]["resolutoin"] = 64
+    with pytest.raises(ValueError, match=r"model config section 'settings' has unknown keys \['resolutoin'\]"):
+        load_components(config, only=["settings"])
+    config["settings"] = {"motion_frames": 4}
+    with pytest.raises(ValueError, match="`motion_frames` is 4"):
+        load_components(config, only=["settings"])
+    pipe = EchoPipeline(**load_components(TINY))
+    assert pipe.settings == EchoSettings.from_dict(load_model_config(TINY)["settings"])
+
+
+def test_user_video_tokens_do_not_depend_on_how_many_frames_are_encoded_together(tiny):
+    """The cache encodes a whole clip, training a window's history, the pipeline the conversation so far: a frame's
+    tokens must be the same bit for bit (the VAE's kernels round differently for different batch sizes)."""
+    vae = tiny["vae"]
+    generator = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 17, 3, 32, 32, generator=generator) * 2 - 1
+    face = torch.ones(1, 17, 32, 32)
+    with torch.no_grad():
+        whole, _ = encode_user_video(vae, video, face, batch_frames=16)
+        head, _ = encode_user_video(vae, video[:, :9], face[:, :9], batch_frames=16)
+        tail, _ = encode_user_video(vae, video[:, 5:], face[:, 5:], batch_frames=16)
+    assert torch.equal(whole[:, :9], head) and torch.equal(whole[:, 5:], tail)

@@ -1,5 +1,5 @@
-"""EchoPipeline on tiny components: determinism, chunking with motion-frame conditioning, the guidance equation,
-save/load round trip, CPU offload."""
+"""EchoPipeline on tiny components: determinism, chunking with reference + motion-frame conditioning, the guidance
+equation, defaults from the saved settings, save/load round trip, CPU offload."""
 
 from pathlib import Path
 
@@ -39,7 +39,7 @@ def pipe():
 def inputs():
     from skimage.data import astronaut
 
-    from pipelines.pipeline_echo import detect_face_landmarks
+    from echo.encoding import detect_face_landmarks
 
     image = astronaut()  # 512 × 512 RGB, a real face
     landmarks = detect_face_landmarks(image)  # 478 × 2, pixels of the 512² image
@@ -53,7 +53,7 @@ def inputs():
         "avatar_audio": speech,
         "user_video": user_frames,
         "user_audio": (0.1 * rng.standard_normal(16_000 * 2)).astype(np.float32),
-        "reference_landmarks": landmarks * SIZE / 512,
+        "reference_landmarks": landmarks,  # pixels of the reference image as given
         "user_landmarks": np.repeat(landmarks[None] / 8, 30, axis=0),
         "understanding": torch.randn(4, 32, generator=torch.Generator().manual_seed(0)),
         "emotion": "calm and attentive",
@@ -163,25 +163,37 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
     for chunk, (start, stop) in enumerate([(0, 9), (4, 13), (8, 17)]):
         torch.testing.assert_close(audio_windows[chunk], expected_windows[:, start:stop].to(audio_windows[chunk].dtype))
 
-    # chunk 0: the reference latent at latent frame 0, nothing else given
-    reference = pipe.prepare_reference(inputs["reference_image"], SIZE, SIZE)
     # every pass of every chunk gets the avatar's lip and face token masks from the reference landmarks
-    lip, face = pipe.prepare_avatar_masks(reference, 3, inputs["reference_landmarks"])
+    lip, face = pipe.prepare_avatar_masks(
+        SIZE, SIZE, 3, inputs["reference_landmarks"], reference_image=inputs["reference_image"]
+    )
     assert lip.any() and face.any() and not torch.equal(lip, face)  # so a swap or a missing mask fails below
     assert masks and all(torch.equal(m[0], lip) and torch.equal(m[1], face) for m in masks)
-    reference_latents = pipe.encode_video(reference[:, :, None], "cpu", torch.float32)
-    torch.testing.assert_close(conditions[0][:, 4:, :1], reference_latents)
-    assert conditions[0][:, :4, 0].eq(1).all() and not conditions[0][:, :, 1:].any()
+
+    # Condition channels: [mask(4), given latents(16), reference plane(16)].
+    from echo.encoding import encode_latents
+
+    reference = pipe.prepare_reference(inputs["reference_image"], SIZE, SIZE)
+    reference_latents = encode_latents(pipe.vae, reference[:, :, None])  # 1, 16, 1, h, w
+    assert reference_latents.abs().max() > 0.1
+    # chunk 0: the reference latent at latent frame 0, nothing else given
+    torch.testing.assert_close(conditions[0][:, 4:20, :1], reference_latents)
+    assert conditions[0][:, :4, 0].eq(1).all() and not conditions[0][:, :20, 1:].any()
+    # every chunk (continuations too, Eq. 1) holds the reference latent in the reference plane at every latent frame
+    for chunk in (0, 1, 2):
+        torch.testing.assert_close(
+            conditions[chunk][:, 20:], reference_latents.expand(-1, -1, 3, -1, -1), atol=0, rtol=0
+        )
 
     # chunk 1: latent frames 0-1 hold the VAE encoding of chunk 0's last 5 frames (output frames 4-8)
     motion = frames[:, 4:9].permute(0, 2, 1, 3, 4) * 2 - 1  # 1, 3, 5, H, W in [-1, 1]
-    motion_latents = pipe.encode_video(motion, "cpu", torch.float32)  # 1, 16, 2, h, w
-    torch.testing.assert_close(conditions[1][:, 4:, :2], motion_latents, atol=1e-4, rtol=1e-4)
-    assert conditions[1][:, :4, :2].eq(1).all() and not conditions[1][:, :, 2:].any()
+    motion_latents = encode_latents(pipe.vae, motion)  # 1, 16, 2, h, w
+    torch.testing.assert_close(conditions[1][:, 4:20, :2], motion_latents, atol=1e-4, rtol=1e-4)
+    assert conditions[1][:, :4, :2].eq(1).all() and not conditions[1][:, :20, 2:].any()
     # every continuation holds the previous chunk's own last 5 decoded frames (chunk 2: chunk 1's frames 8-12)
     for chunk in (1, 2):
-        previous = pipe.encode_video(decoded[chunk - 1][:, :, -MOTION:], "cpu", torch.float32)
-        torch.testing.assert_close(conditions[chunk][:, 4:, :2], previous, atol=0, rtol=0)
+        previous = encode_latents(pipe.vae, decoded[chunk - 1][:, :, -MOTION:])
+        torch.testing.assert_close(conditions[chunk][:, 4:20, :2], previous, atol=0, rtol=0)
     # the output is chunk 0 followed by chunks 1 and 2 without their regenerated motion frames
     stitched = torch.cat([decoded[0], decoded[1][:, :, MOTION:], decoded[2][:, :, MOTION:]], dim=2)
     torch.testing.assert_close(frames, ((stitched + 1) / 2).permute(0, 2, 1, 3, 4), atol=1e-6, rtol=0)
@@ -245,10 +257,12 @@ def test_save_pretrained_reloads_through_diffusion_pipeline_and_offloads(pipe, i
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "EchoPipeline"
     assert index["transformer"] == ["echo.transformer_echo", "EchoTransformer3DModel"]
+    assert index["settings"] == pipe.settings.to_dict() and index["settings"]["resolution"] == 64
     assert list((tmp_path / "transformer").glob("*.safetensors"))
 
     loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
     assert type(loaded) is EchoPipeline
+    assert loaded.settings == pipe.settings  # the settings travel with the model
     loaded.set_progress_bar_config(disable=True)
     torch.testing.assert_close(_run(loaded, inputs, seed=3, num_inference_steps=1), expected, atol=1e-6, rtol=0)
 
@@ -257,56 +271,136 @@ def test_save_pretrained_reloads_through_diffusion_pipeline_and_offloads(pipe, i
     torch.testing.assert_close(_run(loaded, inputs, seed=3, num_inference_steps=1), expected, atol=1e-6, rtol=0)
 
 
-def test_reference_masks_come_from_the_face(pipe, inputs):
-    reference = pipe.prepare_reference(inputs["reference_image"], 128, 128)
-    landmarks = inputs["reference_landmarks"] * 128 / SIZE  # pixels of the 128² reference
-    lip, face = pipe.prepare_avatar_masks(reference, 3, landmarks)
+def test_defaults_are_the_saved_settings(pipe, inputs):
+    """Without height, width, chunk length, motion frames, user video size or step count, `pipe(...)` uses the
+    settings the model was trained with (`pipe.settings`, from configs/models/tiny.yaml: 64², 9-frame chunks, 1 motion
+    frame, 32² user frames, 4 steps); changing the saved settings changes the render; explicit arguments override."""
+    calls, user_tokens = [], []
+    handles = [
+        pipe.transformer.register_forward_pre_hook(
+            lambda m, a, k: calls.append((pipe.current_chunk, tuple(k["hidden_states"].shape))), with_kwargs=True
+        ),
+        pipe.context_encoder.register_forward_pre_hook(
+            lambda m, a, k: user_tokens.append(tuple(k["user_video"].shape)), with_kwargs=True
+        ),
+    ]
+    saved = dict(pipe.config.settings)
+    defaults = {
+        k: v
+        for k, v in inputs.items()
+        if k not in ("height", "width", "num_frames_per_chunk", "motion_frames", "user_video_size")
+    }
+    scales = {"audio_guidance_scale": 1.0, "user_guidance_scale": 1.0}  # one pass per step
+    try:
+        frames = pipe(**defaults, **scales, num_frames=13, output_type="pt").frames
+        # 64² (8² latents), chunks of 9 frames with 1 motion frame: [0, 9), [8, 17); 4 steps each; 32² user frames
+        assert frames.shape == (1, 13, 3, 64, 64)
+        assert calls == [(0, (1, 16, 3, 8, 8))] * 4 + [(1, (1, 16, 3, 8, 8))] * 4
+        assert user_tokens == [(1, 9, 16, 4, 4), (1, 17, 16, 4, 4)]
+
+        calls.clear()
+        pipe.register_to_config(
+            settings={**saved, "resolution": 32, "num_frames_per_chunk": 5, "num_inference_steps": 1}
+        )
+        frames = pipe(**defaults, **scales, num_frames=5, output_type="pt").frames
+        assert frames.shape == (1, 5, 3, 32, 32) and calls == [(0, (1, 16, 2, 4, 4))]
+
+        calls.clear()  # explicit arguments win for this call only
+        pipe(**defaults, **scales, num_frames=5, height=48, width=32, num_inference_steps=2, output_type="pt")
+        assert calls == [(0, (1, 16, 2, 6, 4))] * 2
+    finally:
+        pipe.register_to_config(settings=saved)
+        for handle in handles:
+            handle.remove()
+
+
+def test_continuation_chunk_output_depends_on_the_reference(pipe, inputs, monkeypatch):
+    """Eq. 1: a continuation chunk is conditioned on the reference image, not only on the motion frames. With the
+    first chunk's decoded frames pinned (so both renders give the second chunk the same motion frames and noise),
+    another reference changes only the condition's reference plane, and with it the second chunk's prediction."""
+    fixed = torch.rand(1, 3, CHUNK, SIZE, SIZE, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    monkeypatch.setattr(pipe, "decode_latents", lambda latents: fixed)
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen.setdefault(pipe.current_chunk, (kwargs["condition"].clone(), output[0].clone()))
+
+    outputs = []
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for image in (inputs["reference_image"], 255 - inputs["reference_image"]):
+            seen.clear()
+            _run(pipe, inputs, reference_image=image, num_frames=13, num_inference_steps=1, audio_guidance_scale=1.0,
+                 user_guidance_scale=1.0)  # fmt: skip
+            outputs.append(seen[1])
+    finally:
+        handle.remove()
+    (condition_a, prediction_a), (condition_b, prediction_b) = outputs
+    assert torch.equal(condition_a[:, :20], condition_b[:, :20])  # same mask and motion latents
+    assert (condition_a[:, 20:] - condition_b[:, 20:]).abs().max() > 1e-2  # another reference plane
+    assert (prediction_a - prediction_b).abs().max() > 1e-3
+
+
+def test_reference_masks_are_the_training_masks_of_the_face(pipe, inputs):
+    """Defect 5: the pipeline's SDCM masks are `echo.masks.reference_token_masks` of the reference landmarks, the rule
+    the dataset uses, and they lie on the face."""
+    from echo.masks import reference_token_masks
+
+    image, landmarks = inputs["reference_image"], inputs["reference_landmarks"]  # 512², landmarks in its pixels
+    lip, face = pipe.prepare_avatar_masks(128, 128, 3, landmarks, reference_image=image)
     assert lip.shape == face.shape == (1, 3, 8, 8)
+    expected = reference_token_masks(landmarks, 128, 128, 3, source_size=(512, 512))
+    assert torch.equal(lip[0], expected[0]) and torch.equal(face[0], expected[1])
     assert lip.sum() >= 1 and face.sum() > 2 * lip.sum()
     assert not (lip * face).any()  # disjoint regions
-    mouth = landmarks[13] / 16  # landmark 13: inner upper lip, in tokens of 16 pixels
+    mouth = landmarks[13] / 4 / 16  # landmark 13: inner upper lip, in tokens of 16 pixels of the 128² frame
     assert lip[0, 0, int(mouth[1]), int(mouth[0])] == 1
-    eye_row = int(landmarks[[33, 263], 1].mean() / 16)  # no lip token at or above the eyes
+    eye_row = int(landmarks[[33, 263], 1].mean() / 4 / 16)  # no lip token at or above the eyes
     assert lip[0, 0, : eye_row + 1].sum() == 0 and face[0, 0, eye_row].sum() >= 1
-    # without landmarks, MediaPipe finds them on the full-resolution reference: the same masks
-    detected = pipe.prepare_avatar_masks(reference, 3, None, reference_image=inputs["reference_image"])
+    # without landmarks, MediaPipe finds them on the reference image: the same masks
+    detected = pipe.prepare_avatar_masks(128, 128, 3, None, reference_image=image)
     assert torch.equal(detected[0], lip) and torch.equal(detected[1], face)
     # masks given at the token grid are used as they are (face without lip)
-    given = pipe.prepare_avatar_masks(reference, 3, lip_mask=lip[0, 0], face_mask=torch.ones(8, 8))
+    given = pipe.prepare_avatar_masks(128, 128, 3, lip_mask=lip[0, 0], face_mask=torch.ones(8, 8))
     assert torch.equal(given[0], lip) and torch.equal(given[1], 1 - lip)
 
 
 def test_face_detection_on_frames_marks_missing_faces_with_nan(inputs):
-    from pipelines.pipeline_echo import detect_face_landmarks
+    from echo.encoding import detect_face_landmarks
 
     image = inputs["reference_image"]
     frames = np.stack([image, np.zeros_like(image), image])
     landmarks = detect_face_landmarks(frames)
     assert landmarks.shape == (3, 478, 2)
     assert np.isnan(landmarks[1]).all() and np.isfinite(landmarks[[0, 2]]).all()
-    np.testing.assert_allclose(landmarks[0], inputs["reference_landmarks"] * 512 / SIZE, rtol=1e-5)
+    np.testing.assert_allclose(landmarks[0], inputs["reference_landmarks"], rtol=1e-5)
     with pytest.raises(ValueError, match="no face"):
         detect_face_landmarks(np.zeros_like(image))
 
 
 def test_emotion_text_reaches_the_text_cross_attention_and_lau_off_uses_the_empty_prompt(pipe, inputs):
+    from echo.encoding import PromptEncoder
+
     seen = []
     handle = pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
     )
-    lcu_config = pipe.context_encoder.config
+    saved = dict(pipe.config.settings)
     try:
         scales = {"audio_guidance_scale": 1.0, "user_guidance_scale": 1.0, "num_inference_steps": 1}
         _run(pipe, inputs, emotion="joyful", **scales)
-        pipe.context_encoder.register_to_config(use_emotion=False)
+        pipe.register_to_config(settings={**saved, "use_emotion": False})  # a model trained w/o LAU
         _run(pipe, inputs, emotion="joyful", **scales)
     finally:
-        pipe.context_encoder.register_to_config(use_emotion=lcu_config.use_emotion)
+        pipe.register_to_config(settings=saved)
         handle.remove()
-    torch.testing.assert_close(seen[0], pipe.encode_prompt("joyful", device="cpu"))
-    torch.testing.assert_close(seen[1], pipe.encode_prompt("", device="cpu"))
+    # the embedding training gives the text: PromptEncoder at the saved max_sequence_length (64 tokens)
+    encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer, max_sequence_length=pipe.settings.max_sequence_length)
+    assert seen[0].shape == (1, 64, 32)
+    torch.testing.assert_close(seen[0], encoder("joyful"), atol=0, rtol=0)
+    torch.testing.assert_close(seen[1], encoder(""), atol=0, rtol=0)
     assert not torch.allclose(seen[0], seen[1])
-    assert pipe.context_encoder.config.use_emotion
+    assert pipe.settings.use_emotion
 
 
 def test_bad_inputs_raise_clear_errors(pipe, inputs):
@@ -322,3 +416,7 @@ def test_bad_inputs_raise_clear_errors(pipe, inputs):
         _run(pipe, inputs, output_type="latent")
     with pytest.raises(ValueError, match="reference_landmarks"):
         _run(pipe, inputs, reference_landmarks=np.zeros((68, 2)))
+    with pytest.raises(ValueError, match="motion_frames"):
+        _run(pipe, inputs, motion_frames=4)
+    with pytest.raises(ValueError, match="avatar_audio_features"):
+        _run(pipe, inputs, avatar_audio=None, avatar_audio_features=np.zeros((5, 3, 32), np.float32))

@@ -27,8 +27,18 @@ def test_demo_light(tmp_path, capsys):
     _check(out, capsys, num_frames=17, size=32)
 
 
+def test_demo_renders_at_the_model_settings_by_default(tmp_path, capsys):
+    """Without --size / --frames-per-chunk / --motion-frames the demo renders with the `settings:` of the model
+    description (configs/models/tiny.yaml: 64², 9-frame chunks, 1 motion frame), saved with the pipeline."""
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--seconds", "0.68", "--source-size", "64", "--steps", "1"]) == 0
+    _check(out, capsys, num_frames=17, size=64)
+    saved = json.loads((out / "pipeline" / "model_index.json").read_text())["settings"]
+    assert (saved["resolution"], saved["num_frames_per_chunk"], saved["motion_frames"]) == (64, 9, 1)
+
+
 @pytest.mark.slow
 def test_demo_default_settings(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out)]) == 0
-    _check(out, capsys, num_frames=100, size=128)
+    _check(out, capsys, num_frames=100, size=64)

@@ -22,7 +22,10 @@ def _tone(seconds: float, freq: float = 220.0) -> np.ndarray:
 def test_mp4_has_the_frames_at_25_fps_and_audio_of_the_same_duration(tmp_path, num_frames):
     y, x = np.mgrid[0:32, 0:48]
     frames = np.stack(
-        [np.stack([(x * 5 + 7 * t) % 256, (y * 7 + 3 * t) % 256, np.full_like(x, 9 * t % 256)], -1) for t in range(num_frames)]
+        [
+            np.stack([(x * 5 + 7 * t) % 256, (y * 7 + 3 * t) % 256, np.full_like(x, 9 * t % 256)], -1)
+            for t in range(num_frames)
+        ]
     ).astype(np.uint8)  # smooth moving gradients
     audio = _tone(10.0)  # longer than the video: cut to its duration
     path = write_mp4(tmp_path / "clip.mp4", frames, audio=audio)
@@ -107,8 +110,9 @@ def test_render_manifest_isolates_failures_skips_done_clips_and_stays_inside_out
     manifest = work / "conversations.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     out = work / "out"
-    args = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--out", str(out), "--height", "64",
-            "--width", "64", "--steps", "1", "--frames-per-chunk", "9", "--motion-frames", "5", "--side-by-side"]  # fmt: skip
+    # size, chunk length and motion frames: the settings saved with the pipeline (tiny: 64², 9-frame chunks)
+    args = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--out", str(out), "--steps", "1",
+            "--side-by-side"]  # fmt: skip
 
     assert render.main(args) == 1  # some clips failed
     printed = capsys.readouterr().out
@@ -137,6 +141,31 @@ def test_render_manifest_isolates_failures_skips_done_clips_and_stays_inside_out
     summary = render.render_manifest(pipe, manifest, out, render.build_parser().parse_args(args))
     assert calls == [] and sorted(summary["skipped"]) == ["_x", "good"] and summary["rendered"] == []
     assert (out / "good.mp4").stat().st_mtime_ns == mtime
+
+
+def test_render_entry_passes_the_options_and_leaves_the_rest_to_the_model_settings(tmp_path):
+    """echo-render forwards --user-video-size and the other options; an option not given is None, so the pipeline
+    takes the model's saved setting; reference landmarks are passed in pixels of the reference image."""
+    from pipelines import render
+
+    class Recorder:
+        def __call__(self, **kwargs):
+            self.kwargs = kwargs
+            frames = np.zeros((1, kwargs["num_frames"] or 9, 16, 16, 3), dtype=np.float32)
+            return type("Output", (), {"frames": frames})()
+
+    entry = {**_write_conversation(tmp_path / "conv"), "id": "a"}
+    parser = render.build_parser()
+    base = ["--pipeline", "p", "--manifest", "m", "--out", "o"]
+    pipe = Recorder()
+    render.render_entry(pipe, entry, tmp_path, tmp_path / "a.mp4", parser.parse_args(base))
+    for name in ("height", "width", "num_inference_steps", "audio_guidance_scale", "user_guidance_scale",
+                 "num_frames_per_chunk", "motion_frames", "user_video_size"):  # fmt: skip
+        assert pipe.kwargs[name] is None, name
+    np.testing.assert_array_equal(pipe.kwargs["reference_landmarks"], np.load(tmp_path / "conv" / "ref_landmarks.npy"))
+    options = parser.parse_args([*base, "--user-video-size", "16", "--height", "32"])
+    render.render_entry(pipe, entry, tmp_path, tmp_path / "b.mp4", options)
+    assert pipe.kwargs["user_video_size"] == 16 and pipe.kwargs["height"] == 32
 
 
 @pytest.mark.parametrize(

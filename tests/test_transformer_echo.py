@@ -106,6 +106,9 @@ def test_t2v_wan_equivalence_from_saved_folder(wan_t2v_folder):
         condition = build_condition(torch.randn(B, 16, 1, H, W), None, F_LAT)
         actual = echo(**inputs, condition=condition).sample
         assert (actual - expected).abs().max() <= 1e-5
+        # ... and so does a continuation chunk's condition (motion latents + the reference plane).
+        continuation = build_condition(torch.randn(B, 16, 1, H, W), torch.randn(B, 16, 2, H, W), F_LAT)
+        assert (echo(**inputs, condition=continuation).sample - expected).abs().max() <= 1e-5
         # The equivalence is not vacuous: a trained SDCM does change the output.
         perturb_added_modules(echo)
         assert (echo(**inputs, condition=condition).sample - expected).abs().max() > 1e-2
@@ -119,24 +122,32 @@ def test_t2v_wan_equivalence_from_saved_folder(wan_t2v_folder):
     assert echo_state["patch_embedding.weight"][:, 16:].abs().max() == 0
 
 
-def test_i2v_wan_equivalence_from_saved_folder(tmp_path):
+@pytest.mark.parametrize("motion", [False, True], ids=["first_chunk", "continuation_chunk"])
+def test_i2v_wan_equivalence_from_saved_folder(tmp_path, motion):
+    """An I2V base reads Wan's own condition [mask(4), given latents(16)]: the Echo model built from it computes what
+    the base computes on those 20 channels, whatever the reference plane holds (its input weights start at zero)."""
     torch.manual_seed(1)
     WanTransformer3DModel(**WAN_I2V).save_pretrained(tmp_path / "transformer")  # a Wan pipeline folder's layout
     wan = WanTransformer3DModel.from_pretrained(tmp_path / "transformer").eval()
     echo = EchoTransformer3DModel.from_wan(tmp_path, subfolder="transformer", **ECHO).eval()
+    assert (echo.config.in_channels, echo.config.condition_channels) == (52, 36)
     inputs = make_inputs(seed=1, text_len=512)  # Wan's I2V attention splits image tokens off a 512-token text
     image = torch.randn(B, 4, 24)
-    condition = build_condition(torch.randn(B, 16, 1, H, W), None, F_LAT)
+    motion_latents = torch.randn(B, 16, 2, H, W) if motion else None
+    condition = build_condition(torch.randn(B, 16, 1, H, W), motion_latents, F_LAT)  # B, 36, F, h, w
+    assert condition[:, 20:].abs().max() > 0  # the reference plane is given, and must not change the output
     with torch.no_grad():
         expected = wan(
-            torch.cat([inputs["hidden_states"], condition], 1),
+            torch.cat([inputs["hidden_states"], condition[:, :20]], 1),
             inputs["timestep"],
             inputs["encoder_hidden_states"],
             encoder_hidden_states_image=image,
         ).sample
         actual = echo(**inputs, condition=condition, encoder_hidden_states_image=image).sample
     assert (actual - expected).abs().max() <= 1e-5
-    assert torch.equal(echo.state_dict()["patch_embedding.weight"], wan.state_dict()["patch_embedding.weight"])
+    wan_embedding = wan.state_dict()["patch_embedding.weight"]  # inner, 36, 1, 2, 2
+    echo_embedding = echo.state_dict()["patch_embedding.weight"]  # inner, 52, 1, 2, 2
+    assert torch.equal(echo_embedding[:, :36], wan_embedding) and echo_embedding[:, 36:].abs().max() == 0
     with pytest.raises(ValueError, match=r"`encoder_hidden_states_image` is None, expected \(batch, 257, image_dim\)"):
         echo(**inputs, condition=condition)
     short_text = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"][:, :7])
@@ -494,19 +505,32 @@ def _wan_i2v_mask(num_given_video_frames: int, num_video_frames: int) -> torch.T
     return mask
 
 
-def test_build_condition_layout_matches_wan_i2v():
+def test_build_condition_layout_matches_wan_i2v_plus_the_reference_plane():
+    """[mask(4), given latents(16)] is Wan I2V's condition; the reference plane (16) holds the reference latent on
+    every latent frame, in a first chunk and in a continuation chunk alike (Eq. 1)."""
     reference = torch.randn(B, 16, 1, H, W)
     condition = build_condition(reference, None, F_LAT)
-    assert condition.shape == (B, 20, F_LAT, H, W)
+    assert condition.shape == (B, 36, F_LAT, H, W)
     torch.testing.assert_close(condition[:, :4], _wan_i2v_mask(1, T_VID))
-    torch.testing.assert_close(condition[:, 4:, :1], reference)
-    assert condition[:, 4:, 1:].abs().max() == 0
+    torch.testing.assert_close(condition[:, 4:20, :1], reference)
+    assert condition[:, 4:20, 1:].abs().max() == 0
+    torch.testing.assert_close(condition[:, 20:], reference.expand(-1, -1, F_LAT, -1, -1), rtol=0, atol=0)
 
     motion = torch.randn(B, 16, 2, H, W)  # the previous chunk's last 4·(2 − 1) + 1 = 5 frames
     condition = build_condition(reference, motion, F_LAT)
     torch.testing.assert_close(condition[:, :4], _wan_i2v_mask(5, T_VID))
-    torch.testing.assert_close(condition[:, 4:, :2], motion)
-    assert condition[:, 4:, 2:].abs().max() == 0
+    torch.testing.assert_close(condition[:, 4:20, :2], motion)
+    assert condition[:, 4:20, 2:].abs().max() == 0
+    torch.testing.assert_close(condition[:, 20:], reference.expand(-1, -1, F_LAT, -1, -1), rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="`reference_latents` .* is required"):
+        build_condition(None, motion, F_LAT)
+    with pytest.raises(
+        ValueError, match=r"`motion_latents` has shape \(2, 16, 2, 8, 8\), expected \(2, 16, m, 16, 16\)"
+    ):
+        build_condition(reference, torch.randn(B, 16, 2, 8, 8), F_LAT)
+    with pytest.raises(ValueError, match="`motion_latents` .* 4 latent frames, expected at most num_latent_frames = 3"):
+        build_condition(reference, torch.randn(B, 16, 4, H, W), F_LAT)
 
 
 # 6. Bad input ---------------------------------------------------------------------------------------------------------
@@ -529,12 +553,12 @@ def test_build_condition_layout_matches_wan_i2v():
             r"`hidden_states` has shape \(2, 17, 3, 16, 16\), expected \(batch, 16,",
         ),
         (
-            dict(condition=torch.randn(B, 19, F_LAT, H, W)),
-            r"`condition` has shape \(2, 19, 3, 16, 16\), expected \(2, 20, 3, 16, 16\)",
+            dict(condition=torch.randn(B, 20, F_LAT, H, W)),
+            r"`condition` has shape \(2, 20, 3, 16, 16\), expected \(2, 36, 3, 16, 16\)",
         ),
         (
-            dict(condition=torch.randn(B, 20, F_LAT + 1, H, W)),
-            r"`condition` has shape \(2, 20, 4, 16, 16\), expected \(2, 20, 3, 16, 16\)",
+            dict(condition=torch.randn(B, 36, F_LAT + 1, H, W)),
+            r"`condition` has shape \(2, 36, 4, 16, 16\), expected \(2, 36, 3, 16, 16\)",
         ),
         (
             dict(context_embeds=torch.randn(B, 6, 21)),
@@ -577,3 +601,7 @@ def test_doctored_wan_checkpoints_raise(wan_t2v_folder):
         EchoTransformer3DModel.from_wan(wan, **ECHO)
     with pytest.raises(ValueError, match=r"Wan arguments \['num_layers'\]"):
         EchoTransformer3DModel.from_wan(wan_t2v_folder, num_layers=3)
+    # A base with another input width (neither T2V's 16 nor I2V's 36 channels) is refused, naming both.
+    odd = WanTransformer3DModel(**dict(WAN_T2V, in_channels=20))
+    with pytest.raises(ValueError, match=r"Wan `in_channels` is 20, expected 16 \(T2V\) or 36 \(I2V"):
+        EchoTransformer3DModel.from_wan(odd, **ECHO)

@@ -1,9 +1,10 @@
 """One training step of either stage: inputs from a batch, the flow-matching forward pass and the stage's loss.
 
-The maths live in the library (`echo.flow_matching`, `echo.losses`, `echo.conditioning`); this module wires a batch
-of `echo.data.collate_conversations` to them. Every random draw of a step (σ, noise, continuation, the block subset
-S, the decoded frames of L_pixel) comes from an explicit generator seeded by ``(seed, rank, micro-step)``, so a
-resumed run draws exactly what an uninterrupted one draws.
+The maths live in the library (`echo.flow_matching`, `echo.losses`) and every input is built by the encodings
+`EchoPipeline` uses too (`echo.encoding`: VAE latents, a chunk's condition, user video tokens, prompt embeddings);
+this module wires a batch of `echo.data.collate_conversations` to them. Every random draw of a step (σ, noise,
+continuation, the block subset S, the decoded frames of L_pixel) comes from an explicit generator seeded by
+``(seed, rank, micro-step)``, so a resumed run draws exactly what an uninterrupted one draws.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from echo.encoding import encode_user_video, normalize_latents
-from echo.conditioning import build_condition
+from echo.encoding import PromptEncoder, chunk_condition, encode_latents, encode_user_video, normalize_latents
 from echo.flow_matching import add_noise, flow_loss, predict_x0, sample_sigmas, sigma_to_timestep, velocity_target
 from echo.losses import hfa_loss, latent_frame_weights, pixel_loss, sample_blocks, speech_weights
 
@@ -26,54 +26,31 @@ def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-class TextEmbedder:
-    """Emotion text → `(B, L, text_dim)` with `echo.emotion.EmotionTextEncoder` (Wan's prompt encoding, as the
-    pipeline does), cached per distinct text; ``L = min(512, tokenizer.model_max_length)``."""
-
-    def __init__(self, tokenizer, text_encoder, max_length: int | None = None):
-        from echo.emotion import EmotionTextEncoder
-
-        self.encoder = EmotionTextEncoder(
-            text_encoder, tokenizer, max_length=max_length or min(int(tokenizer.model_max_length), 512)
-        )
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if missing:
-            for text, state in zip(missing, self.encoder.encode(missing)):
-                self.cache[text] = state.detach()
-        return torch.stack([self.cache[t] for t in texts]).to(device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
-    """`(B, 3, T, H, W)` in [−1, 1] → normalised latents `(B, 16, F, h, w)` (the posterior mode)."""
-    latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
-    return normalize_latents(vae, latents.float())
-
-
 def training_step(
     models: TrainingModels,
     module: torch.nn.Module,
     batch: dict,
     config: TrainConfig,
-    text_embedder: TextEmbedder | None,
+    prompt_encoder: PromptEncoder | None,
     generator: torch.Generator,
     device: torch.device,
     weight_dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """Compute the stage's loss on one batch.
 
+    The inputs are built by the functions `EchoPipeline` uses (`echo.encoding`), and the built models decide which
+    inputs exist: the LCU's ``required_inputs`` (its ablation switches) select the user streams, and an LCU exists
+    only in stage 2. The emotion text is the batch's (the dataset already gives ``""`` under the "w/o LAU" ablation).
+
     Args:
-        models ([`TrainingModels`]): frozen parts (VAE, text encoder, ``f_ref``) and names.
+        models ([`TrainingModels`]): frozen parts (VAE, text encoder, ``f_ref``), the unwrapped training module.
         module (`torch.nn.Module`): the prepared (possibly DDP/FSDP-wrapped) [`EchoTrainingModule`].
         batch (`dict`): a `collate_conversations` batch; its ``emotion_embeds`` `(B, L_txt, D)` (cached, see
-            ``data.use_cached_emotion_embeds``) are used as they are, otherwise ``text_embedder`` encodes its texts.
+            ``data.use_cached_emotion_embeds``) are used as they are, otherwise ``prompt_encoder`` encodes its texts.
             In stage 2 its cached ``user_tokens`` `(B, T_hist, C, h, w)` and ``user_token_mask`` `(B, T_hist, h, w)`
             (``data.use_cached_user_tokens``) go to the LCU as they are (cast to the VAE's dtype, as
             `encode_user_video` returns them), otherwise `encode_user_video` encodes ``user_video`` / ``user_face_mask``.
-        text_embedder ([`TextEmbedder`], *optional*): `None` when the batch holds ``emotion_embeds``.
+        prompt_encoder ([`~echo.encoding.PromptEncoder`], *optional*): `None` when the batch holds ``emotion_embeds``.
         generator (`torch.Generator`): the step's CPU generator (`step_generator`).
 
     Returns:
@@ -81,48 +58,50 @@ def training_step(
     """
     loss_cfg = config.loss
     vae = models.vae
+    context_encoder = models.module.context_encoder  # None in stage 1: no user branch
     video = batch["video"].to(device)
 
-    # 1. Clean latents, reference (or continuation) condition, avatar audio and masks
+    # 1. Clean latents, the condition (reference, + motion frames in a continuation window), avatar audio and masks
     if "latents" in batch:
         latents = normalize_latents(vae, batch["latents"].to(device).float())
     else:
-        latents = encode_video(vae, video)  # B, 16, F, h, w
+        latents = encode_latents(vae, video)  # B, 16, F, h, w
     batch_size, _, num_frames = latents.shape[:3]
-    reference_latents = encode_video(vae, batch["reference"].to(device)[:, :, None])  # B, 16, 1, h, w
-    motion_latents = None
+    motion_video = None
     if loss_cfg.motion_prob > 0 and torch.rand((), generator=generator).item() < loss_cfg.motion_prob:
+        # A continuation window: its first 4(m − 1) + 1 frames play the previous chunk's last frames.
         count = min(loss_cfg.motion_latent_frames, num_frames - 1)
-        motion_latents = encode_video(vae, video[:, :, : 4 * (count - 1) + 1])
-    condition = build_condition(reference_latents, motion_latents, num_frames)
+        motion_video = video[:, :, : vae.config.scale_factor_temporal * (count - 1) + 1]
+    condition = chunk_condition(vae, batch["reference"].to(device), motion_video, num_frames)  # B, 36, F, h, w
     audio_embeds = batch["avatar_audio"].to(device, weight_dtype)
     lip_mask, face_mask = batch["lip_mask"].to(device), batch["face_mask"].to(device)
-    use_emotion = config.ablation.use_emotion
     if "emotion_embeds" in batch:  # cached; the dataset already gives "" when the emotion is ablated
         text_embeds = batch["emotion_embeds"].to(device, weight_dtype)
-    elif text_embedder is None:
-        raise ValueError("The batch has no 'emotion_embeds' and no text embedder was given to encode its emotion text.")
+    elif prompt_encoder is None:
+        raise ValueError(
+            "The batch has no 'emotion_embeds' and no `prompt_encoder` was given to encode its emotion text."
+        )
     else:
-        texts = batch["emotion_text"] if use_emotion else [""] * batch_size
-        text_embeds = text_embedder(texts, device, weight_dtype)
+        text_embeds = prompt_encoder(batch["emotion_text"], device, weight_dtype)
 
-    # 2. User inputs of the LCU (stage 2)
+    # 2. User inputs of the LCU (stage 2): the streams its enabled branches need
     user_inputs = None
-    if config.stage == 2:
+    if context_encoder is not None:
+        required = context_encoder.required_inputs
         user_inputs = {
             "user_audio": batch["user_audio"].to(device),
             "clip_frames": video.shape[2],
             "user_audio_mask": batch["user_audio_mask"].to(device),
         }
-        if config.ablation.use_visual and "user_tokens" in batch:  # cached: no VAE pass over the history
+        if "user_video" in required and "user_tokens" in batch:  # cached: no VAE pass over the history
             user_inputs["user_video"] = batch["user_tokens"].to(device, vae.dtype)
             user_inputs["user_face_mask"] = batch["user_token_mask"].to(device)
-        elif config.ablation.use_visual:
+        elif "user_video" in required:
             with torch.no_grad():
                 user_inputs["user_video"], user_inputs["user_face_mask"] = encode_user_video(
                     vae, batch["user_video"].to(device), batch["user_face_mask"].to(device)
                 )
-        if config.ablation.use_understanding:
+        if "understanding" in required:
             user_inputs["understanding"] = batch["understanding"].to(device)
             user_inputs["understanding_mask"] = batch["understanding_mask"].to(device)
 
@@ -139,11 +118,11 @@ def training_step(
     audio_mask = user_keep = None
     if loss_cfg.audio_drop_prob > 0:
         audio_mask = (torch.rand(batch_size, generator=generator) >= loss_cfg.audio_drop_prob).to(device)
-    if config.stage == 2 and loss_cfg.user_drop_prob > 0:
+    if context_encoder is not None and loss_cfg.user_drop_prob > 0:
         user_keep = (torch.rand(batch_size, generator=generator) >= loss_cfg.user_drop_prob).to(device)
 
     blocks = None
-    if config.stage == 2 and loss_cfg.align_weight > 0:
+    if models.ref_transformer is not None and loss_cfg.align_weight > 0:
         num_layers = models.ref_transformer.config.num_layers
         blocks = sample_blocks(num_layers, min(loss_cfg.align_blocks, num_layers), generator)
 
@@ -173,8 +152,9 @@ def training_step(
         )
         loss = loss + loss_cfg.pixel_weight * terms["pixel"]
     if blocks is not None:
-        # f_ref sees the stage-1 inputs (same noisy latents, text, audio, masks; no user context), so L_align measures
-        # how far the adapted generator drifts from the talking behaviour stage 1 established.
+        # f_ref sees exactly the conditions the adapted generator sees (same noisy latents, text, condition, audio,
+        # masks, and the same audio dropout), so L_align measures only how the user branch moves the features, not
+        # the dropout. f_ref is the stage-1 generator: it has no user branch and gets no user context.
         with torch.no_grad():
             reference = models.ref_transformer(
                 noisy.to(weight_dtype),
@@ -185,6 +165,7 @@ def training_step(
                 lip_mask=lip_mask,
                 face_mask=face_mask,
                 return_block_features=blocks,
+                audio_mask=audio_mask,
             )
         weights = latent_frame_weights(speech_weights(batch["avatar_rms"].to(device), loss_cfg.speech_weight_floor))
         terms["align"] = hfa_loss(
