@@ -47,8 +47,8 @@ from torch.utils.data import Dataset
 from . import clip_format
 from .audio import frame_rms
 from .clip_format import ClipRecord, check_user_tokens, load_emotion_embeds, read_video_frames  # noqa: F401
-from .encoding import frames_to_tensor
-from .masks import rasterize_masks, reference_token_masks
+from .encoding import frames_to_tensor, prepare_user_video
+from .masks import reference_token_masks
 
 logger = logging.get_logger(__name__)
 
@@ -95,10 +95,12 @@ def read_user_frames(
     """
     clip_dir = Path(clip_dir)
     frames = read_video_frames(clip_dir / clip_format.video_name("user"), list(range(start, stop)))
-    frames = frames_to_tensor(frames, size)
-    landmarks = clip_format.read_landmarks(clip_dir, "user")[start:stop]
-    lip, face = rasterize_masks(landmarks, size, size, source_size=(source_size, source_size))
-    return frames, torch.from_numpy(face | lip).float()
+    if frames.shape[1:3] != (source_size, source_size):
+        raise ValueError(
+            f"{str(clip_dir / clip_format.video_name('user'))!r} has {frames.shape[2]}x{frames.shape[1]} frames, "
+            f"expected the prepared size {source_size}x{source_size} of its meta.json."
+        )
+    return prepare_user_video(frames, clip_format.read_landmarks(clip_dir, "user")[start:stop], size)
 
 
 class ConversationDataset(Dataset):
