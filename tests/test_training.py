@@ -42,8 +42,12 @@ def _trained_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-# The learning-rate warm-up spans the resume point (step 10), so a resume must restore the scheduler's state too.
-FAST = ("optim.lora_lr=5e-3", "optim.base_lr=5e-3", "train.checkpointing_steps=10", "optim.lr_warmup_steps=12")
+# The learning-rate warm-up spans the resume point (step 10), so a resume must restore the scheduler's state too; LoRA
+# dropout draws from the global torch RNG, so it must restore the RNG states too (rng_state_<rank>.safetensors).
+FAST = (
+    "optim.lora_lr=5e-3", "optim.base_lr=5e-3", "train.checkpointing_steps=10", "optim.lr_warmup_steps=12",
+    "lora.dropout=0.1",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +93,188 @@ def test_checkpoints_total_limit_prunes_old_checkpoints(stage1_runs):
     # checkpoints_total_limit = 2 with a save every 2 steps (tiny config) or 10 steps (here): the newest two remain.
     steps = sorted(int(p.name.split("-")[1]) for p in (stage1_runs["base"] / "full").glob("checkpoint-*"))
     assert steps == [10, 20]
+
+
+def test_settings_are_saved_with_every_checkpoint_and_the_final_weights(stage1_runs):
+    """echo_settings.json (the settings the pipeline and echo-render read) is written into every checkpoint and into
+    final/, from the run's config: resolution, chunk length, motion frames, text length, emotion switch."""
+    from echo.settings import EchoSettings
+    from training.config import settings_from_config
+
+    config = load_config(CONFIGS / "tiny_stage1.yaml")
+    expected = settings_from_config(config)
+    assert (expected.resolution, expected.num_frames_per_chunk, expected.motion_frames) == (64, 9, 1)
+    assert expected.use_emotion is False and expected.max_sequence_length == config.data.max_sequence_length
+    run_dir = stage1_runs["base"] / "full"
+    folders = [run_dir / "final", *sorted(run_dir.glob("checkpoint-*"))]
+    assert len(folders) == 3
+    for folder in folders:
+        assert EchoSettings.load(folder) == expected, folder
+    # Continuation chunks share 4·(m − 1) + 1 frames for m motion latent frames; a bad value names its config key.
+    longer = load_config(CONFIGS / "tiny_stage1.yaml", ["loss.motion_latent_frames=2", "data.user_video_size=32"])
+    assert settings_from_config(longer).motion_frames == 5 and settings_from_config(longer).user_video_size == 32
+    with pytest.raises(ValueError, match="loss.motion_latent_frames"):
+        settings_from_config(load_config(CONFIGS / "tiny_stage1.yaml", ["loss.motion_latent_frames=3"]))
+
+
+def test_stage2_refuses_a_stage1_output_of_another_size_or_chunk_length(stage1_runs, data_root, tmp_path):
+    stage1_dir = stage1_runs["base"] / "full"
+    common = (f"model.stage1_dir={stage1_dir}", "train.max_train_steps=1", "train.checkpointing_steps=0")
+    with pytest.raises(ValueError, match=r"resolution = 64 .*echo_settings\.json.*data\.resolution = 32"):
+        _run("tiny_stage2.yaml", data_root, tmp_path / "a", *common, "data.resolution=32")
+    with pytest.raises(ValueError, match=r"num_frames_per_chunk = 9 .*data\.num_frames = 17"):
+        _run("tiny_stage2.yaml", data_root, tmp_path / "b", *common, "data.num_frames=17")
+
+
+class _PlantedPickle:
+    """Unpickling this writes a marker file: what a crafted file in a checkpoint folder could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+def test_resume_loads_nothing_that_can_run_code(stage1_runs, data_root, tmp_path):
+    """A checkpoint holds no pickle; a pickle planted in one (accelerate's custom-state or RNG file names) makes
+    the resume refuse, naming it, without unpickling it; a crafted optimizer.bin is refused by the weights-only
+    loader. Exact resume itself is `test_resume_matches_an_uninterrupted_run`."""
+    import pickle
+    import shutil
+
+    checkpoint = stage1_runs["base"] / "split" / "checkpoint-10"
+    assert not [p.name for p in checkpoint.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    assert json.loads((checkpoint / "training_state.json").read_text())["global_step"] == 10
+    assert (checkpoint / "rng_state_0.safetensors").is_file()
+    resume = ("train.max_train_steps=12", "train.resume_from_checkpoint=latest", *FAST)
+    marker = tmp_path / "marker"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        out = tmp_path / name
+        shutil.copytree(checkpoint, out / "checkpoint-10")
+        (out / "checkpoint-10" / name).write_bytes(pickle.dumps(_PlantedPickle(marker), protocol=2))
+        with pytest.raises(ValueError, match=f"holds pickle files.*{name}"):
+            _run("tiny_stage1.yaml", data_root, out, *resume)
+        assert not marker.exists()
+    out = tmp_path / "optimizer"
+    shutil.copytree(checkpoint, out / "checkpoint-10")
+    (out / "checkpoint-10" / "optimizer.bin").write_bytes(pickle.dumps(_PlantedPickle(marker), protocol=2))
+    with pytest.raises(ValueError, match="checkpoint-10.*could not be loaded safely"):
+        _run("tiny_stage1.yaml", data_root, out, *resume)
+    assert not marker.exists()
+
+
+def test_rerun_into_an_earlier_run_refuses_unless_resumed_or_overwritten(data_root, tmp_path):
+    out = tmp_path / "out"
+    first = ("train.max_train_steps=2", "train.checkpointing_steps=2")
+    _run("tiny_stage1.yaml", data_root, out, *first)
+    adapter = out / "final" / LORA_DIR / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    with pytest.raises(FileExistsError, match=r"checkpoint-2/, final/.*--resume latest.*new output folder.*--overwrite"):
+        _run("tiny_stage1.yaml", data_root, out, "train.max_train_steps=1", "train.checkpointing_steps=0")
+    assert adapter.read_bytes() == before and (out / "checkpoint-2").is_dir()  # nothing of the earlier run was touched
+    # --overwrite deletes the earlier run's checkpoints and final weights first.
+    args = ["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", f"data.root={data_root}", "--set", f"output_dir={out}"]
+    result = run([*args, "--set", "train.max_train_steps=1", "--set", "train.checkpointing_steps=0", "--overwrite"])
+    assert result["global_step"] == 1 and not (out / "checkpoint-2").exists() and adapter.read_bytes() != before
+    # A folder with final/ but no checkpoint cannot be resumed either: `--resume latest` would start over.
+    with pytest.raises(FileExistsError, match="needs a checkpoint-N"):
+        run([*args, "--resume", "latest"])
+
+
+def _tiny_generator_inputs(transformer, seed: int = 0) -> dict:
+    """Random inputs of a tiny generator for 9 frames at 64² (3 × 8 × 8 latents), shaped by its config."""
+    c = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randint(0, 3, (1, 3, 4, 4), generator=g)
+    return dict(
+        hidden_states=torch.randn(1, c.out_channels, 3, 8, 8, generator=g),
+        timestep=torch.tensor([600.0]),
+        encoder_hidden_states=torch.randn(1, 6, c.text_dim, generator=g),
+        condition=torch.randn(1, c.condition_channels, 3, 8, 8, generator=g),
+        audio_embeds=torch.randn(1, 9, c.audio_window, c.audio_num_layers, c.audio_dim, generator=g),
+        lip_mask=(masks == 1).float(),
+        face_mask=(masks == 2).float(),
+    )
+
+
+def _tiny_generator_with_adapter(alpha: int = 8):
+    """The tiny generator with a stage-1 adapter (rank 4, scale alpha / 4) whose weights are random."""
+    from echo.components import load_components
+    from training.modeling import add_lora
+
+    config = load_config(CONFIGS / "tiny_stage1.yaml", [f"lora.alpha={alpha}"])
+    transformer = load_components(str(ROOT / config.model.config), only=["transformer"])["transformer"].eval()
+    add_lora(transformer, config, "stage1")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in (p for p in transformer.parameters() if p.requires_grad):  # LoRA and the new modules
+            param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+    return transformer
+
+
+def test_fused_adapter_computes_what_the_active_adapter_computes():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from training.modeling import fuse_adapter
+
+    transformer = _tiny_generator_with_adapter()
+    inputs = _tiny_generator_inputs(transformer)
+    with torch.no_grad():
+        active = transformer(**inputs).sample
+        transformer.disable_adapters()
+        base = transformer(**inputs).sample
+        transformer.enable_adapters()
+    assert (active - base).abs().max() > 1e-3  # the adapter changes the output
+    fuse_adapter(transformer, "stage1")
+    assert not any(isinstance(m, BaseTunerLayer) for m in transformer.modules()) and not hasattr(transformer, "peft_config")
+    with torch.no_grad():
+        torch.testing.assert_close(transformer(**inputs).sample, active, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_adapter_loads_back_into_a_fresh_generator(tmp_path):
+    """The PEFT folder written by `save_adapter` reproduces the adapted outputs through `load_adapter`, and through
+    diffusers' `load_lora_adapter` alone (the scale alpha / r = 2 comes from the file's header); a PEFT folder
+    without that header loads by its adapter_config.json; a file whose weights match no layer is refused, naming it."""
+    from echo.components import load_components
+    from training.modeling import load_adapter, load_module_state, save_adapter, trainable_module_state
+
+    transformer = _tiny_generator_with_adapter(alpha=8)
+    inputs = _tiny_generator_inputs(transformer)
+    with torch.no_grad():
+        expected = transformer(**inputs).sample
+    save_adapter(tmp_path / "adapter", transformer, "stage1")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 8
+
+    pattern = load_config(CONFIGS / "tiny_stage1.yaml").lora.trainable_modules
+
+    def fresh():  # the same base weights and trained new modules, no adapter
+        model = load_components(str(ROOT / "configs/models/tiny.yaml"), only=["transformer"])["transformer"].eval()
+        load_module_state(model, trainable_module_state(transformer, pattern), "trained modules")
+        return model
+
+    loaded = fresh()
+    load_adapter(loaded, tmp_path / "adapter", "stage1")
+    by_diffusers = fresh()
+    by_diffusers.load_lora_adapter(
+        str(tmp_path / "adapter"), prefix=None, weight_name="adapter_model.safetensors", adapter_name="stage1"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).sample, expected, rtol=0, atol=0)
+        torch.testing.assert_close(by_diffusers(**inputs).sample, expected, rtol=0, atol=0)
+    # A PEFT folder as peft itself writes it (no diffusers header in the weights file) loads by its adapter_config.json.
+    from safetensors.torch import save_file
+
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    save_file(weights, str(tmp_path / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    plain = fresh()
+    load_adapter(plain, tmp_path / "adapter", "stage1")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).sample, expected, rtol=0, atol=0)
+    weights["blocks.0.nowhere.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(weights, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*blocks\.0\.nowhere"):
+        load_adapter(fresh(), tmp_path / "adapter", "other")
 
 
 def test_stage1_loss_falls(stage1_runs):
@@ -220,7 +406,7 @@ def test_stage2_ablations_train_from_their_configs(config, removed, switch, stag
     if removed is not None:
         assert not any(n.startswith(removed) for n in names)  # the module is removed, not zeroed
     else:
-        assert set(result["text_embedder"].cache) == {""}  # w/o LAU: only the empty prompt reaches the generator
+        assert set(result["prompt_encoder"].cache) == {""}  # w/o LAU: only the empty prompt reaches the generator
     assert (tmp_path / "out" / "final" / "context_encoder" / "diffusion_pytorch_model.safetensors").is_file()
     # The switch is saved with the LCU, so the pipeline built from this output runs the same ablation.
     saved = json.loads((tmp_path / "out" / "final" / "context_encoder" / "config.json").read_text())
@@ -259,11 +445,15 @@ def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
         "--main_process_port", str(_free_port()), "-m", "training.train", "--config", str(CONFIGS / "tiny_stage1.yaml"),
         "--set", f"data.root={data_root}", "--set", f"output_dir={out}", "--set", "train.max_train_steps=2",
-        "--set", "train.checkpointing_steps=0", "--set", "train.dump_trainable_params=true",
+        "--set", "train.checkpointing_steps=2", "--set", "train.dump_trainable_params=true",
     ]  # fmt: skip
     command[command.index("--main_process_port"):command.index("--main_process_port")] = ["--num_cpu_threads_per_process", "1"]
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    # The checkpoint holds each rank's RNG states as safetensors and no pickle.
+    checkpoint = sorted(p.name for p in (out / "checkpoint-2").iterdir())
+    assert "rng_state_0.safetensors" in checkpoint and "rng_state_1.safetensors" in checkpoint
+    assert not [name for name in checkpoint if name.endswith(".pkl")], checkpoint
     summaries = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["num_processes"] for s in summaries] == [2, 2]
     assert all(s["distributed_type"] == "DistributedType.MULTI_CPU" for s in summaries)  # one gloo group
@@ -287,7 +477,7 @@ def test_missing_clip_folder_is_named(tmp_path):
 
 
 def test_clip_shorter_than_the_window_is_named(data_root, tmp_path):
-    with pytest.raises(ValueError, match=r"conv0000_A_c0000.*17 frames.*num_frames = 21"):
+    with pytest.raises(ValueError, match=r"num_frames = 21.*conv0000_A_c0000.*has 17"):
         _run("tiny_stage1.yaml", data_root, tmp_path, "data.num_frames=21")
 
 
@@ -305,7 +495,7 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    for path in sorted(CONFIGS.glob("*.yaml")):
+    for path in sorted(CONFIGS.glob("*stage*.yaml")):  # demo_vae.yaml / demo_recipe.yaml are other schemas
         config = load_config(path)
         assert config.stage in (1, 2), path
     real = load_config(CONFIGS / "stage1.yaml")
@@ -403,8 +593,9 @@ def test_lora_and_new_modules_get_their_own_learning_rates(data_root):
 
 def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, tmp_path, monkeypatch):
     """One stage-1 step seen from the generator's inputs: the condition holds the VAE latent of the batch's reference
-    frame at latent frame 0 (mask channels 1 there, 0 elsewhere), the audio windows and token masks are the batch's,
-    the noisy input is (1 − σ)·x0 + ε·σ of the batch video's latents, and L_flow is the MSE to v = ε − x0."""
+    frame at latent frame 0 (mask channels 1 there, 0 elsewhere) and in every frame's reference plane, the audio
+    windows and token masks are the batch's, the noisy input is (1 − σ)·x0 + ε·σ of the batch video's latents, and
+    L_flow is the MSE to v = ε − x0."""
     import training.train as train_module
     from echo.encoding import normalize_latents
 
@@ -431,8 +622,13 @@ def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, 
     with torch.no_grad():
         x0 = normalize_latents(vae, vae.encode(batch["video"]).latent_dist.mode())
         reference = normalize_latents(vae, vae.encode(batch["reference"][:, :, None]).latent_dist.mode())
-    torch.testing.assert_close(condition[:, 4:, :1], reference)
-    assert condition[:, :4, 0].eq(1).all() and not condition[:, :, 1:].any()
+    # [mask (4), given latents (C), reference plane (C)] (echo.conditioning): the reference is the given latent frame 0
+    # and fills the reference plane of every latent frame (Eq. 1).
+    channels = reference.shape[1]
+    given, plane = condition[:, 4 : 4 + channels], condition[:, 4 + channels :]
+    torch.testing.assert_close(given[:, :, :1], reference)
+    assert condition[:, :4, 0].eq(1).all() and not condition[:, :4, 1:].any() and not given[:, :, 1:].any()
+    torch.testing.assert_close(plane, reference.expand_as(plane))
     torch.testing.assert_close(audio, batch["avatar_audio"])
     torch.testing.assert_close(lip, batch["lip_mask"].to(lip.dtype))
     torch.testing.assert_close(face, batch["face_mask"].to(face.dtype))
@@ -512,16 +708,14 @@ def test_cached_emotion_embeds_train_like_the_text_encoder_without_building_it(d
         "train.validation_steps=1", *common,
     )  # fmt: skip
     assert "text_encoder" in requested[0] and not any(s in requested[1] for s in ("text_encoder", "tokenizer"))
-    assert cached["models"].text_encoder is None and cached["text_embedder"] is None
+    assert cached["models"].text_encoder is None and cached["prompt_encoder"] is None
     assert len(cached["history"]) == 2
     assert "validation renders are skipped" in caplog.text and not (tmp_path / "cached_run" / "validation").exists()
     for a, b in zip(by_text["history"], cached["history"]):
         assert a["loss"] == b["loss"] and a["flow"] == b["flow"]
 
 
-def test_cached_user_tokens_train_like_the_frame_path_without_encoding_the_user_video(
-    stage1_runs, data_root, tmp_path, monkeypatch
-):
+def test_cached_user_tokens_train_like_the_frame_path_without_encoding_the_user_video(data_root, tmp_path, monkeypatch):
     """With `data.use_cached_user_tokens` a stage-2 run never encodes the user frames and its losses equal the frame
     path's. The windows here span the whole 17-frame clips, so the step's VAE batch is the cache's and the tokens are
     bit-identical (a shorter history encoded alone differs by the VAE's batch-size-dependent float rounding)."""
@@ -543,11 +737,11 @@ def test_cached_user_tokens_train_like_the_frame_path_without_encoding_the_user_
         calls.append(tuple(user_video.shape))
         return original(vae, user_video, user_face_mask)
 
+    # Stage 2 continues a stage 1 of the same chunk length (17 frames here).
+    stage1_dir = tmp_path / "stage1_17"
+    _run("tiny_stage1.yaml", root, stage1_dir, "data.num_frames=17", "train.max_train_steps=1", "train.checkpointing_steps=0")
     monkeypatch.setattr(training.step, "encode_user_video", spy)
-    common = (
-        f"model.stage1_dir={stage1_runs['base'] / 'full'}", "data.num_frames=17", "train.max_train_steps=2",
-        "train.checkpointing_steps=0",
-    )  # fmt: skip
+    common = (f"model.stage1_dir={stage1_dir}", "data.num_frames=17", "train.max_train_steps=2", "train.checkpointing_steps=0")
     by_frames = _run("tiny_stage2.yaml", root, tmp_path / "frames_run", *common)
     assert len(calls) == 2 and all(shape[1] == 17 for shape in calls)
     cached = _run("tiny_stage2.yaml", root, tmp_path / "cached_run", "data.use_cached_user_tokens=true", *common)

@@ -9,11 +9,16 @@ silently trains with a default. Precision and distribution are *not* here: they 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from echo.settings import EchoSettings
 
 
 @dataclass
@@ -44,6 +49,9 @@ class DataConfig:
     # (echo-prep --stages user_tokens --user-video-size <user_video_size>) instead of encoding the frames every step.
     use_cached_user_tokens: bool = False
     default_emotion: str = "neutral"
+    # Emotion-text tokens given to the text encoder (capped by the tokenizer's `model_max_length`); saved with the
+    # model (`echo_settings.json`) so the pipeline encodes prompts to the same length.
+    max_sequence_length: int = 512
     batch_size: int = 1  # per process
     num_workers: int = 2
 
@@ -120,6 +128,9 @@ class TrainSettings:
     validation_inference_steps: int = 20
     log_every: int = 1
     report_to: str | None = "tensorboard"
+    # Start over in an `output_dir` that holds an earlier run (its checkpoints, final/, logs and renders are deleted
+    # first); without it, such a folder is refused unless the run resumes (`--resume latest`). CLI: `--overwrite`.
+    overwrite_output_dir: bool = False
     overfit_one_batch: bool = False  # sanity check: repeat the first batch with the same σ and noise every step
     dump_trainable_params: bool = False  # write each rank's trainable parameters at the end (tests, debugging)
 
@@ -269,3 +280,43 @@ def config_to_dict(config: TrainConfig) -> dict:
         return value
 
     return convert(dataclasses.asdict(config))
+
+
+# `EchoSettings` field → the training config key it comes from.
+SETTINGS_KEYS = {
+    "resolution": "data.resolution",
+    "num_frames_per_chunk": "data.num_frames",
+    "motion_frames": "loss.motion_latent_frames",
+    "user_video_size": "data.user_video_size",
+    "max_history_frames": "data.max_history_frames",
+    "max_sequence_length": "data.max_sequence_length",
+    "default_emotion": "data.default_emotion",
+    "use_emotion": "ablation.use_emotion",
+}
+
+
+def settings_from_config(config: TrainConfig) -> EchoSettings:
+    """The settings a model trained with ``config`` depends on, as saved with it (``echo_settings.json``).
+
+    ``motion_frames = 4·(loss.motion_latent_frames − 1) + 1``: the video frames whose latents a continuation chunk is
+    given. Sampling defaults (steps, guidance scales) are `EchoSettings`' own. An invalid value is an error naming
+    its config key.
+    """
+    from echo.settings import EchoSettings
+
+    data = config.data
+    try:
+        return EchoSettings(
+            resolution=data.resolution,
+            num_frames_per_chunk=data.num_frames,
+            motion_frames=4 * (config.loss.motion_latent_frames - 1) + 1,
+            user_video_size=data.user_video_size,
+            max_history_frames=data.max_history_frames,
+            max_sequence_length=data.max_sequence_length,
+            default_emotion=data.default_emotion,
+            use_emotion=config.ablation.use_emotion,
+        )
+    except ValueError as error:
+        field = re.search(r"`(\w+)`", str(error))
+        key = SETTINGS_KEYS.get(field.group(1)) if field else None
+        raise ValueError(f"config key {key!r}: {error}" if key else str(error)) from error

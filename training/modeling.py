@@ -7,16 +7,22 @@ Stage 2: the stage-1 adapter is loaded and *fused* into the base weights togethe
 frozen deep copy of that generator is ``f_ref``; a new adapter (``stage2``) is added on the stage-2 targets (text
 cross-attention by default), and the SDCM user branch, the user-context projection and the LCU are trained in full.
 
-Files of a trained state (a checkpoint or the final output), all safetensors:
+Files of a trained state (a checkpoint or the final output), all safetensors or JSON:
 
-- ``transformer_lora/``: the adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``);
+- ``transformer_lora/``: the adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``, whose
+  header also carries the config as diffusers' ``save_lora_adapter`` writes it);
 - ``transformer_modules.safetensors``: the fully trained generator parameters, under their base-model names;
-- ``context_encoder/``: the LCU (stage 2), `save_pretrained` format.
+- ``context_encoder/``: the LCU (stage 2), `save_pretrained` format;
+- ``echo_settings.json`` and ``training_config.yaml`` (written by `training.train`): what the state was trained with.
+
+Adapters go through diffusers' `PeftAdapterMixin` on the generator: `load_lora_adapter` to add a saved one,
+`fuse_lora` + `unload_lora` to fuse it; the saved weights are peft's `get_peft_model_state_dict`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import TrainConfig
+from .config import TrainConfig, settings_from_config
 
 LORA_DIR = "transformer_lora"
 MODULES_FILE = "transformer_modules.safetensors"
@@ -195,25 +201,20 @@ def add_lora(transformer: nn.Module, config: TrainConfig, adapter_name: str) -> 
 
 
 def fuse_adapter(transformer: nn.Module, adapter_name: str) -> None:
-    """Merge a LoRA adapter into the base weights and remove every PEFT layer (the model becomes a plain one)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(transformer.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge(adapter_names=[adapter_name])
-            parent_name, _, child = name.rpartition(".")
-            parent = transformer.get_submodule(parent_name) if parent_name else transformer
-            setattr(parent, child, module.get_base_layer())
-    if hasattr(transformer, "peft_config"):
-        del transformer.peft_config
-    transformer._hf_peft_config_loaded = False
+    """Merge a LoRA adapter into the base weights and remove every PEFT layer (the model becomes a plain one):
+    diffusers' `fuse_lora` then `unload_lora` (`PeftAdapterMixin`)."""
+    if adapter_name not in getattr(transformer, "peft_config", {}):
+        loaded = list(getattr(transformer, "peft_config", {}))
+        raise ValueError(f"adapter {adapter_name!r} is not loaded; loaded: {loaded}.")
+    transformer.fuse_lora(adapter_names=[adapter_name])
+    transformer.unload_lora()
 
 
-def resolve_trained_dir(path: str | os.PathLike) -> Path:
+def resolve_trained_dir(path: str | os.PathLike, what: str = "stage-1 output (config key 'model.stage1_dir')") -> Path:
     """A stage output: the folder itself if it holds an adapter, else its ``final/`` or latest ``checkpoint-N``."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"stage-1 output {str(path)!r} does not exist (config key 'model.stage1_dir').")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
     if (path / LORA_DIR).is_dir():
         return path
     if (path / "final" / LORA_DIR).is_dir():
@@ -223,8 +224,57 @@ def resolve_trained_dir(path: str | os.PathLike) -> Path:
         key=lambda p: int(p.name.split("-")[1]),
     )
     if not checkpoints:
-        raise FileNotFoundError(f"stage-1 output {str(path)!r} holds no {LORA_DIR}/, final/ or checkpoint-N/ folder.")
+        raise FileNotFoundError(f"{what} {str(path)!r} holds no {LORA_DIR}/, final/ or checkpoint-N/ folder.")
     return checkpoints[-1]
+
+
+def save_adapter(folder: str | os.PathLike, transformer: nn.Module, adapter_name: str, state: dict | None = None):
+    """Write one LoRA adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    The weights are peft's `get_peft_model_state_dict` of the adapter (what diffusers' `save_lora_adapter` writes,
+    with the same ``lora_adapter_metadata`` header, so `load_lora_adapter` reads the file on its own too). ``state``
+    (the generator's full state dict, e.g. gathered from FSDP shards) replaces the module's own tensors when given.
+    """
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = get_peft_model_state_dict(transformer, state_dict=state, adapter_name=adapter_name)
+    if not weights:
+        raise ValueError(f"the generator holds no weight of the LoRA adapter {adapter_name!r}.")
+    config = transformer.peft_config[adapter_name]
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config.to_dict(), default=sorted, sort_keys=True)}
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    save_file(weights, str(folder / ADAPTER_WEIGHTS_NAME), metadata=metadata)
+    config.save_pretrained(str(folder))
+
+
+def load_adapter(transformer: nn.Module, folder: str | os.PathLike, adapter_name: str) -> None:
+    """Add the PEFT-folder adapter ``folder`` to a generator under ``adapter_name`` (diffusers' `load_lora_adapter`,
+    configured by the folder's ``adapter_config.json``); every saved weight must land in the model."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights_file = folder / ADAPTER_WEIGHTS_NAME
+    for required in (weights_file, folder / "adapter_config.json"):
+        if not required.is_file():
+            raise FileNotFoundError(f"adapter folder {str(folder)!r} has no {required.name}.")
+    config = LoraConfig.from_pretrained(str(folder))
+    weights = load_file(str(weights_file))
+    # A state dict, not the folder: diffusers would take the config from the file's header (absent in files written
+    # by peft itself) instead of `metadata`.
+    transformer.load_lora_adapter(dict(weights), prefix=None, adapter_name=adapter_name, metadata=config.to_dict())
+    saved = set(weights)
+    loaded = set(get_peft_model_state_dict(transformer, adapter_name=adapter_name))
+    if saved != loaded:
+        raise ValueError(
+            f"{str(weights_file)!r} does not match the generator: weights without a layer "
+            f"{sorted(saved - loaded)[:5]}, layers without a weight {sorted(loaded - saved)[:5]}."
+        )
 
 
 def save_trained(
@@ -244,24 +294,17 @@ def save_trained(
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
-    (output_dir / LORA_DIR).mkdir(parents=True, exist_ok=True)
-    adapter_tag = f".{adapter_name}."
-    adapter, modules, lcu = {}, {}, {}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    generator, modules, lcu = {}, {}, {}
     for key, value in state.items():
-        value = value.detach().contiguous().cpu()
         if key.startswith("transformer."):
             name = key[len("transformer.") :]
-            if "lora_" in name:
-                if adapter_tag in name:  # PEFT format: the adapter name is dropped from the key
-                    adapter[name.replace(adapter_tag, ".")] = value
-            elif _match(trainable_pattern, name):
-                modules[base_name(name)] = value
+            generator[name] = value
+            if "lora_" not in name and _match(trainable_pattern, name):
+                modules[base_name(name)] = value.detach().contiguous().cpu()
         elif key.startswith("context_encoder."):
-            lcu[key[len("context_encoder.") :]] = value
-    if not adapter:
-        raise ValueError(f"the state holds no weight of the LoRA adapter {adapter_name!r}.")
-    save_file(adapter, str(output_dir / LORA_DIR / ADAPTER_WEIGHTS_NAME))
-    module.transformer.peft_config[adapter_name].save_pretrained(str(output_dir / LORA_DIR))
+            lcu[key[len("context_encoder.") :]] = value.detach().contiguous().cpu()
+    save_adapter(output_dir / LORA_DIR, module.transformer, adapter_name, state=generator)
     save_file(modules, str(output_dir / MODULES_FILE))
     if module.context_encoder is not None:
         (output_dir / CONTEXT_ENCODER_DIR).mkdir(exist_ok=True)
@@ -269,17 +312,29 @@ def save_trained(
         save_file(lcu, str(output_dir / CONTEXT_ENCODER_DIR / LCU_WEIGHTS_NAME))
 
 
+def load_context_encoder_weights(context_encoder: nn.Module, input_dir: str | os.PathLike) -> None:
+    """Load the LCU weights of a trained state (``context_encoder/``, safetensors) strictly."""
+    from safetensors.torch import load_file
+
+    weights = Path(input_dir) / CONTEXT_ENCODER_DIR / LCU_WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(input_dir)!r} has no {CONTEXT_ENCODER_DIR}/{LCU_WEIGHTS_NAME}.")
+    context_encoder.load_state_dict(load_file(str(weights)), strict=True)
+
+
 def load_trained(
     input_dir: str | os.PathLike, transformer: nn.Module, context_encoder: nn.Module | None, adapter_name: str
 ) -> None:
-    """Load what `save_trained` wrote into models that already hold the adapter ``adapter_name`` (resume)."""
+    """Load what `save_trained` wrote into models that already hold the adapter ``adapter_name`` (resume: the
+    optimizer holds the adapter's parameters, so they are filled in place with peft's `set_peft_model_state_dict`,
+    as diffusers' training examples do in their load hooks)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     input_dir = Path(input_dir)
     adapter_file = input_dir / LORA_DIR / ADAPTER_WEIGHTS_NAME
     if not adapter_file.is_file():
-        raise FileNotFoundError(f"checkpoint {str(input_dir)!r} has no {LORA_DIR}/adapter_model.safetensors.")
+        raise FileNotFoundError(f"checkpoint {str(input_dir)!r} has no {LORA_DIR}/{ADAPTER_WEIGHTS_NAME}.")
     result = set_peft_model_state_dict(transformer, load_file(str(adapter_file)), adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if f"lora_A.{adapter_name}." in k or f"lora_B.{adapter_name}." in k]
     if result.unexpected_keys or missing:
@@ -289,21 +344,44 @@ def load_trained(
         )
     load_module_state(transformer, load_file(str(input_dir / MODULES_FILE)), str(input_dir / MODULES_FILE))
     if context_encoder is not None:
-        weights = input_dir / CONTEXT_ENCODER_DIR / LCU_WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"checkpoint {str(input_dir)!r} has no {CONTEXT_ENCODER_DIR}/ weights.")
-        context_encoder.load_state_dict(load_file(str(weights)), strict=True)
+        load_context_encoder_weights(context_encoder, input_dir)
+
+
+def load_fused(transformer: nn.Module, trained_dir: str | os.PathLike, adapter_name: str) -> None:
+    """Load a trained state's fully trained modules and adapter into a generator and fuse the adapter into its
+    weights (the generator ends without PEFT layers)."""
+    from safetensors.torch import load_file
+
+    trained_dir = Path(trained_dir)
+    modules_file = trained_dir / MODULES_FILE
+    if not modules_file.is_file():
+        raise FileNotFoundError(f"{str(trained_dir)!r} has no {MODULES_FILE}.")
+    load_module_state(transformer, load_file(str(modules_file)), str(modules_file))
+    load_adapter(transformer, trained_dir / LORA_DIR, adapter_name)
+    fuse_adapter(transformer, adapter_name)
 
 
 def load_stage1_into(transformer: nn.Module, stage1_dir: str | os.PathLike) -> Path:
     """Load the stage-1 modules and adapter into a fresh generator and fuse the adapter into its weights."""
-    from safetensors.torch import load_file
-
     trained = resolve_trained_dir(stage1_dir)
-    load_module_state(transformer, load_file(str(trained / MODULES_FILE)), str(trained / MODULES_FILE))
-    transformer.load_peft_adapter(trained / LORA_DIR, adapter_name="stage1")
-    fuse_adapter(transformer, "stage1")
+    load_fused(transformer, trained, "stage1")
     return trained
+
+
+def check_stage1_settings(config: TrainConfig, trained_dir: str | os.PathLike) -> None:
+    """Stage 2 continues stage 1 at the same frame size and chunk length: compare the stage-1 output's saved
+    ``echo_settings.json`` with this run's config and refuse a mismatch, naming both values."""
+    from echo.settings import SETTINGS_NAME, EchoSettings
+
+    saved = EchoSettings.load(trained_dir)
+    own = settings_from_config(config)
+    for field, key in (("resolution", "data.resolution"), ("num_frames_per_chunk", "data.num_frames")):
+        if getattr(saved, field) != getattr(own, field):
+            raise ValueError(
+                f"stage 1 was trained with {field} = {getattr(saved, field)} ({str(Path(trained_dir) / SETTINGS_NAME)!r}) "
+                f"but this stage-2 config has {key} = {getattr(own, field)}; set {key}={getattr(saved, field)} or "
+                "point model.stage1_dir at a stage-1 run trained at this value."
+            )
 
 
 def build_training_models(config: TrainConfig) -> TrainingModels:
@@ -333,6 +411,7 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
     ref_transformer = None
     context_encoder = None
     if config.stage == 2:
+        check_stage1_settings(config, resolve_trained_dir(config.model.stage1_dir))
         load_stage1_into(transformer, config.model.stage1_dir)
         ref_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
         context_encoder = components["context_encoder"].requires_grad_(True).train()

@@ -7,42 +7,143 @@ accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m training.tr
 ```
 
 Precision and distribution come only from the accelerate config; everything else from the training YAML
-(`training.config`). Checkpoints (``output_dir/checkpoint-N``) hold the accelerate state (optimizer, LR schedule,
-RNG, step counter) plus the adapter in PEFT format and the trained modules in safetensors; they are written to a
-temporary folder and renamed, so an interrupted save never leaves a checkpoint that ``--resume latest`` would pick.
+(`training.config`). `main` reads as the steps of a run: accelerator → output folder → models → data → optimizer →
+checkpoint hooks → resume → loop → final weights; the maths live in `training.step` and `echo`.
+
+A checkpoint (``output_dir/checkpoint-N``) holds the optimizer and LR schedule (accelerate's ``optimizer.bin`` /
+``scheduler.bin``, read back with ``torch.load(weights_only=True)``, which accepts tensors and plain containers only),
+the adapter in PEFT format, the trained modules in safetensors, ``training_state.json`` (the step counters),
+``rng_state_<rank>.safetensors`` (every RNG of every rank), ``echo_settings.json`` and ``training_config.yaml``. Resume
+loads nothing that can run code: accelerate's own pickles (``random_states_<rank>.pkl``, and the
+``custom_checkpoint_<i>.pkl`` of `register_for_checkpointing`, which it loads with ``weights_only=False``) are not
+used, and a checkpoint folder holding a ``.pkl`` file is refused. Checkpoints are written to a temporary folder and
+renamed, so an interrupted save never leaves a checkpoint that ``--resume latest`` would pick. An ``output_dir`` that
+holds an earlier run is refused unless the run resumes it (``--resume latest``) or ``--overwrite`` deletes it first.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import pickle
+import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import yaml
 
-from .config import TrainConfig, config_to_dict, load_config
-from .modeling import build_training_models, fsdp_auto_wrap_policy, load_trained, parameter_groups, save_trained
-from .step import TextEmbedder, step_generator, training_step
+from echo.encoding import PromptEncoder
+
+from .config import TrainConfig, config_to_dict, load_config, settings_from_config
+from .modeling import (
+    TrainingModels,
+    build_training_models,
+    fsdp_auto_wrap_policy,
+    load_trained,
+    parameter_groups,
+    save_trained,
+)
+from .step import step_generator, training_step
+
+if TYPE_CHECKING:
+    from echo.settings import EchoSettings
 
 logger = logging.getLogger(__name__)
 
+CONFIG_FILE = "training_config.yaml"
+PROGRESS_FILE = "training_state.json"
+RNG_FILE = "rng_state_{rank}.safetensors"
+PICKLE_SUFFIXES = (".pkl", ".pickle")
 
+
+@dataclass
 class TrainingProgress:
-    """The optimizer-step counter, saved with every checkpoint (`Accelerator.register_for_checkpointing`)."""
+    """Where a run stands, saved as ``training_state.json`` with every checkpoint (JSON: loading it runs no code).
 
-    def __init__(self):
-        self.global_step = 0
+    Args:
+        global_step (`int`): optimizer steps done.
+        micro_step (`int`): accelerate's micro-step counter (``Accelerator.step``), which decides when gradients sync.
+    """
 
-    def state_dict(self) -> dict:
-        return {"global_step": self.global_step}
+    global_step: int = 0
+    micro_step: int = 0
 
-    def load_state_dict(self, state: dict) -> None:
-        self.global_step = int(state["global_step"])
+    def save(self, folder: str | os.PathLike) -> None:
+        (Path(folder) / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(self)) + "\n")
+
+    def load(self, folder: str | os.PathLike) -> None:
+        path = Path(folder) / PROGRESS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(folder)!r} has no {PROGRESS_FILE}: not written by this trainer.")
+        try:
+            values = json.loads(path.read_text())
+            self.global_step, self.micro_step = int(values["global_step"]), int(values["micro_step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{str(path)!r} is not a valid training state ({error!r}).") from error
+
+
+def save_rng_state(folder: str | os.PathLike, rank: int) -> Path:
+    """Write this process's Python, NumPy, torch CPU and CUDA RNG states as ``rng_state_<rank>.safetensors`` (what
+    accelerate pickles as ``random_states_<rank>.pkl``): integer state vectors as tensors, scalars in the header."""
+    from safetensors.torch import save_file
+
+    version, mt_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(mt_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    metadata = {
+        "python": json.dumps([version, gauss]),
+        "numpy": json.dumps([kind, int(position), int(has_gauss), float(cached_gaussian)]),
+    }
+    path = Path(folder) / RNG_FILE.format(rank=rank)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_rng_state(folder: str | os.PathLike, rank: int) -> None:
+    """Restore what `save_rng_state` wrote for ``rank``."""
+    from safetensors import safe_open
+
+    path = Path(folder) / RNG_FILE.format(rank=rank)
+    if not path.is_file():
+        logger.warning("%s does not exist (saved with fewer processes?): rank %d's RNG states not restored.", path, rank)
+        return
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    version, gauss = json.loads(metadata["python"])
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    kind, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def check_no_pickles(checkpoint: Path) -> None:
+    """Refuse a checkpoint folder that holds a pickle: accelerate's `load_state` would unpickle it (its custom and RNG
+    states are ``.pkl`` files), and unpickling can run any code. This trainer never writes one."""
+    found = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if found:
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} holds pickle files {found}: loading them could run code, and this trainer "
+            "never writes them (the checkpoint comes from an older version or was tampered with). Resume from a "
+            "checkpoint written by this version, or start a new run into a new output folder."
+        )
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -70,6 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="training YAML, e.g. configs/train/stage1.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_train_steps=10")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (= train.resume_from_checkpoint)")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="delete an earlier run in output_dir (checkpoints, final/, logs) and start over (= train.overwrite_output_dir)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -79,7 +184,11 @@ def _checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """`save_state` into a temporary folder, then rename it to ``checkpoint-<step>``; prune to ``total_limit``."""
+    """`save_state` into a temporary folder, then rename it to ``checkpoint-<step>``; prune to ``total_limit``.
+
+    accelerate always pickles the RNG states (``random_states_<rank>.pkl``); the save hook has written them as
+    safetensors, so the pickles are deleted before the rename and a checkpoint never holds one.
+    """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -94,6 +203,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for pickled in tmp.glob("random_states_*.pkl"):
+            pickled.unlink()
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -129,30 +240,47 @@ def _flat_hparams(config: TrainConfig) -> dict:
     return flat
 
 
-def main(config: TrainConfig) -> dict:
-    """Train one stage.
+def write_run_files(folder: str | os.PathLike, config: TrainConfig, settings: EchoSettings) -> None:
+    """``training_config.yaml`` and ``echo_settings.json``: what a trained state was trained with."""
+    Path(folder, CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    settings.save(folder)
 
-    Returns:
-        `dict`: ``global_step``, ``history`` (this rank's loss terms per optimizer step), ``num_processes``, and the
-        in-memory ``models`` ([`TrainingModels`]) and ``text_embedder`` for inspection.
-    """
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The steps of a run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """The prepared objects of a run, as the loop uses them."""
+
+    config: TrainConfig
+    accelerator: Any
+    models: TrainingModels
+    module: torch.nn.Module  # the prepared (DDP/FSDP-wrapped) `EchoTrainingModule`
+    optimizer: Any
+    lr_scheduler: Any
+    dataset: Any
+    loader: Any
+    prompt_encoder: PromptEncoder | None
+    progress: TrainingProgress
+    weight_dtype: torch.dtype
+    renderer: Any = None
+
+
+def make_accelerator(config: TrainConfig):
+    """The accelerator (precision and distribution come from `accelerate launch` / its config file) and the dtype
+    of the frozen models."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    from echo.data import ConversationDataset, collate_conversations
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
     output_dir = Path(config.output_dir)
-    train_cfg = config.train
-
-    # 1. Accelerator (precision and distribution come from `accelerate launch` / its config file)
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=train_cfg.gradient_accumulation_steps, sync_with_dataloader=False
+            num_steps=config.train.gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        log_with=train_cfg.report_to,
+        log_with=config.train.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         # Without a GPU, a multi-process launch needs `cpu=True` to form a gloo group.
@@ -161,21 +289,59 @@ def main(config: TrainConfig) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(config.seed)  # identical initialisation on every rank
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return accelerator, weight_dtype
 
-    # 2. Models: trainable module in fp32, frozen parts in the mixed-precision dtype
+
+def prepare_output_dir(accelerator, config: TrainConfig) -> None:
+    """Refuse an ``output_dir`` holding an earlier run (checkpoints, ``final/``) unless this run resumes it or
+    ``train.overwrite_output_dir`` deletes it first; then write ``training_config.yaml``."""
+    output_dir, train_cfg = Path(config.output_dir), config.train
+    checkpoints = _checkpoints(output_dir) if output_dir.is_dir() else []
+    earlier = [p.name + "/" for p in checkpoints] + (["final/"] if (output_dir / "final").exists() else [])
+    resume = train_cfg.resume_from_checkpoint
+    if train_cfg.overwrite_output_dir and resume is not None:
+        raise ValueError("--overwrite (train.overwrite_output_dir) and --resume (train.resume_from_checkpoint) conflict.")
+    resumable = resume is not None and (bool(checkpoints) or resume != "latest")
+    if earlier and not train_cfg.overwrite_output_dir and not resumable:
+        raise FileExistsError(
+            f"output_dir {str(output_dir)!r} already holds a training run ({', '.join(earlier)}). Continue it with "
+            "`--resume latest` (it needs a checkpoint-N/), or train into a new output folder "
+            "(`--set output_dir=<new folder>`); `--overwrite` deletes the earlier run first."
+        )
+    accelerator.wait_for_everyone()  # every rank has checked before the main process changes the folder
+    if accelerator.is_main_process:
+        if earlier and train_cfg.overwrite_output_dir:
+            logger.info("--overwrite: deleting the earlier run in %s", output_dir)
+            stale = _checkpoints(output_dir) + list(output_dir.glob(".checkpoint-*.tmp"))
+            stale += [output_dir / name for name in ("final", "validation", "ranks", "logs")]
+            for path in stale:
+                if path.is_dir():
+                    shutil.rmtree(path)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    accelerator.wait_for_everyone()
+
+
+def build_models(
+    config: TrainConfig, accelerator, weight_dtype: torch.dtype
+) -> tuple[TrainingModels, PromptEncoder | None]:
+    """The stage's models (trainable module in fp32, frozen parts in the mixed-precision dtype) and the prompt
+    encoder (`None` with cached emotion embeddings)."""
     models = build_training_models(config)
-    device = accelerator.device
     for frozen in (models.vae, models.text_encoder, models.ref_transformer):
         if frozen is not None:
-            frozen.to(device) if weight_dtype == torch.float32 else frozen.to(device, weight_dtype)
-    transformer_config = models.module.transformer.config
-    text_embedder = None if models.text_encoder is None else TextEmbedder(models.tokenizer, models.text_encoder)
+            frozen.to(accelerator.device) if weight_dtype == torch.float32 else frozen.to(accelerator.device, weight_dtype)
+    prompt_encoder = None
+    if models.text_encoder is not None:
+        prompt_encoder = PromptEncoder(models.text_encoder, models.tokenizer, config.data.max_sequence_length)
+    return models, prompt_encoder
 
-    # 3. Data
-    vae_config = models.vae.config
+
+def build_data(config: TrainConfig, models: TrainingModels):
+    """The windows of the prepared clips and their loader (order from ``(seed, epoch)``, see `EpochSampler`)."""
+    from echo.data import ConversationDataset, collate_conversations
+
+    vae_config, transformer_config = models.vae.config, models.module.transformer.config
     dataset = ConversationDataset(
         config.data.root,
         num_frames=config.data.num_frames,
@@ -195,18 +361,22 @@ def main(config: TrainConfig) -> dict:
         use_cached_user_tokens=config.data.use_cached_user_tokens,
         seed=config.seed,
     )
-    sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.data.batch_size,
-        sampler=sampler,
+        sampler=EpochSampler(len(dataset), config.seed),
         collate_fn=collate_conversations,
         num_workers=config.data.num_workers,
         drop_last=True,
         generator=torch.Generator().manual_seed(config.seed),
     )
+    return dataset, loader
 
-    # 4. Optimizer, LR schedule, prepare
+
+def build_optimizer(config: TrainConfig, models: TrainingModels, accelerator):
+    """AdamW over the LoRA and module groups (`parameter_groups`) and the LR schedule."""
+    from diffusers.optimization import get_scheduler
+
     optim = config.optim
     optimizer = torch.optim.AdamW(
         parameter_groups(models.module, config), betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
@@ -215,8 +385,183 @@ def main(config: TrainConfig) -> dict:
         optim.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=optim.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=train_cfg.max_train_steps * accelerator.num_processes,
+        num_training_steps=config.train.max_train_steps * accelerator.num_processes,
     )
+    return optimizer, lr_scheduler
+
+
+def register_checkpoint_hooks(
+    accelerator, config: TrainConfig, models: TrainingModels, settings: EchoSettings, progress: TrainingProgress
+) -> None:
+    """`save_state` / `load_state` hooks: the adapter (PEFT) and trained modules instead of the full model, the step
+    counters as JSON and the RNG states as safetensors (instead of accelerate's pickles)."""
+
+    def save_hook(hook_models, weights, hook_dir):
+        for model in hook_models:
+            state = accelerator.get_state_dict(model)  # collective under FSDP (gathers the shards on rank 0)
+            if accelerator.is_main_process:
+                save_trained(hook_dir, state, accelerator.unwrap_model(model), models.adapter_name, models.trainable_pattern)
+        weights.clear()  # the frozen base is not rewritten with every checkpoint
+        if accelerator.is_main_process:
+            progress.micro_step = accelerator.step
+            progress.save(hook_dir)
+            write_run_files(hook_dir, config, settings)
+        save_rng_state(hook_dir, accelerator.process_index)
+
+    def load_hook(hook_models, hook_dir):
+        while hook_models:
+            unwrapped = accelerator.unwrap_model(hook_models.pop())
+            load_trained(hook_dir, unwrapped.transformer, unwrapped.context_encoder, models.adapter_name)
+        progress.load(hook_dir)
+        load_rng_state(hook_dir, accelerator.process_index)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def resume_from_checkpoint(accelerator, config: TrainConfig, progress: TrainingProgress) -> None:
+    """Load ``train.resume_from_checkpoint`` (``latest`` or a folder) when given; nothing in it can run code."""
+    output_dir, resume = Path(config.output_dir), config.train.resume_from_checkpoint
+    checkpoint = resolve_resume(output_dir, resume)
+    if checkpoint is None:
+        if resume == "latest":
+            accelerator.print(f"no checkpoint in {output_dir}; starting from step 0")
+        return
+    check_no_pickles(checkpoint)
+    accelerator.print(f"resuming from {checkpoint}")
+    try:
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    except pickle.UnpicklingError as error:  # torch's weights-only loader refused a file (optimizer.bin, scheduler.bin)
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r}: a file could not be loaded safely (torch.load weights_only=True): {error}"
+        ) from error
+    accelerator.step = progress.micro_step
+
+
+def build_validation(config: TrainConfig, models: TrainingModels, dataset):
+    """The validation renderer, or `None` (no ``train.validation_steps``, or no text encoder to render with)."""
+    if not config.train.validation_steps:
+        return None
+    if models.text_encoder is None:
+        logger.warning(
+            "train.validation_steps is set but data.use_cached_emotion_embeds is on: the text encoder the validation "
+            "pipeline needs is not loaded, so validation renders are skipped."
+        )
+        return None
+    from .validation import ValidationRenderer
+
+    return ValidationRenderer(config, models, dataset.clips[0].path)
+
+
+def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
+    """Optimizer steps up to ``train.max_train_steps``. Micro-steps are counted so that a resumed run skips exactly
+    the consumed batches and draws the same σ and noise (`step_generator`).
+
+    Returns:
+        ``(history, seen_clips)``: this rank's loss terms per optimizer step and the ``clip@window`` it trained on.
+    """
+    from tqdm.auto import tqdm
+
+    config, accelerator, module = run.config, run.accelerator, run.module
+    train_cfg = config.train
+    accumulation = train_cfg.gradient_accumulation_steps
+    batches_per_epoch = len(run.loader)
+    global_step = run.progress.global_step
+    micro_step = global_step * accumulation
+    epoch = micro_step // batches_per_epoch
+    history: list[dict] = []
+    seen_clips: list[str] = []
+    running: dict[str, float] = {}
+    fixed_batch = None
+    bar = tqdm(
+        total=train_cfg.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+        desc=f"stage {config.stage}",
+    )  # fmt: skip
+    module.train()
+    while global_step < train_cfg.max_train_steps:
+        skip = micro_step - epoch * batches_per_epoch
+        epoch_loader = accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+        # The prepared loader re-seeds its sampler with its own pass counter on every `iter`; set it to the epoch.
+        epoch_loader.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
+        for batch in epoch_loader:
+            if train_cfg.overfit_one_batch:
+                fixed_batch = fixed_batch if fixed_batch is not None else batch
+                batch = fixed_batch
+            seen_clips.extend(f"{c}@{w}" for c, w in zip(batch["clip_id"], batch["window_start"]))
+            generator = step_generator(
+                config.seed, accelerator.process_index, 0 if train_cfg.overfit_one_batch else micro_step
+            )
+            with accelerator.accumulate(module):
+                terms = training_step(
+                    run.models, module, batch, config, run.prompt_encoder, generator, accelerator.device, run.weight_dtype
+                )
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients and config.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(module.parameters(), config.optim.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            for name, value in terms.items():
+                running[name] = running.get(name, 0.0) + float(value.detach()) / accumulation
+            if not accelerator.sync_gradients:
+                continue
+
+            # Bookkeeping once per optimizer step
+            global_step += 1
+            run.progress.global_step = global_step
+            history.append(dict(running, step=global_step))
+            running = {}
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if train_cfg.report_to and global_step % train_cfg.log_every == 0:
+                logs = {f"train/{k}": v for k, v in history[-1].items() if k != "step"}
+                logs["train/lr"] = run.lr_scheduler.get_last_lr()[0]
+                accelerator.log(logs, step=global_step)
+            if train_cfg.checkpointing_steps and global_step % train_cfg.checkpointing_steps == 0:
+                save_checkpoint(accelerator, Path(config.output_dir), global_step, train_cfg.checkpoints_total_limit)
+            if run.renderer is not None and global_step % train_cfg.validation_steps == 0:
+                if accelerator.is_main_process:
+                    unwrapped = accelerator.unwrap_model(module)
+                    path = run.renderer(unwrapped, Path(config.output_dir), global_step, accelerator.device)
+                    accelerator.print(f"step {global_step}: validation render {path}")
+                accelerator.wait_for_everyone()
+            if global_step >= train_cfg.max_train_steps:
+                break
+        epoch += 1
+    bar.close()
+    return history, seen_clips
+
+
+def save_final(run: TrainingRun, settings: EchoSettings) -> None:
+    """``output_dir/final/``: the adapter (PEFT), trained modules, LCU, ``echo_settings.json`` and the config."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(run.module)
+    if accelerator.is_main_process:
+        final = Path(run.config.output_dir) / "final"
+        unwrapped = accelerator.unwrap_model(run.module)
+        save_trained(final, state, unwrapped, run.models.adapter_name, run.models.trainable_pattern)
+        write_run_files(final, run.config, settings)
+
+
+def main(config: TrainConfig) -> dict:
+    """Train one stage.
+
+    Returns:
+        `dict`: ``global_step``, ``history`` (this rank's loss terms per optimizer step), ``num_processes``, and the
+        in-memory ``models`` ([`TrainingModels`]) and ``prompt_encoder`` for inspection.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    settings = settings_from_config(config)  # invalid settings fail before anything is built
+    accelerator, weight_dtype = make_accelerator(config)
+    prepare_output_dir(accelerator, config)
+    models, prompt_encoder = build_models(config, accelerator, weight_dtype)
+    dataset, loader = build_data(config, models)
+    optimizer, lr_scheduler = build_optimizer(config, models, accelerator)
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         # Frozen and trainable weights must not share a flat parameter (fsdp_use_orig_params: false).
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(models.module)
@@ -227,128 +572,28 @@ def main(config: TrainConfig) -> dict:
             f"{config.data.batch_size} per process for {accelerator.num_processes} processes."
         )
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
-
-    # 5. Checkpoint hooks: the adapter (PEFT) and trained modules instead of the full model
-    def save_hook(hook_models, weights, hook_dir):
-        for model in hook_models:
-            state = accelerator.get_state_dict(model)  # collective under FSDP (gathers the shards on rank 0)
-            if accelerator.is_main_process:
-                save_trained(hook_dir, state, accelerator.unwrap_model(model), models.adapter_name, models.trainable_pattern)
-        weights.clear()  # the frozen base is not rewritten with every checkpoint
-
-    def load_hook(hook_models, hook_dir):
-        while hook_models:
-            unwrapped = accelerator.unwrap_model(hook_models.pop())
-            load_trained(hook_dir, unwrapped.transformer, unwrapped.context_encoder, models.adapter_name)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    # 6. Resume
-    resume = resolve_resume(output_dir, train_cfg.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.print(f"resuming from {resume}")
-        accelerator.load_state(str(resume))
-    elif train_cfg.resume_from_checkpoint == "latest":
-        accelerator.print(f"no checkpoint in {output_dir}; starting from step 0")
-    if accelerator.is_main_process and train_cfg.report_to:
+    register_checkpoint_hooks(accelerator, config, models, settings, progress)
+    resume_from_checkpoint(accelerator, config, progress)
+    if accelerator.is_main_process and config.train.report_to:
         accelerator.init_trackers(f"echo-stage{config.stage}", config=_flat_hparams(config))
-
-    renderer = None
-    if train_cfg.validation_steps and models.text_encoder is None:
-        logger.warning(
-            "train.validation_steps is set but data.use_cached_emotion_embeds is on: the text encoder the validation "
-            "pipeline needs is not loaded, so validation renders are skipped."
-        )
-    elif train_cfg.validation_steps:
-        from .validation import ValidationRenderer
-
-        renderer = ValidationRenderer(config, models, dataset.clips[0].path)
-
-    # 7. Loop: micro-steps are counted so that a resumed run skips exactly the consumed batches
-    accumulation = train_cfg.gradient_accumulation_steps
-    batches_per_epoch = len(loader)
-    global_step = progress.global_step
-    micro_step = global_step * accumulation
-    history: list[dict] = []
-    seen_clips: list[str] = []
-    bar = tqdm(
-        total=train_cfg.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
-        desc=f"stage {config.stage}",
+    run = TrainingRun(
+        config, accelerator, models, module, optimizer, lr_scheduler, dataset, loader, prompt_encoder, progress,
+        weight_dtype, renderer=build_validation(config, models, dataset),
     )  # fmt: skip
-    module.train()
-    running: dict[str, float] = {}
-    fixed_batch = None
-    epoch = micro_step // batches_per_epoch
-    while global_step < train_cfg.max_train_steps:
-        skip = micro_step - epoch * batches_per_epoch
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        # The prepared loader re-seeds its sampler with its own pass counter on every `iter`; set it to the epoch.
-        epoch_loader.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        for batch in epoch_loader:
-            if train_cfg.overfit_one_batch:
-                fixed_batch = fixed_batch if fixed_batch is not None else batch
-                batch = fixed_batch
-            seen_clips.extend(f"{c}@{w}" for c, w in zip(batch["clip_id"], batch["window_start"]))
-            generator = step_generator(
-                config.seed, accelerator.process_index, 0 if train_cfg.overfit_one_batch else micro_step
-            )
-            with accelerator.accumulate(module):
-                terms = training_step(models, module, batch, config, text_embedder, generator, device, weight_dtype)
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients and optim.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(module.parameters(), optim.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
-            for name, value in terms.items():
-                running[name] = running.get(name, 0.0) + float(value.detach()) / accumulation
-            if not accelerator.sync_gradients:
-                continue
 
-            # 7a. Bookkeeping once per optimizer step
-            global_step += 1
-            progress.global_step = global_step
-            history.append(dict(running, step=global_step))
-            running = {}
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            if train_cfg.report_to and global_step % train_cfg.log_every == 0:
-                logs = {f"train/{k}": v for k, v in history[-1].items() if k != "step"}
-                logs["train/lr"] = lr_scheduler.get_last_lr()[0]
-                accelerator.log(logs, step=global_step)
-            if train_cfg.checkpointing_steps and global_step % train_cfg.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, train_cfg.checkpoints_total_limit)
-            if renderer is not None and global_step % train_cfg.validation_steps == 0:
-                if accelerator.is_main_process:
-                    path = renderer(accelerator.unwrap_model(module), output_dir, global_step, device)
-                    accelerator.print(f"step {global_step}: validation render {path}")
-                accelerator.wait_for_everyone()
-            if global_step >= train_cfg.max_train_steps:
-                break
-        epoch += 1
-    bar.close()
+    history, seen_clips = train_loop(run)
 
-    # 8. Final weights (PEFT adapter + safetensors) and, on request, every rank's trainable parameters
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(module)
-    state = accelerator.get_state_dict(module)
-    if accelerator.is_main_process:
-        save_trained(output_dir / "final", state, unwrapped, models.adapter_name, models.trainable_pattern)
-        (output_dir / "final" / "training_config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    if train_cfg.dump_trainable_params:
-        dump_rank_state(output_dir, accelerator, unwrapped, history, seen_clips)
+    save_final(run, settings)
+    if config.train.dump_trainable_params:
+        dump_rank_state(Path(config.output_dir), accelerator, accelerator.unwrap_model(module), history, seen_clips)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result = {
-        "global_step": global_step,
+        "global_step": progress.global_step,
         "history": history,
         "num_processes": accelerator.num_processes,
         "models": models,
-        "text_embedder": text_embedder,
+        "prompt_encoder": prompt_encoder,
     }
     if accelerator.num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, notebooks)
@@ -375,11 +620,13 @@ def dump_rank_state(output_dir: Path, accelerator, module, history: list[dict], 
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse the command line (``--config``, ``--set``, ``--resume``) and train; returns `main`'s result."""
+    """Parse the command line (``--config``, ``--set``, ``--resume``, ``--overwrite``) and train; returns `main`'s result."""
     args = parse_args(argv)
     overrides = list(args.set)
     if args.resume is not None:
         overrides.append(f"train.resume_from_checkpoint={args.resume}")
+    if args.overwrite:
+        overrides.append("train.overwrite_output_dir=true")
     return main(load_config(args.config, overrides))
 
 

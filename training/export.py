@@ -1,0 +1,215 @@
+"""`echo-export`: turn a training run's output into a pipeline folder that `echo-render` and
+``diffusers.DiffusionPipeline.from_pretrained`` load.
+
+```bash
+echo-export --stage-dir outputs/stage2 --model-config configs/models/wan2.1-t2v-1.3b.yaml --out models/echo-demo \
+    --dtype bf16
+```
+
+What it does, in order:
+
+1. ``--stage-dir`` is a run folder (its ``final/``, else its newest ``checkpoint-N/``) or one of those folders; its
+   ``training_config.yaml`` gives the stage, the ablation switches and (stage 2) the stage-1 output, its
+   ``echo_settings.json`` the settings the model was trained with.
+2. The components are built from the model description (``--model-config``, by default the one the run trained
+   with), with the run's ablation switches applied exactly as training applied them.
+3. The generator gets the stage-1 modules and adapter, fused (diffusers' ``fuse_lora`` + ``unload_lora``); for a
+   stage-2 output then the stage-2 modules and adapter, fused, and the trained LCU. The exported generator has no
+   PEFT layers: it computes what the training model computed with its adapters active.
+4. The model components are cast to ``--dtype`` (modules a class keeps in float32, ``_keep_in_fp32_modules``, stay
+   float32); the VAE stays float32 unless ``--vae-dtype`` says otherwise, as diffusers' Wan pipelines recommend.
+5. `pipelines.EchoPipeline(..., settings=...)` is saved with ``save_pretrained(safe_serialization=True)`` into a
+   temporary folder beside ``--out`` and renamed, so ``--out`` is never half written. An existing ``--out`` is refused
+   unless ``--overwrite``.
+
+A stage-1 output exports without an LCU (``context_encoder`` is `None`): the pipeline then renders from the reference
+and the avatar audio only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import load_config
+from .modeling import (
+    _apply_ablation,
+    check_stage1_settings,
+    load_context_encoder_weights,
+    load_fused,
+    resolve_trained_dir,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The pipeline's components besides the LCU (stage 2 only).
+PIPELINE_SECTIONS = (
+    "vae", "transformer", "scheduler", "audio_encoder", "feature_extractor", "text_encoder", "tokenizer",
+)  # fmt: skip
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the floating-point parameters and buffers of ``model`` to ``dtype`` in place, except those under a module
+    named in the class's ``_keep_in_fp32_modules`` (as diffusers' and transformers' ``from_pretrained`` do)."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if tensor.is_floating_point() and not any(part in keep for part in name.split(".")):
+                tensor.data = tensor.data.to(dtype)
+    return model
+
+
+def build_exported_pipeline(
+    stage_dir: str | os.PathLike,
+    model_config: str | os.PathLike | dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+    stage1_dir: str | os.PathLike | None = None,
+):
+    """The `EchoPipeline` of a training output, in memory (see the module docstring for the steps).
+
+    Args:
+        stage_dir (`str` or `os.PathLike`): a stage-1 or stage-2 run folder, its ``final/`` or a ``checkpoint-N/``.
+        model_config (`str`, `os.PathLike` or `dict`, *optional*): the model description; defaults to the
+            ``model.config`` of the run's ``training_config.yaml``.
+        dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the generator, encoders and LCU.
+        vae_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the VAE.
+        stage1_dir (`str` or `os.PathLike`, *optional*): stage 2 only: the stage-1 output, when it moved since
+            training (defaults to the run's ``model.stage1_dir``).
+
+    Returns:
+        `pipelines.EchoPipeline` with ``settings`` from the run's ``echo_settings.json``.
+    """
+    from echo.components import load_components, load_model_config
+    from echo.settings import EchoSettings
+    from pipelines import EchoPipeline
+
+    # 1. The trained state, its training config and settings
+    trained = resolve_trained_dir(stage_dir, what="training output (--stage-dir)")
+    config_file = trained / "training_config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{str(config_file)!r} does not exist: --stage-dir must be an output of training.train (its final/ or a "
+            "checkpoint-N/ holds the training config)."
+        )
+    config = load_config(config_file)
+    settings = EchoSettings.load(trained)
+
+    # 2. Components from the model description, with the run's ablation switches
+    description = _apply_ablation(load_model_config(model_config or config.model.config), config)
+    sections = list(PIPELINE_SECTIONS) + (["context_encoder"] if config.stage == 2 else [])
+    components = load_components(description, only=sections)
+    transformer = components["transformer"]
+
+    # 3. Trained weights, adapters fused
+    if config.stage == 2:
+        stage1 = resolve_trained_dir(
+            stage1_dir or config.model.stage1_dir,
+            what=f"stage-1 output (model.stage1_dir of {str(config_file)!r}; pass --stage1-dir if it moved)",
+        )
+        check_stage1_settings(config, stage1)
+        load_fused(transformer, stage1, "stage1")
+        load_fused(transformer, trained, "stage2")
+        load_context_encoder_weights(components["context_encoder"], trained)
+    else:
+        load_fused(transformer, trained, "stage1")
+
+    # 4. Precision: the VAE apart
+    for name in ("transformer", "text_encoder", "audio_encoder", "context_encoder"):
+        if name in components:
+            cast_model(components[name].eval(), dtype)
+    cast_model(components["vae"].eval(), vae_dtype)
+
+    return EchoPipeline(
+        vae=components["vae"],
+        transformer=transformer,
+        scheduler=components["scheduler"],
+        audio_encoder=components["audio_encoder"],
+        feature_extractor=components["feature_extractor"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        context_encoder=components.get("context_encoder"),
+        settings=settings.to_dict(),
+    )
+
+
+def export_pipeline(
+    stage_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    model_config: str | os.PathLike | dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+    stage1_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build the pipeline of a training output (`build_exported_pipeline`) and save it to ``out`` atomically.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is not set.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already exists; choose a new folder or pass --overwrite.")
+    pipeline = build_exported_pipeline(stage_dir, model_config, dtype, vae_dtype, stage1_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    old = out.parent / f".{out.name}.{os.getpid()}.old"
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="echo-export", description="Turn a stage-1 or stage-2 training output into an EchoPipeline folder."
+    )
+    parser.add_argument("--stage-dir", required=True, help="training output: run folder, its final/ or a checkpoint-N/")
+    parser.add_argument("--out", required=True, help="pipeline folder to write (save_pretrained)")
+    parser.add_argument(
+        "--model-config", default=None,
+        help="model description (configs/models/*.yaml); default: the model.config the run trained with",
+    )  # fmt: skip
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="generator, encoders and LCU dtype")
+    parser.add_argument("--vae-dtype", choices=sorted(DTYPES), default="fp32", help="VAE dtype (default fp32)")
+    parser.add_argument("--stage1-dir", default=None, help="stage 2: the stage-1 output, if it moved since training")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``echo-export`` console script."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    out = export_pipeline(
+        args.stage_dir,
+        args.out,
+        model_config=args.model_config,
+        dtype=DTYPES[args.dtype],
+        vae_dtype=DTYPES[args.vae_dtype],
+        stage1_dir=args.stage1_dir,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
