@@ -15,8 +15,9 @@ Atomicity and resume: a clip folder is written as ``<out>/.tmp-<clip_id>-<pid>``
 when complete, so it exists only when complete; an existing clip folder is never rewritten. When every clip of a
 conversation exists, ``<out>/.done/<conversation>.json`` records it and later runs skip the conversation without
 decoding anything. All per-clip computations start from fresh state (a new face-mesh tracker per clip, no shared
-smoothing state), so a resumed run writes the same bytes as an uninterrupted one. A changed option needs a new
-output folder.
+smoothing state), so a resumed run writes the same bytes as an uninterrupted one. The options that shape the outputs
+are recorded in ``<out>/prep_options.json`` (`record_options`); a rerun with other values is refused
+(`OptionsMismatch`), never mixed with the earlier outputs.
 
 Errors a source can cause raise `PrepError` (a `data_prep.media.MediaError`) whose message starts with the
 offending file's name.
@@ -25,6 +26,7 @@ offending file's name.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -51,15 +53,51 @@ from echo import clip_format
 
 PrepError = MediaError
 CORE_STAGE = "clips"
+FACE_BACKENDS = ("mediapipe", "face_alignment")
+TEXT_ENCODER_DTYPES = ("float32", "bfloat16", "float16")
+#: The model option each cache stage needs.
+STAGE_NEEDS = (("latents", "vae"), ("user_tokens", "vae"), ("omni", "omni_model"), ("emotion", "emotion_model"),
+               ("emotion_embeds", "text_encoder"))  # fmt: skip
+
+#: The options that shape the clip folders (compared on every rerun into an existing output folder).
+CLIP_OPTIONS = ("wav2vec2", "size", "clip_seconds", "min_clip_seconds", "crop_scale", "smooth_sigma", "face_backend",
+                "min_face_ratio", "detect_max_side", "av_tolerance", "asr_model")  # fmt: skip
+#: The options that shape each cache stage's files (compared when the stage runs again).
+STAGE_OPTIONS = {
+    "latents": ("vae",),
+    "omni": ("omni_model", "omni_stride"),
+    "emotion": ("emotion_model", "emotion_served_model", "emotion_window_frames"),
+    "emotion_embeds": ("text_encoder", "text_encoder_dtype", "default_emotion"),
+    "user_tokens": ("vae", "user_video_size"),
+}
+#: Options without a command-line flag of their own (Python API only).
+_API_ONLY = {"detect_max_side", "emotion_window_frames"}
+_PATH_OPTIONS = {"wav2vec2", "asr_model", "vae", "omni_model", "emotion_model", "text_encoder"}
+#: The record of the output-shaping options of an output folder (see `record_options`).
+PREP_OPTIONS = "prep_options.json"
+
+
+def _option(name: str) -> str:
+    """``\\`size\\` (--size)``: an option as the Python API and the command line spell it."""
+    return f"`{name}`" if name in _API_ONLY else f"`{name}` (--{name.replace('_', '-')})"
+
+
+def _normalised(name: str, value):
+    """An existing model folder as its resolved path (so ``./w2v`` and ``/abs/w2v`` compare equal)."""
+    if name in _PATH_OPTIONS and isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
 
 
 @dataclass
 class PrepOptions:
-    """Options of a preparation run (all recorded in each clip's ``meta.json``).
+    """Options of a preparation run (all recorded in each clip's ``meta.json``; the output-shaping ones also in the
+    output folder's ``prep_options.json``, see `record_options`). A value wrong for every clip raises a `ValueError`
+    naming the option (and its command-line flag) when the options are made, before any input is read.
 
     Args:
         wav2vec2 (`str`): folder (or cache id) of the ``Wav2Vec2Model`` and its feature extractor.
-        size (`int`, defaults to 512): side of the square crops.
+        size (`int`, defaults to 512): side of the square crops, a multiple of 16.
         clip_seconds (`float`, defaults to 10.0): clip length; ``min_clip_seconds`` (1.0) for the last one.
         crop_scale (`float`, defaults to 1.8): crop side over the larger side of the detected face box.
         smooth_sigma (`float`, defaults to 2.0): temporal Gaussian on box centres and sizes, in frames.
@@ -113,28 +151,57 @@ class PrepOptions:
     threads: int = 1
 
     def __post_init__(self):
+        # Options that are wrong for every clip are refused here, once, before any input is read.
         unknown = set(self.stages) - {CORE_STAGE, *CACHE_STAGES}
         if unknown:
-            raise ValueError(f"`stages` has {sorted(unknown)}, expected a subset of {[CORE_STAGE, *CACHE_STAGES]}.")
-        if self.size % 2:
-            raise ValueError(f"`size` is {self.size}, expected an even number (yuv420p video).")
-        if not 0 < self.min_clip_seconds <= self.clip_seconds:
             raise ValueError(
-                f"`clip_seconds` = {self.clip_seconds} and `min_clip_seconds` = {self.min_clip_seconds}, expected "
-                "0 < min_clip_seconds ≤ clip_seconds."
+                f"`stages` (--stages) has {sorted(unknown)}, expected a subset of {[CORE_STAGE, *CACHE_STAGES]}."
             )
-        if self.omni_stride < 1:
-            raise ValueError(f"`omni_stride` is {self.omni_stride}, expected at least 1 frame.")
+        for name, allowed in (("face_backend", FACE_BACKENDS), ("text_encoder_dtype", TEXT_ENCODER_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{_option(name)} is {getattr(self, name)!r}, expected one of {list(allowed)}.")
+        for name, multiple, why in (("size", 16, "the VAE downsamples 8× and the generator patches 2×"),
+                                    ("user_video_size", 8, "the VAE downsamples 8×")):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or value < multiple or value % multiple:
+                raise ValueError(f"{_option(name)} is {value!r}, expected a positive multiple of {multiple} ({why}).")
+        for name in ("clip_seconds", "min_clip_seconds"):
+            # `not (a >= b)` also refuses NaN.
+            if not getattr(self, name) * FPS >= 0.5:
+                raise ValueError(
+                    f"{_option(name)} is {getattr(self, name)}, expected at least one frame ({1 / FPS:g} s at "
+                    f"{FPS} fps)."
+                )
+        if not self.min_clip_seconds <= self.clip_seconds:
+            raise ValueError(
+                f"{_option('clip_seconds')} = {self.clip_seconds} and {_option('min_clip_seconds')} = "
+                f"{self.min_clip_seconds}, expected min_clip_seconds ≤ clip_seconds."
+            )
+        if not self.crop_scale > 0:
+            raise ValueError(f"{_option('crop_scale')} is {self.crop_scale}, expected a positive factor.")
+        for name in ("smooth_sigma", "av_tolerance"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{_option(name)} is {getattr(self, name)}, expected a value ≥ 0.")
         if not 0.0 <= self.min_face_ratio <= 1.0:
-            raise ValueError(f"`min_face_ratio` is {self.min_face_ratio}, expected a fraction in [0, 1].")
-        for stage, needed in (
-            ("latents", "vae"),
-            ("user_tokens", "vae"),
-            ("omni", "omni_model"),
-            ("emotion", "emotion_model"),
-        ):
+            raise ValueError(f"{_option('min_face_ratio')} is {self.min_face_ratio}, expected a fraction in [0, 1].")
+        for name in ("omni_stride", "emotion_window_frames", "detect_max_side", "threads"):
+            if not isinstance(getattr(self, name), numbers.Integral) or getattr(self, name) < 1:
+                raise ValueError(f"{_option(name)} is {getattr(self, name)!r}, expected a positive integer.")
+        for stage, needed in STAGE_NEEDS:
             if stage in self.stages and getattr(self, needed) is None:
-                raise ValueError(f"Stage {stage!r} needs `{needed}` (--{needed.replace('_', '-')}).")
+                raise ValueError(f"Stage {stage!r} needs {_option(needed)}.")
+
+    def recorded(self) -> dict:
+        """The options that shape the outputs, as `record_options` stores them in ``prep_options.json``:
+        ``{"clips": {CLIP_OPTIONS}, "stages": {stage: {STAGE_OPTIONS[stage]} for each requested cache stage}}``.
+        Model paths that exist are recorded resolved."""
+        return {
+            "clips": {name: _normalised(name, getattr(self, name)) for name in CLIP_OPTIONS},
+            "stages": {
+                stage: {name: _normalised(name, getattr(self, name)) for name in STAGE_OPTIONS[stage]}
+                for stage in CACHE_STAGES if stage in self.stages
+            },
+        }
 
     @property
     def clip_frames(self) -> int:
@@ -143,6 +210,65 @@ class PrepOptions:
     @property
     def min_clip_frames(self) -> int:
         return max(1, int(round(self.min_clip_seconds * FPS)))
+
+
+class OptionsMismatch(ValueError):
+    """An output folder prepared with other output-shaping options than this run's; ``differences`` lists
+    ``(option, recorded, this run)``."""
+
+    def __init__(self, path: Path, differences: list[tuple[str, object, object]]):
+        self.path, self.differences = path, differences
+        listed = ", ".join(f"{_option(name)} was {old!r}, now {new!r}" for name, old, new in differences)
+        super().__init__(
+            f"{str(path)!r} was prepared with other options than this run's: {listed}. Reusing its outputs would mix "
+            "the two. Rerun with the recorded values, write to a new --out folder, or pass --overwrite to delete "
+            "its prepared clips and prepare them again."
+        )
+
+
+def _recorded_in_clips(out_dir: Path) -> dict | None:
+    """``{"clips": ...}`` from the ``meta.json`` of a clip folder, for a folder of an echo-prep that wrote no
+    ``prep_options.json``; `None` when it holds no clip folder."""
+    for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (folder / clip_format.META).is_file():
+            options = clip_format.read_meta(folder).get("options", {})
+            return {"clips": {name: options[name] for name in CLIP_OPTIONS if name in options}, "stages": {}}
+    return None
+
+
+def record_options(out_dir: str | Path, options: PrepOptions) -> dict:
+    """Compare ``options`` with the options ``out_dir`` was prepared with, then record the union in
+    ``<out_dir>/prep_options.json``; returns the record.
+
+    The clip options (`CLIP_OPTIONS`) are compared on every run; a cache stage's options (`STAGE_OPTIONS`) when that
+    stage was run before (a stage run for the first time is added). A folder of an older echo-prep without the record
+    is compared with the ``options`` of one of its clips' ``meta.json``.
+
+    Raises:
+        `OptionsMismatch`: an option differs; the message names each one with both values and the ways on.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / PREP_OPTIONS
+    current = options.recorded()
+    recorded = clip_format.read_json(path) if path.is_file() else _recorded_in_clips(out_dir)
+    if recorded is not None:
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("clips"), dict):
+            reason = "is not an echo-prep options record; use a new --out or --overwrite"
+            raise clip_format.ClipFormatError(path, reason)
+        stages = recorded.get("stages") if isinstance(recorded.get("stages"), dict) else {}
+        pairs = [(name, recorded["clips"], current["clips"]) for name in CLIP_OPTIONS]
+        for stage, values in current["stages"].items():
+            before = stages.get(stage)
+            pairs += [(name, before, values) for name in STAGE_OPTIONS[stage]] if isinstance(before, dict) else []
+        differences = [
+            (name, old[name], new[name]) for name, old, new in pairs
+            if name in old and _normalised(name, old[name]) != new[name]
+        ]  # fmt: skip
+        if differences:
+            raise OptionsMismatch(out_dir, differences)
+        current["stages"] = {**stages, **current["stages"]}
+    clip_format.write_json(path, current)
+    return current
 
 
 @dataclass
@@ -349,7 +475,7 @@ def _prepare_conversation(conversation: Conversation, out_dir: Path, options: Pr
                 result.written.append(targets[a])
     if all((out_dir / c).is_dir() for c in all_clips):
         done_marker.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic_text(done_marker, json.dumps({"clips": all_clips}, indent=1))
+        write_atomic_text(done_marker, json.dumps({"clips": all_clips}, indent=1))
 
     # 6. Optional caches on the finished clip folders.
     run_caches(out_dir, all_clips, options)
@@ -423,7 +549,12 @@ def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str
     return final
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
+def write_atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename: a failed write (disk full) leaves the old file, or
+    none, never a truncated one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -94,7 +94,6 @@ _ECHO_ONLY_KEYS = re.compile(r"^(audio_proj\.|context_proj\.|blocks\.\d+\.sdcm\.
 DEFAULT_CONDITION_CHANNELS = 36
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def _base_input_channels(latent_channels: int, vae_scale_factor_temporal: int = 4) -> tuple[int, int]:
@@ -719,42 +718,6 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 )
             new_state_dict[key] = value.to(target.dtype)
         self.load_state_dict(new_state_dict, strict=True)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # PEFT-format adapters
-    # ------------------------------------------------------------------------------------------------------------
-
-    def save_peft_adapter(self, save_directory: str | os.PathLike, adapter_name: str = "default") -> None:
-        """Save one LoRA adapter in PEFT format (`adapter_config.json` + `adapter_model.safetensors`)."""
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        if adapter_name not in getattr(self, "peft_config", {}):
-            raise ValueError(f"Adapter `{adapter_name}` not found; adapters: {list(getattr(self, 'peft_config', {}))}.")
-        os.makedirs(save_directory, exist_ok=True)
-        state_dict = get_peft_model_state_dict(self, adapter_name=adapter_name)
-        save_file(
-            {k: v.detach().contiguous() for k, v in state_dict.items()},
-            os.path.join(save_directory, ADAPTER_WEIGHTS_NAME),
-        )
-        self.peft_config[adapter_name].save_pretrained(save_directory)
-
-    def load_peft_adapter(self, adapter_directory: str | os.PathLike, adapter_name: str = "default") -> None:
-        """Add and load a LoRA adapter saved by [`save_peft_adapter`] (PEFT format); every weight must match."""
-        from peft import LoraConfig
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        config = LoraConfig.from_pretrained(adapter_directory)
-        state_dict = load_file(os.path.join(adapter_directory, ADAPTER_WEIGHTS_NAME))
-        self.add_adapter(config, adapter_name=adapter_name)
-        result = set_peft_model_state_dict(self, state_dict, adapter_name=adapter_name)
-        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
-        if result.unexpected_keys or missing:
-            raise ValueError(
-                f"Adapter in {os.fspath(adapter_directory)!r} does not match the model: unexpected keys "
-                f"{sorted(result.unexpected_keys)}, missing keys {sorted(missing)}."
-            )
 
     # ------------------------------------------------------------------------------------------------------------
     # Forward

@@ -422,13 +422,12 @@ def test_lora_trains_only_adapters_and_round_trips_in_peft_format(wan_t2v_folder
         adapted = model(**inputs).sample
     assert (adapted - reference).abs().max() > 1e-4
 
-    model.save_peft_adapter(tmp_path / "adapter", adapter_name="stage2")
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    model.save_lora_adapter(tmp_path / "adapter", adapter_name="stage2")  # diffusers' PeftAdapterMixin
+    saved = load_file(tmp_path / "adapter" / "pytorch_lora_weights.safetensors")
     assert saved and all("lora_" in k for k in saved)
 
     fresh = EchoTransformer3DModel.from_pretrained(tmp_path / "base").eval()
-    fresh.load_peft_adapter(tmp_path / "adapter", adapter_name="stage2")
+    fresh.load_lora_adapter(tmp_path / "adapter", adapter_name="stage2", prefix=None, use_safetensors=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).sample, adapted, rtol=1e-5, atol=1e-6)
 

@@ -4,8 +4,14 @@
 
 Clip matching: ``*.mp4`` files are matched by file name between ``--generated`` and ``--reference`` (and ``--user``
 when given). Names present on one side only are skipped with a warning that lists them; an empty or missing folder,
-or no common name at all, is an error. Clips whose generated and reference lengths differ raise an error naming the
-clip (``--length-mismatch truncate`` trims both to the shorter one instead; the user clip is trimmed likewise).
+or no common name at all, is an error. A clip whose generated and reference lengths differ fails with a reason naming
+both lengths (``--length-mismatch truncate`` trims both to the shorter one instead; the user clip is trimmed likewise).
+Generated and ground-truth videos of different resolutions are refused before anything is scored, naming each clip
+and both sizes (``--resize-generated`` resizes the generated frames to the ground truth's instead, with a warning).
+
+A clip that cannot be scored (an unreadable video, no face found, missing motion coefficients) is reported with its
+reason, in the JSON (``"failed"``) and under the Markdown table, and left out of every metric; the other clips are
+scored. A run in which no clip can be scored is an error listing the reasons.
 
 Motion (rPCC, SID, Var, and FD / MSE in the JSON): with ``--motion-source mediapipe`` (default) coefficients come
 from `MediaPipeMotionExtractor` (pose = yaw, pitch, roll, translation; expression = landmark offsets reduced by a PCA
@@ -104,8 +110,10 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def markdown_table(table: dict[str, float | None], reasons: dict[str, str], method: str = "generated") -> str:
-    """Markdown table with Table 1's columns; ``n/a`` cells and the reason for each below the table."""
+def markdown_table(table: dict[str, float | None], reasons: dict[str, str], method: str = "generated",
+                   failed: dict[str, str] | None = None) -> str:
+    """Markdown table with Table 1's columns; ``n/a`` cells and the reason for each below the table, then the
+    clips that could not be scored (``failed``: clip → reason)."""
     arrows = [f"{c} {'↓' if c in LOWER_IS_BETTER else '↑'}" for c in TABLE_COLUMNS]
     lines = ["| Method | " + " | ".join(arrows) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     lines.append(f"| {method} | " + " | ".join(_fmt(table.get(c)) for c in TABLE_COLUMNS) + " |")
@@ -113,12 +121,80 @@ def markdown_table(table: dict[str, float | None], reasons: dict[str, str], meth
     if reasons:
         lines.append("")
         lines += [f"- {c}: n/a — {reasons[c]}" for c in TABLE_COLUMNS if c in reasons]
+    if failed:
+        lines += ["", "Failed clips (left out of every metric):"] + [f"- {n}: {r}" for n, r in failed.items()]
     return "\n".join(lines) + "\n"
 
 
 def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+class ClipSetError(ValueError):
+    """The clip set as a whole cannot be scored (resolutions differ, or every clip failed): the run is refused."""
+
+
+def _clip_errors() -> tuple[type[BaseException], ...]:
+    """What makes one clip fail (reported, the others scored): unreadable files, no face, bad coefficient files."""
+    import av
+
+    return OSError, ValueError, KeyError, av.error.FFmpegError
+
+
+def _failure_reason(name: str, error: BaseException) -> str:
+    logger.warning("clip %r failed: %s", name, error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _size_mismatch(name: str, generated: tuple[int, int], reference: tuple[int, int]) -> str:
+    return (f"clip {name!r}: generated {generated[1]}×{generated[0]}, ground truth {reference[1]}×{reference[0]} "
+            "(width×height)")  # fmt: skip
+
+
+def check_sizes(names: list[str], generated: dict[str, str], reference: dict[str, str], resize: bool,
+                failed: dict[str, str]) -> list[str]:
+    """The clips of ``names`` whose generated and ground-truth videos open, after comparing their resolutions (read
+    from the containers, nothing decoded).
+
+    A clip whose files cannot be opened goes to ``failed`` (clip → reason). Different resolutions raise a
+    `ClipSetError` naming every such clip and both sizes, unless ``resize`` (``--resize-generated``): then they are
+    kept, with a warning, and the generated frames are resized when decoded.
+    """
+    kept, mismatched = [], []
+    for name in names:
+        try:
+            sizes = video_metrics.video_size(generated[name]), video_metrics.video_size(reference[name])
+        except _clip_errors() as error:
+            failed[name] = _failure_reason(name, error)
+            continue
+        kept.append(name)
+        if sizes[0] != sizes[1]:
+            mismatched.append(_size_mismatch(name, *sizes))
+    if mismatched and not resize:
+        raise ClipSetError(
+            f"generated and ground-truth videos differ in resolution: {'; '.join(mismatched)}. Generate at the "
+            "ground-truth resolution, or pass --resize-generated to resize the generated frames to it."
+        )
+    if mismatched:
+        logger.warning("resizing the generated frames to the ground truth's resolution (--resize-generated): %s",
+                       "; ".join(mismatched))  # fmt: skip
+    return kept
+
+
+def _match_size(name: str, gen: np.ndarray, ref: np.ndarray, resize: bool) -> np.ndarray:
+    """The generated frames at the ground truth's resolution (resized when ``resize``), else a `ClipSetError`."""
+    if gen.shape[1:3] == ref.shape[1:3]:
+        return gen
+    if not resize:
+        mismatch = _size_mismatch(name, gen.shape[1:3], ref.shape[1:3])
+        raise ClipSetError(f"{mismatch}; generate at the ground-truth resolution or pass --resize-generated.")
+    return video_metrics.resize_frames(gen, ref.shape[1:3])
+
+
+def _all_failed(failed: dict[str, str]) -> ClipSetError:
+    listed = "\n".join(f"- {name}: {reason}" for name, reason in failed.items())
+    return ClipSetError(f"no clip could be scored:\n{listed}")
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -130,6 +206,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     reference = list_clips(args.reference, "reference")
     user = list_clips(args.user, "user") if args.user else None
     names = match_clips(generated, reference, user)
+    failed: dict[str, str] = {}
+    names = check_sizes(names, generated, reference, args.resize_generated, failed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # 2. Feature networks (a missing file disables its metrics, with the reason)
@@ -147,7 +225,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             for c in columns:
                 reasons[c] = str(err)
 
-    # 3. Per clip: decode, motion, per-clip video metrics and feature sets; frames are dropped after each clip
+    # 3. Per clip: decode, motion, per-clip video metrics and feature sets; frames are dropped after each clip. A
+    #    clip that fails (unreadable, no face, bad coefficients) is reported and left out; the others are scored.
     extractor = MediaPipeMotionExtractor() if args.motion_source == "mediapipe" else None
     adapter = FlameCoefficientAdapter(args.expression_dims, args.pose_dims)
     per_clip: dict[str, dict] = {}
@@ -158,54 +237,25 @@ def evaluate(args: argparse.Namespace) -> dict:
     }
     silent: list[str] = []
     for name in tqdm(names, desc="echo-eval: clips", disable=args.quiet):
-        gen, fps = video_metrics.read_video(generated[name])
-        ref, _ = video_metrics.read_video(reference[name])
-        usr = video_metrics.read_video(user[name])[0] if user is not None else None
-        checked = _check_lengths(name, {"generated": gen, "reference": ref, "user": usr}, args.length_mismatch)
-        gen, ref, usr = checked["generated"], checked["reference"], checked["user"]
-        per_clip[name] = {"num_frames": len(gen)}
-        # 3a. Motion coefficients
-        motions[name] = {}
-        sets = {"generated": (gen, args.generated), "reference": (ref, args.reference)}
-        if usr is not None:
-            sets["user"] = (usr, args.user)
-        for label, (frames, folder) in sets.items():
-            if extractor is not None:
-                try:
-                    motions[name][label] = extractor(frames)
-                except ValueError as err:
-                    raise ValueError(f"clip {name!r} ({label}): {err}") from err
-                continue
-            coeffs = _load_motion_file(folder, name, adapter)
-            if len(coeffs) != len(gen) and not (args.length_mismatch == "truncate" and len(coeffs) > len(gen)):
-                raise ValueError(
-                    f"clip {name!r}: the {label} motion coefficients have {len(coeffs)} frames, the videos {len(gen)}."
-                )
-            motions[name][label] = coeffs.truncate(len(gen))
-        # 3b. Feature sets of FID (frames) and FVD (windows)
-        if networks["inception"] is not None:
-            for label, frames in (("generated", gen), ("reference", ref)):
-                feats = video_metrics.image_features(networks["inception"], frames[:: args.frame_stride])
-                features["inception"][label].append(feats)
-        if networks["i3d"] is not None:
-            for label, frames in (("generated", gen), ("reference", ref)):
-                feats = video_metrics.video_features(networks["i3d"], frames, args.fvd_clip_length)
-                features["i3d"][label].append(feats)
-        # 3c. CSIM against the reference image, LSE with the avatar audio
-        if networks["arcface"] is not None:
-            if args.reference_images:
-                ref_image = _load_image(os.path.join(args.reference_images, name + ".png"))
-            else:
-                ref_image = ref[0]
-            per_clip[name]["csim"] = video_metrics.csim(networks["arcface"], gen, ref_image)
-        if networks["syncnet"] is not None:
-            audio_path = os.path.join(args.audio, name + ".wav") if args.audio else generated[name]
-            audio = video_metrics.read_audio(audio_path) if os.path.isfile(audio_path) else None
-            if audio is None or len(audio) == 0:
-                silent.append(name)
-            else:
-                per_clip[name].update(video_metrics.lse(networks["syncnet"], gen, audio, fps=fps))
-        del gen, ref, usr, checked, sets
+        try:
+            row, clip_motions, clip_features, has_audio = _score_clip(
+                name, args, generated, reference, user, networks, extractor, adapter
+            )
+        except ClipSetError:
+            raise
+        except _clip_errors() as error:
+            failed[name] = _failure_reason(name, error)
+            continue
+        # Only a clip scored in full enters the sets.
+        per_clip[name], motions[name] = row, clip_motions
+        for net, sets in clip_features.items():
+            for label, feats in sets.items():
+                features[net][label].append(feats)
+        if not has_audio:
+            silent.append(name)
+    names = [name for name in names if name in per_clip]
+    if not names:
+        raise _all_failed(failed)
 
     # 4. Motion metrics (expression through a PCA fitted on the ground truth for the landmark route)
     parts = {}
@@ -280,18 +330,77 @@ def evaluate(args: argparse.Namespace) -> dict:
         "aggregate": aggregate,
         "table": table,
         "unavailable": reasons,
+        "failed": failed,
         "settings": {
             "generated": args.generated,
             "reference": args.reference,
             "user": args.user,
             "motion_source": args.motion_source,
             "length_mismatch": args.length_mismatch,
-            "num_clips": len(names),
+            "resize_generated": args.resize_generated,
+            "num_clips": len(names) + len(failed),
+            "num_scored": len(names),
         },
     }
-    report["markdown"] = markdown_table(table, reasons)
+    report["markdown"] = markdown_table(table, reasons, failed=failed)
     _write_report(report, args)
     return report
+
+
+def _score_clip(name, args, generated, reference, user, networks, extractor, adapter):
+    """Step 3 of `evaluate` for one clip: ``(row, motions, features, has_audio)``; raises on a clip that fails."""
+    gen, fps = video_metrics.read_video(generated[name])
+    ref, _ = video_metrics.read_video(reference[name])
+    usr = video_metrics.read_video(user[name])[0] if user is not None else None
+    gen = _match_size(name, gen, ref, args.resize_generated)
+    checked = _check_lengths(name, {"generated": gen, "reference": ref, "user": usr}, args.length_mismatch)
+    gen, ref, usr = checked["generated"], checked["reference"], checked["user"]
+    row = {"num_frames": len(gen)}
+    # 3a. Motion coefficients
+    motions = {}
+    sets = {"generated": (gen, args.generated), "reference": (ref, args.reference)}
+    if usr is not None:
+        sets["user"] = (usr, args.user)
+    for label, (frames, folder) in sets.items():
+        if extractor is not None:
+            try:
+                motions[label] = extractor(frames)
+            except ValueError as err:
+                raise ValueError(f"clip {name!r} ({label}): {err}") from err
+            continue
+        coeffs = _load_motion_file(folder, name, adapter)
+        if len(coeffs) != len(gen) and not (args.length_mismatch == "truncate" and len(coeffs) > len(gen)):
+            raise ValueError(
+                f"clip {name!r}: the {label} motion coefficients have {len(coeffs)} frames, the videos {len(gen)}."
+            )
+        motions[label] = coeffs.truncate(len(gen))
+    # 3b. Feature sets of FID (frames) and FVD (windows)
+    features = {}
+    if networks["inception"] is not None:
+        features["inception"] = {
+            label: video_metrics.image_features(networks["inception"], frames[:: args.frame_stride])
+            for label, frames in (("generated", gen), ("reference", ref))
+        }
+    if networks["i3d"] is not None:
+        features["i3d"] = {
+            label: video_metrics.video_features(networks["i3d"], frames, args.fvd_clip_length)
+            for label, frames in (("generated", gen), ("reference", ref))
+        }
+    # 3c. CSIM against the reference image, LSE with the avatar audio
+    if networks["arcface"] is not None:
+        if args.reference_images:
+            ref_image = _load_image(os.path.join(args.reference_images, name + ".png"))
+        else:
+            ref_image = ref[0]
+        row["csim"] = video_metrics.csim(networks["arcface"], gen, ref_image)
+    has_audio = True
+    if networks["syncnet"] is not None:
+        audio_path = os.path.join(args.audio, name + ".wav") if args.audio else generated[name]
+        audio = video_metrics.read_audio(audio_path) if os.path.isfile(audio_path) else None
+        has_audio = audio is not None and len(audio) > 0
+        if has_audio:
+            row.update(video_metrics.lse(networks["syncnet"], gen, audio, fps=fps))
+    return row, motions, features, has_audio
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -357,10 +466,12 @@ def evaluate_behaviour(args: argparse.Namespace) -> dict:
     names = match_clips(generated, reference)
     per_clip: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    for name in tqdm(names, desc="echo-eval: behaviour", disable=args.quiet):
+    scored = check_sizes(names, generated, reference, args.resize_generated, failed)
+    for name in tqdm(scored, desc="echo-eval: behaviour", disable=args.quiet):
         try:
             gen, fps = video_metrics.read_video(generated[name])
             ref, _ = video_metrics.read_video(reference[name])
+            gen = _match_size(name, gen, ref, args.resize_generated)
             checked = _check_lengths(name, {"generated": gen, "reference": ref}, args.length_mismatch)
             waves = {}
             for label, folder in (("avatar", args.audio), ("user", args.user_audio)):
@@ -372,9 +483,10 @@ def evaluate_behaviour(args: argparse.Namespace) -> dict:
                 checked["generated"], checked["reference"], waves["avatar"], waves["user"], fps=fps,
                 window_seconds=args.long_window,
             )  # fmt: skip
-        except (OSError, ValueError) as error:
-            logger.warning("clip %r failed: %s", name, error)
-            failed[name] = f"{type(error).__name__}: {error}"
+        except ClipSetError:
+            raise
+        except _clip_errors() as error:
+            failed[name] = _failure_reason(name, error)
     keys = sorted({k for row in per_clip.values() for k in row if k != "num_frames"})
     aggregate = {k: _mean([row.get(k) for row in per_clip.values()]) for k in keys}
     report = {"clips": per_clip, "aggregate": aggregate, "failed": failed, "settings": {
@@ -401,6 +513,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pose-dims", type=int, default=6, help="FLAME pose size (files route)")
     parser.add_argument("--expression-components", type=int, default=50, help="PCA size (mediapipe route)")
     parser.add_argument("--length-mismatch", choices=("error", "truncate"), default="error")
+    parser.add_argument("--resize-generated", action="store_true",
+                        help="resize generated frames to the ground truth's resolution (with a warning) instead of "
+                             "refusing clips of different resolutions")  # fmt: skip
     parser.add_argument("--frame-stride", type=int, default=1, help="FID uses every n-th frame")
     parser.add_argument("--fvd-clip-length", type=int, default=16)
     parser.add_argument("--kmeans-init", type=int, default=10)

@@ -66,6 +66,34 @@ def write_video(
                 container.mux(packet)
 
 
+def video_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` of the first video stream of ``path``, from the container (nothing is decoded).
+
+    Raises:
+        ValueError: the file has no video stream (PyAV's errors for an unreadable file pass through).
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream.")
+        context = container.streams.video[0].codec_context
+        return int(context.height), int(context.width)
+
+
+def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`(T, H, W, 3)` uint8 frames resized to ``size`` = ``(height, width)`` (area filter when shrinking, bicubic when
+    enlarging)."""
+    import cv2
+
+    height, width = size
+    if frames.shape[1:3] == (height, width):
+        return frames
+    shrink = height * width < frames.shape[1] * frames.shape[2]
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
+    return np.stack([cv2.resize(frame, (width, height), interpolation=interpolation) for frame in frames])
+
+
 def _to_tensor(frames: np.ndarray) -> torch.Tensor:
     """`(T, H, W, 3)` uint8 → `(T, 3, H, W)` float in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
