@@ -15,7 +15,10 @@ Each section names a ``class`` (see `COMPONENT_CLASSES`) and exactly one source:
 
 - ``pretrained: <local folder or hub id>`` (+ optional ``subfolder``): loaded with the class's own
   ``from_pretrained``. Hub ids resolve from the local Hugging Face cache only (``local_files_only=True``) unless
-  ``load_components(..., allow_download=True)`` or the top-level key ``allow_download: true`` is given.
+  ``load_components(..., allow_download=True)`` or the top-level key ``allow_download: true`` is given. Model weights
+  are read from safetensors only (``use_safetensors=True``): a folder holding only ``pytorch_model.bin`` /
+  ``diffusion_pytorch_model.bin`` (pickles, which can run code when loaded) is refused, and no custom code is run
+  (``trust_remote_code=False``).
 - ``from_wan: <folder or hub id>`` (transformer only): `EchoTransformer3DModel.from_wan`, every Wan weight loaded under
   its own name, the ECHO modules added so that the model starts as the Wan model; ``config`` holds the ECHO options.
 - ``config: {...}``: the component is built from this config with random weights drawn from
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import string
 from pathlib import Path
 from typing import Any
@@ -126,17 +130,33 @@ def build_tiny_tokenizer(words: list[str] | tuple[str, ...] = TINY_TOKENIZER_WOR
     )
 
 
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """Parse a YAML file with the safe loader (plain data only: nothing in the file can construct an object or run
+    code). A syntax error, or a file that is not text, is a `ValueError` naming ``what``, the file, line and column.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = ", ".join(part for part in (error.context, error.problem) if part)
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML: {problem}{where}.") from error
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML ({error}).") from error
+
+
 def load_model_config(config: str | Path | dict) -> dict:
     """Read a model description: a YAML path or an already parsed dict (deep-copied)."""
     if isinstance(config, dict):
         return copy.deepcopy(config)
-    import yaml
-
     path = Path(config)
     if not path.is_file():
         raise ValueError(f"model config {str(path)!r} is not a file; expected a YAML file such as configs/models/tiny.yaml")
-    with open(path) as f:
-        loaded = yaml.safe_load(f)
+    loaded = read_yaml(path, "model config")
     if not isinstance(loaded, dict):
         raise ValueError(f"model config {str(path)!r} holds a {type(loaded).__name__}, expected a mapping of sections")
     return loaded
@@ -148,6 +168,23 @@ def _import_class(name: str, section: str):
         raise ValueError(f"section {section!r} names class {name!r}; expected one of {sorted(classes)}")
     module, attr = classes[name]
     return getattr(importlib.import_module(module), attr)
+
+
+def _from_pretrained(cls, source: str, section: str, load_kwargs: dict):
+    """``cls.from_pretrained(source, **load_kwargs)``; a folder without safetensors weights is refused, naming the
+    section and how to convert the pickled weights it holds."""
+    try:
+        return cls.from_pretrained(source, **load_kwargs)
+    except OSError as error:
+        folder = Path(source) / load_kwargs.get("subfolder", "")
+        pickled = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+        if not load_kwargs.get("use_safetensors") or not pickled:
+            raise
+        raise OSError(
+            f"section {section!r}: {str(folder)!r} holds model weights only as {pickled}, a pickle format whose "
+            "loading can run code; ECHO loads safetensors only. Convert them once from a source you trust (load "
+            "the model there and `save_pretrained(..., safe_serialization=True)`)."
+        ) from error
 
 
 def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_download: bool, default_seed: int):
@@ -166,6 +203,9 @@ def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_downloa
         load_kwargs["subfolder"] = spec["subfolder"]
     if section in _MODEL_COMPONENTS:
         load_kwargs["dtype"] = torch_dtype
+        load_kwargs["use_safetensors"] = True  # never unpickle a .bin
+    if name == "AutoTokenizer":
+        load_kwargs["trust_remote_code"] = False
 
     # 1. Pretrained weights from a folder or the local hub cache.
     if "pretrained" in spec:
@@ -173,13 +213,13 @@ def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_downloa
             load_kwargs.update(config)  # overrides such as the scheduler's `shift`
         elif config:
             raise ValueError(f"section {section!r} gives both 'pretrained' and 'config'; config overrides apply only to schedulers and feature extractors")
-        return cls.from_pretrained(spec["pretrained"], **load_kwargs)
+        return _from_pretrained(cls, spec["pretrained"], section, load_kwargs)
     if "from_wan" in spec:
         if section != "transformer":
             raise ValueError(f"'from_wan' is only valid in the 'transformer' section, found in {section!r}")
         from diffusers import WanTransformer3DModel
 
-        wan = WanTransformer3DModel.from_pretrained(spec["from_wan"], **load_kwargs)
+        wan = _from_pretrained(WanTransformer3DModel, spec["from_wan"], section, load_kwargs)
         return cls.from_wan(wan, torch_dtype=torch_dtype, **config)
 
     # 2. Built from a config: seeded random weights.

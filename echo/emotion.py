@@ -144,8 +144,11 @@ class EmotionReasoner:
         if backend == "transformers":
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=torch_dtype).eval()
+            # Weights from safetensors only (a .bin is a pickle, which can run code when loaded); no custom code.
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, trust_remote_code=False)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.model_name, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
+            ).eval()
             if device is not None:
                 self.model.to(device)
 
@@ -258,7 +261,8 @@ class EmotionTextEncoder:
         ``pretrained_model_name_or_path`` is either an encoder folder (with ``tokenizer_name_or_path`` or the tokenizer
         files beside it) or a pipeline folder holding ``text_encoder/`` and ``tokenizer/`` (diffusers layout).
         The encoder class follows the config's ``model_type``: ``umt5`` → `UMT5EncoderModel`, otherwise
-        `T5EncoderModel`.
+        `T5EncoderModel`. Weights are read from safetensors only (a folder holding only ``pytorch_model.bin``, a
+        pickle, is refused) and no custom code is run.
         """
         from transformers import AutoConfig, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
 
@@ -269,10 +273,11 @@ class EmotionTextEncoder:
             if tokenizer_path is None and os.path.isdir(os.path.join(root, "tokenizer")):
                 tokenizer_path = os.path.join(root, "tokenizer")
         tokenizer_path = encoder_path if tokenizer_path is None else os.fspath(tokenizer_path)
-        config = AutoConfig.from_pretrained(encoder_path)
+        config = AutoConfig.from_pretrained(encoder_path, trust_remote_code=False)
         model_cls = UMT5EncoderModel if config.model_type == "umt5" else T5EncoderModel
-        text_encoder = model_cls.from_pretrained(encoder_path, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        # Weights from safetensors only: a folder with only pytorch_model.bin (a pickle) is refused.
+        text_encoder = model_cls.from_pretrained(encoder_path, dtype=torch_dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)
         return cls(text_encoder, tokenizer, max_length=max_length)
 
     @property

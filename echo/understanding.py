@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -111,14 +110,15 @@ class OmniUnderstanding:
         r"""Load the thinker and its pre-processing from a folder (or a cached model id).
 
         A full Omni checkpoint (``model_type`` ``qwen2_5_omni`` / ``qwen3_omni_moe``) is loaded whole and its
-        ``thinker`` kept; a thinker-only folder loads directly. Extra ``kwargs`` go to the constructor.
+        ``thinker`` kept; a thinker-only folder loads directly. Extra ``kwargs`` go to the constructor. Weights are
+        read from safetensors only (a folder holding only ``*.bin`` pickles is refused) and no custom code is run.
         """
         import importlib
 
         from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 
         path = os.fspath(pretrained_model_name_or_path)
-        model_type = AutoConfig.from_pretrained(path).model_type
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
         if model_type not in _THINKER_CLASSES:
             raise ValueError(
                 f"{path!r} holds a {model_type!r} model; expected one of {sorted(_THINKER_CLASSES)} "
@@ -126,7 +126,7 @@ class OmniUnderstanding:
             )
         module, class_name, attribute = _THINKER_CLASSES[model_type]
         model_cls = getattr(importlib.import_module(module), class_name)
-        load_kwargs = {"dtype": torch_dtype}
+        load_kwargs = {"dtype": torch_dtype, "use_safetensors": True}  # never unpickle a .bin
         if attribute is not None and model_type == "qwen2_5_omni":
             load_kwargs["enable_audio_output"] = False  # the talker is not needed for hidden states
         model = model_cls.from_pretrained(path, **load_kwargs)
@@ -135,9 +135,9 @@ class OmniUnderstanding:
             thinker.to(device)
         return cls(
             thinker,
-            AutoTokenizer.from_pretrained(path),
-            AutoFeatureExtractor.from_pretrained(path),
-            AutoImageProcessor.from_pretrained(path),
+            AutoTokenizer.from_pretrained(path, trust_remote_code=False),
+            AutoFeatureExtractor.from_pretrained(path, trust_remote_code=False),
+            AutoImageProcessor.from_pretrained(path, trust_remote_code=False),
             **kwargs,
         )
 

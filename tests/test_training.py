@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,8 +139,8 @@ class _PlantedPickle:
 
 def test_resume_loads_nothing_that_can_run_code(stage1_runs, data_root, tmp_path):
     """A checkpoint holds no pickle; a pickle planted in one (accelerate's custom-state or RNG file names) makes
-    the resume refuse, naming it, without unpickling it; a crafted optimizer.bin is refused by the weights-only
-    loader. Exact resume itself is `test_resume_matches_an_uninterrupted_run`."""
+    the resume refuse, naming it, without unpickling it; a crafted optimizer.bin is refused, naming it, before
+    anything is loaded. Exact resume itself is `test_resume_matches_an_uninterrupted_run`."""
     import pickle
     import shutil
 
@@ -156,12 +157,117 @@ def test_resume_loads_nothing_that_can_run_code(stage1_runs, data_root, tmp_path
         with pytest.raises(ValueError, match=f"holds pickle files.*{name}"):
             _run("tiny_stage1.yaml", data_root, out, *resume)
         assert not marker.exists()
-    out = tmp_path / "optimizer"
-    shutil.copytree(checkpoint, out / "checkpoint-10")
-    (out / "checkpoint-10" / "optimizer.bin").write_bytes(pickle.dumps(_PlantedPickle(marker), protocol=2))
-    with pytest.raises(ValueError, match="checkpoint-10.*could not be loaded safely"):
-        _run("tiny_stage1.yaml", data_root, out, *resume)
-    assert not marker.exists()
+    # A crafted optimizer.bin is refused, even when the list of files was rewritten to match: a bare pickle is not a
+    # torch.save archive, and an archive holding an object is refused by the weights-only loader.
+    from training.train import write_manifest
+
+    refusals = {"pickle": "is not a torch.save archive", "torch": "was refused by torch's weights-only loader"}
+    for kind, expected in refusals.items():
+        out = tmp_path / f"optimizer_{kind}"
+        shutil.copytree(checkpoint, out / "checkpoint-10")
+        planted = out / "checkpoint-10" / "optimizer.bin"
+        if kind == "pickle":
+            planted.write_bytes(pickle.dumps(_PlantedPickle(marker), protocol=2))
+        else:
+            torch.save({"state": _PlantedPickle(marker), "param_groups": []}, planted)
+        write_manifest(out / "checkpoint-10")
+        with pytest.raises(ValueError, match=r"checkpoint-10/optimizer\.bin' " + expected):
+            _run("tiny_stage1.yaml", data_root, out, *resume)
+        assert not marker.exists()
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "flip":  # one byte in the middle: same size, a valid header
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(b"not a checkpoint file" * 8)
+
+
+@pytest.mark.parametrize(
+    "name, how, manifest, reason",
+    [
+        ("optimizer.bin", "truncate", True, "has \\d+ bytes, \\d+ when it was saved"),
+        ("optimizer.bin", "flip", True, "does not match the SHA-256"),
+        ("optimizer.bin", "flip", False, "fails its CRC check"),
+        ("scheduler.bin", "garbage", False, "is not a torch.save archive"),
+        ("transformer_modules.safetensors", "truncate", False, "is not a readable safetensors file"),
+        ("transformer_lora/adapter_model.safetensors", "flip", True, "does not match the SHA-256"),
+        ("transformer_lora/adapter_model.safetensors", "garbage", False, "is not a readable safetensors file"),
+        ("rng_state_0.safetensors", "truncate", True, "has \\d+ bytes"),
+        ("model.safetensors", "garbage", True, "is not a readable safetensors file"),  # a file the manifest omits
+        ("training_state.json", "garbage", False, "is not valid JSON"),
+    ],
+)
+def test_a_corrupt_checkpoint_file_is_named(stage1_runs, tmp_path, name, how, manifest, reason):
+    """Every checkpoint lists its files' sizes and SHA-256; resume verifies them and the form of every file it reads
+    before loading anything, and names the corrupt file (checkpoints without the list: the form only)."""
+    import shutil
+
+    from training.train import MANIFEST_FILE, CheckpointError, resolve_resume
+
+    checkpoint = stage1_runs["base"] / "split" / "checkpoint-10"
+    listed = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+    expected = {"optimizer.bin", "scheduler.bin", "training_state.json", f"{LORA_DIR}/adapter_model.safetensors"}
+    assert expected <= set(listed)
+    assert all(len(entry["sha256"]) == 64 for entry in listed.values())
+    copy = tmp_path / "run" / "checkpoint-10"
+    shutil.copytree(checkpoint, copy)
+    if not manifest:
+        (copy / MANIFEST_FILE).unlink()
+    target = copy / name
+    if not target.exists():
+        target.write_bytes(b"")
+    _corrupt(target, how)
+    with pytest.raises(CheckpointError, match=re.escape(str(target)) + "'.* " + reason):
+        resolve_resume(tmp_path / "run", "checkpoint-10")  # a checkpoint-N of output_dir
+    with pytest.raises(CheckpointError, match=re.escape(str(target))):
+        resolve_resume(tmp_path / "elsewhere", str(copy))  # a path
+
+
+def test_resume_latest_falls_back_to_the_previous_complete_checkpoint(stage1_runs, data_root, tmp_path, caplog):
+    """A corrupt newest checkpoint: `--resume latest` warns, naming it and why, and resumes exactly from the one
+    before; `--resume checkpoint-N` naming the corrupt one is an error; when none verifies, an error names them all."""
+    import logging
+    import shutil
+
+    from training.train import CheckpointError
+
+    out = tmp_path / "run"
+    shutil.copytree(stage1_runs["base"] / "full", out)
+    _corrupt(out / "checkpoint-20" / "optimizer.bin", "truncate")
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        resumed = _run(
+            "tiny_stage1.yaml", data_root, out, "train.max_train_steps=12", "train.resume_from_checkpoint=latest", *FAST
+        )
+    assert [h["step"] for h in resumed["history"]] == [11, 12]
+    expected = torch.tensor([h["loss"] for h in stage1_runs["full"]["history"][10:12]])
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in resumed["history"]]), expected, rtol=1e-5, atol=1e-6)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert re.search(r"skipping .*checkpoint-20.*optimizer\.bin' has \d+ bytes", warning), warning
+    assert re.search(r"resuming from .*checkpoint-10", warning), warning
+    # An explicit checkpoint is never replaced by another one.
+    longer = "train.max_train_steps=22"
+    with pytest.raises(CheckpointError, match=r"checkpoint-20/optimizer\.bin"):
+        _run("tiny_stage1.yaml", data_root, out, longer, "train.resume_from_checkpoint=checkpoint-20")
+    _corrupt(out / "checkpoint-10" / "scheduler.bin", "garbage")
+    with pytest.raises(CheckpointError, match=r"no checkpoint .* verifies: checkpoint-20: .*; checkpoint-10: .*sched"):
+        _run("tiny_stage1.yaml", data_root, out, longer, "train.resume_from_checkpoint=latest")
+
+
+def test_a_corrupt_trained_state_is_named_when_loaded(tmp_path):
+    """Stage 2 and echo-export read a stage output's safetensors through `read_safetensors`: a corrupt file is named."""
+    from training.modeling import load_fused, read_safetensors
+
+    bad = tmp_path / MODULES_FILE
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + "' is not a readable safetensors file"):
+        read_safetensors(bad)
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        load_fused(torch.nn.Linear(2, 2), tmp_path, "stage1")
 
 
 def test_rerun_into_an_earlier_run_refuses_unless_resumed_or_overwritten(data_root, tmp_path):

@@ -9,6 +9,7 @@ silently trains with a default. Precision and distribution are *not* here: they 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -151,18 +152,104 @@ class TrainConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
 
     def validate(self) -> TrainConfig:
-        if self.stage not in (1, 2):
-            raise ValueError(f"config key 'stage' is {self.stage}, expected 1 or 2.")
+        """Refuse values that make no sense, naming the dotted key (see `VALUE_RULES`), then the settings saved
+        with the model (`settings_from_config`: frame size, chunk length, motion frames, user video size)."""
         if self.stage == 2 and not self.model.stage1_dir:
             raise ValueError("config key 'model.stage1_dir' is required for stage 2 (the stage-1 output folder).")
-        if (self.data.num_frames - 1) % 4:
-            raise ValueError(f"config key 'data.num_frames' is {self.data.num_frames}, expected 4k + 1.")
-        if self.train.gradient_accumulation_steps < 1:
-            raise ValueError("config key 'train.gradient_accumulation_steps' must be ≥ 1.")
-        for key in ("audio_drop_prob", "user_drop_prob"):
-            if not 0.0 <= getattr(self.loss, key) <= 1.0:
-                raise ValueError(f"config key 'loss.{key}' is {getattr(self.loss, key)}, expected a probability in [0, 1].")
+        for key, (accepts, expected) in VALUE_RULES.items():
+            value = _lookup(self, key)
+            if value is not None and not accepts(value):
+                raise ValueError(f"config key {key!r} is {value!r}, expected {expected}.")
+        for key in ("lora.target_modules", "lora.trainable_modules"):
+            pattern = _lookup(self, key)
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"config key {key!r} is {pattern!r}, not a valid regex ({error}).") from error
+        settings_from_config(self)
         return self
+
+
+def _finite(value) -> bool:
+    return math.isfinite(value)
+
+
+def _positive(value) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _non_negative(value) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def _probability(value) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+def _at_least(minimum: int):
+    return lambda value: value >= minimum
+
+
+# Dotted key → (test, what it expects). `None` (an optional key left unset) is not tested. The settings the model is
+# saved with (data.resolution, data.num_frames, data.user_video_size, data.max_history_frames, data.max_sequence_length,
+# loss.motion_latent_frames) are checked by `EchoSettings` itself, through `settings_from_config`.
+VALUE_RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
+    "stage": (lambda v: v in (1, 2), "1 or 2"),
+    "output_dir": (bool, "a folder"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)"),
+    "model.config": (bool, "a model description file"),
+    "data.root": (bool, "a folder of prepared clips"),
+    "data.num_frames": (lambda v: v >= 1 and (v - 1) % 4 == 0, "4k + 1"),
+    "data.resolution": (lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16"),
+    "data.windows_per_clip": (_at_least(1), "at least 1"),
+    "data.batch_size": (_at_least(1), "at least 1"),
+    "data.num_workers": (_at_least(0), "at least 0"),
+    "lora.rank": (_at_least(1), "at least 1"),
+    "lora.alpha": (_positive, "a number > 0 (or null: the rank)"),
+    "lora.dropout": (lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
+    "lora.target_modules": (bool, "a regex of module names"),
+    "optim.lora_lr": (_positive, "a learning rate > 0"),
+    "optim.base_lr": (_positive, "a learning rate > 0"),
+    "optim.weight_decay": (_non_negative, "a number >= 0"),
+    "optim.betas[0]": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "optim.betas[1]": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "optim.eps": (_positive, "a number > 0"),
+    "optim.max_grad_norm": (_non_negative, "a number >= 0 (0: no clipping)"),
+    "optim.lr_warmup_steps": (_at_least(0), "at least 0"),
+    "loss.logit_mean": (_finite, "a finite number"),
+    "loss.logit_std": (_positive, "a number > 0"),
+    "loss.shift": (_positive, "a number > 0 (or null: the scheduler's shift)"),
+    "loss.pixel_weight": (_non_negative, "a loss weight >= 0"),
+    "loss.pixel_latent_frames": (_at_least(1), "at least 1"),
+    "loss.pixel_loss_type": (lambda v: v in ("mse", "l1"), "'mse' or 'l1'"),
+    "loss.align_weight": (_non_negative, "a loss weight >= 0"),
+    "loss.align_blocks": (_at_least(1), "at least 1"),
+    "loss.align_distance": (lambda v: v in ("mse", "cosine"), "'mse' or 'cosine'"),
+    "loss.speech_weight_floor": (_probability, "a weight in [0, 1]"),
+    "loss.motion_prob": (_probability, "a probability in [0, 1]"),
+    "loss.motion_latent_frames": (_at_least(1), "at least 1"),
+    "loss.audio_drop_prob": (_probability, "a probability in [0, 1]"),
+    "loss.user_drop_prob": (_probability, "a probability in [0, 1]"),
+    "train.max_train_steps": (_at_least(1), "at least 1 (a run of 0 steps would save untrained weights as final/)"),
+    "train.gradient_accumulation_steps": (_at_least(1), "at least 1"),
+    "train.checkpointing_steps": (_at_least(0), "at least 0 (0: only the final weights)"),
+    "train.checkpoints_total_limit": (_at_least(1), "at least 1 (or null: keep all)"),
+    "train.resume_from_checkpoint": (bool, "'latest' or a checkpoint folder (or null)"),
+    "train.validation_steps": (_at_least(0), "at least 0 (0 or null: no validation renders)"),
+    "train.validation_inference_steps": (_at_least(1), "at least 1"),
+    "train.log_every": (_at_least(1), "at least 1"),
+}  # fmt: skip
+
+
+def _lookup(config: TrainConfig, key: str):
+    """The value of a dotted key (``optim.betas[0]``) of a config."""
+    value = config
+    for part in key.split("."):
+        name, _, index = part.partition("[")
+        value = getattr(value, name)
+        if index:
+            value = value[int(index.rstrip("]"))]
+    return value
 
 
 def _coerce(value, annotation, key: str):
@@ -219,7 +306,12 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like section.key=value.")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"override {item!r}: the value {raw!r} is not valid YAML ({problem}).") from error
+    return key.strip().split("."), value
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -238,7 +330,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise FileNotFoundError(f"training config {str(path)!r} does not exist.")
     if path.resolve() in chain:
         raise ValueError(f"training config {str(path)!r} inherits from itself through 'base'.")
-    values = yaml.safe_load(path.read_text()) or {}
+    from echo.components import read_yaml
+
+    values = read_yaml(path, "training config")
+    values = {} if values is None else values
     if not isinstance(values, dict):
         raise ValueError(f"training config {str(path)!r} must hold a mapping, got {type(values).__name__}.")
     base = values.pop("base", None)

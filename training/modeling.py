@@ -169,6 +169,21 @@ def load_module_state(transformer: nn.Module, state: dict[str, torch.Tensor], so
             params[name].copy_(value)
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (a format that holds tensors only: reading it runs no code); a missing,
+    truncated or corrupt file is an error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:  # safetensors' own message names no file
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({error}).") from error
+
+
 def add_lora(transformer: nn.Module, config: TrainConfig, adapter_name: str) -> None:
     """Freeze the generator, add a LoRA adapter on ``lora.target_modules`` and unfreeze ``lora.trainable_modules``."""
     from peft import LoraConfig
@@ -256,7 +271,6 @@ def load_adapter(transformer: nn.Module, folder: str | os.PathLike, adapter_name
     configured by the folder's ``adapter_config.json``); every saved weight must land in the model."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     weights_file = folder / ADAPTER_WEIGHTS_NAME
@@ -264,7 +278,7 @@ def load_adapter(transformer: nn.Module, folder: str | os.PathLike, adapter_name
         if not required.is_file():
             raise FileNotFoundError(f"adapter folder {str(folder)!r} has no {required.name}.")
     config = LoraConfig.from_pretrained(str(folder))
-    weights = load_file(str(weights_file))
+    weights = read_safetensors(weights_file)
     # A state dict, not the folder: diffusers would take the config from the file's header (absent in files written
     # by peft itself) instead of `metadata`.
     transformer.load_lora_adapter(dict(weights), prefix=None, adapter_name=adapter_name, metadata=config.to_dict())
@@ -314,12 +328,10 @@ def save_trained(
 
 def load_context_encoder_weights(context_encoder: nn.Module, input_dir: str | os.PathLike) -> None:
     """Load the LCU weights of a trained state (``context_encoder/``, safetensors) strictly."""
-    from safetensors.torch import load_file
-
     weights = Path(input_dir) / CONTEXT_ENCODER_DIR / LCU_WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{str(input_dir)!r} has no {CONTEXT_ENCODER_DIR}/{LCU_WEIGHTS_NAME}.")
-    context_encoder.load_state_dict(load_file(str(weights)), strict=True)
+    context_encoder.load_state_dict(read_safetensors(weights), strict=True)
 
 
 def load_trained(
@@ -329,20 +341,19 @@ def load_trained(
     optimizer holds the adapter's parameters, so they are filled in place with peft's `set_peft_model_state_dict`,
     as diffusers' training examples do in their load hooks)."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     input_dir = Path(input_dir)
     adapter_file = input_dir / LORA_DIR / ADAPTER_WEIGHTS_NAME
     if not adapter_file.is_file():
         raise FileNotFoundError(f"checkpoint {str(input_dir)!r} has no {LORA_DIR}/{ADAPTER_WEIGHTS_NAME}.")
-    result = set_peft_model_state_dict(transformer, load_file(str(adapter_file)), adapter_name=adapter_name)
+    result = set_peft_model_state_dict(transformer, read_safetensors(adapter_file), adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if f"lora_A.{adapter_name}." in k or f"lora_B.{adapter_name}." in k]
     if result.unexpected_keys or missing:
         raise ValueError(
             f"{str(adapter_file)!r} does not match the model: unexpected {sorted(result.unexpected_keys)[:5]}, "
             f"missing {sorted(missing)[:5]}."
         )
-    load_module_state(transformer, load_file(str(input_dir / MODULES_FILE)), str(input_dir / MODULES_FILE))
+    load_module_state(transformer, read_safetensors(input_dir / MODULES_FILE), str(input_dir / MODULES_FILE))
     if context_encoder is not None:
         load_context_encoder_weights(context_encoder, input_dir)
 
@@ -350,13 +361,11 @@ def load_trained(
 def load_fused(transformer: nn.Module, trained_dir: str | os.PathLike, adapter_name: str) -> None:
     """Load a trained state's fully trained modules and adapter into a generator and fuse the adapter into its
     weights (the generator ends without PEFT layers)."""
-    from safetensors.torch import load_file
-
     trained_dir = Path(trained_dir)
     modules_file = trained_dir / MODULES_FILE
     if not modules_file.is_file():
         raise FileNotFoundError(f"{str(trained_dir)!r} has no {MODULES_FILE}.")
-    load_module_state(transformer, load_file(str(modules_file)), str(modules_file))
+    load_module_state(transformer, read_safetensors(modules_file), str(modules_file))
     load_adapter(transformer, trained_dir / LORA_DIR, adapter_name)
     fuse_adapter(transformer, adapter_name)
 

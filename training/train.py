@@ -19,12 +19,21 @@ loads nothing that can run code: accelerate's own pickles (``random_states_<rank
 used, and a checkpoint folder holding a ``.pkl`` file is refused. Checkpoints are written to a temporary folder and
 renamed, so an interrupted save never leaves a checkpoint that ``--resume latest`` would pick. An ``output_dir`` that
 holds an earlier run is refused unless the run resumes it (``--resume latest``) or ``--overwrite`` deletes it first.
+
+Every checkpoint lists the size and SHA-256 of its files (``checkpoint_files.json``), and `verify_checkpoint` checks
+them, and the form of every file resume reads, before anything is loaded: a corrupt or planted file is an error
+naming it. ``--resume latest`` then falls back to the newest checkpoint that verifies, with a warning naming the
+skipped one and why; ``--resume <folder>`` (a path, or a ``checkpoint-N`` of ``output_dir``) that does not verify is
+an error. Under FSDP's sharded state, the ``.metadata`` pickles of ``torch.distributed.checkpoint`` are admitted only
+when they name nothing but checkpoint-metadata classes; DeepSpeed's loader unpickles its files without restriction,
+so resuming under DeepSpeed is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +41,7 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +71,13 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "training_config.yaml"
 PROGRESS_FILE = "training_state.json"
 RNG_FILE = "rng_state_{rank}.safetensors"
+MANIFEST_FILE = "checkpoint_files.json"
 PICKLE_SUFFIXES = (".pkl", ".pickle")
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")  # torch.save archives, read back with torch.load(weights_only=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: a file is missing, corrupt or unsafe to load (the message names it)."""
 
 
 @dataclass
@@ -115,15 +131,18 @@ def save_rng_state(folder: str | os.PathLike, rank: int) -> Path:
 
 def load_rng_state(folder: str | os.PathLike, rank: int) -> None:
     """Restore what `save_rng_state` wrote for ``rank``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(folder) / RNG_FILE.format(rank=rank)
     if not path.is_file():
         logger.warning("%s does not exist (saved with fewer processes?): rank %d's RNG states not restored.", path, rank)
         return
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:  # safetensors' own message names no file
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({error}).") from error
     version, gauss = json.loads(metadata["python"])
     random.setstate((version, tuple(tensors["python"].tolist()), gauss))
     kind, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
@@ -139,11 +158,144 @@ def check_no_pickles(checkpoint: Path) -> None:
     states are ``.pkl`` files), and unpickling can run any code. This trainer never writes one."""
     found = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.suffix in PICKLE_SUFFIXES)
     if found:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {str(checkpoint)!r} holds pickle files {found}: loading them could run code, and this trainer "
             "never writes them (the checkpoint comes from an older version or was tampered with). Resume from a "
             "checkpoint written by this version, or start a new run into a new output folder."
         )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(checkpoint: Path) -> Path:
+    """Write ``checkpoint_files.json``: the size and SHA-256 of every file of ``checkpoint``."""
+    files = {
+        p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    path = checkpoint / MANIFEST_FILE
+    path.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    return path
+
+
+def _check_manifest(checkpoint: Path) -> None:
+    path = checkpoint / MANIFEST_FILE
+    try:
+        files = json.loads(path.read_text())["files"]
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not a valid list of checkpoint files ({error!r}).") from error
+    for name, (size, digest) in expected.items():
+        file = checkpoint / name
+        if not file.is_file():
+            raise CheckpointError(f"{str(file)!r} is missing (listed in {MANIFEST_FILE}).")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{str(file)!r} has {file.stat().st_size} bytes, {size} when it was saved (truncated or corrupt)."
+            )
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{str(file)!r} does not match the SHA-256 recorded when it was saved (corrupt).")
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Reads a ``torch.distributed.checkpoint`` ``.metadata`` file (FSDP's sharded state), resolving only what such a
+    file names: its metadata classes, ``torch.Size``, dtypes, layouts and paths. DCP reads the file with `pickle.load`,
+    which runs whatever a crafted file asks for; a file this unpickler reads back holds nothing else."""
+
+    ALLOWED = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("collections", "OrderedDict"),
+    } | {(module, cls) for module in ("pathlib", "pathlib._local") for cls in ("PosixPath", "PurePosixPath")}
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        allowed = (
+            (module, name) in self.ALLOWED
+            or (isinstance(found, type) and found.__module__ == module)  # a class defined there, not one imported
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"'{module}.{name}' is not a checkpoint-metadata class")
+        return super().find_class(module, name)
+
+
+def _check_file(path: Path) -> None:
+    """Read ``path`` the safe way its kind allows, raising `CheckpointError` naming it if it is corrupt or unsafe."""
+    from accelerate.utils.other import load as accelerate_load
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:  # checks the header and that the data fills the file
+                f.metadata()
+        except (SafetensorError, OSError) as error:  # safetensors' own message names no file
+            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({error}).") from error
+    elif path.suffix in TORCH_SUFFIXES:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{str(path)!r} is not a torch.save archive (truncated or corrupt).")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()  # the CRC-32 of every record
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise CheckpointError(f"{str(path)!r} is not a readable torch.save archive ({error}).") from error
+        if damaged is not None:
+            raise CheckpointError(f"{str(path)!r} is corrupt: its record {damaged!r} fails its CRC check.")
+        try:  # accelerate's loader: torch.load(weights_only=True) with the globals accelerate admits
+            accelerate_load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(
+                f"{str(path)!r} was refused by torch's weights-only loader: it holds objects other than tensors and "
+                f"plain containers, and unpickling it could run code ({error})."
+            ) from error
+        except (RuntimeError, OSError, EOFError) as error:
+            raise CheckpointError(f"{str(path)!r} could not be read ({error}).") from error
+    elif path.name.endswith(".metadata"):
+        try:
+            with open(path, "rb") as f:
+                _DcpMetadataUnpickler(f).load()
+        except Exception as error:  # any failure of the restricted unpickler: refuse rather than let DCP unpickle it
+            raise CheckpointError(
+                f"{str(path)!r} is not a checkpoint-metadata file that loads safely ({error}); "
+                "torch.distributed.checkpoint would unpickle it without restriction."
+            ) from error
+    elif path.suffix == ".json":
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{str(path)!r} is not valid JSON ({error}).") from error
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Check, before anything is loaded, that ``checkpoint`` can be resumed from safely.
+
+    No pickle (`check_no_pickles`); the training state present; every file listed in ``checkpoint_files.json`` present
+    with its saved size and SHA-256 (checkpoints written before the list existed skip this); every file of a kind
+    resume reads well formed and safe: safetensors headers, torch archives (CRC-32s, and accepted by the weights-only
+    loader), DCP ``.metadata`` (`_DcpMetadataUnpickler`), JSON.
+
+    Raises:
+        CheckpointError: naming the first file that fails and why.
+    """
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is not a folder.")
+    check_no_pickles(checkpoint)
+    if not (checkpoint / PROGRESS_FILE).is_file():
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} has no {PROGRESS_FILE}: not written by this trainer.")
+    if (checkpoint / MANIFEST_FILE).exists():
+        _check_manifest(checkpoint)
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        _check_file(path)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -187,7 +339,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     """`save_state` into a temporary folder, then rename it to ``checkpoint-<step>``; prune to ``total_limit``.
 
     accelerate always pickles the RNG states (``random_states_<rank>.pkl``); the save hook has written them as
-    safetensors, so the pickles are deleted before the rename and a checkpoint never holds one.
+    safetensors, so the pickles are deleted before the rename and a checkpoint never holds one. The list of files with
+    their SHA-256 (`write_manifest`) is written last, into the temporary folder.
     """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -205,6 +358,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     if accelerator.is_main_process:
         for pickled in tmp.glob("random_states_*.pkl"):
             pickled.unlink()
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -213,16 +367,46 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: ``latest`` (or `None` when there is none yet) or an explicit folder."""
+    """The checkpoint to resume from, verified (`verify_checkpoint`), or `None`.
+
+    ``latest`` is the newest ``checkpoint-N`` of ``output_dir`` that verifies: a newer one that does not is skipped
+    with a warning naming it and why (`None` when there is no checkpoint yet; an error when none verifies). Any other
+    value is a checkpoint folder, as a path or as a ``checkpoint-N`` of ``output_dir``, and must verify.
+
+    Raises:
+        FileNotFoundError: the named folder does not exist.
+        CheckpointError: the named checkpoint, or every checkpoint for ``latest``, fails verification.
+    """
     if resume is None:
         return None
-    if resume == "latest":
-        found = _checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {resume!r} does not exist (config key 'train.resume_from_checkpoint').")
-    return path
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir() and not path.is_absolute() and (output_dir / path).is_dir():
+            path = output_dir / path
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint {resume!r} does not exist (config key 'train.resume_from_checkpoint'; a folder, or a "
+                f"checkpoint-N of output_dir {str(output_dir)!r})."
+            )
+        verify_checkpoint(path)
+        return path
+    skipped: list[str] = []
+    for checkpoint in reversed(_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(checkpoint)
+        except CheckpointError as error:
+            logger.warning("--resume latest: skipping %s, which cannot be resumed from: %s", checkpoint, error)
+            skipped.append(f"{checkpoint.name}: {error}")
+            continue
+        if skipped:
+            logger.warning(
+                "--resume latest: resuming from %s, the newest checkpoint that verifies (skipped: %s).",
+                checkpoint, ", ".join(entry.split(":")[0] for entry in skipped),
+            )  # fmt: skip
+        return checkpoint
+    if skipped:
+        raise CheckpointError(f"--resume latest: no checkpoint of {str(output_dir)!r} verifies: {'; '.join(skipped)}")
+    return None
 
 
 def _flat_hparams(config: TrainConfig) -> dict:
@@ -381,12 +565,15 @@ def build_optimizer(config: TrainConfig, models: TrainingModels, accelerator):
     optimizer = torch.optim.AdamW(
         parameter_groups(models.module, config), betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
     )
-    lr_scheduler = get_scheduler(
-        optim.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=optim.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.train.max_train_steps * accelerator.num_processes,
-    )
+    try:
+        lr_scheduler = get_scheduler(
+            optim.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=optim.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=config.train.max_train_steps * accelerator.num_processes,
+        )
+    except ValueError as error:  # an unknown name: diffusers lists the known ones
+        raise ValueError(f"config key 'optim.lr_scheduler' is {optim.lr_scheduler!r}: {error}") from error
     return optimizer, lr_scheduler
 
 
@@ -420,19 +607,45 @@ def register_checkpoint_hooks(
 
 
 def resume_from_checkpoint(accelerator, config: TrainConfig, progress: TrainingProgress) -> None:
-    """Load ``train.resume_from_checkpoint`` (``latest`` or a folder) when given; nothing in it can run code."""
+    """Load ``train.resume_from_checkpoint`` (``latest`` or a folder) when given, after `resolve_resume` verified it
+    on the main process (every rank then loads the same checkpoint); nothing in it can run code."""
+    from accelerate.utils import DistributedType, broadcast_object_list
+
     output_dir, resume = Path(config.output_dir), config.train.resume_from_checkpoint
-    checkpoint = resolve_resume(output_dir, resume)
-    if checkpoint is None:
-        if resume == "latest":
-            accelerator.print(f"no checkpoint in {output_dir}; starting from step 0")
+    if resume is None:
         return
-    check_no_pickles(checkpoint)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "--resume is refused under DeepSpeed: DeepSpeed reads its checkpoint files with torch.load("
+            "weights_only=False), which runs any code a crafted file holds. Resume with DDP "
+            "(configs/accelerate/multi_gpu.yaml) or FSDP (configs/accelerate/fsdp.yaml)."
+        )
+    # 1. The main process verifies (and for `latest` picks) the checkpoint; the others follow its outcome
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            checkpoint = resolve_resume(output_dir, resume)
+            outcome = [("ok", None if checkpoint is None else str(checkpoint))]
+        except (CheckpointError, FileNotFoundError) as error:
+            outcome = [(type(error).__name__, str(error))]
+            if accelerator.num_processes == 1:
+                raise
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind != "ok":
+        raise (FileNotFoundError if kind == "FileNotFoundError" else CheckpointError)(value)
+    if value is None:
+        accelerator.print(f"no checkpoint in {output_dir}; starting from step 0")
+        return
+
+    # 2. Load it
+    checkpoint = Path(value)
     accelerator.print(f"resuming from {checkpoint}")
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
     except pickle.UnpicklingError as error:  # torch's weights-only loader refused a file (optimizer.bin, scheduler.bin)
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {str(checkpoint)!r}: a file could not be loaded safely (torch.load weights_only=True): {error}"
         ) from error
     accelerator.step = progress.micro_step

@@ -43,7 +43,9 @@ class FeatureNetwork(nn.Module, ConfigMixin):
 
     @classmethod
     def from_folder(cls, weights_dir: str) -> FeatureNetwork:
-        """Build from ``<weights_dir>/<name>.json`` (or the default config) and strictly load the safetensors."""
+        """Build from ``<weights_dir>/<name>.json`` (or the default config) and strictly load the safetensors (a
+        format that holds tensors only: nothing in the folder can run code). A corrupt file is an error naming it."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = cls.weights_path(weights_dir)
@@ -55,12 +57,19 @@ class FeatureNetwork(nn.Module, ConfigMixin):
             )
         config_path = os.path.join(weights_dir, cls.config_name)
         if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
+            try:
+                with open(config_path) as f:
+                    config = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{cls.__name__} config {config_path!r} is not valid JSON ({error}).") from error
             model = cls.from_config(config)
         else:
             model = cls()
-        model.load_state_dict(load_file(path), strict=True)
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as error:  # safetensors' own message names no file
+            raise ValueError(f"{cls.__name__} weights {path!r} are not a readable safetensors file ({error}).") from error
+        model.load_state_dict(state, strict=True)
         return model.eval()
 
     def initialize_weights(self) -> None:
@@ -584,10 +593,21 @@ def convert_checkpoint(name: str, checkpoint: str, weights_dir: str) -> str:
     """Re-save a public PyTorch checkpoint as ``<weights_dir>/<name>.safetensors`` after a strict load check.
 
     The checkpoint is read with ``torch.load(weights_only=True)`` (a plain state dict, or a dict holding one under
-    ``state_dict``); SyncNet's ``syncnet_v2.model`` and the others listed in the module docstring load as they are.
+    ``state_dict``); SyncNet's ``syncnet_v2.model`` and the others listed in the module docstring load as they are. A
+    file holding anything else (objects whose unpickling could run code) is refused, naming it.
     """
+    import pickle
+
     cls = FEATURE_NETWORKS[name]
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} was refused by torch's weights-only loader: it holds objects other than "
+            f"tensors and plain containers, and unpickling it could run code ({error})."
+        ) from error
+    except (RuntimeError, OSError, EOFError) as error:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} could not be read ({error}).") from error
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = cls()
