@@ -33,7 +33,7 @@ class Wav2Vec2Features:
 
         self.model_path = str(model_path)
         self.feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(model_path)
-        self.model = Wav2Vec2Model.from_pretrained(model_path).to(device).eval()
+        self.model = Wav2Vec2Model.from_pretrained(model_path, use_safetensors=True).to(device).eval()
         self.device = device
         self.chunk_seconds = chunk_seconds
         self.num_threads = num_threads

@@ -67,7 +67,7 @@ def _vae(options):
     key = ("vae", options.vae, options.device)
     if key not in _LOADED:
         subfolder = "vae" if (Path(options.vae) / "vae" / "config.json").exists() else None
-        vae = AutoencoderKLWan.from_pretrained(options.vae, subfolder=subfolder)
+        vae = AutoencoderKLWan.from_pretrained(options.vae, subfolder=subfolder, use_safetensors=True)
         _LOADED[key] = vae.to(options.device).eval()
     return _LOADED[key]
 

@@ -121,7 +121,7 @@ class WhisperTranscriber:
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         self.processor = WhisperProcessor.from_pretrained(model_path)
-        self.model = WhisperForConditionalGeneration.from_pretrained(model_path).to(device).eval()
+        self.model = WhisperForConditionalGeneration.from_pretrained(model_path, use_safetensors=True).to(device).eval()
         self.device = device
         self.max_new_tokens = max_new_tokens
 

@@ -102,6 +102,19 @@ class ClipFormatError(ValueError):
         super().__init__(f"{str(self.path)!r}: {reason}")
 
 
+def open_safetensors(path: str | os.PathLike):
+    """`safetensors.safe_open` of a prepared cache file; an unreadable file (corrupt, truncated, not safetensors) raises
+    a `ClipFormatError` naming it and the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ClipFormatError(
+            path, f"is not a readable safetensors file ({error}); delete it and rerun the echo-prep stage that writes it"
+        ) from error
+
+
 def _atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -555,10 +568,8 @@ def write_avatar_latents(clip_dir: str | os.PathLike, latents: torch.Tensor) -> 
 def read_avatar_latents(clip_dir: str | os.PathLike, first: int, count: int) -> torch.Tensor:
     """Latent frames ``first … first + count − 1`` of ``avatar_latents.safetensors``, `(z_dim, count, h, w)` float32,
     not normalised."""
-    from safetensors import safe_open
-
     path = Path(clip_dir) / AVATAR_LATENTS
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         if "latents" not in f.keys():
             raise ClipFormatError(path, "has no 'latents' tensor; delete it and rerun --stages latents")
         total = f.get_slice("latents").get_shape()[1]
@@ -594,8 +605,6 @@ def write_user_tokens(
 def check_user_tokens(clip_dir: str | os.PathLike, user_video_size: int, num_frames: int) -> None:
     """Raise a clear error unless ``user_tokens.safetensors`` of the clip folder holds ``num_frames`` frames encoded
     at ``user_video_size``² (see `data_prep.caches.cache_user_tokens`)."""
-    from safetensors import safe_open
-
     path = Path(clip_dir) / USER_TOKENS
     command = _user_tokens_command(user_video_size)
     if not path.is_file():
@@ -603,7 +612,7 @@ def check_user_tokens(clip_dir: str | os.PathLike, user_video_size: int, num_fra
             f"clip folder {str(Path(clip_dir))!r} has no {USER_TOKENS!r} (`use_cached_user_tokens` is set). "
             f"Write it with {command}, or turn the option off to encode the user frames during training."
         )
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         frames = f.get_slice("tokens").get_shape()[0] if "tokens" in f.keys() else None
         has_mask = "face_mask" in f.keys()
@@ -624,9 +633,7 @@ def check_user_tokens(clip_dir: str | os.PathLike, user_video_size: int, num_fra
 
 def read_user_tokens(clip_dir: str | os.PathLike, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames ``start … stop − 1`` of ``user_tokens.safetensors``: `(n, z_dim, h, w)` tokens and `(n, h, w)` mask."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(clip_dir) / USER_TOKENS), framework="pt") as f:
+    with open_safetensors(Path(clip_dir) / USER_TOKENS) as f:
         return f.get_slice("tokens")[start:stop], f.get_slice("face_mask")[start:stop]
 
 
@@ -652,8 +659,6 @@ def load_emotion_embeds(clip_dir: str | os.PathLike, text: str) -> torch.Tensor:
     Returns:
         `torch.Tensor` of shape `(L_txt, D)` in the cached dtype: what `EmotionTextEncoder.encode(text)[0]` gives.
     """
-    from safetensors import safe_open
-
     path = Path(clip_dir) / EMOTION_EMBEDS
     if not path.is_file():
         raise FileNotFoundError(
@@ -661,7 +666,7 @@ def load_emotion_embeds(clip_dir: str | os.PathLike, text: str) -> torch.Tensor:
             "Write it with `echo-prep --input ... --layout ... --out <data root> --stages emotion_embeds "
             "--text-encoder <T5/UMT5 folder>`, or turn the option off to encode the emotion text during training."
         )
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         if "texts" not in metadata or "max_length" not in metadata:
             raise ValueError(f"{str(path)!r} has no 'texts' / 'max_length' metadata; rewrite it with echo-prep.")
@@ -750,15 +755,13 @@ def read_understanding_index(clip_dir: str | os.PathLike, num_frames: int) -> Un
     one entry ending at the clip's last frame: causal, but only windows ending there can use it; rerun the
     ``omni`` stage for per-stride entries.
     """
-    from safetensors import safe_open
-
     path = Path(clip_dir) / USER_OMNI
     if not path.is_file():
         raise FileNotFoundError(
             f"clip folder {str(Path(clip_dir))!r} has no {USER_OMNI!r} (understanding is on). Write it with "
             f"{_omni_command()}, or train with `ablation.use_understanding: false`."
         )
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         keys = set(f.keys())
         if "hidden_states" not in keys:
             raise ClipFormatError(path, f"has no 'hidden_states' tensor; delete it and rerun {_omni_command()}")
@@ -782,8 +785,6 @@ def read_understanding_index(clip_dir: str | os.PathLike, num_frames: int) -> Un
 
 def read_understanding_entry(index: UnderstandingIndex, entry: int) -> torch.Tensor:
     """Entry ``entry`` of an `UnderstandingIndex`: `(N_e, D_s)` float32."""
-    from safetensors import safe_open
-
     offset, length = int(index.offsets[entry]), int(index.lengths[entry])
-    with safe_open(str(index.path), framework="pt") as f:
+    with open_safetensors(index.path) as f:
         return f.get_slice("hidden_states")[offset : offset + length].float()

@@ -634,7 +634,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         # 1. Load the Wan model
         if isinstance(wan_transformer, (str, os.PathLike)):
             wan_transformer = WanTransformer3DModel.from_pretrained(
-                wan_transformer, subfolder=subfolder, torch_dtype=torch_dtype
+                wan_transformer, subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True
             )
         unknown_args = sorted(set(echo_config) & set(WAN_CONFIG_KEYS))
         if unknown_args:

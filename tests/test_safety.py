@@ -438,11 +438,6 @@ def test_echo_prep_refuses_a_wav2vec2_folder_with_planted_weights(tmp_path, mark
         Wav2Vec2Features(_wav2vec2_folder(tmp_path, marker))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data_prep/audio_features.py:36 needs `Wav2Vec2Model.from_pretrained(model_path, use_safetensors=True)`: "
-    "today the planted .bin reaches torch.load (weights_only=True refuses it).",
-)
 def test_echo_prep_reads_the_wav2vec2_folder_as_safetensors_only(tmp_path, marker, torch_load_calls):
     from data_prep.audio_features import Wav2Vec2Features
 

@@ -341,7 +341,10 @@ class FlameCoefficientAdapter:
     def load(self, path: str) -> MotionCoefficients:
         """Read a ``.npy`` `(T, 56)` array or a ``.npz`` with expression (``expression``/``exp``/``expcode``) and pose
         (``pose``/``posecode``) arrays."""
-        data = np.load(path)
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{path!r} is not a readable motion-coefficient array ({error}).") from error
         if isinstance(data, np.ndarray):
             return self.from_array(data)
         keys = set(data.files)
