@@ -1,19 +1,21 @@
-"""``echo-demo``: render a synthetic conversation end to end, offline, with a tiny ECHO model built from configs.
+"""``echo-demo``: render a conversation end to end, offline, with the trained demo model shipped in the repository.
 
 ```
 echo-demo --out demo_out          # what `make demo` runs
 ```
 
-1. A two-person conversation is synthesised (`data_prep.synthetic.make_conversation`): a real face photo animated into
-   talking and listening video, real speech from espeak-ng. Participant A is the avatar, B the user.
-2. An `EchoPipeline` is built from ``configs/models/tiny.yaml`` (every component from its config, seeded random
-   weights; nothing is downloaded; its ``settings:`` become the pipeline's defaults) and saved to ``<out>/pipeline``.
-3. The avatar is rendered chunk by chunk from A's first frame and audio, listening to B's video and audio, and written
-   to ``<out>/demo.mp4`` (B's video on the left, the avatar on the right, A's audio muxed in).
-4. ``<out>/manifest.jsonl`` describes the same conversation for ``echo-render --pipeline <out>/pipeline``.
+With the shipped model (``models/echo-demo``, trained by ``make train-demo``; see ``docs/demo_model.md``):
 
-The weights are random, so the avatar does not look like anything yet: the demo shows that every stage runs and how
-the outputs are laid out. Until a trained demo checkpoint exists, this is what it prints.
+1. The pipeline is loaded with `DiffusionPipeline.from_pretrained` (its saved settings are the defaults: 128², 33-frame
+   chunks).
+2. The shipped example conversation (``models/echo-demo/example``: a held-out conversation never seen in training;
+   the avatar's reference frame and speech, the user's video and speech, face landmarks) is rendered chunk by chunk
+   and written to ``<out>/demo.mp4`` (the user on the left, the avatar on the right, the avatar's audio muxed in).
+3. ``<out>/manifest.jsonl`` describes the same conversation for ``echo-render --pipeline models/echo-demo``.
+
+With ``--config configs/models/tiny.yaml`` (or when the shipped model is absent) a tiny pipeline with random weights is
+built from the model description instead and a synthetic conversation is synthesised (espeak-ng speech); its avatar
+is noise-like, which shows that every stage runs and how the outputs are laid out.
 """
 
 from __future__ import annotations
@@ -27,17 +29,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "models" / "tiny.yaml"
+DEFAULT_PIPELINE = ROOT / "models" / "echo-demo"
+EXAMPLE_FILES = ("reference.png", "reference_landmarks.npy", "avatar.wav", "user.mp4", "user.wav", "user_landmarks.npy")
 UNTRAINED_NOTICE = (
-    "NOTE: the model weights are random (built from {config}); they are untrained until a trained demo checkpoint "
-    "exists, so the rendered avatar is noise-like. The demo checks that every stage runs end to end."
+    "NOTE: the model weights are random (built from {config}), so the rendered avatar is noise-like: this run checks "
+    "that every stage runs end to end. The trained demo model is {pipeline} (`echo-demo` without --config)."
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echo-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output folder")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="model description (configs/models/*.yaml)")
+    parser.add_argument(
+        "--pipeline", default=None,
+        help=f"a saved pipeline folder to render with (default: the shipped demo model {DEFAULT_PIPELINE.relative_to(ROOT)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--example", default=None,
+        help="folder of the conversation to render with --pipeline (default: <pipeline>/example)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--config", default=None,
+        help="build a pipeline with random weights from this model description (configs/models/*.yaml) instead, and "
+        "render a synthetic conversation",
+    )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic conversation")
     # None = the model's setting (the `settings:` of --config), as in echo-render.
     parser.add_argument("--size", type=int, default=None,
@@ -56,18 +73,111 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def write_example(clip_dir: str | Path, out_dir: str | Path, seconds: float | None = None) -> Path:
+    """Write a prepared clip folder's conversation as a demo example: the avatar's first frame (``reference.png``) and
+    its landmarks, the avatar's speech, the user's video, speech and landmarks, cut to ``seconds``, plus
+    ``manifest.jsonl`` (one `echo-render` entry with paths relative to the folder)."""
+    import PIL.Image
+
+    from echo import clip_format
+    from echo.audio import FPS, SAMPLE_RATE
+
+    from .video_io import write_mp4
+
+    clip_dir, out_dir = Path(clip_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = clip_format.read_clip(clip_dir)
+    num_frames = record.num_frames if seconds is None else min(record.num_frames, int(round(seconds * FPS)))
+    samples = num_frames * SAMPLE_RATE // FPS
+    reference = clip_format.read_video_frames(clip_dir / clip_format.video_name("avatar"), [0])[0]
+    PIL.Image.fromarray(reference).save(out_dir / "reference.png")
+    np.save(out_dir / "reference_landmarks.npy", clip_format.read_landmarks(clip_dir, "avatar")[0])
+    np.save(out_dir / "user_landmarks.npy", clip_format.read_landmarks(clip_dir, "user")[:num_frames])
+    for role in ("avatar", "user"):
+        wave, _ = clip_format.read_wav(clip_dir / clip_format.wav_name(role))
+        clip_format.write_wav(out_dir / f"{role}.wav", wave[:samples])
+    user = clip_format.read_video_frames(clip_dir / clip_format.video_name("user"), list(range(num_frames)))
+    write_mp4(out_dir / "user.mp4", user)
+    entry = {"id": record.path.name, "reference_image": "reference.png", "avatar_audio": "avatar.wav",
+             "user_video": "user.mp4", "user_audio": "user.wav", "reference_landmarks": "reference_landmarks.npy",
+             "user_landmarks": "user_landmarks.npy"}  # fmt: skip
+    (out_dir / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
+    return out_dir
+
+
+def render_shipped(args: argparse.Namespace) -> int:
+    """Render the example conversation with a saved (trained) pipeline."""
+    import PIL.Image
+    from diffusers import DiffusionPipeline
+
+    from .video_io import load_wav, read_frames, write_mp4
+
+    pipeline = Path(args.pipeline or DEFAULT_PIPELINE)
+    example = Path(args.example) if args.example else pipeline / "example"
+    missing = [name for name in EXAMPLE_FILES if not (example / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"example folder {str(example)!r} lacks {missing}; pass --example <folder>.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"[1/3] loading the pipeline {pipeline} ...")
+    pipe = DiffusionPipeline.from_pretrained(pipeline, use_safetensors=True)
+    avatar_audio = load_wav(example / "avatar.wav")
+    user_audio = load_wav(example / "user.wav")
+    user_video = read_frames(example / "user.mp4")
+    num_frames = len(user_video)
+    size = args.size or pipe.settings.resolution
+    print(f"[2/3] rendering {num_frames} frames ({num_frames / 25:.1f} s) at {size}x{size} from {example} ...")
+    output = pipe(
+        reference_image=np.asarray(PIL.Image.open(example / "reference.png").convert("RGB")),
+        avatar_audio=avatar_audio,
+        user_video=user_video,
+        user_audio=user_audio,
+        emotion=args.emotion,
+        num_frames=num_frames,
+        height=size,
+        width=size,
+        num_inference_steps=args.steps,
+        num_frames_per_chunk=args.frames_per_chunk,
+        motion_frames=args.motion_frames,
+        user_video_size=args.user_video_size,
+        generator=torch.Generator().manual_seed(args.seed),
+        reference_landmarks=np.load(example / "reference_landmarks.npy"),
+        user_landmarks=np.load(example / "user_landmarks.npy"),
+    )
+    video_path = write_mp4(out / "demo.mp4", output.frames[0], audio=avatar_audio, user_frames=user_video)
+    entry = json.loads((example / "manifest.jsonl").read_text().splitlines()[0])
+    entry = {k: str((example / v).resolve()) if k not in ("id", "dialogue") else v for k, v in entry.items()}
+    (out / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
+    print(f"[3/3] wrote {video_path} (user left | avatar right, the avatar's audio)")
+    print(f"      batch rendering: echo-render --pipeline {pipeline} --manifest {out / 'manifest.jsonl'} "
+          f"--out {out / 'renders'}")  # fmt: skip
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.config is None and (args.pipeline or (DEFAULT_PIPELINE / "model_index.json").is_file()):
+        return render_shipped(args)
+    if args.pipeline:
+        raise ValueError("pass --pipeline or --config, not both.")
+    args.config = args.config or str(DEFAULT_CONFIG)
+    return render_random(args)
+
+
+def render_random(args: argparse.Namespace) -> int:
+    """Build a pipeline with random weights from ``args.config`` and render a synthetic conversation."""
     from data_prep.synthetic import make_conversation
     from echo.components import load_components, load_model_config
 
     from .pipeline_echo import EchoPipeline
     from .video_io import load_wav, read_frames, write_mp4
 
-    args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    notice = UNTRAINED_NOTICE.format(config=args.config)
+    notice = UNTRAINED_NOTICE.format(config=args.config, pipeline=DEFAULT_PIPELINE.relative_to(ROOT))
     print(notice)
 
     # 1. Synthetic conversation: A talks and listens (the avatar), B is the user
