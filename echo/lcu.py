@@ -26,10 +26,37 @@ Design decisions (the paper leaves them open):
   Eq. 9 stays, acting on ``f_m = P_usr``). Removed modules have no parameters and their inputs are not needed.
   ``use_emotion`` ("w/o LAU") is carried here for the pipeline: the emotion text is consumed by the generator's
   text cross-attention (see `echo.emotion`), not by this module.
+
+Incremental inference (a conversation encoded chunk by chunk at a cost that does not grow with its length): of
+Eq. 5-9, only the Mamba scans carry information across frames, and they are causal recurrences, so they continue from
+an [`LCUState`] (per audio layer and per temporal vision layer, a [`MambaState`]). Everything else reads one frame or
+one window at a time: the layer mix and LayerNorms, the face-token pooling, the spatial vision scan (within a frame),
+Eq. 6's modulation, F_int, and Eq. 9 (the cross-attention reads the understanding tokens, not the history). Two things
+read more than the frame itself, and set what the state may hold:
+
+- the audio window looks ``radius`` frames ahead and is clamped at the history's last frame, so the window (hence
+  every Mamba input) of the last ``radius`` frames changes when the history grows: a state may fold in frames
+  ``0 … T − radius − 1`` only, and a later call re-reads the ``radius`` frames before the state's end for the windows;
+- the clip is the last ``clip_frames`` frames of the history, so the next call's clip must start at or after the
+  state's end (the caller passes ``save_state_at``, e.g. ``min(T − radius, next clip start)``).
+
+``forward(..., state=…, save_state_at=…)`` takes the same full-history tensors as the offline call (so training and
+inference build identical inputs) but reads only frames ``state.num_frames − radius … T − 1`` of them, and the
+left-padding mask must be all valid there. The state is saved at the last multiple of the temporal Mamba layers'
+parallel-scan block (``TEMPORAL_SCAN_BLOCK`` = 16 frames, `scan_block`) at or before ``save_state_at``: there the
+full-history forward also starts a block from the carried state, so each call re-runs the open block from the saved
+state, the same scans on the same values, and the result is bit-identical to the full-history forward (the LCU as
+trained) on the PyTorch path. A call encodes at most 16 frames + its new frames, whatever the conversation's length.
+The block is 16 frames rather than `echo.mamba`'s 256 for that bound, in training too (the grids must match): on the
+PyTorch path the forward costs the same per frame, forward + backward ~25% more (tiny LCU, 1,000 frames, one CPU
+thread: 0.36 s against 0.28 s), and a GPU without mamba-ssm launches more kernels; mamba-ssm's kernels ignore the
+block. On the kernel path (mamba-ssm, CUDA) the continuation adds the initial state's contribution in closed form:
+equal up to float rounding (~1e-6 relative in float32). The full-history forward is the training path.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,9 +70,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
 
 from .audio import window_features
-from .mamba import ResidualMambaLayer
+from .mamba import MambaState, ResidualMambaLayer
 
 logger = logging.get_logger(__name__)
+
+TEMPORAL_SCAN_BLOCK = 16  # frames per parallel-scan block of the temporal Mamba layers (see the module docstring)
 
 
 @dataclass
@@ -57,11 +86,34 @@ class LCUOutput(BaseOutput):
         context_mask (`torch.Tensor` of shape `(batch_size, num_frames_cur)`, `bool`): ``True`` = valid token.
         perception (`torch.Tensor` of shape `(batch_size, num_frames_cur, context_dim)`):
             ``P_usr``, the low-level perception features before the understanding fusion.
+        state ([`LCUState`], *optional*): when ``save_state_at`` was given, the state for the next call: after the
+            last multiple of ``scan_block`` frames at or before ``save_state_at`` (`None` when that is frame 0).
     """
 
     context: torch.Tensor
     context_mask: torch.Tensor
     perception: torch.Tensor
+    state: Optional["LCUState"] = None
+
+
+@dataclass
+class LCUState:
+    r"""The LCU's recurrent state after the first ``num_frames`` frames of a conversation (see the module docstring).
+
+    Args:
+        num_frames (`int`): frames folded into the state (frames ``0 … num_frames − 1``).
+        audio (`list[MambaState]`): one per audio Mamba layer (Eq. 5), batch ``B``.
+        vision (`list[MambaState]`): one per temporal vision Mamba layer (Eq. 7), batch ``B · G`` (one sequence per
+            grid cell); empty without the vision branch.
+    """
+
+    num_frames: int
+    audio: list[MambaState]
+    vision: list[MambaState]
+
+    @property
+    def batch_size(self) -> int:
+        return self.audio[0].batch_size
 
 
 class LongRangeContextEncoder(ModelMixin, ConfigMixin):
@@ -152,6 +204,8 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
                 [ResidualMambaLayer(dim, **mamba_kwargs) for _ in range(num_vision_layers)]
             )
             self.vision_out_norm = nn.LayerNorm(dim)
+        for layer in [*self.audio_layers, *(self.vision_temporal_layers if use_visual else [])]:
+            layer.mixer.scan_chunk_size = TEMPORAL_SCAN_BLOCK  # bounds the incremental re-run (module docstring)
         fused_in = dim * (1 + grid_tokens) if use_visual else dim
         self.f_int = nn.Sequential(nn.Linear(fused_in, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, context_dim))
 
@@ -189,6 +243,13 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
             names += ["understanding"]
         return tuple(names)
 
+    @property
+    def scan_block(self) -> int:
+        """Frames per parallel-scan block of the temporal Mamba layers (the least common multiple of their
+        ``scan_chunk_size``): incremental states are saved at multiples of it (see the module docstring)."""
+        layers = list(self.audio_layers) + (list(self.vision_temporal_layers) if self.config.use_visual else [])
+        return math.lcm(*(layer.mixer.scan_chunk_size for layer in layers))
+
     def _scan(self, layer: nn.Module, hidden_states: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(layer, hidden_states, mask)
@@ -224,8 +285,7 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
             states (`torch.Tensor` of shape `(batch_size, num_frames, dim)`): Ã_usr,K (after a final LayerNorm).
         """
         # 1. Layer mix and per-frame normalisation
-        weights = self.audio_layer_weights.softmax(0).to(user_audio.dtype)
-        frames = self.audio_norm(torch.einsum("btld,l->btd", user_audio, weights))  # B, T, audio_dim
+        frames = self._audio_frames(user_audio)  # B, T, audio_dim
         if user_audio_mask is not None:
             frames = frames * user_audio_mask.unsqueeze(-1).to(frames.dtype)
         # 2. Context windows (radius L_w // 2, clamped to each sample's valid span) and f_audio
@@ -235,6 +295,26 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
         for layer in self.audio_layers:
             states = self._scan(layer, states, user_audio_mask)
         return windows, self.audio_out_norm(states)
+
+    def _audio_frames(self, user_audio: torch.Tensor) -> torch.Tensor:
+        """Layer mix and per-frame LayerNorm: `(B, T, NL, audio_dim)` → `(B, T, audio_dim)`."""
+        weights = self.audio_layer_weights.softmax(0).to(user_audio.dtype)
+        return self.audio_norm(torch.einsum("btld,l->btd", user_audio, weights))
+
+    def _video_tokens(self, user_video: torch.Tensor, user_face_mask: torch.Tensor) -> torch.Tensor:
+        """Eq. 7's face-masked token selection per frame: `(B, T, C_v, h_v, w_v)` → `(B·T, G, D)`."""
+        batch_size, num_frames, channels, height, width = user_video.shape
+        grid = tuple(self.config.video_grid)
+        # Non-face tokens are excluded from the per-cell average
+        keep = (user_face_mask > 0).to(user_video.dtype).reshape(batch_size * num_frames, 1, height, width)
+        tokens = user_video.reshape(batch_size * num_frames, channels, height, width)
+        summed = F.adaptive_avg_pool2d(tokens * keep, grid)  # B·T, C_v, g_h, g_w
+        count = F.adaptive_avg_pool2d(keep, grid)  # B·T, 1, g_h, g_w
+        pooled = summed / count.clamp_min(torch.finfo(count.dtype).tiny)
+        pooled = pooled.flatten(2).transpose(1, 2)  # B·T, G, C_v
+        has_face = (count.flatten(1) > 0).unsqueeze(-1)  # B·T, G, 1
+        hidden = torch.where(has_face, self.video_proj(pooled), self.video_empty_token.to(pooled.dtype))
+        return hidden + self.video_pos_embed.to(hidden.dtype)  # B·T, G, D
 
     def encode_video_history(
         self,
@@ -252,18 +332,9 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
         Returns:
             `torch.Tensor` of shape `(batch_size, num_frames, grid_h · grid_w, dim)`: V̂_usr.
         """
-        batch_size, num_frames, channels, height, width = user_video.shape
-        grid = tuple(self.config.video_grid)
-        # 1. Face-token selection: non-face tokens are excluded from the per-cell average
-        keep = (user_face_mask > 0).to(user_video.dtype).reshape(batch_size * num_frames, 1, height, width)
-        tokens = user_video.reshape(batch_size * num_frames, channels, height, width)
-        summed = F.adaptive_avg_pool2d(tokens * keep, grid)  # B·T, C_v, g_h, g_w
-        count = F.adaptive_avg_pool2d(keep, grid)  # B·T, 1, g_h, g_w
-        pooled = summed / count.clamp_min(torch.finfo(count.dtype).tiny)
-        pooled = pooled.flatten(2).transpose(1, 2)  # B·T, G, C_v
-        has_face = (count.flatten(1) > 0).unsqueeze(-1)  # B·T, G, 1
-        hidden = torch.where(has_face, self.video_proj(pooled), self.video_empty_token.to(pooled.dtype))
-        hidden = hidden + self.video_pos_embed.to(hidden.dtype)  # B·T, G, D
+        batch_size, num_frames = user_video.shape[:2]
+        # 1. Face-token selection
+        hidden = self._video_tokens(user_video, user_face_mask)  # B·T, G, D
         num_cells = hidden.shape[1]
 
         # 2. Vision Mamba: a spatial scan within each frame, then a causal temporal scan per grid cell
@@ -278,6 +349,102 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
             hidden = hidden.reshape(batch_size, num_cells, num_frames, -1).transpose(1, 2)
             hidden = hidden.reshape(batch_size * num_frames, num_cells, -1)  # B·T, G, D
         return self.vision_out_norm(hidden).reshape(batch_size, num_frames, num_cells, -1)
+
+    def encode_history_incremental(
+        self,
+        user_audio: torch.Tensor,
+        user_video: Optional[torch.Tensor] = None,
+        user_face_mask: Optional[torch.Tensor] = None,
+        state: Optional[LCUState] = None,
+        save_state_at: Optional[int] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[LCUState]]:
+        r"""Eq. 5 and 7 over the frames ``p … T − 1`` of a history whose first ``p = state.num_frames`` frames are in
+        ``state`` (``p = 0`` without one); reads ``user_audio`` from frame ``p − radius`` (the windows), the video from
+        frame ``p``, and moves only those rows to the model's device.
+
+        Args:
+            user_audio (`torch.Tensor` of shape `(batch_size, T, audio_num_layers, audio_dim)`): the whole history.
+            user_video (`torch.Tensor` of shape `(batch_size, T, video_channels, h_v, w_v)`, *optional*),
+            user_face_mask (`torch.Tensor` of shape `(batch_size, T, h_v, w_v)`, *optional*): with the vision branch.
+            state ([`LCUState`], *optional*): the state after frame ``p − 1``.
+            save_state_at (`int`, *optional*): return the state after the first ``save_state_at`` frames
+                (``p ≤ save_state_at ≤ T − radius``) rounded down to a multiple of `scan_block`, but not below ``p``
+                (`None` for 0 frames).
+
+        Returns:
+            `(windows, states, vision, state)` of frames ``p … T − 1``: `(B, T − p, L_w, audio_dim)`,
+            `(B, T − p, D)`, `(B, T − p, G, D)` or `None`, and the [`LCUState`] or `None`.
+        """
+        radius = self.config.audio_window // 2
+        batch_size, num_frames = user_audio.shape[:2]
+        first = 0 if state is None else state.num_frames
+        saved = None if save_state_at is None else max(first, save_state_at // self.scan_block * self.scan_block)
+        split = None if saved is None else saved - first
+        device, dtype = self.device, self.dtype
+
+        # 1. Audio (Eq. 5): frames from `first − radius` for the windows; the Mamba layers continue from the state
+        lowest = max(0, first - radius)
+        frames = self._audio_frames(user_audio[:, lowest:].to(device, dtype))  # B, T − lowest, audio_dim
+        offsets = torch.arange(-radius, radius + 1, device=device)
+        rows = (torch.arange(first, num_frames, device=device)[:, None] + offsets).clamp(0, num_frames - 1) - lowest
+        windows = frames[:, rows]  # B, T − p, L_w, audio_dim
+        states = self.f_audio(windows.flatten(2))  # B, T − p, D
+        audio_states = []
+        for index, layer in enumerate(self.audio_layers):
+            states, layer_state = _step_and_save(layer, states, None if state is None else state.audio[index], split)
+            audio_states.append(layer_state)
+        states = self.audio_out_norm(states)
+
+        # 2. Vision (Eq. 7): per-frame tokens and spatial scans of the new frames, temporal scans from the state
+        vision, vision_states = None, []
+        if self.config.use_visual:
+            hidden = self._video_tokens(user_video[:, first:].to(device, dtype), user_face_mask[:, first:].to(device))
+            num_new, num_cells = num_frames - first, hidden.shape[1]
+            for index, (spatial, temporal) in enumerate(zip(self.vision_spatial_layers, self.vision_temporal_layers)):
+                hidden = spatial(hidden)  # B·T', G, D
+                hidden = hidden.reshape(batch_size, num_new, num_cells, -1).transpose(1, 2)
+                hidden = hidden.reshape(batch_size * num_cells, num_new, -1)  # B·G, T', D
+                layer_state = None if state is None else state.vision[index]
+                hidden, layer_state = _step_and_save(temporal, hidden, layer_state, split)
+                vision_states.append(layer_state)
+                hidden = hidden.reshape(batch_size, num_cells, num_new, -1).transpose(1, 2)
+                hidden = hidden.reshape(batch_size * num_new, num_cells, -1)  # B·T', G, D
+            vision = self.vision_out_norm(hidden).reshape(batch_size, num_new, num_cells, -1)
+
+        new_state = None
+        if saved:  # the state after 0 frames is no state (zeros)
+            new_state = LCUState(num_frames=int(saved), audio=audio_states, vision=vision_states)
+        return windows, states, vision, new_state
+
+    def _check_incremental(self, num_frames, clip_frames, user_audio_mask, state, save_state_at, batch_size):
+        radius = self.config.audio_window // 2
+        first = 0 if state is None else int(state.num_frames)
+        if state is not None:
+            num_vision = len(self.vision_temporal_layers) if self.config.use_visual else 0
+            if len(state.audio) != len(self.audio_layers) or len(state.vision) != num_vision:
+                raise ValueError(
+                    f"`state` holds {len(state.audio)} audio and {len(state.vision)} vision layer states, expected "
+                    f"{len(self.audio_layers)} and {num_vision} (a state of another LCU configuration)."
+                )
+            if state.batch_size != batch_size:
+                raise ValueError(f"`state` is for a batch of {state.batch_size}, got a batch of {batch_size}.")
+        if num_frames - clip_frames < first:
+            raise ValueError(
+                f"`clip_frames` = {clip_frames} starts the clip at frame {num_frames - clip_frames}, before the end of "
+                f"the frames `state` holds ({first}): a state can only be continued. Save it earlier "
+                "(`save_state_at` ≤ the next clip's first frame)."
+            )
+        if save_state_at is not None and not first <= save_state_at <= num_frames - radius:
+            raise ValueError(
+                f"`save_state_at` is {save_state_at}, expected {first} ≤ save_state_at ≤ T − radius = "
+                f"{num_frames - radius}: the audio windows of the last {radius} frames are not final until the "
+                "history grows."
+            )
+        if user_audio_mask is not None and not bool(user_audio_mask[:, max(0, first - radius) :].all()):
+            raise ValueError(
+                "`user_audio_mask` marks padded frames, but the incremental path (`state` / `save_state_at`) encodes "
+                "one unpadded conversation from its first frame: pass all-valid masks or use the full-history call."
+            )
 
     def _check_inputs(self, user_audio, clip_frames, user_audio_mask, user_video, user_face_mask, understanding,
                       understanding_mask):  # fmt: skip
@@ -314,8 +481,10 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
         if config.use_understanding:
             if understanding is None:
                 raise ValueError("`understanding` (S_usr) is required when `use_understanding=True`.")
-            if understanding.ndim != 3 or understanding.shape[0] != batch_size or (
-                understanding.shape[2] != config.understanding_dim
+            if (
+                understanding.ndim != 3
+                or understanding.shape[0] != batch_size
+                or (understanding.shape[2] != config.understanding_dim)
             ):
                 raise ValueError(
                     f"`understanding` must have shape ({batch_size}, N_s, {config.understanding_dim}), "
@@ -345,6 +514,8 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
         user_face_mask: Optional[torch.Tensor] = None,
         understanding: Optional[torch.Tensor] = None,
         understanding_mask: Optional[torch.Tensor] = None,
+        state: Optional[LCUState] = None,
+        save_state_at: Optional[int] = None,
         return_dict: bool = True,
     ) -> LCUOutput | tuple:
         r"""
@@ -360,11 +531,18 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
             understanding (`torch.Tensor` of shape `(batch_size, N_s, understanding_dim)`, *optional*): S_usr;
                 required iff ``use_understanding``.
             understanding_mask (`torch.Tensor` of shape `(batch_size, N_s)`, *optional*): ``True`` = valid token.
+            state ([`LCUState`], *optional*): incremental inference: the state of the first ``state.num_frames``
+                frames of this same history (from an earlier call's ``save_state_at``); those frames are not encoded
+                again (see the module docstring). The inputs may live on the CPU: only the rows read are moved.
+            save_state_at (`int`, *optional*): incremental inference: the latest frame the next call's clip may start
+                at (at most ``T_hist − audio_window // 2``); ``state`` holds the state after the last multiple of
+                `scan_block` at or before it.
             return_dict (`bool`, defaults to `True`): return an [`LCUOutput`] instead of a tuple.
 
         Returns:
             [`LCUOutput`]: ``context`` f_pu and ``perception`` P_usr of shape `(batch_size, clip_frames,
-            context_dim)`, ``context_mask`` `(batch_size, clip_frames)`.
+            context_dim)`, ``context_mask`` `(batch_size, clip_frames)`, and ``state`` when ``save_state_at`` is
+            given. As a tuple: ``(context, context_mask, perception)``, plus ``state`` when ``save_state_at`` is given.
         """
         # 1. Check inputs
         self._check_inputs(
@@ -374,10 +552,19 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
         batch_size, num_frames = user_audio.shape[:2]
         if user_audio_mask is not None:
             user_audio_mask = user_audio_mask.bool()
-        user_audio = user_audio.to(self.dtype)
+        incremental = state is not None or save_state_at is not None
+        new_state = vision = None
+        if incremental:
+            self._check_incremental(num_frames, clip_frames, user_audio_mask, state, save_state_at, batch_size)
 
-        # 2. Audio history (Eq. 5): windows (B, T, L_w, audio_dim), states (B, T, D)
-        windows, states = self.encode_audio_history(user_audio, user_audio_mask)
+        # 2. Audio history (Eq. 5): windows (B, T, L_w, audio_dim), states (B, T, D); incremental: frames p … T − 1
+        if incremental:
+            windows, states, vision, new_state = self.encode_history_incremental(
+                user_audio, user_video, user_face_mask, state, save_state_at
+            )
+        else:
+            user_audio = user_audio.to(self.dtype)
+            windows, states = self.encode_audio_history(user_audio, user_audio_mask)
 
         # 3. Gated residual modulation of the current clip's windows (Eq. 6)
         current = windows[:, -clip_frames:]  # B, T_cur, L_w, audio_dim
@@ -388,7 +575,8 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
 
         # 4. Vision history (Eq. 7) and F_int → P_usr
         if self.config.use_visual:
-            vision = self.encode_video_history(user_video.to(self.dtype), user_face_mask, user_audio_mask)
+            if vision is None:
+                vision = self.encode_video_history(user_video.to(self.dtype), user_face_mask, user_audio_mask)
             fused = torch.cat([audio_tokens, vision[:, -clip_frames:].flatten(2)], dim=-1)  # B, T_cur, (1+G)·D
         else:
             fused = audio_tokens
@@ -415,10 +603,26 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
         context = self.ffn(self.ffn_norm(fused_context)) * torch.tanh(self.beta) + fused_context
 
         context_mask = (
-            user_audio_mask[:, -clip_frames:]
+            user_audio_mask[:, -clip_frames:].to(context.device)
             if user_audio_mask is not None
             else torch.ones(batch_size, clip_frames, dtype=torch.bool, device=context.device)
         )
         if not return_dict:
-            return (context, context_mask, perception)
-        return LCUOutput(context=context, context_mask=context_mask, perception=perception)
+            return (context, context_mask, perception) + ((new_state,) if save_state_at is not None else ())
+        return LCUOutput(context=context, context_mask=context_mask, perception=perception, state=new_state)
+
+
+def _step_and_save(
+    layer: ResidualMambaLayer, hidden_states: torch.Tensor, state: Optional[MambaState], split: Optional[int]
+) -> tuple[torch.Tensor, Optional[MambaState]]:
+    """Steps ``layer`` over ``hidden_states`` `(B, k, D)` from ``state``; returns the outputs and the state after the
+    first ``split`` frames (`None` when ``split`` is `None`)."""
+    length = hidden_states.shape[1]
+    if split is None or split == length:
+        outputs, last = layer.step(hidden_states, state)
+        return outputs, None if split is None else last
+    if split == 0:
+        return layer.step(hidden_states, state)[0], state
+    head, saved = layer.step(hidden_states[:, :split], state)
+    tail, _ = layer.step(hidden_states[:, split:], saved)
+    return torch.cat([head, tail], dim=1), saved

@@ -14,11 +14,21 @@ Both paths run the scan in float32 whatever the parameter dtype (as the CUDA ker
 Left-padded sequences are supported through a ``mask`` (``True`` = valid): padded positions are zeroed before the
 causal convolution and before the scan, so the recurrent state is exactly zero when the first valid frame arrives and
 a padded sequence yields the same outputs on its valid frames as the same sequence without padding.
+
+Recurrent inference: `MambaBlock.step` continues a sequence from a `MambaState` (the convolution's last ``d_conv``
+inputs and the SSM state ``h_t``, what mamba-ssm's ``InferenceParams`` holds per layer) over ``k ≥ 1`` new frames
+and returns their outputs and the new state, so a stream is encoded at a cost per frame that does not depend on how
+long it has run. Stepping a sequence in pieces that start at multiples of ``scan_chunk_size`` (from the sequence's
+first frame) is bit-identical to the full scan on the PyTorch path: the full scan also runs one parallel scan per such
+block from the carried state, on the same values (the convolution is a fixed-order sum over its taps for that
+reason). Split elsewhere, or on the kernel path, it equals the full scan up to float rounding: the parallel scan's
+summation tree depends on where the sequence is split (float64: ~1e-12; float32: ~1e-6 relative).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -58,7 +68,9 @@ def selective_scan_pytorch(
     D: torch.Tensor,
     z: Optional[torch.Tensor] = None,
     chunk_size: int = SCAN_CHUNK_SIZE,
-) -> torch.Tensor:
+    initial_state: Optional[torch.Tensor] = None,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Selective scan with a parallel scan, computed in float32 (float64 inputs stay float64).
 
     The sequence is scanned in chunks of ``chunk_size`` steps, each a parallel scan started from the previous chunk's
@@ -76,33 +88,50 @@ def selective_scan_pytorch(
         z (`torch.Tensor` of shape `(batch, length, d_inner)`, *optional*): gate, the output is multiplied by
             ``silu(z)``.
         chunk_size (`int`, defaults to `SCAN_CHUNK_SIZE`): steps per parallel scan.
+        initial_state (`torch.Tensor` of shape `(batch, d_inner, d_state)`, *optional*): ``h_0``, the state before
+            the first step (zeros when omitted).
+        return_last_state (`bool`, defaults to `False`): also return ``h_length`` (in the compute dtype).
 
     Returns:
-        `torch.Tensor` of shape `(batch, length, d_inner)` in the dtype of ``u``.
+        `torch.Tensor` of shape `(batch, length, d_inner)` in the dtype of ``u``, and with ``return_last_state`` the
+        last state `(batch, d_inner, d_state)`.
     """
     dtype = u.dtype
     compute_dtype = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
     u, delta, A, B, C, D = (t.to(compute_dtype) for t in (u, delta, A, B, C, D))
+    if initial_state is not None:
+        initial_state = initial_state.to(compute_dtype)
     # Independent sequences are scanned in groups whose state tensors stay under SCAN_MAX_STATE_ELEMENTS.
     batch_size, length, d_inner = u.shape
     group = max(1, SCAN_MAX_STATE_ELEMENTS // (min(length, chunk_size) * d_inner * A.shape[-1]))
     if batch_size > group:
-        pieces = zip(*(t.split(group, dim=0) for t in (u, delta, B, C)))
-        y = torch.cat([_chunked_scan(u_g, delta_g, A, B_g, C_g, chunk_size) for u_g, delta_g, B_g, C_g in pieces])
+        states = [None] * len(range(0, batch_size, group)) if initial_state is None else initial_state.split(group)
+        pieces = zip(*(t.split(group, dim=0) for t in (u, delta, B, C)), states)
+        results = [_chunked_scan(u_g, delta_g, A, B_g, C_g, chunk_size, h_g) for u_g, delta_g, B_g, C_g, h_g in pieces]
+        y, last_state = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
     else:
-        y = _chunked_scan(u, delta, A, B, C, chunk_size)
+        y, last_state = _chunked_scan(u, delta, A, B, C, chunk_size, initial_state)
     y = y + u * D
     if z is not None:
         y = y * F.silu(z.to(compute_dtype))
+    if return_last_state:
+        return y.to(dtype), last_state
     return y.to(dtype)
 
 
 def _chunked_scan(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """``y_t = C_t h_t`` of the recurrence, one parallel scan per chunk of ``chunk_size`` steps."""
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    state: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y_t = C_t h_t`` of the recurrence from ``h_0 = state`` (zeros when `None`), one parallel scan per chunk of
+    ``chunk_size`` steps; returns the outputs and ``h_length``."""
     # `split`, not repeated slicing: a slice's backward fills a full-length gradient per chunk (quadratic in length).
-    outputs, state = [], None
+    outputs = []
     for u_c, delta_c, B_c, C_c in zip(*(t.split(chunk_size, dim=1) for t in (u, delta, B, C))):
         # batch, chunk, d_inner, d_state
         delta_a = torch.exp(delta_c.unsqueeze(-1) * A)
@@ -113,7 +142,49 @@ def _chunked_scan(
         states = pscan(delta_a, delta_b_u)
         state = states[:, -1]  # batch, d_inner, d_state
         outputs.append((states @ C_c.unsqueeze(-1)).squeeze(-1))  # batch, chunk, d_inner
-    return torch.cat(outputs, dim=1)
+    return torch.cat(outputs, dim=1), state
+
+
+def _continue_from_state(
+    y: torch.Tensor, last_state: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, C: torch.Tensor, h0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Adds the contribution of an initial state ``h_0`` to a scan started from zeros (the kernel path: mamba-ssm's
+    ``selective_scan_fn`` has no initial-state input). The recurrence is linear in ``h``, and with a diagonal ``A``
+    ``h_t = exp(A · Σ_{s≤t} Δ_s) ⊙ h_0 + h_t^{(0)}``, so ``y_t += C_t · exp(A · Σ_{s≤t} Δ_s) h_0``.
+
+    Args:
+        y (`torch.Tensor` of shape `(batch, length, d_inner)`): outputs of the zero-state scan, before the gate.
+        last_state (`torch.Tensor` of shape `(batch, d_inner, d_state)`): its last state.
+        delta (`torch.Tensor` of shape `(batch, length, d_inner)`): the step sizes (after the bias and softplus).
+        A (`torch.Tensor` of shape `(d_inner, d_state)`), C (`torch.Tensor` of shape `(batch, length, d_state)`).
+        h0 (`torch.Tensor` of shape `(batch, d_inner, d_state)`).
+
+    Returns:
+        `(y, last_state)` of the scan started from ``h0``.
+    """
+    decay = torch.exp(delta.cumsum(dim=1).unsqueeze(-1) * A)  # batch, length, d_inner, d_state
+    y = y + torch.einsum("bldn,bdn,bln->bld", decay, h0, C)
+    return y, last_state + decay[:, -1] * h0
+
+
+@dataclass
+class MambaState:
+    r"""The recurrent state of a [`MambaBlock`] after frame ``t`` of a sequence (per layer, what mamba-ssm's
+    ``InferenceParams.key_value_memory_dict`` holds).
+
+    Args:
+        conv_state (`torch.Tensor` of shape `(batch, d_inner, d_conv)`): the inputs of the causal convolution at frames
+            ``t − d_conv + 1 … t`` (zeros before the sequence's first frame), in the block's dtype.
+        ssm_state (`torch.Tensor` of shape `(batch, d_inner, d_state)`): ``h_t``, float32 (float64 for a float64
+            block).
+    """
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm_state.shape[0]
 
 
 class MambaBlock(nn.Module):
@@ -208,13 +279,70 @@ class MambaBlock(nn.Module):
         Returns:
             `torch.Tensor` of shape `(batch, length, d_model)`.
         """
-        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(
-                f"`hidden_states` must have shape (batch, length, {self.d_model}), got {tuple(hidden_states.shape)}."
-            )
+        self._check_hidden_states(hidden_states, min_length=0)
         batch_size, length, _ = hidden_states.shape
         if mask is not None and mask.shape != (batch_size, length):
             raise ValueError(f"`mask` must have shape {(batch_size, length)}, got {tuple(mask.shape)}.")
+        return self._mix(hidden_states, mask=mask)[0]
+
+    def step(self, hidden_states: torch.Tensor, state: Optional[MambaState] = None) -> tuple[torch.Tensor, MambaState]:
+        r"""Continues a sequence from ``state`` over ``k ≥ 1`` new frames (recurrent inference, no mask).
+
+        ``step(x[:, :a], None)`` then ``step(x[:, a:], state)`` gives the outputs of ``forward(x)`` and the state after
+        the last frame (up to float rounding, see the module docstring); ``state=None`` starts a sequence.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch, k, d_model)`): the new frames.
+            state (`MambaState`, *optional*): the state after the frames before them.
+
+        Returns:
+            `(outputs, state)`: `(batch, k, d_model)` and the [`MambaState`] after the last new frame.
+        """
+        self._check_hidden_states(hidden_states)
+        if state is not None:
+            expected = {
+                "conv_state": (hidden_states.shape[0], self.d_inner, self.d_conv),
+                "ssm_state": (hidden_states.shape[0], self.d_inner, self.d_state),
+            }
+            for name, shape in expected.items():
+                if tuple(getattr(state, name).shape) != shape:
+                    raise ValueError(
+                        f"`state.{name}` has shape {tuple(getattr(state, name).shape)}, expected {shape} for "
+                        f"`hidden_states` {tuple(hidden_states.shape)}."
+                    )
+        return self._mix(hidden_states, state=state, return_state=True)
+
+    def _check_hidden_states(self, hidden_states: torch.Tensor, min_length: int = 1) -> None:
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model or hidden_states.shape[1] < min_length:
+            raise ValueError(
+                f"`hidden_states` must have shape (batch, length >= {min_length}, {self.d_model}), got "
+                f"{tuple(hidden_states.shape)}."
+            )
+
+    def _causal_conv(self, inputs: torch.Tensor, length: int) -> torch.Tensor:
+        """The depth-wise convolution ``conv1d`` of ``inputs`` `(batch, d_inner, d_conv − 1 + length)` (the previous
+        ``d_conv − 1`` inputs, then the new ones), written as a sum over the taps in a fixed order: each output is
+        computed by the same operations wherever a sequence is split, so stepping at the scan's block boundaries
+        reproduces the full scan bit for bit (a convolution kernel's arithmetic depends on the input's length and
+        layout)."""
+        weight = self.conv1d.weight[:, 0].to(inputs.dtype)  # d_inner, d_conv
+        conv = inputs[..., :length] * weight[:, :1]
+        for tap in range(1, self.d_conv):
+            conv = conv + inputs[..., tap : tap + length] * weight[:, tap : tap + 1]
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias.to(inputs.dtype)[:, None]
+        return conv  # batch, d_inner, length
+
+    def _mix(
+        self,
+        hidden_states: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        state: Optional[MambaState] = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, Optional[MambaState]]:
+        """The block over ``hidden_states`` `(batch, length, d_model)`, from ``state`` (zeros when `None`); the new
+        state when ``return_state``."""
+        length = hidden_states.shape[1]
         keep = None if mask is None else mask.to(hidden_states.dtype).unsqueeze(-1)  # batch, length, 1
 
         # 1. Input projection: x (scan branch) and z (gate branch)
@@ -222,9 +350,15 @@ class MambaBlock(nn.Module):
         if keep is not None:
             x = x * keep
 
-        # 2. Causal depth-wise convolution along time
-        x = self.conv1d(x.transpose(1, 2))[..., :length].transpose(1, 2)  # batch, length, d_inner
-        x = F.silu(x)
+        # 2. Causal depth-wise convolution along time, over the state's last inputs when continuing a sequence
+        x_t = x.transpose(1, 2)  # batch, d_inner, length
+        if state is None:
+            inputs = F.pad(x_t, (self.d_conv - 1, 0))  # batch, d_inner, d_conv − 1 + length (zeros before frame 0)
+        else:
+            inputs = torch.cat([state.conv_state[..., 1:].to(x_t.dtype), x_t], dim=-1)
+        conv = self._causal_conv(inputs, length)
+        conv_state = inputs[..., -self.d_conv :] if return_state else None
+        x = F.silu(conv.transpose(1, 2))  # batch, length, d_inner
         if keep is not None:
             x = x * keep
 
@@ -232,27 +366,44 @@ class MambaBlock(nn.Module):
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.t()  # batch, length, d_inner (bias added inside the scan)
         A = -torch.exp(self.A_log.float() if self.A_log.dtype != torch.float64 else self.A_log)  # d_inner, d_state
+        h0 = None if state is None else state.ssm_state
 
         # 4. Selective scan
+        ssm_state = None
         if self._resolve_kernel(x):
-            y = selective_scan_fn(
+            scan_inputs = (
                 x.transpose(1, 2).contiguous(),
                 dt.transpose(1, 2).contiguous(),
                 A,
                 B.transpose(1, 2).contiguous(),
                 C.transpose(1, 2).contiguous(),
                 self.D.float(),
-                z=z.transpose(1, 2).contiguous(),
-                delta_bias=self.dt_proj.bias.float(),
-                delta_softplus=True,
-            ).transpose(1, 2)
+            )
+            scan_kwargs = dict(delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            if h0 is None:
+                y = selective_scan_fn(*scan_inputs, z=z.transpose(1, 2).contiguous(), return_last_state=return_state,
+                                      **scan_kwargs)  # fmt: skip
+                if return_state:
+                    y, ssm_state = y
+                y = y.transpose(1, 2)
+            else:  # the kernel starts from zeros: add h0's contribution, then the gate
+                y, ssm_state = selective_scan_fn(*scan_inputs, z=None, return_last_state=True, **scan_kwargs)
+                delta = F.softplus(dt.float() + self.dt_proj.bias.float())
+                y, ssm_state = _continue_from_state(
+                    y.transpose(1, 2).float(), ssm_state, delta, A, C.float(), h0.float()
+                )
+                y = y * F.silu(z.float())
         else:
             compute_dtype = torch.promote_types(dt.dtype, torch.float32)
             delta = F.softplus(dt.to(compute_dtype) + self.dt_proj.bias.to(compute_dtype))
-            y = selective_scan_pytorch(x, delta, A, B, C, self.D, z=z, chunk_size=self.scan_chunk_size)
+            y = selective_scan_pytorch(x, delta, A, B, C, self.D, z=z, chunk_size=self.scan_chunk_size,
+                                       initial_state=h0, return_last_state=return_state)  # fmt: skip
+            if return_state:
+                y, ssm_state = y
 
         # 5. Output projection
-        return self.out_proj(y.to(hidden_states.dtype))
+        new_state = MambaState(conv_state=conv_state, ssm_state=ssm_state) if return_state else None
+        return self.out_proj(y.to(hidden_states.dtype)), new_state
 
 
 class ResidualMambaLayer(nn.Module):
@@ -269,3 +420,8 @@ class ResidualMambaLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return hidden_states + self.mixer(self.norm(hidden_states), mask=mask)
+
+    def step(self, hidden_states: torch.Tensor, state: Optional[MambaState] = None) -> tuple[torch.Tensor, MambaState]:
+        """[`MambaBlock.step`] of the residual layer: `(outputs, state)` over ``k`` new frames."""
+        outputs, state = self.mixer.step(self.norm(hidden_states), state)
+        return hidden_states + outputs, state

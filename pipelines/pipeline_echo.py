@@ -26,6 +26,11 @@ landmarks of the reference image through `echo.masks.reference_token_masks` (the
 frame. The landmarks are given as ``reference_landmarks`` or detected with MediaPipe's face mesh when it is installed;
 ``lip_mask`` / ``face_mask`` may be passed directly at the token grid instead.
 
+Interactive mode: `EchoPipeline.start_session` returns an `EchoSession` on the same weights, fed the conversation in
+pieces as it happens and rendering each chunk as soon as its inputs are complete; the LCU carries its Mamba state
+from chunk to chunk, so a chunk's cost does not grow with the conversation. `__call__` is such a session fed
+everything at once (`pipelines.session` documents how a chunk is computed).
+
 Classifier-free guidance runs up to three passes per step: ``uncond`` (no avatar audio, no user context), ``audio``
 (avatar audio, no user context) and ``full`` (both), combined as
 ``uncond + s_a · (audio − uncond) + s_u · (full − audio)`` with ``s_a = audio_guidance_scale`` and
@@ -47,22 +52,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerBase, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from echo.audio import FPS, SAMPLE_RATE, wav2vec2_frame_features, window_features
-from echo.encoding import (
-    PromptEncoder,
-    chunk_condition,
-    decode_latents,
-    detect_face_landmarks,
-    encode_user_video,
-    frames_to_tensor,
-    prepare_user_video,
-)
+from echo.audio import wav2vec2_frame_features
+from echo.encoding import PromptEncoder, decode_latents, detect_face_landmarks, frames_to_tensor
 from echo.lcu import LongRangeContextEncoder
 from echo.masks import NUM_LANDMARKS, reference_token_masks
 from echo.settings import EchoSettings
 from echo.transformer_echo import EchoTransformer3DModel
 
 from .pipeline_output import EchoPipelineOutput
+from .session import AUDIO_BLOCK_FRAMES, AUDIO_CONTEXT_FRAMES, EchoSession
 from .video_io import to_uint8_frames
 
 logger = logging.get_logger(__name__)
@@ -448,6 +446,119 @@ class EchoPipeline(DiffusionPipeline):
         return {name: weight for name, weight in weights.items() if weight != 0.0}
 
     # ------------------------------------------------------------------------------------------------------------
+    # Interactive session
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _call_settings(self, **overrides) -> EchoSettings:
+        """The model's settings with the arguments given (not `None`) of this call or session."""
+        return self.settings.replace(**{name: value for name, value in overrides.items() if value is not None})
+
+    def start_session(
+        self,
+        reference_image: PIL.Image.Image | np.ndarray | torch.Tensor,
+        generator: torch.Generator | None = None,
+        num_frames: int | None = None,
+        with_user: bool | None = None,
+        emotion: str | list[str] | None = None,
+        emotion_reasoner: Any | None = None,
+        understanding: torch.Tensor | list[torch.Tensor] | None = None,
+        understanding_model: Callable | None = None,
+        reference_landmarks: np.ndarray | None = None,
+        lip_mask: torch.Tensor | None = None,
+        face_mask: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        audio_guidance_scale: float | None = None,
+        user_guidance_scale: float | None = None,
+        num_frames_per_chunk: int | None = None,
+        motion_frames: int | None = None,
+        default_emotion: str | None = None,
+        user_video_size: int | None = None,
+        max_sequence_length: int | None = None,
+        output_type: str | None = "np",
+        audio_encoding: str = "stream",
+        audio_block_frames: int = AUDIO_BLOCK_FRAMES,
+        audio_context_frames: int = AUDIO_CONTEXT_FRAMES,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> EchoSession:
+        r"""
+        Starts an interactive render: an [`~pipelines.session.EchoSession`] on this pipeline's weights, fed with
+        ``session.push(user_audio=..., user_video=..., avatar_audio=...)`` in pieces of any length and yielding each
+        chunk's frames (``session.pull()``, or iterating it) as soon as the chunk's inputs are complete;
+        ``session.close()`` ends the input. Fed the same conversation, it yields exactly the frames of `__call__` with
+        the same generator (and ``audio_encoding``).
+
+        Args:
+            reference_image, generator, emotion, emotion_reasoner, understanding, understanding_model,
+            reference_landmarks, lip_mask, face_mask, height, width, num_inference_steps, audio_guidance_scale,
+            user_guidance_scale, num_frames_per_chunk, motion_frames, default_emotion, user_video_size,
+            max_sequence_length, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs:
+                As in `__call__` (``emotion`` / ``understanding`` lists: one entry per chunk, checked once the length
+                is known). Settings left at `None` are the model's.
+            num_frames (`int`, *optional*): the conversation's length in frames when known in advance; otherwise it
+                is the avatar audio's duration at `close`.
+            with_user (`bool`, *optional*): whether the user's streams drive the avatar (the LCU branch); defaults to
+                whether the pipeline has a ``context_encoder``.
+            output_type (`str` or `None`, defaults to `"np"`): of ``SessionChunk.frames``: `"np"`, `"pt"`, `"pil"`, or
+                `None` (only ``SessionChunk.video``).
+            audio_encoding (`str`, defaults to `"stream"`): ``"stream"`` encodes pushed waveforms in blocks of
+                ``audio_block_frames`` frames with ``audio_context_frames`` frames of audio on each side, so chunks
+                render while the conversation goes on; ``"file"`` encodes each track whole at `close` (as `__call__`
+                by default), so nothing renders before the end of input.
+            audio_block_frames (`int`, defaults to 25), audio_context_frames (`int`, defaults to 25): see above.
+
+        Returns:
+            [`~pipelines.session.EchoSession`].
+        """
+        settings = self._call_settings(
+            num_frames_per_chunk=num_frames_per_chunk,
+            motion_frames=motion_frames,
+            user_video_size=user_video_size,
+            max_sequence_length=max_sequence_length,
+            default_emotion=default_emotion,
+            num_inference_steps=num_inference_steps,
+            audio_guidance_scale=audio_guidance_scale,
+            user_guidance_scale=user_guidance_scale,
+        )
+        height = settings.resolution if height is None else height
+        width = settings.resolution if width is None else width
+        if reference_image is None:
+            raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
+        unit = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        if height % unit != 0 or width % unit != 0:
+            raise ValueError(f"`height` and `width` have to be divisible by {unit} but are {height} and {width}.")
+        self._current_timestep = None
+        self._current_chunk = None
+        self._interrupt = False
+        return EchoSession(
+            self,
+            settings,
+            reference_image,
+            height,
+            width,
+            generator=generator,
+            num_frames=num_frames,
+            with_user=self.context_encoder is not None if with_user is None else with_user,
+            emotion=emotion,
+            emotion_reasoner=emotion_reasoner,
+            understanding=understanding,
+            understanding_model=understanding_model,
+            reference_landmarks=reference_landmarks,
+            lip_mask=lip_mask,
+            face_mask=face_mask,
+            output_type=output_type,
+            audio_encoding=audio_encoding,
+            audio_block_frames=audio_block_frames,
+            audio_context_frames=audio_context_frames,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
     # Call
     # ------------------------------------------------------------------------------------------------------------
 
@@ -487,6 +598,7 @@ class EchoPipeline(DiffusionPipeline):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
+        audio_encoding: str = "file",
     ):
         r"""
         The call function to the pipeline for generation.
@@ -564,6 +676,10 @@ class EchoPipeline(DiffusionPipeline):
                 callback_kwargs)``; ``self.current_chunk`` tells the chunk.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors passed in ``callback_kwargs``, among ``self._callback_tensor_inputs``.
+            audio_encoding (`str`, defaults to `"file"`):
+                How waveforms become wav2vec2 rows: ``"file"`` encodes each track whole (`encode_audio`, as data
+                preparation does); ``"stream"`` encodes them in blocks as a live session does
+                (`pipelines.session.stream_frame_features`), for a render identical to a session's.
 
         Examples:
 
@@ -574,21 +690,15 @@ class EchoPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 0. Defaults: the settings the model was trained with; an explicit argument overrides them for this call
-        settings = self.settings.replace(
-            **{
-                name: value
-                for name, value in {
-                    "num_frames_per_chunk": num_frames_per_chunk,
-                    "motion_frames": motion_frames,
-                    "user_video_size": user_video_size,
-                    "max_sequence_length": max_sequence_length,
-                    "default_emotion": default_emotion,
-                    "num_inference_steps": num_inference_steps,
-                    "audio_guidance_scale": audio_guidance_scale,
-                    "user_guidance_scale": user_guidance_scale,
-                }.items()
-                if value is not None
-            }
+        settings = self._call_settings(
+            num_frames_per_chunk=num_frames_per_chunk,
+            motion_frames=motion_frames,
+            user_video_size=user_video_size,
+            max_sequence_length=max_sequence_length,
+            default_emotion=default_emotion,
+            num_inference_steps=num_inference_steps,
+            audio_guidance_scale=audio_guidance_scale,
+            user_guidance_scale=user_guidance_scale,
         )
         height = settings.resolution if height is None else height
         width = settings.resolution if width is None else width
@@ -617,149 +727,44 @@ class EchoPipeline(DiffusionPipeline):
         self._current_chunk = None
         self._interrupt = False
 
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        num_frames_per_chunk, motion_frames = settings.num_frames_per_chunk, settings.motion_frames
-        if avatar_audio is not None:
-            avatar_audio = _to_waveform(avatar_audio, "avatar_audio")
-        if num_frames is None:
-            if avatar_audio is not None:
-                num_frames = max(1, int(round(len(avatar_audio) * FPS / SAMPLE_RATE)))
-            else:
-                num_frames = len(avatar_audio_features)
-        chunks = chunk_schedule(num_frames, num_frames_per_chunk, motion_frames)
-        total_frames = chunks[-1][1]
-        if isinstance(emotion, list) and len(emotion) != len(chunks):
-            raise ValueError(f"`emotion` is a list of {len(emotion)} texts, expected one per chunk ({len(chunks)}).")
-        if isinstance(understanding, list) and len(understanding) != len(chunks):
-            raise ValueError(
-                f"`understanding` is a list of {len(understanding)} tensors, expected one per chunk ({len(chunks)})."
-            )
-
-        # 2. Encode the avatar's audio (per-frame wav2vec2 rows with ±2 context windows); the reference and its masks
-        if avatar_audio_features is not None:
-            avatar_features = _feature_rows(avatar_audio_features, total_frames, "avatar_audio_features")
-        else:
-            avatar_features = self.encode_audio(avatar_audio, total_frames)  # T_all, NL, D
-        avatar_windows = window_features(avatar_features[None], radius=self.transformer.config.audio_window // 2)
-        avatar_windows = avatar_windows.to(device, dtype)  # 1, T_all, L_w, NL, D
-        reference = self.prepare_reference(reference_image, height, width).to(device)  # 1, 3, H, W in [-1, 1]
-        num_latent_frames = (num_frames_per_chunk - 1) // self.vae_scale_factor_temporal + 1
-        avatar_lip, avatar_face = self.prepare_avatar_masks(
-            height, width, num_latent_frames, reference_landmarks, lip_mask, face_mask, reference_image
+        # 2. A session fed the whole conversation at once: the streaming path, so the two cannot drift
+        session = EchoSession(
+            self,
+            settings,
+            reference_image,
+            height,
+            width,
+            generator=generator,
+            num_frames=num_frames,
+            with_user=user_video is not None,
+            emotion=emotion,
+            emotion_reasoner=emotion_reasoner,
+            understanding=understanding,
+            understanding_model=understanding_model,
+            reference_landmarks=reference_landmarks,
+            lip_mask=lip_mask,
+            face_mask=face_mask,
+            output_type=None,  # the frames are post-processed once, below
+            audio_encoding=audio_encoding,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        avatar_lip, avatar_face = avatar_lip.to(device, dtype), avatar_face.to(device, dtype)  # 1, F, H', W'
+        session.push(avatar_audio=avatar_audio, avatar_audio_features=avatar_audio_features, dialogue=dialogue)
+        if user_video is not None:
+            session.push(user_video=user_video, user_audio=user_audio, user_audio_features=user_audio_features,
+                         user_landmarks=user_landmarks if session.needs_user_video else None)  # fmt: skip
+        session.close()
+        num_frames = session.num_frames
 
-        # 3. Prepare the user's side: per-frame wav2vec2 rows and video tokens for the LCU
-        has_user = user_video is not None
-        user_inputs = None
-        if has_user:
-            user_inputs = self.prepare_user_inputs(
-                None if user_audio is None else _to_waveform(user_audio, "user_audio"),
-                to_uint8_frames(user_video, "user_video"),
-                total_frames,
-                user_landmarks,
-                settings.user_video_size,
-                user_audio_features=user_audio_features,
-            )
-
-        # 4. Denoise chunk by chunk
-        prompt_encoder = PromptEncoder(self.text_encoder, self.tokenizer, settings.max_sequence_length)
-        pieces = []
-        previous_video = None
-        with self.progress_bar(total=len(chunks) * settings.num_inference_steps) as progress_bar:
-            for chunk_index, (start, stop) in enumerate(chunks):
-                self._current_chunk = chunk_index
-
-                # 4.1 Emotion text (LAU) → c_emo; each distinct text is encoded once per call
-                if not settings.use_emotion:  # the "w/o LAU" ablation: the empty prompt, as in training
-                    text = ""
-                elif isinstance(emotion, list):
-                    text = emotion[chunk_index]
-                elif emotion is not None:
-                    text = emotion
-                elif emotion_reasoner is not None and dialogue:
-                    text = emotion_reasoner.describe(dialogue, clip_end=stop / FPS, avatar_speaker="avatar")
-                else:
-                    text = settings.default_emotion
-                prompt_embeds = prompt_encoder(text, device=device, dtype=dtype)  # 1, L_txt, text_dim
-
-                # 4.2 User context f_pu from the history up to the chunk's end (LCU, causal)
-                context_embeds = context_mask = None
-                if has_user:
-                    chunk_understanding = (
-                        understanding[chunk_index] if isinstance(understanding, list) else understanding
-                    )
-                    context_embeds, context_mask = self.encode_user_context(
-                        user_inputs, start, stop, chunk_understanding, understanding_model, device, dtype,
-                        max_history_frames=settings.max_history_frames,
-                    )  # fmt: skip
-
-                # 4.3 Condition (Eq. 1): the reference in every chunk, plus the previous chunk's last motion frames
-                motion_video = None if previous_video is None else previous_video[:, :, -motion_frames:]
-                condition = chunk_condition(self.vae, reference, motion_video, num_latent_frames)
-                condition = condition.to(device, dtype)  # 1, 4 + 2·16, F, h, w
-
-                # 4.4 Noise and timesteps
-                latents = self.prepare_latents(num_frames_per_chunk, height, width, torch.float32, device, generator)
-                self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
-                timesteps = self.scheduler.timesteps
-                self._num_timesteps = len(timesteps)
-                audio_embeds = avatar_windows[:, start:stop]  # 1, N, L_w, NL, D
-                weights = self._guidance_weights(has_user)
-                pass_inputs = {
-                    "uncond": {"audio_embeds": None, "context_embeds": None},
-                    "audio": {"audio_embeds": audio_embeds, "context_embeds": None},
-                    "full": {"audio_embeds": audio_embeds, "context_embeds": context_embeds},
-                }
-
-                # 4.5 Denoising loop
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    self._current_timestep = t
-                    latent_model_input = latents.to(dtype)
-                    timestep = t.expand(latents.shape[0])
-
-                    noise_pred = 0.0
-                    for name, weight in weights.items():
-                        extra = pass_inputs[name]
-                        prediction = self.transformer(
-                            hidden_states=latent_model_input,
-                            timestep=timestep,
-                            encoder_hidden_states=prompt_embeds,
-                            condition=condition,
-                            audio_embeds=extra["audio_embeds"],
-                            context_embeds=extra["context_embeds"],
-                            context_mask=context_mask if extra["context_embeds"] is not None else None,
-                            lip_mask=avatar_lip,
-                            face_mask=avatar_face,
-                            attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )[0]
-                        noise_pred = noise_pred + weight * prediction.float()
-
-                    # compute the previous noisy sample x_t -> x_t-1
-                    latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-
-                    if callback_on_step_end is not None:
-                        callback_kwargs = {}
-                        for k in callback_on_step_end_tensor_inputs:
-                            callback_kwargs[k] = locals()[k]
-                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                        latents = callback_outputs.pop("latents", latents)
-                        prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    progress_bar.update()
-
-                # 4.6 Decode the chunk; a continuation drops its regenerated motion frames
-                video = self.decode_latents(latents)  # 1, 3, N, H, W in [-1, 1]
-                previous_video = video
-                pieces.append(video if chunk_index == 0 else video[:, :, motion_frames:])
-
+        # 3. Denoise chunk by chunk (`EchoSession._render`: emotion, user context, condition, denoising, decoding)
+        with self.progress_bar(total=session.num_chunks * settings.num_inference_steps) as progress_bar:
+            session.progress_bar = progress_bar
+            pieces = [chunk.video for chunk in session]
         self._current_timestep = None
         self._current_chunk = None
 
-        # 5. Post-process: exactly num_frames frames
+        # 4. Post-process: exactly num_frames frames
         video = torch.cat(pieces, dim=2)[:, :, :num_frames]  # 1, 3, num_frames, H, W
         if output_type == "pt":
             frames = ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()  # 1, T, 3, H, W
@@ -772,117 +777,6 @@ class EchoPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames,)
         return EchoPipelineOutput(frames=frames)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # User side (LCU)
-    # ------------------------------------------------------------------------------------------------------------
-
-    def prepare_user_inputs(
-        self,
-        user_audio: np.ndarray | None,
-        user_video: np.ndarray,
-        total_frames: int,
-        user_landmarks: np.ndarray | None,
-        user_video_size: int,
-        user_audio_features: np.ndarray | torch.Tensor | None = None,
-    ) -> dict:
-        r"""
-        Per-frame user inputs for the whole conversation, ``total_frames`` rows (the video repeats its last frame and
-        the audio is padded with silence beyond their ends): ``audio_features`` `(T, NL, D)` (``user_audio_features``
-        when given), ``frames`` `(T, H_u, W_u, 3)` uint8, ``waveform``, and, when the LCU uses the visual branch,
-        ``video_tokens`` `(T, C_v, h_v, w_v)` and ``face_mask`` `(T, h_v, w_v)`: `echo.encoding.prepare_user_video`
-        (frames resized to ``user_video_size``², the face from ``user_landmarks``) then `echo.encoding.encode_user_video`,
-        as training encodes them.
-        """
-        if user_audio_features is not None:
-            features = _feature_rows(user_audio_features, total_frames, "user_audio_features")
-        else:
-            features = self.encode_audio(user_audio, total_frames)
-        inputs = {"audio_features": features, "waveform": user_audio}
-        index = np.minimum(np.arange(total_frames), len(user_video) - 1)
-        inputs["frames"] = user_video[index]  # T_all, H_u, W_u, 3 uint8
-        if "user_video" in self.context_encoder.required_inputs:
-            if user_landmarks is None:
-                user_landmarks = detect_face_landmarks(user_video)
-            user_landmarks = np.asarray(user_landmarks, dtype=np.float32)
-            if user_landmarks.shape != (len(user_video), NUM_LANDMARKS, 2):
-                raise ValueError(
-                    f"`user_landmarks` has shape {user_landmarks.shape}, expected ({len(user_video)}, {NUM_LANDMARKS}, 2)."
-                )
-            frames, face_mask = prepare_user_video(inputs["frames"], user_landmarks[index], user_video_size)
-            tokens, token_mask = encode_user_video(self.vae, frames[None], face_mask[None])
-            inputs["video_tokens"], inputs["face_mask"] = tokens[0], token_mask[0]
-        return inputs
-
-    def encode_user_context(
-        self,
-        user_inputs: dict,
-        start: int,
-        stop: int,
-        understanding: torch.Tensor | None,
-        understanding_model: Callable | None,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_history_frames: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""
-        The LCU's context tokens for the chunk ``[start, stop)``: the user's history is frames ``first … stop − 1``
-        (``first = 0``, or ``stop − max_history_frames`` when that is later, as in training) and the current clip its
-        last ``stop − start`` frames. The LCU gets the inputs its ``required_inputs`` name, in the form the training
-        step gives them (validity masks included).
-
-        Returns:
-            `(context, context_mask)`: `(1, N_ctx, context_dim)` and `(1, N_ctx)` bool.
-        """
-        lcu = self.context_encoder
-        required = lcu.required_inputs
-        first = 0 if max_history_frames is None else max(0, stop - max_history_frames)
-        kwargs = {
-            "user_audio": user_inputs["audio_features"][None, first:stop].to(device),  # 1, T_hist, NL, D
-            "clip_frames": stop - start,
-            "user_audio_mask": torch.ones(1, stop - first, dtype=torch.bool, device=device),
-        }
-        if "user_video" in required:
-            kwargs["user_video"] = user_inputs["video_tokens"][None, first:stop].to(device)  # 1, T_hist, C_v, h, w
-            kwargs["user_face_mask"] = user_inputs["face_mask"][None, first:stop].to(device)  # 1, T_hist, h, w
-        if "understanding" in required:
-            if understanding is None and understanding_model is not None:
-                if user_inputs["waveform"] is None:
-                    raise ValueError("`understanding_model` needs the user's waveform: pass `user_audio`.")
-                num_samples = int(round(stop * SAMPLE_RATE / FPS))
-                understanding = understanding_model(user_inputs["frames"][:stop], user_inputs["waveform"][:num_samples])
-            if understanding is None:
-                raise ValueError(
-                    "The context encoder uses understanding tokens (use_understanding=True): pass `understanding` "
-                    "(N_s, D_s) or an `understanding_model`."
-                )
-            understanding = torch.as_tensor(understanding).to(device, torch.float32)
-            if understanding.ndim == 2:
-                understanding = understanding[None]  # 1, N_s, D_s
-            num_tokens = understanding.shape[1]
-            if num_tokens == 0:  # nothing understood yet: one hidden zero token, as a training batch holds it
-                understanding = understanding.new_zeros(1, 1, understanding.shape[2])
-            kwargs["understanding"] = understanding
-            kwargs["understanding_mask"] = torch.full(
-                understanding.shape[:2], num_tokens > 0, dtype=torch.bool, device=device
-            )
-        output = lcu(**kwargs)
-        return output.context.to(device, dtype), output.context_mask.to(device)
-
-
-def _feature_rows(features: np.ndarray | torch.Tensor, num_rows: int, name: str) -> torch.Tensor:
-    """The first ``num_rows`` per-frame wav2vec2 rows `(T, NL, D)` of precomputed features (e.g. a memory-mapped
-    float16 ``*_w2v.npy``), float32 on the CPU, as the dataset reads them."""
-    if not isinstance(features, torch.Tensor):
-        features = np.asarray(features)
-    if features.ndim != 3 or features.shape[0] < num_rows:
-        raise ValueError(
-            f"`{name}` has shape {tuple(features.shape)}, expected (T, NL, D) per-frame wav2vec2 rows with T >= "
-            f"{num_rows} (the chunks cover frames 0 … {num_rows - 1})."
-        )
-    if isinstance(features, torch.Tensor):
-        return features[:num_rows].detach().float().cpu()
-    return torch.from_numpy(np.array(features[:num_rows], dtype=np.float32))  # a copy: memory maps are read-only
 
 
 def _register_with_diffusers() -> None:

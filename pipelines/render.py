@@ -101,25 +101,25 @@ def _resolve(base: Path, value) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def render_entry(
-    pipe, entry: dict, base: Path, out_path: Path, args: argparse.Namespace, helpers: dict | None = None
-) -> int:
-    """Render one manifest entry to ``out_path`` (atomically). Returns the number of frames written.
-
-    ``helpers`` holds optional pipeline arguments shared by all entries (``understanding_model``,
-    ``emotion_reasoner``)."""
+def read_entry(entry: dict, base: Path) -> dict:
+    """The files and fields of one manifest entry as `EchoPipeline` arguments: ``reference_image``, ``avatar_audio``,
+    ``user_audio``, ``user_video``, ``dialogue``, ``emotion``, ``num_frames`` and, when the entry has them,
+    ``understanding``, ``reference_landmarks``, ``user_landmarks``."""
     from safetensors.torch import load_file
 
-    from .video_io import load_image, load_wav, read_frames, write_mp4
+    from .video_io import load_image, load_wav, read_frames
 
     missing = [key for key in REQUIRED_KEYS if key not in entry]
     if missing:
         raise ValueError(f"entry is missing keys {missing}; required: {list(REQUIRED_KEYS)}")
-    avatar_audio = load_wav(_resolve(base, entry["avatar_audio"]))
-    user_audio = load_wav(_resolve(base, entry["user_audio"]))
-    user_video = read_frames(_resolve(base, entry["user_video"]))
-    reference = load_image(_resolve(base, entry["reference_image"]))
-    kwargs = dict(helpers or {})
+    kwargs = {
+        "reference_image": load_image(_resolve(base, entry["reference_image"])),
+        "avatar_audio": load_wav(_resolve(base, entry["avatar_audio"])),
+        "user_audio": load_wav(_resolve(base, entry["user_audio"])),
+        "user_video": read_frames(_resolve(base, entry["user_video"])),
+        "dialogue": entry.get("dialogue"),
+        "emotion": entry.get("emotion"),
+    }
     if "understanding" in entry:
         tensors = load_file(str(_resolve(base, entry["understanding"])))
         if "hidden_states" not in tensors:
@@ -133,15 +133,20 @@ def render_entry(
     num_frames = entry.get("num_frames")
     if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
         raise ValueError(f"`num_frames` is {num_frames!r}, expected a positive integer")
+    kwargs["num_frames"] = num_frames
+    return kwargs
 
+
+def render_entry(
+    pipe, entry: dict, base: Path, out_path: Path, args: argparse.Namespace, helpers: dict | None = None
+) -> int:
+    """Render one manifest entry to ``out_path`` (atomically). Returns the number of frames written.
+
+    ``helpers`` holds optional pipeline arguments shared by all entries (``understanding_model``,
+    ``emotion_reasoner``)."""
+    inputs = read_entry(entry, base)
     output = pipe(
-        reference_image=reference,
-        avatar_audio=avatar_audio,
-        user_video=user_video,
-        user_audio=user_audio,
-        dialogue=entry.get("dialogue"),
-        emotion=entry.get("emotion"),
-        num_frames=num_frames,
+        **inputs,
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,
@@ -152,17 +157,24 @@ def render_entry(
         user_video_size=args.user_video_size,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
-        **kwargs,
+        **(helpers or {}),
     )
     frames = output.frames[0]
+    write_atomically(out_path, frames, inputs["avatar_audio"], inputs["user_video"] if args.side_by_side else None)
+    return len(frames)
+
+
+def write_atomically(out_path: Path, frames: np.ndarray, audio: np.ndarray, user_frames: np.ndarray | None = None):
+    """``write_mp4`` through a temporary file and an atomic rename: a file under its final name is complete."""
+    from .video_io import write_mp4
+
     tmp_path = out_path.with_name(f".{out_path.stem}.tmp.mp4")
     try:
-        write_mp4(tmp_path, frames, audio=avatar_audio, user_frames=user_video if args.side_by_side else None)
+        write_mp4(tmp_path, frames, audio=audio, user_frames=user_frames)
         os.replace(tmp_path, out_path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
-    return len(frames)
 
 
 def render_manifest(
@@ -216,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", required=True, help="folder of a saved EchoPipeline (save_pretrained)")
     parser.add_argument("--manifest", required=True, help="JSON-lines manifest, one conversation per line")
     parser.add_argument("--out", required=True, help="output folder for <id>.mp4 and failures.jsonl")
+    parser.add_argument("--side-by-side", action="store_true", help="show the user's video left of the avatar")
+    return add_model_arguments(parser)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options echo-render and echo-live share: rendering settings, device, helpers."""
     # None = the setting saved with the model (what it was trained with), for every option of this group.
     parser.add_argument("--height", type=int, default=None, help="default: the model's resolution")
     parser.add_argument("--width", type=int, default=None, help="default: the model's resolution")
@@ -229,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user-video-size", type=int, default=None,
                         help="side of the user's frames read by the LCU (default: the model's)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--side-by-side", action="store_true", help="show the user's video left of the avatar")
     parser.add_argument("--device", default=None, help="defaults to cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="defaults to bfloat16 on cuda, float32 on cpu")  # fmt: skip

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from echo.lcu import LCUOutput, LongRangeContextEncoder
+from echo.mamba import MambaBlock
 
 NL, AUDIO_DIM, C_V, HV, WV, S_DIM = 3, 16, 4, 8, 8, 24
 TINY = dict(
@@ -37,8 +38,9 @@ def make_inputs(num_frames, batch_size=1, num_understanding=6, seed=0, dtype=tor
 
 def slice_frames(inputs, frames):
     out = dict(inputs)
-    for key in ("user_audio", "user_video", "user_face_mask"):
-        out[key] = inputs[key][:, frames]
+    for key in ("user_audio", "user_video", "user_face_mask", "user_audio_mask"):
+        if key in inputs:
+            out[key] = inputs[key][:, frames]
     return out
 
 
@@ -173,7 +175,9 @@ def test_face_mask_selects_tokens(lcu):
     inputs = make_inputs(12)
     out = lcu(clip_frames=5, **inputs)
     face = inputs["user_face_mask"].bool().unsqueeze(2).expand_as(inputs["user_video"])
-    background = dict(inputs, user_video=torch.where(face, inputs["user_video"], torch.randn_like(inputs["user_video"])))
+    background = dict(
+        inputs, user_video=torch.where(face, inputs["user_video"], torch.randn_like(inputs["user_video"]))
+    )
     torch.testing.assert_close(lcu(clip_frames=5, **background).context, out.context, atol=1e-6, rtol=1e-6)
     on_face = dict(inputs, user_video=torch.where(face, torch.randn_like(inputs["user_video"]), inputs["user_video"]))
     assert (lcu(clip_frames=5, **on_face).context - out.context).abs().amax() > 1e-4
@@ -278,3 +282,109 @@ def test_bfloat16_load_keeps_the_ssm_parameters_in_float32(tmp_path):
         out, ref = half(clip_frames=9, **inputs).context, lcu(clip_frames=9, **inputs).context
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=0.03, rtol=0.05)
+
+
+def _with_scan_block(lcu, frames):
+    """Sets the parallel-scan block of every Mamba layer (256 by default), so short tests cross block boundaries."""
+    for module in lcu.modules():
+        if isinstance(module, MambaBlock):
+            module.scan_chunk_size = frames
+    return lcu
+
+
+def _incremental_contexts(lcu, inputs, chunks, radius, motion):
+    """Encodes the chunks ``[start, stop)`` of one conversation incrementally (the state carried from chunk to chunk,
+    the next clip starting ``motion`` frames before ``stop``), each call getting the full history."""
+    contexts, state = [], None
+    for start, stop in chunks:
+        limit = stop - max(radius, motion)
+        out = lcu(clip_frames=stop - start, state=state, save_state_at=limit, **slice_frames(inputs, slice(0, stop)))
+        saved = max(limit // lcu.scan_block * lcu.scan_block, 0 if state is None else state.num_frames)
+        assert (out.state is None and saved == 0) or out.state.num_frames == saved
+        contexts.append((out.context, out.perception))
+        state = out.state
+    return contexts
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("motion", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("switches", [dict(), dict(use_visual=False)], ids=["visual", "audio_only"])
+def test_incremental_chunks_equal_the_full_history_forward_exactly(dtype, motion, switches):
+    """A conversation encoded chunk by chunk with the state carried gives, bit for bit, the full-history forward of
+    every chunk (the LCU as trained): states are saved at parallel-scan block boundaries (16 frames here, 256 by
+    default), where the full scan starts a block too. Chunks of 9 frames overlapping by ``motion`` frames."""
+    torch.manual_seed(0)
+    lcu = _with_scan_block(LongRangeContextEncoder(**{**TINY, **switches}).to(dtype).eval(), 16)
+    lcu.alpha.fill_(0.5)
+    lcu.beta.fill_(0.5)  # the whole of Eq. 9 counts
+    inputs = make_inputs(70, dtype=dtype)
+    inputs["user_audio_mask"] = torch.ones(1, 70, dtype=torch.bool)  # all valid, as the pipeline passes it
+    chunks = [(0, 9)]
+    while chunks[-1][1] + 9 - motion <= 70:
+        chunks.append((chunks[-1][1] - motion, chunks[-1][1] - motion + 9))
+    assert len(chunks) >= 8
+    incremental = _incremental_contexts(lcu, inputs, chunks, radius=2, motion=motion)
+    for (start, stop), (context, perception) in zip(chunks, incremental):
+        full = lcu(clip_frames=stop - start, **slice_frames(inputs, slice(0, stop)))
+        assert torch.equal(context, full.context) and torch.equal(perception, full.perception), (start, stop)
+    # the history matters (so the comparison is not vacuous): without the state the last chunk differs
+    start, stop = chunks[-1]
+    window = slice_frames(inputs, slice(start, stop))
+    assert (lcu(clip_frames=stop - start, **window).context - incremental[-1][0]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_incremental_call_reads_no_frame_before_the_state_end():
+    """The cost of a chunk does not depend on the history's length: frames before ``state.num_frames − radius``
+    (audio windows) and before ``state.num_frames`` (video) are not read again, so NaN there changes nothing."""
+    torch.manual_seed(0)
+    lcu = _with_scan_block(LongRangeContextEncoder(**TINY).eval(), 8)
+    inputs = make_inputs(40)
+    state = lcu(clip_frames=9, save_state_at=26, **slice_frames(inputs, slice(0, 28))).state
+    assert state.num_frames == 24  # the last block boundary at or before frame 26
+    expected = lcu(clip_frames=9, state=state, save_state_at=36, **inputs)
+    poisoned = {k: v.clone() for k, v in inputs.items()}
+    poisoned["user_audio"][:, : 24 - 2] = float("nan")
+    poisoned["user_video"][:, :24] = float("nan")
+    rows = {}  # frames each per-frame module processes: the new frames, not the history
+    counts = {"audio_norm": lambda x: x.shape[1], "f_audio": lambda x: x.shape[1], "video_proj": lambda x: x.shape[0]}
+    hooks = [
+        getattr(lcu, name).register_forward_pre_hook(lambda m, a, name=name, n=n: rows.__setitem__(name, n(a[0])))
+        for name, n in counts.items()
+    ]
+    try:
+        out = lcu(clip_frames=9, state=state, save_state_at=36, **poisoned)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # frames 24-39 (16), and for the audio windows the 2 frames before them
+    assert rows == {"audio_norm": 18, "f_audio": 16, "video_proj": 16}, rows
+    assert torch.isfinite(out.context).all()
+    torch.testing.assert_close(out.context, expected.context, atol=0, rtol=0)
+    torch.testing.assert_close(out.state.audio[0].ssm_state, expected.state.audio[0].ssm_state, atol=0, rtol=0)
+    # ... and the frames it does read count: the two audio frames before the state's end feed the windows
+    poisoned["user_audio"][:, 23] = 0.0
+    assert (lcu(clip_frames=9, state=state, **poisoned).context - expected.context).abs().max() > 1e-6
+
+
+def test_incremental_call_rejects_what_a_state_cannot_give():
+    torch.manual_seed(0)
+    lcu = _with_scan_block(LongRangeContextEncoder(**TINY).eval(), 8)
+    inputs = make_inputs(30)
+    out = lcu(clip_frames=9, save_state_at=18, return_dict=False, **slice_frames(inputs, slice(0, 20)))
+    assert len(out) == 4 and out[3].num_frames == 16  # (context, context_mask, perception, state)
+    state = out[3]
+    with pytest.raises(ValueError, match="clip_frames"):  # the clip [15, 24) starts before the state's end
+        lcu(clip_frames=9, state=state, **slice_frames(inputs, slice(0, 24)))
+    with pytest.raises(ValueError, match="save_state_at"):  # frame 28's window is not final in a 30-frame history
+        lcu(clip_frames=9, state=state, save_state_at=29, **inputs)
+    padded = torch.ones(1, 30, dtype=torch.bool)
+    padded[:, 20] = False
+    with pytest.raises(ValueError, match="user_audio_mask"):
+        lcu(clip_frames=9, state=state, user_audio_mask=padded, **inputs)
+    with pytest.raises(ValueError, match="batch"):
+        lcu(clip_frames=9, state=state, **{k: v.expand(2, *v.shape[1:]) for k, v in inputs.items()})
+    audio_only = LongRangeContextEncoder(**TINY, use_visual=False)
+    with pytest.raises(ValueError, match="state"):
+        audio_only(clip_frames=9, state=state, user_audio=inputs["user_audio"], understanding=inputs["understanding"])

@@ -180,3 +180,41 @@ def test_ids_are_sanitised_into_the_output_folder(tmp_path, clip_id, expected):
     for bad in ("", "..", "/", "."):
         with pytest.raises(ValueError):
             sanitize_id(bad)
+
+
+def test_echo_live_replays_a_conversation_through_a_session_and_reports_latency(saved_pipeline, tmp_path, capsys):
+    """echo-live pushes the conversation in pieces at a paced speed through `EchoSession` and reports per chunk the
+    arrival of its last input (never before that input was due), the latency to its frames, and the real-time factor;
+    the mp4 holds every frame, and the frames are those of the offline call with the same audio encoding."""
+    import torch
+
+    from pipelines import live, render
+
+    entry = {**_write_conversation(tmp_path / "conv", seconds=0.68), "id": "c"}  # 17 frames: chunks [0, 9), [8, 17)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(entry) + "\n")
+    out, report = tmp_path / "live.mp4", tmp_path / "report.json"
+    options = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--steps", "1", "--piece-frames", "3",
+               "--audio-block-frames", "4", "--audio-context-frames", "4"]  # fmt: skip
+    assert live.main([*options, "--speed", "10", "--out", str(out), "--report", str(report)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    figures = dict(item.split("=") for item in printed[-1].split())
+    assert {"first_frame_latency_s", "real_time_factor", "mean_latency_s", "final_lag_s"} <= set(figures)
+    assert float(figures["real_time_factor"]) > 0 and figures["chunks"] == "2"
+    rows = json.loads(report.read_text())["chunks"]
+    assert [(r["chunk"], r["first_frame"], r["frames"]) for r in rows] == [(0, 0, 9), (1, 9, 8)]
+    # chunk 0 needs the avatar's rows 0-10: 4-frame blocks with 4 frames of context, complete with frame 15's audio,
+    # pushed in the last piece [15, 17), due at 17 / 25 / 10 s
+    assert rows[0]["inputs_complete_s"] >= 17 / 25 / 10
+    assert all(r["latency_s"] >= r["compute_s"] > 0 for r in rows)
+    assert probe_mp4(out)["num_frames"] == 17
+
+    pipe = render.load_pipeline(saved_pipeline)
+    inputs = render.read_entry(entry, tmp_path)
+    session = pipe.start_session(reference_image=inputs["reference_image"],
+                                 reference_landmarks=inputs["reference_landmarks"],
+                                 understanding=inputs["understanding"], emotion="calm", num_inference_steps=1,
+                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+    chunks, _ = live.replay(session, inputs, piece_frames=5, speed=None)  # --no-wait, other pieces
+    offline = pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0), audio_encoding="stream")
+    assert np.array_equal(np.concatenate([c.frames for c in chunks]), offline.frames[0])

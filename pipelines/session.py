@@ -1,0 +1,883 @@
+# Copyright 2025 The ECHO-IHG Authors. Licensed under the Apache License, Version 2.0.
+"""`EchoSession`: interactive rendering on an `EchoPipeline`'s weights, fed a conversation as it happens.
+
+```python
+session = pipe.start_session(reference_image=image, generator=torch.Generator().manual_seed(0))
+while conversation_goes_on:
+    session.push(user_audio=mic_piece, user_video=camera_frames, avatar_audio=tts_piece)  # any lengths, buffered
+    for chunk in session:  # every chunk whose inputs are complete, rendered now
+        show(chunk.frames)  # the chunk's new frames, in order
+session.close()  # end of input: the rest is rendered (streams padded as the offline call pads them)
+for chunk in session:
+    show(chunk.frames)
+```
+
+The offline `EchoPipeline.__call__` is such a session fed everything at once, so the two cannot drift: a session fed
+the same conversation in pieces of any size yields exactly the frames of the offline call with the same generator.
+
+How a chunk is computed (the decisions behind "exactly" and "constant cost per chunk"):
+
+- **Chunks.** The chunk schedule is the offline one (`chunk_schedule`): chunk ``c`` covers frames ``[start, stop)``,
+  ``N`` frames overlapping the previous chunk by ``motion_frames``. A chunk is rendered once its inputs are complete:
+  the user's frames and audio rows ``0 … stop − 1``, the avatar's audio rows up to ``stop + radius − 1`` (its audio
+  windows look ``radius = audio_window // 2`` frames ahead), or when the session is closed. All work (audio
+  encoding, user video tokens, LCU, denoising, decoding) happens on chunk boundaries, never on push boundaries, which
+  is why the piece sizes cannot change the result.
+- **User history (LCU, Eq. 5-9).** The LCU's Mamba state is carried from chunk to chunk
+  (`echo.lcu.LCUState`), saved at ``stop − max(radius, motion_frames)`` (the audio windows of the history's last
+  frames are not final, and the next clip starts ``motion_frames`` before ``stop``). Each call still receives the
+  full history (views, no copy; the form training gives it, so both build identical inputs), but reads only the
+  frames after the state, re-running the open 16-frame scan block: the result is bit-identical to the full-history
+  forward the model was trained with (PyTorch path; up to float rounding on the mamba-ssm kernel path, see
+  `echo.lcu`). With ``settings.max_history_frames`` set, the history is capped as in training: the LCU runs on the
+  last ``max_history_frames`` frames of every chunk without a state (a recurrent state cannot forget frames exactly),
+  at a cost bounded by the cap. The per-frame inputs of the whole conversation stay in CPU memory for those views
+  (float32 wav2vec2 rows: ``NL · 768 · 4`` bytes per frame, ~3.6 GB per hour for wav2vec2-base).
+- **Understanding (HBCU, Eq. 8).** As offline and as the data-prep cache the training windows read: Φ of the user's
+  media from the conversation's start up to the chunk's end, once per chunk (``understanding_model(frames[:stop],
+  audio[:stop])``), or precomputed tokens. Φ's own limits (``OmniUnderstanding.max_frames`` evenly spaced frames,
+  ``max_audio_seconds``) bound its cost per chunk; its inputs, the user's frames and audio since the start, are kept
+  only when an ``understanding_model`` is given.
+- **Emotion (LAU, Eq. 3).** Per chunk, from the reasoner over the dialogue pushed so far, cut at the chunk's end
+  (`echo.emotion.format_history`). A dialogue segment that starts before the end of an already rendered chunk arrives
+  too late to have been seen by that chunk: an error, since an offline render would have used it.
+- **Audio features.** wav2vec2 attends over its whole input, so a row depends on the audio after it.
+  ``audio_encoding="file"`` (the offline default) encodes each track whole at `close` (`EchoPipeline.encode_audio`,
+  the data-prep definition), so nothing renders before the end of input. ``audio_encoding="stream"`` (the session
+  default) encodes fixed blocks of ``audio_block_frames`` frames, each with ``audio_context_frames`` frames of audio
+  on both sides (`stream_frame_features`): a row is final one block plus the context after its audio, at the cost of
+  features that differ from whole-file features near block edges. Precomputed rows (``*_audio_features``, e.g. a
+  prepared clip's ``*_w2v.npy``) bypass both.
+- **Timing.** Each chunk records when its last input arrived (the `push` or `close` that completed it), when its
+  rendering started and when its frames were ready, so a live caller (``echo-live``) can report latency and the
+  real-time factor. `push` only buffers and may run in another thread than `pull`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from echo.audio import FPS, SAMPLE_RATE, wav2vec2_frame_features
+from echo.encoding import PromptEncoder, chunk_condition, detect_face_landmarks, encode_user_video, prepare_user_video
+from echo.masks import NUM_LANDMARKS
+
+from .video_io import to_uint8_frames
+
+if TYPE_CHECKING:
+    from .pipeline_echo import EchoPipeline
+
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per 25 fps frame
+AUDIO_BLOCK_FRAMES = 25  # "stream" audio encoding: frames per wav2vec2 block (1 s)
+AUDIO_CONTEXT_FRAMES = 25  # ... and audio on each side of a block (1 s, as `wav2vec2_frame_features` between chunks)
+AUDIO_ENCODINGS = ("stream", "file")
+
+
+def stream_frame_features(
+    model,
+    feature_extractor,
+    waveform: np.ndarray,
+    first: int,
+    stop: int,
+    context_frames: int = AUDIO_CONTEXT_FRAMES,
+    waveform_offset: int = 0,
+) -> torch.Tensor:
+    r"""The wav2vec2 rows of frames ``[first, stop)`` of a stream: `echo.audio.wav2vec2_frame_features` of the audio of
+    frames ``max(0, first − context_frames) … stop + context_frames − 1`` (silence beyond the waveform's end), keeping
+    the rows of ``[first, stop)``. A row depends on the audio up to ``context_frames`` frames after its block.
+
+    Args:
+        model (`transformers.Wav2Vec2Model`), feature_extractor (`transformers.Wav2Vec2FeatureExtractor`).
+        waveform (`np.ndarray` of shape `(N,)`): 16 kHz mono audio of the stream, from sample ``waveform_offset``
+            (at most ``max(0, first − context_frames) · 640``) on.
+        first (`int`), stop (`int`): the frames to encode.
+        context_frames (`int`, defaults to `AUDIO_CONTEXT_FRAMES`): audio on each side, in frames.
+        waveform_offset (`int`, defaults to 0): the stream's sample index of ``waveform[0]``.
+
+    Returns:
+        `torch.Tensor` of shape `(stop − first, num_hidden_layers + 1, hidden_size)`, float32 on the CPU.
+    """
+    low, high = max(0, first - context_frames), stop + context_frames
+    if waveform_offset > low * SAMPLES_PER_FRAME:
+        raise ValueError(f"`waveform` starts at sample {waveform_offset}, after the context of frame {first}.")
+    span = np.zeros((high - low) * SAMPLES_PER_FRAME, dtype=np.float32)
+    given = waveform[low * SAMPLES_PER_FRAME - waveform_offset : high * SAMPLES_PER_FRAME - waveform_offset]
+    span[: len(given)] = given
+    return wav2vec2_frame_features(model, feature_extractor, span, high - low)[first - low : stop - low]
+
+
+class _Rows:
+    """A growing `(T, ...)` CPU tensor with amortised O(1) appends; rows before `offset` may be dropped (memory)."""
+
+    def __init__(self):
+        self.data: torch.Tensor | None = None
+        self.offset = 0  # global index of data[0]
+        self.end = 0  # global index after the last row
+
+    def append(self, rows: torch.Tensor) -> None:
+        if rows.shape[0] == 0:
+            return
+        used = self.end - self.offset
+        if self.data is None or used + rows.shape[0] > self.data.shape[0]:
+            capacity = max(2 * (used + rows.shape[0]), 16)
+            data = rows.new_empty((capacity, *rows.shape[1:]))
+            if self.data is not None:
+                data[:used] = self.data[:used]
+            self.data = data
+        self.data[used : used + rows.shape[0]] = rows
+        self.end += rows.shape[0]
+
+    def view(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (global indices), a view."""
+        assert self.offset <= start <= stop <= self.end, (self.offset, start, stop, self.end)
+        return self.data[start - self.offset : stop - self.offset]
+
+    def drop_before(self, index: int) -> None:
+        """Forget the rows before ``index`` (reallocates when that frees at least half of the buffer)."""
+        index = min(index, self.end)
+        if self.data is None or index - self.offset < self.data.shape[0] // 2:
+            return
+        kept = self.data[index - self.offset : self.end - self.offset].clone()
+        self.data, self.offset = None, index
+        self.end = index
+        self.append(kept)
+
+    def __len__(self) -> int:
+        return self.end
+
+
+class _AudioStream:
+    """One speaker's audio: a waveform (encoded to wav2vec2 rows on demand) and/or precomputed per-frame rows."""
+
+    def __init__(self, name: str, encoding: str, block_frames: int, context_frames: int, feature_shape: tuple):
+        self.name, self.encoding = name, encoding
+        self.block_frames, self.context_frames = block_frames, context_frames
+        self.feature_shape = feature_shape  # (NL, D) of the audio encoder
+        self.samples = _Rows()  # float32 waveform
+        self.rows = _Rows()  # float32 (T, NL, D): pushed features, or encoded from the waveform
+        self.given_features = False
+        self.pushed_waveform = False
+
+    def push_waveform(self, waveform: np.ndarray) -> None:
+        self.samples.append(torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)))
+        self.pushed_waveform = True
+
+    def check_features(self, features, argument: str) -> torch.Tensor:
+        """Per-frame rows as float32 CPU `(n, NL, D)` (a copy), or a `ValueError` naming ``argument``."""
+        if not isinstance(features, torch.Tensor):
+            features = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: memory maps are read-only
+        features = features.detach().float().cpu()
+        if features.ndim != 3 or tuple(features.shape[1:]) != tuple(self.feature_shape):
+            raise ValueError(
+                f"`{argument}` has shape {tuple(features.shape)}, expected (T, {self.feature_shape[0]}, "
+                f"{self.feature_shape[1]}) per-frame wav2vec2 rows of the pipeline's audio encoder."
+            )
+        return features
+
+    def check_can_take_features(self, argument: str) -> None:
+        if not self.given_features and len(self.rows):
+            raise ValueError(f"`{argument}` was pushed after `{self.name}` waveforms were encoded: push one form.")
+
+    def push_features(self, features: torch.Tensor) -> None:
+        self.given_features = True
+        self.rows.append(features)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def rows_final(self, closed: bool) -> int | float:
+        """How many rows can be computed now and will not change (``inf`` once the stream is closed)."""
+        if self.given_features:
+            return len(self.rows)
+        if closed:
+            return math.inf
+        if self.encoding == "file":
+            return 0
+        blocks = (self.num_samples // SAMPLES_PER_FRAME - self.context_frames) // self.block_frames
+        return max(0, blocks) * self.block_frames
+
+    def waveform(self, stop: int | None = None) -> np.ndarray:
+        """The samples kept (from ``samples.offset``, 0 unless released) up to ``stop``, a view."""
+        end = len(self.samples) if stop is None else min(stop, len(self.samples))
+        if self.samples.data is None or end <= self.samples.offset:
+            return np.zeros(0, dtype=np.float32)
+        return self.samples.view(self.samples.offset, end).numpy()
+
+    def encode(self, stop: int, total: int | None, pipe: EchoPipeline) -> torch.Tensor:
+        """Rows ``[0, stop)``, a view; encodes what is missing ("file": the whole track at ``total`` frames)."""
+        if self.given_features:
+            if len(self.rows) < stop:
+                raise ValueError(
+                    f"`{self.name}_features` has {len(self.rows)} rows, expected at least {stop}: the chunks cover "
+                    f"frames 0 … {stop - 1}."
+                )
+            return self.rows.view(0, stop)
+        if not self.pushed_waveform:
+            raise ValueError(f"No `{self.name}` was pushed: a waveform (16 kHz mono) or `{self.name}_features`.")
+        if self.encoding == "file":
+            if len(self.rows) == 0:
+                self.rows.append(pipe.encode_audio(self.waveform(), total))
+            return self.rows.view(0, stop)
+        while len(self.rows) < stop:
+            first = len(self.rows)
+            block = stream_frame_features(
+                pipe.audio_encoder, pipe.feature_extractor, self.waveform(), first, first + self.block_frames,
+                self.context_frames, self.samples.offset,
+            )  # fmt: skip
+            self.rows.append(block)
+        return self.rows.view(0, stop)
+
+    def release(self, keep_waveform: bool) -> None:
+        """Drops waveform samples no block needs any more (unless ``keep_waveform``)."""
+        if keep_waveform or self.given_features or self.encoding == "file":
+            return
+        self.samples.drop_before(max(0, len(self.rows) - self.context_frames) * SAMPLES_PER_FRAME)
+
+
+@dataclass
+class SessionChunk:
+    r"""One rendered chunk of a session.
+
+    Args:
+        index (`int`): the chunk's index in the schedule.
+        first_frame (`int`): index, in the conversation, of the first frame of ``frames``.
+        frames (`np.ndarray`, `torch.Tensor`, `list[PIL.Image.Image]` or `None`): the chunk's new frames (a
+            continuation chunk's regenerated motion frames dropped, the last chunk cut at ``num_frames``):
+            `(n, H, W, 3)` in [0, 1] (``"np"``), `(n, 3, H, W)` in [0, 1] (``"pt"``), PIL images (``"pil"``), or `None`
+            for ``output_type=None``.
+        video (`torch.Tensor` of shape `(1, 3, n, H, W)`): the same frames in [−1, 1], as decoded.
+        inputs_complete_at (`float`): `time.perf_counter()` when the chunk's last input arrived.
+        started_at (`float`), finished_at (`float`): when its rendering started and its frames were ready.
+    """
+
+    index: int
+    first_frame: int
+    frames: Any
+    video: torch.Tensor
+    inputs_complete_at: float
+    started_at: float
+    finished_at: float
+
+    @property
+    def latency(self) -> float:
+        """Seconds from the arrival of the chunk's last input to its first output frame."""
+        return self.finished_at - self.inputs_complete_at
+
+    @property
+    def compute_seconds(self) -> float:
+        return self.finished_at - self.started_at
+
+    @property
+    def num_frames(self) -> int:
+        return self.video.shape[2]
+
+
+@dataclass
+class _UserHistory:
+    """The user's per-frame LCU inputs since the conversation's start (CPU) and the raw frames not yet encoded."""
+
+    frames: _Rows = field(default_factory=_Rows)  # uint8 (T, H, W, 3)
+    landmarks: _Rows = field(default_factory=_Rows)  # float32 (T, 478, 2)
+    tokens: _Rows = field(default_factory=_Rows)  # (T, C_v, h_v, w_v)
+    token_mask: _Rows = field(default_factory=_Rows)  # (T, h_v, w_v)
+    frame_size: tuple[int, int] | None = None
+    with_landmarks: bool | None = None
+
+
+class EchoSession:
+    r"""A streaming render of one conversation; created by [`EchoPipeline.start_session`] (see the module docstring).
+
+    Inputs are pushed with `push` in pieces of any length, and `close` marks their end. `pull` (or iterating the
+    session) renders every chunk whose inputs are complete and returns it as a [`SessionChunk`].
+    """
+
+    def __init__(
+        self,
+        pipe: EchoPipeline,
+        settings,
+        reference_image,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        num_frames: int | None = None,
+        with_user: bool = True,
+        emotion: str | list[str] | None = None,
+        emotion_reasoner: Any | None = None,
+        understanding: torch.Tensor | list[torch.Tensor] | None = None,
+        understanding_model: Callable | None = None,
+        reference_landmarks: np.ndarray | None = None,
+        lip_mask: torch.Tensor | None = None,
+        face_mask: torch.Tensor | None = None,
+        output_type: str | None = "np",
+        audio_encoding: str = "stream",
+        audio_block_frames: int = AUDIO_BLOCK_FRAMES,
+        audio_context_frames: int = AUDIO_CONTEXT_FRAMES,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        if output_type not in ("np", "pt", "pil", None):
+            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil' or None.")
+        if audio_encoding not in AUDIO_ENCODINGS:
+            raise ValueError(f"`audio_encoding` is {audio_encoding!r}, expected one of {AUDIO_ENCODINGS}.")
+        for name, value, least in (("audio_block_frames", audio_block_frames, 1),
+                                   ("audio_context_frames", audio_context_frames, 0)):  # fmt: skip
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"`{name}` is {value!r}, expected an integer >= {least}.")
+        if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
+            raise ValueError(f"`num_frames` is {num_frames!r}, expected a positive integer.")
+        if with_user and pipe.context_encoder is None:
+            raise ValueError("`with_user=True` but the pipeline has no `context_encoder` (LCU) to encode the user.")
+        if emotion is not None and not isinstance(emotion, (str, list)):
+            raise ValueError(f"`emotion` has to be a `str` or a `list[str]` (one per chunk) but is {type(emotion)}.")
+        self.pipe, self.settings = pipe, settings
+        self.height, self.width = height, width
+        self.generator, self.with_user = generator, with_user
+        self.emotion, self.emotion_reasoner = emotion, emotion_reasoner
+        self.understanding, self.understanding_model = understanding, understanding_model
+        self.output_type = output_type
+        self.attention_kwargs = attention_kwargs
+        self.callback_on_step_end = callback_on_step_end
+        self.callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self.progress_bar = None  # an optional tqdm bar updated once per denoising step (the offline call's)
+
+        self.num_frames_per_chunk, self.motion_frames = settings.num_frames_per_chunk, settings.motion_frames
+        self.avatar_radius = pipe.transformer.config.audio_window // 2
+        self.device, self.dtype = pipe._execution_device, pipe.transformer.dtype
+
+        # 1. The reference, its SDCM masks and the prompt encoder (fixed for the session)
+        self.num_latent_frames = (self.num_frames_per_chunk - 1) // pipe.vae_scale_factor_temporal + 1
+        self.reference = pipe.prepare_reference(reference_image, height, width).to(self.device)  # 1, 3, H, W
+        lip, face = pipe.prepare_avatar_masks(
+            height, width, self.num_latent_frames, reference_landmarks, lip_mask, face_mask, reference_image
+        )
+        self.avatar_lip, self.avatar_face = lip.to(self.device, self.dtype), face.to(self.device, self.dtype)
+        self.prompt_encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer, settings.max_sequence_length)
+
+        # 2. Buffers
+        encoder = pipe.audio_encoder.config
+        feature_shape = (encoder.num_hidden_layers + 1, encoder.hidden_size)
+        stream = dict(encoding=audio_encoding, block_frames=audio_block_frames, context_frames=audio_context_frames)
+        self.avatar_audio = _AudioStream("avatar_audio", feature_shape=feature_shape, **stream)
+        self.user_audio = _AudioStream("user_audio", feature_shape=feature_shape, **stream)
+        self.user = _UserHistory()
+        self.dialogue: list[dict] = []
+        self.needs_user_video = with_user and "user_video" in pipe.context_encoder.required_inputs
+        self.needs_understanding = with_user and "understanding" in pipe.context_encoder.required_inputs
+        self.keeps_user_media = self.needs_understanding and understanding_model is not None and understanding is None
+
+        # 3. Progress
+        self.num_frames = num_frames  # known at the start, or at `close` from the avatar's audio
+        self.chunks = None if num_frames is None else self._schedule(num_frames)
+        self.closed = False
+        self.next_chunk = 0
+        self.ready_times: dict[int, float] = {}
+        self.lcu_state = None
+        self.previous_video = None
+        self.last_rendered_stop = 0
+        self._condition = threading.Condition()
+        if self.chunks is not None:
+            self._check_per_chunk_lists()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Input
+    # ------------------------------------------------------------------------------------------------------------
+
+    def push(
+        self,
+        user_audio: np.ndarray | torch.Tensor | None = None,
+        user_video: np.ndarray | torch.Tensor | list | None = None,
+        avatar_audio: np.ndarray | torch.Tensor | None = None,
+        user_audio_features: np.ndarray | torch.Tensor | None = None,
+        avatar_audio_features: np.ndarray | torch.Tensor | None = None,
+        user_landmarks: np.ndarray | None = None,
+        dialogue: list[dict] | None = None,
+        sample_rate: int | None = None,
+        fps: float | None = None,
+    ) -> None:
+        r"""
+        Appends the next pieces of the conversation's streams (each stream continues where its last piece ended; the
+        pieces of different streams need not be aligned). Only buffers: the work happens in `pull`.
+
+        Args:
+            user_audio (`np.ndarray` or `torch.Tensor` of shape `(num_samples,)`, *optional*): the user's speech,
+                16 kHz mono.
+            user_video (`np.ndarray` `(n, H_u, W_u, 3)`, `torch.Tensor` or `list[PIL.Image.Image]`, *optional*): the
+                user's next frames at 25 fps (the size of the first piece for all pieces).
+            avatar_audio (`np.ndarray` or `torch.Tensor` of shape `(num_samples,)`, *optional*): the avatar's speech,
+                16 kHz mono (silence where it listens).
+            user_audio_features (`np.ndarray` or `torch.Tensor` of shape `(n, NL, D)`, *optional*),
+            avatar_audio_features (`np.ndarray` or `torch.Tensor` of shape `(n, NL, D)`, *optional*): per-frame
+                wav2vec2 rows used instead of encoding the waveform (a waveform may still be pushed: the avatar's sets
+                the conversation's length, the user's feeds the ``understanding_model``).
+            user_landmarks (`np.ndarray` of shape `(n, 478, 2)`, *optional*): face-mesh points of the ``user_video``
+                piece (pixels of its frames); with every video piece or with none (MediaPipe then detects them).
+            dialogue (`list[dict]`, *optional*): new transcript segments ``{"speaker", "start", "end", "text"}``
+                (seconds) for the emotion reasoner.
+            sample_rate (`int`, *optional*): the rate of the audio pieces; only 16000 is accepted (resample first).
+            fps (`float`, *optional*): the rate of the video piece; only 25 is accepted.
+        """
+        if sample_rate is not None and sample_rate != SAMPLE_RATE:
+            raise ValueError(f"`sample_rate` is {sample_rate}, expected {SAMPLE_RATE}: resample the audio first.")
+        if fps is not None and fps != FPS:
+            raise ValueError(f"`fps` is {fps}, expected {FPS}: the model renders and reads video at {FPS} fps.")
+        user_given = [name for name, value in (("user_audio", user_audio), ("user_video", user_video),
+                                               ("user_audio_features", user_audio_features),
+                                               ("user_landmarks", user_landmarks)) if value is not None]  # fmt: skip
+        if user_given and not self.with_user:
+            raise ValueError(
+                f"{user_given} pushed to a session without the user branch (`with_user=False`, or no context encoder)."
+            )
+        if user_landmarks is not None and user_video is None:
+            raise ValueError("`user_landmarks` must come with the `user_video` frames they belong to.")
+        # 1. Validate and convert everything before changing any buffer
+        pieces = {}
+        if avatar_audio is not None:
+            pieces["avatar_audio"] = _mono(avatar_audio, "avatar_audio")
+        if user_audio is not None:
+            pieces["user_audio"] = _mono(user_audio, "user_audio")
+        if user_video is not None:
+            frames = to_uint8_frames(user_video, "user_video")
+            size = self.user.frame_size or frames.shape[1:3]
+            if frames.shape[1:3] != size:
+                raise ValueError(
+                    f"`user_video` frames are {frames.shape[1]}x{frames.shape[2]}, the earlier pieces' "
+                    f"{size[0]}x{size[1]}: every piece of a stream has the same size."
+                )
+            pieces["user_video"] = frames
+            if self.needs_user_video:
+                with_landmarks = user_landmarks is not None
+                if self.user.with_landmarks is not None and with_landmarks != self.user.with_landmarks:
+                    raise ValueError(
+                        "`user_landmarks` must come with every `user_video` piece or with none (then detected)."
+                    )
+                if with_landmarks:
+                    user_landmarks = np.asarray(user_landmarks, dtype=np.float32)
+                    if user_landmarks.shape != (len(frames), NUM_LANDMARKS, 2):
+                        raise ValueError(
+                            f"`user_landmarks` has shape {user_landmarks.shape}, expected ({len(frames)}, "
+                            f"{NUM_LANDMARKS}, 2): one face mesh per `user_video` frame."
+                        )
+                    pieces["user_landmarks"] = user_landmarks
+        if avatar_audio_features is not None:
+            pieces["avatar_audio_features"] = self.avatar_audio.check_features(avatar_audio_features,
+                                                                               "avatar_audio_features")  # fmt: skip
+        if user_audio_features is not None:
+            pieces["user_audio_features"] = self.user_audio.check_features(user_audio_features, "user_audio_features")
+        segments = self._check_dialogue(dialogue) if dialogue is not None else []
+
+        # 2. Buffer (every check first, so a rejected push changes nothing)
+        with self._condition:
+            if self.closed or self.done:
+                raise ValueError(
+                    "The session is closed: inputs pushed after `close()` (or after the last chunk) come too late."
+                )
+            if "avatar_audio_features" in pieces:
+                self.avatar_audio.check_can_take_features("avatar_audio_features")
+            if "user_audio_features" in pieces:
+                self.user_audio.check_can_take_features("user_audio_features")
+            if "avatar_audio" in pieces:
+                self.avatar_audio.push_waveform(pieces["avatar_audio"])
+            if "avatar_audio_features" in pieces:
+                self.avatar_audio.push_features(pieces["avatar_audio_features"])
+            if "user_audio" in pieces:
+                self.user_audio.push_waveform(pieces["user_audio"])
+            if "user_audio_features" in pieces:
+                self.user_audio.push_features(pieces["user_audio_features"])
+            if "user_video" in pieces:
+                self.user.frame_size = pieces["user_video"].shape[1:3]
+                self.user.frames.append(torch.from_numpy(np.ascontiguousarray(pieces["user_video"])))
+                if self.needs_user_video:
+                    self.user.with_landmarks = "user_landmarks" in pieces
+                    if self.user.with_landmarks:
+                        self.user.landmarks.append(torch.from_numpy(pieces["user_landmarks"]))
+            self.dialogue.extend(segments)
+            self._stamp_ready()
+
+    def close(self, num_frames: int | None = None) -> None:
+        r"""Marks the end of input. The conversation has ``num_frames`` frames (the one given to `start_session`, or
+        the avatar audio's duration); the streams are padded past their ends as the offline call pads them (silence,
+        the user's last frame)."""
+        if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
+            raise ValueError(f"`num_frames` is {num_frames!r}, expected a positive integer.")
+        with self._condition:
+            if self.closed:
+                return
+            if num_frames is not None:
+                self.num_frames = num_frames
+            if self.num_frames is None:
+                if self.avatar_audio.pushed_waveform:
+                    self.num_frames = max(1, int(round(self.avatar_audio.num_samples * FPS / SAMPLE_RATE)))
+                elif self.avatar_audio.given_features:
+                    self.num_frames = len(self.avatar_audio.rows)
+                else:
+                    raise ValueError("`close()` without any `avatar_audio`: the conversation's length is unknown.")
+            self.chunks = self._schedule(self.num_frames)
+            if self.next_chunk > len(self.chunks):
+                raise ValueError(
+                    f"`num_frames` = {self.num_frames} ends before the {self.next_chunk} chunks already rendered."
+                )
+            self._check_per_chunk_lists()
+            total = self.chunks[-1][1]
+            for stream, argument in ((self.avatar_audio, "avatar_audio_features"),
+                                     (self.user_audio, "user_audio_features")):  # fmt: skip
+                if (
+                    stream.given_features
+                    and len(stream.rows) < total
+                    and (stream is self.avatar_audio or self.with_user)
+                ):
+                    raise ValueError(
+                        f"`{argument}` has {len(stream.rows)} rows, expected (T, NL, D) per-frame wav2vec2 rows with "
+                        f"T >= {total} (the chunks cover frames 0 … {total - 1})."
+                    )
+            if self.with_user and len(self.user.frames) == 0:
+                raise ValueError("`close()` without any `user_video` frame in a session with the user branch.")
+            self.closed = True
+            self._stamp_ready()
+            self._condition.notify_all()
+
+    def _check_dialogue(self, dialogue) -> list[dict]:
+        if not isinstance(dialogue, (list, tuple)):
+            raise ValueError(f"`dialogue` is a {type(dialogue).__name__}, expected a list of segments.")
+        segments = []
+        for segment in dialogue:
+            if not isinstance(segment, dict) or not {"speaker", "start", "end", "text"} <= set(segment):
+                raise ValueError(f"`dialogue` segment {segment!r} needs the keys speaker, start, end and text.")
+            if self.emotion_reasoner is not None and float(segment["start"]) < self.last_rendered_stop / FPS:
+                raise ValueError(
+                    f"`dialogue` segment starting at {float(segment['start']):.2f} s arrived late: the chunks up to "
+                    f"{self.last_rendered_stop / FPS:.2f} s are rendered, and their emotion was reasoned without it. "
+                    "Push transcript segments before the media of the chunk they start in."
+                )
+            segments.append(segment)
+        return segments
+
+    def _schedule(self, num_frames: int) -> list[tuple[int, int]]:
+        from .pipeline_echo import chunk_schedule
+
+        return chunk_schedule(num_frames, self.num_frames_per_chunk, self.motion_frames)
+
+    def _check_per_chunk_lists(self) -> None:
+        if isinstance(self.emotion, list) and len(self.emotion) != len(self.chunks):
+            raise ValueError(
+                f"`emotion` is a list of {len(self.emotion)} texts, expected one per chunk ({len(self.chunks)})."
+            )
+        if isinstance(self.understanding, list) and len(self.understanding) != len(self.chunks):
+            raise ValueError(
+                f"`understanding` is a list of {len(self.understanding)} tensors, expected one per chunk "
+                f"({len(self.chunks)})."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Readiness
+    # ------------------------------------------------------------------------------------------------------------
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        """Frames ``[start, stop)`` of chunk ``index`` (the schedule continues while the length is unknown)."""
+        if self.chunks is not None:
+            return self.chunks[index]
+        start = index * (self.num_frames_per_chunk - self.motion_frames)
+        return start, start + self.num_frames_per_chunk
+
+    @property
+    def total_frames(self) -> int | None:
+        """Frames the chunks cover (the last chunk's end), once the length is known."""
+        return None if self.chunks is None else self.chunks[-1][1]
+
+    @property
+    def num_chunks(self) -> int | None:
+        return None if self.chunks is None else len(self.chunks)
+
+    @property
+    def done(self) -> bool:
+        """Every chunk is rendered."""
+        return self.chunks is not None and self.next_chunk >= len(self.chunks)
+
+    def _ready(self, index: int) -> bool:
+        """Whether chunk ``index``'s inputs are complete (called under the lock)."""
+        if self.chunks is not None and index >= len(self.chunks):
+            return False
+        if self.closed:
+            return True
+        start, stop = self.chunk_range(index)
+        total = self.total_frames or math.inf
+        if self.avatar_audio.rows_final(False) < min(stop + self.avatar_radius, total):
+            return False
+        if self.with_user:
+            if len(self.user.frames) < stop or self.user_audio.rows_final(False) < stop:
+                return False
+            needs_waveform = self.keeps_user_media and self.user_audio.pushed_waveform
+            if needs_waveform and self.user_audio.num_samples < stop * SAMPLES_PER_FRAME:
+                return False
+        return True
+
+    def _stamp_ready(self) -> None:
+        now = time.perf_counter()
+        index = self.next_chunk
+        while index in self.ready_times:
+            index += 1
+        while self._ready(index):
+            self.ready_times[index] = now
+            index += 1
+        if index > self.next_chunk:
+            self._condition.notify_all()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Output
+    # ------------------------------------------------------------------------------------------------------------
+
+    def pull(self, timeout: float | None = 0.0) -> SessionChunk | None:
+        r"""Renders and returns the next chunk if its inputs are complete, else `None`.
+
+        Args:
+            timeout (`float`, *optional*, defaults to 0): seconds to wait for the next chunk's inputs (pushed from
+                another thread); `None` waits until they are complete or the session is done.
+
+        Returns:
+            [`SessionChunk`] or `None` (nothing ready in time, or every chunk rendered).
+        """
+        with self._condition:
+            if timeout != 0.0:
+                self._condition.wait_for(lambda: self.next_chunk in self.ready_times or self.done, timeout=timeout)
+            index = self.next_chunk
+            if index not in self.ready_times or self.done:
+                return None
+        chunk = self._render(index)
+        with self._condition:
+            self.next_chunk += 1
+            self._condition.notify_all()
+        if self.done:
+            self.pipe.maybe_free_model_hooks()
+        return chunk
+
+    def __iter__(self) -> Iterator[SessionChunk]:
+        """Renders and yields the chunks whose inputs are complete now (all remaining ones after `close`)."""
+        while (chunk := self.pull()) is not None:
+            yield chunk
+
+    @torch.no_grad()
+    def _render(self, index: int) -> SessionChunk:
+        started_at = time.perf_counter()
+        pipe, settings = self.pipe, self.settings
+        device, dtype = self.device, self.dtype
+        start, stop = self.chunk_range(index)
+        num_frames_per_chunk, motion_frames = self.num_frames_per_chunk, self.motion_frames
+        pipe._current_chunk = index
+        pipe._audio_guidance_scale = settings.audio_guidance_scale
+        pipe._user_guidance_scale = settings.user_guidance_scale
+        pipe._attention_kwargs = self.attention_kwargs
+
+        # 1. Emotion text (LAU) → c_emo; each distinct text is encoded once per session
+        prompt_embeds = self.prompt_encoder(self._emotion_text(index, stop), device=device, dtype=dtype)
+
+        # 2. User context f_pu from the history up to the chunk's end (LCU, causal, carried state)
+        context_embeds = context_mask = None
+        if self.with_user:
+            context_embeds, context_mask = self._user_context(index, start, stop)
+
+        # 3. Condition (Eq. 1): the reference in every chunk, plus the previous chunk's last motion frames
+        motion_video = None if self.previous_video is None else self.previous_video[:, :, -motion_frames:]
+        condition = chunk_condition(pipe.vae, self.reference, motion_video, self.num_latent_frames)
+        condition = condition.to(device, dtype)  # 1, 4 + 2·16, F, h, w
+
+        # 4. Avatar audio windows of the chunk's frames (±radius rows, clamped to the conversation)
+        total = self.total_frames
+        last = min(stop + self.avatar_radius, total) if total is not None else stop + self.avatar_radius
+        rows = self.avatar_audio.encode(last, total, pipe)  # T, NL, D
+        offsets = torch.arange(-self.avatar_radius, self.avatar_radius + 1)
+        window_rows = (torch.arange(start, stop)[:, None] + offsets).clamp(0, last - 1)  # N, L_w
+        audio_embeds = rows[window_rows][None].to(device, dtype)  # 1, N, L_w, NL, D
+
+        # 5. Noise and timesteps
+        latents = pipe.prepare_latents(num_frames_per_chunk, self.height, self.width, torch.float32, device,
+                                       self.generator)  # fmt: skip
+        pipe.scheduler.set_timesteps(settings.num_inference_steps, device=device)
+        timesteps = pipe.scheduler.timesteps
+        pipe._num_timesteps = len(timesteps)
+        weights = pipe._guidance_weights(self.with_user)
+        pass_inputs = {
+            "uncond": {"audio_embeds": None, "context_embeds": None},
+            "audio": {"audio_embeds": audio_embeds, "context_embeds": None},
+            "full": {"audio_embeds": audio_embeds, "context_embeds": context_embeds},
+        }
+
+        # 6. Denoising loop
+        for i, t in enumerate(timesteps):
+            if pipe.interrupt:
+                continue
+            pipe._current_timestep = t
+            latent_model_input = latents.to(dtype)
+            timestep = t.expand(latents.shape[0])
+            noise_pred = 0.0
+            for name, weight in weights.items():
+                extra = pass_inputs[name]
+                prediction = pipe.transformer(
+                    hidden_states=latent_model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=prompt_embeds,
+                    condition=condition,
+                    audio_embeds=extra["audio_embeds"],
+                    context_embeds=extra["context_embeds"],
+                    context_mask=context_mask if extra["context_embeds"] is not None else None,
+                    lip_mask=self.avatar_lip,
+                    face_mask=self.avatar_face,
+                    attention_kwargs=self.attention_kwargs,
+                    return_dict=False,
+                )[0]
+                noise_pred = noise_pred + weight * prediction.float()
+
+            # compute the previous noisy sample x_t -> x_t-1
+            latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+            if self.callback_on_step_end is not None:
+                step_tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "condition": condition}
+                callback_kwargs = {k: step_tensors[k] for k in self.callback_on_step_end_tensor_inputs}
+                callback_outputs = self.callback_on_step_end(pipe, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+                prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+            if self.progress_bar is not None:
+                self.progress_bar.update()
+        pipe._current_timestep = None
+
+        # 7. Decode; a continuation drops its regenerated motion frames, the last chunk ends at num_frames
+        video = pipe.decode_latents(latents)  # 1, 3, N, H, W in [-1, 1]
+        self.previous_video = video
+        first_frame = start if index == 0 else start + motion_frames
+        new = video if index == 0 else video[:, :, motion_frames:]
+        if self.num_frames is not None:
+            new = new[:, :, : max(0, self.num_frames - first_frame)]
+        self.last_rendered_stop = stop
+        self._release(stop)
+        return SessionChunk(
+            index=index,
+            first_frame=first_frame,
+            frames=self._postprocess(new),
+            video=new,
+            inputs_complete_at=self.ready_times[index],
+            started_at=started_at,
+            finished_at=time.perf_counter(),
+        )
+
+    def _postprocess(self, video: torch.Tensor):
+        if self.output_type is None:
+            return None
+        if self.output_type == "pt":
+            return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()[0]  # n, 3, H, W
+        return self.pipe.video_processor.postprocess_video(video.float(), output_type=self.output_type)[0]
+
+    def _emotion_text(self, index: int, stop: int) -> str:
+        if not self.settings.use_emotion:  # the "w/o LAU" ablation: the empty prompt, as in training
+            return ""
+        if isinstance(self.emotion, list):
+            return self.emotion[index]
+        if self.emotion is not None:
+            return self.emotion
+        if self.emotion_reasoner is not None and self.dialogue:
+            return self.emotion_reasoner.describe(list(self.dialogue), clip_end=stop / FPS, avatar_speaker="avatar")
+        return self.settings.default_emotion
+
+    # ------------------------------------------------------------------------------------------------------------
+    # User side (LCU)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _user_frames(self, start: int, stop: int) -> np.ndarray:
+        """User frames ``[start, stop)``, the last one repeated past the video's end (as offline)."""
+        index = np.minimum(np.arange(start, stop), len(self.user.frames) - 1)
+        first = int(index[0])
+        return self.user.frames.view(first, int(index[-1]) + 1).numpy()[index - first]
+
+    def _encode_user_video(self, stop: int) -> None:
+        """The LCU's video tokens and face masks of the frames up to ``stop`` (`echo.encoding`, as training)."""
+        first = len(self.user.tokens)
+        if first >= stop:
+            return
+        frames = self._user_frames(first, stop)
+        if self.user.with_landmarks:
+            index = np.minimum(np.arange(first, stop), len(self.user.landmarks) - 1)
+            low = int(index[0])
+            landmarks = self.user.landmarks.view(low, int(index[-1]) + 1).numpy()[index - low]
+        else:
+            landmarks = detect_face_landmarks(frames)
+        video, face_mask = prepare_user_video(frames, landmarks, self.settings.user_video_size)
+        tokens, token_mask = encode_user_video(self.pipe.vae, video[None], face_mask[None])
+        self.user.tokens.append(tokens[0].cpu())
+        self.user.token_mask.append(token_mask[0].cpu())
+
+    def _user_context(self, index: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The LCU's context tokens for the chunk ``[start, stop)``: the user's history is frames ``first … stop − 1``
+        (``first = 0``, or ``stop − max_history_frames`` when that is later, as in training) and the current clip its
+        last ``stop − start`` frames; the inputs are those the training step gives (validity masks included)."""
+        lcu, device = self.pipe.context_encoder, self.device
+        cap = self.settings.max_history_frames
+        first = 0 if cap is None else max(0, stop - cap)
+        audio_rows = self.user_audio.encode(stop, self.total_frames, self.pipe)
+        kwargs = {
+            "user_audio": audio_rows[None, first:stop],  # 1, T_hist, NL, D
+            "clip_frames": stop - start,
+            "user_audio_mask": torch.ones(1, stop - first, dtype=torch.bool),
+        }
+        if self.needs_user_video:
+            self._encode_user_video(stop)
+            kwargs["user_video"] = self.user.tokens.view(first, stop)[None]  # 1, T_hist, C_v, h, w
+            kwargs["user_face_mask"] = self.user.token_mask.view(first, stop)[None]  # 1, T_hist, h, w
+        if cap is not None:  # a window of the history, encoded whole as in training
+            kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        else:  # the whole history: the LCU continues its state and reads only the new frames
+            kwargs["state"] = self.lcu_state
+            kwargs["save_state_at"] = stop - max(lcu.config.audio_window // 2, self.motion_frames)
+        if self.needs_understanding:
+            kwargs.update(self._understanding(index, stop))
+        output = lcu(**kwargs)
+        if cap is None:
+            self.lcu_state = output.state
+        return output.context.to(device, self.dtype), output.context_mask.to(device)
+
+    def _understanding(self, index: int, stop: int) -> dict:
+        understanding = self.understanding[index] if isinstance(self.understanding, list) else self.understanding
+        if understanding is None and self.understanding_model is not None:
+            if not self.user_audio.pushed_waveform:
+                raise ValueError("`understanding_model` needs the user's waveform: pass `user_audio`.")
+            waveform = self.user_audio.waveform(stop * SAMPLES_PER_FRAME)
+            understanding = self.understanding_model(self._user_frames(0, stop), waveform)
+        if understanding is None:
+            raise ValueError(
+                "The context encoder uses understanding tokens (use_understanding=True): pass `understanding` "
+                "(N_s, D_s) or an `understanding_model`."
+            )
+        understanding = torch.as_tensor(understanding).to(self.device, torch.float32)
+        if understanding.ndim == 2:
+            understanding = understanding[None]  # 1, N_s, D_s
+        num_tokens = understanding.shape[1]
+        if num_tokens == 0:  # nothing understood yet: one hidden zero token, as a training batch holds it
+            understanding = understanding.new_zeros(1, 1, understanding.shape[2])
+        mask = torch.full(understanding.shape[:2], num_tokens > 0, dtype=torch.bool, device=self.device)
+        return {"understanding": understanding, "understanding_mask": mask}
+
+    def _release(self, stop: int) -> None:
+        """Forgets raw media no later chunk reads (the per-frame LCU inputs stay: each call gets the whole history)."""
+        with self._condition:
+            next_start = stop - self.motion_frames
+            if not self.keeps_user_media and (not self.needs_user_video or len(self.user.tokens) >= stop):
+                self.user.frames.drop_before(min(next_start, len(self.user.frames) - 1))
+                self.user.landmarks.drop_before(min(next_start, len(self.user.landmarks) - 1))
+            self.avatar_audio.release(keep_waveform=False)
+            self.user_audio.release(keep_waveform=self.keeps_user_media)
+
+
+def _mono(audio, name: str) -> np.ndarray:
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 2 and 1 in audio.shape:
+        audio = audio.reshape(-1)
+    if audio.ndim != 1:
+        raise ValueError(f"`{name}` has shape {audio.shape}, expected a mono waveform (num_samples,) at 16 kHz.")
+    return audio

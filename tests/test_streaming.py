@@ -1,0 +1,307 @@
+"""Interactive mode (`EchoPipeline.start_session`): a session fed a conversation in pieces of any size yields exactly
+the offline call's frames; a chunk renders as soon as its inputs are complete, not before; the LCU's carried state
+gives bit for bit the full-history LCU the model was trained with; bad inputs raise clear errors.
+
+Tiny components (configs/models/tiny.yaml) at 32², 9-frame chunks with 5 motion frames, 2 steps, 25 frames (5 chunks).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from echo.components import load_components
+from echo.mamba import MambaBlock
+from pipelines import EchoPipeline
+from pipelines.session import SAMPLES_PER_FRAME, stream_frame_features
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
+SIZE, CHUNK, MOTION, FRAMES = 32, 9, 5, 25  # chunks [0, 9), [4, 13), [8, 17), [12, 21), [16, 25)
+SETTINGS = dict(height=SIZE, width=SIZE, num_frames_per_chunk=CHUNK, motion_frames=MOTION, user_video_size=32,
+                num_inference_steps=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    components = load_components(TINY)
+    # The ECHO additions start zero-initialised; small random values (as after training) let every stream count.
+    generator = torch.Generator().manual_seed(0)
+    for module in (components["transformer"], components["context_encoder"]):
+        for name, param in module.named_parameters():
+            if not param.any() and "norm" not in name:
+                param.data = torch.randn(param.shape, generator=generator) * 0.2
+    # Parallel-scan blocks of 8 frames (256 by default), so that 25 frames carry the LCU's state across blocks.
+    for module in components["context_encoder"].modules():
+        if isinstance(module, MambaBlock):
+            module.scan_chunk_size = 8
+    pipe = EchoPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def conversation():
+    from skimage.data import astronaut
+
+    from echo.encoding import detect_face_landmarks
+
+    image = astronaut()  # a real face, 512²
+    landmarks = detect_face_landmarks(image)
+    small = image[::8, ::8]  # 64² user frames
+    rng = np.random.default_rng(0)
+    t = np.arange(FRAMES * SAMPLES_PER_FRAME) / 16_000
+    return {
+        "reference_image": image,
+        "reference_landmarks": landmarks,
+        "avatar_audio": (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32),
+        "user_audio": (0.1 * rng.standard_normal(FRAMES * SAMPLES_PER_FRAME)).astype(np.float32),
+        "user_video": np.stack([np.roll(small, shift=3 * k, axis=1) for k in range(FRAMES)]),
+        "user_landmarks": np.repeat(landmarks[None] / 8, FRAMES, axis=0),
+        "understanding": torch.randn(4, 32, generator=torch.Generator().manual_seed(0)),
+    }
+
+
+class Reasoner:
+    """An emotion reasoner whose text depends on the dialogue it is shown, cut at the chunk's end."""
+
+    def __init__(self):
+        self.texts = []
+
+    def describe(self, history, clip_end, avatar_speaker="avatar"):
+        known = " ".join(s["text"] for s in history if float(s["start"]) < clip_end)
+        self.texts.append("joyful" if "great" in known else "calm")
+        return self.texts[-1]
+
+
+DIALOGUE = [
+    {"speaker": "user", "start": 0.0, "end": 0.3, "text": "hello there"},
+    {"speaker": "avatar", "start": 0.5, "end": 0.7, "text": "great to see you"},
+]
+
+
+def _offline(pipe, conversation, **kwargs):
+    inputs = {k: v for k, v in conversation.items()}
+    inputs.update(kwargs)
+    frames = pipe(**inputs, **SETTINGS, num_frames=FRAMES, generator=torch.Generator().manual_seed(0)).frames
+    return frames[0]  # T, H, W, 3
+
+
+def _session_in_pieces(pipe, conversation, piece, features=None, dialogue=None, **session_kwargs):
+    """Pushes ``piece`` frames of every stream at a time (audio: ``piece · 640`` samples), pulling after each push;
+    with ``dialogue`` each transcript segment is pushed just before the media it starts in."""
+    session = pipe.start_session(reference_image=conversation["reference_image"],
+                                 reference_landmarks=conversation["reference_landmarks"],
+                                 understanding=conversation["understanding"],
+                                 generator=torch.Generator().manual_seed(0),
+                                 **SETTINGS, **session_kwargs)  # fmt: skip
+    chunks, pending = [], list(dialogue or [])
+    for first in range(0, FRAMES, piece):
+        stop = min(FRAMES, first + piece)
+        samples = slice(first * SAMPLES_PER_FRAME, stop * SAMPLES_PER_FRAME)
+        while pending and pending[0]["start"] * 25 < stop:
+            session.push(dialogue=[pending.pop(0)])
+        if features is None:
+            session.push(avatar_audio=conversation["avatar_audio"][samples],
+                         user_audio=conversation["user_audio"][samples])  # fmt: skip
+        else:
+            session.push(avatar_audio_features=features["avatar"][first:stop],
+                         user_audio_features=features["user"][first:stop])  # fmt: skip
+        session.push(user_video=conversation["user_video"][first:stop],
+                     user_landmarks=conversation["user_landmarks"][first:stop])  # fmt: skip
+        chunks += list(session)
+    rendered_before_close = len(chunks)
+    session.close(num_frames=FRAMES)
+    chunks += list(session)
+    assert session.done and [c.index for c in chunks] == list(range(5))
+    assert [c.first_frame for c in chunks] == [0, 9, 13, 17, 21]
+    return np.concatenate([c.frames for c in chunks]), rendered_before_close
+
+
+def _stream_features(pipe, waveform, block, context):
+    """The "stream" audio encoding, by its definition: blocks of ``block`` frames with ``context`` frames of audio on
+    each side, over the whole waveform at once."""
+    rows = [stream_frame_features(pipe.audio_encoder, pipe.feature_extractor, waveform, first, first + block, context)
+            for first in range(0, FRAMES, block)]  # fmt: skip
+    return torch.cat(rows)[:FRAMES]
+
+
+@pytest.mark.parametrize("piece", [1, 7, CHUNK], ids=["one_frame", "seven_frames", "whole_chunk"])
+def test_session_in_pieces_yields_exactly_the_offline_frames(pipe, conversation, piece):
+    """Waveforms pushed in pieces of 1, 7 or 9 frames, streamed in 4-frame audio blocks with 8 frames of context,
+    render chunks while the conversation goes on and give exactly the offline call's frames (fed the same encoding
+    of the same audio, with the same seed), emotion reasoned from the dialogue so far included."""
+    block, context = 4, 8
+    features = {
+        name: _stream_features(pipe, conversation[f"{name}_audio"], block, context) for name in ("avatar", "user")
+    }
+    offline_reasoner, reasoner = Reasoner(), Reasoner()
+    offline = _offline(pipe, conversation, avatar_audio=None, user_audio=None, avatar_audio_features=features["avatar"],
+                       user_audio_features=features["user"], emotion_reasoner=offline_reasoner,
+                       dialogue=DIALOGUE)  # fmt: skip
+    frames, rendered_before_close = _session_in_pieces(
+        pipe, conversation, piece, dialogue=DIALOGUE, emotion_reasoner=reasoner, audio_block_frames=block,
+        audio_context_frames=context,
+    )  # fmt: skip
+    assert frames.shape == offline.shape == (FRAMES, SIZE, SIZE, 3)
+    assert np.array_equal(frames, offline)
+    assert rendered_before_close >= 2  # chunks were rendered before the end of input
+    assert reasoner.texts == offline_reasoner.texts == ["calm"] + ["joyful"] * 4  # "great" is said at 0.5 s
+
+
+@pytest.mark.parametrize("audio_encoding", ["file", "stream"])
+def test_session_equals_the_offline_call_with_the_same_audio_encoding(pipe, conversation, audio_encoding):
+    """The offline call is a session fed everything at once: with either audio encoding (whole tracks, or the
+    session's default blocks of 25 frames with 25 frames of context), a session fed pieces of 7 frames gives its
+    frames exactly. Whole-track encoding waits for the end of input; the frames differ between the two encodings."""
+    offline = _offline(pipe, conversation, emotion="calm", audio_encoding=audio_encoding)
+    frames, rendered_before_close = _session_in_pieces(pipe, conversation, 7, emotion="calm",
+                                                       audio_encoding=audio_encoding)  # fmt: skip
+    assert np.array_equal(frames, offline)
+    if audio_encoding == "file":
+        assert rendered_before_close == 0
+        assert np.abs(offline - _offline(pipe, conversation, emotion="calm", audio_encoding="stream")).max() > 1e-3
+
+
+def test_offline_call_with_features_equals_a_session_fed_features(pipe, conversation):
+    """Precomputed wav2vec2 rows (a prepared clip's ``*_w2v.npy``) bypass both audio encodings."""
+    features = {name: pipe.encode_audio(conversation[f"{name}_audio"], FRAMES) for name in ("avatar", "user")}
+    offline = _offline(pipe, conversation, avatar_audio=None, user_audio=None, avatar_audio_features=features["avatar"],
+                       user_audio_features=features["user"], emotion="calm")  # fmt: skip
+    frames, _ = _session_in_pieces(pipe, conversation, 7, features=features, emotion="calm")
+    assert np.array_equal(frames, offline)
+    # ... and the rows are the whole-track encoding: the default offline call gives the same frames
+    assert np.array_equal(offline, _offline(pipe, conversation, emotion="calm"))
+
+
+@pytest.mark.parametrize("last", ["user_video", "user_audio_features", "avatar_audio_features"])
+def test_a_chunk_renders_as_soon_as_its_inputs_are_complete(pipe, conversation, last):
+    """Chunk [0, 9) needs the user's frames and audio rows 0-8 and the avatar's rows 0-10 (its audio windows look two
+    frames ahead): with any one of them a row short nothing renders; the push that completes it stamps the chunk."""
+    features = {name: pipe.encode_audio(conversation[f"{name}_audio"], FRAMES) for name in ("avatar", "user")}
+    streams = {
+        "user_video": dict(user_video=conversation["user_video"], user_landmarks=conversation["user_landmarks"]),
+        "user_audio_features": dict(user_audio_features=features["user"]),
+        "avatar_audio_features": dict(avatar_audio_features=features["avatar"]),
+    }
+    needed = {"user_video": 9, "user_audio_features": 9, "avatar_audio_features": 11}
+    session = pipe.start_session(reference_image=conversation["reference_image"],
+                                 reference_landmarks=conversation["reference_landmarks"],
+                                 understanding=conversation["understanding"], emotion="calm", **SETTINGS)  # fmt: skip
+    for name, pieces in streams.items():
+        rows = needed[name] - (name == last)
+        session.push(**{key: value[:rows] for key, value in pieces.items()})
+    assert session.pull() is None and list(session) == []
+    rows = needed[last]
+    session.push(**{key: value[rows - 1 : rows] for key, value in streams[last].items()})
+    chunk = session.pull()
+    assert chunk is not None and chunk.index == 0 and chunk.frames.shape == (9, SIZE, SIZE, 3)
+    assert chunk.inputs_complete_at <= chunk.started_at <= chunk.finished_at and chunk.latency >= chunk.compute_seconds
+    assert session.pull() is None  # chunk [4, 13) needs the user's frames up to 12
+
+
+def test_session_lcu_state_gives_the_full_history_lcu_bit_for_bit(pipe, conversation):
+    """Every LCU call of a session continues the carried state (from frame 8 on, the state of the 8-frame scan blocks
+    before) and reads only the new frames; its output is exactly the full-history LCU forward (the LCU as trained) of
+    the very inputs the call received. With ``max_history_frames`` the history is capped as in training, no state."""
+    lcu = pipe.context_encoder
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((dict(kwargs), output.context.clone()))
+
+    handle = lcu.register_forward_hook(hook, with_kwargs=True)
+    try:
+        _offline(pipe, conversation, emotion="calm")
+    finally:
+        handle.remove()
+    assert [c[0]["user_audio"].shape[1] for c in calls] == [9, 13, 17, 21, 25]
+    assert [None if c[0]["state"] is None else c[0]["state"].num_frames for c in calls] == [None, None, 8, 8, 16]
+    with torch.no_grad():
+        for kwargs, context in calls:
+            full = lcu(**{k: v for k, v in kwargs.items() if k not in ("state", "save_state_at")})
+            assert torch.equal(full.context, context)
+
+    calls.clear()
+    saved = dict(pipe.config.settings)
+    pipe.register_to_config(settings={**saved, "max_history_frames": 12})
+    handle = lcu.register_forward_hook(hook, with_kwargs=True)
+    try:
+        _offline(pipe, conversation, emotion="calm")
+    finally:
+        handle.remove()
+        pipe.register_to_config(settings=saved)
+    assert [c[0]["user_audio"].shape[1] for c in calls] == [9, 12, 12, 12, 12]
+    assert all("state" not in c[0] for c in calls)
+
+
+def _session(pipe, conversation, **kwargs):
+    return pipe.start_session(reference_image=conversation["reference_image"],
+                              reference_landmarks=conversation["reference_landmarks"],
+                              understanding=conversation["understanding"], **{**SETTINGS, **kwargs})  # fmt: skip
+
+
+def test_bad_inputs_raise_clear_errors(pipe, conversation):
+    session = _session(pipe, conversation)
+    audio, frames = conversation["user_audio"][:640], conversation["user_video"][:2]
+    with pytest.raises(ValueError, match="sample_rate"):
+        session.push(user_audio=audio, sample_rate=44_100)
+    with pytest.raises(ValueError, match="fps"):
+        session.push(user_video=frames, fps=30)
+    with pytest.raises(ValueError, match="avatar_audio.*mono"):
+        session.push(avatar_audio=np.zeros((2, 640), np.float32))
+    with pytest.raises(ValueError, match="user_audio_features"):
+        session.push(user_audio_features=np.zeros((3, 3, 16), np.float32))  # the tiny encoder has 3 x 32 rows
+    session.push(user_video=frames, user_landmarks=conversation["user_landmarks"][:2])
+    with pytest.raises(ValueError, match="user_video.*same size"):
+        session.push(user_video=conversation["user_video"][:2, :32], user_landmarks=conversation["user_landmarks"][:2])
+    with pytest.raises(ValueError, match="user_landmarks"):
+        session.push(user_video=frames, user_landmarks=conversation["user_landmarks"][:3])
+    with pytest.raises(ValueError, match="user_landmarks.*every"):
+        session.push(user_video=frames)
+    with pytest.raises(ValueError, match="length is unknown"):
+        session.close()
+    session.push(avatar_audio=conversation["avatar_audio"], user_audio=conversation["user_audio"])
+    session.close()
+    with pytest.raises(ValueError, match="closed"):  # late: after the end of input
+        session.push(user_audio=audio)
+
+    # a transcript segment that starts inside a chunk already rendered comes too late for its emotion
+    session = _session(pipe, conversation, emotion_reasoner=Reasoner(), num_frames=FRAMES)
+    features = {name: pipe.encode_audio(conversation[f"{name}_audio"], FRAMES) for name in ("avatar", "user")}
+    session.push(avatar_audio_features=features["avatar"], user_audio_features=features["user"],
+                 user_video=conversation["user_video"], user_landmarks=conversation["user_landmarks"])  # fmt: skip
+    assert session.pull().index == 0  # frames 0-8 are rendered
+    with pytest.raises(ValueError, match="dialogue.*late"):
+        session.push(dialogue=[{"speaker": "user", "start": 0.2, "end": 0.5, "text": "hi"}])
+    session.push(dialogue=[{"speaker": "user", "start": 0.4, "end": 0.5, "text": "hi"}])  # starts after frame 9
+
+    # the session's own arguments
+    with pytest.raises(ValueError, match="one per chunk"):
+        _session(pipe, conversation, emotion=["a", "b"], num_frames=FRAMES)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        _session(pipe, conversation, height=40)
+    with pytest.raises(ValueError, match="audio_encoding"):
+        _session(pipe, conversation, audio_encoding="mp3")
+    with pytest.raises(ValueError, match="output_type"):
+        _session(pipe, conversation, output_type="latent")
+    no_user = _session(pipe, conversation, with_user=False)
+    with pytest.raises(ValueError, match="user_video"):
+        no_user.push(user_video=frames)
+    waveform_first = _session(pipe, conversation, audio_block_frames=4, audio_context_frames=8)
+    waveform_first.push(
+        user_audio=conversation["user_audio"],
+        avatar_audio=conversation["avatar_audio"],
+        user_video=conversation["user_video"],
+        user_landmarks=conversation["user_landmarks"],
+    )
+    assert waveform_first.pull().index == 0  # encodes the user's waveform
+    with pytest.raises(ValueError, match="user_audio_features.*one form"):
+        waveform_first.push(user_audio_features=features["user"])
+
+
+def test_emotion_list_length_is_checked_when_the_length_becomes_known(pipe, conversation):
+    session = _session(pipe, conversation, emotion=["a", "b"])
+    session.push(avatar_audio=conversation["avatar_audio"][: 9 * SAMPLES_PER_FRAME])  # 9 frames: one chunk
+    with pytest.raises(ValueError, match="one per chunk"):
+        session.close()
