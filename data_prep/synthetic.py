@@ -1,13 +1,21 @@
 """Synthetic dyadic conversations: a real face photo animated into talking and listening video, with real speech.
 
-Two participants take turns saying short English sentences, spoken by espeak-ng (two voices). Each participant is
-``skimage.data.astronaut()`` (the second one mirrored and hue-shifted), animated by moving its MediaPipe face-mesh
-landmarks and warping the photo piecewise-affinely over a triangulation of those landmarks:
+Two participants take turns saying short English sentences, spoken by espeak-ng. Each participant is a face photo
+that ships with an installed package (an `Identity`: ``skimage.data.astronaut()``, ``skimage.data.camera()`` in grey,
+matplotlib's ``grace_hopper.jpg``; mirrored, hue-shifted, zoomed or shifted), animated by moving its MediaPipe
+face-mesh landmarks and warping the photo piecewise-affinely over a triangulation of those landmarks:
 
 - **talking**: the jaw, lower lip and chin open with the participant's own speech envelope (short-time RMS per
   frame), and the mouth interior between the inner lip contours is painted dark;
-- **listening**: slow nods and a slight smile (mouth corners out and up) while the other participant speaks;
-- **always**: a small head yaw / pitch (rotating the landmarks with their MediaPipe depth) and translation.
+- **listening**: nods and a slight smile (mouth corners out and up) while the other participant speaks;
+- **head sway**: a slow head yaw / pitch (rotating the landmarks with their MediaPipe depth) and translation, scaled
+  per conversational state (own speech, listening, mutual silence) by the participant's `MotionStyle`.
+
+By default (``identities=(0, 1)``, no styles) the conversation is the original one: the astronaut and its mirrored,
+hue-shifted copy, one sentence per turn at 170 words per minute with short pauses, and a constant sway. The demo set
+(`data_prep.demo_set`) passes a `DialogueStyle` (sentence pool, voices and speaking rates, turns of several
+sentences, long mutual silences) and a `MotionStyle` per participant (amplitudes and speeds; nearly still in mutual
+silence) drawn from its seed, so that listening behaviour differs visibly between the other one speaking and silence.
 
 The animated landmark positions are exact by construction (the warp maps every rest landmark to its animated
 position), so they are returned as ground truth: `SyntheticConversation.landmarks[p]` is `(T, 478, 2)` in pixels of
@@ -56,6 +64,161 @@ SENTENCES = (
     "A small project about faces.",
 )
 VOICES = ("en-us+m3", "en-us+f3")
+
+# A larger pool for the demo set's training conversations (it includes SENTENCES) ...
+TRAIN_SENTENCES = SENTENCES + (
+    "Good morning, did you sleep well?",
+    "Not really, the neighbours were loud.",
+    "Have you had lunch yet?",
+    "I made soup with the last of the carrots.",
+    "The train was late again this morning.",
+    "Do you want to come for a walk later?",
+    "I finished the book you gave me.",
+    "How did it end?",
+    "Everyone went home, and nothing changed.",
+    "That is a strange ending for a story.",
+    "My sister is visiting next week.",
+    "We could all have dinner together.",
+    "I think it will rain this afternoon.",
+    "Then we should take an umbrella.",
+    "Did you hear the news about the bridge?",
+    "They are going to paint it blue.",
+    "What time does the shop close?",
+    "At six, but on Sundays it opens late.",
+    "I need to buy bread and some apples.",
+    "Can you help me move the table?",
+    "Of course, just tell me when.",
+    "The garden looks lovely in spring.",
+    "We planted tomatoes and some beans.",
+    "My cat sleeps on the window all day.",
+    "That sounds like a good life.",
+    "Let me think about it for a moment.",
+    "I am not sure that is a good idea.",
+    "Well, we could try it once.",
+    "Music helps me concentrate at work.",
+    "Which songs do you listen to?",
+    "Mostly old jazz records from my father.",
+    "Shall we meet again on Friday?",
+)
+# ... and sentences that only the demo set's held-out conversations say.
+HELDOUT_SENTENCES = (
+    "The lighthouse was painted white last summer.",
+    "Could you pass me the map, please?",
+    "We missed the ferry by two minutes.",
+    "My grandmother knits scarves for the whole family.",
+    "The museum opens a new room in October.",
+    "I prefer tea without sugar.",
+    "Our team won the match on Saturday.",
+    "The mountain road was covered in fog.",
+    "Someone left a bicycle by the gate.",
+    "I keep forgetting where I put my keys.",
+    "The bakery on the corner sells warm pretzels.",
+    "Please remind me to call the dentist.",
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A face photo that ships with an installed package, as one participant's base frame.
+
+    Attributes:
+        source (`str`): ``"astronaut"`` (`skimage.data.astronaut`), ``"camera"`` (`skimage.data.camera`, grey → RGB)
+            or ``"grace_hopper"`` (matplotlib's sample ``grace_hopper.jpg``).
+        mirror (`bool`): flip left-right.
+        hue (`int`): hue rotation in OpenCV units (0-179; 8 ≈ 16°).
+        zoom (`float`): > 1 zooms in on the face (a smaller window), < 1 out (the photo's border is reflected).
+        offset (`tuple[float, float]`): the window's shift (x, y) as a fraction of its side.
+    """
+
+    source: str = "astronaut"
+    mirror: bool = False
+    hue: int = 0
+    zoom: float = 1.0
+    offset: tuple[float, float] = (0.0, 0.0)
+
+
+# Square window (centre x, centre y, side) of each source photo holding the head with some shoulders and background.
+SOURCE_WINDOWS = {"astronaut": (224.0, 160.0, 320.0), "camera": (228.0, 168.0, 200.0), "grace_hopper": (264.0, 240.0, 500.0)}
+IDENTITIES = {
+    "astronaut": Identity("astronaut"),
+    "astronaut_mirror_hue": Identity("astronaut", mirror=True, hue=8),
+    "astronaut_warm": Identity("astronaut", hue=172),
+    "astronaut_green": Identity("astronaut", mirror=True, hue=22),
+    "astronaut_zoom": Identity("astronaut", zoom=1.3, offset=(0.0, 0.04)),
+    "astronaut_wide": Identity("astronaut", mirror=True, zoom=0.85, offset=(0.0, 0.08)),
+    "astronaut_shift": Identity("astronaut", offset=(0.12, 0.06)),
+    "camera": Identity("camera"),
+    "camera_mirror": Identity("camera", mirror=True, zoom=1.1),
+    "grace_hopper": Identity("grace_hopper"),
+    "grace_hopper_mirror": Identity("grace_hopper", mirror=True, hue=6, offset=(-0.06, 0.0)),
+}
+# The two participants of the original conversation (`make_conversation`'s default `identities=(0, 1)`).
+LEGACY_IDENTITIES = ("astronaut", "astronaut_mirror_hue")
+
+
+@dataclass(frozen=True)
+class DialogueStyle:
+    """How the dialogue is spoken: the sentence pool, voices, speaking rates, turn lengths and pauses.
+
+    The defaults are the original dialogue: one sentence per turn, 170 words per minute, short pauses.
+
+    Attributes:
+        sentences (`tuple[str, ...]`): the pool the turns draw from (a random order per conversation, cycled).
+        voices (`tuple[str, str]`): espeak-ng voices of the two participants.
+        speeds (`tuple[int, int]`): espeak-ng speaking rates (words per minute) of the two participants.
+        gap (`tuple[float, float]`): silence between two turns, seconds, uniform in this range.
+        long_gap_prob (`float`): probability that a gap is a long mutual silence instead, drawn from ``long_gap``.
+        long_gap (`tuple[float, float]`): seconds of a long mutual silence.
+        sentences_per_turn (`tuple[int, int]`): a turn says between these many sentences (inclusive) in one breath.
+    """
+
+    sentences: tuple[str, ...] = SENTENCES
+    voices: tuple[str, str] = VOICES
+    speeds: tuple[int, int] = (170, 170)
+    gap: tuple[float, float] = (0.15, 0.4)
+    long_gap_prob: float = 0.0
+    long_gap: tuple[float, float] = (1.0, 3.0)
+    sentences_per_turn: tuple[int, int] = (1, 1)
+
+
+@dataclass(frozen=True)
+class MotionStyle:
+    """Head motion of one participant. The defaults are the original animation (a constant sway).
+
+    Attributes:
+        sway_deg (`tuple[float, float]`): amplitude of the slow yaw and pitch sway, degrees.
+        sway_periods (`tuple[float, float]`): periods of the yaw and pitch sway, seconds.
+        nod_deg (`float`): amplitude of the listening nods (pitch, downwards half-waves), degrees.
+        nod_period (`float`): seconds per nod.
+        smile (`float`): smile strength while listening (0-1).
+        shift (`float`): amplitude of the head translation, fraction of the frame side.
+        gains (`tuple[float, float, float]`): sway (and translation) scale while the participant speaks, while it
+            listens (the other one speaks) and in mutual silence.
+        speech_bob_deg (`float`): pitch that follows the participant's own speech envelope, degrees.
+    """
+
+    sway_deg: tuple[float, float] = (4.0, 3.0)
+    sway_periods: tuple[float, float] = (3.3, 2.7)
+    nod_deg: float = 4.0
+    nod_period: float = 1.1
+    smile: float = 0.8
+    shift: float = 0.02
+    gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    speech_bob_deg: float = 0.0
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> MotionStyle:
+        """A random conversational style: varied amplitudes and speeds, nods while listening, still in silence."""
+        return cls(
+            sway_deg=(float(rng.uniform(2.0, 5.5)), float(rng.uniform(1.5, 4.0))),
+            sway_periods=(float(rng.uniform(1.6, 4.0)), float(rng.uniform(1.4, 3.5))),
+            nod_deg=float(rng.uniform(3.0, 7.0)),
+            nod_period=float(rng.uniform(0.7, 1.5)),
+            smile=float(rng.uniform(0.3, 1.0)),
+            shift=float(rng.uniform(0.01, 0.03)),
+            gains=(float(rng.uniform(0.3, 0.8)), float(rng.uniform(0.8, 1.2)), float(rng.uniform(0.0, 0.08))),
+            speech_bob_deg=float(rng.uniform(0.5, 2.5)),
+        )
 
 # MediaPipe face-mesh rings used by the animator.
 LIPS_OUTER_LOWER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291)
@@ -129,23 +292,39 @@ def synthesize_speech(text: str, voice: str = VOICES[0], sample_rate: int = 16_0
     return waveform[loud[0] : loud[-1] + 1] if loud.size else waveform
 
 
-def _dialogue(seconds: float, rng: np.random.Generator, sample_rate: int) -> tuple[list[dict], list[np.ndarray]]:
-    """Alternating turns filling ``seconds``; returns transcript segments and one audio track per participant."""
+def _dialogue(
+    seconds: float, rng: np.random.Generator, sample_rate: int, style: DialogueStyle | None = None
+) -> tuple[list[dict], list[np.ndarray]]:
+    """Alternating turns filling ``seconds``; returns transcript segments and one audio track per participant.
+
+    A turn is one segment: one to ``style.sentences_per_turn[1]`` sentences spoken in one espeak-ng call. With the
+    default style the random draws (and so the dialogue of a seed) are those of the original generator.
+    """
+    style = style or DialogueStyle()
     total = int(round(seconds * sample_rate))
     tracks = [np.zeros(total, dtype=np.float32), np.zeros(total, dtype=np.float32)]
     segments = []
-    order = rng.permutation(len(SENTENCES))
+    sentences = style.sentences
+    order = rng.permutation(len(sentences))
     time = float(rng.uniform(0.1, 0.3))
     turn = 0
+    spoken = 0
+    low, high = style.sentences_per_turn
     while time < seconds - 0.3:
         speaker = turn % 2
-        text = SENTENCES[order[turn % len(order)]]
-        speech = synthesize_speech(text, VOICES[speaker], sample_rate)
+        count = int(rng.integers(low, high + 1)) if high > low else low
+        text = " ".join(sentences[order[(spoken + k) % len(order)]] for k in range(count))
+        spoken += count
+        speech = synthesize_speech(text, style.voices[speaker], sample_rate, speed=style.speeds[speaker])
         start = int(round(time * sample_rate))
         stop = min(total, start + len(speech))
         tracks[speaker][start:stop] = speech[: stop - start] * 0.8
         segments.append({"speaker": speaker, "start": start / sample_rate, "end": stop / sample_rate, "text": text})
-        time = stop / sample_rate + float(rng.uniform(0.15, 0.4))
+        if style.long_gap_prob > 0 and rng.uniform() < style.long_gap_prob:
+            gap = float(rng.uniform(*style.long_gap))
+        else:
+            gap = float(rng.uniform(*style.gap))
+        time = stop / sample_rate + gap
         turn += 1
     return segments, tracks
 
@@ -167,24 +346,74 @@ def speech_envelope(waveform: np.ndarray, num_frames: int, fps: float, sample_ra
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def base_face(variant: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The base frame of participant ``variant`` at ``size``², and its `(478, 3)` landmarks (x, y, z pixels)."""
+def identity_image(identity: Identity) -> np.ndarray:
+    """The square base photo of ``identity`` at its window's native resolution, `(S, S, 3)` uint8 RGB."""
     import cv2
     import skimage.data
 
+    if identity.source == "astronaut":
+        image = skimage.data.astronaut()
+    elif identity.source == "camera":
+        image = np.repeat(skimage.data.camera()[..., None], 3, axis=2)
+    elif identity.source == "grace_hopper":
+        import matplotlib.cbook
+        from PIL import Image
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+            image = np.asarray(Image.open(handle).convert("RGB"))
+    else:
+        raise ValueError(f"identity source is {identity.source!r}, expected one of {sorted(SOURCE_WINDOWS)}")
+    centre_x, centre_y, side = SOURCE_WINDOWS[identity.source]
+    if identity.source == "astronaut" and identity.zoom == 1.0 and tuple(identity.offset) == (0.0, 0.0):
+        window = image[BASE_WINDOW]  # the original base frame, pixel for pixel
+    else:
+        # Window of side `side / zoom` around the shifted centre; outside the photo its border is reflected.
+        size = int(round(side))
+        crop = side / identity.zoom
+        x0 = centre_x + identity.offset[0] * crop - crop / 2
+        y0 = centre_y + identity.offset[1] * crop - crop / 2
+        scale = size / crop
+        matrix = np.array([[scale, 0.0, -x0 * scale], [0.0, scale, -y0 * scale]])
+        window = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC,
+                                borderMode=cv2.BORDER_REFLECT_101)
+    window = np.ascontiguousarray(window)
+    if identity.mirror:
+        window = np.ascontiguousarray(window[:, ::-1])
+    if identity.hue:
+        hsv = cv2.cvtColor(window, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + identity.hue) % 180
+        window = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return window
+
+
+def _identity(identity: int | str | Identity) -> Identity:
+    if isinstance(identity, Identity):
+        return identity
+    if isinstance(identity, (int, np.integer)):
+        if not 0 <= identity < len(LEGACY_IDENTITIES):
+            raise ValueError(f"identity {identity} is not 0 or 1 (the original participants); name one of {sorted(IDENTITIES)}")
+        identity = LEGACY_IDENTITIES[identity]
+    if identity not in IDENTITIES:
+        raise ValueError(f"identity {identity!r} is unknown; expected one of {sorted(IDENTITIES)}")
+    return IDENTITIES[identity]
+
+
+@functools.lru_cache(maxsize=16)
+def base_face(variant: int | str | Identity, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The base frame of identity ``variant`` at ``size``², and its `(478, 3)` landmarks (x, y, z pixels).
+
+    ``variant`` is an `Identity`, a name in `IDENTITIES`, or 0 / 1 (the original astronaut and its mirrored,
+    hue-shifted copy).
+    """
+    import cv2
+
     from data_prep.faces import FaceMesh
 
-    image = np.ascontiguousarray(skimage.data.astronaut()[BASE_WINDOW])
-    if variant == 1:
-        image = np.ascontiguousarray(image[:, ::-1])
-        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + 8) % 180
-        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    image = identity_image(_identity(variant))
     with FaceMesh(static_image_mode=True) as mesh:
         landmarks = mesh.with_depth(image)
     if landmarks is None:
-        raise RuntimeError(f"MediaPipe found no face in synthetic participant {variant}.")
+        raise RuntimeError(f"MediaPipe found no face in synthetic identity {variant!r}.")
     scale = size / image.shape[0]
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     return image, landmarks * scale
@@ -198,10 +427,13 @@ class FaceAnimator:
     frame is the piecewise-affine warp that takes every rest triangle to its animated position.
     """
 
-    def __init__(self, variant: int, size: int):
+    def __init__(self, variant: int | str | Identity, size: int):
         from scipy.spatial import Delaunay
 
         self.image, rest = base_face(variant, size)
+        # Mouth interior: dark red on a colour photo, dark grey on a grey one.
+        grey = bool(np.ptp(self.image.astype(np.int16), axis=2).max() <= 2)
+        self.mouth_colour = (40, 40, 40) if grey else (70, 20, 30)
         self.size = size
         self.rest = rest.astype(np.float64)  # 478, 3
         xy = self.rest[:, :2]
@@ -274,7 +506,7 @@ class FaceAnimator:
         frame = cv2.remap(self.image, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         if opening > 0.05:
             inner = np.concatenate([points[list(LIPS_INNER_UPPER)], points[list(LIPS_INNER_LOWER)][::-1]])
-            cv2.fillPoly(frame, [np.round(inner * 16).astype(np.int32)], (70, 20, 30), cv2.LINE_AA, shift=4)
+            cv2.fillPoly(frame, [np.round(inner * 16).astype(np.int32)], self.mouth_colour, cv2.LINE_AA, shift=4)
         return frame, points.astype(np.float32)
 
 
@@ -294,6 +526,9 @@ def make_conversation(
     name: str | None = None,
     interaction: int = 1,
     audio_in_video: bool = False,
+    identities: tuple[int | str | Identity, int | str | Identity] = (0, 1),
+    dialogue: DialogueStyle | None = None,
+    motion: tuple[MotionStyle, MotionStyle] | None = None,
 ) -> SyntheticConversation:
     """Write one synthetic two-person conversation in ``layout`` under ``out_dir``.
 
@@ -309,6 +544,12 @@ def make_conversation(
         interaction (`int`, defaults to 1): Seamless interaction number ``I<interaction:08d>``.
         audio_in_video (`bool`, defaults to `False`): pairs layout only; mux each speech track into its mp4 (AAC at
             ``sample_rate``) instead of writing a separate wav.
+        identities (`tuple`, defaults to `(0, 1)`): the two participants' faces: `Identity` objects, names in
+            `IDENTITIES`, or 0 / 1 (the astronaut and its mirrored, hue-shifted copy).
+        dialogue (`DialogueStyle`, *optional*): sentences, voices, speaking rates, turn lengths and pauses; defaults to
+            the original dialogue.
+        motion (`tuple[MotionStyle, MotionStyle]`, *optional*): head motion per participant; defaults to the
+            original animation (a constant sway, nods and a smile while the other one speaks).
 
     Returns:
         `SyntheticConversation` with the written paths and the animation's ground truth.
@@ -323,21 +564,36 @@ def make_conversation(
     num_frames = int(round(seconds * fps))
 
     # 1. Dialogue: alternating turns of real speech, one track per participant.
-    segments, tracks = _dialogue(num_frames / fps, rng, 16_000)
+    segments, tracks = _dialogue(num_frames / fps, rng, 16_000, dialogue)
     openings = [speech_envelope(track, num_frames, fps, 16_000) for track in tracks]
 
-    # 2. Animation: talking follows the own envelope, listening nods and smiles while the other one speaks.
+    # 2. Animation: talking follows the own envelope, listening nods and smiles while the other one speaks, the sway
+    # is scaled by the conversational state (own speech, listening, mutual silence).
     time = np.arange(num_frames) / fps
+    styles = motion or (MotionStyle(), MotionStyle())
     frames, landmarks = [], []
     for p in range(2):
-        animator = FaceAnimator(p, size)
-        other_speaks = np.convolve(openings[1 - p] > 0.05, np.ones(9) / 9, mode="same")
+        animator = FaceAnimator(identities[p], size)
+        style = styles[p]
         phase = rng.uniform(0, 2 * np.pi, size=4)
-        yaw = np.deg2rad(4.0) * np.sin(2 * np.pi * time / 3.3 + phase[0])
-        pitch = np.deg2rad(3.0) * np.sin(2 * np.pi * time / 2.7 + phase[1])
-        pitch += np.deg2rad(4.0) * other_speaks * np.maximum(0, np.sin(2 * np.pi * time / 1.1 + phase[2]))
-        smile = 0.8 * other_speaks
-        shift = 0.02 * size * np.stack([np.sin(2 * np.pi * time / 4.1 + phase[3]), np.sin(2 * np.pi * time / 3.7)], 1)
+        if style.gains[0] == style.gains[1] == style.gains[2]:  # the original animation: a constant sway
+            other_speaks = np.convolve(openings[1 - p] > 0.05, np.ones(9) / 9, mode="same")
+            gain = np.full(num_frames, style.gains[0])
+        else:
+            speaking, other_speaks = _conversation_states(openings[p], openings[1 - p], fps)
+            gain = np.dot(style.gains, [speaking, other_speaks, 1 - speaking - other_speaks])
+        yaw = np.deg2rad(style.sway_deg[0]) * gain * np.sin(2 * np.pi * time / style.sway_periods[0] + phase[0])
+        pitch = np.deg2rad(style.sway_deg[1]) * gain * np.sin(2 * np.pi * time / style.sway_periods[1] + phase[1])
+        pitch += np.deg2rad(style.nod_deg) * other_speaks * np.maximum(
+            0, np.sin(2 * np.pi * time / style.nod_period + phase[2])
+        )
+        if style.speech_bob_deg:
+            bob = np.convolve(openings[p], np.ones(5) / 5, mode="same")
+            pitch += np.deg2rad(style.speech_bob_deg) * bob
+        smile = style.smile * other_speaks
+        shift = style.shift * size * gain[:, None] * np.stack(
+            [np.sin(2 * np.pi * time / 4.1 + phase[3]), np.sin(2 * np.pi * time / 3.7)], 1
+        )
         rendered = [animator.render(openings[p][t], smile[t], yaw[t], pitch[t], shift[t]) for t in range(num_frames)]
         frames.append(np.stack([r[0] for r in rendered]))
         landmarks.append(np.stack([r[1] for r in rendered]))
@@ -408,6 +664,19 @@ def make_conversation(
         **{f"envelope_{p}": openings[i] for i, p in enumerate(participants)},
     )
     return conversation
+
+
+def _conversation_states(own: np.ndarray, other: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame weights `(T,)` of speaking and listening (mutual silence is the rest) from the two envelopes.
+
+    A participant speaks where its envelope is above 0.05, held through the short breaks between words and smoothed
+    over ~0.5 s so that the head eases in and out of stillness.
+    """
+    width = max(3, int(round(0.5 * fps)) | 1)
+    kernel = np.ones(width) / width
+    speaking = np.clip(np.convolve((own > 0.05).astype(np.float64), kernel, mode="same") * 2, 0, 1)
+    listening = np.clip(np.convolve((other > 0.05).astype(np.float64), kernel, mode="same") * 2, 0, 1)
+    return speaking, np.minimum(listening, 1 - speaking)
 
 
 def _word_times(text: str, start: float, end: float) -> list[dict]:

@@ -114,3 +114,70 @@ def test_seamless_layout_files_and_schema(seamless):
             words = entry["words"]
             assert " ".join(w["word"] for w in words) == entry["transcript"]
             assert words[0]["start"] == pytest.approx(entry["start"]) and words[-1]["end"] == pytest.approx(entry["end"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variety for the demo set: identities, dialogue and motion styles
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_every_identity_is_a_distinct_face_that_mediapipe_finds():
+    from data_prep.synthetic import IDENTITIES, base_face
+
+    images = {}
+    for name in IDENTITIES:
+        image, landmarks = base_face(name, 128)  # raises when MediaPipe finds no face
+        assert image.shape == (128, 128, 3) and landmarks.shape == (478, 3) and np.isfinite(landmarks).all()
+        images[name] = image.astype(np.int16)
+    names = sorted(images)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert np.abs(images[a] - images[b]).mean() > 3, (a, b)
+    assert np.ptp(images["camera"], axis=2).max() <= 2  # the grey photo stays grey
+    # 0 and 1 are the original participants.
+    np.testing.assert_array_equal(base_face(0, 128)[0], images["astronaut"])
+    np.testing.assert_array_equal(base_face(1, 128)[0], images["astronaut_mirror_hue"])
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory):
+    from data_prep.synthetic import TRAIN_SENTENCES, DialogueStyle, MotionStyle
+
+    rng = np.random.default_rng(0)
+    dialogue = DialogueStyle(sentences=TRAIN_SENTENCES, voices=("en-gb+m1", "en-us+f2"), speeds=(190, 220),
+                             long_gap_prob=1.0, long_gap=(1.4, 1.8), sentences_per_turn=(2, 2))
+    return make_conversation(tmp_path_factory.mktemp("styled"), seconds=12.0, size=128, seed=11,
+                             identities=("camera", "grace_hopper"), dialogue=dialogue,
+                             motion=(MotionStyle.sample(rng), MotionStyle.sample(rng)))
+
+
+def test_styled_dialogue_has_long_turns_and_mutual_silences(styled):
+    segments = styled.transcript
+    assert len(segments) >= 3
+    for first, second in zip(segments, segments[1:]):
+        assert second["speaker"] != first["speaker"]
+        assert 1.4 - 1e-6 <= second["start"] - first["end"] <= 1.8 + 1e-6  # every pause is a long mutual silence
+    assert all(len(re.findall(r"[.?!]", s["text"])) == 2 for s in segments[:-1])  # two sentences per turn
+
+
+def test_styled_motion_nods_while_listening_and_stays_still_in_mutual_silence(styled):
+    """Head motion (ground truth, away from the mouth) is several times larger while the other one speaks than in
+    mutual silence: the listening behaviour a model must learn from the user condition."""
+    frame_time = np.arange(styled.num_frames) / styled.fps
+
+    def within(speakers: set, margin: float) -> np.ndarray:
+        """Frames inside a segment of ``speakers`` widened by ``margin`` seconds (narrowed when negative)."""
+        inside = np.zeros(styled.num_frames, dtype=bool)
+        for s in styled.transcript:
+            if s["speaker"] in speakers:
+                inside |= (frame_time >= s["start"] - margin) & (frame_time <= s["end"] + margin)
+        return inside
+
+    for speaker in styled.participants:
+        rigid = styled.landmarks[speaker][:, [1, 10, 33, 263]].mean(axis=1)  # nose tip, forehead, eye corners
+        energy = np.linalg.norm(np.diff(rigid, axis=0), axis=1)  # T - 1
+        listening = within(set(styled.participants) - {speaker}, -0.3)[1:]  # well inside the other one's turns
+        silence = ~within(set(styled.participants), 0.4)[1:]  # far from anybody's speech
+        assert listening.sum() > 25 and silence.sum() > 10
+        assert energy[listening].mean() > 3 * energy[silence].mean(), (speaker, energy[listening].mean(),
+                                                                       energy[silence].mean())
