@@ -96,6 +96,14 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[int, dict | None, str |
     return rows
 
 
+def _load_array(path: Path) -> np.ndarray:
+    """A manifest's ``.npy`` array (plain numbers only: an object array, whose loading could run code, is refused)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{str(path)!r} is not a readable numeric .npy array ({error}).") from error
+
+
 def _resolve(base: Path, value) -> Path:
     path = Path(value)
     return path if path.is_absolute() else base / path
@@ -127,9 +135,9 @@ def read_entry(entry: dict, base: Path) -> dict:
         hidden = tensors["hidden_states"].float()
         kwargs["understanding"] = hidden.reshape(-1, hidden.shape[-1])
     if "reference_landmarks" in entry:  # pixels of the reference image, as the pipeline takes them
-        kwargs["reference_landmarks"] = np.load(_resolve(base, entry["reference_landmarks"])).astype(np.float32)
+        kwargs["reference_landmarks"] = _load_array(_resolve(base, entry["reference_landmarks"])).astype(np.float32)
     if "user_landmarks" in entry:
-        kwargs["user_landmarks"] = np.load(_resolve(base, entry["user_landmarks"]))
+        kwargs["user_landmarks"] = _load_array(_resolve(base, entry["user_landmarks"]))
     num_frames = entry.get("num_frames")
     if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
         raise ValueError(f"`num_frames` is {num_frames!r}, expected a positive integer")
@@ -282,7 +290,7 @@ def load_pipeline(folder: str | os.PathLike, device: str | None = None, dtype: s
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    pipe = EchoPipeline.from_pretrained(folder, dtype=getattr(torch, dtype))
+    pipe = EchoPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

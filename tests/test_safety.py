@@ -322,11 +322,6 @@ def test_a_pipeline_folder_with_planted_weights_is_refused(pipeline_folder, tmp_
         DiffusionPipeline.from_pretrained(folder)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipelines/render.py `load_pipeline` needs `EchoPipeline.from_pretrained(folder, dtype=..., "
-    "use_safetensors=True)`: today the planted .bin reaches torch.load (weights_only=True refuses it).",
-)
 def test_echo_render_loads_pipeline_weights_from_safetensors_only(pipeline_folder, tmp_path, marker, torch_load_calls):
     from pipelines.render import load_pipeline
 

@@ -39,13 +39,15 @@ from pathlib import Path
 
 import yaml
 
+from echo.components import read_yaml
+
 STAGES = ("data", "vae", "stage1", "stage2", "export")
 DEFAULT_RECIPE = "configs/train/demo_recipe.yaml"
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     """The recipe YAML with ``section.key=value`` overrides (values parsed as YAML)."""
-    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    recipe = read_yaml(path, "recipe") or {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
@@ -125,7 +127,7 @@ class Recipe:
             saved = Path(config.output_dir) / "final" / "training_config.yaml"
             if not saved.is_file():
                 return False
-            trained = yaml.safe_load(saved.read_text())["train"]["max_train_steps"]
+            trained = read_yaml(saved, "training config")["train"]["max_train_steps"]
             return trained >= config.train.max_train_steps
         if stage == "export":
             index = Path(self.recipe["export"]["out"]) / "model_index.json"

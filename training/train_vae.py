@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from echo.components import read_yaml
+
 logger = logging.getLogger("train_vae")
 
 REPORT_NAME = "report.json"
@@ -129,7 +131,7 @@ def _build(cls, values: dict, prefix: str = ""):
 
 def load_vae_config(path: str | Path | None, overrides: list[str] = ()) -> VaeTrainConfig:
     """Read the YAML, apply ``section.key=value`` overrides (values parsed as YAML), check keys and values."""
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    values = (read_yaml(path, "VAE training config") or {}) if path else {}
     values = values or {}
     for item in overrides:
         if "=" not in item:
@@ -316,11 +318,11 @@ def save_checkpoint(output_dir: Path, step: int, vae, optimizer, total_limit: in
 
 def load_checkpoint(checkpoint: Path, vae, optimizer) -> int:
     """Load a checkpoint written by `save_checkpoint` into ``vae`` and ``optimizer``; returns its step."""
-    from safetensors.torch import load_file
+    from .modeling import read_safetensors
 
-    vae.load_state_dict(load_file(str(checkpoint / "vae.safetensors")), strict=True)
+    vae.load_state_dict(read_safetensors(checkpoint / "vae.safetensors"), strict=True)
     meta = json.loads((checkpoint / "state.json").read_text())
-    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    tensors = read_safetensors(checkpoint / "optimizer.safetensors")
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
