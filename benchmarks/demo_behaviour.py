@@ -54,6 +54,8 @@ def prepare(heldout: Path, out: Path, seconds: float, long_seconds: float) -> tu
             long = name
         else:
             regular.append(name)
+            (out / "ground_truth").mkdir(parents=True, exist_ok=True)  # the regular clips, scored as a "generated" set
+            (out / "ground_truth" / f"{name}.mp4").write_bytes((out / "reference" / f"{name}.mp4").read_bytes())
     return regular, long
 
 
@@ -77,6 +79,33 @@ def render(pipe, example: Path, out_path: Path, steps: int | None, variant: str)
     return time.perf_counter() - start
 
 
+def frame_strips(out: Path, name: str, folder: Path, count: int = 6) -> list[Path]:
+    """PNG strips of ``count`` frames where the avatar speaks and where it listens to the user (top row: ground truth,
+    bottom row: the model), from the ``full`` render of clip ``name``; frames evenly spaced over each state."""
+    import PIL.Image
+
+    from echo.media import read_audio
+    from echo.metrics.behaviour import voice_activity
+    from pipelines.video_io import read_frames
+
+    generated = read_frames(out / "generated" / "full" / f"{name}.mp4")
+    truth = read_frames(out / "reference" / f"{name}.mp4")[: len(generated)]
+    avatar = voice_activity(read_audio(out / "audio" / f"{name}.wav"), len(generated))
+    user = voice_activity(read_audio(out / "user_audio" / f"{name}.wav"), len(generated))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for state, frames in (("speaking", np.flatnonzero(avatar & ~user)), ("listening", np.flatnonzero(user & ~avatar))):
+        if len(frames) < count:
+            continue
+        picks = frames[np.linspace(0, len(frames) - 1, count).round().astype(int)]
+        strip = np.concatenate([np.concatenate(list(rows[picks]), axis=1) for rows in (truth, generated)], axis=0)
+        path = folder / f"demo_{state}.png"
+        PIL.Image.fromarray(strip).save(path)
+        paths.append(path)
+        print(f"{state} strip: {path} (frames {picks.tolist()}; top: ground truth, bottom: model)")
+    return paths
+
+
 def evaluate(out: Path, generated: Path, report: Path) -> dict:
     from echo.metrics.cli import main as echo_eval
 
@@ -96,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-seconds", type=float, default=60.0, help="length of the long-video check")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's setting)")
     parser.add_argument("--variants", default="full,no_audio,no_user,long")
+    parser.add_argument("--strips", default=None, help="also write PNG frame strips of speaking and listening here")
     args = parser.parse_args(argv)
 
     import pipelines  # noqa: F401  (registers EchoPipeline with diffusers)
@@ -116,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             times[f"{variant}/{name}"] = seconds
             print(f"rendered {variant}/{name} in {seconds:.1f} s", flush=True)
 
-    reports = {"ground_truth": evaluate(out, out / "reference", out / "report_ground_truth.json")}
+    if args.strips and "full" in variants and regular:
+        frame_strips(out, regular[0], Path(args.strips))
+    reports = {"ground_truth": evaluate(out, out / "ground_truth", out / "report_ground_truth.json")}
     for variant in variants:
         reports[variant] = evaluate(out, out / "generated" / variant, out / f"report_{variant}.json")
     rows = [("set", "lip sync r", "listening ratio", "face rate", "PSNR", "SSIM")]
