@@ -1,9 +1,11 @@
 """Synthetic dyadic conversations: a real face photo animated into talking and listening video, with real speech.
 
-Two participants take turns saying short English sentences, spoken by espeak-ng. Each participant is a face photo
-that ships with an installed package (an `Identity`: ``skimage.data.astronaut()``, ``skimage.data.camera()`` in grey,
-matplotlib's ``grace_hopper.jpg``; mirrored, hue-shifted, zoomed or shifted), animated by moving its MediaPipe
-face-mesh landmarks and warping the photo piecewise-affinely over a triangulation of those landmarks:
+Two participants take turns saying short English sentences, spoken by espeak-ng (its recordings of the default
+dialogue and of the tests' utterances ship in ``data_prep/speech``, so those need no espeak-ng; see `speech_pcm`).
+Each participant is a face photo that ships with an installed package (an `Identity`: ``skimage.data.astronaut()``,
+``skimage.data.camera()`` in grey, matplotlib's ``grace_hopper.jpg``; mirrored, hue-shifted, zoomed or shifted),
+animated by moving its MediaPipe face-mesh landmarks and warping the photo piecewise-affinely over a triangulation of
+those landmarks:
 
 - **talking**: the jaw, lower lip and chin open with the participant's own speech envelope (short-time RMS per
   frame), and the mouth interior between the inner lip contours is painted dark;
@@ -38,7 +40,9 @@ layout; the layout readers ignore it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -274,22 +278,123 @@ class SyntheticConversation:
 # Speech
 # ----------------------------------------------------------------------------------------------------------------
 
+# espeak-ng's own output (22.05 kHz 16-bit mono PCM, FLAC-compressed, lossless) for every utterance the default
+# dialogue, the test suite and `echo-demo --config` say, so that they need no espeak-ng (see speech/README.md).
+SPEECH_DIR = Path(__file__).with_name("speech")
+# With this environment variable set to a file, every `speech_pcm` call appends its utterance to it as a JSON line
+# ``{"text", "voice", "speed"}``: how the shipped set is collected (`ship_speech` records the log).
+SPEECH_LOG_ENV = "ECHO_SPEECH_LOG"
+# Set to 1, an utterance without a shipped clip is an error even where espeak-ng is installed (.ci/run sets it: the
+# suite must pass on a machine without espeak-ng).
+SPEECH_RECORDED_ONLY_ENV = "ECHO_SPEECH_RECORDED_ONLY"
 
-def synthesize_speech(text: str, voice: str = VOICES[0], sample_rate: int = 16_000, speed: int = 170) -> np.ndarray:
-    """Speak ``text`` with espeak-ng; mono float32 at ``sample_rate`` (leading and trailing silence trimmed)."""
-    from data_prep.media import read_wav
 
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); it speaks the synthetic dialogue.")
+def speech_key(text: str, voice: str, speed: int) -> str:
+    """File stem of the shipped clip of one utterance: a hash of ``(text, voice, speed)``."""
+    return hashlib.sha256(json.dumps([text, voice, int(speed)]).encode()).hexdigest()[:24]
+
+
+def _espeak(text: str, voice: str, speed: int) -> tuple[np.ndarray, int]:
+    """espeak-ng's PCM `(N,)` int16 and its sample rate."""
+    from scipy.io import wavfile
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "speech.wav"
         subprocess.run(
-            ["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True, capture_output=True
+            ["espeak-ng", "-v", voice, "-s", str(int(speed)), "-w", str(path), text], check=True, capture_output=True
         )
-        waveform, rate = read_wav(path)
-    waveform = resample_audio(waveform, rate, sample_rate)
+        rate, pcm = wavfile.read(path)
+    assert pcm.dtype == np.int16 and pcm.ndim == 1, f"espeak-ng wrote {pcm.dtype} {pcm.shape}, expected mono int16"
+    return pcm, int(rate)
+
+
+def _read_flac(path: Path) -> tuple[np.ndarray, int]:
+    """A mono 16-bit FLAC file as `(N,)` int16 PCM and its sample rate."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        pcm = np.concatenate([frame.to_ndarray().reshape(-1) for frame in container.decode(stream)])
+        rate = stream.codec_context.sample_rate
+    assert pcm.dtype == np.int16, f"{path.name}: {pcm.dtype} samples, expected 16-bit PCM"
+    return pcm, int(rate)
+
+
+def _write_flac(path: Path, pcm: np.ndarray, rate: int) -> None:
+    """Write `(N,)` int16 PCM as mono FLAC (lossless)."""
+    import av
+
+    with av.open(str(path), "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate, layout="mono", options={"compression_level": "12"})
+        stream.format = "s16"
+        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+
+
+def speech_pcm(text: str, voice: str = VOICES[0], speed: int = 170) -> tuple[np.ndarray, int]:
+    """espeak-ng's rendering of ``text``: `(N,)` int16 PCM and its rate (22050 Hz), untrimmed.
+
+    The shipped clip when there is one (the same audio on every machine, whatever espeak-ng version is installed),
+    espeak-ng otherwise.
+
+    Raises:
+        `RuntimeError`: no clip is shipped for the utterance and espeak-ng is not installed, or
+            ``ECHO_SPEECH_RECORDED_ONLY=1``.
+    """
+    if log := os.environ.get(SPEECH_LOG_ENV):
+        with open(log, "a") as handle:
+            handle.write(json.dumps({"text": text, "voice": voice, "speed": int(speed)}) + "\n")
+    shipped = SPEECH_DIR / f"{speech_key(text, voice, speed)}.flac"
+    if shipped.is_file():
+        return _read_flac(shipped)
+    missing = f"No recorded clip of {text!r} (voice {voice!r}, speed {speed}) ships in {SPEECH_DIR}"
+    if os.environ.get(SPEECH_RECORDED_ONLY_ENV, "0") not in ("", "0"):
+        raise RuntimeError(
+            f"{missing} and {SPEECH_RECORDED_ONLY_ENV} is set, so espeak-ng may not speak it: whatever the test suite "
+            "says must be recorded, to run without espeak-ng; record it with `data_prep.synthetic.ship_speech` "
+            "(data_prep/speech/README.md)."
+        )
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError(
+            f"{missing} and espeak-ng is not installed. The shipped clips cover the default dialogue (`SENTENCES`, "
+            "`VOICES`, 170 words per minute), the test suite and `echo-demo --config`; other dialogues (the demo set "
+            "of `make train-demo`, custom `DialogueStyle`s) need espeak-ng: `sudo apt-get install espeak-ng` "
+            "(Debian/Ubuntu), `brew install espeak-ng` (macOS)."
+        )
+    return _espeak(text, voice, speed)
+
+
+def synthesize_speech(text: str, voice: str = VOICES[0], sample_rate: int = 16_000, speed: int = 170) -> np.ndarray:
+    """Speak ``text`` (espeak-ng, or its shipped recording, see `speech_pcm`); mono float32 at ``sample_rate``,
+    leading and trailing silence trimmed."""
+    pcm, rate = speech_pcm(text, voice, speed)
+    waveform = resample_audio(pcm.astype(np.float32) / 32768.0, rate, sample_rate)
     loud = np.flatnonzero(np.abs(waveform) > 0.01)
     return waveform[loud[0] : loud[-1] + 1] if loud.size else waveform
+
+
+def ship_speech(utterances, folder: str | Path = SPEECH_DIR) -> list[Path]:
+    """Record ``utterances`` (``{"text", "voice", "speed"}`` mappings, e.g. the lines of an ``ECHO_SPEECH_LOG``) with
+    espeak-ng into ``folder`` as ``<speech_key>.flac``, and list them all in ``folder/index.json``; returns the new
+    files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    written = []
+    for item in utterances:
+        text, voice, speed = item["text"], item["voice"], int(item["speed"])
+        key = speech_key(text, voice, speed)
+        if key in index and (folder / f"{key}.flac").is_file():
+            continue
+        pcm, rate = _espeak(text, voice, speed)
+        _write_flac(folder / f"{key}.flac", pcm, rate)
+        index[key] = {"text": text, "voice": voice, "speed": speed}
+        written.append(folder / f"{key}.flac")
+    index_path.write_text(json.dumps(dict(sorted(index.items())), indent=1) + "\n")
+    return written
 
 
 def _dialogue(

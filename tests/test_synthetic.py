@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.faces import FaceMesh
 from data_prep.media import probe_video, read_video, read_wav
-from data_prep.synthetic import make_conversation
+from data_prep.synthetic import TRAIN_SENTENCES, DialogueStyle, MotionStyle, make_conversation
 from data_prep.transcripts import read_seamless_json
 
 
@@ -139,15 +139,17 @@ def test_every_identity_is_a_distinct_face_that_mediapipe_finds():
     np.testing.assert_array_equal(base_face(1, 128)[0], images["astronaut_mirror_hue"])
 
 
+# Long turns and only long pauses; its speech ships in data_prep/speech (tests/test_fresh_setup.py).
+STYLED_DIALOGUE = DialogueStyle(sentences=TRAIN_SENTENCES, voices=("en-gb+m1", "en-us+f2"), speeds=(190, 220),
+                                long_gap_prob=1.0, long_gap=(1.4, 1.8), sentences_per_turn=(2, 2))
+STYLED_SEED, STYLED_SECONDS = 11, 12.0
+
+
 @pytest.fixture(scope="module")
 def styled(tmp_path_factory):
-    from data_prep.synthetic import TRAIN_SENTENCES, DialogueStyle, MotionStyle
-
     rng = np.random.default_rng(0)
-    dialogue = DialogueStyle(sentences=TRAIN_SENTENCES, voices=("en-gb+m1", "en-us+f2"), speeds=(190, 220),
-                             long_gap_prob=1.0, long_gap=(1.4, 1.8), sentences_per_turn=(2, 2))
-    return make_conversation(tmp_path_factory.mktemp("styled"), seconds=12.0, size=128, seed=11,
-                             identities=("camera", "grace_hopper"), dialogue=dialogue,
+    return make_conversation(tmp_path_factory.mktemp("styled"), seconds=STYLED_SECONDS, size=128, seed=STYLED_SEED,
+                             identities=("camera", "grace_hopper"), dialogue=STYLED_DIALOGUE,
                              motion=(MotionStyle.sample(rng), MotionStyle.sample(rng)))
 
 
