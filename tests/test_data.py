@@ -389,8 +389,6 @@ def test_a_missing_clip_cuts_the_history_at_the_gap(long_conversation, tmp_path)
 @pytest.fixture(scope="module")
 def speech_and_silence(tmp_path_factory):
     """A conversation whose avatar speaks (espeak-ng) in clips 0 and 2 and only listens (microphone noise) in 1 and 3."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
     from data_prep.synthetic import synthesize_speech
 
     speech = synthesize_speech("Hello there, how are you doing today? I am fine, thanks.")

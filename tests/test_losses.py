@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 import torch
@@ -72,14 +69,11 @@ def test_pixel_loss_rejects_mismatched_frames(tiny_vae):
 @pytest.fixture(scope="module")
 def speech_with_silence(tmp_path_factory):
     """Real speech from espeak-ng framed by one second of silence on each side, as (waveform, speech_mask)."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    from scipy.io import wavfile
     from scipy.signal import resample_poly
 
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(path), "Hello there, how are you doing today?"], check=True)
-    rate, wave = wavfile.read(path)
+    from data_prep.synthetic import speech_pcm
+
+    wave, rate = speech_pcm("Hello there, how are you doing today?", voice="en", speed=175)
     wave = wave.astype(np.float32) / 32768.0
     wave = resample_poly(wave, SAMPLE_RATE, rate).astype(np.float32)
     silence = np.zeros(SAMPLE_RATE, dtype=np.float32)

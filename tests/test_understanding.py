@@ -1,8 +1,6 @@
 """HBCU (Eq. 8): a tiny random Qwen2.5-Omni thinker on real speech and real face frames, loading and the cache."""
 
 import json
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -86,15 +84,11 @@ def omni(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    from scipy.io import wavfile
+    from data_prep.synthetic import speech_pcm
 
-    path = tmp_path_factory.mktemp("speech") / "user.wav"
     text = "I was so nervous before the interview, but I think it went really well."
-    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
-    rate, wave = wavfile.read(path)
-    wave = wave.astype(np.float32) / np.iinfo(wave.dtype).max if wave.dtype.kind == "i" else wave
+    wave, rate = speech_pcm(text, voice="en", speed=175)
+    wave = wave.astype(np.float32) / np.iinfo(wave.dtype).max
     return resample_audio(wave, rate)
 
 
