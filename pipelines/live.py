@@ -32,7 +32,19 @@ import torch
 
 from echo.audio import FPS
 
-from .render import add_model_arguments, build_helpers, load_pipeline, read_entry, read_manifest, write_atomically
+from .render import (
+    add_model_arguments,
+    build_helpers,
+    check_model_options,
+    load_pipeline,
+    model_options,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    read_entry,
+    read_manifest,
+    write_atomically,
+)
 from .session import AUDIO_BLOCK_FRAMES, AUDIO_CONTEXT_FRAMES, SAMPLES_PER_FRAME
 
 
@@ -43,13 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id", default=None, help="the entry to replay (default: the first)")
     parser.add_argument("--out", default=None, help="write the rendered avatar here (mp4), optional")
     parser.add_argument("--report", default=None, help="write the per-chunk figures here (JSON), optional")
-    parser.add_argument("--speed", type=float, default=1.0, help="replay speed, times real time (default: 1)")
+    parser.add_argument("--speed", type=positive_float, default=1.0, help="replay speed, times real time (default: 1)")
     parser.add_argument("--no-wait", action="store_true", help="push every piece at once, as fast as possible")
-    parser.add_argument("--piece-frames", type=int, default=1, help="frames per pushed piece (default: 1, 40 ms)")
+    parser.add_argument("--piece-frames", type=positive_int, default=1,
+                        help="frames per pushed piece (default: 1, 40 ms)")  # fmt: skip
     parser.add_argument("--audio-encoding", default="stream", choices=["stream", "file"],
                         help="'stream': wav2vec2 blocks as the conversation runs; 'file': whole tracks at the end")  # fmt: skip
-    parser.add_argument("--audio-block-frames", type=int, default=AUDIO_BLOCK_FRAMES)
-    parser.add_argument("--audio-context-frames", type=int, default=AUDIO_CONTEXT_FRAMES)
+    parser.add_argument("--audio-block-frames", type=positive_int, default=AUDIO_BLOCK_FRAMES)
+    parser.add_argument("--audio-context-frames", type=non_negative_int, default=AUDIO_CONTEXT_FRAMES)
     return add_model_arguments(parser)
 
 
@@ -134,7 +147,8 @@ def summarize(chunks: list, start_time: float, speed: float | None) -> tuple[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     manifest = Path(args.manifest)
     entries = [(number, entry, error) for number, entry, error in read_manifest(manifest)]
     chosen = [e for e in entries if args.id is None or (e[1] is not None and str(e[1].get("id")) == args.id)]
@@ -146,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = read_entry(entry, manifest.resolve().parent)
 
     pipe = load_pipeline(args.pipeline, args.device, args.dtype, args.cpu_offload)
+    try:
+        check_model_options(pipe, args)
+    except ValueError as error:
+        parser.error(str(error))  # exit code 2
     helpers = build_helpers(args)
     session = pipe.start_session(
         reference_image=inputs["reference_image"],
@@ -154,14 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         emotion=inputs["emotion"],
         num_frames=inputs["num_frames"],
         generator=torch.Generator().manual_seed(args.seed),
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        audio_guidance_scale=args.audio_guidance_scale,
-        user_guidance_scale=args.user_guidance_scale,
-        num_frames_per_chunk=args.frames_per_chunk,
-        motion_frames=args.motion_frames,
-        user_video_size=args.user_video_size,
+        **model_options(args),
         audio_encoding=args.audio_encoding,
         audio_block_frames=args.audio_block_frames,
         audio_context_frames=args.audio_context_frames,

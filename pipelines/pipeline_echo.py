@@ -31,6 +31,11 @@ pieces as it happens and rendering each chunk as soon as its inputs are complete
 from chunk to chunk, so a chunk's cost does not grow with the conversation. `__call__` is such a session fed
 everything at once (`pipelines.session` documents how a chunk is computed).
 
+Inputs: `pipelines.inputs` defines the accepted forms of every input once (images: PIL, uint8 or [0, 1] float arrays,
+[−1, 1] float tensors; audio: mono float or int16 / int32 PCM at ``sampling_rate``, resampled to 16 kHz; numbers:
+types and ranges). `__call__`, `start_session` and `EchoSession.push` convert the accepted forms and refuse the rest
+with a `ValueError` naming the argument, before any work; nothing is clipped or guessed.
+
 Classifier-free guidance runs up to three passes per step: ``uncond`` (no avatar audio, no user context), ``audio``
 (avatar audio, no user context) and ``full`` (both), combined as
 ``uncond + s_a · (audio − uncond) + s_u · (full − audio)`` with ``s_a = audio_guidance_scale`` and
@@ -52,16 +57,16 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerBase, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from echo.audio import wav2vec2_frame_features
+from echo.audio import SAMPLE_RATE, wav2vec2_frame_features
 from echo.encoding import PromptEncoder, decode_latents, detect_face_landmarks, frames_to_tensor
 from echo.lcu import LongRangeContextEncoder
 from echo.masks import NUM_LANDMARKS, reference_token_masks
 from echo.settings import EchoSettings
 from echo.transformer_echo import EchoTransformer3DModel
 
+from . import inputs as accepted
 from .pipeline_output import EchoPipelineOutput
 from .session import AUDIO_BLOCK_FRAMES, AUDIO_CONTEXT_FRAMES, EchoSession
-from .video_io import to_uint8_frames
 
 logger = logging.get_logger(__name__)
 
@@ -114,35 +119,6 @@ def chunk_schedule(num_frames: int, num_frames_per_chunk: int, motion_frames: in
         start = chunks[-1][1] - motion_frames
         chunks.append((start, start + num_frames_per_chunk))
     return chunks
-
-
-def _reference_uint8(image) -> np.ndarray:
-    """The reference image as `(H, W, 3)` uint8: from PIL, a uint8 or float-in-[0, 1] array, or a `(3, H, W)` tensor in
-    [−1, 1] (as `echo.data` gives frames)."""
-    if isinstance(image, PIL.Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"`reference_image` tensor has shape {tuple(image.shape)}, expected (3, H, W) in [-1, 1].")
-        return (
-            ((image.detach().float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        )
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"`reference_image` has shape {image.shape}, expected (H, W, 3) RGB.")
-        return to_uint8_frames(image[None], "reference_image")[0]
-    raise ValueError(f"`reference_image` is a {type(image).__name__}, expected a PIL image, an array or a tensor.")
-
-
-def _to_waveform(audio, name: str) -> np.ndarray:
-    if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim == 2 and 1 in audio.shape:
-        audio = audio.reshape(-1)
-    if audio.ndim != 1:
-        raise ValueError(f"`{name}` has shape {audio.shape}, expected a mono waveform (num_samples,) at 16 kHz.")
-    return audio
 
 
 class EchoPipeline(DiffusionPipeline):
@@ -246,20 +222,29 @@ class EchoPipeline(DiffusionPipeline):
         encoder = PromptEncoder(self.text_encoder, self.tokenizer, max_sequence_length)
         return encoder(prompt, device=device or self._execution_device, dtype=dtype or self.text_encoder.dtype)
 
-    def encode_audio(self, waveform: np.ndarray, num_frames: int, chunk_seconds: float = 30.0) -> torch.Tensor:
+    def encode_audio(
+        self, waveform, num_frames: int, chunk_seconds: float = 30.0, sampling_rate: int = SAMPLE_RATE
+    ) -> torch.Tensor:
         r"""
-        Per-video-frame wav2vec2 features of a 16 kHz mono waveform, computed by the function data preparation uses
+        Per-video-frame wav2vec2 features of a mono waveform, computed by the function data preparation uses
         (`echo.audio.wav2vec2_frame_features`): every hidden state stacked, the ~50 Hz rows linearly resampled
         to one row per 25 fps frame; the waveform is zero-padded (silence) or cut to ``num_frames / 25`` seconds, and
         audio longer than ``chunk_seconds`` is encoded in chunks with one second of context on each side.
 
+        Args:
+            waveform: a mono waveform in a form `pipelines.inputs` accepts (float in [−1, 1], int16 / int32 PCM).
+            num_frames (`int`): frames the audio covers.
+            chunk_seconds (`float`, defaults to 30): longest piece encoded at once.
+            sampling_rate (`int`, defaults to 16000): rate of ``waveform``; other rates are resampled to 16 kHz.
+
         Returns:
             `torch.Tensor` of shape `(num_frames, num_hidden_layers + 1, hidden_size)`, float32 on the CPU.
         """
+        waveform = accepted.to_16khz(waveform, "waveform", sampling_rate)
+        num_frames = accepted.check_int(num_frames, "num_frames")
         return wav2vec2_frame_features(
-            self.audio_encoder, self.feature_extractor, _to_waveform(waveform, "audio"), num_frames,
-            chunk_seconds=chunk_seconds,
-        )  # fmt: skip
+            self.audio_encoder, self.feature_extractor, waveform, num_frames, chunk_seconds=chunk_seconds
+        )
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         r"""Normalised latents `(B, 16, F, h, w)` → frames `(B, 3, 4(F − 1) + 1, 8h, 8w)` in [−1, 1]
@@ -267,18 +252,16 @@ class EchoPipeline(DiffusionPipeline):
         return decode_latents(self.vae, latents)
 
     def prepare_reference(self, image, height: int, width: int) -> torch.Tensor:
-        """Reference image (PIL, `(H, W, 3)` uint8 / float-in-[0, 1] array, or `(3, H, W)` tensor in [−1, 1]) →
-        `(1, 3, height, width)` in [−1, 1], resized as training resizes its frames (`echo.encoding.frames_to_tensor`)."""
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(
-                    f"`reference_image` tensor has shape {tuple(image.shape)}, expected (3, H, W) in [-1, 1]."
-                )
-            image = image[None].float()
+        """Reference image, in a form `pipelines.inputs` accepts (PIL; `(H, W, 3)` uint8 or float in [0, 1]; `(3, H, W)`
+        float tensor in [−1, 1]) → `(1, 3, height, width)` in [−1, 1], resized as training resizes its frames
+        (`echo.encoding.frames_to_tensor`; a float tensor is resized as it is, without a uint8 round trip)."""
+        image = accepted.check_image(image, "reference_image")
+        if isinstance(image, torch.Tensor):  # 3, H, W in [-1, 1]
+            image = image[None]
             if tuple(image.shape[-2:]) != (height, width):
                 image = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
             return image.clamp(-1, 1)
-        return frames_to_tensor(_reference_uint8(image)[None], (height, width))  # 1, 3, H, W
+        return frames_to_tensor(image[None], (height, width))  # 1, 3, H, W
 
     def prepare_avatar_masks(
         self,
@@ -318,15 +301,13 @@ class EchoPipeline(DiffusionPipeline):
             return masks[0], masks[1] * (1 - masks[0])
         if reference_image is None:
             raise ValueError("`prepare_avatar_masks` needs `reference_image` (its landmarks are in its pixels).")
-        image = _reference_uint8(reference_image)  # H_ref, W_ref, 3
+        image = accepted.to_uint8_image(reference_image, "reference_image")  # H_ref, W_ref, 3 uint8, as MediaPipe reads
         if reference_landmarks is None:
             reference_landmarks = detect_face_landmarks(image)
-        reference_landmarks = np.asarray(reference_landmarks, dtype=np.float32)
-        if reference_landmarks.shape != (NUM_LANDMARKS, 2):
-            raise ValueError(
-                f"`reference_landmarks` has shape {reference_landmarks.shape}, expected ({NUM_LANDMARKS}, 2) pixels "
-                f"of the {image.shape[0]}x{image.shape[1]} reference image."
-            )
+        reference_landmarks = accepted.check_landmarks(
+            reference_landmarks, "reference_landmarks", (NUM_LANDMARKS, 2),
+            f"pixels of the {image.shape[0]}x{image.shape[1]} reference image",
+        )  # fmt: skip
         lip, face = reference_token_masks(
             reference_landmarks, height, width, num_latent_frames, source_size=image.shape[:2], patch_size=patch_px
         )  # F, H', W' each
@@ -336,35 +317,60 @@ class EchoPipeline(DiffusionPipeline):
     # Checks and latents
     # ------------------------------------------------------------------------------------------------------------
 
+    @property
+    def token_unit(self) -> tuple[int, int]:
+        """Pixels per token `(rows, columns)`: the VAE's spatial factor times the patch size; ``height`` / ``width``
+        are multiples of it."""
+        patch = self.transformer.config.patch_size
+        return self.vae_scale_factor_spatial * patch[1], self.vae_scale_factor_spatial * patch[2]
+
+    def resolve_settings(self, height=None, width=None, **overrides) -> tuple[EchoSettings, int, int]:
+        r"""
+        The settings of one call or session: the model's (`settings`) with the given arguments (not `None`), every
+        value checked (`pipelines.inputs`: types, ranges; `EchoSettings`: their relations), and the output size.
+
+        Args:
+            height (`int`, *optional*), width (`int`, *optional*): positive multiples of `token_unit`; default to
+                ``settings.resolution``.
+            **overrides: `EchoSettings` fields among ``num_inference_steps``, ``audio_guidance_scale``,
+                ``user_guidance_scale``, ``num_frames_per_chunk``, ``motion_frames``, ``user_video_size``,
+                ``max_sequence_length``, ``default_emotion``.
+
+        Returns:
+            `(settings, height, width)`; a `ValueError` naming the argument when one is not accepted.
+        """
+        overrides = accepted.check_call_settings(**overrides)
+        settings = self.settings.replace(**{name: value for name, value in overrides.items() if value is not None})
+        height = settings.resolution if height is None else height
+        width = settings.resolution if width is None else width
+        return (settings, *accepted.check_size(height, width, self.token_unit))
+
     def check_inputs(
         self,
         reference_image,
         avatar_audio,
         user_video,
         user_audio,
-        height,
-        width,
         num_frames,
-        num_frames_per_chunk,
-        motion_frames,
         emotion,
         output_type="np",
         callback_on_step_end_tensor_inputs=None,
         avatar_audio_features=None,
         user_audio_features=None,
+        generator=None,
+        callback_on_step_end=None,
     ):
+        """The checks of the inputs' presence, pairing and types that `resolve_settings` and the conversions of
+        `pipelines.inputs` (run by `__call__` right after) do not make."""
         if output_type not in ("np", "pt", "pil"):
             raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt' or 'pil'.")
         if reference_image is None:
             raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
         if avatar_audio is None and avatar_audio_features is None:
             raise ValueError(
-                "`avatar_audio` is required: a mono waveform at 16 kHz (or its per-frame wav2vec2 rows as "
+                "`avatar_audio` is required: a mono waveform (or its per-frame wav2vec2 rows as "
                 "`avatar_audio_features`)."
             )
-        unit = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-        if height % unit != 0 or width % unit != 0:
-            raise ValueError(f"`height` and `width` have to be divisible by {unit} but are {height} and {width}.")
         if user_audio is None:
             user_audio = user_audio_features
         if (user_video is None) != (user_audio is None):
@@ -373,11 +379,11 @@ class EchoPipeline(DiffusionPipeline):
             )
         if user_audio is not None and self.context_encoder is None:
             raise ValueError("`user_audio` was given but the pipeline has no `context_encoder` (LCU) to encode it.")
-        if num_frames is not None and num_frames < 1:
-            raise ValueError(f"`num_frames` is {num_frames}, expected at least 1.")
-        chunk_schedule(1, num_frames_per_chunk, motion_frames)  # validates both
-        if emotion is not None and not isinstance(emotion, (str, list)):
-            raise ValueError(f"`emotion` has to be a `str` or a `list[str]` (one per chunk) but is {type(emotion)}.")
+        if num_frames is not None:
+            accepted.check_int(num_frames, "num_frames")
+        accepted.check_emotion(emotion)
+        accepted.check_generator(generator)
+        accepted.check_callable(callback_on_step_end, "callback_on_step_end")
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
@@ -449,10 +455,6 @@ class EchoPipeline(DiffusionPipeline):
     # Interactive session
     # ------------------------------------------------------------------------------------------------------------
 
-    def _call_settings(self, **overrides) -> EchoSettings:
-        """The model's settings with the arguments given (not `None`) of this call or session."""
-        return self.settings.replace(**{name: value for name, value in overrides.items() if value is not None})
-
     def start_session(
         self,
         reference_image: PIL.Image.Image | np.ndarray | torch.Tensor,
@@ -483,6 +485,7 @@ class EchoPipeline(DiffusionPipeline):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        sampling_rate: int = SAMPLE_RATE,
     ) -> EchoSession:
         r"""
         Starts an interactive render: an [`~pipelines.session.EchoSession`] on this pipeline's weights, fed with
@@ -509,11 +512,15 @@ class EchoPipeline(DiffusionPipeline):
                 render while the conversation goes on; ``"file"`` encodes each track whole at `close` (as `__call__`
                 by default), so nothing renders before the end of input.
             audio_block_frames (`int`, defaults to 25), audio_context_frames (`int`, defaults to 25): see above.
+            sampling_rate (`int`, defaults to 16000): the rate of the waveforms pushed without their own
+                ``sampling_rate``; other rates than 16 kHz are resampled as they arrive (`pipelines.inputs`).
 
         Returns:
             [`~pipelines.session.EchoSession`].
         """
-        settings = self._call_settings(
+        settings, height, width = self.resolve_settings(
+            height=height,
+            width=width,
             num_frames_per_chunk=num_frames_per_chunk,
             motion_frames=motion_frames,
             user_video_size=user_video_size,
@@ -523,13 +530,8 @@ class EchoPipeline(DiffusionPipeline):
             audio_guidance_scale=audio_guidance_scale,
             user_guidance_scale=user_guidance_scale,
         )
-        height = settings.resolution if height is None else height
-        width = settings.resolution if width is None else width
         if reference_image is None:
             raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
-        unit = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-        if height % unit != 0 or width % unit != 0:
-            raise ValueError(f"`height` and `width` have to be divisible by {unit} but are {height} and {width}.")
         self._current_timestep = None
         self._current_chunk = None
         self._interrupt = False
@@ -556,6 +558,7 @@ class EchoPipeline(DiffusionPipeline):
             attention_kwargs=attention_kwargs,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            sampling_rate=sampling_rate,
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -599,6 +602,7 @@ class EchoPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
         audio_encoding: str = "file",
+        sampling_rate: int = SAMPLE_RATE,
     ):
         r"""
         The call function to the pipeline for generation.
@@ -606,14 +610,19 @@ class EchoPipeline(DiffusionPipeline):
         Every argument documented as "defaults to the model's setting" is read from `settings` when left at `None`.
 
         Args:
-            reference_image (`PIL.Image.Image`, `np.ndarray` `(H, W, 3)` or `torch.Tensor` `(3, H, W)` in [−1, 1]):
-                The avatar's identity (Eq. 1, ``I_ref``).
+            reference_image (`PIL.Image.Image`, `np.ndarray` `(H, W, 3)` or `torch.Tensor` `(3, H, W)`):
+                The avatar's identity (Eq. 1, ``I_ref``): a PIL image, a uint8 array, a float array in [0, 1], or a
+                float tensor in [−1, 1] (`pipelines.inputs` lists the accepted forms; others are refused, not
+                clipped).
             avatar_audio (`np.ndarray` or `torch.Tensor` of shape `(num_samples,)`):
-                The avatar's own speech, mono 16 kHz (``A_avt``). Silence where the avatar listens.
-            user_video (`np.ndarray` `(T_u, H_u, W_u, 3)`, `torch.Tensor` or `list[PIL.Image.Image]`, *optional*):
-                The user's video at 25 fps, frame 0 aligned with the avatar's frame 0 (``V_usr``).
+                The avatar's own speech, mono, float in [−1, 1] or int16 / int32 PCM, at ``sampling_rate``
+                (``A_avt``). Silence where the avatar listens.
+            user_video (`np.ndarray` `(T_u, H_u, W_u, 3)`, `torch.Tensor` `(T_u, 3, H_u, W_u)` or a list of images,
+                *optional*):
+                The user's video at 25 fps, frame 0 aligned with the avatar's frame 0 (``V_usr``); every frame in a
+                form ``reference_image`` accepts.
             user_audio (`np.ndarray` or `torch.Tensor` of shape `(num_samples,)`, *optional*):
-                The user's speech, mono 16 kHz (``A_usr``). Without user inputs the user branch is off.
+                The user's speech, as ``avatar_audio`` (``A_usr``). Without user inputs the user branch is off.
             dialogue (`list[dict]`, *optional*):
                 Transcript segments ``{"speaker": "avatar"|"user", "start", "end", "text"}`` (seconds) for the emotion
                 reasoner (``P_hist``).
@@ -624,12 +633,13 @@ class EchoPipeline(DiffusionPipeline):
             num_frames (`int`, *optional*):
                 Frames to generate at 25 fps; defaults to the avatar audio's duration.
             height (`int`, *optional*), width (`int`, *optional*):
-                Output size, multiples of 16; default to the model's setting (``settings.resolution``).
+                Output size, positive multiples of `token_unit` (16 for Wan's VAE and patches); default to the
+                model's setting (``settings.resolution``).
             num_inference_steps (`int`, *optional*):
-                Denoising steps per chunk; defaults to the model's setting.
+                Denoising steps per chunk, at least 1; defaults to the model's setting.
             audio_guidance_scale (`float`, *optional*), user_guidance_scale (`float`, *optional*):
-                ``s_a`` and ``s_u`` of ``uncond + s_a (audio − uncond) + s_u (full − audio)``; default to the model's
-                settings.
+                ``s_a`` and ``s_u`` of ``uncond + s_a (audio − uncond) + s_u (full − audio)``, finite and >= 0; default
+                to the model's settings.
             num_frames_per_chunk (`int`, *optional*):
                 ``4k + 1`` frames generated per chunk; defaults to the model's setting (its training window).
             motion_frames (`int`, *optional*):
@@ -680,6 +690,9 @@ class EchoPipeline(DiffusionPipeline):
                 How waveforms become wav2vec2 rows: ``"file"`` encodes each track whole (`encode_audio`, as data
                 preparation does); ``"stream"`` encodes them in blocks as a live session does
                 (`pipelines.session.stream_frame_features`), for a render identical to a session's.
+            sampling_rate (`int`, defaults to 16000):
+                The rate of ``avatar_audio`` and ``user_audio`` in Hz; other rates than the model's 16 kHz are
+                resampled (FFmpeg's resampler, as audio files are read).
 
         Examples:
 
@@ -690,7 +703,9 @@ class EchoPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 0. Defaults: the settings the model was trained with; an explicit argument overrides them for this call
-        settings = self._call_settings(
+        settings, height, width = self.resolve_settings(
+            height=height,
+            width=width,
             num_frames_per_chunk=num_frames_per_chunk,
             motion_frames=motion_frames,
             user_video_size=user_video_size,
@@ -700,26 +715,30 @@ class EchoPipeline(DiffusionPipeline):
             audio_guidance_scale=audio_guidance_scale,
             user_guidance_scale=user_guidance_scale,
         )
-        height = settings.resolution if height is None else height
-        width = settings.resolution if width is None else width
 
-        # 1. Check inputs. Raise error if not correct
+        # 1. Check inputs, and convert the accepted forms (`pipelines.inputs`) before any work
         self.check_inputs(
             reference_image,
             avatar_audio,
             user_video,
             user_audio,
-            height,
-            width,
             num_frames,
-            settings.num_frames_per_chunk,
-            settings.motion_frames,
             emotion,
             output_type,
             callback_on_step_end_tensor_inputs,
             avatar_audio_features=avatar_audio_features,
             user_audio_features=user_audio_features,
+            generator=generator,
+            callback_on_step_end=callback_on_step_end,
         )
+        sampling_rate = accepted.check_sampling_rate(sampling_rate)
+        reference_image = accepted.check_image(reference_image, "reference_image")  # H, W, 3 uint8 or 3, H, W float
+        if avatar_audio is not None:
+            avatar_audio = accepted.to_waveform(avatar_audio, "avatar_audio")  # at sampling_rate
+        if user_audio is not None:
+            user_audio = accepted.to_waveform(user_audio, "user_audio")
+        if user_video is not None:
+            user_video = accepted.to_uint8_video(user_video, "user_video")  # T, H, W, 3
         self._audio_guidance_scale = settings.audio_guidance_scale
         self._user_guidance_scale = settings.user_guidance_scale
         self._attention_kwargs = attention_kwargs
@@ -749,6 +768,7 @@ class EchoPipeline(DiffusionPipeline):
             attention_kwargs=attention_kwargs,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            sampling_rate=sampling_rate,
         )
         session.push(avatar_audio=avatar_audio, avatar_audio_features=avatar_audio_features, dialogue=dialogue)
         if user_video is not None:

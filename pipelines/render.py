@@ -24,6 +24,9 @@ without one from their dialogue (`echo.EmotionReasoner`).
 
 Behaviour:
 
+- every option is checked before any clip renders: its value as it is parsed (``--steps 0``, a negative guidance
+  scale), what depends on the model (``--height 70`` with 16-pixel tokens, a chunk length other than ``4k + 1``) once
+  the model is loaded; an invalid option is one error (exit code 2), not one failure per clip;
 - every clip is written to ``<out>/<id>.mp4`` (H.264 + the avatar's audio; ``--side-by-side`` adds the user's video on
   the left), through a temporary file and an atomic rename, so a file under its final name is always complete;
 - ids are sanitised: any character outside ``[A-Za-z0-9._-]`` becomes ``_`` and leading dots are dropped, so no id
@@ -49,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .inputs import check_int, check_scale
 
 REQUIRED_KEYS = ("id", "reference_image", "avatar_audio", "user_video", "user_audio")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -155,14 +160,7 @@ def render_entry(
     inputs = read_entry(entry, base)
     output = pipe(
         **inputs,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        audio_guidance_scale=args.audio_guidance_scale,
-        user_guidance_scale=args.user_guidance_scale,
-        num_frames_per_chunk=args.frames_per_chunk,
-        motion_frames=args.motion_frames,
-        user_video_size=args.user_video_size,
+        **model_options(args),
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
         **(helpers or {}),
@@ -192,7 +190,10 @@ def render_manifest(
     args: argparse.Namespace,
     helpers: dict | None = None,
 ) -> dict:
-    """Render every entry of ``manifest`` into ``out_dir``; returns the summary dict (see `main`)."""
+    """Render every entry of ``manifest`` into ``out_dir``; returns the summary dict (see `main`). The options are
+    checked against the model first (`check_model_options`): options no clip could render with are one error, before
+    any clip."""
+    check_model_options(pipe, args)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = Path(manifest).resolve().parent
@@ -240,21 +241,102 @@ def build_parser() -> argparse.ArgumentParser:
     return add_model_arguments(parser)
 
 
+def _parsed(text: str, parse, check, accepts: str):
+    """An option's value: ``parse(text)`` checked by a `pipelines.inputs` rule, or the argparse error naming it."""
+    try:
+        return check(parse(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (`pipelines.inputs.check_int`)."""
+    return _parsed(text, int, lambda value: check_int(value, "option", 1), "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (`pipelines.inputs.check_int`)."""
+    return _parsed(text, int, lambda value: check_int(value, "option", 0), "an integer >= 0")
+
+
+def guidance_scale(text: str) -> float:
+    """argparse type: a finite number >= 0 (`pipelines.inputs.check_scale`)."""
+    return _parsed(text, float, lambda value: check_scale(value, "option"), "a finite number >= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (e.g. echo-live's ``--speed``)."""
+
+    def check(value: float) -> float:
+        if not check_scale(value, "option") > 0:
+            raise ValueError(value)
+        return value
+
+    return _parsed(text, float, check, "a finite number > 0")
+
+
+# The model options: their `EchoPipeline` argument and command-line name.
+MODEL_OPTIONS = {
+    "height": "--height",
+    "width": "--width",
+    "num_inference_steps": "--steps",
+    "audio_guidance_scale": "--audio-guidance-scale",
+    "user_guidance_scale": "--user-guidance-scale",
+    "num_frames_per_chunk": "--frames-per-chunk",
+    "motion_frames": "--motion-frames",
+    "user_video_size": "--user-video-size",
+}
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The model options as `EchoPipeline` arguments (`None`: the model's saved setting)."""
+    values = {
+        "height": args.height,
+        "width": args.width,
+        "num_inference_steps": args.steps,
+        "audio_guidance_scale": args.audio_guidance_scale,
+        "user_guidance_scale": args.user_guidance_scale,
+        "num_frames_per_chunk": args.frames_per_chunk,
+        "motion_frames": args.motion_frames,
+        "user_video_size": args.user_video_size,
+    }
+    assert values.keys() == MODEL_OPTIONS.keys()
+    return values
+
+
+def check_model_options(pipe, args: argparse.Namespace) -> None:
+    """Checks the model options against the loaded model once, before any clip (the checks every clip would fail
+    alike: size not a multiple of the token unit, chunk length not ``4k + 1``, ...): a `ValueError` naming the
+    options, from `EchoPipeline.resolve_settings` (the checks of the Python API)."""
+    try:
+        pipe.resolve_settings(**model_options(args))
+    except ValueError as error:
+        message = str(error)
+        for name, option in MODEL_OPTIONS.items():
+            message = message.replace(f"`{name}`", f"`{option}`")
+        raise ValueError(message) from error
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options echo-render and echo-live share: rendering settings, device, helpers."""
+    """The options echo-render and echo-live share: rendering settings, device, helpers. Each value is checked as it
+    is parsed (argparse types); what depends on the model (sizes in tokens, chunk lengths) by `check_model_options`
+    once the model is loaded, before any clip."""
     # None = the setting saved with the model (what it was trained with), for every option of this group.
-    parser.add_argument("--height", type=int, default=None, help="default: the model's resolution")
-    parser.add_argument("--width", type=int, default=None, help="default: the model's resolution")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the model's)")
-    parser.add_argument("--audio-guidance-scale", type=float, default=None, help="default: the model's")
-    parser.add_argument("--user-guidance-scale", type=float, default=None, help="default: the model's")
-    parser.add_argument("--frames-per-chunk", type=int, default=None,
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="a multiple of the model's token size (default: the model's resolution)")  # fmt: skip
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="a multiple of the model's token size (default: the model's resolution)")  # fmt: skip
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="denoising steps per chunk, >= 1 (default: the model's)")  # fmt: skip
+    parser.add_argument("--audio-guidance-scale", type=guidance_scale, default=None, help=">= 0 (default: the model's)")
+    parser.add_argument("--user-guidance-scale", type=guidance_scale, default=None, help=">= 0 (default: the model's)")
+    parser.add_argument("--frames-per-chunk", type=positive_int, default=None,
                         help="4k + 1 frames per chunk (default: the model's training window)")  # fmt: skip
-    parser.add_argument("--motion-frames", type=int, default=None,
+    parser.add_argument("--motion-frames", type=positive_int, default=None,
                         help="4(m - 1) + 1 frames carried between chunks (default: the model's)")  # fmt: skip
-    parser.add_argument("--user-video-size", type=int, default=None,
-                        help="side of the user's frames read by the LCU (default: the model's)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--user-video-size", type=positive_int, default=None,
+                        help="side of the user's frames read by the LCU, a multiple of 8 (default: the model's)")  # fmt: skip
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", default=None, help="defaults to cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="defaults to bfloat16 on cuda, float32 on cpu")  # fmt: skip
@@ -300,8 +382,13 @@ def load_pipeline(folder: str | os.PathLike, device: str | None = None, dtype: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     pipe = load_pipeline(args.pipeline, args.device, args.dtype, args.cpu_offload)
+    try:
+        check_model_options(pipe, args)
+    except ValueError as error:
+        parser.error(str(error))  # once, before any clip (exit code 2)
     summary = render_manifest(pipe, args.manifest, args.out, args, build_helpers(args))
     video_seconds = summary["frames"] / 25.0
     print(

@@ -48,6 +48,10 @@ How a chunk is computed (the decisions behind "exactly" and "constant cost per c
   on both sides (`stream_frame_features`): a row is final one block plus the context after its audio, at the cost of
   features that differ from whole-file features near block edges. Precomputed rows (``*_audio_features``, e.g. a
   prepared clip's ``*_w2v.npy``) bypass both.
+- **Inputs.** Every pushed piece is checked and converted by `pipelines.inputs` (the accepted forms of images, frames
+  and waveforms) before any buffer changes. A waveform at another rate than 16 kHz (``sampling_rate``, per session or
+  per push; fixed per stream by its first piece) is resampled as it arrives by a stateful resampler, so pieces give
+  exactly the samples of the whole; its last samples come at `close`.
 - **Timing.** Each chunk records when its last input arrived (the `push` or `close` that completed it), when its
   rendering started and when its frames were ready, so a live caller (``echo-live``) can report latency and the
   real-time factor. `push` only buffers and may run in another thread than `pull`.
@@ -56,6 +60,7 @@ How a chunk is computed (the decisions behind "exactly" and "constant cost per c
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,7 +74,7 @@ from echo.audio import FPS, SAMPLE_RATE, wav2vec2_frame_features
 from echo.encoding import PromptEncoder, chunk_condition, detect_face_landmarks, encode_user_video, prepare_user_video
 from echo.masks import NUM_LANDMARKS
 
-from .video_io import to_uint8_frames
+from . import inputs as accepted
 
 if TYPE_CHECKING:
     from .pipeline_echo import EchoPipeline
@@ -160,26 +165,38 @@ class _AudioStream:
         self.name, self.encoding = name, encoding
         self.block_frames, self.context_frames = block_frames, context_frames
         self.feature_shape = feature_shape  # (NL, D) of the audio encoder
-        self.samples = _Rows()  # float32 waveform
+        self.samples = _Rows()  # float32 waveform at 16 kHz
         self.rows = _Rows()  # float32 (T, NL, D): pushed features, or encoded from the waveform
         self.given_features = False
         self.pushed_waveform = False
+        self.resampler: accepted.StreamResampler | None = None  # fixed by the first waveform piece's rate
 
-    def push_waveform(self, waveform: np.ndarray) -> None:
+    def check_rate(self, rate: int) -> None:
+        """Every piece of a stream has the rate of the first (the resampler's state runs across pieces)."""
+        if self.resampler is not None and rate != self.resampler.rate:
+            raise ValueError(
+                f"`{self.name}` piece at `sampling_rate` = {rate} Hz after pieces at {self.resampler.rate} Hz: every "
+                "piece of a stream has the same rate."
+            )
+        if self.resampler is not None and self.resampler.flushed:
+            raise ValueError(f"`{self.name}` was pushed after `close()` ended the stream (its resampler is flushed).")
+
+    def push_waveform(self, waveform: np.ndarray, rate: int) -> None:
+        """Appends a piece at ``rate`` Hz (checked by `check_rate`), resampled to 16 kHz as it arrives."""
+        if self.resampler is None:
+            self.resampler = accepted.StreamResampler(rate)
+        waveform = self.resampler(waveform)
         self.samples.append(torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)))
         self.pushed_waveform = True
 
+    def end(self) -> None:
+        """End of input: the samples the resampler still holds."""
+        if self.resampler is not None:
+            self.samples.append(torch.from_numpy(self.resampler.flush()))
+
     def check_features(self, features, argument: str) -> torch.Tensor:
         """Per-frame rows as float32 CPU `(n, NL, D)` (a copy), or a `ValueError` naming ``argument``."""
-        if not isinstance(features, torch.Tensor):
-            features = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: memory maps are read-only
-        features = features.detach().float().cpu()
-        if features.ndim != 3 or tuple(features.shape[1:]) != tuple(self.feature_shape):
-            raise ValueError(
-                f"`{argument}` has shape {tuple(features.shape)}, expected (T, {self.feature_shape[0]}, "
-                f"{self.feature_shape[1]}) per-frame wav2vec2 rows of the pipeline's audio encoder."
-            )
-        return features
+        return accepted.check_features(features, argument, self.feature_shape)
 
     def check_can_take_features(self, argument: str) -> None:
         if not self.given_features and len(self.rows):
@@ -221,7 +238,7 @@ class _AudioStream:
                 )
             return self.rows.view(0, stop)
         if not self.pushed_waveform:
-            raise ValueError(f"No `{self.name}` was pushed: a waveform (16 kHz mono) or `{self.name}_features`.")
+            raise ValueError(f"No `{self.name}` was pushed: a mono waveform or `{self.name}_features`.")
         if self.encoding == "file":
             if len(self.rows) == 0:
                 self.rows.append(pipe.encode_audio(self.waveform(), total))
@@ -323,21 +340,38 @@ class EchoSession:
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        sampling_rate: int = SAMPLE_RATE,
     ):
         if output_type not in ("np", "pt", "pil", None):
             raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil' or None.")
         if audio_encoding not in AUDIO_ENCODINGS:
             raise ValueError(f"`audio_encoding` is {audio_encoding!r}, expected one of {AUDIO_ENCODINGS}.")
-        for name, value, least in (("audio_block_frames", audio_block_frames, 1),
-                                   ("audio_context_frames", audio_context_frames, 0)):  # fmt: skip
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"`{name}` is {value!r}, expected an integer >= {least}.")
-        if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
-            raise ValueError(f"`num_frames` is {num_frames!r}, expected a positive integer.")
+        audio_block_frames = accepted.check_int(audio_block_frames, "audio_block_frames", 1)
+        audio_context_frames = accepted.check_int(audio_context_frames, "audio_context_frames", 0)
+        if num_frames is not None:
+            num_frames = accepted.check_int(num_frames, "num_frames")
+        if not isinstance(with_user, bool):
+            raise ValueError(f"`with_user` is {accepted.describe(with_user)}; expected True, False or None.")
         if with_user and pipe.context_encoder is None:
             raise ValueError("`with_user=True` but the pipeline has no `context_encoder` (LCU) to encode the user.")
-        if emotion is not None and not isinstance(emotion, (str, list)):
-            raise ValueError(f"`emotion` has to be a `str` or a `list[str]` (one per chunk) but is {type(emotion)}.")
+        emotion = accepted.check_emotion(emotion)
+        accepted.check_generator(generator)
+        accepted.check_callable(callback_on_step_end, "callback_on_step_end")
+        accepted.check_callable(understanding_model, "understanding_model")
+        if emotion_reasoner is not None and not callable(getattr(emotion_reasoner, "describe", None)):
+            raise ValueError(
+                f"`emotion_reasoner` is {accepted.describe(emotion_reasoner)}; expected an object with "
+                "describe(history, clip_end, avatar_speaker) (e.g. `echo.EmotionReasoner`)."
+            )
+        if understanding is not None and with_user and "understanding" in pipe.context_encoder.required_inputs:
+            dim = pipe.context_encoder.config.understanding_dim
+            if isinstance(understanding, (list, tuple)):  # one per chunk; None: computed by the understanding_model
+                understanding = [None if u is None else accepted.check_understanding(u, f"understanding[{i}]", dim)
+                                 for i, u in enumerate(understanding)]  # fmt: skip
+            else:
+                understanding = accepted.check_understanding(understanding, "understanding", dim)
+        self.sampling_rate = accepted.check_sampling_rate(sampling_rate)
+        reference_image = accepted.check_image(reference_image, "reference_image")  # converted once, checked once
         self.pipe, self.settings = pipe, settings
         self.height, self.width = height, width
         self.generator, self.with_user = generator, with_user
@@ -385,7 +419,7 @@ class EchoSession:
         self.last_rendered_stop = 0
         self._condition = threading.Condition()
         if self.chunks is not None:
-            self._check_per_chunk_lists()
+            self._check_per_chunk_lists(len(self.chunks))
 
     # ------------------------------------------------------------------------------------------------------------
     # Input
@@ -400,7 +434,7 @@ class EchoSession:
         avatar_audio_features: np.ndarray | torch.Tensor | None = None,
         user_landmarks: np.ndarray | None = None,
         dialogue: list[dict] | None = None,
-        sample_rate: int | None = None,
+        sampling_rate: int | None = None,
         fps: float | None = None,
     ) -> None:
         r"""
@@ -409,11 +443,12 @@ class EchoSession:
 
         Args:
             user_audio (`np.ndarray` or `torch.Tensor` of shape `(num_samples,)`, *optional*): the user's speech,
-                16 kHz mono.
-            user_video (`np.ndarray` `(n, H_u, W_u, 3)`, `torch.Tensor` or `list[PIL.Image.Image]`, *optional*): the
-                user's next frames at 25 fps (the size of the first piece for all pieces).
+                mono, float in [−1, 1] or int16 / int32 PCM, at ``sampling_rate`` (`pipelines.inputs`).
+            user_video (`np.ndarray` `(n, H_u, W_u, 3)`, `torch.Tensor` `(n, 3, H_u, W_u)` or a list of images,
+                *optional*): the user's next frames at 25 fps (the size of the first piece for all pieces), in the
+                forms `pipelines.inputs` accepts (uint8 or [0, 1] float arrays, [−1, 1] float tensors, PIL images).
             avatar_audio (`np.ndarray` or `torch.Tensor` of shape `(num_samples,)`, *optional*): the avatar's speech,
-                16 kHz mono (silence where it listens).
+                as ``user_audio`` (silence where it listens).
             user_audio_features (`np.ndarray` or `torch.Tensor` of shape `(n, NL, D)`, *optional*),
             avatar_audio_features (`np.ndarray` or `torch.Tensor` of shape `(n, NL, D)`, *optional*): per-frame
                 wav2vec2 rows used instead of encoding the waveform (a waveform may still be pushed: the avatar's sets
@@ -422,11 +457,12 @@ class EchoSession:
                 piece (pixels of its frames); with every video piece or with none (MediaPipe then detects them).
             dialogue (`list[dict]`, *optional*): new transcript segments ``{"speaker", "start", "end", "text"}``
                 (seconds) for the emotion reasoner.
-            sample_rate (`int`, *optional*): the rate of the audio pieces; only 16000 is accepted (resample first).
+            sampling_rate (`int`, *optional*): the rate of the audio pieces in Hz, defaults to the session's
+                (``start_session(sampling_rate=...)``, 16000 by default); other rates than 16 kHz are resampled as they
+                arrive. Every piece of a stream has the rate of its first piece.
             fps (`float`, *optional*): the rate of the video piece; only 25 is accepted.
         """
-        if sample_rate is not None and sample_rate != SAMPLE_RATE:
-            raise ValueError(f"`sample_rate` is {sample_rate}, expected {SAMPLE_RATE}: resample the audio first.")
+        rate = self.sampling_rate if sampling_rate is None else accepted.check_sampling_rate(sampling_rate)
         if fps is not None and fps != FPS:
             raise ValueError(f"`fps` is {fps}, expected {FPS}: the model renders and reads video at {FPS} fps.")
         user_given = [name for name, value in (("user_audio", user_audio), ("user_video", user_video),
@@ -441,11 +477,11 @@ class EchoSession:
         # 1. Validate and convert everything before changing any buffer
         pieces = {}
         if avatar_audio is not None:
-            pieces["avatar_audio"] = _mono(avatar_audio, "avatar_audio")
+            pieces["avatar_audio"] = accepted.to_waveform(avatar_audio, "avatar_audio")  # at `rate`
         if user_audio is not None:
-            pieces["user_audio"] = _mono(user_audio, "user_audio")
+            pieces["user_audio"] = accepted.to_waveform(user_audio, "user_audio")
         if user_video is not None:
-            frames = to_uint8_frames(user_video, "user_video")
+            frames = accepted.to_uint8_video(user_video, "user_video")  # n, H, W, 3
             size = self.user.frame_size or frames.shape[1:3]
             if frames.shape[1:3] != size:
                 raise ValueError(
@@ -460,13 +496,10 @@ class EchoSession:
                         "`user_landmarks` must come with every `user_video` piece or with none (then detected)."
                     )
                 if with_landmarks:
-                    user_landmarks = np.asarray(user_landmarks, dtype=np.float32)
-                    if user_landmarks.shape != (len(frames), NUM_LANDMARKS, 2):
-                        raise ValueError(
-                            f"`user_landmarks` has shape {user_landmarks.shape}, expected ({len(frames)}, "
-                            f"{NUM_LANDMARKS}, 2): one face mesh per `user_video` frame."
-                        )
-                    pieces["user_landmarks"] = user_landmarks
+                    pieces["user_landmarks"] = accepted.check_landmarks(
+                        user_landmarks, "user_landmarks", (len(frames), NUM_LANDMARKS, 2),
+                        "one face mesh per `user_video` frame, in its pixels (NaN rows: no face)", allow_nan=True,
+                    )  # fmt: skip
         if avatar_audio_features is not None:
             pieces["avatar_audio_features"] = self.avatar_audio.check_features(avatar_audio_features,
                                                                                "avatar_audio_features")  # fmt: skip
@@ -484,12 +517,15 @@ class EchoSession:
                 self.avatar_audio.check_can_take_features("avatar_audio_features")
             if "user_audio_features" in pieces:
                 self.user_audio.check_can_take_features("user_audio_features")
+            for name in ("avatar_audio", "user_audio"):
+                if name in pieces:
+                    getattr(self, name).check_rate(rate)
             if "avatar_audio" in pieces:
-                self.avatar_audio.push_waveform(pieces["avatar_audio"])
+                self.avatar_audio.push_waveform(pieces["avatar_audio"], rate)
             if "avatar_audio_features" in pieces:
                 self.avatar_audio.push_features(pieces["avatar_audio_features"])
             if "user_audio" in pieces:
-                self.user_audio.push_waveform(pieces["user_audio"])
+                self.user_audio.push_waveform(pieces["user_audio"], rate)
             if "user_audio_features" in pieces:
                 self.user_audio.push_features(pieces["user_audio_features"])
             if "user_video" in pieces:
@@ -505,28 +541,29 @@ class EchoSession:
     def close(self, num_frames: int | None = None) -> None:
         r"""Marks the end of input. The conversation has ``num_frames`` frames (the one given to `start_session`, or
         the avatar audio's duration); the streams are padded past their ends as the offline call pads them (silence,
-        the user's last frame)."""
-        if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
-            raise ValueError(f"`num_frames` is {num_frames!r}, expected a positive integer.")
+        the user's last frame). A refused call changes nothing, except that audio streams at another rate than 16 kHz
+        end at the first call (their resampler's last samples), so no waveform can follow them."""
+        if num_frames is not None:
+            num_frames = accepted.check_int(num_frames, "num_frames")
         with self._condition:
             if self.closed:
                 return
-            if num_frames is not None:
-                self.num_frames = num_frames
-            if self.num_frames is None:
+            self.avatar_audio.end()
+            self.user_audio.end()
+            if num_frames is None:
+                num_frames = self.num_frames
+            if num_frames is None:
                 if self.avatar_audio.pushed_waveform:
-                    self.num_frames = max(1, int(round(self.avatar_audio.num_samples * FPS / SAMPLE_RATE)))
+                    num_frames = max(1, int(round(self.avatar_audio.num_samples * FPS / SAMPLE_RATE)))
                 elif self.avatar_audio.given_features:
-                    self.num_frames = len(self.avatar_audio.rows)
+                    num_frames = len(self.avatar_audio.rows)
                 else:
                     raise ValueError("`close()` without any `avatar_audio`: the conversation's length is unknown.")
-            self.chunks = self._schedule(self.num_frames)
-            if self.next_chunk > len(self.chunks):
-                raise ValueError(
-                    f"`num_frames` = {self.num_frames} ends before the {self.next_chunk} chunks already rendered."
-                )
-            self._check_per_chunk_lists()
-            total = self.chunks[-1][1]
+            chunks = self._schedule(num_frames)
+            if self.next_chunk > len(chunks):
+                raise ValueError(f"`num_frames` = {num_frames} ends before the {self.next_chunk} chunks already rendered.")
+            self._check_per_chunk_lists(len(chunks))
+            total = chunks[-1][1]
             for stream, argument in ((self.avatar_audio, "avatar_audio_features"),
                                      (self.user_audio, "user_audio_features")):  # fmt: skip
                 if (
@@ -540,7 +577,7 @@ class EchoSession:
                     )
             if self.with_user and len(self.user.frames) == 0:
                 raise ValueError("`close()` without any `user_video` frame in a session with the user branch.")
-            self.closed = True
+            self.num_frames, self.chunks, self.closed = num_frames, chunks, True
             self._stamp_ready()
             self._condition.notify_all()
 
@@ -551,6 +588,12 @@ class EchoSession:
         for segment in dialogue:
             if not isinstance(segment, dict) or not {"speaker", "start", "end", "text"} <= set(segment):
                 raise ValueError(f"`dialogue` segment {segment!r} needs the keys speaker, start, end and text.")
+            for key in ("start", "end"):
+                value = segment[key]
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    raise ValueError(f"`dialogue` segment {segment!r}: {key!r} is not a finite number of seconds.")
+            if not isinstance(segment["text"], str) or not isinstance(segment["speaker"], str):
+                raise ValueError(f"`dialogue` segment {segment!r}: 'speaker' and 'text' must be strings.")
             if self.emotion_reasoner is not None and float(segment["start"]) < self.last_rendered_stop / FPS:
                 raise ValueError(
                     f"`dialogue` segment starting at {float(segment['start']):.2f} s arrived late: the chunks up to "
@@ -565,15 +608,15 @@ class EchoSession:
 
         return chunk_schedule(num_frames, self.num_frames_per_chunk, self.motion_frames)
 
-    def _check_per_chunk_lists(self) -> None:
-        if isinstance(self.emotion, list) and len(self.emotion) != len(self.chunks):
+    def _check_per_chunk_lists(self, num_chunks: int) -> None:
+        if isinstance(self.emotion, list) and len(self.emotion) != num_chunks:
             raise ValueError(
-                f"`emotion` is a list of {len(self.emotion)} texts, expected one per chunk ({len(self.chunks)})."
+                f"`emotion` is a list of {len(self.emotion)} texts, expected one per chunk ({num_chunks})."
             )
-        if isinstance(self.understanding, list) and len(self.understanding) != len(self.chunks):
+        if isinstance(self.understanding, list) and len(self.understanding) != num_chunks:
             raise ValueError(
                 f"`understanding` is a list of {len(self.understanding)} tensors, expected one per chunk "
-                f"({len(self.chunks)})."
+                f"({num_chunks})."
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -847,14 +890,14 @@ class EchoSession:
                 raise ValueError("`understanding_model` needs the user's waveform: pass `user_audio`.")
             waveform = self.user_audio.waveform(stop * SAMPLES_PER_FRAME)
             understanding = self.understanding_model(self._user_frames(0, stop), waveform)
+            dim = self.pipe.context_encoder.config.understanding_dim
+            understanding = accepted.check_understanding(understanding, "the understanding_model's output", dim)
         if understanding is None:
             raise ValueError(
                 "The context encoder uses understanding tokens (use_understanding=True): pass `understanding` "
                 "(N_s, D_s) or an `understanding_model`."
             )
-        understanding = torch.as_tensor(understanding).to(self.device, torch.float32)
-        if understanding.ndim == 2:
-            understanding = understanding[None]  # 1, N_s, D_s
+        understanding = understanding.to(self.device, torch.float32)  # 1, N_s, D_s (`accepted.check_understanding`)
         num_tokens = understanding.shape[1]
         if num_tokens == 0:  # nothing understood yet: one hidden zero token, as a training batch holds it
             understanding = understanding.new_zeros(1, 1, understanding.shape[2])
@@ -870,14 +913,3 @@ class EchoSession:
                 self.user.landmarks.drop_before(min(next_start, len(self.user.landmarks) - 1))
             self.avatar_audio.release(keep_waveform=False)
             self.user_audio.release(keep_waveform=self.keeps_user_media)
-
-
-def _mono(audio, name: str) -> np.ndarray:
-    if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim == 2 and 1 in audio.shape:
-        audio = audio.reshape(-1)
-    if audio.ndim != 1:
-        raise ValueError(f"`{name}` has shape {audio.shape}, expected a mono waveform (num_samples,) at 16 kHz.")
-    return audio

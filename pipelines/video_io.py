@@ -15,6 +15,8 @@ import PIL.Image
 from echo.audio import FPS, SAMPLE_RATE
 from echo.media import read_audio, read_video
 
+from .inputs import check_sampling_rate, to_uint8_video, to_waveform
+
 
 def load_wav(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of any file PyAV reads (wav, mp3, mp4 ...) as mono float32 at ``sample_rate``.
@@ -39,29 +41,17 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
 
 
 def to_uint8_frames(frames, name: str = "frames") -> np.ndarray:
-    """`(T, H, W, 3)` uint8 from uint8 or float-in-[0, 1] arrays, `(T, 3, H, W)` or `(T, H, W, 3)` tensors in [0, 1]
-    (or uint8), or lists of PIL images / arrays; ``name`` names the argument in errors."""
-    if isinstance(frames, (list, tuple)) and frames:
-        frames = np.stack(
-            [np.asarray(f.convert("RGB")) if isinstance(f, PIL.Image.Image) else np.asarray(f) for f in frames]
-        )
-    if hasattr(frames, "detach"):  # torch.Tensor
-        frames = frames.detach().cpu()
-        if frames.ndim == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3:  # T, 3, H, W
-            frames = frames.permute(0, 2, 3, 1)
-        frames = frames.numpy()
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"`{name}` has shape {frames.shape}, expected (T, H, W, 3) RGB frames.")
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return frames
+    """Frames to write → `(T, H, W, 3)` uint8: uint8 or float-in-[0, 1] `(T, H, W, 3)` arrays (the pipeline's ``"np"``
+    output), `(T, 3, H, W)` tensors in [0, 1] or uint8 (its ``"pt"`` output), or lists of images
+    (`pipelines.inputs.to_uint8_video` with ``signed_tensors=False``); values outside the range are refused, never
+    clipped. ``name`` names the argument in errors."""
+    return to_uint8_video(frames, name, signed_tensors=False)
 
 
 def side_by_side(avatar: np.ndarray, user: np.ndarray) -> np.ndarray:
     """``[user | avatar]`` frames: the user's video resized to the avatar's height, its frame count matched to the
     avatar's (the last user frame repeats when the user's video is shorter)."""
-    avatar, user = to_uint8_frames(avatar), to_uint8_frames(user)
+    avatar, user = to_uint8_frames(avatar, "frames"), to_uint8_frames(user, "user_frames")
     height = avatar.shape[1]
     width = int(round(user.shape[2] * height / user.shape[1] / 2)) * 2
     index = np.minimum(np.arange(len(avatar)), len(user) - 1)
@@ -85,11 +75,12 @@ def write_mp4(
 
     Args:
         path (`str` or `os.PathLike`): the output file (its folder must exist).
-        frames: `(T, H, W, 3)` uint8, or floats in [0, 1], or a list of PIL images, or a `(T, 3, H, W)` tensor.
-        audio (`np.ndarray` of shape `(num_samples,)`, *optional*): mono waveform at ``sample_rate``; cut or padded
-            with silence to ``T / fps`` seconds.
+        frames: `(T, H, W, 3)` uint8, or floats in [0, 1], or a list of PIL images, or a `(T, 3, H, W)` tensor in
+            [0, 1] (`to_uint8_frames`).
+        audio (`np.ndarray` of shape `(num_samples,)`, *optional*): mono waveform at ``sample_rate`` (float in [−1, 1]
+            or int16 / int32 PCM, `pipelines.inputs`); cut or padded with silence to ``T / fps`` seconds.
         fps (`float`, defaults to 25): frame rate.
-        sample_rate (`int`, defaults to 16000): rate of ``audio``.
+        sample_rate (`int`, defaults to 16000): rate of ``audio`` and of the mp4's audio track.
         user_frames (*optional*): the user's video; when given, the output shows ``[user | avatar]`` side by side.
         crf (`int`, defaults to 18): x264 quality.
 
@@ -99,6 +90,9 @@ def write_mp4(
     import av
 
     frames = to_uint8_frames(frames)
+    if audio is not None:
+        audio = to_waveform(audio, "audio")
+        sample_rate = check_sampling_rate(sample_rate, "sample_rate")
     if user_frames is not None:
         frames = side_by_side(frames, user_frames)
     num_frames, height, width = frames.shape[:3]
@@ -123,7 +117,7 @@ def write_mp4(
 
         if audio_stream is not None:
             num_samples = int(round(num_frames / fps * sample_rate))
-            waveform = np.asarray(audio, dtype=np.float32).reshape(-1)[:num_samples]
+            waveform = audio[:num_samples]
             waveform = np.pad(waveform, (0, num_samples - len(waveform)))
             frame_size = audio_stream.codec_context.frame_size or 1024
             for start in range(0, num_samples, frame_size):

@@ -218,3 +218,65 @@ def test_echo_live_replays_a_conversation_through_a_session_and_reports_latency(
     chunks, _ = live.replay(session, inputs, piece_frames=5, speed=None)  # --no-wait, other pieces
     offline = pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0), audio_encoding="stream")
     assert np.array_equal(np.concatenate([c.frames for c in chunks]), offline.frames[0])
+
+
+BAD_OPTIONS = [("--steps", "0"), ("--steps", "two"), ("--audio-guidance-scale", "-1"), ("--user-guidance-scale", "nan"),
+               ("--audio-guidance-scale", "inf"), ("--height", "-16"), ("--width", "0"), ("--frames-per-chunk", "0"),
+               ("--motion-frames", "1.5"), ("--user-video-size", "0"), ("--seed", "-1")]  # fmt: skip
+LIVE_BAD_OPTIONS = [("--speed", "0"), ("--speed", "nan"), ("--piece-frames", "0"), ("--audio-block-frames", "0"),
+                    ("--audio-context-frames", "-1")]  # fmt: skip
+
+
+@pytest.mark.parametrize("option, value", BAD_OPTIONS + LIVE_BAD_OPTIONS)
+def test_option_values_are_checked_as_they_are_parsed(option, value, capsys):
+    """A value no render could use (``--steps 0``, a negative or NaN guidance scale, ...) is an argparse error naming
+    the option (exit code 2), in echo-render and echo-live alike."""
+    from pipelines import live, render
+
+    parsers = [live.build_parser()] + ([render.build_parser()] if (option, value) in BAD_OPTIONS else [])
+    for parser in parsers:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--pipeline", "p", "--manifest", "m", "--out", "o", option, value])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"argument {option}" in error and repr(value) in error, error
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [(["--height", "70"], "`--height` is 70"), (["--frames-per-chunk", "10"], "`--frames-per-chunk` is 10"),
+     (["--motion-frames", "9"], "`--motion-frames` is 9"), (["--user-video-size", "12"], "`--user-video-size` is 12")],
+)  # fmt: skip
+def test_options_invalid_for_the_model_are_one_error_before_any_clip(saved_pipeline, tmp_path, capsys, options, named):
+    """Options that every clip would fail with (a size that is no multiple of the model's 16-pixel tokens, a chunk
+    length other than 4k + 1 frames, ...) are reported once, naming the option, before any clip is rendered: echo-render
+    exits with code 2 and writes nothing; echo-live likewise; `render_manifest` raises before its first clip."""
+    from pipelines import live, render
+
+    entry = _write_conversation(tmp_path / "conv")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({**entry, "id": name}) + "\n" for name in ("a", "b")))
+    out = tmp_path / "out"
+    args = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--steps", "1", *options]
+    with pytest.raises(SystemExit) as exit_info:
+        render.main([*args, "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count(named) == 1, error
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        live.main(args)
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
+
+    pipe = render.load_pipeline(saved_pipeline)
+    calls = []
+
+    class Counting(type(pipe)):
+        def __call__(self, *a, **k):
+            calls.append(k)
+            return super().__call__(*a, **k)
+
+    pipe.__class__ = Counting
+    with pytest.raises(ValueError, match=named.replace("`", ".")):
+        render.render_manifest(pipe, manifest, out, render.build_parser().parse_args([*args, "--out", str(out)]))
+    assert calls == [] and not out.exists()

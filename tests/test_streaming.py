@@ -244,8 +244,8 @@ def _session(pipe, conversation, **kwargs):
 def test_bad_inputs_raise_clear_errors(pipe, conversation):
     session = _session(pipe, conversation)
     audio, frames = conversation["user_audio"][:640], conversation["user_video"][:2]
-    with pytest.raises(ValueError, match="sample_rate"):
-        session.push(user_audio=audio, sample_rate=44_100)
+    with pytest.raises(ValueError, match="sampling_rate.*kHz"):  # 44.1 kHz is resampled; 44 is a unit mistake
+        session.push(user_audio=audio, sampling_rate=44)
     with pytest.raises(ValueError, match="fps"):
         session.push(user_video=frames, fps=30)
     with pytest.raises(ValueError, match="avatar_audio.*mono"):

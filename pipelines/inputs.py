@@ -1,0 +1,507 @@
+# Copyright 2025 The ECHO-IHG Authors. Licensed under the Apache License, Version 2.0.
+"""The accepted forms of `EchoPipeline`'s inputs, defined once, and their conversion.
+
+`EchoPipeline.__call__`, `EchoPipeline.start_session`, `EchoSession.push` and the options of ``echo-render`` /
+``echo-live`` all go through these functions. An accepted form is converted to the one form the pipeline computes
+with; anything else is a `ValueError` naming the argument, what it got and what it accepts. Nothing is clipped,
+rescaled or guessed without a word.
+
+Images (``reference_image``, and every frame of ``user_video``):
+
+=============================  ===========  ================================================================
+form                           layout       values
+=============================  ===========  ================================================================
+`PIL.Image.Image`              any 8-bit    converted to RGB (16-bit and float modes are refused)
+`np.ndarray`, integer dtype    `(H, W, 3)`  0 … 255 (uint8, or any integer array within that range)
+`np.ndarray`, float dtype      `(H, W, 3)`  [0, 1]. Above 1 it looks like [0, 255] (pass uint8, or divide by
+                                            255); below 0 it looks like [−1, 1] (pass ``(x + 1) / 2``)
+`torch.Tensor`, float dtype    `(3, H, W)`  [−1, 1], as `echo.data` gives frames and the VAE reads them. A tensor
+                                            with no negative value is refused: it is as likely in [0, 1]
+                                            (torchvision's ``to_tensor``, the pipeline's ``"pt"`` output), so
+                                            pass ``x * 2 − 1`` if it is (or a uint8 / [0, 1] array)
+`torch.Tensor`, uint8          `(3, H, W)`  0 … 255
+=============================  ===========  ================================================================
+
+A video is the same forms with a leading time axis (`(T, H, W, 3)` arrays, `(T, 3, H, W)` tensors) or a list of
+images; the range rules apply to the whole piece. Values within half a uint8 step outside a range are rounding and
+count as its end (they round to the same uint8); NaN and infinity are refused. Frames written out
+(`pipelines.video_io.write_mp4`) take the same forms, with float tensors in [0, 1] as the pipeline's ``"pt"`` output
+gives them (``signed_tensors=False``).
+
+Audio (``avatar_audio``, ``user_audio``): one channel, `(num_samples,)` (`(1, n)` and `(n, 1)` too), as an array, a
+tensor or a sequence of numbers:
+
+- float samples at full scale [−1, 1]; a peak above ``MAX_FLOAT_PEAK`` (2: room for resampling overshoot) is refused,
+  it looks like integer PCM stored as floats;
+- int16 or int32 PCM, divided by 2¹⁵ or 2³¹;
+- at ``sampling_rate`` Hz (an integer, default 16000, at least ``MIN_SAMPLING_RATE``), resampled to the model's 16 kHz
+  with FFmpeg's resampler (`StreamResampler`, the one `echo.media.read_audio` uses for files); it is stateful, so a
+  stream pushed in pieces gives exactly the samples of the whole;
+- NaN and infinity are refused.
+
+Numbers: counts (``num_inference_steps``, ``num_frames``, chunk lengths, sizes) are integers (Python or NumPy, not
+`bool`) at least 1; ``height`` / ``width`` are positive multiples of the token unit (VAE factor × patch size); guidance
+scales are finite real numbers >= 0. Texts (``emotion``, ``default_emotion``) are `str`, ``emotion`` also a list of
+`str` (one per chunk).
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from echo.audio import SAMPLE_RATE
+
+IMAGE_FORMS = (
+    "a PIL image, an (H, W, 3) uint8 array, an (H, W, 3) float array in [0, 1], or a (3, H, W) float tensor in "
+    "[-1, 1] (or uint8)"
+)
+VIDEO_FORMS = (
+    "(T, H, W, 3) uint8 or float-in-[0, 1] frames, a (T, 3, H, W) float tensor in [-1, 1] (or uint8), or a list of "
+    "images (PIL, arrays or tensors of those forms)"
+)
+OUTPUT_IMAGE_FORMS = IMAGE_FORMS.replace("[-1, 1]", "[0, 1]")
+OUTPUT_VIDEO_FORMS = VIDEO_FORMS.replace("[-1, 1]", "[0, 1]")
+AUDIO_FORMS = "a mono waveform (num_samples,): float in [-1, 1], or int16 / int32 PCM"
+MAX_FLOAT_PEAK = 2.0
+MIN_SAMPLING_RATE = 1000
+_PIL_8_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_UINT8_HALF_STEP = 0.5 / 255
+
+
+def _range_text(values: np.ndarray) -> str:
+    """`` with values in [low, high]`` of a numeric array (its finite values), and whether it holds NaN / inf."""
+    if not values.size or values.dtype.kind not in "fiu":
+        return ""
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    text = f" with values in [{finite.min():.4g}, {finite.max():.4g}]" if finite.size else ""
+    return text + (" and NaN or infinite values" if finite.size < values.size else "")
+
+
+def describe(value) -> str:
+    """A short description of ``value`` for error messages: its type, and dtype / shape / range for arrays."""
+    if isinstance(value, torch.Tensor):
+        text = f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+        if value.is_complex() or value.dtype == torch.bool:
+            return text
+        return text + _range_text(value.detach().cpu().float().numpy())
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}" + _range_text(value)
+    if isinstance(value, PIL.Image.Image):
+        return f"a {value.mode} PIL image of size {value.size}"
+    if isinstance(value, (str, bytes)):
+        return f"the {type(value).__name__} {value[:60]!r}"
+    if isinstance(value, (bool, numbers.Number)) or value is None:
+        return f"{value!r} ({type(value).__name__})"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    module = type(value).__module__
+    return f"a {'' if module == 'builtins' else module + '.'}{type(value).__qualname__}"
+
+
+class _Said(str):
+    """A description already written (`_refuse` uses it as is)."""
+
+
+def _refuse(name: str, got, accepts: str, hint: str = "") -> ValueError:
+    """The error for argument ``name``: what it got (``got``, described), what it accepts, and a hint."""
+    said = got if isinstance(got, _Said) else describe(got)
+    return ValueError(f"`{name}` is {said}; expected {accepts}.{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images and videos
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _finite(values: np.ndarray, name: str, got, accepts: str) -> None:
+    if not np.isfinite(values).all():
+        raise _refuse(name, got, accepts, " It holds NaN or infinite values.")
+
+
+def _unit_float_to_uint8(values: np.ndarray, name: str, got, accepts: str) -> np.ndarray:
+    """Float values in [0, 1] → uint8; [0, 255]- and [−1, 1]-looking floats are refused, never clipped."""
+    _finite(values, name, got, accepts)
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if high > 1 + _UINT8_HALF_STEP:
+        raise _refuse(name, got, accepts, (
+            f" Its values reach {high:.4g}: it looks like [0, 255]. Pass it as uint8 (`x.astype(np.uint8)`), or "
+            "divide it by 255."
+        ))  # fmt: skip
+    if low < -_UINT8_HALF_STEP:
+        raise _refuse(name, got, accepts, f" Its values go down to {low:.4g}: it looks like [-1, 1]; pass (x + 1) / 2.")
+    return (values * 255.0).round().clip(0, 255).astype(np.uint8)
+
+
+def _signed_float_to_uint8(values: np.ndarray, name: str, got, accepts: str) -> np.ndarray:
+    """Float values in [−1, 1] (a tensor) → uint8; a tensor with no negative value is refused as ambiguous."""
+    _finite(values, name, got, accepts)
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if high > 1 + 2 * _UINT8_HALF_STEP or low < -1 - 2 * _UINT8_HALF_STEP:
+        hint = " It looks like [0, 255]: pass a uint8 tensor, or x / 127.5 - 1." if high > 2 else ""
+        raise _refuse(name, got, accepts, f" Its values span [{low:.4g}, {high:.4g}], outside [-1, 1].{hint}")
+    if low >= 0:
+        raise _refuse(name, got, accepts, (
+            " A float tensor is read in [-1, 1], and this one has no negative value: it may as well be in [0, 1] "
+            "(torchvision's to_tensor, the pipeline's 'pt' output). If it is in [0, 1], pass x * 2 - 1 (or an "
+            "(H, W, 3) float array in [0, 1]); if it really is a bright [-1, 1] image, pass it as uint8."
+        ))  # fmt: skip
+    return ((values + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def _integer_to_uint8(values: np.ndarray, name: str, got, accepts: str) -> np.ndarray:
+    if values.dtype == np.uint8:
+        return values
+    low, high = int(values.min(initial=0)), int(values.max(initial=0))
+    if low < 0 or high > 255:
+        raise _refuse(name, got, accepts, f" Integer pixels must lie in 0 … 255; these span {low} … {high}.")
+    return values.astype(np.uint8)
+
+
+def _array_to_uint8(values: np.ndarray, name: str, got, accepts: str, signed: bool) -> np.ndarray:
+    """An integer or float array (channels last) → uint8; floats in [−1, 1] when ``signed`` (tensors), else [0, 1]."""
+    kind = values.dtype.kind
+    if kind in "iu":
+        return _integer_to_uint8(values, name, got, accepts)
+    if kind == "f":
+        convert = _signed_float_to_uint8 if signed else _unit_float_to_uint8
+        return convert(values.astype(np.float32, copy=False), name, got, accepts)
+    raise _refuse(name, got, accepts, f" Its dtype {values.dtype} is neither an integer nor a float type.")
+
+
+def _pil_to_uint8(image: PIL.Image.Image, name: str, accepts: str) -> np.ndarray:
+    if image.mode not in _PIL_8_BIT_MODES:
+        raise _refuse(name, image, accepts, f" Mode {image.mode!r} is not 8-bit: convert it, e.g. to a uint8 array.")
+    return np.asarray(image.convert("RGB"))
+
+
+def _tensor_to_uint8(tensor: torch.Tensor, name: str, accepts: str, video: bool, signed: bool) -> np.ndarray:
+    """A `(3, H, W)` (or `(T, 3, H, W)` when ``video``) tensor → channels-last uint8; floats in [−1, 1] when
+    ``signed``, else in [0, 1]."""
+    channel_axis = 1 if video else 0
+    if tensor.ndim != (4 if video else 3) or tensor.shape[channel_axis] != 3:
+        hint = " Tensors are channels-first; pass x.permute(...) or x.numpy() for a channels-last array."
+        raise _refuse(name, tensor, accepts, hint if tensor.shape[-1:] == (3,) else "")
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise _refuse(name, tensor, accepts)
+    values = tensor.detach().cpu()
+    values = values.float() if values.is_floating_point() else values
+    values = values.movedim(channel_axis, -1).numpy()
+    return _array_to_uint8(values, name, tensor, accepts, signed=signed)
+
+
+def to_uint8_image(image, name: str = "reference_image", signed_tensors: bool = True) -> np.ndarray:
+    """One image in any accepted form (module docstring) → `(H, W, 3)` uint8 RGB, or a `ValueError` naming ``name``.
+    ``signed_tensors=False`` reads float tensors in [0, 1] (the pipeline's ``"pt"`` output) instead of [−1, 1]."""
+    accepts = IMAGE_FORMS if signed_tensors else OUTPUT_IMAGE_FORMS
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_uint8(image, name, accepts)
+    if isinstance(image, torch.Tensor):
+        return _tensor_to_uint8(image, name, accepts, video=False, signed=signed_tensors)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            hint = (
+                " Arrays are channels-last; pass x.transpose(1, 2, 0)."
+                if image.ndim == 3 and image.shape[0] == 3
+                else ""
+            )
+            raise _refuse(name, image, accepts, hint)
+        return _array_to_uint8(image, name, image, accepts, signed=False)
+    hint = " Load a file with `pipelines.video_io.load_image(path)`." if isinstance(image, (str, bytes)) else ""
+    raise _refuse(name, image, accepts, hint)
+
+
+def check_image(image, name: str = "reference_image") -> np.ndarray | torch.Tensor:
+    """An image in an accepted form, validated: a float `(3, H, W)` tensor in [−1, 1] stays a float32 CPU tensor (so
+    a dataset frame reaches the model without a uint8 round trip, as in training); every other form becomes
+    `(H, W, 3)` uint8."""
+    uint8 = to_uint8_image(image, name)
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        return image.detach().float().cpu().clamp(-1, 1)
+    return uint8
+
+
+def to_uint8_video(frames, name: str = "user_video", signed_tensors: bool = True) -> np.ndarray:
+    """Frames in any accepted form (module docstring) → `(T, H, W, 3)` uint8 RGB, or a `ValueError` naming ``name``.
+    ``signed_tensors=False`` reads float tensors in [0, 1] (the pipeline's ``"pt"`` output) instead of [−1, 1]."""
+    accepts = VIDEO_FORMS if signed_tensors else OUTPUT_VIDEO_FORMS
+    if isinstance(frames, (list, tuple)):
+        if not frames:
+            raise _refuse(name, _Said("an empty list"), accepts)
+        images = [to_uint8_image(frame, f"{name}[{t}]", signed_tensors) for t, frame in enumerate(frames)]
+        sizes = {image.shape for image in images}
+        if len(sizes) > 1:
+            raise _refuse(name, _Said(f"a list of frames of different sizes {sorted(sizes)}"), accepts)
+        return np.stack(images)
+    if isinstance(frames, torch.Tensor):
+        return _tensor_to_uint8(frames, name, accepts, video=True, signed=signed_tensors)
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            hint = ""
+            if frames.ndim == 4 and frames.shape[1] == 3:
+                hint = " Arrays are channels-last; pass x.transpose(0, 2, 3, 1)."
+            elif frames.ndim == 3 and frames.shape[-1] == 3:
+                hint = " One frame? Pass x[None]."
+            raise _refuse(name, frames, accepts, hint)
+        return _array_to_uint8(frames, name, frames, accepts, signed=False)
+    raise _refuse(name, frames, accepts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_sampling_rate(rate, name: str = "sampling_rate") -> int:
+    """A sampling rate in Hz: an integer (or an integral float) >= ``MIN_SAMPLING_RATE``."""
+    accepts = f"an integer rate in Hz >= {MIN_SAMPLING_RATE} (e.g. 16000, 44100)"
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or rate != int(rate):
+        raise _refuse(name, rate, accepts)
+    if rate < MIN_SAMPLING_RATE:
+        hint = f" {rate} looks like kHz: pass {int(rate) * 1000}." if 0 < rate < 1000 else ""
+        raise _refuse(name, rate, accepts, hint)
+    return int(rate)
+
+
+def to_waveform(audio, name: str) -> np.ndarray:
+    """A mono waveform in any accepted form (module docstring) → `(num_samples,)` float32 at its own rate."""
+    got = audio
+    if isinstance(audio, torch.Tensor):
+        if audio.is_complex():
+            raise _refuse(name, got, AUDIO_FORMS)
+        audio = audio.detach().cpu()
+        audio = (audio.float() if audio.dtype in (torch.float16, torch.bfloat16) else audio).numpy()
+    elif isinstance(audio, Sequence) and not isinstance(audio, (str, bytes)):
+        try:
+            audio = np.asarray(audio)
+        except ValueError as error:  # ragged nested lists
+            raise _refuse(
+                name, _Said(f"a {type(got).__name__} that is not an array of numbers ({error})"), AUDIO_FORMS
+            ) from error
+        got = audio
+    if not isinstance(audio, np.ndarray):
+        hint = " Load a file with `pipelines.video_io.load_wav(path)`." if isinstance(audio, (str, bytes)) else ""
+        raise _refuse(name, got, AUDIO_FORMS, hint)
+    if audio.ndim == 2 and 1 in audio.shape:
+        audio = audio.reshape(-1)
+    if audio.ndim != 1:
+        hint = " Several channels? Average them to one: x.mean(axis=...)." if audio.ndim == 2 else ""
+        raise _refuse(name, got, AUDIO_FORMS, hint)
+    if audio.dtype == np.int16:
+        return audio.astype(np.float32) / 2.0**15
+    if audio.dtype == np.int32:
+        return (audio.astype(np.float64) / 2.0**31).astype(np.float32)
+    if audio.dtype.kind != "f":
+        raise _refuse(name, got, AUDIO_FORMS, f" Its dtype {audio.dtype} is neither float, int16 nor int32.")
+    audio = audio.astype(np.float32, copy=False)
+    if not np.isfinite(audio).all():
+        raise _refuse(name, got, AUDIO_FORMS, " It holds NaN or infinite samples.")
+    peak = float(np.abs(audio).max(initial=0.0))
+    if peak > MAX_FLOAT_PEAK:
+        raise _refuse(name, got, AUDIO_FORMS, (
+            f" Its float samples peak at {peak:.6g}: that is not full-scale audio in [-1, 1] but looks like integer "
+            "PCM stored as floats; pass the int16 array, or divide by 32768."
+        ))  # fmt: skip
+    return audio
+
+
+class StreamResampler:
+    r"""Resamples one mono stream from ``rate`` Hz to the model's 16 kHz, piece by piece: FFmpeg's swresample through
+    PyAV (as `echo.media.read_audio` reads files), a stateful filter, so the pieces give exactly the samples of the
+    whole stream resampled at once. At 16 kHz it passes pieces through.
+
+    Args:
+        rate (`int`): the stream's sampling rate in Hz.
+    """
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.flushed = False
+        self._resampler = None
+        self._pts = 0
+        if rate != SAMPLE_RATE:
+            import av
+
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+
+    def _run(self, frame) -> np.ndarray:
+        pieces = [out.to_ndarray().reshape(-1) for out in self._resampler.resample(frame)]
+        return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+
+    def __call__(self, waveform: np.ndarray) -> np.ndarray:
+        """The 16 kHz samples of the next piece ``(n,)`` float32 available now (the filter holds back a few)."""
+        if self.flushed:
+            raise ValueError("The stream's resampler was flushed (end of input): no more samples can follow.")
+        if self._resampler is None or len(waveform) == 0:
+            return waveform
+        import av
+
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(waveform, np.float32)[None], format="flt", layout="mono"
+        )
+        frame.sample_rate, frame.pts = self.rate, self._pts
+        frame.time_base = fractions.Fraction(1, self.rate)
+        self._pts += len(waveform)
+        return self._run(frame)
+
+    def flush(self) -> np.ndarray:
+        """The samples the filter still holds (end of the stream; at 16 kHz there are none, and pieces may follow)."""
+        if self.flushed or self._resampler is None:
+            return np.zeros(0, np.float32)
+        self.flushed = True
+        return self._run(None)
+
+
+def to_16khz(audio, name: str, sampling_rate=SAMPLE_RATE) -> np.ndarray:
+    """A whole waveform in any accepted form at ``sampling_rate`` → `(num_samples,)` float32 at 16 kHz."""
+    waveform = to_waveform(audio, name)
+    resampler = StreamResampler(check_sampling_rate(sampling_rate))
+    return np.concatenate([resampler(waveform), resampler.flush()])
+
+
+def check_features(features, name: str, feature_shape: tuple[int, int]) -> torch.Tensor:
+    """Per-frame wav2vec2 rows `(T, NL, D)` (array or tensor, finite) → a float32 CPU tensor (a copy)."""
+    accepts = f"per-frame wav2vec2 rows (T, {feature_shape[0]}, {feature_shape[1]}) of the pipeline's audio encoder"
+    got = features
+    if isinstance(features, np.ndarray) or (isinstance(features, Sequence) and not isinstance(features, (str, bytes))):
+        try:
+            features = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: memory maps are read-only
+        except (ValueError, TypeError) as error:
+            raise _refuse(name, got if isinstance(got, np.ndarray) else _Said(f"a {type(got).__name__}"), accepts,
+                          f" ({error})") from error  # fmt: skip
+    if not isinstance(features, torch.Tensor) or features.is_complex() or features.dtype == torch.bool:
+        raise _refuse(name, got, accepts)
+    features = features.detach().float().cpu()
+    if features.ndim != 3 or tuple(features.shape[1:]) != tuple(feature_shape):
+        raise _refuse(name, got, accepts)
+    if not torch.isfinite(features).all():
+        raise _refuse(name, got, accepts, " It holds NaN or infinite values.")
+    return features
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers and texts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """An integer (Python or NumPy, not `bool`) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise _refuse(name, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def check_scale(value, name: str) -> float:
+    """A guidance scale: a finite real number >= 0."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise _refuse(name, value, "a finite number >= 0")
+    return float(value)
+
+
+def check_size(height, width, unit: int | tuple[int, int]) -> tuple[int, int]:
+    """``height`` / ``width``: positive multiples of ``unit`` pixels (one token: VAE factor × patch size; one value, or
+    `(rows, columns)`)."""
+    units = (unit, unit) if isinstance(unit, int) else tuple(unit)
+    for name, value, step in (("height", height, units[0]), ("width", width, units[1])):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < step or value % step:
+            raise ValueError(
+                f"`{name}` is {describe(value)}; expected a positive multiple of {step} (one token): `height` and "
+                f"`width` have to be divisible by {units[0] if units[0] == units[1] else units} but are {height} and "
+                f"{width}."
+            )
+    return int(height), int(width)
+
+
+def check_text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise _refuse(name, value, "a str")
+    return value
+
+
+def check_emotion(emotion) -> str | list[str] | None:
+    """``emotion``: `None`, a `str`, or a list of `str` (one per chunk; its length is checked against the chunks)."""
+    accepts = "a str, or a list of str (one per chunk)"
+    if emotion is None or isinstance(emotion, str):
+        return emotion
+    if isinstance(emotion, (list, tuple)):
+        bad = [(index, text) for index, text in enumerate(emotion) if not isinstance(text, str)]
+        if bad:
+            index, text = bad[0]
+            raise _refuse("emotion", _Said(f"a list whose item {index} is {describe(text)}"), accepts)
+        return list(emotion)
+    raise _refuse("emotion", emotion, accepts)
+
+
+def check_call_settings(**values) -> dict:
+    """The setting-like arguments of a call or session (``num_inference_steps``, guidance scales, chunk lengths, user
+    video size, text length, default emotion), each `None` (the model's setting) or of its accepted type; returns them
+    converted (NumPy integers to `int`). Their relations (``4k + 1`` frames, ...) are `EchoSettings`'s to check."""
+    checks = {
+        "num_inference_steps": check_int,
+        "num_frames_per_chunk": check_int,
+        "motion_frames": check_int,
+        "user_video_size": check_int,
+        "max_sequence_length": check_int,
+        "audio_guidance_scale": check_scale,
+        "user_guidance_scale": check_scale,
+        "default_emotion": check_text,
+    }
+    return {name: None if value is None else checks[name](value, name) for name, value in values.items()}
+
+
+def check_landmarks(landmarks, name: str, shape: tuple, what: str, allow_nan: bool = False) -> np.ndarray:
+    """Face-mesh points of ``shape`` (``what`` says in which pixels) → float32; NaN rows (no face found) only when
+    ``allow_nan`` (per-frame landmarks, as `echo.encoding.detect_face_landmarks` marks faceless frames)."""
+    accepts = f"an array of shape {shape}: {what}"
+    got = landmarks
+    if isinstance(landmarks, torch.Tensor):
+        landmarks = landmarks.detach().cpu().float().numpy()
+    try:
+        landmarks = np.asarray(landmarks, dtype=np.float32)
+    except (ValueError, TypeError) as error:
+        raise _refuse(name, got, accepts, f" ({error})") from error
+    if landmarks.shape != tuple(shape):
+        raise _refuse(name, got, accepts)
+    finite = np.isfinite(landmarks)
+    if not finite.all() and not (allow_nan and not np.isinf(landmarks).any()):
+        raise _refuse(name, got, accepts, " It holds NaN or infinite values.")
+    return landmarks
+
+
+def check_understanding(understanding, name: str, dim: int) -> torch.Tensor:
+    """HBCU tokens ``S_usr`` `(N_s, D_s)` (or `(1, N_s, D_s)`), finite, with ``D_s = dim`` → float32 `(1, N_s, D_s)`."""
+    accepts = f"understanding tokens (N_s, {dim}) as a tensor or an array (or a list of them, one per chunk)"
+    got = understanding
+    if isinstance(understanding, np.ndarray):
+        understanding = torch.from_numpy(np.asarray(understanding, dtype=np.float32))
+    if not isinstance(understanding, torch.Tensor) or understanding.is_complex() or understanding.dtype == torch.bool:
+        raise _refuse(name, got, accepts)
+    understanding = understanding.detach().float()
+    if understanding.ndim == 2:
+        understanding = understanding[None]
+    if understanding.ndim != 3 or understanding.shape[0] != 1 or understanding.shape[2] != dim:
+        raise _refuse(name, got, accepts)
+    if not torch.isfinite(understanding).all():
+        raise _refuse(name, got, accepts, " It holds NaN or infinite values.")
+    return understanding
+
+
+def check_generator(generator) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        hint = " One generator draws the noise of every chunk in order." if isinstance(generator, list) else ""
+        raise _refuse("generator", generator, "a torch.Generator or None", hint)
+    return generator
+
+
+def check_callable(value, name: str):
+    if value is not None and not callable(value):
+        raise _refuse(name, value, "a callable or None")
+    return value
