@@ -20,11 +20,19 @@ Each section names a ``class`` (see `COMPONENT_CLASSES`) and exactly one source:
   ``diffusion_pytorch_model.bin`` (pickles, which can run code when loaded) is refused, and no custom code is run
   (``trust_remote_code=False``).
 - ``from_wan: <folder or hub id>`` (transformer only): `EchoTransformer3DModel.from_wan`, every Wan weight loaded under
-  its own name, the ECHO modules added so that the model starts as the Wan model; ``config`` holds the ECHO options.
+  its own name, the ECHO modules added so that the model starts as the Wan model (drawn from the section's ``seed``);
+  ``config`` holds the ECHO options.
 - ``config: {...}``: the component is built from this config with random weights drawn from
   ``torch.manual_seed(seed)`` (``seed`` per section, defaults to the top-level ``seed``, itself 0), so tiny models are
   reproducible whatever the build order. Tokenizers built from ``config`` are small offline Unigram vocabularies
   (`build_tiny_tokenizer`).
+
+Precision: a model section's ``torch_dtype`` (``float32``, ``bfloat16``, ``float16``), else the top-level
+``torch_dtype``, else float32; the caller's ``torch_dtype`` overrides both (`load_components`). A real description
+sets ``torch_dtype: bfloat16`` with ``torch_dtype: float32`` on its VAE, as diffusers' Wan examples load them. Every
+weight-bearing component is built on the meta device and loaded straight into its dtype (``low_cpu_mem_usage``;
+`from_wan` reads one tensor at a time), so loading needs about the loaded model's size in host memory, not a float32
+copy beside it.
 
 A top-level ``settings:`` mapping holds the `echo.settings.EchoSettings` the model is used with (resolution, frames
 per chunk, motion frames, user video size, sampling defaults); `load_components` validates it and returns it as a
@@ -77,6 +85,9 @@ _TRANSFORMERS_CONFIGS = {
 }
 
 _MODEL_COMPONENTS = ("vae", "transformer", "audio_encoder", "text_encoder", "context_encoder")
+
+# Values a description's `torch_dtype` keys may take.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Words of the tiny tokenizer beyond single characters: the emotion vocabulary of the demo and tests.
 TINY_TOKENIZER_WORDS = (
@@ -187,7 +198,56 @@ def _from_pretrained(cls, source: str, section: str, load_kwargs: dict):
         ) from error
 
 
-def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_download: bool, default_seed: int):
+def _parse_dtype(value: Any, where: str) -> torch.dtype:
+    """A dtype from a description value (``bfloat16``, ``torch.float32``, ...) or a `torch.dtype`."""
+    if isinstance(value, torch.dtype) and value in _DTYPES.values():
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"{where} is {value!r}; expected one of {sorted(_DTYPES)}")
+
+
+def _section_dtype(section: str, spec: Any, description: dict, torch_dtype) -> torch.dtype | None:
+    """The dtype of one section (`None` for sections without weights): the caller's ``torch_dtype`` (a dtype for
+    every section, or a dict by section name with an optional ``"default"``), else the section's ``torch_dtype``,
+    else the description's top-level ``torch_dtype``, else float32."""
+    given = isinstance(spec, dict) and "torch_dtype" in spec
+    if section not in _MODEL_COMPONENTS:
+        if given:
+            raise ValueError(f"section {section!r} sets 'torch_dtype' but a {section} has no weights")
+        return None
+    if isinstance(torch_dtype, dict):
+        if section in torch_dtype or "default" in torch_dtype:
+            value = torch_dtype.get(section, torch_dtype.get("default"))
+            return _parse_dtype(value, f"torch_dtype[{section!r}]")
+    elif torch_dtype is not None:
+        return _parse_dtype(torch_dtype, "torch_dtype")
+    if given:
+        return _parse_dtype(spec["torch_dtype"], f"section {section!r} torch_dtype")
+    return _parse_dtype(description.get("torch_dtype", "float32"), "model config torch_dtype")
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a freshly built model as ``from_pretrained`` loads one in ``dtype``: diffusers models keep their
+    ``_keep_in_fp32_modules`` in float32; transformers models keep ``_keep_in_fp32_modules_strict`` (and, in float16,
+    ``_keep_in_fp32_modules``)."""
+    if type(model).__module__.startswith("transformers."):
+        keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        if dtype == torch.float16:
+            keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    else:
+        keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point():
+            target = torch.float32 if keep & set(name.split(".")) else dtype
+            if tensor.dtype != target:
+                tensor.data = tensor.data.to(target)
+    return model
+
+
+def _build_one(
+    section: str, spec: dict, torch_dtype: torch.dtype | None, allow_download: bool, default_seed: int
+):
     if not isinstance(spec, dict) or "class" not in spec:
         raise ValueError(f"section {section!r} must be a mapping with a 'class' key, got {spec!r}")
     sources = [key for key in ("pretrained", "from_wan") if key in spec]
@@ -198,11 +258,15 @@ def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_downloa
     name = spec["class"]
     cls = _import_class(name, section)
     config = dict(spec.get("config") or {})
+    seed = int(spec.get("seed", default_seed))
     load_kwargs: dict[str, Any] = {"local_files_only": not allow_download}
     if spec.get("subfolder"):
         load_kwargs["subfolder"] = spec["subfolder"]
     if section in _MODEL_COMPONENTS:
-        load_kwargs["dtype"] = torch_dtype
+        # Built on the meta device and loaded straight into the dtype (transformers ≥ 5 always does so).
+        library = COMPONENT_CLASSES[section][name][0]
+        load_kwargs["dtype" if library == "transformers" else "torch_dtype"] = torch_dtype
+        load_kwargs["low_cpu_mem_usage"] = True
         load_kwargs["use_safetensors"] = True  # never unpickle a .bin
     if name == "AutoTokenizer":
         load_kwargs["trust_remote_code"] = False
@@ -217,13 +281,19 @@ def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_downloa
     if "from_wan" in spec:
         if section != "transformer":
             raise ValueError(f"'from_wan' is only valid in the 'transformer' section, found in {section!r}")
-        from diffusers import WanTransformer3DModel
-
-        wan = _from_pretrained(WanTransformer3DModel, spec["from_wan"], section, load_kwargs)
-        return cls.from_wan(wan, torch_dtype=torch_dtype, **config)
+        # The Wan weights are read one tensor at a time into the meta-built model; the ECHO modules are drawn from
+        # the section's seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls.from_wan(
+                spec["from_wan"],
+                torch_dtype=torch_dtype,
+                subfolder=spec.get("subfolder"),
+                local_files_only=not allow_download,
+                **config,
+            )
 
     # 2. Built from a config: seeded random weights.
-    seed = int(spec.get("seed", default_seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if section == "tokenizer":
@@ -234,9 +304,7 @@ def _build_one(section: str, spec: dict, torch_dtype: torch.dtype, allow_downloa
         else:
             model = cls(**config)
     if section in _MODEL_COMPONENTS:
-        if model.dtype != torch_dtype:
-            model = model.to(torch_dtype)
-        model = model.eval()
+        model = _cast(model, torch_dtype).eval()
     return model
 
 
@@ -282,7 +350,7 @@ def _check_seams(components: dict) -> None:
 
 def load_components(
     config: str | Path | dict,
-    torch_dtype: torch.dtype = torch.float32,
+    torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
     allow_download: bool | None = None,
     only: list[str] | tuple[str, ...] | None = None,
 ) -> dict:
@@ -290,8 +358,11 @@ def load_components(
 
     Args:
         config (`str`, `Path` or `dict`): a model description (``configs/models/*.yaml``) or its parsed dict.
-        torch_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the model components (the VAE, generator,
-            encoders and LCU); schedulers, tokenizers and feature extractors have none.
+        torch_dtype (`torch.dtype` or `dict[str, torch.dtype]`, *optional*): dtype of the model components (the VAE,
+            generator, encoders and LCU; schedulers, tokenizers and feature extractors have none). A dtype applies to
+            every one; a dict (as in `DiffusionPipeline.from_pretrained`) maps section names, with ``"default"`` for
+            the others. Defaults to the description: each section's ``torch_dtype``, else its top-level
+            ``torch_dtype``, else float32. Float32 modules of a class (``_keep_in_fp32_modules``) stay float32.
         allow_download (`bool`, *optional*): let ``pretrained`` hub ids download; defaults to the description's
             top-level ``allow_download`` (itself `False`: local folders and the local cache only).
         only (`list[str]`, *optional*): build only these sections (e.g. ``["audio_encoder", "feature_extractor"]``
@@ -310,7 +381,9 @@ def load_components(
     if allow_download is None:
         allow_download = bool(description.get("allow_download", False))
     default_seed = int(description.get("seed", 0))
-    unknown = set(description) - set(COMPONENT_CLASSES) - {"allow_download", "seed", "name", "description", "settings"}
+    unknown = set(description) - set(COMPONENT_CLASSES) - {
+        "allow_download", "seed", "name", "description", "settings", "torch_dtype"
+    }
     if unknown:
         raise ValueError(f"model config has unknown sections {sorted(unknown)}; expected {sorted(COMPONENT_CLASSES)}")
     if only is not None:
@@ -328,6 +401,8 @@ def load_components(
     for section in COMPONENT_CLASSES:
         if section not in description or (only is not None and section not in only):
             continue
-        components[section] = _build_one(section, description[section], torch_dtype, allow_download, default_seed)
+        spec = description[section]
+        dtype = _section_dtype(section, spec, description, torch_dtype)
+        components[section] = _build_one(section, spec, dtype, allow_download, default_seed)
     _check_seams(components)
     return components

@@ -40,21 +40,33 @@ Decisions written down here:
   over their concatenation, gives an element-wise g. This keeps SDCM cheap next to the block's self-attention.
 - Missing inputs: ``context_embeds=None`` gives h_usr = 0 (stage 1), ``audio_embeds=None`` gives h_avt = 0, and
   masks ``None`` are all-zero masks (no SDCM effect; the SDCM branch is skipped).
+- Loading (`from_wan`) builds the model on the meta device, materialises only the added modules (as `__init__` makes
+  them) and reads the Wan weights one tensor at a time straight into the target dtype, so a float32 Wan folder loads
+  into a bfloat16 Echo model within about 1.1-1.3× the Echo model's size in host memory.
+- diffusers' memory and speed features apply as to Wan: fp8 weight storage (`enable_layerwise_casting`; the input
+  embeddings, norms, SDCM gate and output projection stay in high precision), group and model offload, block caches
+  (`CacheMixin`: First Block Cache, Pyramid Attention Broadcast, ...; calls inside ``model.cache_context(name)``) and
+  Wan-format LoRAs (`load_lora_adapter(..., prefix="transformer")`: every Wan module keeps its name, so a LoRA made for
+  the Wan base adapts exactly the Wan layers it names).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from accelerate import init_empty_weights
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (
@@ -66,6 +78,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformerBlock,
 )
 from diffusers.utils import BaseOutput, apply_lora_scale
+from safetensors import safe_open
 
 # Names of the `WanTransformer3DModel.__init__` arguments, copied into the Echo config by `from_wan`.
 WAN_CONFIG_KEYS = (
@@ -99,6 +112,72 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 def _base_input_channels(latent_channels: int, vae_scale_factor_temporal: int = 4) -> tuple[int, int]:
     """Input channels of the Wan bases `from_wan` accepts: T2V (noisy latents) and I2V (+ mask + given latents)."""
     return latent_channels, 2 * latent_channels + vae_scale_factor_temporal
+
+
+_WAN_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_WAN_WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _resolve_wan_folder(source: str | os.PathLike, subfolder: str | None, local_files_only: bool) -> Path:
+    """The local folder of a Wan transformer: `source[/subfolder]`, or a hub id's snapshot (config and safetensors
+    files only)."""
+    path = Path(source)
+    if not path.is_dir():
+        if path.is_absolute() or path.exists() or str(source).startswith(".") or str(source).count("/") != 1:
+            raise FileNotFoundError(f"{str(source)!r} is not a folder nor a hub id (`owner/name`) of a Wan model.")
+        from huggingface_hub import snapshot_download
+
+        prefix = f"{subfolder}/" if subfolder else ""
+        patterns = [f"{prefix}config.json", f"{prefix}*.safetensors", f"{prefix}*.safetensors.index.json"]
+        path = Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=local_files_only))
+    folder = path / subfolder if subfolder else path
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json; expected a `WanTransformer3DModel` folder.")
+    return folder
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a diffusers model folder: one file, or the shards its index names. Safetensors only."""
+    index = folder / _WAN_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / _WAN_WEIGHTS_NAME).is_file():
+        return [folder / _WAN_WEIGHTS_NAME]
+    pickled = sorted(p.name for p in folder.glob("*.bin"))
+    if pickled:
+        raise OSError(
+            f"{str(folder)!r} holds model weights only as {pickled}, a pickle format whose loading can run code; "
+            "ECHO loads safetensors only. Convert them once from a source you trust (load the model there and "
+            "`save_pretrained(..., safe_serialization=True)`)."
+        )
+    raise OSError(f"{str(folder)!r} has neither {_WAN_WEIGHTS_NAME} nor {_WAN_WEIGHTS_INDEX_NAME}.")
+
+
+def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Key → shape of every tensor in `files`, read from their headers only."""
+    shapes = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _read_safetensors(files: list[Path], dtype_of):
+    """Yield `(key, tensor)` for every tensor of `files`, each a private copy in `dtype_of(key, stored tensor)`.
+
+    Each tensor is read through its own mapping of the file, closed before the next one is read: the file pages it
+    touched leave the process with it, so reading holds at most one stored tensor beyond what was yielded."""
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            with safe_open(file, framework="pt") as f:
+                stored = f.get_tensor(key)
+            tensor = stored.to(dtype_of(key, stored), copy=True)
+            del stored
+            yield key, tensor
 
 
 @dataclass
@@ -181,8 +260,9 @@ class EchoAudioProjection(nn.Module):
                 "window of every hidden layer."
             )
         batch_size = audio_embeds.shape[0]
-        weights = self.layer_weights.softmax(0).to(self.proj_in.weight.dtype)
-        audio = torch.einsum("btwlc,l->btwc", audio_embeds.to(self.proj_in.weight.dtype), weights)  # B, T, L_w, C
+        # The compute dtype is the layer weights' (never cast: with fp8 storage `proj_in.weight` may be float8).
+        weights = self.layer_weights.softmax(0)
+        audio = torch.einsum("btwlc,l->btwc", audio_embeds.to(weights.dtype), weights)  # B, T, L_w, C
         audio = self.proj_out(self.act(self.proj_in(self.norm(audio))))  # B, T, L_w, D
         audio = torch.cat([audio[:, :1].expand(-1, r - 1, -1, -1), audio], dim=1)  # B, r·F, L_w, D
         audio = audio.reshape(batch_size, num_latent_frames, r * self.window, -1)  # B, F, r·L_w, D
@@ -375,6 +455,36 @@ def _masked_cross_attention(
     return output * has_key[:, None, None].to(output.dtype)
 
 
+def _build_sdcm(
+    dim: int, num_heads: int, eps: float, use_sdcm: bool, gate_dim: int | None, kernel_size: int
+) -> EchoSDCM | EchoDirectFusion:
+    """A block's added module: [`EchoSDCM`] (gate width `dim / 4` unless given), or the direct-fusion ablation."""
+    if use_sdcm:
+        return EchoSDCM(dim, num_heads, eps, gate_dim or dim // 4, kernel_size)
+    return EchoDirectFusion(dim, num_heads, eps)
+
+
+def _initialize_added_module(module: nn.Module) -> None:
+    """The initialisation of one added module that makes the Echo model compute exactly what the Wan model computes:
+    zero output projections and gate, zero layer-mixing weights, small audio token positions."""
+    if isinstance(module, EchoSDCM):
+        # CrossAttn_1 and CrossAttn_2 output projections: h_usr = h_avt = 0, so h_lip = h_face = 0.
+        for attn in (module.attn_usr, module.attn_avt):
+            nn.init.zeros_(attn.to_out[0].weight)
+            nn.init.zeros_(attn.to_out[0].bias)
+        # Gate projection f_g: g = σ(0) = 0.5 everywhere, an even mix once the streams are trained.
+        nn.init.zeros_(module.gate.proj.weight)
+        nn.init.zeros_(module.gate.proj.bias)
+    elif isinstance(module, EchoDirectFusion):
+        # Direct fusion output projection.
+        nn.init.zeros_(module.attn.to_out[0].weight)
+        nn.init.zeros_(module.attn.to_out[0].bias)
+    elif isinstance(module, EchoAudioProjection):
+        # An even mix of the wav2vec2 layers; token positions start small, as learned position embeddings usually do.
+        nn.init.zeros_(module.layer_weights)
+        nn.init.normal_(module.pos_embed, std=0.02)
+
+
 class EchoTransformerBlock(WanTransformerBlock):
     r"""
     A Wan block with SDCM: self-attention → text (+ image) cross-attention → SDCM → feed-forward.
@@ -398,10 +508,7 @@ class EchoTransformerBlock(WanTransformerBlock):
     ):
         super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
         self.use_sdcm = use_sdcm
-        if use_sdcm:
-            self.sdcm = EchoSDCM(dim, num_heads, eps, sdcm_gate_dim or dim // 4, sdcm_kernel_size)
-        else:
-            self.sdcm = EchoDirectFusion(dim, num_heads, eps)
+        self.sdcm = _build_sdcm(dim, num_heads, eps, use_sdcm, sdcm_gate_dim, sdcm_kernel_size)
 
     def forward(
         self,
@@ -456,7 +563,18 @@ class EchoTransformerBlock(WanTransformerBlock):
         return hidden_states
 
 
-class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+def _register_block_for_caches() -> None:
+    """Tell diffusers' block-level caches (First Block Cache, ...) what an [`EchoTransformerBlock`] returns: the hidden
+    states alone, as a `WanTransformerBlock`. Done on first use: registering loads diffusers' whole block registry."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    TransformerBlockRegistry.register(
+        EchoTransformerBlock,
+        TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
+    )
+
+
+class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
     r"""
     The ECHO generator: a [`~diffusers.WanTransformer3DModel`] with SDCM in every block, avatar-audio tokens, a
     user-context projection and condition channels (Wan I2V's mask + given frames, plus a reference plane).
@@ -492,7 +610,15 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     """
 
     _supports_gradient_checkpointing = True
-    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+    # fp8 storage (`enable_layerwise_casting`) leaves the input embeddings, norms and the SDCM gate in high precision.
+    _skip_layerwise_casting_patterns = [
+        "patch_embedding",
+        "condition_embedder",
+        "audio_proj",
+        "context_proj",
+        "norm",
+        r"sdcm\.gate",
+    ]
     _no_split_modules = ["EchoTransformerBlock"]
     _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
@@ -553,10 +679,8 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             image_embed_dim=image_dim,
             pos_embed_seq_len=pos_embed_seq_len,
         )
-        self.audio_proj = EchoAudioProjection(
-            audio_dim, audio_num_layers, audio_window, inner_dim, vae_scale_factor_temporal, eps
-        )
-        self.context_proj = nn.Linear(context_dim or inner_dim, inner_dim)
+        self.audio_proj = self._build_added_module("audio_proj")
+        self.context_proj = self._build_added_module("context_proj")
 
         # 3. Transformer blocks
         self.blocks = nn.ModuleList(
@@ -587,22 +711,48 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
 
     def initialize_weights(self) -> None:
         """Initialise the added modules so that the model computes exactly what the Wan model computes."""
-        for block in self.blocks:
-            sdcm = block.sdcm
-            if isinstance(sdcm, EchoSDCM):
-                # CrossAttn_1 and CrossAttn_2 output projections: h_usr = h_avt = 0, so h_lip = h_face = 0.
-                for attn in (sdcm.attn_usr, sdcm.attn_avt):
-                    nn.init.zeros_(attn.to_out[0].weight)
-                    nn.init.zeros_(attn.to_out[0].bias)
-                # Gate projection f_g: g = σ(0) = 0.5 everywhere, an even mix once the streams are trained.
-                nn.init.zeros_(sdcm.gate.proj.weight)
-                nn.init.zeros_(sdcm.gate.proj.bias)
-            else:
-                # Direct fusion output projection.
-                nn.init.zeros_(sdcm.attn.to_out[0].weight)
-                nn.init.zeros_(sdcm.attn.to_out[0].bias)
-        # Audio token positions start small, as learned position embeddings usually do.
-        nn.init.normal_(self.audio_proj.pos_embed, std=0.02)
+        for name in self._added_module_names():
+            _initialize_added_module(self.get_submodule(name))
+
+    def _added_module_names(self) -> list[str]:
+        """Names of the modules Echo adds to Wan (the parameters `_ECHO_ONLY_KEYS` matches)."""
+        return ["audio_proj", "context_proj"] + [f"blocks.{index}.sdcm" for index in range(self.config.num_layers)]
+
+    def _build_added_module(self, name: str) -> nn.Module:
+        """Construct the added module `name` (see `_added_module_names`) from the config, freshly initialised."""
+        config = self.config
+        inner_dim = config.num_attention_heads * config.attention_head_dim
+        if name == "audio_proj":
+            module = EchoAudioProjection(
+                config.audio_dim,
+                config.audio_num_layers,
+                config.audio_window,
+                inner_dim,
+                config.vae_scale_factor_temporal,
+                config.eps,
+            )
+        elif name == "context_proj":
+            module = nn.Linear(config.context_dim or inner_dim, inner_dim)
+        elif re.fullmatch(r"blocks\.\d+\.sdcm", name):
+            module = _build_sdcm(
+                inner_dim,
+                config.num_attention_heads,
+                config.eps,
+                config.use_sdcm,
+                config.sdcm_gate_dim,
+                config.sdcm_kernel_size,
+            )
+        else:
+            raise ValueError(f"`{name}` is not an added module; expected one of {self._added_module_names()}.")
+        _initialize_added_module(module)
+        return module
+
+    def enable_cache(self, config) -> None:
+        """[`~diffusers.models.cache_utils.CacheMixin.enable_cache`] (First Block Cache, Pyramid Attention Broadcast,
+        FasterCache, ...) on the Echo blocks. Calls run inside `with model.cache_context(name):`, one name per
+        guidance branch, as diffusers' Wan pipelines do."""
+        _register_block_for_caches()
+        super().enable_cache(config)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading from Wan
@@ -614,36 +764,69 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         wan_transformer: WanTransformer3DModel | str | os.PathLike,
         torch_dtype: torch.dtype | None = None,
         subfolder: str | None = None,
+        local_files_only: bool = False,
         **echo_config,
     ) -> "EchoTransformer3DModel":
         r"""
         Build an Echo generator from a diffusers `WanTransformer3DModel` (T2V or I2V).
 
         Args:
-            wan_transformer (`WanTransformer3DModel`, `str` or `os.PathLike`): a model, or a folder (or the
-                `transformer` subfolder of a Wan pipeline) loadable with `WanTransformer3DModel.from_pretrained`.
-            torch_dtype (`torch.dtype`, *optional*): dtype of the result; defaults to the Wan weights' dtype.
+            wan_transformer (`WanTransformer3DModel`, `str` or `os.PathLike`): a model, or a folder (or hub id) in
+                `WanTransformer3DModel.save_pretrained`'s layout: `config.json` and safetensors weights (one file or
+                shards with an index).
+            torch_dtype (`torch.dtype`, *optional*): dtype of the result (`_keep_in_fp32_modules` stay in float32,
+                as with `from_pretrained(torch_dtype=...)`); defaults to the module's dtype, or float32 for a folder.
             subfolder (`str`, *optional*): e.g. `"transformer"` when `wan_transformer` is a Wan pipeline folder.
+            local_files_only (`bool`, defaults to `False`): resolve a hub id from the local Hugging Face cache only.
             echo_config: the Echo-only config arguments (`audio_dim`, `context_dim`, `use_sdcm`, ...).
 
         Every Wan parameter is loaded under its own name. The patch embedding keeps the base's own input channels
         (T2V: the 16 noisy-latent channels; I2V: those plus Wan's 20 condition channels, which are the first 20 of
         ECHO's condition) and gets zero weights for the others, so the built model computes exactly what the base
         computes. Unknown or missing Wan keys raise a `ValueError`.
+
+        Memory: the model is built on the meta device and every tensor goes straight into its final dtype, one at a
+        time (`load_state_dict(assign=True)`): from a folder, peak host memory is the Echo model plus one stored Wan
+        tensor (a float32 file loaded in bfloat16 is never held in float32) plus one added module; a module is
+        copied (it is left as it was), so the peak is the Wan module plus the Echo model.
         """
-        # 1. Load the Wan model
-        if isinstance(wan_transformer, (str, os.PathLike)):
-            wan_transformer = WanTransformer3DModel.from_pretrained(
-                wan_transformer, subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True
-            )
         unknown_args = sorted(set(echo_config) & set(WAN_CONFIG_KEYS))
         if unknown_args:
             raise ValueError(
                 f"`echo_config` sets Wan arguments {unknown_args}; these come from the Wan model's config."
             )
 
+        # 1. The Wan config, the shapes of its weights and a reader that yields them one at a time
+        if isinstance(wan_transformer, (str, os.PathLike)):
+            folder = _resolve_wan_folder(wan_transformer, subfolder, local_files_only)
+            with init_empty_weights():  # the config with its defaults, at no memory cost
+                wan_config = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder)).config
+            files = _safetensors_files(folder)
+            shapes = _safetensors_shapes(files)
+            source_dtype = torch.float32
+
+            def read(dtype_of):
+                return _read_safetensors(files, dtype_of)
+
+        else:
+            wan_config = wan_transformer.config
+            wan_state_dict = wan_transformer.state_dict()
+            shapes = {key: tuple(value.shape) for key, value in wan_state_dict.items()}
+            source_dtype = wan_transformer.dtype
+
+            def read(dtype_of):
+                for key, value in wan_state_dict.items():
+                    yield key, value.to(dtype_of(key, value), copy=True)
+
+        dtype = torch_dtype or source_dtype
+
+        def dtype_of(name: str, tensor: torch.Tensor) -> torch.dtype:
+            if not tensor.is_floating_point():
+                return tensor.dtype
+            return torch.float32 if any(m in name.split(".") for m in cls._keep_in_fp32_modules) else dtype
+
         # 2. Config: Wan's arguments + Echo's
-        config = {key: wan_transformer.config[key] for key in WAN_CONFIG_KEYS if key in wan_transformer.config}
+        config = {key: wan_config[key] for key in WAN_CONFIG_KEYS if key in wan_config}
         condition_channels = echo_config.get("condition_channels", DEFAULT_CONDITION_CHANNELS)
         out_channels = config.get("out_channels") or config["in_channels"]
         config["out_channels"] = out_channels
@@ -657,66 +840,88 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             )
         config["in_channels"] = out_channels + condition_channels  # the base's channels, then zero-initialised ones
         config["patch_size"] = tuple(config["patch_size"])
-        model = cls(**config, **echo_config)
 
-        # 3. Strict load of every Wan parameter under its own name
-        state_dict = wan_transformer.state_dict()
-        dtype = torch_dtype or next(iter(state_dict.values())).dtype
-        model.load_wan_state_dict(state_dict)
-        if dtype != torch.float32:
-            # Cast like `from_pretrained(torch_dtype=...)`: `_keep_in_fp32_modules` stay in float32.
-            for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-                if tensor.is_floating_point() and not any(m in name.split(".") for m in cls._keep_in_fp32_modules):
-                    tensor.data = tensor.data.to(dtype)
+        # 3. The model on the meta device (buffers, i.e. the RoPE tables, are computed as usual); keys checked
+        with init_empty_weights(include_buffers=False):
+            model = cls(**config, **echo_config)
+        wan_keys = model._check_wan_shapes(shapes)
+
+        # 4. The added modules, built and initialised as `__init__` does, one at a time, then cast
+        for name in model._added_module_names():
+            module = model._build_added_module(name)
+            for param_name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+                tensor.data = tensor.data.to(dtype_of(f"{name}.{param_name}", tensor))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        state_dict = {key: value for key, value in model.state_dict().items() if _ECHO_ONLY_KEYS.match(key)}
+
+        # 5. Every Wan tensor under its own name, read straight into its dtype
+        wanted = set(wan_keys)
+        for key, value in read(dtype_of):
+            if key in wanted:
+                state_dict[key] = model._wan_tensor(key, value)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        left_on_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+        if left_on_meta:
+            raise RuntimeError(f"`from_wan` left {left_on_meta} on the meta device; this is a bug.")
         return model
 
-    def load_wan_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def _check_wan_shapes(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
         """
-        Load a `WanTransformer3DModel` state dict strictly: every Wan key must name an Echo parameter of the same
-        shape, and every Echo parameter outside the added modules must be given. The patch embedding may be narrower
-        (a T2V or I2V base): it fills the first input channels and the remaining condition channels get zero weights.
+        Check the keys and shapes of a `WanTransformer3DModel` state dict against this model: every Wan key must name
+        an Echo parameter of the same shape, and every Echo parameter outside the added modules must be given. The
+        patch embedding may be narrower (a T2V or I2V base). Returns the keys to load (ignored keys left out).
         """
-        own = self.state_dict()
+        own = {key: tuple(value.shape) for key, value in self.state_dict().items()}
         expected = {key for key in own if not _ECHO_ONLY_KEYS.match(key)}
         given = {
-            key for key in state_dict if not any(ignored in key for ignored in self._keys_to_ignore_on_load_unexpected)
+            key for key in shapes if not any(ignored in key for ignored in self._keys_to_ignore_on_load_unexpected)
         }
         unknown = sorted(given - expected)
         missing = sorted(expected - given)
         if unknown:
             raise ValueError(
-                f"The Wan state dict has unknown keys {unknown} (shapes "
-                f"{[tuple(state_dict[k].shape) for k in unknown]}); expected only keys of `WanTransformer3DModel` with "
-                f"this config ({len(expected)} keys)."
+                f"The Wan state dict has unknown keys {unknown} (shapes {[tuple(shapes[k]) for k in unknown]}); "
+                f"expected only keys of `WanTransformer3DModel` with this config ({len(expected)} keys)."
             )
         if missing:
-            raise ValueError(
-                f"The Wan state dict misses keys {missing} (expected shapes {[tuple(own[k].shape) for k in missing]})."
-            )
-
-        new_state_dict = dict(own)
+            raise ValueError(f"The Wan state dict misses keys {missing} (expected shapes {[own[k] for k in missing]}).")
         for key in sorted(given):
-            value = state_dict[key]
-            target = own[key]
-            if key == "patch_embedding.weight" and value.shape != target.shape:
+            shape, target = tuple(shapes[key]), own[key]
+            if key == "patch_embedding.weight" and shape != target:
                 bases = _base_input_channels(self.config.out_channels, self.config.vae_scale_factor_temporal)
-                allowed = [channels for channels in bases if channels < target.shape[1]]
-                same_kernel = value.shape[:1] + value.shape[2:] == target.shape[:1] + target.shape[2:]
-                if not same_kernel or value.shape[1] not in allowed:
+                allowed = [channels for channels in bases if channels < target[1]]
+                same_kernel = shape[:1] + shape[2:] == target[:1] + target[2:]
+                if not same_kernel or shape[1] not in allowed:
                     raise ValueError(
-                        f"`patch_embedding.weight` of the Wan model has shape {tuple(value.shape)}, expected "
-                        f"{tuple(target.shape)}, or {allowed} input channels (T2V / I2V base) of "
-                        f"{(target.shape[0], '…', *target.shape[2:])}."
+                        f"`patch_embedding.weight` of the Wan model has shape {shape}, expected {target}, or "
+                        f"{allowed} input channels (T2V / I2V base) of {(target[0], '…', *target[2:])}."
                     )
-                # The base's input channels first (its own weights), then the condition channels it lacks, zero.
-                grown = torch.zeros(target.shape, dtype=value.dtype, device=value.device)
-                grown[:, : value.shape[1]] = value
-                value = grown
-            elif value.shape != target.shape:
-                raise ValueError(
-                    f"Wan parameter `{key}` has shape {tuple(value.shape)}, expected {tuple(target.shape)}."
-                )
-            new_state_dict[key] = value.to(target.dtype)
+            elif shape != target:
+                raise ValueError(f"Wan parameter `{key}` has shape {shape}, expected {target}.")
+        return sorted(given)
+
+    def _wan_tensor(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """A checked Wan tensor as this model holds it: a narrower patch embedding (T2V / I2V base) fills the first
+        input channels and the condition channels it lacks get zero weights."""
+        if key == "patch_embedding.weight" and value.shape[1] != self.config.in_channels:
+            grown = value.new_zeros(value.shape[0], self.config.in_channels, *value.shape[2:])
+            grown[:, : value.shape[1]] = value
+            return grown
+        return value
+
+    def load_wan_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """
+        Copy a `WanTransformer3DModel` state dict into this (materialised) model strictly: every Wan key must name an
+        Echo parameter of the same shape, and every Echo parameter outside the added modules must be given. The patch
+        embedding may be narrower (a T2V or I2V base): it fills the first input channels and the remaining condition
+        channels get zero weights.
+        """
+        keys = self._check_wan_shapes({key: tuple(value.shape) for key, value in state_dict.items()})
+        own = self.state_dict()
+        new_state_dict = dict(own)
+        for key in keys:
+            new_state_dict[key] = self._wan_tensor(key, state_dict[key]).to(own[key].dtype)
         self.load_state_dict(new_state_dict, strict=True)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -888,7 +1093,7 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 raise ValueError(f"`audio_mask` has shape {tuple(audio_mask.shape)}, expected ({batch_size},).")
         context = None
         if context_embeds is not None:
-            context = self.context_proj(context_embeds.to(self.context_proj.weight.dtype))  # B, N_ctx, D
+            context = self.context_proj(context_embeds.to(hidden_states.dtype))  # B, N_ctx, D
 
         # 3. Transformer blocks
         block_features = {} if return_block_features is not None else None

@@ -3,6 +3,9 @@ serialisation and input validation. Tiny models (2 blocks, width 32) built from 
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -604,3 +607,161 @@ def test_doctored_wan_checkpoints_raise(wan_t2v_folder):
     odd = WanTransformer3DModel(**dict(WAN_T2V, in_channels=20))
     with pytest.raises(ValueError, match=r"Wan `in_channels` is 20, expected 16 \(T2V\) or 36 \(I2V"):
         EchoTransformer3DModel.from_wan(odd, **ECHO)
+
+
+# diffusers memory and speed features ---------------------------------------------------------------------------------
+
+# Layers whose weights must stay in high precision under fp8 storage: the input embeddings (patch, timestep/text, avatar
+# audio, user context), every norm, the SDCM gate and the output projection (diffusers' default).
+HIGH_PRECISION = re.compile(
+    r"^(patch_embedding|condition_embedder\.|audio_proj\.|context_proj|proj_out$|.*norm|.*sdcm\.gate\.)"
+)
+
+
+def _cast_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d))
+    }
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32_compute", "bf16_compute"])
+def test_fp8_layerwise_casting_stores_the_large_layers_in_fp8(wan_t2v_folder, compute_dtype):
+    """`enable_layerwise_casting(storage_dtype=float8_e4m3fn)`: every attention and feed-forward projection is stored in
+    fp8, the embeddings, norms, SDCM gate and output projection are not; the forward pass computes exactly what the model with
+    those weights rounded to fp8 computes, and stays within fp8's rounding error of the full-precision output."""
+    model = perturb_added_modules(EchoTransformer3DModel.from_wan(wan_t2v_folder, torch_dtype=compute_dtype, **ECHO))
+    model.eval()
+    inputs = {
+        k: v.to(compute_dtype) if k not in ("timestep", "lip_mask", "face_mask") else v
+        for k, v in make_inputs().items()
+    }
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        full = model(**inputs).sample.float()
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+        stored = {name: module.weight.dtype for name, module in _cast_layers(model).items()}
+        fp8 = {name for name, dtype in stored.items() if dtype == torch.float8_e4m3fn}
+        assert fp8 == {name for name in stored if not HIGH_PRECISION.match(name)}, sorted(stored.items())
+        assert {"blocks.1.attn1.to_q", "blocks.1.ffn.net.2", "blocks.0.sdcm.attn_avt.to_k"} <= fp8
+        for name, module in _cast_layers(rounded).items():
+            if name in fp8:
+                for param in module.parameters(recurse=False):
+                    param.copy_(param.to(torch.float8_e4m3fn).to(compute_dtype))
+        output = model(**inputs).sample.float()
+        expected = rounded(**inputs).sample.float()
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
+    # e4m3 keeps 3 mantissa bits (an ulp is 2^-3 of the value): each weight is off by at most half an ulp, and the
+    # output moves by less than one ulp of its scale (here by ~0.04); it does move: the weights really are fp8.
+    error = (output - full).abs().max() / full.abs().max()
+    assert 1e-3 < error < 2**-3, float(error)
+
+
+def _denoising_calls(count: int = 3) -> list[dict]:
+    """Inputs of successive denoising steps: the latents and timestep change a little from one call to the next."""
+    calls, inputs = [], make_inputs(seed=11)
+    for step in range(count):
+        calls.append(dict(inputs, timestep=torch.tensor([900.0, 900.0]) - 50.0 * step))
+        inputs = dict(inputs, hidden_states=inputs["hidden_states"] * 0.9)
+    return calls
+
+
+def test_first_block_cache(wan_t2v_folder):
+    """`CacheMixin`: diffusers' First Block Cache runs on the Echo blocks; at threshold 0 it never reuses a residual (the
+    output is exactly the uncached one), at a large threshold it reuses the cached residual after the first call."""
+    hooks = pytest.importorskip("diffusers.hooks", reason="this diffusers has no cache hooks")
+    if not hasattr(hooks, "FirstBlockCacheConfig"):
+        pytest.skip("this diffusers has no FirstBlockCacheConfig")
+    model = perturb_added_modules(EchoTransformer3DModel.from_wan(wan_t2v_folder, **ECHO)).eval()
+    calls = _denoising_calls()
+    with torch.no_grad():
+        uncached = [model(**inputs).sample for inputs in calls]
+
+        model.enable_cache(hooks.FirstBlockCacheConfig(threshold=0.0))
+        with model.cache_context("cond"):
+            cached = [model(**inputs).sample for inputs in calls]
+        model.disable_cache()
+        for actual, expected in zip(cached, uncached):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+        model.enable_cache(hooks.FirstBlockCacheConfig(threshold=1e9))
+        with model.cache_context("cond"):
+            reused = [model(**inputs).sample for inputs in calls[:2]]
+        model.disable_cache()
+    torch.testing.assert_close(reused[0], uncached[0], rtol=0, atol=0)
+    assert (reused[1] - uncached[1]).abs().max() > 1e-4  # blocks after the first were skipped
+    with torch.no_grad():  # and the hooks are gone
+        torch.testing.assert_close(model(**calls[1]).sample, uncached[1], rtol=0, atol=0)
+
+
+# Wan module names → the original Wan checkpoint's (the format of most community LoRAs, e.g. step-distillation LoRAs).
+_ORIGINAL_WAN_NAMES = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v", "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}  # fmt: skip
+
+
+def test_wan_loras_load_onto_echo_and_change_exactly_the_wan_layers(wan_t2v_folder, tmp_path):
+    """A LoRA made for the Wan model (diffusers format, saved by `WanPipeline.save_lora_weights`, alpha ≠ rank; and the
+    same LoRA in the original Wan format as community LoRAs come, converted by `WanLoraLoaderMixin.lora_state_dict`)
+    loads onto the Echo model built from that Wan model with `load_lora_adapter(prefix="transformer")`: the Echo model
+    with it computes exactly what the Wan model with it computes, and only the layers the LoRA names are adapted."""
+    from diffusers.loaders import WanLoraLoaderMixin
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    wan = WanTransformer3DModel.from_pretrained(wan_t2v_folder).eval()
+    echo = EchoTransformer3DModel.from_wan(wan, **ECHO).eval()  # ECHO modules as initialised: zero contribution
+    inputs = make_inputs(seed=3)
+    condition = build_condition(torch.randn(B, 16, 1, H, W, generator=torch.Generator().manual_seed(4)), None, F_LAT)
+    with torch.no_grad():
+        before = echo(**inputs, condition=condition).sample
+
+    torch.manual_seed(5)
+    targets = r"blocks\.\d+\.(attn1\.to_(q|k|v|out\.0)|attn2\.to_(q|v)|ffn\.net\.(0\.proj|2))"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    wan.add_adapter(config)
+    lora = get_peft_model_state_dict(wan)
+    WanLoraLoaderMixin.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=lora, transformer_lora_adapter_metadata=config.to_dict()
+    )
+    with torch.no_grad():
+        expected = wan(inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"]).sample
+
+    echo.load_lora_adapter(tmp_path / "lora", prefix="transformer", adapter_name="wan_lora", use_safetensors=True)
+    named = {key.rsplit(".lora_", 1)[0] for key in lora}
+    adapted = {name for name, module in echo.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == named and not any("sdcm" in name for name in adapted)
+    with torch.no_grad():
+        actual = echo(**inputs, condition=condition).sample
+    assert (actual - before).abs().max() > 1e-2
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+    # The same LoRA in the original Wan format (lora_down / lora_up / alpha under `diffusion_model.`).
+    original = {}
+    for key, value in lora.items():
+        module, kind = key.rsplit(".lora_", 1)
+        block, index, name = module.split(".", 2)
+        prefix = f"diffusion_model.{block}.{index}.{_ORIGINAL_WAN_NAMES[name]}"
+        original[f"{prefix}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
+        original[f"{prefix}.alpha"] = torch.tensor(8.0)
+    converted = WanLoraLoaderMixin.lora_state_dict(original)
+    echo.delete_adapters("wan_lora")
+    echo.load_lora_adapter(converted, prefix="transformer", adapter_name="community")
+    with torch.no_grad():
+        torch.testing.assert_close(echo(**inputs, condition=condition).sample, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offload_hooks_give_the_same_output(echo_model, offload_type):
+    """diffusers' group offload wires its hooks through the Echo blocks and the modules outside them (audio and
+    context projections) without changing the output (here onload = offload = CPU: the hooks, not the transfer)."""
+    model = copy.deepcopy(echo_model)
+    options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    cpu = torch.device("cpu")
+    model.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=offload_type, **options)
+    inputs = make_inputs(seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, echo_model(**inputs).sample, rtol=0, atol=0)
