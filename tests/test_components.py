@@ -155,6 +155,7 @@ def test_wan_config_names_real_folders_and_never_downloads():
 
     config = load_model_config(TINY.with_name("wan2.1-t2v-1.3b.yaml"))
     assert config["allow_download"] is False
+    assert config["torch_dtype"] == "bfloat16" and config["vae"]["torch_dtype"] == "float32"
     assert set(COMPONENT_CLASSES) == set(config) - {"allow_download", "seed", "settings", "torch_dtype"}
     wan = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     for section in ("vae", "scheduler", "text_encoder", "tokenizer"):

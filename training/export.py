@@ -105,7 +105,7 @@ def build_exported_pipeline(
     # 2. Components from the model description, with the run's ablation switches
     description = _apply_ablation(load_model_config(model_config or config.model.config), config)
     sections = list(PIPELINE_SECTIONS) + (["context_encoder"] if config.stage == 2 else [])
-    components = load_components(description, only=sections)
+    components = load_components(description, torch_dtype=torch.float32, only=sections)  # fuse in fp32, then cast
     transformer = components["transformer"]
 
     # 3. Trained weights, adapters fused

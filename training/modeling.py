@@ -409,7 +409,7 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
         sections += ["text_encoder", "tokenizer"]
     if config.stage == 2:
         sections.append("context_encoder")
-    components = load_components(description, only=sections)
+    components = load_components(description, torch_dtype=torch.float32, only=sections)  # fp32 master weights: the accelerate config sets the compute precision
     vae = components["vae"].requires_grad_(False).eval()
     text_encoder = components.get("text_encoder")
     if text_encoder is not None:
