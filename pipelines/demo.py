@@ -39,7 +39,16 @@ UNTRAINED_NOTICE = (
 )
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .render import non_negative_int, positive_int
+
     parser = argparse.ArgumentParser(prog="echo-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument(
@@ -55,16 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="build a pipeline with random weights from this model description (configs/models/*.yaml) instead, and "
         "render a synthetic conversation",
     )  # fmt: skip
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic conversation")
+    parser.add_argument("--seconds", type=positive_float, default=4.0, help="length of the synthetic conversation")
     # None = the model's setting (the `settings:` of --config), as in echo-render.
-    parser.add_argument("--size", type=int, default=None,
+    parser.add_argument("--size", type=positive_int, default=None,
                         help="rendered avatar side in pixels, a multiple of 16 (default: the model's resolution)")  # fmt: skip
-    parser.add_argument("--source-size", type=int, default=256, help="side of the synthetic conversation's videos")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the model's)")
-    parser.add_argument("--frames-per-chunk", type=int, default=None, help="default: the model's training window")
-    parser.add_argument("--motion-frames", type=int, default=None, help="default: the model's")
-    parser.add_argument("--user-video-size", type=int, default=None, help="default: the model's")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source-size", type=positive_int, default=256, help="side of the synthetic conversation's videos")
+    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps per chunk (default: the model's)")
+    parser.add_argument("--frames-per-chunk", type=positive_int, default=None, help="default: the model's training window")
+    parser.add_argument("--motion-frames", type=positive_int, default=None, help="default: the model's")
+    parser.add_argument("--user-video-size", type=positive_int, default=None, help="default: the model's")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--emotion", default=None, help="emotion text for every chunk (default: the pipeline's)")
     parser.add_argument(
         "--understanding-model", default=None,
