@@ -196,6 +196,7 @@ def render_manifest(
     check_model_options(pipe, args)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    record_options(out_dir, render_options(pipe, args), overwrite=getattr(args, "overwrite", False))
     base = Path(manifest).resolve().parent
     rows = read_manifest(manifest)
     summary = {"rendered": [], "skipped": [], "failed": [], "frames": 0, "seconds": 0.0}
@@ -232,12 +233,67 @@ def render_manifest(
     return summary
 
 
+OPTIONS_FILE = "render_options.json"
+
+
+def render_options(pipe, args: argparse.Namespace) -> dict:
+    """What shapes the rendered clips: the model (its folder and settings), the effective rendering settings (the
+    model's, overridden by the options), the seed and the layout; recorded in ``<out>/render_options.json``."""
+    settings, height, width = pipe.resolve_settings(**model_options(args))
+    return {
+        "pipeline": str(Path(args.pipeline).resolve()) if getattr(args, "pipeline", None) else None,
+        "model_settings": pipe.settings.to_dict(),
+        "height": height,
+        "width": width,
+        "num_inference_steps": settings.num_inference_steps,
+        "audio_guidance_scale": settings.audio_guidance_scale,
+        "user_guidance_scale": settings.user_guidance_scale,
+        "num_frames_per_chunk": settings.num_frames_per_chunk,
+        "motion_frames": settings.motion_frames,
+        "user_video_size": settings.user_video_size,
+        "seed": args.seed,
+        "side_by_side": bool(getattr(args, "side_by_side", False)),
+    }
+
+
+def record_options(out_dir: Path, options: dict, overwrite: bool = False) -> None:
+    """Compare ``options`` with those recorded in ``out_dir`` by an earlier run: a rerun with the same options resumes
+    (finished clips are skipped), one with other options is refused naming them (clips of two settings never mix),
+    unless ``overwrite``, which deletes the earlier clips first. A folder of clips without a record is refused too."""
+    path = out_dir / OPTIONS_FILE
+    clips = sorted(out_dir.glob("*.mp4"))
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(path)!r} is not valid JSON ({error}); delete it with the clips, or pass --overwrite.") from error
+        changed = {k: (recorded.get(k), v) for k, v in options.items() if recorded.get(k) != v}
+    else:
+        changed = {"(no record)": (None, "this run")} if clips else {}
+    if changed and not overwrite:
+        details = "; ".join(f"{k}: earlier {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"{str(out_dir)!r} holds {len(clips)} clips rendered with other options ({details}). Render into a new "
+            "--out folder, or pass --overwrite to delete those clips and render again."
+        )
+    if changed and overwrite:
+        for clip in clips:
+            clip.unlink()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(options, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echo-render", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", required=True, help="folder of a saved EchoPipeline (save_pretrained)")
     parser.add_argument("--manifest", required=True, help="JSON-lines manifest, one conversation per line")
     parser.add_argument("--out", required=True, help="output folder for <id>.mp4 and failures.jsonl")
     parser.add_argument("--side-by-side", action="store_true", help="show the user's video left of the avatar")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="delete clips an earlier run rendered into --out with other options (otherwise such a rerun is refused)",
+    )  # fmt: skip
     return add_model_arguments(parser)
 
 
@@ -389,7 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         check_model_options(pipe, args)
     except ValueError as error:
         parser.error(str(error))  # once, before any clip (exit code 2)
-    summary = render_manifest(pipe, args.manifest, args.out, args, build_helpers(args))
+    try:
+        summary = render_manifest(pipe, args.manifest, args.out, args, build_helpers(args))
+    except ValueError as error:  # options refused up front (before any clip)
+        parser.error(str(error))
     video_seconds = summary["frames"] / 25.0
     print(
         f"echo-render: {len(summary['rendered'])} rendered, {len(summary['skipped'])} skipped (already done), "

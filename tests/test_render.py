@@ -117,7 +117,7 @@ def test_render_manifest_isolates_failures_skips_done_clips_and_stays_inside_out
     assert render.main(args) == 1  # some clips failed
     printed = capsys.readouterr().out
     assert "2 rendered, 0 skipped" in printed and "2 failed" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["_x.mp4", "failures.jsonl", "good.mp4"]
+    assert sorted(p.name for p in out.iterdir()) == ["_x.mp4", "failures.jsonl", "good.mp4", "render_options.json"]
     assert not (work / "x.mp4").exists() and not list(tmp_path.glob("x.mp4"))
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [f["id"] for f in failures] == ["broken", "line3"]
@@ -141,6 +141,38 @@ def test_render_manifest_isolates_failures_skips_done_clips_and_stays_inside_out
     summary = render.render_manifest(pipe, manifest, out, render.build_parser().parse_args(args))
     assert calls == [] and sorted(summary["skipped"]) == ["_x", "good"] and summary["rendered"] == []
     assert (out / "good.mp4").stat().st_mtime_ns == mtime
+
+
+def test_a_rerun_with_other_options_is_refused_unless_overwritten(saved_pipeline, tmp_path, capsys):
+    """Clips rendered with other steps or another size never mix with new ones: the rerun is refused naming the
+    differing options (exit 2, nothing rendered); --overwrite deletes the earlier clips and renders again."""
+    from pipelines import render
+
+    work = tmp_path / "work"
+    entry = _write_conversation(work / "conv", seconds=0.2)
+    manifest = work / "conversations.jsonl"
+    manifest.write_text(json.dumps({**entry, "id": "a"}) + "\n")
+    out = work / "out"
+    args = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--out", str(out), "--steps", "1"]
+    assert render.main(args) == 0
+    first = (out / "a.mp4").stat().st_mtime_ns
+    assert json.loads((out / "render_options.json").read_text())["num_inference_steps"] == 1
+    assert render.main(args) == 0 and (out / "a.mp4").stat().st_mtime_ns == first  # same options: resumes
+    for changed, named in ((["--steps", "2"], "num_inference_steps: earlier 1, now 2"),
+                           (["--steps", "1", "--height", "32", "--width", "32"], "height: earlier 64, now 32"),
+                           (["--steps", "1", "--seed", "3"], "seed: earlier 0, now 3")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            render.main([*args[:-2], *changed])
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err
+        assert (out / "a.mp4").stat().st_mtime_ns == first
+    assert render.main([*args[:-2], "--steps", "2", "--overwrite"]) == 0
+    assert (out / "a.mp4").stat().st_mtime_ns != first
+    assert json.loads((out / "render_options.json").read_text())["num_inference_steps"] == 2
+    # a folder of clips without a record (an older echo-render) is refused as well
+    (out / "render_options.json").unlink()
+    with pytest.raises(SystemExit):
+        render.main([*args[:-2], "--steps", "2"])
+    assert "(no record)" in capsys.readouterr().err
 
 
 def test_render_entry_passes_the_options_and_leaves_the_rest_to_the_model_settings(tmp_path):
