@@ -285,13 +285,16 @@ def _build_one(
         # the section's seed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return cls.from_wan(
-                spec["from_wan"],
-                torch_dtype=torch_dtype,
-                subfolder=spec.get("subfolder"),
-                local_files_only=not allow_download,
-                **config,
-            )
+            try:
+                return cls.from_wan(
+                    spec["from_wan"],
+                    torch_dtype=torch_dtype,
+                    subfolder=spec.get("subfolder"),
+                    local_files_only=not allow_download,
+                    **config,
+                )
+            except OSError as error:  # name the section, as `_from_pretrained` does
+                raise OSError(f"section {section!r}: {error}") from error
 
     # 2. Built from a config: seeded random weights.
     with torch.random.fork_rng(devices=[]):
