@@ -169,3 +169,19 @@ def test_export_refuses_an_existing_folder_and_names_missing_files(trained, tmp_
         export_pipeline(tmp_path / "nowhere", tmp_path / "other")
     with pytest.raises(FileNotFoundError, match=r"--stage1-dir if it moved\) .*moved' does not exist"):
         export_pipeline(trained["base"] / "stage2", tmp_path / "other", stage1_dir=tmp_path / "moved")
+
+
+def test_sampling_defaults_come_from_the_model_description(trained, tmp_path):
+    """Steps and guidance scales are not shaped by training: the exported settings take them from the model
+    description's `settings:` (the trained fields still from the run)."""
+    import yaml
+
+    description = yaml.safe_load(Path("configs/models/tiny.yaml").read_text())  # what the tiny stages train
+    description.setdefault("settings", {}).update(num_inference_steps=3, audio_guidance_scale=1.5)
+    model_config = tmp_path / "model.yaml"
+    model_config.write_text(yaml.safe_dump(description))
+    out = export_pipeline(trained["base"] / "stage1" / "final", tmp_path / "pipe", model_config=str(model_config))
+    settings = json.loads((out / "model_index.json").read_text())["settings"]
+    assert (settings["num_inference_steps"], settings["audio_guidance_scale"]) == (3, 1.5)
+    trained_settings = json.loads((trained["base"] / "stage1" / "final" / "echo_settings.json").read_text())
+    assert settings["resolution"] == trained_settings["resolution"]

@@ -55,6 +55,9 @@ PIPELINE_SECTIONS = (
 )  # fmt: skip
 
 
+SAMPLING_SETTINGS = ("num_inference_steps", "audio_guidance_scale", "user_guidance_scale")
+
+
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast the floating-point parameters and buffers of ``model`` to ``dtype`` in place, except those under a module
     named in the class's ``_keep_in_fp32_modules`` (as diffusers' and transformers' ``from_pretrained`` do)."""
@@ -104,6 +107,9 @@ def build_exported_pipeline(
 
     # 2. Components from the model description, with the run's ablation switches
     description = _apply_ablation(load_model_config(model_config or config.model.config), config)
+    # Sampling defaults are not shaped by training: the model description's `settings:` gives them, when it has them.
+    sampling = {k: v for k, v in (description.get("settings") or {}).items() if k in SAMPLING_SETTINGS}
+    settings = settings.replace(**sampling)
     sections = list(PIPELINE_SECTIONS) + (["context_encoder"] if config.stage == 2 else [])
     components = load_components(description, torch_dtype=torch.float32, only=sections)  # fuse in fp32, then cast
     transformer = components["transformer"]
