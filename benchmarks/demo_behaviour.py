@@ -43,6 +43,12 @@ def prepare(heldout: Path, out: Path, seconds: float, long_seconds: float) -> tu
         is_long = "long" in clip.name
         name = clip.name
         length = long_seconds if is_long else seconds
+        if is_long:
+            long = name
+        else:
+            regular.append(name)
+        if (out / "examples" / name / "manifest.jsonl").is_file() and (out / "user_audio" / f"{name}.wav").is_file():
+            continue  # written by an earlier run (a rerun, or a parallel run over other variants)
         example = write_example(clip, out / "examples" / name, seconds=length)
         frames = clip_format.read_video_frames(clip / "avatar.mp4", list(range(len(np.load(example / "user_landmarks.npy")))))
         (out / "reference").mkdir(parents=True, exist_ok=True)
@@ -50,10 +56,7 @@ def prepare(heldout: Path, out: Path, seconds: float, long_seconds: float) -> tu
         for role, folder in (("avatar", "audio"), ("user", "user_audio")):
             (out / folder).mkdir(parents=True, exist_ok=True)
             (out / folder / f"{name}.wav").write_bytes((example / f"{role}.wav").read_bytes())
-        if is_long:
-            long = name
-        else:
-            regular.append(name)
+        if not is_long:
             (out / "ground_truth").mkdir(parents=True, exist_ok=True)  # the regular clips, scored as a "generated" set
             (out / "ground_truth" / f"{name}.mp4").write_bytes((out / "reference" / f"{name}.mp4").read_bytes())
     return regular, long
