@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strips", default=None, help="also write PNG frame strips of speaking and listening here")
     args = parser.parse_args(argv)
 
-    import pipelines  # noqa: F401  (registers EchoPipeline with diffusers)
     from diffusers import DiffusionPipeline
+
+    import pipelines  # noqa: F401  (registers EchoPipeline with diffusers)
 
     out = Path(args.out)
     regular, long = prepare(Path(args.heldout), out, args.seconds, args.long_seconds)
