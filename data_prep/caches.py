@@ -231,7 +231,8 @@ def _text_encoder(options):
                 f"`text_encoder_dtype` is {options.text_encoder_dtype!r}, expected one of {sorted(dtypes)}."
             )
         encoder = EmotionTextEncoder.from_pretrained(options.text_encoder, torch_dtype=dtypes[options.text_encoder_dtype])
-        # Training's `TextEmbedder` pads to min(tokenizer.model_max_length, 512): the cache must match it.
+        # Training's `echo.encoding.PromptEncoder` pads to min(data.max_sequence_length (512 by default), the tokenizer's
+        # model_max_length): the cache must match it.
         encoder.max_length = min(int(encoder.tokenizer.model_max_length), 512)
         encoder.text_encoder.to(options.device)
         _LOADED[key] = encoder
