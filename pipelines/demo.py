@@ -35,7 +35,8 @@ DEFAULT_PIPELINE = ROOT / "models" / "echo-demo"
 EXAMPLE_FILES = ("reference.png", "reference_landmarks.npy", "avatar.wav", "user.mp4", "user.wav", "user_landmarks.npy")
 UNTRAINED_NOTICE = (
     "NOTE: the model weights are random (built from {config}), so the rendered avatar is noise-like: this run checks "
-    "that every stage runs end to end. The trained demo model is {pipeline} (`echo-demo` without --config)."
+    "that every stage runs end to end. When a trained demo model is in {pipeline}, `echo-demo` without --config "
+    "renders it (docs/demo_model.md)."
 )
 
 
