@@ -353,6 +353,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         ValueError: an unknown key (named by its dotted path), a value of the wrong type, or an invalid setting.
     """
     values = _read_yaml(Path(path)) if path is not None else {}
+    return _from_dict(TrainConfig, apply_overrides(values, overrides)).validate()
+
+
+def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a parsed YAML dict, in place; returns it.
+    The one reader of ``--set`` for the training, VAE and recipe configs."""
     for item in overrides:
         keys, value = _parse_override(item)
         node = values
@@ -361,7 +367,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section.")
         node[keys[-1]] = value
-    return _from_dict(TrainConfig, values).validate()
+    return values
 
 
 def config_to_dict(config: TrainConfig) -> dict:

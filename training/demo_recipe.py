@@ -37,8 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from echo.components import read_yaml
 
 STAGES = ("data", "vae", "stage1", "stage2", "export")
@@ -47,16 +45,9 @@ DEFAULT_RECIPE = "configs/train/demo_recipe.yaml"
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     """The recipe YAML with ``section.key=value`` overrides (values parsed as YAML)."""
-    recipe = read_yaml(path, "recipe") or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        node = recipe
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+    from training.config import apply_overrides
+
+    recipe = apply_overrides(read_yaml(path, "recipe") or {}, overrides)
     unknown = set(recipe) - {*STAGES, "accelerate", "state_file"}
     if unknown:
         raise ValueError(f"recipe {str(path)!r} has unknown sections {sorted(unknown)}; expected {[*STAGES, 'accelerate', 'state_file']}")

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from echo.components import read_yaml
 
@@ -131,17 +130,9 @@ def _build(cls, values: dict, prefix: str = ""):
 
 def load_vae_config(path: str | Path | None, overrides: list[str] = ()) -> VaeTrainConfig:
     """Read the YAML, apply ``section.key=value`` overrides (values parsed as YAML), check keys and values."""
-    values = (read_yaml(path, "VAE training config") or {}) if path else {}
-    values = values or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        node = values
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+    from .config import apply_overrides
+
+    values = apply_overrides((read_yaml(path, "VAE training config") or {}) if path else {}, overrides)
     config = _build(VaeTrainConfig, values)
     data = config.data
     if (data.clip_frames - 1) % 4:
