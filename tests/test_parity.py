@@ -20,16 +20,15 @@ import pytest
 import torch
 
 from echo import clip_format
-from echo.components import load_components
 from echo.data import ConversationDataset, collate_conversations
 from echo.encoding import PromptEncoder, encode_latents
 from pipelines import EchoPipeline
+from tests.tiny_models import tiny_components_as_trained
 from training.config import load_config
 from training.modeling import EchoTrainingModule, TrainingModels
 from training.step import step_generator, training_step
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "models" / "tiny.yaml"
 STAGE2 = ROOT / "configs" / "train" / "tiny_stage2.yaml"
 CHUNKS = [(0, 9), (8, 17)]  # chunk_schedule(17, 9, 1)
 
@@ -49,14 +48,8 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def components():
-    components = load_components(TINY)
-    # The added modules start zero-initialised (no effect); give them small random values, as after training, so the
-    # audio and user streams change the generator's features.
-    generator = torch.Generator().manual_seed(0)
-    for module in (components["transformer"], components["context_encoder"]):
-        for name, param in module.named_parameters():
-            if not param.any() and "norm" not in name:
-                param.data = torch.randn(param.shape, generator=generator) * 0.2
+    # ECHO additions acting as after training, so the audio and user streams change the generator's features
+    components = tiny_components_as_trained()
     return components
 
 

@@ -1,30 +1,20 @@
 """EchoPipeline on tiny components: determinism, chunking with reference + motion-frame conditioning, the guidance
 equation, defaults from the saved settings, save/load round trip, CPU offload."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from echo.components import load_components
 from pipelines import EchoPipeline, chunk_schedule
+from tests.tiny_models import tiny_components_as_trained
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 SIZE = 32  # 4×4 latents, 2×2 tokens per frame
 CHUNK, MOTION = 9, 5
 
 
 def _make_pipe() -> EchoPipeline:
-    components = load_components(TINY)
-    # The ECHO additions start zero-initialised (the generator computes what Wan computes), so neither audio nor user
-    # would change the output. Give those zero tensors small random values, as after training, so the tests can see
-    # each condition's effect.
-    generator = torch.Generator().manual_seed(0)
-    for module in (components["transformer"], components["context_encoder"]):
-        for name, param in module.named_parameters():
-            if not param.any() and "norm" not in name:
-                param.data = torch.randn(param.shape, generator=generator) * 0.2
+    components = tiny_components_as_trained()  # ECHO additions acting as after training
     pipe = EchoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

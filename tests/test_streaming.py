@@ -5,18 +5,16 @@ gives bit for bit the full-history LCU the model was trained with; bad inputs ra
 Tiny components (configs/models/tiny.yaml) at 32², 9-frame chunks with 5 motion frames, 2 steps, 25 frames (5 chunks).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from echo.components import load_components
 from echo.mamba import MambaBlock
 from pipelines import EchoPipeline
 from pipelines.session import SAMPLES_PER_FRAME, stream_frame_features
+from tests.tiny_models import tiny_components_as_trained
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 SIZE, CHUNK, MOTION, FRAMES = 32, 9, 5, 25  # chunks [0, 9), [4, 13), [8, 17), [12, 21), [16, 25)
 SETTINGS = dict(height=SIZE, width=SIZE, num_frames_per_chunk=CHUNK, motion_frames=MOTION, user_video_size=32,
                 num_inference_steps=2)  # fmt: skip
@@ -24,13 +22,7 @@ SETTINGS = dict(height=SIZE, width=SIZE, num_frames_per_chunk=CHUNK, motion_fram
 
 @pytest.fixture(scope="module")
 def pipe():
-    components = load_components(TINY)
-    # The ECHO additions start zero-initialised; small random values (as after training) let every stream count.
-    generator = torch.Generator().manual_seed(0)
-    for module in (components["transformer"], components["context_encoder"]):
-        for name, param in module.named_parameters():
-            if not param.any() and "norm" not in name:
-                param.data = torch.randn(param.shape, generator=generator) * 0.2
+    components = tiny_components_as_trained()  # ECHO additions acting as after training: every stream counts
     # Parallel-scan blocks of 8 frames (256 by default), so that 25 frames carry the LCU's state across blocks.
     for module in components["context_encoder"].modules():
         if isinstance(module, MambaBlock):
