@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.tiny_models import random_generator_inputs
 from training.export import export_pipeline, main
 from training.train import run
 
@@ -41,23 +42,6 @@ def trained(data_root, tmp_path_factory):
     stage1 = _train("tiny_stage1.yaml", data_root, base / "stage1")
     stage2 = _train("tiny_stage2.yaml", data_root, base / "stage2", f"model.stage1_dir={base / 'stage1'}")
     return {"base": base, "stage1": stage1, "stage2": stage2}
-
-
-def _generator_inputs(transformer, seed: int = 0) -> dict:
-    """Random generator inputs for 9 frames at 64² (3 × 8 × 8 latents), shaped by the generator's config."""
-    c = transformer.config
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.randint(0, 3, (1, 3, 4, 4), generator=g)
-    return dict(
-        hidden_states=torch.randn(1, c.out_channels, 3, 8, 8, generator=g),
-        timestep=torch.tensor([600.0]),
-        encoder_hidden_states=torch.randn(1, 6, c.text_dim, generator=g),
-        condition=torch.randn(1, c.condition_channels, 3, 8, 8, generator=g),
-        audio_embeds=torch.randn(1, 9, c.audio_window, c.audio_num_layers, c.audio_dim, generator=g),
-        context_embeds=torch.randn(1, 5, c.context_dim, generator=g),
-        lip_mask=(masks == 1).float(),
-        face_mask=(masks == 2).float(),
-    )
 
 
 def _render_inputs(data_root: Path) -> dict:
@@ -99,7 +83,7 @@ def test_stage2_export_loads_renders_and_computes_what_training_computed(trained
     trained_module = trained["stage2"]["models"].module.eval()
     exported = pipe.transformer.eval()
     assert not any("lora_" in name for name, _ in exported.named_parameters())
-    inputs = _generator_inputs(exported)
+    inputs = random_generator_inputs(exported)
     with torch.no_grad():
         expected = trained_module.transformer(**inputs).sample
         trained_module.transformer.disable_adapters()
@@ -132,7 +116,7 @@ def test_stage1_export_fp16_keeps_the_vae_float32(trained, tmp_path):
     out = export_pipeline(trained["base"] / "stage1" / "final", tmp_path / "pipe1")
     pipe = diffusers.DiffusionPipeline.from_pretrained(out)
     assert pipe.context_encoder is None and pipe.settings.use_emotion is False
-    inputs = _generator_inputs(pipe.transformer)
+    inputs = random_generator_inputs(pipe.transformer)
     inputs.pop("context_embeds")
     with torch.no_grad():
         expected = trained["stage1"]["models"].module.transformer.eval()(**inputs).sample

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tiny_models import random_generator_inputs
 from training.config import load_config
 from training.modeling import LORA_DIR, MODULES_FILE
 from training.train import run
@@ -288,22 +289,6 @@ def test_rerun_into_an_earlier_run_refuses_unless_resumed_or_overwritten(data_ro
         run([*args, "--resume", "latest"])
 
 
-def _tiny_generator_inputs(transformer, seed: int = 0) -> dict:
-    """Random inputs of a tiny generator for 9 frames at 64² (3 × 8 × 8 latents), shaped by its config."""
-    c = transformer.config
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.randint(0, 3, (1, 3, 4, 4), generator=g)
-    return dict(
-        hidden_states=torch.randn(1, c.out_channels, 3, 8, 8, generator=g),
-        timestep=torch.tensor([600.0]),
-        encoder_hidden_states=torch.randn(1, 6, c.text_dim, generator=g),
-        condition=torch.randn(1, c.condition_channels, 3, 8, 8, generator=g),
-        audio_embeds=torch.randn(1, 9, c.audio_window, c.audio_num_layers, c.audio_dim, generator=g),
-        lip_mask=(masks == 1).float(),
-        face_mask=(masks == 2).float(),
-    )
-
-
 def _tiny_generator_with_adapter(alpha: int = 8):
     """The tiny generator with a stage-1 adapter (rank 4, scale alpha / 4) whose weights are random."""
     from echo.components import load_components
@@ -325,7 +310,7 @@ def test_fused_adapter_computes_what_the_active_adapter_computes():
     from training.modeling import fuse_adapter
 
     transformer = _tiny_generator_with_adapter()
-    inputs = _tiny_generator_inputs(transformer)
+    inputs = random_generator_inputs(transformer, with_context=False)
     with torch.no_grad():
         active = transformer(**inputs).sample
         transformer.disable_adapters()
@@ -346,7 +331,7 @@ def test_saved_adapter_loads_back_into_a_fresh_generator(tmp_path):
     from training.modeling import load_adapter, load_module_state, save_adapter, trainable_module_state
 
     transformer = _tiny_generator_with_adapter(alpha=8)
-    inputs = _tiny_generator_inputs(transformer)
+    inputs = random_generator_inputs(transformer, with_context=False)
     with torch.no_grad():
         expected = transformer(**inputs).sample
     save_adapter(tmp_path / "adapter", transformer, "stage1")
