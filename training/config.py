@@ -259,7 +259,7 @@ def _coerce(value, annotation, key: str):
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ValueError(f"config key {key!r} must be a mapping, got {value!r}.")
-        return _from_dict(annotation, value, prefix=key + ".")
+        return from_dict(annotation, value, prefix=key + ".")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
@@ -290,7 +290,9 @@ def _coerce(value, annotation, key: str):
     return value
 
 
-def _from_dict(cls, values: dict, prefix: str = ""):
+def from_dict(cls, values: dict, prefix: str = ""):
+    """A config dataclass from parsed YAML: unknown keys and values of the wrong type are errors naming the dotted
+    key (nested sections become their dataclasses). Shared by the training and VAE configs."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)  # annotations are strings under `from __future__ import annotations`
     unknown = [k for k in values if k not in fields]
@@ -353,7 +355,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         ValueError: an unknown key (named by its dotted path), a value of the wrong type, or an invalid setting.
     """
     values = _read_yaml(Path(path)) if path is not None else {}
-    return _from_dict(TrainConfig, apply_overrides(values, overrides)).validate()
+    return from_dict(TrainConfig, apply_overrides(values, overrides)).validate()
 
 
 def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> dict:

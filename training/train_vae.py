@@ -29,7 +29,6 @@ SSIM on ``eval_frames`` frames of the held-out clips goes into ``output_dir/repo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -111,29 +110,12 @@ class VaeTrainConfig:
     train: VaeTrainSettings = field(default_factory=VaeTrainSettings)
 
 
-def _build(cls, values: dict, prefix: str = ""):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise ValueError(f"unknown config key {prefix + key!r}; expected one of {sorted(prefix + k for k in fields)}")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {prefix + key!r} must be a mapping, got {value!r}")
-            value = _build(type(default), value, prefix + key + ".")
-        elif isinstance(fields[key].default, tuple):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
 def load_vae_config(path: str | Path | None, overrides: list[str] = ()) -> VaeTrainConfig:
     """Read the YAML, apply ``section.key=value`` overrides (values parsed as YAML), check keys and values."""
-    from .config import apply_overrides
+    from .config import apply_overrides, from_dict
 
     values = apply_overrides((read_yaml(path, "VAE training config") or {}) if path else {}, overrides)
-    config = _build(VaeTrainConfig, values)
+    config = from_dict(VaeTrainConfig, values)
     data = config.data
     if (data.clip_frames - 1) % 4:
         raise ValueError(f"config key 'data.clip_frames' is {data.clip_frames}, expected 4k + 1")
