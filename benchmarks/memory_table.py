@@ -1,12 +1,13 @@
 """Memory table of ECHO at the real sizes, computed on the meta device (no weights, no GPU, seconds on a CPU).
 
-For the Wan2.1-T2V-1.3B and Wan2.1-I2V-14B-480P generators (their published transformer configs, written below) and
-the other components of a rendering pipeline (UMT5-XXL text encoder, Wan VAE, wav2vec2-base, the LCU of
-configs/models/wan2.1-t2v-1.3b.yaml at the generator's width, and for I2V the CLIP ViT-H/14 image encoder):
+For the Wan2.1-T2V-1.3B and Wan2.1-I2V-14B-480P generators (their published transformer configs, written below, with
+the ECHO options of configs/models/wan2.1-t2v-1.3b.yaml and wan2.1-i2v-14b-480p.yaml) and the other components of a
+rendering pipeline (UMT5-XXL text encoder, Wan VAE, wav2vec2-base, the LCU of the model description, and for I2V the
+CLIP ViT-H/14 image encoder):
 
-- parameter bytes in bfloat16 (each class's float32 modules kept in float32, as `from_pretrained(torch_dtype=...)`
-  does; the VAE in float32) and, for the generator, with fp8 weight storage (`enable_layerwise_casting`, with the
-  generator's own skip patterns);
+- parameter bytes in the dtype the model description loads each component in (bfloat16; the VAE, and I2V's image
+  encoder, in float32; each class's float32 modules kept in float32, as `from_pretrained(torch_dtype=...)` does) and,
+  for the generator, with fp8 weight storage (`enable_layerwise_casting`, with the generator's own skip patterns);
 - activation memory: the peak bytes of tensors alive at once during one generator pass (batch 1, bfloat16, all
   conditions: audio, user context, masks) at 480×832 × 81 frames, and during the VAE decode of that clip. Tensors are
   tracked on the meta device as the real code creates and frees them; attention is counted as a flash-attention
@@ -21,7 +22,8 @@ The CUDA context and allocator overhead (typically 0.5-1 GiB) are not included.
 
     python benchmarks/memory_table.py [--models wan2.1-t2v-1.3b wan2.1-i2v-14b-480p] [--frames 81 --height 480 --width 832]
 
-The last line holds the figures as `name=value` pairs (GiB, TFLOP).
+The last line holds the figures as `name=value` pairs (GiB, TFLOP); `summary_table` turns them into the short table
+the README shows (printed before them).
 """
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ WAN_BASES = {
         qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
     ),
 }  # fmt: skip
-# The ECHO options of configs/models/wan2.1-t2v-1.3b.yaml (wav2vec2-base audio; user context at the generator's width).
-ECHO_OPTIONS = dict(audio_dim=768, audio_num_layers=13, audio_window=5, use_sdcm=True, condition_channels=36)
+# The model descriptions whose ECHO options, LCU and component dtypes the table follows (their pretrained folders are
+# not read: the Wan configs above stand for them).
+DESCRIPTIONS = {
+    "wan2.1-t2v-1.3b": ROOT / "configs/models/wan2.1-t2v-1.3b.yaml",
+    "wan2.1-i2v-14b-480p": ROOT / "configs/models/wan2.1-i2v-14b-480p.yaml",
+}
 # google/umt5-xxl encoder, CLIP ViT-H/14 vision tower (the Wan I2V image encoder), facebook/wav2vec2-base-960h.
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)  # fmt: skip
@@ -71,12 +77,25 @@ IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224²: 16 × 16 patches + the class token
 GUIDED_PASSES = 3  # uncond, audio, full (pipelines.EchoPipeline with audio and user guidance)
 
 
+def description(base: str) -> dict:
+    """The model description (``configs/models/*.yaml``) of a Wan base."""
+    from echo.components import load_model_config
+
+    return load_model_config(DESCRIPTIONS[base])
+
+
+def section_dtype(spec: dict, section: str) -> torch.dtype:
+    """The dtype a description loads a section in: its own ``torch_dtype``, else the top-level one."""
+    return getattr(torch, spec[section].get("torch_dtype", spec.get("torch_dtype", "float32")))
+
+
 def echo_config(base: str) -> dict:
-    """The `EchoTransformer3DModel` config of the Echo generator on a Wan base."""
+    """The `EchoTransformer3DModel` config of the Echo generator on a Wan base: the published Wan config with the
+    description's ECHO options (its input takes the noisy latents and the condition channels)."""
     wan = dict(WAN_BASES[base])
-    inner_dim = wan["num_attention_heads"] * wan["attention_head_dim"]
-    wan["in_channels"] = wan["out_channels"] + ECHO_OPTIONS["condition_channels"]
-    return dict(wan, **ECHO_OPTIONS, context_dim=inner_dim)
+    echo = description(base)["transformer"]["config"]
+    wan["in_channels"] = wan["out_channels"] + echo["condition_channels"]
+    return dict(wan, **echo)
 
 
 def meta_generator(base: str, dtype: torch.dtype = torch.bfloat16):
@@ -197,7 +216,6 @@ def pass_flops(model, inputs: dict) -> int:
 
 def components(base: str) -> dict[str, torch.nn.Module]:
     """Every weight-bearing component of the pipeline on the meta device, in its inference dtype."""
-    import yaml
     from diffusers import AutoencoderKLWan
     from transformers import (
         CLIPVisionConfig,
@@ -210,20 +228,21 @@ def components(base: str) -> dict[str, torch.nn.Module]:
 
     from echo.lcu import LongRangeContextEncoder
 
-    bf16 = torch.bfloat16
-    generator = meta_generator(base)
-    lcu_config = yaml.safe_load((ROOT / "configs/models/wan2.1-t2v-1.3b.yaml").read_text())["context_encoder"]["config"]
-    lcu_config["context_dim"] = generator.context_proj.in_features
+    spec = description(base)
+    generator = meta_generator(base, section_dtype(spec, "transformer"))
     with torch.device("meta"):
         parts = {
             "transformer": generator,
-            "text_encoder": cast(UMT5EncoderModel(UMT5Config(**UMT5_XXL)), bf16),
-            "vae": AutoencoderKLWan(),  # float32, as diffusers' Wan examples load it
-            "audio_encoder": cast(Wav2Vec2Model(Wav2Vec2Config()), bf16),
-            "context_encoder": cast(LongRangeContextEncoder(**lcu_config), bf16),
+            "text_encoder": cast(UMT5EncoderModel(UMT5Config(**UMT5_XXL)), section_dtype(spec, "text_encoder")),
+            "vae": cast(AutoencoderKLWan(), section_dtype(spec, "vae")),
+            "audio_encoder": cast(Wav2Vec2Model(Wav2Vec2Config()), section_dtype(spec, "audio_encoder")),
+            "context_encoder": cast(
+                LongRangeContextEncoder(**spec["context_encoder"]["config"]), section_dtype(spec, "context_encoder")
+            ),
         }
         if generator.config.image_dim is not None:
-            parts["image_encoder"] = cast(CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H)), bf16)
+            image_encoder = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H))
+            parts["image_encoder"] = cast(image_encoder, section_dtype(spec, "image_encoder"))
     return {name: part.eval() for name, part in parts.items()}
 
 
@@ -248,11 +267,20 @@ def block_bytes(module: torch.nn.Module) -> tuple[int, int]:
     return nbytes(module) - sum(nbytes(block) for block in blocks), largest
 
 
+def main_dtype(module: torch.nn.Module) -> str:
+    """The dtype holding most of a module's parameters (its float32 modules aside)."""
+    counts: dict[torch.dtype, int] = {}
+    for parameter in module.parameters():
+        counts[parameter.dtype] = counts.get(parameter.dtype, 0) + parameter.numel()
+    return str(max(counts, key=counts.get)).removeprefix("torch.")
+
+
 def measure(base: str, frames: int, height: int, width: int) -> dict:
     parts = components(base)
     generator = parts["transformer"]
     inputs = generator_inputs(generator, frames, height, width, torch.bfloat16)
     result = {"params": {n: nparams(p) for n, p in parts.items()}, "bytes": {n: nbytes(p) for n, p in parts.items()}}
+    result["dtype"] = {n: main_dtype(p) for n, p in parts.items()}
 
     # 1. Activations of one generator pass and of the VAE decode of the whole clip
     result["act_transformer"] = activation_peak(generator, lambda m, x: m(**x, return_dict=False), inputs)
@@ -296,6 +324,33 @@ def variants(result: dict) -> list[tuple[str, float, float]]:
 
 
 SHORT = {"wan2.1-t2v-1.3b": "t2v1.3b", "wan2.1-i2v-14b-480p": "i2v14b"}
+H100_BF16_FLOPS = 989.4e12  # dense bf16 peak of an H100 SXM (and H200)
+
+
+def summary_table(figures: dict[str, str]) -> str:
+    """The short table of the README, from the figures `main` prints last (``name=value`` pairs): per base, the
+    generator's size, the GPU memory of each way of running and the compute of a guided step. Every figure is
+    computed from shapes on the meta device, none measured."""
+    lines = [
+        "| Echo on | generator params | weights bf16 / fp8 | all on GPU, bf16 | all on GPU, fp8 generator "
+        "| model offload (+ fp8) | group offload | host RAM when offloading | TFLOP per guided step "
+        "| s per step at H100 peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for base, short in SHORT.items():
+        if f"{short}_transformer_params_b" not in figures:
+            continue
+        model = {key.removeprefix(f"{short}_"): value for key, value in figures.items() if key.startswith(f"{short}_")}
+        (step_key,) = [key for key in model if key.startswith("tflop_per_step_")]
+        tflop = float(model[step_key])
+        lines.append(
+            f"| {base} | {float(model['transformer_params_b']):.2f} B | {model['transformer_bf16_gib']} / "
+            f"{model['transformer_fp8_gib']} GiB | {model['bf16_all_gpu_gib']} GiB | {model['fp8_all_gpu_gib']} GiB | "
+            f"{model['model_offload_gpu_gib']} ({model['model_offload_fp8_gpu_gib']}) GiB | "
+            f"{model['group_offload_gpu_gib']} GiB | {model['offload_host_gib']} GiB | {tflop:,.0f} | "
+            f"{tflop * 1e12 / H100_BF16_FLOPS:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(args) -> None:
@@ -308,15 +363,15 @@ def main(args) -> None:
         print("| component | parameters | inference dtype | weights GiB | fp8 storage GiB |")
         print("|---|---:|---|---:|---:|")
         for name, count in result["params"].items():
-            dtype = "float32" if name == "vae" else "bfloat16"
             fp8 = f"{result['bytes_fp8_transformer'] / GIB:.2f}" if name == "transformer" else ""
+            dtype = result["dtype"][name]
             print(f"| {name} | {count / 1e6:,.0f} M | {dtype} | {result['bytes'][name] / GIB:.2f} | {fp8} |")
         steps_flops = GUIDED_PASSES * result["flops_pass"]
         print(
             f"\nActivations (peak, batch 1): generator pass {result['act_transformer'] / GIB:.2f} GiB, VAE decode "
             f"{result['act_vae_decode'] / GIB:.2f} GiB. Generator: {result['flops_pass'] / 1e12:.1f} TFLOP per pass, "
             f"{steps_flops / 1e12:.1f} TFLOP per guided step ({GUIDED_PASSES} passes); at the 989 TFLOP/s dense bf16 "
-            f"peak of an H100 SXM a step takes at least {steps_flops / 989.4e12:.2f} s.\n"
+            f"peak of an H100 SXM a step takes at least {steps_flops / H100_BF16_FLOPS:.2f} s.\n"
         )
         print("| variant | GPU GiB (weights + activations) | host GiB (offloaded weights) |")
         print("|---|---:|---:|")
@@ -332,6 +387,9 @@ def main(args) -> None:
         ]
         keys = ("bf16_all", "fp8_all", "model_offload", "model_offload_fp8", "group_offload")
         figures += [f"{short}_{key}_gpu_gib={gpu:.1f}" for key, (_, gpu, _) in zip(keys, variants(result))]
+        figures.append(f"{short}_offload_host_gib={variants(result)[2][2]:.1f}")
+    print("\n## Summary (the README's table; computed from shapes, not measured)\n")
+    print(summary_table(dict(figure.split("=", 1) for figure in figures)) + "\n")
     print(" ".join(figures))
 
 

@@ -27,6 +27,14 @@ Each section names a ``class`` (see `COMPONENT_CLASSES`) and exactly one source:
   reproducible whatever the build order. Tokenizers built from ``config`` are small offline Unigram vocabularies
   (`build_tiny_tokenizer`).
 
+The scheduler: a ``pretrained`` scheduler section loads the class its folder's ``scheduler_config.json`` names
+(``_class_name``, as `DiffusionPipeline.from_pretrained` does; Wan's diffusers folders hold a UniPCMultistepScheduler
+in flow mode with ``flow_shift`` 3.0 at 480p), so ``class`` may be omitted there; a ``class`` that differs from the
+folder's is refused, since loading one scheduler's config as another drops its settings. Its ``config`` overrides
+settings of that class (``flow_shift`` for UniPC, ``shift`` for FlowMatchEuler; a key the class does not take is an
+error). A scheduler built from ``config`` alone is exactly the class and settings named. Either way a scheduler that
+cannot sample the flow-matching generator is refused (`echo.flow_matching.check_flow_scheduler`).
+
 Precision: a model section's ``torch_dtype`` (``float32``, ``bfloat16``, ``float16``), else the top-level
 ``torch_dtype``, else float32; the caller's ``torch_dtype`` overrides both (`load_components`). A real description
 sets ``torch_dtype: bfloat16`` with ``torch_dtype: float32`` on its VAE, as diffusers' Wan examples load them. Every
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import os
 import string
 from pathlib import Path
@@ -75,6 +84,9 @@ COMPONENT_CLASSES: dict[str, dict[str, tuple[str, str]]] = {
         "T5TokenizerFast": ("transformers", "T5TokenizerFast"),
     },
     "context_encoder": {"LongRangeContextEncoder": ("echo.lcu", "LongRangeContextEncoder")},
+    # Optional, I2V bases only (Wan2.1-I2V): the CLIP vision encoder of the reference image and its processor.
+    "image_encoder": {"CLIPVisionModel": ("transformers", "CLIPVisionModel")},
+    "image_processor": {"CLIPImageProcessor": ("transformers", "CLIPImageProcessor")},
 }
 
 # transformers config classes for the `config:` route.
@@ -82,9 +94,10 @@ _TRANSFORMERS_CONFIGS = {
     "Wav2Vec2Model": "Wav2Vec2Config",
     "UMT5EncoderModel": "UMT5Config",
     "T5EncoderModel": "T5Config",
+    "CLIPVisionModel": "CLIPVisionConfig",
 }
 
-_MODEL_COMPONENTS = ("vae", "transformer", "audio_encoder", "text_encoder", "context_encoder")
+_MODEL_COMPONENTS = ("vae", "transformer", "audio_encoder", "text_encoder", "context_encoder", "image_encoder")
 
 # Values a description's `torch_dtype` keys may take.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -245,9 +258,52 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def _saved_scheduler_class(spec: dict, allow_download: bool) -> str:
+    """The class a ``pretrained`` scheduler section loads: the ``_class_name`` of the folder's
+    ``scheduler_config.json`` (what `DiffusionPipeline.from_pretrained` would load), which the section's ``class``,
+    when given, must name."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    kwargs = {"local_files_only": not allow_download}
+    if spec.get("subfolder"):
+        kwargs["subfolder"] = spec["subfolder"]
+    try:
+        saved = FlowMatchEulerDiscreteScheduler.load_config(spec["pretrained"], **kwargs).get("_class_name")
+    except OSError as error:  # name the section, as `_from_pretrained` does
+        raise OSError(f"section 'scheduler': {error}") from error
+    where = str(Path(spec["pretrained"]) / spec.get("subfolder", ""))
+    accepted = sorted(COMPONENT_CLASSES["scheduler"])
+    if saved not in accepted:
+        raise ValueError(
+            f"section 'scheduler': {where!r} holds a {saved!r} scheduler config; ECHO samples its flow-matching "
+            f"generator with one of {accepted}."
+        )
+    named = spec.get("class")
+    if named is not None and named != saved:
+        raise ValueError(
+            f"section 'scheduler' names class {named!r} but {where!r} holds a {saved!r} config; loading one as the "
+            f"other would drop its settings (UniPCMultistepScheduler's time shift is `flow_shift`, "
+            f"FlowMatchEulerDiscreteScheduler's `shift`). Omit 'class' (or name {saved!r}) to load the folder's "
+            f"scheduler, or build a {named} from 'config' alone (no 'pretrained')."
+        )
+    return saved
+
+
+def _check_scheduler_overrides(cls, config: dict) -> None:
+    """Scheduler settings a description gives must be arguments of its class (diffusers would ignore the others)."""
+    unknown = sorted(set(config) - set(inspect.signature(cls.__init__).parameters) - {"self"})
+    if unknown:
+        raise ValueError(
+            f"section 'scheduler' sets {unknown}, which {cls.__name__} does not take (UniPCMultistepScheduler's "
+            "time shift is `flow_shift`, FlowMatchEulerDiscreteScheduler's `shift`)."
+        )
+
+
 def _build_one(
     section: str, spec: dict, torch_dtype: torch.dtype | None, allow_download: bool, default_seed: int
 ):
+    if section == "scheduler" and isinstance(spec, dict) and "pretrained" in spec:
+        spec = dict(spec, **{"class": _saved_scheduler_class(spec, allow_download)})  # the folder's own class
     if not isinstance(spec, dict) or "class" not in spec:
         raise ValueError(f"section {section!r} must be a mapping with a 'class' key, got {spec!r}")
     sources = [key for key in ("pretrained", "from_wan") if key in spec]
@@ -258,6 +314,8 @@ def _build_one(
     name = spec["class"]
     cls = _import_class(name, section)
     config = dict(spec.get("config") or {})
+    if section == "scheduler":
+        _check_scheduler_overrides(cls, config)
     seed = int(spec.get("seed", default_seed))
     load_kwargs: dict[str, Any] = {"local_files_only": not allow_download}
     if spec.get("subfolder"):
@@ -344,6 +402,12 @@ def _check_seams(components: dict) -> None:
             raise ValueError(
                 f"transformer context_dim = {context_dim} but context_encoder context_dim = {lcu.config.context_dim}"
             )
+    image = components.get("image_encoder")
+    if transformer is not None and image is not None and transformer.config.image_dim != image.config.hidden_size:
+        raise ValueError(
+            f"transformer image_dim = {transformer.config.image_dim} but image_encoder hidden_size = "
+            f"{image.config.hidden_size}; an I2V generator reads the image encoder's hidden states"
+        )
     if text is not None and tokenizer is not None and len(tokenizer) > text.config.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but text_encoder vocab_size = {text.config.vocab_size}; expected "
@@ -374,12 +438,15 @@ def load_components(
 
     Returns:
         `dict[str, Any]`: ``vae`` (`AutoencoderKLWan`), ``transformer`` (`EchoTransformer3DModel`), ``scheduler``
-        (`FlowMatchEulerDiscreteScheduler`), ``audio_encoder`` (`Wav2Vec2Model`), ``feature_extractor``
+        (the section's class, or its folder's), ``audio_encoder`` (`Wav2Vec2Model`), ``feature_extractor``
         (`Wav2Vec2FeatureExtractor`), ``text_encoder`` (`UMT5EncoderModel` / `T5EncoderModel`), ``tokenizer`` and
-        ``context_encoder`` (`LongRangeContextEncoder`), and ``settings`` (a validated `EchoSettings` dict); the keys
-        are exactly the sections present (and requested). The result can be passed as ``EchoPipeline(**components)``
-        when all eight components are present.
+        ``context_encoder`` (`LongRangeContextEncoder`), for I2V bases ``image_encoder`` (`CLIPVisionModel`) and
+        ``image_processor`` (`CLIPImageProcessor`), and ``settings`` (a validated `EchoSettings` dict); the keys are
+        exactly the sections present (and requested). The result can be passed as ``EchoPipeline(**components)``
+        when the eight required components are present.
     """
+    from .flow_matching import check_flow_scheduler
+
     description = load_model_config(config)
     if allow_download is None:
         allow_download = bool(description.get("allow_download", False))
@@ -407,5 +474,7 @@ def load_components(
         spec = description[section]
         dtype = _section_dtype(section, spec, description, torch_dtype)
         components[section] = _build_one(section, spec, dtype, allow_download, default_seed)
+        if section == "scheduler":
+            check_flow_scheduler(components[section])  # a scheduler that cannot sample the flow is refused here
     _check_seams(components)
     return components

@@ -10,7 +10,9 @@ inference conditions it never saw in training. Each function here is the only im
 - `PromptEncoder`: the emotion text embedding (Wan's prompt encoding), its length clamp and a per-text cache;
 - `detect_face_landmarks`: MediaPipe face-mesh landmarks; `echo.masks.reference_token_masks`: SDCM's token masks;
 - `chunk_condition`: a chunk's condition (the reference image in every chunk, plus the motion frames of a
-  continuation chunk, Eq. 1; layout in `echo.conditioning`).
+  continuation chunk, Eq. 1; layout in `echo.conditioning`);
+- `encode_reference_image`: the CLIP image tokens of the reference that an I2V base (Wan2.1-I2V) reads in its text
+  cross-attention.
 
 Things the two sides legitimately do differently stay outside: the pipeline's motion frames are its own generated
 frames, training's are the window's ground truth; both go through `chunk_condition`.
@@ -170,6 +172,35 @@ def chunk_condition(
     return build_condition(
         reference_latents, motion_latents, num_latent_frames, vae_scale_factor_temporal=vae.config.scale_factor_temporal
     )
+
+
+@torch.no_grad()
+def encode_reference_image(image_encoder, image_processor, reference: torch.Tensor) -> torch.Tensor:
+    r"""The CLIP image tokens of the reference image, as Wan2.1-I2V encodes its image (diffusers'
+    `WanImageToVideoPipeline.encode_image`): the image processor's pixel values through the vision encoder, whose
+    penultimate hidden state is the transformer's ``encoder_hidden_states_image``.
+
+    Both sides encode the reference as the generator sees it, at the video size (the training window's reference
+    frame; the pipeline's reference resized to ``height`` × ``width``, as diffusers' Wan I2V example resizes its image
+    before the call), quantised to uint8 like an image file, so that the processor's own defaults (resize, crop,
+    rescale, CLIP normalisation) apply to it as to the PIL image Wan is given.
+
+    Args:
+        image_encoder (`transformers.CLIPVisionModel`): the I2V base's image encoder (``image_encoder`` subfolder).
+        image_processor (`transformers.CLIPImageProcessor`): its processor (``image_processor`` subfolder).
+        reference (`torch.Tensor` of shape `(B, 3, H, W)`): the reference image in [−1, 1].
+
+    Returns:
+        `torch.Tensor` of shape `(B, N_img, hidden_size)` (257 × 1280 for Wan2.1-I2V's ViT-H/14 at 224²), in the
+        encoder's dtype on its device.
+    """
+    if reference.ndim != 4 or reference.shape[1] != 3:
+        raise ValueError(f"`reference` has shape {tuple(reference.shape)}, expected (B, 3, H, W) in [-1, 1].")
+    pixels = ((reference.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    images = list(pixels.permute(0, 2, 3, 1).numpy())  # B × (H, W, 3) uint8, as a PIL image reads
+    inputs = image_processor(images=images, return_tensors="pt").to(image_encoder.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(image_encoder.dtype)
+    return image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
 
 
 def frames_to_tensor(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:

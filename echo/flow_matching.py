@@ -8,9 +8,13 @@ Conventions (diffusers' ``FlowMatchEulerDiscreteScheduler``):
   scheduler applies at sampling, ``σ' = shift·σ / (1 + (shift − 1)·σ)`` (shift > 1 moves mass toward noise).
 
 Sampling is diffusers' scheduler itself (no scheduler is written here); :func:`retrieve_timesteps` sets it up.
+`FlowMatchEulerDiscreteScheduler` and the multistep solvers in flow mode (UniPC, as Wan's own folders ship it) sample
+the same flow: :func:`check_flow_scheduler` refuses any other, :func:`scheduler_shift` reads either one's shift.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -130,3 +134,91 @@ def retrieve_timesteps(
     else:
         scheduler.set_timesteps(num_inference_steps, device=device)
     return scheduler.timesteps, len(scheduler.timesteps)
+
+
+# Multistep solvers sample a flow-matching model in their flow mode only: these config values select it.
+FLOW_MODE = {"prediction_type": "flow_prediction", "use_flow_sigmas": True}
+# The schedulers `flow_scheduler` builds (and `echo.components` loads).
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
+
+
+def check_flow_scheduler(scheduler) -> None:
+    r"""
+    Refuses a diffusers scheduler that cannot sample the flow-matching generator, with the way to build one that can.
+
+    Accepted: `FlowMatchEulerDiscreteScheduler`, and the multistep solvers (`UniPCMultistepScheduler`,
+    `DPMSolverMultistepScheduler`) in their flow mode (``prediction_type="flow_prediction"``,
+    ``use_flow_sigmas=True``: σ from 1 to 0 with the time shift ``flow_shift``, the model output read as the velocity
+    ``ε − x0``). Both set their σ from ``num_inference_steps`` alone; ``use_dynamic_shifting`` (a shift chosen per
+    call from the sequence length through ``mu``) is refused, since the shift is a setting of the trained model.
+
+    Args:
+        scheduler: a diffusers scheduler (`SchedulerMixin` with a ``config``).
+
+    Raises:
+        `ValueError`: naming the scheduler's class and the offending config values.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config, name = scheduler.config, type(scheduler).__name__
+    if config.get("use_dynamic_shifting", False):
+        raise ValueError(
+            f"The scheduler ({name}) has use_dynamic_shifting=True, which needs a per-call `mu`; ECHO samples with "
+            f"the fixed shift the model was trained with. Set it with `pipe.scheduler = {name}.from_config("
+            "pipe.scheduler.config, use_dynamic_shifting=False)`."
+        )
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return
+    mode = {key: config.get(key) for key in FLOW_MODE}
+    if mode != FLOW_MODE:
+        raise ValueError(
+            f"The scheduler ({name} with {', '.join(f'{k}={v!r}' for k, v in mode.items())}) does not sample a "
+            "flow-matching model: the generator predicts the velocity ε − x0 along σ from 1 to 0. Use "
+            "FlowMatchEulerDiscreteScheduler, or a multistep solver in flow mode, e.g. `pipe.scheduler = "
+            "UniPCMultistepScheduler.from_config(pipe.scheduler.config, prediction_type='flow_prediction', "
+            "use_flow_sigmas=True, flow_shift=3.0)`."
+        )
+
+
+def scheduler_shift(scheduler) -> float:
+    """The time shift a flow scheduler samples with (``shift`` of `FlowMatchEulerDiscreteScheduler`, ``flow_shift``
+    of a multistep solver in flow mode, `check_flow_scheduler`); training draws its σ with the same shift. (A config
+    converted from the other class may carry the other's key unused: the class decides which one counts.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    check_flow_scheduler(scheduler)
+    key = "shift" if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else "flow_shift"
+    return float(scheduler.config[key])
+
+
+def flow_scheduler(name: str, scheduler, shift: float | None = None):
+    r"""
+    A flow scheduler of class ``name`` from a flow scheduler's config, as diffusers swaps schedulers
+    (``cls.from_config(scheduler.config, ...)``), with the flow-mode values set (`FLOW_MODE`) and the shift carried
+    over; the keys the new class does not take (the other one's ``shift`` / ``flow_shift``) are dropped.
+
+    Args:
+        name (`str`): one of `FLOW_SCHEDULERS`.
+        scheduler: the current scheduler (``pipe.scheduler``), a flow scheduler (`check_flow_scheduler`).
+        shift (`float`, *optional*): the time shift; defaults to the current scheduler's (`scheduler_shift`).
+
+    Returns:
+        The new scheduler, accepted by `check_flow_scheduler`.
+    """
+    import diffusers
+
+    if name not in FLOW_SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not one of {FLOW_SCHEDULERS}.")
+    if shift is None:
+        shift = scheduler_shift(scheduler)
+    if not shift > 0:
+        raise ValueError(f"`shift` is {shift}, expected a positive number.")
+    cls = getattr(diffusers, name)
+    parameters = inspect.signature(cls.__init__).parameters
+    config = {key: value for key, value in scheduler.config.items() if key in parameters}
+    if name == "FlowMatchEulerDiscreteScheduler":
+        scheduler = cls.from_config(config, shift=shift)
+    else:
+        scheduler = cls.from_config(config, flow_shift=shift, **FLOW_MODE)
+    check_flow_scheduler(scheduler)
+    return scheduler

@@ -40,7 +40,11 @@ Classifier-free guidance runs up to three passes per step: ``uncond`` (no avatar
 (avatar audio, no user context) and ``full`` (both), combined as
 ``uncond + s_a · (audio − uncond) + s_u · (full − audio)`` with ``s_a = audio_guidance_scale`` and
 ``s_u = user_guidance_scale``. A pass whose weight in that sum is zero (``1 − s_a``, ``s_a − s_u``, ``s_u``) is skipped,
-so ``s_a = s_u = 1`` costs one pass.
+so ``s_a = s_u = 1`` costs one pass. Each pass runs in its own ``transformer.cache_context`` (diffusers' caches).
+
+I2V bases (Wan2.1-I2V-14B: a transformer with ``image_dim``): the pipeline also holds the base's CLIP
+``image_encoder`` and ``image_processor``; the reference's image tokens (`encode_image`, the encoding the training
+step uses) enter every pass, as in diffusers' `WanImageToVideoPipeline`.
 """
 
 from collections.abc import Callable
@@ -52,13 +56,26 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from transformers import PreTrainedTokenizerBase, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    PreTrainedTokenizerBase,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
 
 from echo.audio import SAMPLE_RATE, wav2vec2_frame_features
-from echo.encoding import PromptEncoder, decode_latents, detect_face_landmarks, frames_to_tensor
+from echo.encoding import (
+    PromptEncoder,
+    decode_latents,
+    detect_face_landmarks,
+    encode_reference_image,
+    frames_to_tensor,
+)
 from echo.lcu import LongRangeContextEncoder
 from echo.masks import NUM_LANDMARKS, reference_token_masks
 from echo.settings import EchoSettings
@@ -121,20 +138,27 @@ def chunk_schedule(num_frames: int, num_frames_per_chunk: int, motion_frames: in
     return chunks
 
 
-class EchoPipeline(DiffusionPipeline):
+class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     r"""
     Pipeline for interactive head generation (ECHO): an avatar that talks with its own audio and listens to a user.
 
     This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
     implemented for all pipelines (downloading, saving, running on a particular device, etc.).
 
+    The pipeline also inherits the following loading methods:
+        - [`~loaders.WanLoraLoaderMixin.load_lora_weights`] for loading Wan LoRAs (diffusers or original Wan key
+          format, e.g. step-distillation LoRAs) into the transformer, whose Wan layers keep Wan's names.
+
     Args:
         vae ([`AutoencoderKLWan`]):
             Variational Auto-Encoder model to encode and decode videos to and from latent representations.
         transformer ([`~echo.EchoTransformer3DModel`]):
             The Wan2.1 DiT with SDCM that denoises the avatar latents.
-        scheduler ([`FlowMatchEulerDiscreteScheduler`]):
-            A flow-matching scheduler used with `transformer` to denoise the latents.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`] or [`UniPCMultistepScheduler`]):
+            A flow-matching scheduler used with `transformer` to denoise the latents: FlowMatchEuler, or a multistep
+            solver in flow mode (``prediction_type="flow_prediction"``, ``use_flow_sigmas=True``), as Wan's folders
+            ship UniPC; `echo.flow_matching.check_flow_scheduler` refuses others. Swap it the diffusers way
+            (``pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, ...)``, docs/inference.md).
         audio_encoder ([`~transformers.Wav2Vec2Model`]):
             wav2vec2 encoder of both speakers' audio; all its hidden states are used (``NL = num_hidden_layers + 1``).
         feature_extractor ([`~transformers.Wav2Vec2FeatureExtractor`]):
@@ -146,14 +170,21 @@ class EchoPipeline(DiffusionPipeline):
         context_encoder ([`~echo.LongRangeContextEncoder`], *optional*):
             The LCU (Eq. 5-9) that turns the user's history into the context tokens ``f_pu``. Without it the user branch
             is off and the avatar only talks.
+        image_encoder ([`~transformers.CLIPVisionModel`], *optional*):
+            The CLIP vision encoder of an I2V base (Wan2.1-I2V, whose transformer has ``image_dim``): the reference
+            image's tokens (`encode_image`) enter every transformer call as ``encoder_hidden_states_image``, as in
+            diffusers' `WanImageToVideoPipeline`. Required when ``transformer.config.image_dim`` is set, unused
+            otherwise.
+        image_processor ([`~transformers.CLIPImageProcessor`], *optional*):
+            Prepares the reference image for `image_encoder`.
         settings (`dict` or [`~echo.settings.EchoSettings`], *optional*):
             The settings the model was trained with (`EchoSettings` fields; missing keys take `EchoSettings`'s
             defaults). Stored in the pipeline's config (``model_index.json``), so `save_pretrained` /
             `from_pretrained` keep them; `__call__` arguments left at `None` read them through `settings`.
     """
 
-    model_cpu_offload_seq = "text_encoder->audio_encoder->context_encoder->transformer->vae"
-    _optional_components = ["context_encoder"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->audio_encoder->context_encoder->transformer->vae"
+    _optional_components = ["context_encoder", "image_encoder", "image_processor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "condition"]
 
     def __init__(
@@ -167,6 +198,8 @@ class EchoPipeline(DiffusionPipeline):
         tokenizer: PreTrainedTokenizerBase,
         context_encoder: LongRangeContextEncoder | None = None,
         settings: dict | EchoSettings | None = None,
+        image_encoder: CLIPVisionModel | None = None,
+        image_processor: CLIPImageProcessor | None = None,
     ):
         super().__init__()
 
@@ -179,6 +212,8 @@ class EchoPipeline(DiffusionPipeline):
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             context_encoder=context_encoder,
+            image_encoder=image_encoder,
+            image_processor=image_processor,
         )
         if not isinstance(settings, EchoSettings):
             settings = EchoSettings.from_dict(settings, source="`settings`")
@@ -250,6 +285,34 @@ class EchoPipeline(DiffusionPipeline):
         r"""Normalised latents `(B, 16, F, h, w)` → frames `(B, 3, 4(F − 1) + 1, 8h, 8w)` in [−1, 1]
         (`echo.encoding.decode_latents`)."""
         return decode_latents(self.vae, latents)
+
+    def encode_image(self, reference: torch.Tensor) -> torch.Tensor | None:
+        r"""
+        CLIP image tokens of the reference for an I2V base, as diffusers' `WanImageToVideoPipeline.encode_image`
+        computes them (`echo.encoding.encode_reference_image`, which the training step uses too).
+
+        Args:
+            reference (`torch.Tensor` of shape `(1, 3, H, W)`): the reference in [−1, 1] at the video size
+                (`prepare_reference`).
+
+        Returns:
+            `torch.Tensor` of shape `(1, N_img, image_dim)` in the transformer's dtype, or `None` when the transformer
+            reads no image tokens (``image_dim`` unset: a T2V base).
+        """
+        image_dim = self.transformer.config.image_dim
+        if image_dim is None:
+            return None
+        if self.image_encoder is None or self.image_processor is None:
+            raise ValueError(
+                f"The transformer reads CLIP image tokens of the reference (`image_dim` = {image_dim}: an I2V base "
+                "such as Wan2.1-I2V) but the pipeline has no `image_encoder` / `image_processor`. Pass "
+                "`image_encoder=CLIPVisionModel.from_pretrained(repo, subfolder=\"image_encoder\")` and "
+                "`image_processor=CLIPImageProcessor.from_pretrained(repo, subfolder=\"image_processor\")` of the I2V "
+                "base (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers) to `EchoPipeline`, or give the model description "
+                "its `image_encoder` and `image_processor` sections."
+            )
+        image_embeds = encode_reference_image(self.image_encoder, self.image_processor, reference)
+        return image_embeds.to(self._execution_device, self.transformer.dtype)  # 1, N_img, image_dim
 
     def prepare_reference(self, image, height: int, width: int) -> torch.Tensor:
         """Reference image, in a form `pipelines.inputs` accepts (PIL; `(H, W, 3)` uint8 or float in [0, 1]; `(3, H, W)`
@@ -362,8 +425,8 @@ class EchoPipeline(DiffusionPipeline):
     ):
         """The checks of the inputs' presence, pairing and types that `resolve_settings` and the conversions of
         `pipelines.inputs` (run by `__call__` right after) do not make."""
-        if output_type not in ("np", "pt", "pil"):
-            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt' or 'pil'.")
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil' or 'latent'.")
         if reference_image is None:
             raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
         if avatar_audio is None and avatar_audio_features is None:
@@ -505,8 +568,9 @@ class EchoPipeline(DiffusionPipeline):
                 is the avatar audio's duration at `close`.
             with_user (`bool`, *optional*): whether the user's streams drive the avatar (the LCU branch); defaults to
                 whether the pipeline has a ``context_encoder``.
-            output_type (`str` or `None`, defaults to `"np"`): of ``SessionChunk.frames``: `"np"`, `"pt"`, `"pil"`, or
-                `None` (only ``SessionChunk.video``).
+            output_type (`str` or `None`, defaults to `"np"`): of ``SessionChunk.frames``: `"np"`, `"pt"`, `"pil"`,
+                `"latent"` (the chunk's denoised latents, not decoded: see `__call__`), or `None` (only
+                ``SessionChunk.video`` and ``SessionChunk.latents``).
             audio_encoding (`str`, defaults to `"stream"`): ``"stream"`` encodes pushed waveforms in blocks of
                 ``audio_block_frames`` frames with ``audio_context_frames`` frames of audio on each side, so chunks
                 render while the conversation goes on; ``"file"`` encodes each track whole at `close` (as `__call__`
@@ -648,7 +712,16 @@ class EchoPipeline(DiffusionPipeline):
             generator (`torch.Generator`, *optional*):
                 Makes generation deterministic; one generator draws the noise of all chunks in order.
             output_type (`str`, defaults to `"np"`):
-                `"np"`, `"pt"` or `"pil"`.
+                `"np"`, `"pt"`, `"pil"`, or `"latent"`: as diffusers' Wan pipelines, the denoised latents before VAE
+                decoding, in the normalised latent space the transformer works in (`decode_latents` turns them into
+                frames). Chunks are stitched in pixel space (a continuation chunk regenerates, then drops, its first
+                ``motion_frames`` frames), and a chunk's latents only decode as a whole (the VAE is causal in time), so
+                the latents are per chunk: a tensor `(num_chunks, z_dim, F, H / 8, W / 8)` whose entry ``c`` holds
+                all ``F = (num_frames_per_chunk − 1) / 4 + 1`` latent frames of chunk ``c`` (for a continuation
+                chunk its first ``(motion_frames − 1) / 4 + 1`` latent frames are the regenerated overlap). The
+                frames of the other output types are ``decode_latents(latents[0:1])``, then for each later chunk
+                ``decode_latents(latents[c:c + 1])[:, :, motion_frames:]``, concatenated and cut to ``num_frames``.
+                The chunks are decoded all the same, since each conditions the next on its decoded last frames.
             return_dict (`bool`, defaults to `True`):
                 Return an [`EchoPipelineOutput`] instead of a plain tuple.
             understanding (`torch.Tensor` `(N_s, D_s)` or a list of them, one per chunk, *optional*):
@@ -697,7 +770,8 @@ class EchoPipeline(DiffusionPipeline):
         Examples:
 
         Returns:
-            [`EchoPipelineOutput`] or `tuple`: the generated frames (``num_frames`` of them, see `EchoPipelineOutput`).
+            [`EchoPipelineOutput`] or `tuple`: the generated frames (``num_frames`` of them, see `EchoPipelineOutput`),
+            or the chunks' latents (``output_type="latent"``).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -780,13 +854,17 @@ class EchoPipeline(DiffusionPipeline):
         # 3. Denoise chunk by chunk (`EchoSession._render`: emotion, user context, condition, denoising, decoding)
         with self.progress_bar(total=session.num_chunks * settings.num_inference_steps) as progress_bar:
             session.progress_bar = progress_bar
-            pieces = [chunk.video for chunk in session]
+            chunks = list(session)
+        pieces = [chunk.video for chunk in chunks]
+        chunk_latents = [chunk.latents for chunk in chunks]
         self._current_timestep = None
         self._current_chunk = None
 
-        # 4. Post-process: exactly num_frames frames
+        # 4. Post-process: exactly num_frames frames, or each chunk's latents
         video = torch.cat(pieces, dim=2)[:, :, :num_frames]  # 1, 3, num_frames, H, W
-        if output_type == "pt":
+        if output_type == "latent":
+            frames = torch.cat(chunk_latents)  # num_chunks, z_dim, F, h, w
+        elif output_type == "pt":
             frames = ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()  # 1, T, 3, H, W
         else:
             frames = self.video_processor.postprocess_video(video.float(), output_type=output_type)
@@ -797,6 +875,41 @@ class EchoPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames,)
         return EchoPipelineOutput(frames=frames)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # LoRA loading
+    # ------------------------------------------------------------------------------------------------------------
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        hotswap: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Loads a Wan LoRA into the transformer: [`~loaders.WanLoraLoaderMixin.load_lora_weights`], the Echo generator's
+        Wan layers keeping Wan's names (its ECHO modules are only adapted by LoRAs that name them).
+
+        A state dict is read from a copy of its tensors: diffusers' conversion of the original Wan key format
+        (``diffusion_model.blocks.N.cross_attn.q.lora_down.weight``, ``alpha``) scales some of them in place, which
+        would otherwise change the caller's dict (a second load would apply ``alpha / rank`` twice).
+
+        Args:
+            pretrained_model_name_or_path_or_dict (`str`, `os.PathLike` or `dict`):
+                A folder or hub id holding ``pytorch_lora_weights.safetensors`` (or ``weight_name``), or a state dict,
+                in diffusers' or the original Wan key format.
+            adapter_name (`str`, *optional*): the adapter's name (for `set_adapters`, `delete_adapters`).
+            hotswap (`bool`, defaults to `False`), kwargs: as in `WanLoraLoaderMixin.load_lora_weights`.
+        """
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            pretrained_model_name_or_path_or_dict = {
+                key: value.clone() if torch.is_tensor(value) else value
+                for key, value in pretrained_model_name_or_path_or_dict.items()
+            }
+        super().load_lora_weights(
+            pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs
+        )
 
 
 def _register_with_diffusers() -> None:

@@ -6,6 +6,8 @@ echo-render --pipeline DIR --manifest conversations.jsonl --out DIR [--height H 
 
 Resolution, chunk length, motion frames, user video size and sampling options default to the settings saved with the
 model (`EchoPipeline.settings`, i.e. what it was trained with); an option given on the command line overrides them.
+The scheduler is the one saved with the model (``scheduler/scheduler_config.json``); ``--scheduler`` and ``--shift``
+sample with another flow scheduler (FlowMatchEuler, UniPC in flow mode) or time shift instead.
 
 The manifest holds one JSON object per line:
 
@@ -52,6 +54,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from echo.flow_matching import FLOW_SCHEDULERS, flow_scheduler, scheduler_shift
 
 from .inputs import check_int, check_scale
 
@@ -238,7 +242,8 @@ OPTIONS_FILE = "render_options.json"
 
 def render_options(pipe, args: argparse.Namespace) -> dict:
     """What shapes the rendered clips: the model (its folder and settings), the effective rendering settings (the
-    model's, overridden by the options), the seed and the layout; recorded in ``<out>/render_options.json``."""
+    model's, overridden by the options), the scheduler and its shift, the seed and the layout; recorded in
+    ``<out>/render_options.json``."""
     settings, height, width = pipe.resolve_settings(**model_options(args))
     return {
         "pipeline": str(Path(args.pipeline).resolve()) if getattr(args, "pipeline", None) else None,
@@ -251,6 +256,8 @@ def render_options(pipe, args: argparse.Namespace) -> dict:
         "num_frames_per_chunk": settings.num_frames_per_chunk,
         "motion_frames": settings.motion_frames,
         "user_video_size": settings.user_video_size,
+        "scheduler": type(pipe.scheduler).__name__,
+        "shift": scheduler_shift(pipe.scheduler),
         "seed": args.seed,
         "side_by_side": bool(getattr(args, "side_by_side", False)),
     }
@@ -294,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true",
         help="delete clips an earlier run rendered into --out with other options (otherwise such a rerun is refused)",
     )  # fmt: skip
+    parser.add_argument("--scheduler", default=None, choices=FLOW_SCHEDULERS,
+                        help="sample with this scheduler instead of the model's (its shift kept unless --shift)")  # fmt: skip
+    parser.add_argument("--shift", type=positive_float, default=None,
+                        help="the scheduler's flow time shift, > 0 (default: the model's)")  # fmt: skip
     return add_model_arguments(parser)
 
 
@@ -422,13 +433,24 @@ def build_helpers(args: argparse.Namespace) -> dict:
     return helpers
 
 
-def load_pipeline(folder: str | os.PathLike, device: str | None = None, dtype: str | None = None, cpu_offload: bool = False):
-    """Load a saved `EchoPipeline` onto ``device`` in ``dtype`` (defaults: cuda + bfloat16 when available)."""
+def load_pipeline(
+    folder: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | None = None,
+    cpu_offload: bool = False,
+    scheduler: str | None = None,
+    shift: float | None = None,
+):
+    """Load a saved `EchoPipeline` onto ``device`` in ``dtype`` (defaults: cuda + bfloat16 when available). It samples
+    with the scheduler saved with it, or with ``scheduler`` (a class of `echo.flow_matching.FLOW_SCHEDULERS`) and / or
+    the time ``shift`` (`echo.flow_matching.flow_scheduler`: from the saved scheduler's config, diffusers' way)."""
     from .pipeline_echo import EchoPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = EchoPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True)
+    if scheduler is not None or shift is not None:
+        pipe.scheduler = flow_scheduler(scheduler or type(pipe.scheduler).__name__, pipe.scheduler, shift)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -440,8 +462,8 @@ def load_pipeline(folder: str | os.PathLike, device: str | None = None, dtype: s
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    pipe = load_pipeline(args.pipeline, args.device, args.dtype, args.cpu_offload)
     try:
+        pipe = load_pipeline(args.pipeline, args.device, args.dtype, args.cpu_offload, args.scheduler, args.shift)
         check_model_options(pipe, args)
     except ValueError as error:
         parser.error(str(error))  # once, before any clip (exit code 2)

@@ -52,6 +52,17 @@ How a chunk is computed (the decisions behind "exactly" and "constant cost per c
   and waveforms) before any buffer changes. A waveform at another rate than 16 kHz (``sampling_rate``, per session or
   per push; fixed per stream by its first piece) is resampled as it arrives by a stateful resampler, so pieces give
   exactly the samples of the whole; its last samples come at `close`.
+- **Reference image tokens (I2V bases).** A transformer with ``image_dim`` (Wan2.1-I2V) reads the reference's CLIP
+  tokens (`EchoPipeline.encode_image`, encoded once per session) in every guidance pass, the unconditional one too, as
+  diffusers' `WanImageToVideoPipeline` does.
+- **Caches.** Every guidance pass runs inside ``transformer.cache_context(name)``, one name per pass (``"uncond"``,
+  ``"audio"``, ``"full"``), with the step's index and σ where the installed diffusers takes them, as diffusers' Wan
+  pipelines do, so a cache enabled with
+  ``transformer.enable_cache(...)`` (First Block Cache, FasterCache, ...) keeps one state per pass; the states are reset
+  at the start of every chunk, a new denoising trajectory.
+- **Latents.** ``output_type="latent"`` gives each chunk's denoised latents (normalised, as the transformer predicts
+  them; all its latent frames, a continuation chunk's regenerated motion frames included) instead of frames. The
+  chunk is decoded all the same: the next chunk is conditioned on its decoded last frames.
 - **Timing.** Each chunk records when its last input arrived (the `push` or `close` that completed it), when its
   rendering started and when its frames were ready, so a live caller (``echo-live``) can report latency and the
   real-time factor. `push` only buffers and may run in another thread than `pull`.
@@ -59,6 +70,7 @@ How a chunk is computed (the decisions behind "exactly" and "constant cost per c
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import threading
@@ -72,6 +84,7 @@ import torch
 
 from echo.audio import FPS, SAMPLE_RATE, wav2vec2_frame_features
 from echo.encoding import PromptEncoder, chunk_condition, detect_face_landmarks, encode_user_video, prepare_user_video
+from echo.flow_matching import check_flow_scheduler
 from echo.masks import NUM_LANDMARKS
 
 from . import inputs as accepted
@@ -83,6 +96,19 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per 25 fps
 AUDIO_BLOCK_FRAMES = 25  # "stream" audio encoding: frames per wav2vec2 block (1 s)
 AUDIO_CONTEXT_FRAMES = 25  # ... and audio on each side of a block (1 s, as `wav2vec2_frame_features` between chunks)
 AUDIO_ENCODINGS = ("stream", "file")
+
+
+def missing_understanding_message(understanding_dim: int) -> str:
+    """What to pass when the LCU reads understanding tokens (HBCU, Eq. 8) and none are given."""
+    return (
+        "This model's context encoder reads understanding tokens (use_understanding=True, HBCU) and none were "
+        "given. Pass `understanding_model=echo.OmniUnderstanding.from_pretrained(<Qwen2.5-Omni folder or hub id, "
+        "e.g. 'Qwen/Qwen2.5-Omni-7B'>)` to compute them from the user's video and audio, or "
+        f"`understanding=` precomputed tokens (N_s, {understanding_dim}) (e.g. the `user_omni.safetensors` "
+        "of a prepared clip, echo-prep --stages omni), or render with a model trained without understanding "
+        "(use_understanding: false, the w/o HBCU ablation); without `user_video` the user branch is off and none "
+        "is needed."
+    )
 
 
 def stream_frame_features(
@@ -268,9 +294,13 @@ class SessionChunk:
         first_frame (`int`): index, in the conversation, of the first frame of ``frames``.
         frames (`np.ndarray`, `torch.Tensor`, `list[PIL.Image.Image]` or `None`): the chunk's new frames (a
             continuation chunk's regenerated motion frames dropped, the last chunk cut at ``num_frames``):
-            `(n, H, W, 3)` in [0, 1] (``"np"``), `(n, 3, H, W)` in [0, 1] (``"pt"``), PIL images (``"pil"``), or `None`
-            for ``output_type=None``.
+            `(n, H, W, 3)` in [0, 1] (``"np"``), `(n, 3, H, W)` in [0, 1] (``"pt"``), PIL images (``"pil"``), the
+            chunk's ``latents[0]`` (``"latent"``), or `None` for ``output_type=None``.
         video (`torch.Tensor` of shape `(1, 3, n, H, W)`): the same frames in [−1, 1], as decoded.
+        latents (`torch.Tensor` of shape `(1, z_dim, F, H / 8, W / 8)`): the chunk's denoised latents, normalised as
+            the transformer predicts them, all its ``F`` latent frames; ``EchoPipeline.decode_latents(latents)`` gives
+            all its ``num_frames_per_chunk`` frames, of which a continuation chunk's ``video`` drops the first
+            ``motion_frames``.
         inputs_complete_at (`float`): `time.perf_counter()` when the chunk's last input arrived.
         started_at (`float`), finished_at (`float`): when its rendering started and its frames were ready.
     """
@@ -279,6 +309,7 @@ class SessionChunk:
     first_frame: int
     frames: Any
     video: torch.Tensor
+    latents: torch.Tensor
     inputs_complete_at: float
     started_at: float
     finished_at: float
@@ -342,8 +373,8 @@ class EchoSession:
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         sampling_rate: int = SAMPLE_RATE,
     ):
-        if output_type not in ("np", "pt", "pil", None):
-            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil' or None.")
+        if output_type not in ("np", "pt", "pil", "latent", None):
+            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil', 'latent' or None.")
         if audio_encoding not in AUDIO_ENCODINGS:
             raise ValueError(f"`audio_encoding` is {audio_encoding!r}, expected one of {AUDIO_ENCODINGS}.")
         audio_block_frames = accepted.check_int(audio_block_frames, "audio_block_frames", 1)
@@ -356,6 +387,7 @@ class EchoSession:
             raise ValueError("`with_user=True` but the pipeline has no `context_encoder` (LCU) to encode the user.")
         emotion = accepted.check_emotion(emotion)
         accepted.check_generator(generator)
+        check_flow_scheduler(pipe.scheduler)  # FlowMatchEuler, or a multistep solver in flow mode (UniPC)
         accepted.check_callable(callback_on_step_end, "callback_on_step_end")
         accepted.check_callable(understanding_model, "understanding_model")
         if emotion_reasoner is not None and not callable(getattr(emotion_reasoner, "describe", None)):
@@ -370,6 +402,10 @@ class EchoSession:
                                  for i, u in enumerate(understanding)]  # fmt: skip
             else:
                 understanding = accepted.check_understanding(understanding, "understanding", dim)
+        if understanding is None and understanding_model is None and with_user and (
+            "understanding" in pipe.context_encoder.required_inputs
+        ):
+            raise ValueError(missing_understanding_message(pipe.context_encoder.config.understanding_dim))
         self.sampling_rate = accepted.check_sampling_rate(sampling_rate)
         reference_image = accepted.check_image(reference_image, "reference_image")  # converted once, checked once
         self.pipe, self.settings = pipe, settings
@@ -386,10 +422,14 @@ class EchoSession:
         self.num_frames_per_chunk, self.motion_frames = settings.num_frames_per_chunk, settings.motion_frames
         self.avatar_radius = pipe.transformer.config.audio_window // 2
         self.device, self.dtype = pipe._execution_device, pipe.transformer.dtype
+        # Caches that use where the loop is (SeaCache) read it from the cache context; older diffusers take a name only
+        context_parameters = inspect.signature(pipe.transformer.cache_context).parameters.values()
+        self.cache_step_info = any(parameter.kind is parameter.VAR_KEYWORD for parameter in context_parameters)
 
         # 1. The reference, its SDCM masks and the prompt encoder (fixed for the session)
         self.num_latent_frames = (self.num_frames_per_chunk - 1) // pipe.vae_scale_factor_temporal + 1
         self.reference = pipe.prepare_reference(reference_image, height, width).to(self.device)  # 1, 3, H, W
+        self.image_embeds = pipe.encode_image(self.reference)  # 1, N_img, image_dim (I2V bases), else None
         lip, face = pipe.prepare_avatar_masks(
             height, width, self.num_latent_frames, reference_landmarks, lip_mask, face_mask, reference_image
         )
@@ -752,29 +792,36 @@ class EchoSession:
             "full": {"audio_embeds": audio_embeds, "context_embeds": context_embeds},
         }
 
-        # 6. Denoising loop
+        # 6. Denoising loop; each chunk is a new trajectory, so the state of an enabled cache starts afresh
+        pipe.transformer._reset_stateful_cache()
         for i, t in enumerate(timesteps):
             if pipe.interrupt:
                 continue
             pipe._current_timestep = t
             latent_model_input = latents.to(dtype)
             timestep = t.expand(latents.shape[0])
+            step_context = {}
+            if self.cache_step_info:  # as diffusers' Wan pipelines
+                sigma = float(pipe.scheduler.sigmas[i])
+                step_context = {"step_index": i, "sigma": sigma, "num_inference_steps": len(timesteps)}
             noise_pred = 0.0
             for name, weight in weights.items():
                 extra = pass_inputs[name]
-                prediction = pipe.transformer(
-                    hidden_states=latent_model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=prompt_embeds,
-                    condition=condition,
-                    audio_embeds=extra["audio_embeds"],
-                    context_embeds=extra["context_embeds"],
-                    context_mask=context_mask if extra["context_embeds"] is not None else None,
-                    lip_mask=self.avatar_lip,
-                    face_mask=self.avatar_face,
-                    attention_kwargs=self.attention_kwargs,
-                    return_dict=False,
-                )[0]
+                with pipe.transformer.cache_context(name, **step_context):  # one cache state per guidance pass
+                    prediction = pipe.transformer(
+                        hidden_states=latent_model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=prompt_embeds,
+                        encoder_hidden_states_image=self.image_embeds,
+                        condition=condition,
+                        audio_embeds=extra["audio_embeds"],
+                        context_embeds=extra["context_embeds"],
+                        context_mask=context_mask if extra["context_embeds"] is not None else None,
+                        lip_mask=self.avatar_lip,
+                        face_mask=self.avatar_face,
+                        attention_kwargs=self.attention_kwargs,
+                        return_dict=False,
+                    )[0]
                 noise_pred = noise_pred + weight * prediction.float()
 
             # compute the previous noisy sample x_t -> x_t-1
@@ -802,16 +849,19 @@ class EchoSession:
         return SessionChunk(
             index=index,
             first_frame=first_frame,
-            frames=self._postprocess(new),
+            frames=self._postprocess(new, latents),
             video=new,
+            latents=latents,
             inputs_complete_at=self.ready_times[index],
             started_at=started_at,
             finished_at=time.perf_counter(),
         )
 
-    def _postprocess(self, video: torch.Tensor):
+    def _postprocess(self, video: torch.Tensor, latents: torch.Tensor):
         if self.output_type is None:
             return None
+        if self.output_type == "latent":
+            return latents[0]  # z_dim, F, h, w
         if self.output_type == "pt":
             return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()[0]  # n, 3, H, W
         return self.pipe.video_processor.postprocess_video(video.float(), output_type=self.output_type)[0]
@@ -893,10 +943,7 @@ class EchoSession:
             dim = self.pipe.context_encoder.config.understanding_dim
             understanding = accepted.check_understanding(understanding, "the understanding_model's output", dim)
         if understanding is None:
-            raise ValueError(
-                "The context encoder uses understanding tokens (use_understanding=True): pass `understanding` "
-                "(N_s, D_s) or an `understanding_model`."
-            )
+            raise ValueError(missing_understanding_message(self.pipe.context_encoder.config.understanding_dim))
         understanding = understanding.to(self.device, torch.float32)  # 1, N_s, D_s (`accepted.check_understanding`)
         num_tokens = understanding.shape[1]
         if num_tokens == 0:  # nothing understood yet: one hidden zero token, as a training batch holds it

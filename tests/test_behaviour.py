@@ -48,18 +48,45 @@ def test_lip_sync_r_of_the_ground_truth_follows_its_speech_and_not_the_other_spe
 
 def test_listening_ratio_is_motion_energy_while_the_user_speaks_over_mutual_silence():
     num_frames = 40
-    pose = np.zeros((num_frames, 6))
+    pose = np.zeros((num_frames, 5))
     user_speaking = np.zeros(num_frames, dtype=bool)
     user_speaking[:20] = True
     pose[:20, 1] = np.where(np.arange(20) % 2, 10.0, 0.0)  # 10° pitch steps while the user speaks: energy 1 per frame
     pose[20:, 3] = np.where(np.arange(20) % 2, 0.5, 0.0)  # half a face height steps in silence: energy 0.25
-    energy = behaviour.motion_energy(pose)
+    energy = behaviour.motion_energy(pose, smooth=1)
     np.testing.assert_allclose(energy[2:19], 1.0)
     np.testing.assert_allclose(energy[22:], 0.25)
     ratio = behaviour.listening_ratio(energy, user_speaking, ~user_speaking)
     assert ratio == pytest.approx((energy[:20].mean()) / energy[20:].mean())
     assert 3.0 < ratio < 5.0
     assert behaviour.listening_ratio(energy, user_speaking, np.zeros(num_frames, dtype=bool)) is None
+
+
+def test_motion_energy_averages_out_landmark_jitter_but_keeps_a_nod():
+    """A still head with ±0.5° frame-to-frame jitter against a 4° nod per second: unsmoothed, the jitter's energy
+    rivals the nod's; averaged over 5 frames, the nod is worth many times the jitter."""
+    time = np.arange(100) / 25.0
+    jitter = np.zeros((100, 5))
+    jitter[:, 1] = np.where(np.arange(100) % 2, 0.5, -0.5)
+    nod = np.zeros((100, 5))
+    nod[:, 1] = 4.0 * np.sin(2 * np.pi * time)
+    raw = behaviour.motion_energy(nod, smooth=1).mean() / behaviour.motion_energy(jitter, smooth=1).mean()
+    smoothed = behaviour.motion_energy(nod).mean() / behaviour.motion_energy(jitter).mean()
+    assert raw < 1.0
+    assert smoothed > 20 * raw
+
+
+def test_conversation_states_keep_pauses_between_words_out_of_mutual_silence():
+    avatar = np.zeros(60, dtype=bool)
+    user = np.zeros(60, dtype=bool)
+    avatar[0:10] = avatar[13:20] = True  # the avatar's turn with a 3-frame pause between words
+    user[35:45] = True  # the user's turn after a long mutual silence
+    listening, silence = behaviour.conversation_states(avatar, user, margin=5)
+    assert not silence[10:13].any()  # the pause inside the avatar's turn is not mutual silence
+    assert silence[25:30].all() and silence[50:].all() and not silence[:25].any() and not silence[30:50].any()
+    assert listening[35:45].all() and not listening[:35].any() and not listening[45:].any()
+    no_margin_listening, no_margin_silence = behaviour.conversation_states(avatar, user, margin=0)
+    assert no_margin_silence[10:13].all() and no_margin_listening.sum() == 10
 
 
 def test_voice_activity_marks_speech_and_bridges_short_gaps():

@@ -156,7 +156,8 @@ def test_wan_config_names_real_folders_and_never_downloads():
     config = load_model_config(TINY.with_name("wan2.1-t2v-1.3b.yaml"))
     assert config["allow_download"] is False
     assert config["torch_dtype"] == "bfloat16" and config["vae"]["torch_dtype"] == "float32"
-    assert set(COMPONENT_CLASSES) == set(config) - {"allow_download", "seed", "settings", "torch_dtype"}
+    i2v_only = {"image_encoder", "image_processor"}  # the CLIP parts of I2V bases
+    assert set(COMPONENT_CLASSES) - i2v_only == set(config) - {"allow_download", "seed", "settings", "torch_dtype"}
     wan = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     for section in ("vae", "scheduler", "text_encoder", "tokenizer"):
         assert (config[section]["pretrained"], config[section]["subfolder"]) == (wan, section)
@@ -178,6 +179,7 @@ def test_wan_config_names_real_folders_and_never_downloads():
     [
         ("tiny.yaml", ("tiny_stage1.yaml", "tiny_stage2.yaml")),
         ("wan2.1-t2v-1.3b.yaml", ("stage1.yaml", "stage2.yaml")),
+        ("wan2.1-i2v-14b-480p.yaml", ("stage1.yaml", "stage2.yaml")),
         ("demo.yaml", ("demo_stage1.yaml", "demo_stage2.yaml")),
     ],
 )

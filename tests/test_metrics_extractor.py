@@ -168,3 +168,24 @@ def test_pose_sign_conventions():
     assert _project(model, _rotation(0, 15, 0), centre, 256)[nose, 1] > frontal[nose, 1]
     rolled = _project(model, _rotation(0, 0, 15), centre, 256)
     assert rolled[left_eye, 1] > rolled[right_eye, 1]  # the image-right eye drops: clockwise
+
+
+def test_head_rotation_from_3d_landmarks_recovers_a_known_rotation():
+    """Canonical face points rotated by known yaw, pitch, roll (R = Rz·Ry·Rx) and placed in image axes: the fit
+    gives the angles back, without the mirrored solutions of a 2-D perspective fit."""
+    from echo.metrics.extractor import (
+        NUM_LANDMARKS,
+        POSE_LANDMARK_INDICES,
+        canonical_pose_points,
+        head_rotation_from_landmarks3d,
+    )
+
+    angles = np.array([[0.0, 0.0, 0.0], [12.0, -7.0, 4.0], [-25.0, 15.0, -9.0]])
+    canonical = canonical_pose_points(camera_frame=False)
+    landmarks = np.zeros((len(angles), NUM_LANDMARKS, 3))
+    for t, (yaw, pitch, roll) in enumerate(angles):
+        points = 6.0 * canonical @ _rotation(yaw, pitch, roll).T + np.array([64.0, -60.0, 0.0])
+        landmarks[t, list(POSE_LANDMARK_INDICES)] = points * np.array([1.0, -1.0, -1.0])  # canonical → image axes
+    np.testing.assert_allclose(head_rotation_from_landmarks3d(landmarks), angles, atol=1e-6)
+    landmarks[1] = np.nan
+    assert np.isnan(head_rotation_from_landmarks3d(landmarks)[1]).all()

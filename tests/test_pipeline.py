@@ -403,10 +403,76 @@ def test_bad_inputs_raise_clear_errors(pipe, inputs):
     with pytest.raises(ValueError, match="understanding"):
         _run(pipe, inputs, understanding=None)
     with pytest.raises(ValueError, match="output_type"):
-        _run(pipe, inputs, output_type="latent")
+        _run(pipe, inputs, output_type="mp4")
     with pytest.raises(ValueError, match="reference_landmarks"):
         _run(pipe, inputs, reference_landmarks=np.zeros((68, 2)))
     with pytest.raises(ValueError, match="motion_frames"):
         _run(pipe, inputs, motion_frames=4)
     with pytest.raises(ValueError, match="avatar_audio_features"):
         _run(pipe, inputs, avatar_audio=None, avatar_audio_features=np.zeros((5, 3, 32), np.float32))
+
+
+def test_latent_output_is_each_chunks_latents_before_decoding(pipe, inputs):
+    """`output_type="latent"` returns, as diffusers' Wan pipelines do, the denoised latents before VAE decoding, one
+    entry per chunk (13 frames: chunks 0-8 and 4-12) holding all its latent frames. Decoded by the project's
+    `decode_latents` and stitched as documented (chunk 0 whole, each later chunk without its first `motion_frames`
+    frames, cut to `num_frames`), they are the frames of `output_type="pt"` with the same seed; a session yields the
+    same latents chunk by chunk."""
+    latents = _run(pipe, inputs, num_frames=13, num_inference_steps=1, output_type="latent")
+    frames = _run(pipe, inputs, num_frames=13, num_inference_steps=1)
+    assert latents.shape == (2, 16, 3, SIZE // 8, SIZE // 8)
+    decoded = [pipe.decode_latents(latents[c : c + 1]) for c in range(len(latents))]  # 1, 3, 9, H, W each
+    stitched = torch.cat([decoded[0], decoded[1][:, :, MOTION:]], dim=2)[:, :, :13]
+    torch.testing.assert_close(frames, ((stitched + 1) / 2).permute(0, 2, 1, 3, 4), atol=1e-6, rtol=0)
+
+    starts = ("reference_image", "reference_landmarks", "understanding", "emotion", "height", "width",
+              "num_frames_per_chunk", "motion_frames", "user_video_size")  # fmt: skip
+    session = pipe.start_session(
+        **{k: inputs[k] for k in starts}, generator=torch.Generator().manual_seed(0), num_frames=13,
+        num_inference_steps=1, output_type="latent", audio_encoding="file",
+    )  # fmt: skip
+    session.push(**{k: v for k, v in inputs.items() if k.startswith(("user_", "avatar_")) and k not in starts})
+    session.close()
+    torch.testing.assert_close(torch.stack([chunk.frames for chunk in session]), latents, atol=0, rtol=0)
+
+
+def test_each_guidance_pass_keeps_its_own_cache_state(pipe, inputs, monkeypatch):
+    """diffusers' caches (`transformer.enable_cache`) see each guidance pass in its own `cache_context`. First Block
+    Cache at threshold 0 (nothing reused) gives exactly the uncached latents; at a huge threshold (a state is reused
+    whenever there is one), each of the three passes runs its whole block stack at the first step of every chunk (a
+    state of its own, fresh for each chunk's new trajectory) and reuses it at the later step. Each context also tells
+    the cache the step's index and σ, as diffusers' Wan pipelines do."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    latents = {"num_frames": 13, "num_inference_steps": 2, "output_type": "latent"}  # the tiny VAE mutes changes
+    uncached = _run(pipe, inputs, **latents)
+    ran_last_block = []  # per transformer call: whether its last block computed
+
+    def last_block_ran(module, args, output):
+        ran_last_block[-1] = True
+
+    handles = [
+        pipe.transformer.register_forward_pre_hook(lambda module, args: ran_last_block.append(False)),
+        pipe.transformer.blocks[-1].ffn.register_forward_hook(last_block_ran),
+    ]
+    try:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+        cached = _run(pipe, inputs, **latents)
+        pipe.transformer.disable_cache()
+        torch.testing.assert_close(cached, uncached, atol=0, rtol=0)
+        ran_last_block.clear()
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+        contexts, cache_context = [], pipe.transformer.cache_context
+        monkeypatch.setattr(pipe.transformer, "cache_context", lambda name, **step: contexts.append((name, step))
+                            or cache_context(name, **step))  # fmt: skip
+        reused = _run(pipe, inputs, **latents)
+    finally:
+        pipe.transformer.disable_cache()
+        for handle in handles:
+            handle.remove()
+    first_step, later_step = [True] * 3, [False] * 3  # the uncond, audio and full passes of a step
+    assert ran_last_block == (first_step + later_step) * 2  # 2 chunks × 2 steps
+    sigmas = pipe.scheduler.sigmas
+    steps = [{"step_index": i, "sigma": float(sigmas[i]), "num_inference_steps": 2} for i in (0, 1)]
+    assert contexts == [(name, step) for step in steps for name in ("uncond", "audio", "full")] * 2
+    assert (reused - uncached).abs().max() > 1e-4

@@ -276,7 +276,7 @@ def test_bad_inputs_raise_clear_errors(pipe, conversation):
     with pytest.raises(ValueError, match="audio_encoding"):
         _session(pipe, conversation, audio_encoding="mp3")
     with pytest.raises(ValueError, match="output_type"):
-        _session(pipe, conversation, output_type="latent")
+        _session(pipe, conversation, output_type="mp4")
     no_user = _session(pipe, conversation, with_user=False)
     with pytest.raises(ValueError, match="user_video"):
         no_user.push(user_video=frames)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from echo import flow_matching
 from echo.conditioning import build_condition
 from echo.transformer_echo import EchoTransformer3DModel
+from tests.tiny_models import ORIGINAL_WAN_NAMES
 
 WAN_T2V = dict(
     patch_size=(1, 2, 2),
@@ -695,14 +696,6 @@ def test_first_block_cache(wan_t2v_folder):
         torch.testing.assert_close(model(**calls[1]).sample, uncached[1], rtol=0, atol=0)
 
 
-# Wan module names → the original Wan checkpoint's (the format of most community LoRAs, e.g. step-distillation LoRAs).
-_ORIGINAL_WAN_NAMES = {
-    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v", "attn1.to_out.0": "self_attn.o",
-    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
-}  # fmt: skip
-
-
 def test_wan_loras_load_onto_echo_and_change_exactly_the_wan_layers(wan_t2v_folder, tmp_path):
     """A LoRA made for the Wan model (diffusers format, saved by `WanPipeline.save_lora_weights`, alpha ≠ rank; and the
     same LoRA in the original Wan format as community LoRAs come, converted by `WanLoraLoaderMixin.lora_state_dict`)
@@ -744,7 +737,7 @@ def test_wan_loras_load_onto_echo_and_change_exactly_the_wan_layers(wan_t2v_fold
     for key, value in lora.items():
         module, kind = key.rsplit(".lora_", 1)
         block, index, name = module.split(".", 2)
-        prefix = f"diffusion_model.{block}.{index}.{_ORIGINAL_WAN_NAMES[name]}"
+        prefix = f"diffusion_model.{block}.{index}.{ORIGINAL_WAN_NAMES[name]}"
         original[f"{prefix}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
         original[f"{prefix}.alpha"] = torch.tensor(8.0)
     converted = WanLoraLoaderMixin.lora_state_dict(original)

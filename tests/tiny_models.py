@@ -4,16 +4,38 @@ from pathlib import Path
 
 import torch
 
-from echo.components import load_components
+from echo.components import load_components, load_model_config
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 
 
-def tiny_components_as_trained(seed: int = 0, scale: float = 0.2) -> dict:
-    """The components of configs/models/tiny.yaml with every all-zero tensor of the generator and the LCU (the ECHO
-    additions start zero-initialised: the generator computes what Wan computes, so neither audio nor user would
-    change the output) given small random values, as after training, so that tests see each condition's effect."""
-    components = load_components(TINY)
+def tiny_i2v_description() -> dict:
+    """configs/models/tiny.yaml as an I2V base (Wan2.1-I2V's layout, tiny): the generator reads CLIP image tokens
+    (``image_dim`` 32, image key/value projections of its width 32) from a tiny seeded `CLIPVisionModel` (hidden 32, 2
+    layers, 32² images in 8² patches: 17 tokens) and its `CLIPImageProcessor` (32²); prompts are padded to the 512
+    tokens Wan's attention expects after the image tokens."""
+    description = load_model_config(TINY)
+    description["transformer"]["config"].update(image_dim=32, added_kv_proj_dim=32)
+    description["image_encoder"] = {
+        "class": "CLIPVisionModel",
+        "config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=8),
+    }  # fmt: skip
+    description["image_processor"] = {
+        "class": "CLIPImageProcessor",
+        "config": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
+    }
+    description["tokenizer"]["config"]["model_max_length"] = 512
+    description["settings"]["max_sequence_length"] = 512
+    return description
+
+
+def tiny_components_as_trained(seed: int = 0, scale: float = 0.2, description: Path | dict = TINY) -> dict:
+    """The components of ``description`` (configs/models/tiny.yaml by default) with every all-zero tensor of the
+    generator and the LCU (the ECHO additions start zero-initialised: the generator computes what Wan computes, so
+    neither audio nor user would change the output) given small random values, as after training, so that tests see
+    each condition's effect."""
+    components = load_components(description)
     generator = torch.Generator().manual_seed(seed)
     for module in (components["transformer"], components["context_encoder"]):
         for name, param in module.named_parameters():
@@ -40,3 +62,11 @@ def random_generator_inputs(transformer, seed: int = 0, with_context: bool = Tru
     if with_context:
         inputs["context_embeds"] = torch.randn(1, 5, c.context_dim, generator=g)
     return inputs
+
+
+# Wan module names → the original Wan checkpoint's (the format of most community LoRAs, e.g. step-distillation LoRAs).
+ORIGINAL_WAN_NAMES = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v", "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}  # fmt: skip

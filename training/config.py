@@ -99,6 +99,10 @@ class LossConfig:
     speech_weight_floor: float = 0.1
     motion_prob: float = 0.0  # probability of a continuation sample (leading latent frames given as motion)
     motion_latent_frames: int = 1
+    # Noise augmentation of the motion frames of a continuation sample: their latents become (1 − s)·z + s·ε with s
+    # drawn per sample from U(0, motion_noise), so the model learns not to copy the previous chunk's errors (at
+    # inference the motion frames are its own generated frames, never the ground truth it trains on). 0: off.
+    motion_noise: float = 0.0
     # Condition dropout for classifier-free guidance: per sample, the avatar audio (resp. the user context) is dropped
     # with this probability, so the pipeline's "uncond" and "audio" guidance passes stay in the training distribution.
     audio_drop_prob: float = 0.0
@@ -228,6 +232,7 @@ VALUE_RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "loss.speech_weight_floor": (_probability, "a weight in [0, 1]"),
     "loss.motion_prob": (_probability, "a probability in [0, 1]"),
     "loss.motion_latent_frames": (_at_least(1), "at least 1"),
+    "loss.motion_noise": (_probability, "a noise level in [0, 1]"),
     "loss.audio_drop_prob": (_probability, "a probability in [0, 1]"),
     "loss.user_drop_prob": (_probability, "a probability in [0, 1]"),
     "train.max_train_steps": (_at_least(1), "at least 1 (a run of 0 steps would save untrained weights as final/)"),

@@ -111,6 +111,7 @@ def build_exported_pipeline(
     sampling = {k: v for k, v in (description.get("settings") or {}).items() if k in SAMPLING_SETTINGS}
     settings = settings.replace(**sampling)
     sections = list(PIPELINE_SECTIONS) + (["context_encoder"] if config.stage == 2 else [])
+    sections += [name for name in ("image_encoder", "image_processor") if name in description]  # I2V bases
     components = load_components(description, torch_dtype=torch.float32, only=sections)  # fuse in fp32, then cast
     transformer = components["transformer"]
 
@@ -128,7 +129,7 @@ def build_exported_pipeline(
         load_fused(transformer, trained, "stage1")
 
     # 4. Precision: the VAE apart
-    for name in ("transformer", "text_encoder", "audio_encoder", "context_encoder"):
+    for name in ("transformer", "text_encoder", "audio_encoder", "context_encoder", "image_encoder"):
         if name in components:
             cast_model(components[name].eval(), dtype)
     cast_model(components["vae"].eval(), vae_dtype)
@@ -143,6 +144,8 @@ def build_exported_pipeline(
         tokenizer=components["tokenizer"],
         context_encoder=components.get("context_encoder"),
         settings=settings.to_dict(),
+        image_encoder=components.get("image_encoder"),
+        image_processor=components.get("image_processor"),
     )
 
 

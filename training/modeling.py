@@ -66,6 +66,7 @@ class EchoTrainingModule(nn.Module):
         return_block_features: list[int] | None = None,
         audio_mask: torch.Tensor | None = None,
         user_keep: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
     ):
         """Run the LCU on ``user_inputs`` (stage 2) and the generator; returns an `EchoTransformerOutput`.
 
@@ -73,6 +74,7 @@ class EchoTrainingModule(nn.Module):
         ``clip_frames``, ``user_audio_mask``, ``user_video`` `(B, T_hist, C_v, h_v, w_v)`, ``user_face_mask``,
         ``understanding``, ``understanding_mask``). ``audio_mask`` / ``user_keep`` `(B,)` bool drop a sample's avatar
         audio / user context (condition dropout; the user context is dropped through its ``context_mask``).
+        ``encoder_hidden_states_image`` `(B, N_img, image_dim)`: the reference's CLIP tokens (I2V bases).
         """
         context_embeds = context_mask = None
         if self.context_encoder is not None:
@@ -94,6 +96,7 @@ class EchoTrainingModule(nn.Module):
             face_mask=face_mask,
             return_block_features=return_block_features,
             audio_mask=audio_mask,
+            encoder_hidden_states_image=encoder_hidden_states_image,
         )
 
 
@@ -109,6 +112,8 @@ class TrainingModels:
     scheduler: object
     adapter_name: str
     trainable_pattern: str
+    image_encoder: nn.Module | None = None  # I2V bases: the frozen CLIP vision encoder of the reference
+    image_processor: object | None = None
 
 
 def _apply_ablation(description: dict, config: TrainConfig) -> dict:
@@ -409,8 +414,20 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
         sections += ["text_encoder", "tokenizer"]
     if config.stage == 2:
         sections.append("context_encoder")
+    sections += [name for name in ("image_encoder", "image_processor") if name in description]
     components = load_components(description, torch_dtype=torch.float32, only=sections)  # fp32 master weights: the accelerate config sets the compute precision
     vae = components["vae"].requires_grad_(False).eval()
+    image_encoder = components.get("image_encoder")
+    image_dim = components["transformer"].config.image_dim
+    if image_dim is not None and (image_encoder is None or "image_processor" not in components):
+        raise ValueError(
+            f"model config {config.model.config!r}: the transformer reads CLIP image tokens of the reference "
+            f"(image_dim = {image_dim}: an I2V base) but the description has no 'image_encoder' and 'image_processor' "
+            "sections; add them (the I2V base's `image_encoder` / `image_processor` subfolders, see "
+            "configs/models/wan2.1-i2v-14b-480p.yaml)."
+        )
+    if image_encoder is not None:
+        image_encoder = image_encoder.requires_grad_(False).eval()
     text_encoder = components.get("text_encoder")
     if text_encoder is not None:
         text_encoder = text_encoder.requires_grad_(False).eval()
@@ -442,6 +459,8 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
         scheduler=components["scheduler"],
         adapter_name=adapter_name,
         trainable_pattern=config.lora.trainable_modules,
+        image_encoder=image_encoder,
+        image_processor=components.get("image_processor"),
     )
 
 

@@ -12,8 +12,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from echo.encoding import PromptEncoder, chunk_condition, encode_latents, encode_user_video, normalize_latents
-from echo.flow_matching import add_noise, flow_loss, predict_x0, sample_sigmas, sigma_to_timestep, velocity_target
+from echo.encoding import (
+    PromptEncoder,
+    chunk_condition,
+    encode_latents,
+    encode_reference_image,
+    encode_user_video,
+    normalize_latents,
+)
+from echo.flow_matching import (
+    add_noise,
+    flow_loss,
+    predict_x0,
+    sample_sigmas,
+    scheduler_shift,
+    sigma_to_timestep,
+    velocity_target,
+)
 from echo.losses import hfa_loss, latent_frame_weights, pixel_loss, sample_blocks, speech_weights
 
 from .config import TrainConfig
@@ -24,6 +39,28 @@ def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
     """A CPU generator for one micro-step of one rank, independent of any global RNG state."""
     state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def noise_motion_latents(
+    condition: torch.Tensor, num_motion: int, max_level: float, mask_channels: int, generator: torch.Generator
+) -> torch.Tensor:
+    r"""Noise augmentation of a continuation sample's motion frames (``loss.motion_noise``).
+
+    The given latents of the first ``num_motion`` latent frames (channels ``mask_channels … mask_channels + C`` of the
+    ``[mask, given, reference]`` condition) become ``(1 − s)·z + s·ε``, with ``s ~ U(0, max_level)`` per sample; the
+    mask and the reference plane are untouched. At inference the motion frames are the model's own earlier output,
+    never clean ground truth: trained on corrupted ones, it learns to take appearance from the reference plane and
+    only the motion from them, which keeps a long render from drifting.
+    """
+    batch_size, channels = condition.shape[:2]
+    latent_channels = (channels - mask_channels) // 2
+    given = slice(mask_channels, mask_channels + latent_channels)
+    levels = (torch.rand(batch_size, generator=generator) * max_level).to(condition.device)
+    noise = torch.randn(condition[:, given, :num_motion].shape, generator=generator).to(condition.device)
+    levels = levels.view(batch_size, 1, 1, 1, 1)
+    condition = condition.clone()
+    condition[:, given, :num_motion] = (1 - levels) * condition[:, given, :num_motion] + levels * noise
+    return condition
 
 
 def training_step(
@@ -41,9 +78,12 @@ def training_step(
     The inputs are built by the functions `EchoPipeline` uses (`echo.encoding`), and the built models decide which
     inputs exist: the LCU's ``required_inputs`` (its ablation switches) select the user streams, and an LCU exists
     only in stage 2. The emotion text is the batch's (the dataset already gives ``""`` under the "w/o LAU" ablation).
+    With an image encoder (I2V bases), the reference's CLIP tokens (`echo.encoding.encode_reference_image`, as the
+    pipeline computes them) go to the generator and to ``f_ref``.
 
     Args:
-        models ([`TrainingModels`]): frozen parts (VAE, text encoder, ``f_ref``), the unwrapped training module.
+        models ([`TrainingModels`]): frozen parts (VAE, text encoder, ``f_ref``, the image encoder of I2V bases), the
+            unwrapped training module.
         module (`torch.nn.Module`): the prepared (possibly DDP/FSDP-wrapped) [`EchoTrainingModule`].
         batch (`dict`): a `collate_conversations` batch; its ``emotion_embeds`` `(B, L_txt, D)` (cached, see
             ``data.use_cached_emotion_embeds``) are used as they are, otherwise ``prompt_encoder`` encodes its texts.
@@ -73,6 +113,14 @@ def training_step(
         count = min(loss_cfg.motion_latent_frames, num_frames - 1)
         motion_video = video[:, :, : vae.config.scale_factor_temporal * (count - 1) + 1]
     condition = chunk_condition(vae, batch["reference"].to(device), motion_video, num_frames)  # B, 36, F, h, w
+    if motion_video is not None and loss_cfg.motion_noise > 0:
+        condition = noise_motion_latents(
+            condition, count, loss_cfg.motion_noise, vae.config.scale_factor_temporal, generator
+        )
+    image_embeds = None
+    if models.image_encoder is not None:  # I2V base: the reference's CLIP tokens, B, N_img, image_dim
+        image_embeds = encode_reference_image(models.image_encoder, models.image_processor, batch["reference"])
+        image_embeds = image_embeds.to(device, weight_dtype)
     audio_embeds = batch["avatar_audio"].to(device, weight_dtype)
     lip_mask, face_mask = batch["lip_mask"].to(device), batch["face_mask"].to(device)
     if "emotion_embeds" in batch:  # cached; the dataset already gives "" when the emotion is ablated
@@ -106,7 +154,7 @@ def training_step(
             user_inputs["understanding_mask"] = batch["understanding_mask"].to(device)
 
     # 3. Noise: x_σ = (1 − σ)·x0 + σ·ε, timestep σ·1000
-    shift = loss_cfg.shift if loss_cfg.shift is not None else models.scheduler.config.shift
+    shift = loss_cfg.shift if loss_cfg.shift is not None else scheduler_shift(models.scheduler)  # Euler or UniPC
     sigmas = sample_sigmas(
         batch_size, shift=shift, mean=loss_cfg.logit_mean, std=loss_cfg.logit_std, generator=generator
     ).to(device)
@@ -139,6 +187,7 @@ def training_step(
         return_block_features=blocks,
         audio_mask=audio_mask,
         user_keep=user_keep,
+        encoder_hidden_states_image=image_embeds,
     )
     prediction = output.sample.float()
     terms = {"flow": flow_loss(prediction, velocity_target(latents, noise))}
@@ -166,6 +215,7 @@ def training_step(
                 face_mask=face_mask,
                 return_block_features=blocks,
                 audio_mask=audio_mask,
+                encoder_hidden_states_image=image_embeds,
             )
         weights = latent_frame_weights(speech_weights(batch["avatar_rms"].to(device), loss_cfg.speech_weight_floor))
         terms["align"] = hfa_loss(

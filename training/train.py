@@ -512,7 +512,7 @@ def build_models(
     """The stage's models (trainable module in fp32, frozen parts in the mixed-precision dtype) and the prompt
     encoder (`None` with cached emotion embeddings)."""
     models = build_training_models(config)
-    for frozen in (models.vae, models.text_encoder, models.ref_transformer):
+    for frozen in (models.vae, models.text_encoder, models.ref_transformer, models.image_encoder):
         if frozen is not None:
             frozen.to(accelerator.device) if weight_dtype == torch.float32 else frozen.to(accelerator.device, weight_dtype)
     prompt_encoder = None

@@ -92,6 +92,8 @@ class ValidationRenderer:
             tokenizer=self.models.tokenizer,
             context_encoder=module.context_encoder,
             settings=self.settings,
+            image_encoder=self.models.image_encoder,
+            image_processor=self.models.image_processor,
         )
         inputs = self._inputs()
         was_training = module.training

@@ -5,8 +5,9 @@ ground-truth frames and both participants' audio:
 
 - **lip sync**: Pearson r between the avatar's mouth opening (MediaPipe inner-lip gap / face height, per frame) and
   its own speech envelope (short-time RMS per frame, `echo.audio.frame_rms`), over the frames of its speaking turns;
-- **listening**: head-motion energy (frame-to-frame change of the head pose: yaw, pitch, roll in degrees and the
-  face-centre translation in face heights) while the user speaks, divided by the same during mutual silence;
+- **listening**: head-motion energy (frame-to-frame change of the head pose, averaged over 0.2 s: yaw, pitch, roll in
+  degrees from a 3-D fit of the face mesh, and the face-centre translation in face heights) while the user speaks
+  and the avatar does not, divided by the same during mutual silence (neither has spoken within 0.2 s);
 - **identity and quality**: PSNR and SSIM against the ground-truth frames, and the share of frames with a face;
 - **long video**: the face-detection rate and PSNR of the first and last ``window`` seconds.
 
@@ -23,46 +24,55 @@ from ..masks import NUM_LANDMARKS
 
 UPPER_INNER_LIP, LOWER_INNER_LIP = 13, 14
 FOREHEAD, CHIN = 10, 152
+POSE_SMOOTHING = 5  # frames (0.2 s at 25 fps) the head pose is averaged over before its frame-to-frame change
+STATE_MARGIN_SECONDS = 0.2  # listening / mutual-silence frames lie this far from the other states' speech
 
 
 def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.ndim != 3 or landmarks.shape[1] != NUM_LANDMARKS or landmarks.shape[2] < 2:
         raise ValueError(f"`landmarks` has shape {landmarks.shape}, expected (T, {NUM_LANDMARKS}, 2 or 3) pixels.")
-    return landmarks[..., :2]
+    return landmarks
 
 
 def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
     """Inner-lip gap divided by face height (forehead 10 to chin 152) per frame, `(T,)`; NaN where no face."""
-    points = _check_landmarks(landmarks)
+    points = _check_landmarks(landmarks)[..., :2]
     gap = np.linalg.norm(points[:, LOWER_INNER_LIP] - points[:, UPPER_INNER_LIP], axis=-1)
     height = np.linalg.norm(points[:, CHIN] - points[:, FOREHEAD], axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return gap / height
 
 
-def head_pose(landmarks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """`(T, 6)`: yaw, pitch, roll in degrees (`echo.metrics.extractor.head_pose_from_landmarks`) and the face centre
-    (mean landmark) in face heights, x and y, plus the face height relative to the frame; NaN where no face."""
-    from .extractor import head_pose_from_landmarks
+def head_pose(landmarks: np.ndarray) -> np.ndarray:
+    """`(T, 5)`: yaw, pitch, roll in degrees (`echo.metrics.extractor.head_rotation_from_landmarks3d`) and the face
+    centre (mean landmark) in face heights, x and y; NaN where no face."""
+    from .extractor import head_rotation_from_landmarks3d
 
     points = _check_landmarks(landmarks)
-    angles = head_pose_from_landmarks(points, image_size)[:, :3]
-    height = np.linalg.norm(points[:, CHIN] - points[:, FOREHEAD], axis=-1)
+    if points.shape[2] != 3:
+        raise ValueError(f"`landmarks` has shape {points.shape}: the head pose needs the face mesh's z, (T, 478, 3).")
+    angles = head_rotation_from_landmarks3d(points)
+    height = np.linalg.norm(points[:, CHIN, :2] - points[:, FOREHEAD, :2], axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        centre = points.mean(axis=1) / np.nanmedian(height)
-        scale = (height / max(image_size))[:, None]
-    return np.concatenate([angles, centre, scale], axis=1)
+        centre = points[..., :2].mean(axis=1) / np.nanmedian(height)
+    return np.concatenate([angles, centre], axis=1)
 
 
-def motion_energy(pose: np.ndarray, angle_weight: float = 1.0 / 10.0) -> np.ndarray:
-    """Frame-to-frame squared pose change, `(T,)` (frame 0 repeats frame 1; NaN where either frame has no face).
+def motion_energy(pose: np.ndarray, angle_weight: float = 1.0 / 10.0, smooth: int = POSE_SMOOTHING) -> np.ndarray:
+    """Frame-to-frame squared pose change, `(T,)` (frame 0 repeats frame 1; NaN where a frame in reach has no face).
 
     Angles count in units of 10 degrees, the centre in face heights, so a 10° turn weighs like a shift by one face
-    height.
+    height. The pose is first averaged over ``smooth`` frames (centred): per-frame landmark jitter, which at 128² is
+    as large as a slow nod's step, would otherwise dominate the energy of a still head.
     """
     pose = np.asarray(pose, dtype=np.float64)
     scaled = np.concatenate([pose[:, :3] * angle_weight, pose[:, 3:]], axis=1)
+    if smooth > 1 and len(scaled) >= smooth:
+        kernel = np.ones(smooth) / smooth
+        scaled = np.stack([np.convolve(column, kernel, mode="same") for column in scaled.T], axis=1)
+        half = smooth // 2  # the edges average fewer frames: repeat the first and last full averages
+        scaled[:half], scaled[len(scaled) - half :] = scaled[half], scaled[len(scaled) - half - 1]
     step = np.sum(np.diff(scaled, axis=0) ** 2, axis=1)
     return np.concatenate([step[:1], step]) if len(step) else np.zeros(len(pose))
 
@@ -77,6 +87,25 @@ def voice_activity(waveform: np.ndarray, num_frames: int, ratio: float = 0.2, ho
         kernel = np.ones(hold) / hold
         active = np.convolve(active.astype(np.float64), kernel, mode="same") > 0.5
     return active
+
+
+def conversation_states(
+    avatar_speaking: np.ndarray, user_speaking: np.ndarray, margin: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Listening and mutual-silence frames `(T,)` bool from both participants' voice activity.
+
+    Listening: the user speaks and the avatar has not spoken within ``margin`` frames; mutual silence: neither has
+    spoken within ``margin`` frames. The margin keeps the pauses between a speaker's words (where a talking head is
+    still moving with its speech) out of "silence" and the avatar's own turn edges out of "listening".
+    """
+    def near(active: np.ndarray) -> np.ndarray:
+        active = np.asarray(active, dtype=bool)
+        if margin <= 0:
+            return active
+        return np.convolve(active.astype(np.float64), np.ones(2 * margin + 1), mode="same") > 0
+
+    avatar_near, user_near = near(avatar_speaking), near(user_speaking)
+    return np.asarray(user_speaking, dtype=bool) & ~avatar_near, ~avatar_near & ~user_near
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -140,7 +169,7 @@ def conversation_behaviour(
         generated (`np.ndarray` of shape `(T, H, W, 3)` uint8): the avatar as rendered.
         reference (`np.ndarray` of shape `(T, H, W, 3)` uint8, *optional*): its ground truth (PSNR / SSIM).
         avatar_audio, user_audio (`np.ndarray`): 16 kHz mono waveforms of both participants (the clip's span).
-        landmarks (`np.ndarray` of shape `(T, 478, 2|3)`, *optional*): the generated frames' landmarks (when not
+        landmarks (`np.ndarray` of shape `(T, 478, 3)`, *optional*): the generated frames' landmarks (when not
             given: MediaPipe's face mesh per frame in static-image mode; NaN rows where no face).
         window_seconds (`float`, defaults to 10): length of the first / last windows of the long-video check.
 
@@ -157,11 +186,12 @@ def conversation_behaviour(
     has_face = np.isfinite(np.asarray(landmarks, dtype=np.float64)[..., :2]).all(axis=(1, 2))
     avatar_speaking = voice_activity(avatar_audio, num_frames)
     user_speaking = voice_activity(user_audio, num_frames)
-    energy = motion_energy(head_pose(landmarks, generated.shape[1:3]))
+    energy = motion_energy(head_pose(landmarks))
+    listening, silence = conversation_states(avatar_speaking, user_speaking, int(round(STATE_MARGIN_SECONDS * fps)))
     result = {
         "num_frames": num_frames,
         "lip_sync_r": lip_sync_r(mouth_opening(landmarks), frame_rms(avatar_audio, num_frames), avatar_speaking),
-        "listening_ratio": listening_ratio(energy, user_speaking & ~avatar_speaking, ~user_speaking & ~avatar_speaking),
+        "listening_ratio": listening_ratio(energy, listening, silence),
         "face_rate": float(has_face.mean()),
     }
     if reference is not None:

@@ -151,6 +151,34 @@ def head_pose_from_landmarks(landmarks: np.ndarray, image_size: tuple[int, int])
     return poses
 
 
+def head_rotation_from_landmarks3d(landmarks: np.ndarray) -> np.ndarray:
+    """Head rotation per frame from the face mesh's 3-D landmarks: yaw, pitch, roll (degrees) of the similarity
+    transform that best maps the canonical face's stable subset onto the frame's (Umeyama, MediaPipe's z as depth).
+
+    Unlike `head_pose_from_landmarks` (a perspective-n-point fit of the 2-D points), a least-squares fit in 3-D has
+    one solution: ``solvePnP`` flips between mirrored solutions (roll ≈ 0° and ≈ 160°) on some small faces, which
+    reads as huge frame-to-frame motion.
+
+    Args:
+        landmarks (`np.ndarray` of shape `(T, 478, 3)`): pixels, z scaled like x (`MediaPipeMotionExtractor.detect`);
+            NaN rows (no face) give NaN.
+
+    Returns:
+        `np.ndarray` of shape `(T, 3)`: yaw, pitch, roll in degrees.
+    """
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (NUM_LANDMARKS, 3):
+        raise ValueError(f"`landmarks` has shape {landmarks.shape}, expected (T, {NUM_LANDMARKS}, 3) with z.")
+    canonical = canonical_pose_points(camera_frame=False)
+    flip = np.array([1.0, -1.0, -1.0])  # image axes (y down, z away) → canonical axes (y up, z towards the viewer)
+    out = np.full((len(landmarks), 3), np.nan)
+    for t, frame in enumerate(landmarks):
+        points = frame[list(POSE_LANDMARK_INDICES)] * flip
+        if np.isfinite(points).all():
+            out[t] = rotation_to_euler(_similarity_transform(canonical, points)[1])
+    return out
+
+
 def _similarity_transform(source: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Umeyama (1991): scale s, rotation R, translation t minimising |s·R·source + t − target|² over `(K, 3)` points."""
     mu_s, mu_t = source.mean(0), target.mean(0)
