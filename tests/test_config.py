@@ -62,6 +62,7 @@ BAD_VALUES = [
     ("loss.motion_latent_frames=0", "loss.motion_latent_frames"),
     ("loss.motion_noise=-0.1", "loss.motion_noise"),
     ("loss.motion_noise=1.5", "loss.motion_noise"),
+    ("loss.motion_blur=-1", "loss.motion_blur"),
     ("loss.motion_latent_frames=3", "loss.motion_latent_frames"),  # 9 motion frames of a 9-frame chunk
     ("loss.audio_drop_prob=2", "loss.audio_drop_prob"),
     ("loss.user_drop_prob=-0.5", "loss.user_drop_prob"),

@@ -38,3 +38,37 @@ def test_noise_follows_the_flow_matching_mix_with_a_level_below_the_maximum():
 def test_zero_level_leaves_the_condition_unchanged():
     condition = _condition()
     assert torch.equal(noise_motion_latents(condition, 2, 0.0, MASK, torch.Generator().manual_seed(3)), condition)
+
+
+def _video(batch=4):
+    generator = torch.Generator().manual_seed(5)
+    return torch.rand(batch, 3, 5, 32, 32, generator=generator) * 2 - 1
+
+
+def test_blur_softens_each_sample_by_its_own_sigma_and_keeps_the_mean():
+    from training.step import blur_motion_video
+
+    video = _video(batch=16)
+    out = blur_motion_video(video, 3.0, torch.Generator().manual_seed(7))
+    sigmas = torch.rand(16, generator=torch.Generator().manual_seed(7)) * 3.0  # the same draw
+
+    def detail(x):  # energy of the frame-wise horizontal differences
+        return (x[..., 1:] - x[..., :-1]).pow(2).mean(dim=(1, 2, 3, 4))
+
+    kept = detail(out) / detail(video)
+    for sigma, ratio in zip(sigmas.tolist(), kept.tolist()):
+        if sigma < 0.3:
+            assert ratio == 1.0  # left as is
+        else:
+            assert ratio < 0.8
+    order = torch.argsort(sigmas[sigmas >= 0.3])
+    assert torch.all(kept[sigmas >= 0.3][order][1:] <= kept[sigmas >= 0.3][order][:-1] + 1e-6)  # more σ, less detail
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3, 4)), video.mean(dim=(1, 2, 3, 4)), atol=0.02, rtol=0)
+    assert torch.equal(video, _video(batch=16))  # the input is not modified in place
+
+
+def test_blur_of_a_constant_frame_is_the_same_frame():
+    from training.step import blur_motion_video
+
+    video = torch.full((2, 3, 5, 16, 16), 0.25)
+    torch.testing.assert_close(blur_motion_video(video, 4.0, torch.Generator().manual_seed(0)), video)

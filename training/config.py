@@ -103,6 +103,10 @@ class LossConfig:
     # drawn per sample from U(0, motion_noise), so the model learns not to copy the previous chunk's errors (at
     # inference the motion frames are its own generated frames, never the ground truth it trains on). 0: off.
     motion_noise: float = 0.0
+    # Blur augmentation of the same motion frames: a Gaussian blur of σ ~ U(0, motion_blur) pixels per sample, before
+    # they are encoded. A model's own frames are softer than the ground truth; trained only on sharp motion frames, it
+    # copies the softness of its previous chunk and adds its own, chunk after chunk. 0: off.
+    motion_blur: float = 0.0
     # Condition dropout for classifier-free guidance: per sample, the avatar audio (resp. the user context) is dropped
     # with this probability, so the pipeline's "uncond" and "audio" guidance passes stay in the training distribution.
     audio_drop_prob: float = 0.0
@@ -233,6 +237,7 @@ VALUE_RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "loss.motion_prob": (_probability, "a probability in [0, 1]"),
     "loss.motion_latent_frames": (_at_least(1), "at least 1"),
     "loss.motion_noise": (_probability, "a noise level in [0, 1]"),
+    "loss.motion_blur": (_non_negative, "a blur σ in pixels >= 0"),
     "loss.audio_drop_prob": (_probability, "a probability in [0, 1]"),
     "loss.user_drop_prob": (_probability, "a probability in [0, 1]"),
     "train.max_train_steps": (_at_least(1), "at least 1 (a run of 0 steps would save untrained weights as final/)"),

@@ -9,8 +9,11 @@ continuation, the block subset S, the decoded frames of L_pixel) comes from an e
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from echo.encoding import (
     PromptEncoder,
@@ -39,6 +42,33 @@ def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
     """A CPU generator for one micro-step of one rank, independent of any global RNG state."""
     state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def blur_motion_video(video: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    r"""Blur augmentation of a continuation sample's motion frames (``loss.motion_blur``): every frame of sample ``b``
+    blurred by a Gaussian of σ_b ~ U(0, max_sigma) pixels (separable, reflected edges; σ_b < 0.3 leaves it as is).
+
+    Args:
+        video (`torch.Tensor` of shape `(B, 3, T, H, W)`): the motion frames in [−1, 1].
+
+    Returns:
+        `torch.Tensor` of the same shape: the blurred frames (a new tensor).
+    """
+    batch_size, channels, frames, height, width = video.shape
+    sigmas = torch.rand(batch_size, generator=generator) * max_sigma
+    out = video.clone()
+    for b, sigma in enumerate(sigmas.tolist()):
+        if sigma < 0.3:
+            continue
+        radius = min(int(math.ceil(3 * sigma)), (min(height, width) - 1) // 2)
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        kernel = (kernel / kernel.sum()).to(video.device, video.dtype)
+        planes = video[b].permute(1, 0, 2, 3).reshape(frames * channels, 1, height, width)  # T·3, 1, H, W
+        planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+        planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+        out[b] = planes.reshape(frames, channels, height, width).permute(1, 0, 2, 3)
+    return out
 
 
 def noise_motion_latents(
@@ -112,6 +142,8 @@ def training_step(
         # A continuation window: its first 4(m − 1) + 1 frames play the previous chunk's last frames.
         count = min(loss_cfg.motion_latent_frames, num_frames - 1)
         motion_video = video[:, :, : vae.config.scale_factor_temporal * (count - 1) + 1]
+        if loss_cfg.motion_blur > 0:
+            motion_video = blur_motion_video(motion_video, loss_cfg.motion_blur, generator)
     condition = chunk_condition(vae, batch["reference"].to(device), motion_video, num_frames)  # B, 36, F, h, w
     if motion_video is not None and loss_cfg.motion_noise > 0:
         condition = noise_motion_latents(
