@@ -61,12 +61,12 @@ from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionModel,
     PreTrainedTokenizerBase,
     Wav2Vec2FeatureExtractor,
     Wav2Vec2Model,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 
 from echo.audio import SAMPLE_RATE, wav2vec2_frame_features
 from echo.encoding import (
@@ -199,7 +199,7 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         context_encoder: LongRangeContextEncoder | None = None,
         settings: dict | EchoSettings | None = None,
         image_encoder: CLIPVisionModel | None = None,
-        image_processor: CLIPImageProcessor | None = None,
+        image_processor: BaseImageProcessor | None = None,  # CLIPImageProcessor (or its PIL twin without torchvision)
     ):
         super().__init__()
 
