@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint demo bench clean train-demo
+.PHONY: install test test-slow lint demo demo-random bench clean train-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ lint: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/echo-demo --out demo_out
 
-# The demo model's whole recipe (docs/demo_model.md): data → VAE → stage 1 → stage 2 → export to models/echo-demo.
+# A tiny pipeline with random weights, built from its config (what the tests render), on a synthetic conversation.
+demo-random: $(VENV)/.installed
+	$(VENV)/bin/echo-demo --config configs/models/tiny.yaml --out demo_out/random
+
+# The demo model's whole recipe (docs/demo_model.md): data → VAE → decoder → stage 1 → stage 2 → export to models/echo-demo.
 # Resumable: rerun after an interruption and it continues; each complete stage is skipped.
 train-demo: $(VENV)/.installed
 	$(PY) -m training.demo_recipe --recipe configs/train/demo_recipe.yaml

@@ -153,3 +153,25 @@ def test_echo_eval_behaviour_reports_every_clip_and_survives_a_corrupt_one(conve
     assert report["clips"]["c1"]["lip_sync_r"] > 0.5
     markdown = (tmp_path / "report.md").read_text()
     assert "| c1 |" in markdown and "c2:" in markdown and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_mouth_darkness_reads_an_open_mouth_from_pixels(conversation):
+    """On the synthetic ground truth, the darkness of the reference's mouth box follows the avatar's own speech
+    envelope (as the face mesh's lip gap does), and a frame with that box painted black reads as fully open."""
+    from echo.media import read_video
+
+    a, b = conversation.participants
+    frames = read_video(conversation.videos[a])[0]
+    reference = conversation.landmarks[a][0]
+    darkness = behaviour.mouth_darkness(frames, reference)
+    wave_a, wave_b = _wave(conversation, a), _wave(conversation, b)
+    speaking = behaviour.voice_activity(wave_a, conversation.num_frames)
+    own = behaviour.pearson(darkness[speaking], frame_rms(wave_a, conversation.num_frames)[speaking])
+    other = behaviour.pearson(darkness, frame_rms(wave_b, conversation.num_frames))
+    assert own > 0.3
+    assert other < own - 0.3
+    black = frames[:1].copy()
+    x = reference[[behaviour.LEFT_MOUTH_CORNER, behaviour.RIGHT_MOUTH_CORNER], 0]
+    y = reference[[behaviour.UPPER_INNER_LIP, behaviour.LOWER_INNER_LIP], 1].mean()
+    black[:, int(y) - 20 : int(y) + 20, int(x.min()) - 2 : int(x.max()) + 3] = 0
+    assert behaviour.mouth_darkness(black, reference)[0] == 1.0

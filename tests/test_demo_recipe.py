@@ -86,7 +86,7 @@ def test_demo_configs_agree_with_the_model_description_and_fit_the_size_budget(m
 
 
 def _tiny_recipe(tmp: Path) -> Path:
-    """A recipe with the tiny model (configs/models/tiny.yaml, its VAE trained by the recipe), two 2-s conversations
+    """A recipe with the tiny model (configs/models/tiny.yaml, its VAE and decoder trained by the recipe), two 2-s conversations
     and a few steps per stage, checkpointing every 2 steps; one training process."""
     model = yaml.safe_load((ROOT / "configs/models/tiny.yaml").read_text())
     vae_arch = model["vae"]["config"]
@@ -108,6 +108,11 @@ def _tiny_recipe(tmp: Path) -> Path:
             *(f"vae.{k}={json.dumps(v)}" for k, v in vae_arch.items()),
             "data.resolution=64", "data.clip_crop=32", "data.small_size=16", "data.clips_per_folder=2",
             "train.stats_clips=4", "train.eval_frames=4", "train.log_every=1", *steps,
+        ]},
+        "decoder": {"config": str(ROOT / "configs/train/demo_vae_decoder.yaml"), "set": [
+            f"output_dir={tmp / 'decoder_train'}", f"export_dir={tmp / 'decoder'}", "data.resolution=64",
+            "data.clip_frames=9", "data.clip_crop=32", "data.clips_per_folder=1", "train.eval_frames=4",
+            "train.log_every=1", *steps,
         ]},
         "stage1": {"config": str(ROOT / "configs/train/tiny_stage1.yaml"), "set": [
             f"output_dir={tmp / 'stage1'}", "data.num_workers=0", "data.windows_per_clip=4", *steps,
@@ -168,6 +173,7 @@ def test_recipe_resumes_after_a_kill_in_every_stage(tmp_path):
     log = _run(recipe, tmp_path / "run3.log", kill_when=lambda: any((tmp_path / "stage1").glob("checkpoint-*")))
     assert "data: complete, skipped" in log and "resuming from" in log and "(step 0)" not in log
     assert json.loads((tmp_path / "vae_train" / "report.json").read_text())["steps"] == 8
+    assert json.loads((tmp_path / "decoder_train" / "report.json").read_text())["steps"] == 8
 
     # 4. Stage 2: stage 1 resumes from its checkpoint and completes; stage 2 is killed after a checkpoint.
     log = _run(recipe, tmp_path / "run4.log", kill_when=lambda: any((tmp_path / "stage2").glob("checkpoint-*")))
@@ -179,11 +185,12 @@ def test_recipe_resumes_after_a_kill_in_every_stage(tmp_path):
     assert "stage1: complete, skipped" in log and f"resuming from {tmp_path / 'stage2'}/checkpoint-" in log
     assert (tmp_path / "pipeline" / "model_index.json").is_file()
     state = json.loads((tmp_path / "recipe_state.json").read_text())
-    assert all(state[stage]["exit_code"] == 0 for stage in ("data", "vae", "stage1", "stage2", "export"))
+    assert all(state[stage]["exit_code"] == 0 for stage in ("data", "vae", "decoder", "stage1", "stage2", "export"))
+    assert "--vae " + str(tmp_path / "decoder") in log  # the export ships the fine-tuned decoder
 
     # 6. Everything is complete: a rerun skips every stage.
     log = _run(recipe, tmp_path / "run6.log")
-    assert log.count("complete, skipped") == 5
+    assert log.count("complete, skipped") == 6
 
 
 def test_a_second_run_of_the_same_recipe_is_refused_while_one_is_live(tmp_path):

@@ -6,9 +6,12 @@ Each stage runs the project's own entry point in a subprocess, with the configs 
 
 1. ``data``: ``python -m data_prep.demo_set`` (synthetic conversations prepared by the real ``echo-prep``);
 2. ``vae``: ``training.train_vae`` (``accelerate launch`` with the recipe's GPU accelerate config on a GPU);
+   ``decoder`` (when the recipe has that section): ``training.train_vae`` again, the VAE's decoder trained further
+   on whole chunks with its encoder frozen (``init_from`` the VAE), so the generator's latents stay valid;
 3. ``stage1`` / ``stage2``: ``accelerate launch --config_file <accelerate config> -m training.train --config ...
    --resume latest``: the GPU config when torch sees a GPU, else the CPU one (2 gloo processes, one thread each);
-4. ``export``: ``echo-export`` (``python -m training.export``) of the stage-2 run into the pipeline folder.
+4. ``export``: ``echo-export`` (``python -m training.export``) of the stage-2 run into the pipeline folder, with
+   the fine-tuned decoder's VAE (``--vae``) when there is a ``decoder`` stage.
 
 The recipe file (``configs/train/demo_recipe.yaml``) is the one source of the paths that tie the stages together; the
 driver passes them on as ``--set`` overrides: the prepared data root (``<data.out>/prepared/train``, held-out
@@ -39,7 +42,7 @@ from pathlib import Path
 
 from echo.components import read_yaml
 
-STAGES = ("data", "vae", "stage1", "stage2", "export")
+STAGES = ("data", "vae", "decoder", "stage1", "stage2", "export")
 DEFAULT_RECIPE = "configs/train/demo_recipe.yaml"
 
 
@@ -81,6 +84,18 @@ class Recipe:
 
         return load_vae_config(self.recipe["vae"]["config"], self.vae_sets())
 
+    def decoder_sets(self) -> list[str]:
+        return [f"data.root={self.train_root}", f"data.heldout_root={self.heldout_root}",
+                f"init_from={self.vae_config().export_dir}", *self.recipe["decoder"].get("set", [])]  # fmt: skip
+
+    def decoder_config(self):
+        """The decoder stage's VAE config, or `None` when the recipe has no ``decoder`` section."""
+        from training.train_vae import load_vae_config
+
+        if not self.recipe.get("decoder"):
+            return None
+        return load_vae_config(self.recipe["decoder"]["config"], self.decoder_sets())
+
     def stage_sets(self, stage: str) -> list[str]:
         sets = [f"data.root={self.train_root}", f"model.config={self.model_config}"]
         if stage == "stage2":
@@ -105,6 +120,26 @@ class Recipe:
                 f"writes {str(export_dir)!r}; make the model config's vae.pretrained that folder."
             )
 
+    def write_example(self) -> Path | None:
+        """``<export.out>/example``: the held-out conversation `echo-demo` renders with the shipped model (the recipe's
+        ``export.example``: ``{clip: <held-out clip folder name>, seconds: <length>}``), if the recipe names one."""
+        example = self.recipe["export"].get("example")
+        if not example:
+            return None
+        from pipelines.demo import write_example
+
+        out = Path(self.recipe["export"]["out"]) / "example"
+        return write_example(self.heldout_root / example["clip"], out, seconds=example.get("seconds"))
+
+    def write_model_card(self) -> Path | None:
+        """``<export.out>/README.md``: a copy of the recipe's ``export.model_card`` (a Markdown file), if it names one."""
+        card = self.recipe["export"].get("model_card")
+        if not card:
+            return None
+        out = Path(self.recipe["export"]["out"]) / "README.md"
+        out.write_text(Path(card).read_text())
+        return out
+
     # -- completion ----------------------------------------------------------------------------------------------
     def complete(self, stage: str) -> bool:
         if stage == "data":
@@ -113,6 +148,11 @@ class Recipe:
             from training.train_vae import is_complete
 
             return is_complete(self.vae_config())
+        if stage == "decoder":
+            from training.train_vae import is_complete
+
+            config = self.decoder_config()
+            return config is None or is_complete(config)
         if stage in ("stage1", "stage2"):
             config = self.stage_config(stage)
             saved = Path(config.output_dir) / "final" / "training_config.yaml"
@@ -123,7 +163,8 @@ class Recipe:
         if stage == "export":
             index = Path(self.recipe["export"]["out"]) / "model_index.json"
             final = Path(self.stage_config("stage2").output_dir) / "final"
-            return index.is_file() and final.is_dir() and index.stat().st_mtime >= final.stat().st_mtime
+            inputs = [final] + ([Path(c.export_dir)] if (c := self.decoder_config()) is not None else [])
+            return index.is_file() and all(p.exists() and index.stat().st_mtime >= p.stat().st_mtime for p in inputs)
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
     def upstream(self, stage: str) -> float | None:
@@ -131,6 +172,7 @@ class Recipe:
         start over (a VAE trained further needs a new stage 1, a new stage 1 a new stage 2)."""
         path = {
             "vae": self.data_out / "DONE",
+            "decoder": Path(self.vae_config().export_dir) / "config.json",
             "stage1": Path(self.vae_config().export_dir) / "config.json",
             "stage2": Path(self.stage_config("stage1").output_dir) / "final" / "training_config.yaml",
         }.get(stage)
@@ -175,6 +217,12 @@ class Recipe:
             if processes == 1:
                 return [self.python, "-m", "training.train_vae", "--config", config, *sets]
             return self._launch(processes) + ["-m", "training.train_vae", "--config", config, *sets]
+        if stage == "decoder":
+            sets = [arg for item in self.decoder_sets() for arg in ("--set", item)]
+            sets += ["--overwrite"] if overwrite else []
+            config = self.recipe["decoder"]["config"]
+            prefix = self._launch() if self.gpu else [self.python]
+            return prefix + ["-m", "training.train_vae", "--config", config, *sets]
         if stage in ("stage1", "stage2"):
             sets = [arg for item in self.stage_sets(stage) for arg in ("--set", item)]
             resume = ["--overwrite"] if overwrite else ["--resume", "latest"]
@@ -184,7 +232,7 @@ class Recipe:
             return [self.python, "-m", "training.export", "--stage-dir", self.stage_config("stage2").output_dir,
                     "--model-config", str(self.model_config), "--out", str(export["out"]),
                     "--dtype", str(export.get("dtype", "fp16")), "--vae-dtype", str(export.get("vae_dtype", "fp32")),
-                    "--overwrite"]
+                    "--overwrite"] + (["--vae", str(c.export_dir)] if (c := self.decoder_config()) is not None else [])
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
@@ -242,7 +290,7 @@ def run_recipe(recipe: Recipe, stages: list[str] = STAGES, dry_run: bool = False
             continue
         command = recipe.command(stage, overwrite=stale)
         stage_env = env
-        if stage == "vae" and not recipe.gpu and int(recipe.recipe.get("accelerate", {}).get("vae_processes", 1)) == 1:
+        if stage in ("vae", "decoder") and not recipe.gpu and int(recipe.recipe.get("accelerate", {}).get("vae_processes", 1)) == 1:
             stage_env = {**env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", cores)}  # one process, all cores
         why = " (its input changed: starting it over)" if stale else ""
         print(f"[demo-recipe] {index + 1}/{len(stages)} {stage}{why}: {' '.join(command)}", flush=True)
@@ -250,6 +298,9 @@ def run_recipe(recipe: Recipe, stages: list[str] = STAGES, dry_run: bool = False
             continue
         _record(recipe.state_file, stage, {"upstream": upstream, "device": "gpu" if recipe.gpu else "cpu"})
         code = subprocess.run(command, env=stage_env).returncode
+        if stage == "export" and code == 0:
+            recipe.write_example()
+            recipe.write_model_card()
         elapsed = round(time.time() - started, 1)
         state = json.loads(recipe.state_file.read_text())
         total = round(state.get(stage, {}).get("total_seconds", 0.0) + elapsed, 1)  # runs killed by a signal are not counted

@@ -35,6 +35,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import load_config
@@ -69,12 +70,36 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def replace_decoder(vae, vae_dir: str | os.PathLike):
+    """The VAE saved in ``vae_dir`` (loaded in float32), after checking that it encodes exactly as ``vae`` does: the
+    same encoder and quant-conv weights and latent statistics, so that only the decoded pictures differ."""
+    from diffusers import AutoencoderKLWan
+
+    from .train_vae import ENCODER_PREFIXES
+
+    replacement = AutoencoderKLWan.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32)
+    trained, shipped = vae.state_dict(), replacement.state_dict()
+    changed = [name for name, value in trained.items() if name.startswith(ENCODER_PREFIXES)
+               and (name not in shipped or not torch.equal(value.float(), shipped[name]))]  # fmt: skip
+    for key in ("latents_mean", "latents_std", "z_dim"):
+        if list(np.atleast_1d(vae.config[key])) != list(np.atleast_1d(replacement.config[key])):
+            changed.append(f"config.{key}")
+    if changed:
+        raise ValueError(
+            f"--vae {str(vae_dir)!r} does not encode as the VAE the generator was trained with ({', '.join(changed[:4])}"
+            f"{' ...' if len(changed) > 4 else ''} differ): only a VAE whose decoder was trained further with the "
+            "encoder frozen (training.train_vae, train.freeze_encoder: true, init_from: that VAE) can replace it."
+        )
+    return replacement
+
+
 def build_exported_pipeline(
     stage_dir: str | os.PathLike,
     model_config: str | os.PathLike | dict | None = None,
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype = torch.float32,
     stage1_dir: str | os.PathLike | None = None,
+    vae_dir: str | os.PathLike | None = None,
 ):
     """The `EchoPipeline` of a training output, in memory (see the module docstring for the steps).
 
@@ -86,6 +111,10 @@ def build_exported_pipeline(
         vae_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the VAE.
         stage1_dir (`str` or `os.PathLike`, *optional*): stage 2 only: the stage-1 output, when it moved since
             training (defaults to the run's ``model.stage1_dir``).
+        vae_dir (`str` or `os.PathLike`, *optional*): a saved `AutoencoderKLWan` to ship instead of the model
+            description's: the same VAE with its decoder trained further (``training.train_vae`` with
+            ``train.freeze_encoder``). Its encoder and latent statistics must equal the description's, on which the
+            generator was trained (checked).
 
     Returns:
         `pipelines.EchoPipeline` with ``settings`` from the run's ``echo_settings.json``.
@@ -114,6 +143,8 @@ def build_exported_pipeline(
     sections += [name for name in ("image_encoder", "image_processor") if name in description]  # I2V bases
     components = load_components(description, torch_dtype=torch.float32, only=sections)  # fuse in fp32, then cast
     transformer = components["transformer"]
+    if vae_dir is not None:
+        components["vae"] = replace_decoder(components["vae"], vae_dir)
 
     # 3. Trained weights, adapters fused
     if config.stage == 2:
@@ -157,6 +188,7 @@ def export_pipeline(
     vae_dtype: torch.dtype = torch.float32,
     stage1_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    vae_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Build the pipeline of a training output (`build_exported_pipeline`) and save it to ``out`` atomically.
 
@@ -166,7 +198,7 @@ def export_pipeline(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists; choose a new folder or pass --overwrite.")
-    pipeline = build_exported_pipeline(stage_dir, model_config, dtype, vae_dtype, stage1_dir)
+    pipeline = build_exported_pipeline(stage_dir, model_config, dtype, vae_dtype, stage1_dir, vae_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     old = out.parent / f".{out.name}.{os.getpid()}.old"
@@ -200,6 +232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-dtype", choices=sorted(DTYPES), default="fp32", help="VAE dtype (default fp32)")
     parser.add_argument("--stage1-dir", default=None, help="stage 2: the stage-1 output, if it moved since training")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument(
+        "--vae", default=None,
+        help="a VAE folder to ship instead of the model description's: its decoder trained further, encoder frozen",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -215,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         vae_dtype=DTYPES[args.vae_dtype],
         stage1_dir=args.stage1_dir,
         overwrite=args.overwrite,
+        vae_dir=args.vae,
     )
     print(f"wrote {out}")
     return 0

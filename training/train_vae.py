@@ -94,6 +94,9 @@ class VaeTrainSettings:
     log_every: int = 10
     stats_clips: int = 128
     eval_frames: int = 64
+    # Train the decoder only (with ``init_from``): the encoder, its latent statistics and so every latent a generator
+    # was trained on stay as they are, while the pictures decoded from them sharpen.
+    freeze_encoder: bool = False
 
 
 @dataclass
@@ -104,6 +107,7 @@ class VaeTrainConfig:
     export_dir: str = "outputs/demo/vae"
     seed: int = 0
     vae: dict = field(default_factory=dict)  # diffusers.AutoencoderKLWan arguments
+    init_from: str | None = None  # a saved AutoencoderKLWan folder to start from instead of `vae` (random weights)
     data: VaeDataConfig = field(default_factory=VaeDataConfig)
     optim: VaeOptimConfig = field(default_factory=VaeOptimConfig)
     loss: VaeLossConfig = field(default_factory=VaeLossConfig)
@@ -124,7 +128,25 @@ def load_vae_config(path: str | Path | None, overrides: list[str] = ()) -> VaeTr
             raise ValueError(f"config key 'data.{key}' is {getattr(data, key)}, expected a multiple of 8")
     if data.clip_crop > data.resolution:
         raise ValueError(f"config key 'data.clip_crop' ({data.clip_crop}) exceeds data.resolution ({data.resolution})")
+    if config.train.freeze_encoder and not config.init_from:
+        raise ValueError("config key 'train.freeze_encoder' needs 'init_from' (the trained VAE whose encoder to keep)")
+    if config.init_from and config.vae:
+        raise ValueError("config keys 'init_from' and 'vae' conflict: a VAE is either loaded or built from arguments")
     return config
+
+
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # AutoencoderKLWan's encoding path
+
+
+def freeze_encoder(vae) -> list[torch.nn.Parameter]:
+    """Freeze the encoding path of an `AutoencoderKLWan`; returns the parameters left to train (the decoder's)."""
+    trainable = []
+    for name, parameter in vae.named_parameters():
+        frozen = name.startswith(ENCODER_PREFIXES)
+        parameter.requires_grad_(not frozen)
+        if not frozen:
+            trainable.append(parameter)
+    return trainable
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,8 +376,12 @@ def main(argv=None) -> int:
 
     # 1. Model and optimizer
     torch.manual_seed(config.seed)
-    vae = AutoencoderKLWan(**config.vae)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+    if config.init_from:
+        vae = AutoencoderKLWan.from_pretrained(config.init_from, use_safetensors=True, torch_dtype=torch.float32)
+    else:
+        vae = AutoencoderKLWan(**config.vae)
+    parameters = freeze_encoder(vae) if train.freeze_encoder else list(vae.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
     step = 0
     checkpoints = _checkpoints(output_dir)
@@ -416,7 +442,10 @@ def main(argv=None) -> int:
     # 4. Latent statistics, held-out reconstruction, export
     if accelerator.is_main_process:
         model = vae.eval()
-        mean, std = latent_statistics(model, bank, train.stats_clips, accelerator.device)
+        if train.freeze_encoder:  # the encoder is the one the generator learned on: so are its statistics
+            mean, std = list(model.config.latents_mean), list(model.config.latents_std)
+        else:
+            mean, std = latent_statistics(model, bank, train.stats_clips, accelerator.device)
         model.register_to_config(latents_mean=mean, latents_std=std)
         heldout = clip_folders(data.heldout_root or data.root)
         metrics = reconstruction_metrics(model, heldout, train.eval_frames, data.resolution, accelerator.device)

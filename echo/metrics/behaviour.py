@@ -23,6 +23,7 @@ from ..audio import frame_rms
 from ..masks import NUM_LANDMARKS
 
 UPPER_INNER_LIP, LOWER_INNER_LIP = 13, 14
+LEFT_MOUTH_CORNER, RIGHT_MOUTH_CORNER = 78, 308  # inner-lip corners
 FOREHEAD, CHIN = 10, 152
 POSE_SMOOTHING = 5  # frames (0.2 s at 25 fps) the head pose is averaged over before its frame-to-frame change
 STATE_MARGIN_SECONDS = 0.2  # listening / mutual-silence frames lie this far from the other states' speech
@@ -42,6 +43,30 @@ def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
     height = np.linalg.norm(points[:, CHIN] - points[:, FOREHEAD], axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return gap / height
+
+
+def mouth_darkness(frames: np.ndarray, reference_landmarks: np.ndarray) -> np.ndarray:
+    """Mouth opening read from pixels, `(T,)`: 1 − the mean brightness (0-1) of a box around the reference image's
+    inner lips (its mouth corners, 78 and 308, and inner-lip midpoints, 13 and 14), in every frame.
+
+    An open mouth shows the dark mouth cavity. Unlike `mouth_opening` it needs no face mesh on the generated frames,
+    so it still reads a soft render where MediaPipe finds no face; it assumes the head stays near the reference pose.
+
+    Args:
+        frames (`np.ndarray` of shape `(T, H, W, 3)` uint8): the rendered avatar, at the reference image's size.
+        reference_landmarks (`np.ndarray` of shape `(478, 2|3)`): the reference image's landmarks in pixels.
+    """
+    frames = np.asarray(frames)
+    points = np.asarray(reference_landmarks, dtype=np.float64)[:, :2]
+    corners, lips = points[[LEFT_MOUTH_CORNER, RIGHT_MOUTH_CORNER]], points[[UPPER_INNER_LIP, LOWER_INNER_LIP]]
+    x0, x1 = int(np.floor(corners[:, 0].min())), int(np.ceil(corners[:, 0].max()))
+    half = max(2.0, 0.35 * (x1 - x0))  # half the box height: a wide-open mouth fits
+    centre = lips[:, 1].mean()
+    y0, y1 = max(0, int(np.floor(centre - half))), min(frames.shape[1], int(np.ceil(centre + half)))
+    x0, x1 = max(0, x0), min(frames.shape[2], x1)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"the reference's mouth box ({x0}:{x1}, {y0}:{y1}) lies outside the {frames.shape[1:3]} frames.")
+    return 1.0 - frames[:, y0:y1, x0:x1].reshape(len(frames), -1).mean(axis=1) / 255.0
 
 
 def head_pose(landmarks: np.ndarray) -> np.ndarray:
