@@ -11,7 +11,8 @@
    avatar's audio replaced by silence: the audio condition carries nothing) and ``no_user`` (``user_guidance_scale
    = 0``: the user condition dropped), and the long conversation once over ``--long-seconds``.
 3. ``echo-eval --behaviour`` scores each set (and the ground truth against itself); the commands are printed, so the
-   report's numbers are reproduced by running them again on ``<out>``.
+   report's numbers are reproduced by running them again on ``<out>``. Beside them, the "mouth box r": mouth
+   opening read from pixels (`echo.metrics.behaviour.mouth_darkness`) against the speech envelope, all frames.
 
 Prints a table and, last, the headline figures as ``name=value``.
 """
@@ -119,6 +120,28 @@ def evaluate(out: Path, generated: Path, report: Path) -> dict:
     return json.loads(report.read_text())
 
 
+def mouth_sync(out: Path, folder: Path, names: list[str]) -> float | None:
+    """Mean over clips of Pearson r between `echo.metrics.behaviour.mouth_darkness` (mouth opening read from the
+    pixels of the reference's mouth box) and the avatar's speech envelope, over all frames (speech and pauses): a
+    face mesh cannot read soft frames, the mouth box can."""
+    from echo.audio import frame_rms
+    from echo.media import read_audio
+    from echo.metrics.behaviour import mouth_darkness, pearson
+    from pipelines.video_io import read_frames
+
+    values = []
+    for name in names:
+        path = folder / f"{name}.mp4"
+        if not path.is_file():
+            continue
+        frames = read_frames(path)
+        darkness = mouth_darkness(frames, np.load(out / "examples" / name / "reference_landmarks.npy"))
+        r = pearson(darkness, frame_rms(read_audio(out / "audio" / f"{name}.wav"), len(frames)))
+        if r is not None:
+            values.append(r)
+    return float(np.mean(values)) if values else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", default=str(ROOT / "models" / "echo-demo"))
@@ -155,18 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     reports = {"ground_truth": evaluate(out, out / "ground_truth", out / "report_ground_truth.json")}
     for variant in variants:
         reports[variant] = evaluate(out, out / "generated" / variant, out / f"report_{variant}.json")
-    rows = [("set", "lip sync r", "listening ratio", "face rate", "PSNR", "SSIM")]
+    for name, report in reports.items():  # the mouth box, read from pixels, over the regular clips
+        folder = out / "ground_truth" if name == "ground_truth" else out / "generated" / name
+        report["aggregate"]["mouth_darkness_r"] = mouth_sync(out, folder, regular)
+    rows = [("set", "lip sync r", "mouth box r", "listening ratio", "face rate", "PSNR", "SSIM")]
     for name, report in reports.items():
         agg = report["aggregate"]
         rows.append((name, *(f"{agg[k]:.3f}" if agg.get(k) is not None else "n/a"
-                             for k in ("lip_sync_r", "listening_ratio", "face_rate", "psnr", "ssim"))))  # fmt: skip
+                             for k in ("lip_sync_r", "mouth_darkness_r", "listening_ratio", "face_rate", "psnr",
+                                       "ssim"))))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
     figures = {}
     for name, report in reports.items():
-        for key in ("lip_sync_r", "listening_ratio", "face_rate", "psnr", "ssim", "first_face_rate", "last_face_rate",
-                    "first_psnr", "last_psnr"):  # fmt: skip
+        for key in ("lip_sync_r", "mouth_darkness_r", "listening_ratio", "face_rate", "psnr", "ssim", "first_face_rate",
+                    "last_face_rate", "first_psnr", "last_psnr"):  # fmt: skip
             value = report["aggregate"].get(key)
             if value is not None:
                 figures[f"{name}_{key}"] = round(float(value), 4)

@@ -91,10 +91,12 @@ def test_demo_default_renders_the_shipped_model(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_model_opens_its_mouth_with_its_own_speech():
-    """The shipped model on the first 4 s of its held-out example: the mouth opening of the rendered avatar follows
-    the avatar's own speech envelope, and does not with silence in its place. Opening is read from pixels
-    (`mouth_darkness`, the reference's mouth box), as the soft 128² frames often defeat the face mesh; over all frames,
-    speech and pauses, with thresholds below the report's goal so that the check is robust to CPU numerics."""
+    """The shipped model on its held-out example (8 s): the mouth opening of the rendered avatar follows the avatar's
+    own speech envelope, and the difference from a render with that speech silenced (same seed, same user) follows it
+    too, so the opening is driven by the audio, not by the time course of the render. Opening is read from pixels
+    (`mouth_darkness`, the reference's mouth box), as the soft 128² frames often defeat the face mesh; over all
+    frames, speech and pauses; the thresholds are below the report's figures (0.52 and 0.51 on this conversation's
+    first 8 s) so that the check is robust to CPU numerics."""
     if not (demo.DEFAULT_PIPELINE / "model_index.json").is_file():
         pytest.skip("no shipped demo model (models/echo-demo)")
     import numpy as np
@@ -108,7 +110,7 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
 
     example = demo.DEFAULT_PIPELINE / "example"
     pipe = DiffusionPipeline.from_pretrained(demo.DEFAULT_PIPELINE, use_safetensors=True)
-    num_frames = 100
+    num_frames = len(read_frames(example / "user.mp4"))
     audio = load_wav(example / "avatar.wav")[: num_frames * 640]
     reference_landmarks = np.load(example / "reference_landmarks.npy")
     inputs = dict(
@@ -122,10 +124,11 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
         output_type="np",
     )
     envelope = frame_rms(audio, num_frames)
-    correlations = {}
+    opening = {}
     for name, waveform in (("speech", audio), ("silence", np.zeros_like(audio))):
         frames = pipe(avatar_audio=waveform, generator=torch.Generator().manual_seed(0), **inputs).frames[0]
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-        correlations[name] = pearson(mouth_darkness(frames, reference_landmarks), envelope)
-    assert correlations["speech"] > 0.25, correlations
-    assert correlations["silence"] is None or correlations["silence"] < correlations["speech"] - 0.2, correlations
+        opening[name] = mouth_darkness(frames, reference_landmarks)
+    with_speech = pearson(opening["speech"], envelope)
+    driven = pearson(opening["speech"] - opening["silence"], envelope)
+    assert with_speech > 0.25 and driven > 0.25, (with_speech, driven)
