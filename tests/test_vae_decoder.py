@@ -37,7 +37,7 @@ def _weights(folder):
 def test_decoder_training_keeps_the_encoder_and_its_statistics(trained_vae, tmp_path):
     tmp, data = trained_vae
     sets = [f"init_from={tmp / 'vae'}", "train.freeze_encoder=true", f"output_dir={tmp_path / 'run'}",
-            f"export_dir={tmp_path / 'decoder'}", f"data.root={data}", "data.resolution=64", "data.clip_frames=9",
+            f"export_dir={tmp_path / 'decoder'}", f"data.root={data}", f"data.heldout_root={data}", "data.resolution=64", "data.clip_frames=9",
             "data.clip_crop=32", "data.clip_every=1", "data.clips_per_folder=1", "optim.lr=1e-2", "loss.kl=0",
             "train.max_train_steps=2", "train.checkpointing_steps=0", "train.eval_frames=4", "train.log_every=1"]  # fmt: skip
     assert train_vae.main(["--config", str(ROOT / "configs/train/demo_vae_decoder.yaml"),

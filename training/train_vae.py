@@ -154,11 +154,12 @@ def freeze_encoder(vae) -> list[torch.nn.Parameter]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def clip_folders(root: str | Path) -> list[Path]:
-    """Prepared clip folders under ``root`` (those with ``meta.json`` and ``avatar.mp4``), sorted."""
+def clip_folders(root: str | Path, key: str = "data.root") -> list[Path]:
+    """Prepared clip folders under ``root`` (those with ``meta.json`` and ``avatar.mp4``), sorted; ``key`` names the
+    config key it came from in the error when it does not exist."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {str(root)!r} does not exist (config key 'data.root'); run the data step first")
+        raise FileNotFoundError(f"data root {str(root)!r} does not exist (config key {key!r}); run the data step first")
     folders = sorted(p for p in root.iterdir() if (p / "meta.json").is_file() and (p / "avatar.mp4").is_file())
     if not folders:
         raise FileNotFoundError(f"no prepared clip folder (meta.json + avatar.mp4) under {str(root)!r}")
@@ -447,7 +448,7 @@ def main(argv=None) -> int:
         else:
             mean, std = latent_statistics(model, bank, train.stats_clips, accelerator.device)
         model.register_to_config(latents_mean=mean, latents_std=std)
-        heldout = clip_folders(data.heldout_root or data.root)
+        heldout = clip_folders(data.heldout_root or data.root, "data.heldout_root" if data.heldout_root else "data.root")
         metrics = reconstruction_metrics(model, heldout, train.eval_frames, data.resolution, accelerator.device)
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
