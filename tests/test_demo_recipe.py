@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -121,7 +122,9 @@ def _tiny_recipe(tmp: Path) -> Path:
             f"output_dir={tmp / 'stage2'}", "data.num_workers=0", "data.windows_per_clip=4",
             "ablation.use_understanding=false", *steps,
         ]},
-        "export": {"model_config": str(tmp / "model.yaml"), "out": str(tmp / "pipeline"), "dtype": "fp16"},
+        "export": {"model_config": str(tmp / "model.yaml"), "out": str(tmp / "pipeline"), "dtype": "fp16",
+                   "example": {"clip": "heldout0000_A_c0000", "seconds": 1.0},
+                   "model_card": str(ROOT / "docs/demo_model_card.md")},
         "accelerate": {"cpu": str(tmp / "accelerate.yaml"), "gpu": str(tmp / "accelerate.yaml")},
     }
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -184,6 +187,8 @@ def test_recipe_resumes_after_a_kill_in_every_stage(tmp_path):
     log = _run(recipe, tmp_path / "run5.log")
     assert "stage1: complete, skipped" in log and f"resuming from {tmp_path / 'stage2'}/checkpoint-" in log
     assert (tmp_path / "pipeline" / "model_index.json").is_file()
+    assert (tmp_path / "pipeline" / "README.md").read_text() == (ROOT / "docs/demo_model_card.md").read_text()
+    assert len(np.load(tmp_path / "pipeline" / "example" / "user_landmarks.npy")) == 25  # the example's 1 s
     state = json.loads((tmp_path / "recipe_state.json").read_text())
     assert all(state[stage]["exit_code"] == 0 for stage in ("data", "vae", "decoder", "stage1", "stage2", "export"))
     assert "--vae " + str(tmp_path / "decoder") in log  # the export ships the fine-tuned decoder
