@@ -116,15 +116,16 @@ def write_example(clip_dir: str | Path, out_dir: str | Path, seconds: float | No
 
 
 def render_shipped(args: argparse.Namespace) -> int:
-    """Render the example conversation with a saved (trained) pipeline."""
-    import PIL.Image
+    """Render the example conversation (its ``manifest.jsonl`` entry, read by `echo-render`'s reader) with a saved
+    (trained) pipeline."""
     from diffusers import DiffusionPipeline
 
-    from .video_io import load_wav, read_frames, write_mp4
+    from .render import read_entry
+    from .video_io import write_mp4
 
     pipeline = Path(args.pipeline or DEFAULT_PIPELINE)
     example = Path(args.example) if args.example else pipeline / "example"
-    missing = [name for name in EXAMPLE_FILES if not (example / name).is_file()]
+    missing = [name for name in (*EXAMPLE_FILES, "manifest.jsonl") if not (example / name).is_file()]
     if missing:
         raise FileNotFoundError(f"example folder {str(example)!r} lacks {missing}; pass --example <folder>.")
     out = Path(args.out)
@@ -132,19 +133,15 @@ def render_shipped(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     print(f"[1/3] loading the pipeline {pipeline} ...")
     pipe = DiffusionPipeline.from_pretrained(pipeline, use_safetensors=True)
-    avatar_audio = load_wav(example / "avatar.wav")
-    user_audio = load_wav(example / "user.wav")
-    user_video = read_frames(example / "user.mp4")
-    num_frames = len(user_video)
+    entry = json.loads((example / "manifest.jsonl").read_text().splitlines()[0])
+    inputs = read_entry(entry, example)
+    avatar_audio, user_video = inputs["avatar_audio"], inputs["user_video"]
+    inputs["num_frames"] = num_frames = len(user_video)
+    inputs["emotion"] = args.emotion
     size = args.size or pipe.settings.resolution
     print(f"[2/3] rendering {num_frames} frames ({num_frames / 25:.1f} s) at {size}x{size} from {example} ...")
     output = pipe(
-        reference_image=np.asarray(PIL.Image.open(example / "reference.png").convert("RGB")),
-        avatar_audio=avatar_audio,
-        user_video=user_video,
-        user_audio=user_audio,
-        emotion=args.emotion,
-        num_frames=num_frames,
+        **inputs,
         height=size,
         width=size,
         num_inference_steps=args.steps,
@@ -152,11 +149,8 @@ def render_shipped(args: argparse.Namespace) -> int:
         motion_frames=args.motion_frames,
         user_video_size=args.user_video_size,
         generator=torch.Generator().manual_seed(args.seed),
-        reference_landmarks=np.load(example / "reference_landmarks.npy"),
-        user_landmarks=np.load(example / "user_landmarks.npy"),
     )
     video_path = write_mp4(out / "demo.mp4", output.frames[0], audio=avatar_audio, user_frames=user_video)
-    entry = json.loads((example / "manifest.jsonl").read_text().splitlines()[0])
     entry = {k: str((example / v).resolve()) if k not in ("id", "dialogue") else v for k, v in entry.items()}
     (out / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
     print(f"[3/3] wrote {video_path} (user left | avatar right, the avatar's audio)")

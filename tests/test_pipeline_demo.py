@@ -99,34 +99,27 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
     first 8 s) so that the check is robust to CPU numerics."""
     if not (demo.DEFAULT_PIPELINE / "model_index.json").is_file():
         pytest.skip("no shipped demo model (models/echo-demo)")
+    import json
+
     import numpy as np
-    import PIL.Image
     import torch
     from diffusers import DiffusionPipeline
 
     from echo.audio import frame_rms
     from echo.metrics.behaviour import mouth_darkness, pearson
-    from pipelines.video_io import load_wav, read_frames
+    from pipelines.render import read_entry
 
     example = demo.DEFAULT_PIPELINE / "example"
     pipe = DiffusionPipeline.from_pretrained(demo.DEFAULT_PIPELINE, use_safetensors=True)
-    num_frames = len(read_frames(example / "user.mp4"))
-    audio = load_wav(example / "avatar.wav")[: num_frames * 640]
-    reference_landmarks = np.load(example / "reference_landmarks.npy")
-    inputs = dict(
-        reference_image=np.asarray(PIL.Image.open(example / "reference.png").convert("RGB")),
-        user_video=read_frames(example / "user.mp4")[:num_frames],
-        user_audio=load_wav(example / "user.wav")[: num_frames * 640],
-        reference_landmarks=reference_landmarks,
-        user_landmarks=np.load(example / "user_landmarks.npy")[:num_frames],
-        num_frames=num_frames,
-        num_inference_steps=4,
-        output_type="np",
-    )
+    inputs = read_entry(json.loads((example / "manifest.jsonl").read_text().splitlines()[0]), example)
+    audio = inputs.pop("avatar_audio")
+    num_frames = inputs["num_frames"] = len(inputs["user_video"])
+    reference_landmarks = inputs["reference_landmarks"]
     envelope = frame_rms(audio, num_frames)
     opening = {}
     for name, waveform in (("speech", audio), ("silence", np.zeros_like(audio))):
-        frames = pipe(avatar_audio=waveform, generator=torch.Generator().manual_seed(0), **inputs).frames[0]
+        frames = pipe(avatar_audio=waveform, num_inference_steps=4, output_type="np",
+                      generator=torch.Generator().manual_seed(0), **inputs).frames[0]  # fmt: skip
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
         opening[name] = mouth_darkness(frames, reference_landmarks)
     with_speech = pearson(opening["speech"], envelope)

@@ -207,22 +207,16 @@ class Recipe:
                 elif value is not False and value is not None:
                     command += [flag, str(value)]
             return command
-        if stage == "vae":
-            sets = [arg for item in self.vae_sets() for arg in ("--set", item)]
+        if stage in ("vae", "decoder"):  # both run training.train_vae, the decoder stage on the VAE stage's output
+            sets = [arg for item in (self.vae_sets() if stage == "vae" else self.decoder_sets()) for arg in ("--set", item)]
             sets += ["--overwrite"] if overwrite else []
-            config = self.recipe["vae"]["config"]
+            config = self.recipe[stage]["config"]
             if self.gpu:
                 return self._launch() + ["-m", "training.train_vae", "--config", config, *sets]
             processes = int(self.recipe.get("accelerate", {}).get("vae_processes", 1))
             if processes == 1:
                 return [self.python, "-m", "training.train_vae", "--config", config, *sets]
             return self._launch(processes) + ["-m", "training.train_vae", "--config", config, *sets]
-        if stage == "decoder":
-            sets = [arg for item in self.decoder_sets() for arg in ("--set", item)]
-            sets += ["--overwrite"] if overwrite else []
-            config = self.recipe["decoder"]["config"]
-            prefix = self._launch() if self.gpu else [self.python]
-            return prefix + ["-m", "training.train_vae", "--config", config, *sets]
         if stage in ("stage1", "stage2"):
             sets = [arg for item in self.stage_sets(stage) for arg in ("--set", item)]
             resume = ["--overwrite"] if overwrite else ["--resume", "latest"]

@@ -151,6 +151,16 @@ def head_pose_from_landmarks(landmarks: np.ndarray, image_size: tuple[int, int])
     return poses
 
 
+IMAGE_TO_CANONICAL = np.array([1.0, -1.0, -1.0])  # image axes (y down, z away) → canonical (y up, z to the viewer)
+
+
+def _fit_to_canonical(frame: np.ndarray, canonical: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The similarity transform (scale, rotation, shift) that best maps one frame's `(478, 3)` pixel landmarks, in
+    canonical axes, onto ``canonical`` (`canonical_pose_points(camera_frame=False)`; MediaPipe's z as depth)."""
+    points = frame[list(POSE_LANDMARK_INDICES)] * IMAGE_TO_CANONICAL
+    return _similarity_transform(points, canonical)
+
+
 def head_rotation_from_landmarks3d(landmarks: np.ndarray) -> np.ndarray:
     """Head rotation per frame from the face mesh's 3-D landmarks: yaw, pitch, roll (degrees) of the similarity
     transform that best maps the canonical face's stable subset onto the frame's (Umeyama, MediaPipe's z as depth).
@@ -170,12 +180,12 @@ def head_rotation_from_landmarks3d(landmarks: np.ndarray) -> np.ndarray:
     if landmarks.ndim != 3 or landmarks.shape[1:] != (NUM_LANDMARKS, 3):
         raise ValueError(f"`landmarks` has shape {landmarks.shape}, expected (T, {NUM_LANDMARKS}, 3) with z.")
     canonical = canonical_pose_points(camera_frame=False)
-    flip = np.array([1.0, -1.0, -1.0])  # image axes (y down, z away) → canonical axes (y up, z towards the viewer)
     out = np.full((len(landmarks), 3), np.nan)
     for t, frame in enumerate(landmarks):
-        points = frame[list(POSE_LANDMARK_INDICES)] * flip
-        if np.isfinite(points).all():
-            out[t] = rotation_to_euler(_similarity_transform(canonical, points)[1])
+        if np.isfinite(frame[list(POSE_LANDMARK_INDICES)]).all():
+            # The head's rotation maps the canonical face onto the frame: the inverse of the frame's fit to the
+            # canonical face (the least-squares rotation of the inverse fit is exactly the transpose).
+            out[t] = rotation_to_euler(_fit_to_canonical(frame, canonical)[1].T)
     return out
 
 
@@ -206,15 +216,12 @@ def align_landmarks(landmarks: np.ndarray) -> np.ndarray:
             f"`landmarks` has shape {landmarks.shape}, expected (T, {NUM_LANDMARKS}, 3): expression alignment needs "
             "the face mesh's z coordinate."
         )
-    target = canonical_pose_points(camera_frame=False)
-    flip = np.array([1.0, -1.0, -1.0])  # image axes (y down, z away) → canonical axes (y up, z towards the viewer)
+    canonical = canonical_pose_points(camera_frame=False)
     out = np.full_like(landmarks, np.nan)
     for t, frame in enumerate(landmarks):
-        if not np.isfinite(frame).all():
-            continue
-        points = frame * flip
-        scale, rotation, shift = _similarity_transform(points[list(POSE_LANDMARK_INDICES)], target)
-        out[t] = scale * points @ rotation.T + shift
+        if np.isfinite(frame).all():
+            scale, rotation, shift = _fit_to_canonical(frame, canonical)
+            out[t] = scale * (frame * IMAGE_TO_CANONICAL) @ rotation.T + shift
     return out
 
 
