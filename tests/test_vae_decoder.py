@@ -76,3 +76,14 @@ def test_export_refuses_a_vae_that_encodes_differently(trained_vae, tmp_path, ch
     other.save_pretrained(tmp_path / "other", safe_serialization=True)
     with pytest.raises(ValueError, match="does not encode as the VAE the generator was trained with"):
         replace_decoder(AutoencoderKLWan.from_pretrained(tmp / "vae"), tmp_path / "other")
+
+
+def test_a_missing_vae_folder_is_named(trained_vae, tmp_path):
+    tmp, data = trained_vae
+    with pytest.raises(FileNotFoundError, match="--vae .*nowhere.* not a saved AutoencoderKLWan folder"):
+        replace_decoder(AutoencoderKLWan.from_pretrained(tmp / "vae"), tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config key 'init_from' is .*nowhere"):
+        train_vae.main(["--config", str(ROOT / "configs/train/demo_vae_decoder.yaml"), "--set",
+                        f"init_from={tmp_path / 'nowhere'}", "--set", f"output_dir={tmp_path / 'run'}",
+                        "--set", f"export_dir={tmp_path / 'out'}", "--set", f"data.root={data}"])  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -77,6 +77,11 @@ def replace_decoder(vae, vae_dir: str | os.PathLike):
 
     from .train_vae import ENCODER_PREFIXES
 
+    if not (Path(vae_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--vae {str(vae_dir)!r} is not a saved AutoencoderKLWan folder (no config.json); pass the export_dir of a "
+            "decoder run (training.train_vae with train.freeze_encoder)."
+        )
     replacement = AutoencoderKLWan.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32)
     trained, shipped = vae.state_dict(), replacement.state_dict()
     changed = [name for name, value in trained.items() if name.startswith(ENCODER_PREFIXES)

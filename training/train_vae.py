@@ -378,6 +378,11 @@ def main(argv=None) -> int:
     # 1. Model and optimizer
     torch.manual_seed(config.seed)
     if config.init_from:
+        if not (Path(config.init_from) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"config key 'init_from' is {config.init_from!r}, not a saved AutoencoderKLWan folder (no config.json); "
+                "train the VAE first (its export_dir)."
+            )
         vae = AutoencoderKLWan.from_pretrained(config.init_from, use_safetensors=True, torch_dtype=torch.float32)
     else:
         vae = AutoencoderKLWan(**config.vae)
