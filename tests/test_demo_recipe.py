@@ -131,9 +131,10 @@ def _tiny_recipe(tmp: Path) -> Path:
     return tmp / "recipe.yaml"
 
 
-def _run(recipe: Path, log: Path, kill_when=None, timeout: float = 600) -> str:
-    """Run the recipe; with ``kill_when``, SIGKILL its whole process group as soon as ``kill_when()`` holds."""
-    command = [sys.executable, "-m", "training.demo_recipe", "--recipe", str(recipe)]
+def _run(recipe: Path, log: Path, kill_when=None, timeout: float = 600, sets: list[str] = ()) -> str:
+    """Run the recipe (with ``--set`` overrides ``sets``); with ``kill_when``, SIGKILL its whole process group as soon
+    as ``kill_when()`` holds."""
+    command = [sys.executable, "-m", "training.demo_recipe", "--recipe", str(recipe), *(f"--set={s}" for s in sets)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "5"}
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -196,6 +197,21 @@ def test_recipe_resumes_after_a_kill_in_every_stage(tmp_path):
     # 6. Everything is complete: a rerun skips every stage.
     log = _run(recipe, tmp_path / "run6.log")
     assert log.count("complete, skipped") == 6
+
+    # 7. Trained longer as `make train-demo-long` does (the decoder's and stage 1's max_train_steps raised by --set):
+    # both continue from their last checkpoint; stage 1 keeps its input (the VAE's encoder), stage 2 starts over.
+    longer = yaml.safe_load(recipe.read_text())
+    sets = [f"{stage}.set={json.dumps([*longer[stage]['set'], 'train.max_train_steps=12'])}"
+            for stage in ("decoder", "stage1")]
+    log = _run(recipe, tmp_path / "run7.log", sets=sets)
+    assert "data: complete, skipped" in log and "vae: complete, skipped" in log
+    assert f"resuming from {tmp_path / 'decoder_train'}/checkpoint-8 (step 8)" in log
+    assert f"resuming from {tmp_path / 'stage1'}/checkpoint-8" in log
+    assert "stage2 (its input changed: starting it over)" in log
+    assert json.loads((tmp_path / "decoder_train" / "report.json").read_text())["steps"] == 12
+    trained = yaml.safe_load((tmp_path / "stage1" / "final" / "training_config.yaml").read_text())["train"]
+    assert trained["max_train_steps"] == 12
+    assert (tmp_path / "pipeline" / "model_index.json").stat().st_mtime >= (tmp_path / "stage2" / "final").stat().st_mtime
 
 
 def test_a_second_run_of_the_same_recipe_is_refused_while_one_is_live(tmp_path):
