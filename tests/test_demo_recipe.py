@@ -81,6 +81,15 @@ def test_demo_configs_agree_with_the_model_description_and_fit_the_size_budget(m
     assert shipped <= 40e6, shipped
 
 
+def test_the_shipped_model_card_is_the_recipe_card():
+    """models/echo-demo/README.md is the card the recipe's export copies there (``export.model_card``), unchanged: an
+    edit of the card reaches the shipped folder."""
+    from training.demo_recipe import load_recipe
+
+    export = load_recipe(ROOT / "configs/train/demo_recipe.yaml")["export"]
+    assert (ROOT / export["out"] / "README.md").read_text() == (ROOT / export["model_card"]).read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tiny recipe, killed in every stage
 # ----------------------------------------------------------------------------------------------------------------
