@@ -73,16 +73,10 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 def replace_decoder(vae, vae_dir: str | os.PathLike):
     """The VAE saved in ``vae_dir`` (loaded in float32), after checking that it encodes exactly as ``vae`` does: the
     same encoder and quant-conv weights and latent statistics, so that only the decoded pictures differ."""
-    from diffusers import AutoencoderKLWan
+    from .train_vae import ENCODER_PREFIXES, load_vae_folder
 
-    from .train_vae import ENCODER_PREFIXES
-
-    if not (Path(vae_dir) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--vae {str(vae_dir)!r} is not a saved AutoencoderKLWan folder (no config.json); pass the export_dir of a "
-            "decoder run (training.train_vae with train.freeze_encoder)."
-        )
-    replacement = AutoencoderKLWan.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32)
+    replacement = load_vae_folder(vae_dir, f"--vae {str(vae_dir)!r} is", "pass the export_dir of a decoder run "
+                                  "(training.train_vae with train.freeze_encoder).")  # fmt: skip
     trained, shipped = vae.state_dict(), replacement.state_dict()
     changed = [name for name, value in trained.items() if name.startswith(ENCODER_PREFIXES)
                and (name not in shipped or not torch.equal(value.float(), shipped[name]))]  # fmt: skip

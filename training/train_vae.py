@@ -138,6 +138,17 @@ def load_vae_config(path: str | Path | None, overrides: list[str] = ()) -> VaeTr
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # AutoencoderKLWan's encoding path
 
 
+def load_vae_folder(folder: str | Path, what: str, hint: str):
+    """The `AutoencoderKLWan` saved in ``folder`` (float32, safetensors); a folder without ``config.json`` is refused
+    with ``"<what> not a saved AutoencoderKLWan folder (no config.json); <hint>"`` (``what`` names the input), before
+    diffusers would take the path for a hub name."""
+    from diffusers import AutoencoderKLWan
+
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{what} not a saved AutoencoderKLWan folder (no config.json); {hint}")
+    return AutoencoderKLWan.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
+
+
 def freeze_encoder(vae) -> list[torch.nn.Parameter]:
     """Freeze the encoding path of an `AutoencoderKLWan`; returns the parameters left to train (the decoder's)."""
     trainable = []
@@ -378,12 +389,8 @@ def main(argv=None) -> int:
     # 1. Model and optimizer
     torch.manual_seed(config.seed)
     if config.init_from:
-        if not (Path(config.init_from) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"config key 'init_from' is {config.init_from!r}, not a saved AutoencoderKLWan folder (no config.json); "
-                "train the VAE first (its export_dir)."
-            )
-        vae = AutoencoderKLWan.from_pretrained(config.init_from, use_safetensors=True, torch_dtype=torch.float32)
+        vae = load_vae_folder(config.init_from, f"config key 'init_from' is {config.init_from!r},",
+                              "train the VAE first (its export_dir).")  # fmt: skip
     else:
         vae = AutoencoderKLWan(**config.vae)
     parameters = freeze_encoder(vae) if train.freeze_encoder else list(vae.parameters())
