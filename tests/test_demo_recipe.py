@@ -90,6 +90,28 @@ def test_the_shipped_model_card_is_the_recipe_card():
     assert (ROOT / export["out"] / "README.md").read_text() == (ROOT / export["model_card"]).read_text()
 
 
+def test_export_is_incomplete_until_its_example_and_card_are_written(tmp_path, monkeypatch):
+    """A run killed after ``echo-export`` but before the example conversation and the model card were written must
+    export again on the rerun, not skip the stage and leave the folder without them."""
+    from training.demo_recipe import Recipe, load_recipe
+
+    monkeypatch.chdir(ROOT)
+    sets = [f"export.out={tmp_path / 'pipeline'}", f"stage2.set=[output_dir={tmp_path / 'stage2'}]",
+            f"decoder.set=[export_dir={tmp_path / 'decoder'}]"]  # fmt: skip
+    recipe = Recipe(load_recipe(ROOT / "configs/train/demo_recipe.yaml", sets), gpu=False)
+    (tmp_path / "stage2" / "final").mkdir(parents=True)
+    (tmp_path / "decoder").mkdir()
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")  # newer than both inputs: echo-export finished
+    assert not recipe.complete("export")
+    (tmp_path / "pipeline" / "example").mkdir()
+    (tmp_path / "pipeline" / "example" / "manifest.jsonl").write_text("{}\n")
+    assert not recipe.complete("export")  # the card is still missing
+    recipe.write_model_card()
+    assert recipe.complete("export")
+    assert (tmp_path / "pipeline" / "README.md").read_text() == (ROOT / "docs/demo_model_card.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tiny recipe, killed in every stage
 # ----------------------------------------------------------------------------------------------------------------

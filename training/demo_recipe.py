@@ -137,8 +137,18 @@ class Recipe:
         if not card:
             return None
         out = Path(self.recipe["export"]["out"]) / "README.md"
-        out.write_text(Path(card).read_text())
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(Path(card).read_text())
+        os.replace(tmp, out)
         return out
+
+    def export_extras(self) -> list[Path]:
+        """The files the export stage writes after ``echo-export``: the example's ``manifest.jsonl`` (`write_example`
+        writes it last) and the model card, those the recipe names. Until they exist the stage is not complete, so a
+        run killed between ``echo-export`` and them exports again."""
+        export, out = self.recipe["export"], Path(self.recipe["export"]["out"])
+        return [path for key, path in (("example", out / "example" / "manifest.jsonl"), ("model_card", out / "README.md"))
+                if export.get(key)]  # fmt: skip
 
     # -- completion ----------------------------------------------------------------------------------------------
     def complete(self, stage: str) -> bool:
@@ -164,7 +174,11 @@ class Recipe:
             index = Path(self.recipe["export"]["out"]) / "model_index.json"
             final = Path(self.stage_config("stage2").output_dir) / "final"
             inputs = [final] + ([Path(c.export_dir)] if (c := self.decoder_config()) is not None else [])
-            return index.is_file() and all(p.exists() and index.stat().st_mtime >= p.stat().st_mtime for p in inputs)
+            return (
+                index.is_file()
+                and all(p.exists() and index.stat().st_mtime >= p.stat().st_mtime for p in inputs)
+                and all(p.is_file() for p in self.export_extras())
+            )
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
     def upstream(self, stage: str) -> float | None:
