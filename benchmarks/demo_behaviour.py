@@ -65,16 +65,15 @@ def prepare(heldout: Path, out: Path, seconds: float, long_seconds: float) -> tu
 
 def render(pipe, example: Path, out_path: Path, steps: int | None, variant: str) -> float:
     """Render one example folder to ``out_path``; returns the wall time."""
-    from pipelines.render import read_entry, write_atomically
+    from pipelines.demo import read_example
+    from pipelines.render import write_atomically
 
     if out_path.is_file():
         return 0.0
-    entry = json.loads((example / "manifest.jsonl").read_text().splitlines()[0])
-    inputs = read_entry(entry, example)
+    _, inputs = read_example(example)
     audio = inputs["avatar_audio"]
     if variant == "no_audio":
         inputs["avatar_audio"] = np.zeros_like(audio)
-    inputs["num_frames"] = len(inputs["user_video"])
     kwargs = {"user_guidance_scale": 0.0} if variant == "no_user" else {}
     start = time.perf_counter()
     frames = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **kwargs).frames[0]

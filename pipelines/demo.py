@@ -115,29 +115,41 @@ def write_example(clip_dir: str | Path, out_dir: str | Path, seconds: float | No
     return out_dir
 
 
+def read_example(example: str | Path) -> tuple[dict, dict]:
+    """An example folder written by `write_example`: its ``manifest.jsonl`` entry and that entry as `EchoPipeline`
+    arguments (`pipelines.render.read_entry`), ``num_frames`` the example's length (its user video's frames)."""
+    from .render import read_entry, read_manifest
+
+    example = Path(example)
+    missing = [name for name in (*EXAMPLE_FILES, "manifest.jsonl") if not (example / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"example folder {str(example)!r} lacks {missing}; pass --example <folder>.")
+    rows = read_manifest(example / "manifest.jsonl")
+    if not rows or rows[0][1] is None:
+        raise ValueError(f"{str(example / 'manifest.jsonl')!r}: {rows[0][2] if rows else 'no entry'}")
+    entry = rows[0][1]
+    inputs = read_entry(entry, example)
+    inputs["num_frames"] = len(inputs["user_video"])
+    return entry, inputs
+
+
 def render_shipped(args: argparse.Namespace) -> int:
     """Render the example conversation (its ``manifest.jsonl`` entry, read by `echo-render`'s reader) with a saved
     (trained) pipeline."""
     from diffusers import DiffusionPipeline
 
-    from .render import read_entry
     from .video_io import write_mp4
 
     pipeline = Path(args.pipeline or DEFAULT_PIPELINE)
     example = Path(args.example) if args.example else pipeline / "example"
-    missing = [name for name in (*EXAMPLE_FILES, "manifest.jsonl") if not (example / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"example folder {str(example)!r} lacks {missing}; pass --example <folder>.")
+    entry, inputs = read_example(example)
+    avatar_audio, user_video, num_frames = inputs["avatar_audio"], inputs["user_video"], inputs["num_frames"]
+    inputs["emotion"] = args.emotion
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     print(f"[1/3] loading the pipeline {pipeline} ...")
     pipe = DiffusionPipeline.from_pretrained(pipeline, use_safetensors=True)
-    entry = json.loads((example / "manifest.jsonl").read_text().splitlines()[0])
-    inputs = read_entry(entry, example)
-    avatar_audio, user_video = inputs["avatar_audio"], inputs["user_video"]
-    inputs["num_frames"] = num_frames = len(user_video)
-    inputs["emotion"] = args.emotion
     size = args.size or pipe.settings.resolution
     print(f"[2/3] rendering {num_frames} frames ({num_frames / 25:.1f} s) at {size}x{size} from {example} ...")
     output = pipe(

@@ -62,6 +62,13 @@ def test_demo_renders_a_saved_pipeline_on_an_example_conversation(tmp_path, caps
     entry = json.loads((out / "manifest.jsonl").read_text())
     assert entry["user_video"] == str((example / "user.mp4").resolve())
 
+    # The one reader of an example folder (echo-demo, the behaviour benchmark): its length is the example's
+    entry, inputs = demo.read_example(example)
+    assert entry["id"] == clip.name and inputs["num_frames"] == 12 and len(inputs["avatar_audio"]) == 12 * 640
+    (example / "user.wav").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks \['user.wav'\]"):
+        demo.read_example(example)
+
 
 @pytest.mark.slow
 def test_demo_default_renders_the_shipped_model(tmp_path):
@@ -99,7 +106,6 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
     first 8 s) so that the check is robust to CPU numerics."""
     if not (demo.DEFAULT_PIPELINE / "model_index.json").is_file():
         pytest.skip("no shipped demo model (models/echo-demo)")
-    import json
 
     import numpy as np
     import torch
@@ -107,13 +113,12 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
 
     from echo.audio import frame_rms
     from echo.metrics.behaviour import mouth_darkness, pearson
-    from pipelines.render import read_entry
 
     example = demo.DEFAULT_PIPELINE / "example"
     pipe = DiffusionPipeline.from_pretrained(demo.DEFAULT_PIPELINE, use_safetensors=True)
-    inputs = read_entry(json.loads((example / "manifest.jsonl").read_text().splitlines()[0]), example)
+    _, inputs = demo.read_example(example)
     audio = inputs.pop("avatar_audio")
-    num_frames = inputs["num_frames"] = len(inputs["user_video"])
+    num_frames = inputs["num_frames"]
     reference_landmarks = inputs["reference_landmarks"]
     envelope = frame_rms(audio, num_frames)
     opening = {}
