@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[prep,train,dev]"
+	$(PY) -m pip install --quiet -e ".[prep,train,dev,cluster]"
 	touch $@
 
 install: $(VENV)/.installed

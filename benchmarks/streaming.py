@@ -19,7 +19,16 @@ by 16 + a chunk + the audio window's look-ahead).
 CPU (default): the tiny components of ``configs/models/tiny.yaml`` at ``--size`` (32²), float32, one thread. GPU: the
 generator at Wan2.1-T2V-1.3B width with random weights (`benchmarks/sampling.py`'s description), bfloat16, 512².
 
-    python benchmarks/streaming.py [--chunks 41] [--repeats 3] [--steps 2] [--size 32]
+Second table: the user history at the shipped settings of ``--history-model`` (configs/models/wan2.1-t2v-1.3b.yaml:
+33-frame chunks, one motion frame, 128² user frames, ``max_history_frames`` as the description sets it, null = the
+whole history), its LCU at its real width (random weights), over chunks 0-40 of a session fed one chunk's frames at a
+time (precomputed wav2vec2-base-shaped rows; the generator and VAE stay tiny, rendering ``--size``², since only the
+LCU is measured). Per chunk: the history it receives, the frames its LCU encodes and its LCU seconds (best of
+``--repeats`` sessions). ``history_cost_ratio_last_first`` = LCU seconds of chunks 31-40 over chunks 1-10 (≈ 1: flat),
+``history_frames_ratio_last_first`` the same for the frames encoded (timing-free). ``--history-max-frames W`` serves
+a capped model instead (the pre-fix 1500 shows a cost growing with the conversation).
+
+    python benchmarks/streaming.py [--chunks 41] [--repeats 3] [--steps 2] [--size 32] [--history-only]
 
 The last line holds the headline figures as ``name=value`` pairs.
 """
@@ -53,6 +62,11 @@ def parse_args():
     parser.add_argument("--size", type=int, default=512 if cuda else 32)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the tiny model runs fastest)")
     parser.add_argument("--pipeline", default=None, help="a saved EchoPipeline folder instead of random weights")
+    parser.add_argument("--history-model", default=str(ROOT / "configs" / "models" / "wan2.1-t2v-1.3b.yaml"),
+                        help="model description whose settings and LCU the history table measures")  # fmt: skip
+    parser.add_argument("--history-max-frames", type=int, default=None,
+                        help="serve a model capped at this many history frames (default: the description's setting)")
+    parser.add_argument("--history-only", action="store_true", help="only the history table (skips the tiny runs)")
     return parser.parse_args()
 
 
@@ -121,6 +135,107 @@ def run_session(pipe, inputs, num_frames, args):
     return chunks
 
 
+def history_pipeline(args, device, dtype):
+    """The tiny components with the settings and the LCU of ``--history-model``, the generator's interface widths
+    (audio rows, context width) matched to that LCU, and a wav2vec2-base-shaped audio encoder (never run: rows are
+    pushed precomputed)."""
+    from echo.settings import EchoSettings
+    from pipelines import EchoPipeline
+
+    real, description = load_model_config(args.history_model), load_model_config(TINY)
+    settings = EchoSettings.from_dict(real["settings"]).to_dict()
+    if args.history_max_frames is not None:
+        settings["max_history_frames"] = args.history_max_frames
+    history_keys = ("num_frames_per_chunk", "motion_frames", "user_video_size", "max_history_frames")
+    description["settings"].update({key: settings[key] for key in history_keys})
+    lcu_config = real["context_encoder"]["config"]
+    description["context_encoder"]["config"] = dict(lcu_config)
+    interface = ("audio_dim", "audio_num_layers", "audio_window", "context_dim")
+    description["transformer"]["config"].update({key: real["transformer"]["config"][key] for key in interface})
+    description["audio_encoder"]["config"] = {}  # Wav2Vec2Config defaults = wav2vec2-base (12 layers + 1, 768)
+    pipe = EchoPipeline(**load_components(description, torch_dtype=dtype)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, EchoSettings.from_dict(description["settings"])
+
+
+def history_cost(args, device, dtype) -> tuple[list[tuple], dict]:
+    """Per chunk 0-40 at ``--history-model``'s settings: (chunk, history frames, LCU frames encoded, LCU seconds)."""
+    pipe, settings = history_pipeline(args, device, dtype)
+    chunk, motion = settings.num_frames_per_chunk, settings.motion_frames
+    stride, num_chunks = chunk - motion, 41
+    num_frames = chunk + (num_chunks - 1) * stride
+    lcu = pipe.context_encoder
+    rng = np.random.default_rng(0)
+    rows = {
+        name: rng.standard_normal((num_frames, lcu.config.audio_num_layers, lcu.config.audio_dim)).astype(np.float32)
+        for name in ("avatar", "user")
+    }
+    from skimage.data import astronaut
+
+    size = settings.user_video_size
+    face = np.ascontiguousarray(astronaut()[:: 512 // size, :: 512 // size])  # size², already a head crop
+    landmarks = np.full((1, 478, 2), size / 2, dtype=np.float32)  # a point face: empty masks, the cost is the same
+    understanding = torch.zeros(8, lcu.config.understanding_dim)
+    log = []
+
+    def start(module, fn_args, kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        log.append({"history": kwargs["user_audio"].shape[1], "start": time.perf_counter()})
+
+    def count(module, fn_args):
+        log[-1]["encoded"] = fn_args[0].shape[1]
+
+    def stop(module, fn_args, output):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        log[-1]["seconds"] = time.perf_counter() - log[-1]["start"]
+
+    handles = [lcu.register_forward_pre_hook(start, with_kwargs=True), lcu.audio_norm.register_forward_pre_hook(count),
+               lcu.register_forward_hook(stop)]  # fmt: skip
+    runs = []
+    try:
+        for _ in range(args.repeats):
+            log.clear()
+            session = pipe.start_session(reference_image=face, understanding=understanding, emotion="calm",
+                                         generator=torch.Generator().manual_seed(0), num_frames=num_frames,
+                                         height=args.size, width=args.size, num_inference_steps=1,
+                                         output_type="latent", frame_inputs=False)  # fmt: skip
+            for first in range(0, num_frames, stride):
+                last = min(num_frames, first + stride)
+                session.push(avatar_audio_features=rows["avatar"][first:last],
+                             user_audio_features=rows["user"][first:last],
+                             user_video=np.repeat(face[None], last - first, axis=0),
+                             user_landmarks=np.repeat(landmarks, last - first, axis=0))  # fmt: skip
+                list(session)
+            session.close()
+            list(session)
+            assert len(log) == num_chunks, (len(log), num_chunks)
+            runs.append([dict(entry) for entry in log])
+    finally:
+        for handle in handles:
+            handle.remove()
+    table = [(c, runs[0][c]["history"], runs[0][c]["encoded"], min(run[c]["seconds"] for run in runs))
+             for c in range(num_chunks)]  # fmt: skip
+    first, last = table[1:11], table[31:41]
+    figures = {
+        "history_cost_ratio_last_first": sum(r[3] for r in last) / sum(r[3] for r in first),
+        "history_frames_ratio_last_first": sum(r[2] for r in last) / sum(r[2] for r in first),
+        "history_max_lcu_frames": max(r[2] for r in table),
+        "history_max_frames": settings.max_history_frames,
+    }
+    return table, figures
+
+
+def print_history_table(args, table, figures):
+    print(f"history: settings of {Path(args.history_model).name} (LCU at its width; max_history_frames="
+          f"{figures['history_max_frames']}), repeats={args.repeats}")  # fmt: skip
+    print("| chunk | history frames | LCU frames encoded | LCU s |")
+    print("|------:|---------------:|-------------------:|------:|")
+    for c, history, encoded, seconds in table[1:]:
+        print(f"| {c:>5} | {history:>14} | {encoded:>18} | {seconds:.4f} |")
+
+
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,6 +244,16 @@ def main():
         torch.set_num_threads(args.threads)
     if args.chunks < 41:
         raise SystemExit(f"--chunks is {args.chunks}: chunk 40 is measured, so at least 41.")
+    history_table, history_figures = history_cost(args, device, dtype)
+    history_line = (
+        f"history_cost_ratio_last_first={history_figures['history_cost_ratio_last_first']:.3f} "
+        f"history_frames_ratio_last_first={history_figures['history_frames_ratio_last_first']:.3f} "
+        f"history_max_lcu_frames={history_figures['history_max_lcu_frames']}"
+    )
+    if args.history_only:
+        print_history_table(args, history_table, history_figures)
+        print(history_line)
+        return
     pipe, label = build_pipeline(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     stride = args.frames_per_chunk - args.motion_frames
@@ -195,11 +320,12 @@ def main():
     early, late = wall[2], wall[40]
     max_lcu_frames = max(entry["rows"] for entry in lcu_log)
     lcu_full_ratio = rows[[r[0] for r in rows].index(40)][5] / rows[[r[0] for r in rows].index(2)][5]
+    print_history_table(args, history_table, history_figures)
     print(
         f"chunk2_s={early:.4f} chunk40_s={late:.4f} late_over_early={late / early:.3f} "
         f"max_lcu_frames={max_lcu_frames} "
         f"first_frame_latency_s={latency:.4f} real_time_factor={rtf:.3f} "
-        f"lcu_full_history_late_over_early={lcu_full_ratio:.2f}"
+        f"lcu_full_history_late_over_early={lcu_full_ratio:.2f} {history_line}"
     )
 
 

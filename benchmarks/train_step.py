@@ -7,13 +7,20 @@ latent frames), and the optimizer update. Weights are random (built from configs
 - With a GPU: the Wan2.1-T2V-1.3B generator width (1536, 12 heads × 128, 30 layers, ffn 8960), the Wan VAE, LoRA
   rank 128, bf16 autocast, 512² clips of 33 frames (9 × 32 × 32 = 9216 tokens), batch 1 by default.
 - On CPU: the tiny components of ``configs/models/tiny.yaml``, 64² clips of 9 frames, batch 2, float32.
+- ``--size demo``: the demo model (``configs/models/demo.yaml``, its VAE built from ``configs/train/demo_vae.yaml``
+  with random weights) trained as ``configs/train/demo_stage1.yaml`` trains it (128² windows of 17 frames, batch 1,
+  continuation samples with blurred and noised motion frames, L_pixel), float32.
+
+``--latent-cache`` times every step (the same step seeds, hence the same σ, noise and continuation draws) twice in
+one run, alternating: the window VAE-encoded in the step, then its exact latents read from a `training.latent_cache`
+cache (written and read back through it); the ratio of the mean step times is ``latent_cache_step_speedup``.
 
 FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` over one whole step (forward and backward; on CPU the
 counting pass uses the math attention kernel so that attention products are counted too). MFU = counted FLOPs per
 second / peak: the dense bf16 peak of the GPU's datasheet (H100 SXM / H200: 989 TFLOP/s), or on CPU the throughput of
 a large float32 matmul measured here (the achievable peak of this machine).
 
-    python benchmarks/train_step.py [--size tiny|wan1.3b] [--batch-size N] [--steps N] [--cached-latents]
+    python benchmarks/train_step.py [--size tiny|demo|wan1.3b] [--batch-size N] [--steps N] [--latent-cache]
 
 The last line holds the headline figures as `name=value` pairs (goal on an H100/H200: mfu ≥ 0.45).
 """
@@ -59,6 +66,8 @@ WAN_13B = {
 SIZES = {
     "tiny": dict(model=str(ROOT / "configs/models/tiny.yaml"), resolution=64, num_frames=9, batch_size=2, rank=4,
                  audio_layers=3, audio_dim=32),
+    "demo": dict(model="demo", resolution=128, num_frames=17, batch_size=1, rank=16, audio_layers=3, audio_dim=32,
+                 train_config="configs/train/demo_stage1.yaml"),
     "wan1.3b": dict(model=WAN_13B, resolution=512, num_frames=33, batch_size=1, rank=128, audio_layers=13,
                     audio_dim=768),
 }  # fmt: skip
@@ -71,7 +80,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
-        "--cached-latents", action="store_true", help="feed precomputed clip latents (data.use_cached_latents) instead of encoding"
+        "--latent-cache", action="store_true",
+        help="also time the steps with the window latents read from the cache (data.use_cached_latents)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--num-layers", type=int, default=None, help="override the generator depth (smoke runs)")
@@ -84,6 +94,17 @@ def make_config(size: dict, workdir: Path, gradient_checkpointing: bool):
     from training.config import load_config
 
     model = size["model"]
+    if model == "demo":  # the demo description, its VAE (a trained folder there) built from the VAE trainer's config
+        from echo.components import load_model_config
+
+        model = load_model_config(ROOT / "configs/models/demo.yaml")
+        vae = yaml.safe_load((ROOT / "configs/train/demo_vae.yaml").read_text())["vae"]
+        model["vae"] = {"class": "AutoencoderKLWan", "config": vae}
+    if "train_config" in size:  # the stage's own loss settings (continuation samples, motion blur and noise)
+        path = workdir / "model.yaml"
+        path.write_text(yaml.safe_dump(model))
+        overrides = [f"model.config={path}", f"train.gradient_checkpointing={str(gradient_checkpointing).lower()}"]
+        return load_config(ROOT / size["train_config"], overrides)
     if isinstance(model, dict):
         path = workdir / "model.yaml"
         path.write_text(yaml.safe_dump(model))
@@ -175,15 +196,9 @@ def main():
     optimizer = torch.optim.AdamW(parameter_groups(module, config), weight_decay=config.optim.weight_decay)
     prompt_encoder = PromptEncoder(models.text_encoder, models.tokenizer, config.data.max_sequence_length)
     batch = make_batch(size, batch_size)
-    if args.cached_latents:
-        from echo.encoding import encode_latents, normalize_latents
-
-        with torch.no_grad():  # the dataset returns raw VAE latents; the step normalises them
-            latents = encode_latents(models.vae, batch["video"].to(device))
-            batch["latents"] = normalize_latents(models.vae, latents, inverse=True).cpu()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
-    def step(index: int) -> dict:
+    def step(index: int, batch: dict = batch) -> dict:
         with autocast:
             terms = training_step(
                 models, module, batch, config, prompt_encoder, step_generator(0, 0, index), device, weight_dtype
@@ -214,13 +229,32 @@ def main():
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for index in range(args.steps):
+    def timed(index: int, batch: dict) -> tuple[float, dict]:
         sync()
         start = time.perf_counter()
-        terms = step(index)
+        terms = step(index, batch)
         sync()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start, terms
+
+    cached_batch = cached_times = None
+    if args.latent_cache:  # the same steps with the window's exact latents read from the cache
+        from echo.encoding import encode_latents
+        from training.latent_cache import WindowLatentCache
+
+        with tempfile.TemporaryDirectory() as folder:
+            cache = WindowLatentCache.for_vae(folder, models.vae, size["resolution"], size["num_frames"])
+            keys = [f"bench/w{b:05d}.safetensors" for b in range(batch_size)]
+            for key, video in zip(keys, batch["video"]):
+                cache.write(key, encode_latents(models.vae, video[None].to(device))[0])
+            cached_batch = dict(batch, latents=torch.stack([cache.read(key) for key in keys]), latent_key=keys)
+        cached_times = []
+    times = []
+    for index in range(args.steps):  # with the cache: alternated, so that a busy machine slows both alike
+        elapsed, terms = timed(index, batch)
+        times.append(elapsed)
+        if cached_batch is not None:
+            elapsed, cached_terms = timed(index, cached_batch)
+            cached_times.append(elapsed)
     step_s = min(times)
     peak_mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak, peak_source = peak_flops(device)
@@ -232,7 +266,7 @@ def main():
         ("device", torch.cuda.get_device_name(device) if cuda else "cpu"),
         ("size", args.size or ("wan1.3b" if cuda else "tiny")),
         ("batch x frames x res", f"{batch_size} x {size['num_frames']} x {size['resolution']}²"),
-        ("clip latents", "cached" if args.cached_latents else "VAE-encoded every step"),
+        ("window latents", "VAE-encoded every step"),
         ("generator params (trainable)", f"{total / 1e6:.1f}M ({trainable / 1e6:.2f}M)"),
         ("loss (last step)", f"{float(terms['loss'].detach()):.4f}"),
         ("step time (best of %d)" % args.steps, f"{step_s * 1e3:.1f} ms"),
@@ -242,12 +276,23 @@ def main():
         ("peak", f"{peak / 1e12:.2f} TFLOP/s ({peak_source})"),
         ("peak memory", f"{peak_mem / 2**30:.2f} GiB" + ("" if cuda else " (process max RSS)")),
     ]
+    speedup = None
+    if cached_times is not None:
+        mean, cached_mean = sum(times) / len(times), sum(cached_times) / len(cached_times)
+        speedup = mean / cached_mean
+        rows += [
+            ("step time, mean of %d (encoded)" % args.steps, f"{mean * 1e3:.1f} ms"),
+            ("step time, mean (latent cache)", f"{cached_mean * 1e3:.1f} ms (best {min(cached_times) * 1e3:.1f} ms)"),
+            ("loss (last step, latent cache)", f"{float(cached_terms['loss'].detach()):.4f}"),
+            ("latent cache step speedup", f"{speedup:.2f}x (mean / mean, same step seeds)"),
+        ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print(
         f"samples_per_s={batch_size / step_s:.4f} step_ms={step_s * 1e3:.1f} peak_mem_gib={peak_mem / 2**30:.3f} "
         f"tflops={achieved / 1e12:.4f} mfu={achieved / peak:.4f}"
+        + ("" if speedup is None else f" latent_cache_step_speedup={speedup:.3f}")
     )
 
 

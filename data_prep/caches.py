@@ -1,13 +1,9 @@
 """Optional caches added to finished clip folders
-(``echo-prep --stages clips,latents,omni,emotion,emotion_embeds,user_tokens``).
+(``echo-prep --stages clips,omni,emotion,emotion_embeds,user_tokens``).
 
 Each stage reads a complete clip folder, skips it when its output exists, and writes its file atomically through
 `echo.clip_format` (the one owner of the file names and layouts):
 
-- ``latents`` → ``avatar_latents.safetensors``, key ``"latents"``, `(16, F_all, h, w)` float32: the posterior mode of
-  the Wan VAE (``AutoencoderKLWan`` from ``--vae``, a VAE folder or a pipeline folder with a ``vae/`` subfolder) for
-  the first ``F = 4(F_all − 1) + 1`` frames of ``avatar.mp4`` read as the dataset reads them, *not* normalised
-  (training applies ``vae.config.latents_mean/std``).
 - ``omni`` → ``user_omni.safetensors``: understanding tokens S_usr per stride of the conversation, so that a training
   window sees Φ only of the user's media up to its own end, as the pipeline does. For every conversation frame
   ``e = k·omni_stride − 1`` inside the clip, `echo.understanding.OmniUnderstanding` (``--omni-model``) is run on
@@ -15,9 +11,10 @@ Each stage reads a complete clip folder, skips it when its output exists, and wr
   frame ``e`` inclusive: exactly ``understanding_model(frames[:e + 1], audio[:(e + 1)·640])`` of the pipeline (the
   thinker keeps ``max_frames`` evenly spaced frames; only those are decoded). One thinker call per stride and clip.
   A file of an older echo-prep (one whole-clip entry) is replaced.
-- ``emotion`` → ``emotion.json`` ``{"windows": [{"end_frame", "text"}]}``: `echo.emotion.EmotionReasoner` on the clip's
-  dialogue history (``transcript.json``) at the end of every window of ``emotion_window_frames`` frames and at the
-  clip's last frame. ``--emotion-model`` is a local causal-LM folder, or an OpenAI-compatible endpoint
+- ``emotion`` → ``emotion.json`` ``{"stride", "windows": [{"end_frame", "text"}]}``: `echo.emotion.EmotionReasoner`
+  on the dialogue history (``transcript.json``) up to every reasoning frame ``k·emotion_stride − 1`` of the
+  conversation inside the clip (`echo.clip_format.reasoning_frame`, the frames the session reasons at), none before
+  anyone spoke. ``--emotion-model`` is a local causal-LM folder, or an OpenAI-compatible endpoint
   ``http(s)://host:port/v1`` whose served model name is ``--emotion-served-model``.
 - ``emotion_embeds`` → ``emotion_embeds.safetensors``: `echo.emotion.EmotionTextEncoder` (``--text-encoder``, in
   ``--text-encoder-dtype``) on every distinct text the dataset can take from the clip (`echo.clip_format.emotion_texts`:
@@ -42,9 +39,12 @@ import numpy as np
 import torch
 
 from echo import clip_format
+from echo.settings import EchoSettings
 
-CACHE_STAGES = ("latents", "omni", "emotion", "emotion_embeds", "user_tokens")
-DEFAULT_OMNI_STRIDE = 25  # one understanding entry per second of conversation
+CACHE_STAGES = ("omni", "emotion", "emotion_embeds", "user_tokens")
+# The reasoning strides' defaults are the model settings' (training takes the strides from the caches it reads)
+DEFAULT_OMNI_STRIDE = EchoSettings.understanding_stride  # 25: one understanding entry per second of conversation
+DEFAULT_EMOTION_STRIDE = EchoSettings.emotion_stride  # 50: one emotion text per two seconds
 
 _LOADED: dict = {}
 
@@ -72,29 +72,10 @@ def _vae(options):
     return _LOADED[key]
 
 
-@torch.no_grad()
-def cache_latents(clip_dir: str | Path, vae, temporal_compression: int = 4) -> Path:
-    """Write ``avatar_latents.safetensors`` (see the module docstring); returns its path."""
-    from echo.encoding import frames_to_tensor
-
-    clip_dir = Path(clip_dir)
-    path = clip_dir / clip_format.AVATAR_LATENTS
-    if path.exists():
-        return path
-    record = clip_format.read_clip(clip_dir)
-    usable = (record.num_frames - 1) // temporal_compression * temporal_compression + 1
-    frames = clip_format.read_video_frames(clip_dir / clip_format.video_name("avatar"), range(usable))
-    video = frames_to_tensor(frames, frames.shape[1:3]).permute(1, 0, 2, 3)[None]  # 1, 3, F, H, W
-    latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()[0]  # 16, F_all, h, w
-    return clip_format.write_avatar_latents(clip_dir, latents)
-
-
 def omni_entry_ends(record: clip_format.ClipRecord, stride: int) -> list[int]:
-    """Clip frames (inclusive) ending the clip's understanding entries: conversation frames ``k·stride − 1``."""
-    if stride < 1:
-        raise ValueError(f"`stride` is {stride}, expected at least 1 frame.")
-    first = -(-(record.start_frame + 1) // stride) * stride - 1  # the first k·stride − 1 ≥ start_frame
-    return [e - record.start_frame for e in range(first, record.end_frame, stride)]
+    """Clip frames (inclusive) ending the clip's understanding entries (or emotion windows): its reasoning frames
+    ``k·stride − 1`` of the conversation (`echo.clip_format.reasoning_frames`)."""
+    return [e - record.start_frame for e in clip_format.reasoning_frames(record.start_frame, record.end_frame, stride)]
 
 
 def cache_omni(clip_dir: str | Path, understanding, stride: int = DEFAULT_OMNI_STRIDE) -> Path:
@@ -111,8 +92,8 @@ def cache_omni(clip_dir: str | Path, understanding, stride: int = DEFAULT_OMNI_S
     clip_dir = Path(clip_dir)
     path = clip_dir / clip_format.USER_OMNI
     record = clip_format.read_clip(clip_dir)
-    if path.exists() and not clip_format.read_understanding_index(clip_dir, record.num_frames).legacy:
-        return path
+    if path.exists() and clip_format.read_understanding_index(clip_dir, record.num_frames).stride == stride:
+        return path  # (a file of an older echo-prep, or of another stride, is replaced)
     run = clip_format.contiguous_run(clip_format.conversation_siblings(record), record)
     origin = run[0].start_frame  # the history's first frame (the conversation's start unless a clip is missing)
     ends = omni_entry_ends(record, stride)
@@ -149,33 +130,31 @@ def cache_omni(clip_dir: str | Path, understanding, stride: int = DEFAULT_OMNI_S
     return clip_format.write_understanding(clip_dir, ends, tokens, stride, hidden_size=understanding.hidden_size)
 
 
-def emotion_windows(num_frames: int, window_frames: int) -> list[int]:
-    """End frames of the emotion windows: every ``window_frames`` frames and the clip's last frame."""
-    ends = list(range(window_frames - 1, num_frames, window_frames))
-    if not ends or ends[-1] != num_frames - 1:
-        ends.append(num_frames - 1)
-    return ends
-
-
-def cache_emotion(clip_dir: str | Path, reasoner, window_frames: int = 81) -> Path:
-    """Write ``emotion.json`` (see the module docstring); windows before anyone spoke get the neutral description."""
-    from echo.emotion import format_history
+def cache_emotion(clip_dir: str | Path, reasoner, stride: int = DEFAULT_EMOTION_STRIDE) -> Path:
+    """Write ``emotion.json`` (see the module docstring): the reasoner's text at every reasoning frame ``k·stride − 1``
+    of the conversation inside the clip, on the dialogue up to that frame (`echo.emotion.reason_emotion`, what the
+    session computes); a reasoning frame before anyone spoke has no window (``default_emotion`` then applies on both
+    sides). A file of an older echo-prep or of another stride is replaced, its stale ``emotion_embeds.safetensors``
+    removed."""
+    from echo.emotion import reason_emotion
 
     clip_dir = Path(clip_dir)
     path = clip_dir / clip_format.EMOTION
     if path.exists():
-        return path
-    meta = clip_format.read_meta(clip_dir)
-    history = clip_format.read_transcript(clip_dir)["segments"]
+        try:
+            if clip_format.read_emotion_stride(clip_dir) == stride:
+                return path
+        except clip_format.ClipFormatError:
+            pass  # an older echo-prep's windows: replaced below
+        (clip_dir / clip_format.EMOTION_EMBEDS).unlink(missing_ok=True)  # embeds of the replaced texts
+    record = clip_format.read_clip(clip_dir)
+    history = clip_format.read_transcript(clip_dir)["segments"]  # seconds from the clip's first frame
     windows = []
-    for end_frame in emotion_windows(meta["num_frames"], window_frames):
-        clip_end = (end_frame + 1) / clip_format.FPS
-        if format_history(history, clip_end, "avatar"):
-            text = reasoner.describe(history, clip_end=clip_end, avatar_speaker="avatar")
-        else:  # nothing said yet: the neutral state, not a backend failure
-            text = reasoner.neutral_description
-        windows.append({"end_frame": end_frame, "text": text})
-    return clip_format.write_emotion_windows(clip_dir, windows)
+    for end_frame in omni_entry_ends(record, stride):
+        text = reason_emotion(reasoner, history, end_frame)
+        if text is not None:
+            windows.append({"end_frame": end_frame, "text": text})
+    return clip_format.write_emotion_windows(clip_dir, windows, stride)
 
 
 def cache_emotion_embeds(clip_dir: str | Path, encoder, default_emotion: str = "neutral") -> Path:
@@ -246,10 +225,6 @@ def run_stage(stage: str, clip_dir: str | Path, options) -> Path:
 
 
 def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
-    if stage == "latents":
-        if options.vae is None:
-            raise ValueError("Stage 'latents' needs `--vae`, an AutoencoderKLWan folder.")
-        return cache_latents(clip_dir, _vae(options))
     if stage == "omni":
         if options.omni_model is None:
             raise ValueError("Stage 'omni' needs `--omni-model`, a Qwen2.5-Omni / Qwen3-Omni folder.")
@@ -276,7 +251,7 @@ def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
                     backend="transformers", model=options.emotion_model, device=options.device, on_error="raise"
                 )
             _LOADED[key] = reasoner
-        return cache_emotion(clip_dir, _LOADED[key], options.emotion_window_frames)
+        return cache_emotion(clip_dir, _LOADED[key], options.emotion_stride)
     if stage == "emotion_embeds":
         if options.text_encoder is None:
             raise ValueError("Stage 'emotion_embeds' needs `--text-encoder`, a T5/UMT5 encoder or pipeline folder.")

@@ -1,9 +1,13 @@
 """``echo-prep``: conversations → prepared clip folders.
 
-    echo-prep --input DIR --layout {seamless,pairs} --out DIR [--workers N] [--stages clips,latents,omni,emotion,emotion_embeds,user_tokens]
+    echo-prep --input DIR --layout {seamless,pairs} --out DIR [--workers N] [--stages clips,omni,emotion,emotion_embeds,user_tokens]
               [--wav2vec2 FOLDER] [--size 512] [--clip-seconds 10] [--overwrite] ...
+              [--engine {local,ray} [--address auto]] [--shard K/N]
+    echo-prep --out DIR --merge-summaries
 
-Conversations are processed by a process pool (``--workers 1`` runs inline), with a progress bar. The run ends with a
+Conversations are processed by a process pool (``--workers 1`` runs inline), or by Ray workers (``--engine ray``), with
+a progress bar over conversations; ``--shard K/N`` takes a deterministic slice of them, for job arrays (see
+`data_prep.cluster` and ``docs/cluster_prep.md``). Both engines write the same bytes. The run ends with a
 table of the failed inputs (conversation, offending file, reason), also written to ``<out>/prep_summary.json``::
 
     {"layout", "input", "conversations", "clips_written", "clips_skipped",
@@ -17,8 +21,10 @@ Safety of the output folder:
 - Options wrong for every clip (``--size 70``, ``--workers 0``) are refused before anything is read.
 - ``<out>/prep_options.json`` records the options that shape the outputs; a rerun with other values is refused with
   the differing options named (use a new ``--out``, or ``--overwrite`` to delete the earlier clips and redo them).
-- ``<out>/.echo-prep.lock`` names the running process (pid, host, start time). A run into a folder whose lock names a
-  live process is refused; a lock left by a killed run is taken over with a notice.
+- ``<out>/.echo-prep.lock`` (``.echo-prep.shard-K-of-N.lock`` for a shard) names the running process (pid, host,
+  start time) and is touched every 30 s. A run into a folder whose lock names a live process is refused, and so is a
+  shard beside a live run of another shard count (or an unsharded run); a lock left by a killed run is taken over with
+  a notice (one of another host once its heartbeat is 5 minutes old).
 - Pool workers die with the run: on Linux each asks the kernel for SIGKILL when its parent dies, and a run stopped
   by SIGTERM or Ctrl-C terminates its workers before it exits.
 - ``prep_summary.json`` is written atomically; when it cannot be written (disk full) the failure table is printed
@@ -28,6 +34,7 @@ Safety of the output folder:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -43,8 +50,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_prep.caches import DEFAULT_OMNI_STRIDE
-from data_prep.faces import build_detector
+from data_prep.caches import DEFAULT_EMOTION_STRIDE, DEFAULT_OMNI_STRIDE
 from data_prep.layouts import Conversation, find_conversations
 from data_prep.media import MediaError
 from data_prep.stages import (
@@ -60,11 +66,18 @@ from data_prep.stages import (
     write_atomic_text,
 )
 from echo import clip_format
+from echo.framing import CROP_SCALE, SMOOTH_HALF_LIFE, build_detector
 
 logger = logging.getLogger("echo-prep")
 
 LOCK = ".echo-prep.lock"
+ADMISSION = ".echo-prep.admit"
 SUMMARY = "prep_summary.json"
+#: Seconds between touches of a running lock; a lock of another host untouched for ``LOCK_STALE_S`` is taken over.
+HEARTBEAT_S = 30.0
+LOCK_STALE_S = 300.0
+#: Seconds after which the admission mutex of a killed run is removed (it is held for milliseconds).
+ADMISSION_STALE_S = 60.0
 
 
 @dataclass
@@ -103,7 +116,7 @@ def _process_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
-def _lock_record() -> dict:
+def _lock_record(shard: tuple[int, int] | None = None) -> dict:
     stat = _process_stat(os.getpid())
     return {
         "pid": os.getpid(),
@@ -111,6 +124,7 @@ def _lock_record() -> dict:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "process_start_ticks": stat[1] if stat else None,
         "command": sys.argv,
+        "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
     }
 
 
@@ -135,56 +149,127 @@ def _lock_is_live(record: dict) -> bool:
 
 
 def _describe(record: dict) -> str:
-    return f"pid {record.get('pid')} on host {record.get('host')!r}, started {record.get('started')}"
+    shard = f"shard {record['shard']}, " if record.get("shard") else ""
+    return f"{shard}pid {record.get('pid')} on host {record.get('host')!r}, started {record.get('started')}"
 
 
-def acquire_lock(out_dir: Path) -> Path:
-    """Create ``<out_dir>/.echo-prep.lock`` naming this process; returns its path.
+def lock_name(shard: tuple[int, int] | None = None) -> str:
+    """``.echo-prep.lock`` for a whole run, ``.echo-prep.shard-K-of-N.lock`` for shard K of N."""
+    return LOCK if shard is None else f".echo-prep.shard-{shard[0]}-of-{shard[1]}.lock"
+
+
+def _heartbeat_age(path: Path) -> float | None:
+    """Seconds since a lock's holder last touched it (its mtime; `None` when it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _admission(out_dir: Path):
+    """A short mutex over ``out_dir`` (``.echo-prep.admit``, created exclusively) around the lock checks and the
+    options record, so that runs starting together (shards of a job array) check one after the other. One left by a
+    killed run is removed once ``ADMISSION_STALE_S`` old."""
+    path = out_dir / ADMISSION
+    deadline = time.monotonic() + 2 * ADMISSION_STALE_S
+    while True:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            age = _heartbeat_age(path)
+            if age is not None and age > ADMISSION_STALE_S:
+                logger.warning("removing %s, left by a killed echo-prep run %.0f s ago", path, age)
+                path.unlink(missing_ok=True)
+            elif time.monotonic() > deadline:
+                raise OutputLocked(
+                    f"could not enter {str(out_dir)!r}: {str(path)!r} stayed for {2 * ADMISSION_STALE_S:.0f} s. "
+                    "Delete it if no echo-prep run is starting there."
+                ) from None
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def acquire_lock(out_dir: Path, shard: tuple[int, int] | None = None) -> Path:
+    """Create this run's lock in ``out_dir`` naming this process (`lock_name`); returns its path.
+
+    A run and the N shards of a job array may not overlap: each lock is checked against the live locks of the folder
+    (under `_admission`): the same lock (the same run, or the same shard) held by a live process, or a live lock of
+    another shard count (or an unsharded run beside a shard), refuses this run. Liveness: on this host, the named pid
+    (and its start time); on another host, the lock's heartbeat (its mtime, refreshed every ``HEARTBEAT_S`` by
+    `start_heartbeat`), stale after ``LOCK_STALE_S``.
 
     Raises:
-        `OutputLocked`: the lock names a live process (or one on another host, which cannot be checked from here).
+        `OutputLocked`: the message names the live run and the way on.
     """
-    path = out_dir / LOCK
-    record = _lock_record()
-    tmp = out_dir / f"{LOCK}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    try:
-        for _ in range(3):
+    path = out_dir / lock_name(shard)
+    record = _lock_record(shard)
+    with _admission(out_dir):
+        for other in sorted([out_dir / LOCK, *out_dir.glob(".echo-prep.shard-*-of-*.lock")]):
             try:
-                os.link(tmp, path)  # atomic, and the lock appears complete
-                return path
-            except FileExistsError:
-                pass
-            try:
-                held = json.loads(path.read_text())
+                held = json.loads(other.read_text())
             except FileNotFoundError:
-                continue  # released meanwhile
+                continue
             except (OSError, ValueError):
                 held = {}  # unreadable: a torn lock of a crashed run
             if not isinstance(held, dict):
                 held = {}
-            if held.get("host") not in (None, record["host"]):
-                raise OutputLocked(
-                    f"{str(out_dir)!r} is being written by echo-prep {_describe(held)} (lock {str(path)!r}); this "
-                    "host cannot tell whether it still runs. Wait for it, use another --out, or delete the lock if "
-                    "that run is gone."
-                )
-            if _lock_is_live(held):
+            age = _heartbeat_age(other)
+            foreign = held.get("host") not in (None, record["host"])
+            live = (age is not None and age < LOCK_STALE_S) if foreign else _lock_is_live(held)
+            if other == path and live:
+                if foreign:
+                    raise OutputLocked(
+                        f"{str(out_dir)!r} is being written by echo-prep {_describe(held)} (lock {str(other)!r}); this "
+                        f"host cannot tell whether it still runs: its heartbeat is {age:.0f} s old (it is taken over "
+                        f"after {LOCK_STALE_S:.0f} s). Wait for it, use another --out, or delete the lock if that run is "
+                        "gone."
+                    )
                 raise OutputLocked(
                     f"{str(out_dir)!r} is being written by another echo-prep run, {_describe(held)} (lock "
-                    f"{str(path)!r}). Wait for it to finish (or stop it), or use another --out."
+                    f"{str(other)!r}). Wait for it to finish (or stop it), or use another --out."
                 )
-            logger.warning("taking over the lock %s of an echo-prep run that no longer runs (%s)", path,
-                           _describe(held) if held else "unreadable")  # fmt: skip
-            stale = path.with_name(f"{LOCK}.stale.{os.getpid()}")
+            same_array = shard is not None and other.name.endswith(f"-of-{shard[1]}.lock")
+            if other != path and live and not same_array:
+                mine = "a whole run" if shard is None else f"--shard {shard[0]}/{shard[1]}"
+                raise OutputLocked(
+                    f"{str(out_dir)!r} is being written by echo-prep {_describe(held)} (lock {str(other)!r}), whose "
+                    f"conversations {mine} would overlap. Shards of one job array share a folder only with the same "
+                    "N; wait for that run, or use its shard count or another --out."
+                )
+            if other == path:
+                logger.warning("taking over the lock %s of an echo-prep run that no longer runs (%s)", other,
+                               _describe(held) if held else "unreadable")  # fmt: skip
+                other.unlink(missing_ok=True)
+        tmp = out_dir / f"{path.name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        try:
+            os.link(tmp, path)  # atomic, and the lock appears complete
+        except FileExistsError:
+            raise OutputLocked(f"could not take the lock {str(path)!r}: another echo-prep run took it.") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def start_heartbeat(path: Path) -> threading.Event:
+    """Touch the lock every ``HEARTBEAT_S`` seconds from a daemon thread (so runs on other hosts can tell it lives);
+    set the returned event to stop."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
             try:
-                os.rename(path, stale)
-                stale.unlink()
-            except FileNotFoundError:
-                pass
-        raise OutputLocked(f"could not take the lock {str(path)!r}: other echo-prep runs keep taking it.")
-    finally:
-        tmp.unlink(missing_ok=True)
+                os.utime(path)
+            except OSError:
+                return
+
+    threading.Thread(target=beat, name="echo-prep-lock-heartbeat", daemon=True).start()
+    return stop
 
 
 def release_lock(path: Path) -> None:
@@ -262,43 +347,78 @@ def run_prep(
     layout: str,
     out_dir: str | Path,
     options: PrepOptions,
-    workers: int = 1,
+    workers: int | None = 1,
     progress: bool = True,
     on_clip=None,
     overwrite: bool = False,
+    engine: str = "local",
+    shard: tuple[int, int] | None = None,
+    address: str | None = None,
+    gpus_per_worker: float | None = None,
 ) -> PrepSummary:
-    """Prepare every conversation under ``input_dir`` into ``out_dir``; returns (and writes) the run summary.
+    """Prepare every conversation under ``input_dir`` (or shard ``shard`` of them) into ``out_dir``; returns (and
+    writes) the run summary.
 
     Args:
-        workers (`int`, defaults to 1): processes; 1 runs inline in this process.
+        workers (`int`, defaults to 1): processes of the local pool (1 runs inline in this process); with
+            ``engine="ray"`` the Ray actors (`None`: as many as the cluster holds, see `data_prep.cluster.run_ray`).
         on_clip (`callable`, *optional*): ``on_clip(clip_id, tmp_dir)`` before each clip's atomic rename (inline runs
-            only; see `data_prep.stages.prepare_conversation`).
+            and Ray actors, where it must be picklable; see `data_prep.stages.prepare_conversation`).
         overwrite (`bool`, defaults to `False`): delete the outputs of earlier runs in ``out_dir`` first, instead of
             resuming (needed to rerun with other options, see `data_prep.stages.record_options`).
+        engine (`str`, defaults to `"local"`): ``"local"`` (this machine's process pool) or ``"ray"``
+            (`data_prep.cluster.run_ray` on the cluster at ``address``, GPUs per actor ``gpus_per_worker``).
+        shard (`tuple[int, int]`, *optional*): ``(K, N)``: only the conversations of shard K of N
+            (`data_prep.cluster.shard_of`); the summary goes to ``prep_summary.shard-K-of-N.json``, and into a merged
+            ``prep_summary.json`` once every shard has one.
 
     Raises:
-        `OutputLocked`: another live run writes ``out_dir``. `data_prep.stages.OptionsMismatch`: ``out_dir`` was
-        prepared with other options. `SummaryWriteError`: ``prep_summary.json`` could not be written (its
-        ``summary`` holds the results).
+        `OutputLocked`: another live run (or an overlapping shard) writes ``out_dir``.
+        `data_prep.stages.OptionsMismatch`: ``out_dir`` was prepared with other options. `SummaryWriteError`:
+        ``prep_summary.json`` could not be written (its ``summary`` holds the results).
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(workers, int) or workers < 1:
+    from data_prep import cluster
+
+    if engine not in ("local", "ray"):
+        raise ValueError(f"`engine` (--engine) is {engine!r}, expected 'local' or 'ray'.")
+    if workers is None and engine == "local":
+        workers = 1
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"`workers` (--workers) is {workers!r}, expected a positive number of processes.")
+    if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"`shard` (--shard) is {shard!r}, expected (K, N) with 0 ≤ K < N.")
+    if shard is not None and overwrite:
+        raise ValueError(
+            "--overwrite deletes every prepared clip of --out, including other shards' clips: run it once without "
+            "--shard (or delete the folder), then run the shards."
+        )
+    if engine == "ray":
+        cluster.import_ray()  # fail fast with the install line
     # Fail fast on a missing face backend (e.g. face-alignment not installed) instead of once per conversation.
     build_detector(options.face_backend).close()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = acquire_lock(out_dir)
+    lock = acquire_lock(out_dir, shard)
+    heartbeat = start_heartbeat(lock)
     try:
-        # 1. The folder is ours: check (or clear) what earlier runs left, then record this run's options.
-        if overwrite:
-            _remove_outputs(out_dir)
-        record_options(out_dir, options)
-        for stale in out_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        # 2. Conversations, inline or in a pool of workers that die with this process.
+        # 1. The folder is ours (or this shard's): check (or clear) what earlier runs left, record this run's options.
+        with _admission(out_dir):
+            if overwrite:
+                _remove_outputs(out_dir)
+            record_options(out_dir, options)
         conversations, layout_failures = find_conversations(input_dir, layout)
+        all_ids = [c.id for c in conversations]
+        if shard is None:
+            for stale in out_dir.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        else:
+            # Only this shard's conversations: the other shards may be writing theirs into the same folder now.
+            conversations = [c for c in conversations if cluster.shard_of(c.id, shard[1]) == shard[0]]
+            layout_failures = [f for f in layout_failures if cluster.shard_of(f.input, shard[1]) == shard[0]]
+            cluster.remove_tmp_folders(out_dir, {c.id for c in conversations}, all_ids)
+        # 2. Conversations: inline, in a pool of workers that die with this process, or on Ray.
         summary = PrepSummary(layout=layout, input=str(input_dir), conversations=len(conversations))
         summary.failed += [asdict(f) for f in layout_failures]
         bar = tqdm(total=len(conversations), desc="echo-prep", unit="conv", disable=not progress)
@@ -311,7 +431,10 @@ def run_prep(
                 summary.clips_skipped.extend(result.skipped)
             bar.update(1)
 
-        if workers == 1:
+        if engine == "ray":
+            cluster.run_ray(conversations, out_dir, options, record, all_ids, address=address, workers=workers,
+                            gpus_per_worker=gpus_per_worker, on_clip=on_clip)  # fmt: skip
+        elif workers == 1:
             for conversation in conversations:
                 try:
                     record(prepare_conversation(conversation, out_dir, options, on_clip=on_clip), None)
@@ -334,13 +457,22 @@ def run_prep(
         summary.failed.sort(key=lambda f: (f["input"], f["file"]))
         summary.clips_written.sort()
         summary.clips_skipped.sort()
-        # 3. The summary, atomically: a failed write keeps the previous file (or none), never a truncated one.
+        # 3. The summary, atomically: a failed write keeps the previous file (or none), never a truncated one. A shard
+        # writes its own, and the merged one once every shard has written its own.
+        path = out_dir / (SUMMARY if shard is None else cluster.shard_summary_name(shard))
         try:
-            write_atomic_text(out_dir / SUMMARY, json.dumps(asdict(summary), indent=1))
+            data = asdict(summary) if shard is None else {**asdict(summary), "shard": f"{shard[0]}/{shard[1]}"}
+            write_atomic_text(path, json.dumps(data, indent=1))
+            if shard is not None:
+                try:
+                    write_atomic_text(out_dir / SUMMARY, json.dumps(cluster.merge_summaries(out_dir), indent=1))
+                except (FileNotFoundError, ValueError) as error:  # other shards still run: the last one merges
+                    logger.info("prep_summary.json not merged yet: %s", error)
         except OSError as error:
-            raise SummaryWriteError(out_dir / SUMMARY, error, summary) from error
+            raise SummaryWriteError(path, error, summary) from error
         return summary
     finally:
+        heartbeat.set()
         release_lock(lock)
 
 
@@ -362,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "echo-prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", required=True, help="folder of conversations")
-    parser.add_argument("--layout", required=True, choices=["seamless", "pairs"])
+    parser.add_argument("--input", help="folder of conversations (required unless --merge-summaries)")
+    parser.add_argument("--layout", choices=["seamless", "pairs"], help="required unless --merge-summaries")
     parser.add_argument("--out", required=True, help="folder of prepared clip folders")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the prepared clips of earlier runs in --out and prepare them again (needed to "
@@ -372,19 +504,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--wav2vec2", default="facebook/wav2vec2-base-960h",
         help="Wav2Vec2Model folder, or a model id already in the Hugging Face cache (default: %(default)s)",
     )
-    parser.add_argument("--workers", type=int, default=1, help="processes (1 = inline)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes of the local pool (default 1 = inline); with --engine ray, Ray workers "
+                             "(default: as many as the cluster's CPUs / --threads, or GPUs / --ray-gpus-per-worker)")
+    parser.add_argument("--engine", default="local", choices=["local", "ray"],
+                        help="'local': a process pool on this machine; 'ray': a Ray cluster (pip install "
+                             "'echo-ihg[cluster]'; docs/cluster_prep.md)")
+    parser.add_argument("--address", default=None,
+                        help="--engine ray: the Ray cluster to join ('auto': the one this node belongs to; default: "
+                             "start a local one)")
+    parser.add_argument("--ray-gpus-per-worker", type=float, default=None,
+                        help="--engine ray: GPUs each worker reserves (default 1 with --device cuda, else 0; 0.25 puts "
+                             "four workers on a GPU)")
+    parser.add_argument("--shard", default=None,
+                        help="K/N: prepare only shard K of N of the conversations (a job array runs K = 0..N-1 into one "
+                             "--out; the last to finish merges prep_summary.json)")
+    parser.add_argument("--merge-summaries", action="store_true",
+                        help="only join the prep_summary.shard-K-of-N.json files of --out into prep_summary.json")
     parser.add_argument("--stages", default=CORE_STAGE,
                         help=f"comma-separated subset of {','.join([CORE_STAGE, *CACHE_STAGES])}")
     parser.add_argument("--size", type=int, default=512, help="side of the square crops, a multiple of 16")
     parser.add_argument("--clip-seconds", type=float, default=10.0, help="clip length")
     parser.add_argument("--min-clip-seconds", type=float, default=1.0, help="shortest kept last clip")
-    parser.add_argument("--crop-scale", type=float, default=1.8, help="crop side / larger face-box side")
-    parser.add_argument("--smooth-sigma", type=float, default=2.0, help="temporal box smoothing, frames")
+    parser.add_argument("--crop-scale", type=float, default=CROP_SCALE, help="crop side / larger face-box side")
+    parser.add_argument("--smooth-half-life", type=float, default=SMOOTH_HALF_LIFE,
+                        help="half-life in frames of the causal crop-box smoothing (echo.framing; 0 = none)")
     parser.add_argument("--face-backend", default="mediapipe", choices=list(FACE_BACKENDS))
     parser.add_argument("--min-face-ratio", type=float, default=0.5, help="fail below this fraction of face frames")
     parser.add_argument("--av-tolerance", type=float, default=0.1, help="seconds audio may fall short of video")
     parser.add_argument("--asr-model", default=None, help="Whisper folder for conversations without transcripts")
-    parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder (stages 'latents', 'user_tokens')")
+    parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder (stage 'user_tokens')")
     parser.add_argument("--omni-model", default=None, help="Qwen-Omni folder (stage 'omni')")
     parser.add_argument("--emotion-model", default=None, help="causal LM folder or http(s) endpoint (stage 'emotion')")
     parser.add_argument("--emotion-served-model", default="default", help="model name at the --emotion-model endpoint")
@@ -398,7 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training's data.user_video_size, for stage 'user_tokens' (default: %(default)s)")
     parser.add_argument("--omni-stride", type=int, default=DEFAULT_OMNI_STRIDE,
                         help="frames between the understanding entries of stage 'omni', each Φ of the user's media "
-                             "from the conversation's start to its end frame (default: %(default)s)")
+                             "from the conversation's start to its end frame (default: %(default)s); saved with the "
+                             "model trained on it as understanding_stride")
+    parser.add_argument("--emotion-stride", type=int, default=DEFAULT_EMOTION_STRIDE,
+                        help="frames between the emotion texts of stage 'emotion', each reasoned on the dialogue up to "
+                             "its end frame (default: %(default)s); saved with the model as emotion_stride")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker process")
     parser.add_argument("--no-progress", action="store_true")
@@ -417,7 +570,7 @@ def options_from_args(args: argparse.Namespace) -> PrepOptions:
         clip_seconds=args.clip_seconds,
         min_clip_seconds=args.min_clip_seconds,
         crop_scale=args.crop_scale,
-        smooth_sigma=args.smooth_sigma,
+        smooth_half_life=args.smooth_half_life,
         face_backend=args.face_backend,
         min_face_ratio=args.min_face_ratio,
         av_tolerance=args.av_tolerance,
@@ -432,6 +585,7 @@ def options_from_args(args: argparse.Namespace) -> PrepOptions:
         default_emotion=args.default_emotion,
         user_video_size=args.user_video_size,
         omni_stride=args.omni_stride,
+        emotion_stride=args.emotion_stride,
         device=args.device,
         threads=args.threads,
     )
@@ -443,22 +597,43 @@ def _terminated(signum, frame):
 
 
 def main(argv=None) -> int:
+    from data_prep import cluster
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.merge_summaries:
+        try:
+            merged = cluster.merge_summaries(args.out)
+            write_atomic_text(Path(args.out) / SUMMARY, json.dumps(merged, indent=1))
+        except (OSError, ValueError) as error:
+            print(f"echo-prep: error: {error}", file=sys.stderr)
+            return 2
+        print(format_summary(PrepSummary(**{k: v for k, v in merged.items() if k != "shards"})))
+        return 1 if merged["failed"] else 0
     # 1. Options wrong for every clip: one error, before anything is read.
-    if args.workers < 1:
+    for name in ("input", "layout"):
+        if getattr(args, name) is None:
+            parser.error(f"--{name} is required (unless --merge-summaries).")
+    if args.workers is not None and args.workers < 1:
         parser.error(f"--workers is {args.workers}, expected a positive number of processes (1 runs inline).")
     try:
         options = options_from_args(args)
+        shard = None if args.shard is None else cluster.parse_shard(args.shard)
     except ValueError as error:
         parser.error(str(error))
+    if args.shard is not None and args.overwrite:
+        parser.error("--overwrite deletes every prepared clip of --out, other shards' too: run it once without "
+                     "--shard (or delete the folder), then run the shards.")  # fmt: skip
+    if args.engine == "local" and (args.address is not None or args.ray_gpus_per_worker is not None):
+        parser.error("--address and --ray-gpus-per-worker apply to --engine ray.")
     # 2. The run; SIGTERM unwinds it (workers terminated, lock released) instead of killing it where it stands.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         summary = run_prep(args.input, args.layout, args.out, options, workers=args.workers,
-                           progress=not args.no_progress, overwrite=args.overwrite)  # fmt: skip
-    except (OutputLocked, OptionsMismatch, clip_format.ClipFormatError) as error:
+                           progress=not args.no_progress, overwrite=args.overwrite, engine=args.engine, shard=shard,
+                           address=args.address, gpus_per_worker=args.ray_gpus_per_worker)  # fmt: skip
+    except (OutputLocked, OptionsMismatch, clip_format.ClipFormatError, ImportError) as error:
         print(f"echo-prep: error: {error}", file=sys.stderr)
         return 2
     except SummaryWriteError as error:

@@ -5,8 +5,8 @@ Conventions:
 - Prepared videos are H.264 (``libx264``, ``yuv420p``, BT.601 limited range) at 25 fps, encoded with one thread,
   explicit timestamps, OpenCV's colour conversion and no macroblock-tree rate control, so that the same frames
   always give the same bytes (resume and reruns are reproducible).
-- Audio is mono ``float32`` in [-1, 1] at 16 kHz. Sources above 16 kHz are resampled with a polyphase filter
-  (`scipy.signal.resample_poly`); sources *below* 16 kHz are rejected with `MediaError`: upsampling would feed
+- Audio is mono ``float32`` in [-1, 1] at 16 kHz. Sources above 16 kHz are resampled by the project's one resampler
+  (`echo.audio.resample_audio`, FFmpeg's swresample, as the pipeline and sessions resample); sources *below* 16 kHz are rejected with `MediaError`: upsampling would feed
   wav2vec2 band-limited speech whose features differ from those it was trained on, and in a dataset of 16 kHz or
   higher recordings a lower rate signals a broken file.
 - Frame-rate conversion picks, for every output frame ``k`` (time ``k / fps``), the source frame whose timestamp is
@@ -16,7 +16,6 @@ Conventions:
 from __future__ import annotations
 
 import fractions
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 
 import echo.media
 from echo import clip_format
-from echo.audio import FPS, SAMPLE_RATE
+from echo.audio import FPS, SAMPLE_RATE, resample_audio
 from echo.clip_format import write_wav  # noqa: F401 (the writer of 16-bit PCM WAV files, re-exported)
 
 # x264 settings of prepared videos. One thread makes the bytes independent of scheduling; macroblock-tree rate
@@ -88,18 +87,14 @@ def resample_indices(source_times: np.ndarray, num_frames: int, fps: float = FPS
     return np.where(take_left, left, right)
 
 
-def iter_resampled_frames(
-    path: str | Path, indices: np.ndarray, max_side: int | None = None
-) -> Iterator[tuple[int, np.ndarray]]:
+def iter_resampled_frames(path: str | Path, indices: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """Decode a video once and yield ``(k, frame)`` for every output frame ``k``, ``frame = source[indices[k]]``.
 
     Args:
         path (`str` or `Path`): the video.
         indices (`np.ndarray` of shape `(T,)`): non-decreasing source frame indices (see `resample_indices`).
-        max_side (`int`, *optional*): downscale frames whose longer side exceeds this (for detection passes).
     """
     import av
-    import cv2
 
     path = Path(path)
     indices = np.asarray(indices)
@@ -114,10 +109,6 @@ def iter_resampled_frames(
                 if indices[k] != source_index:
                     continue
                 image = frame.to_ndarray(format="rgb24")
-                if max_side is not None and max(image.shape[:2]) > max_side:
-                    scale = max_side / max(image.shape[:2])
-                    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
-                    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
                 while k < len(indices) and indices[k] == source_index:
                     yield k, image
                     k += 1
@@ -249,13 +240,3 @@ def load_audio(path: str | Path, target_rate: int = SAMPLE_RATE) -> np.ndarray:
             "would give band-limited speech, re-export the audio at 16 kHz or more"
         )
     return resample_audio(waveform, rate, target_rate)
-
-
-def resample_audio(waveform: np.ndarray, rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Polyphase resampling of mono audio from ``rate`` to ``target_rate``."""
-    if rate == target_rate:
-        return np.asarray(waveform, dtype=np.float32)
-    from scipy.signal import resample_poly
-
-    gcd = math.gcd(int(rate), int(target_rate))
-    return resample_poly(waveform, target_rate // gcd, rate // gcd).astype(np.float32)

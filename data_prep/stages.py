@@ -6,9 +6,12 @@ For a conversation with participants P and Q (see `data_prep.layouts`):
 2. Audio: every participant's track decoded to mono 16 kHz (`data_prep.media.load_audio`).
 3. Video: frame timestamps probed; the conversation has ``T = min(floor(duration · 25))`` frames at 25 fps (nearest
    source frame per output time); audio shorter than its video by more than ``av_tolerance`` is an error.
-4. Faces: detection on every 25 fps frame, one tracked face, temporally smoothed square crop boxes.
+4. Faces: detection on every 25 fps frame, one tracked face, causally smoothed square crop boxes (`echo.framing`,
+   the framing `pipelines.EchoPipeline` applies to raw inputs: no look-ahead).
 5. Clips of ``clip_frames`` frames (the last one kept if it has at least ``min_clip_frames``). Per clip and
-   participant: crops (``size``²), face-mesh landmarks on the crops, wav2vec2 features (one row per frame); then two
+   participant: crops (``size``²), face-mesh landmarks on the crops, the clip's rows of the wav2vec2 features of the
+   participant's whole track (`echo.audio.audio_frame_features`, one row per frame, at most 49 frames of look-ahead,
+   across clip boundaries as at inference); then two
    clip folders, ``<conversation>_<P>_c<k>`` (P avatar, Q user) and ``<conversation>_<Q>_c<k>``.
 
 Atomicity and resume: a clip folder is written as ``<out>/.tmp-<clip_id>-<pid>`` and renamed to ``<out>/<clip_id>``
@@ -35,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import caches
-from data_prep.caches import CACHE_STAGES, DEFAULT_OMNI_STRIDE, torch_threads  # noqa: F401 (torch_threads re-exported)
-from data_prep.faces import FaceMesh, build_detector, crop_frame, smooth_crop_boxes, track_faces
+from data_prep.caches import CACHE_STAGES, DEFAULT_EMOTION_STRIDE, DEFAULT_OMNI_STRIDE, torch_threads  # noqa: F401 (torch_threads re-exported)
+from data_prep.faces import FaceMesh
 from data_prep.layouts import Conversation
 from data_prep.media import (
     FPS,
@@ -50,28 +53,28 @@ from data_prep.media import (
 )
 from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_seamless_json
 from echo import clip_format
+from echo.audio import AUDIO_BLOCK_FRAMES, AUDIO_CONTEXT_FRAMES
+from echo.framing import CROP_SCALE, DETECT_MAX_SIDE, FACE_BACKENDS, SMOOTH_HALF_LIFE, FaceFramer, crop_frame
 
 PrepError = MediaError
 CORE_STAGE = "clips"
-FACE_BACKENDS = ("mediapipe", "face_alignment")
 TEXT_ENCODER_DTYPES = ("float32", "bfloat16", "float16")
 #: The model option each cache stage needs.
-STAGE_NEEDS = (("latents", "vae"), ("user_tokens", "vae"), ("omni", "omni_model"), ("emotion", "emotion_model"),
+STAGE_NEEDS = (("user_tokens", "vae"), ("omni", "omni_model"), ("emotion", "emotion_model"),
                ("emotion_embeds", "text_encoder"))  # fmt: skip
 
 #: The options that shape the clip folders (compared on every rerun into an existing output folder).
-CLIP_OPTIONS = ("wav2vec2", "size", "clip_seconds", "min_clip_seconds", "crop_scale", "smooth_sigma", "face_backend",
+CLIP_OPTIONS = ("wav2vec2", "size", "clip_seconds", "min_clip_seconds", "crop_scale", "smooth_half_life", "face_backend",
                 "min_face_ratio", "detect_max_side", "av_tolerance", "asr_model")  # fmt: skip
 #: The options that shape each cache stage's files (compared when the stage runs again).
 STAGE_OPTIONS = {
-    "latents": ("vae",),
     "omni": ("omni_model", "omni_stride"),
-    "emotion": ("emotion_model", "emotion_served_model", "emotion_window_frames"),
+    "emotion": ("emotion_model", "emotion_served_model", "emotion_stride"),
     "emotion_embeds": ("text_encoder", "text_encoder_dtype", "default_emotion"),
     "user_tokens": ("vae", "user_video_size"),
 }
 #: Options without a command-line flag of their own (Python API only).
-_API_ONLY = {"detect_max_side", "emotion_window_frames"}
+_API_ONLY = {"detect_max_side"}
 _PATH_OPTIONS = {"wav2vec2", "asr_model", "vae", "omni_model", "emotion_model", "text_encoder"}
 #: The record of the output-shaping options of an output folder (see `record_options`).
 PREP_OPTIONS = "prep_options.json"
@@ -100,13 +103,15 @@ class PrepOptions:
         size (`int`, defaults to 512): side of the square crops, a multiple of 16.
         clip_seconds (`float`, defaults to 10.0): clip length; ``min_clip_seconds`` (1.0) for the last one.
         crop_scale (`float`, defaults to 1.8): crop side over the larger side of the detected face box.
-        smooth_sigma (`float`, defaults to 2.0): temporal Gaussian on box centres and sizes, in frames.
+        smooth_half_life (`float`, defaults to 2.0): half-life in frames of the causal exponential smoothing of box
+            centres and sizes (`echo.framing`; 0 = none). It replaced a centred Gaussian (``smooth_sigma``), which
+            looked ahead: an output folder prepared with it is refused (`OptionsMismatch`), not mixed.
         face_backend (`str`, defaults to `"mediapipe"`): box detector, ``"mediapipe"`` or ``"face_alignment"``.
         min_face_ratio (`float`, defaults to 0.5): a participant whose face is found in fewer frames fails.
         detect_max_side (`int`, defaults to 640): frames are downscaled to this longer side for detection.
         av_tolerance (`float`, defaults to 0.1): seconds an audio track may be shorter than its video (zero-padded).
         asr_model (`str`, *optional*): Whisper folder used when a conversation has no transcript.
-        stages (`list[str]`): ``"clips"`` (the clip folders) and optional caches ``"latents"`` (needs ``vae``),
+        stages (`list[str]`): ``"clips"`` (the clip folders) and optional caches
             ``"omni"`` (needs ``omni_model``) and ``"emotion"`` (needs ``emotion_model``: a causal-LM folder or an
             OpenAI-compatible endpoint URL serving ``emotion_served_model``) and ``"emotion_embeds"`` (needs
             ``text_encoder``: the T5/UMT5 text encoder of the emotion texts, run after ``"emotion"``) and
@@ -120,7 +125,10 @@ class PrepOptions:
         user_video_size (`int`, defaults to 64): training's ``data.user_video_size``, the square size stage
             ``"user_tokens"`` resizes the user frames to.
         omni_stride (`int`, defaults to 25): frames between the understanding entries of stage ``"omni"`` (one
-            thinker call per stride of every clip; a training window uses the latest entry ending at or before it).
+            thinker call per stride of every clip; a training window uses the entry of its reasoning frame,
+            `echo.clip_format.reasoning_frame`). Training saves it with the model (``understanding_stride``).
+        emotion_stride (`int`, defaults to 50): frames between the emotion windows of stage ``"emotion"`` (one
+            reasoner call per stride, by the same rule); saved with the model as ``emotion_stride``.
         device (`str`, defaults to `"cpu"`).
         threads (`int`, defaults to 1): torch CPU threads per worker process (the pool provides the parallelism).
     """
@@ -129,11 +137,11 @@ class PrepOptions:
     size: int = 512
     clip_seconds: float = 10.0
     min_clip_seconds: float = 1.0
-    crop_scale: float = 1.8
-    smooth_sigma: float = 2.0
+    crop_scale: float = CROP_SCALE
+    smooth_half_life: float = SMOOTH_HALF_LIFE
     face_backend: str = "mediapipe"
     min_face_ratio: float = 0.5
-    detect_max_side: int = 640
+    detect_max_side: int = DETECT_MAX_SIDE
     av_tolerance: float = 0.1
     asr_model: str | None = None
     stages: list[str] = field(default_factory=lambda: [CORE_STAGE])
@@ -141,7 +149,7 @@ class PrepOptions:
     omni_model: str | None = None
     emotion_model: str | None = None
     emotion_served_model: str = "default"
-    emotion_window_frames: int = 81
+    emotion_stride: int = DEFAULT_EMOTION_STRIDE
     text_encoder: str | None = None
     text_encoder_dtype: str = "float32"
     default_emotion: str = "neutral"
@@ -179,12 +187,12 @@ class PrepOptions:
             )
         if not self.crop_scale > 0:
             raise ValueError(f"{_option('crop_scale')} is {self.crop_scale}, expected a positive factor.")
-        for name in ("smooth_sigma", "av_tolerance"):
+        for name in ("smooth_half_life", "av_tolerance"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{_option(name)} is {getattr(self, name)}, expected a value ≥ 0.")
         if not 0.0 <= self.min_face_ratio <= 1.0:
             raise ValueError(f"{_option('min_face_ratio')} is {self.min_face_ratio}, expected a fraction in [0, 1].")
-        for name in ("omni_stride", "emotion_window_frames", "detect_max_side", "threads"):
+        for name in ("omni_stride", "emotion_stride", "detect_max_side", "threads"):
             if not isinstance(getattr(self, name), numbers.Integral) or getattr(self, name) < 1:
                 raise ValueError(f"{_option(name)} is {getattr(self, name)!r}, expected a positive integer.")
         for stage, needed in STAGE_NEEDS:
@@ -264,6 +272,9 @@ def record_options(out_dir: str | Path, options: PrepOptions) -> dict:
             (name, old[name], new[name]) for name, old, new in pairs
             if name in old and _normalised(name, old[name]) != new[name]
         ]  # fmt: skip
+        # A clip option that no longer exists shaped the outputs another way (``smooth_sigma``: a look-ahead Gaussian)
+        differences += [(name, value, "(no longer an option)") for name, value in recorded["clips"].items()
+                        if name not in CLIP_OPTIONS]  # fmt: skip
         if differences:
             raise OptionsMismatch(out_dir, differences)
         current["stages"] = {**stages, **current["stages"]}
@@ -319,6 +330,10 @@ def tool_versions(options: PrepOptions) -> dict:
     }
 
 
+#: How the ``*_w2v.npy`` rows were computed (recorded in ``meta.json``; older echo-prep encoded each clip's audio alone).
+AUDIO_ROWS = (f"echo.audio.audio_frame_features: whole track, {AUDIO_BLOCK_FRAMES}-frame blocks from frame 0, "
+              f"{AUDIO_CONTEXT_FRAMES} frames of context each side")
+
 clip_id = clip_format.clip_id
 
 
@@ -359,23 +374,19 @@ def read_text(conversation: Conversation, audio: dict[str, np.ndarray], options:
     return segments, vad, source
 
 
-def detect_crop_boxes(video: Path, indices: np.ndarray, source_height: int, options: PrepOptions) -> np.ndarray:
-    """Step 4 for one participant: `(T, 4)` smoothed square crop boxes in source pixels."""
-    detector = build_detector(options.face_backend)
-    detections, scale = [], 1.0
-    try:
-        for _, image in iter_resampled_frames(video, indices, max_side=options.detect_max_side):
-            scale = source_height / image.shape[0]
-            detections.append(detector(image))
-    finally:
-        detector.close()
-    boxes, found = track_faces(detections)
+def detect_crop_boxes(frames, name: str, options: PrepOptions) -> np.ndarray:
+    """Step 4 for one participant: `(T, 4)` square crop boxes in source pixels of its 25 fps frames (an iterable of
+    `(H, W, 3)` uint8 RGB), framed by `echo.framing.FaceFramer` (the framing the pipeline applies to raw inputs); a
+    `PrepError` starting with ``name`` when a face is found in fewer than ``min_face_ratio`` of the frames."""
+    framer = FaceFramer(options.face_backend, options.crop_scale, options.smooth_half_life, options.detect_max_side)
+    with framer:
+        boxes, found, _ = framer.track(frames)
     if found.mean() < options.min_face_ratio:
         raise PrepError(
-            f"{video.name}: a face was found in {int(found.sum())} of {len(found)} frames, fewer than the "
+            f"{name}: a face was found in {int(found.sum())} of {len(found)} frames, fewer than the "
             f"required {options.min_face_ratio:.0%}"
         )
-    return smooth_crop_boxes(boxes * scale, options.crop_scale, options.smooth_sigma)
+    return boxes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,7 +451,8 @@ def _prepare_conversation(conversation: Conversation, out_dir: Path, options: Pr
     # 4. Faces: one tracked, smoothed crop box per frame and participant.
     if CORE_STAGE in options.stages and not all((out_dir / c).is_dir() for c in all_clips):
         boxes = {
-            p.id: detect_crop_boxes(p.video, indices[p.id], probes[p.id]["height"], options)
+            p.id: detect_crop_boxes((image for _, image in iter_resampled_frames(p.video, indices[p.id])),
+                                    p.video.name, options)
             for p in conversation.participants
         }
         frames = {p.id: iter_resampled_frames(p.video, indices[p.id]) for p in conversation.participants}
@@ -463,7 +475,9 @@ def _prepare_conversation(conversation: Conversation, out_dir: Path, options: Pr
                     "frames": crops[i],
                     "landmarks": landmarks.astype(np.float32),
                     "audio": samples.astype(np.float32),
-                    "w2v": _wav2vec2(options)(samples, end - start),
+                    # the rows of the whole conversation track (`echo.audio.audio_frame_features`), not of the clip's
+                    # audio: a row reads at most 49 frames ahead, across the clip's end, as at inference
+                    "w2v": _wav2vec2(options)(audio[i], start, end),
                     "boxes": boxes[i][start:end],
                 }
             for a, u in (ids, ids[::-1]):
@@ -534,7 +548,8 @@ def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str
         "user": {"participant": user, "crop_boxes": np.round(streams[user]["boxes"], 3).tolist()},
         "start_frame": start,
         "audio_features": {"num_layers": int(streams[avatar]["w2v"].shape[1]),
-                           "dim": int(streams[avatar]["w2v"].shape[2])},
+                           "dim": int(streams[avatar]["w2v"].shape[2]),
+                           "rows": AUDIO_ROWS},
         "options": {k: v for k, v in asdict(options).items() if k not in ("device", "stages", "threads")},
         "tool_versions": tool_versions(options),
     }

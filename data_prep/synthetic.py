@@ -51,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.media import resample_audio, write_video, write_wav
+from data_prep.media import write_video, write_wav
+from echo.audio import resample_audio
 
 SENTENCES = (
     "Hello there, how are you today?",

@@ -137,3 +137,42 @@ def save_tiny_whisper(folder: str | Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_tiny_conversation_clips(
+    out_dir: str | Path,
+    seconds: float = 3.2,
+    clip_seconds: float = 0.72,
+    size: int = 64,
+    seed: int = 5,
+    sample_rate: int = 22_050,
+) -> Path:
+    """Prepare (or reuse) one synthetic conversation cut into several clips, with the tiny audio encoder of
+    ``configs/models/tiny.yaml`` (`tests.tiny_models` builds the same one); the source audio is at ``sample_rate``, so
+    echo-prep resamples it.
+
+    Args:
+        out_dir (`str` or `Path`): receives ``source/``, ``wav2vec2/`` (the audio encoder echo-prep loaded) and
+            ``prepared/``; reused when it already holds them (``.complete``).
+        seconds (`float`, defaults to 3.2): conversation length (80 frames).
+        clip_seconds (`float`, defaults to 0.72): clip length (18 frames: clip edges fall inside the 25-frame audio
+            blocks); the last clip is shorter (``min_clip_seconds`` = 0.2).
+
+    Returns:
+        `Path`: ``out_dir/prepared`` (clips ``<conversation>_<A|B>_c<k>``).
+    """
+    from data_prep.cli import run_prep
+    from data_prep.stages import PrepOptions
+    from data_prep.synthetic import make_conversation
+
+    out_dir = Path(out_dir)
+    if (out_dir / ".complete").is_file():
+        return out_dir / "prepared"
+    make_conversation(out_dir / "source", "pairs", seconds=seconds, size=128, seed=seed, sample_rate=sample_rate)
+    encoder = save_tiny_wav2vec2(out_dir / "wav2vec2", seed=0)
+    options = PrepOptions(wav2vec2=str(encoder), size=size, clip_seconds=clip_seconds, min_clip_seconds=0.2)
+    summary = run_prep(out_dir / "source", "pairs", out_dir / "prepared", options, workers=1, progress=False)
+    if summary.failed:
+        raise RuntimeError(f"Preparing the tiny multi-clip conversation failed: {summary.failed}")
+    (out_dir / ".complete").write_text("ok")
+    return out_dir / "prepared"

@@ -11,8 +11,7 @@ one conversation for one avatar/user assignment (``docs/interfaces.md`` lists ev
 - per role (``"avatar"``, ``"user"``): ``<role>.mp4`` (size², T frames), ``<role>.wav`` (16 kHz mono 16-bit PCM),
   ``<role>_w2v.npy`` (`(T, NL, D)` float16, exactly T rows), ``<role>_landmarks.npy`` (`(T, 478, 2)` float32,
   pixels of the crop, NaN on frames without a face).
-- ``transcript.json``; caches ``emotion.json``, ``emotion_embeds.safetensors``, ``avatar_latents.safetensors``
-  (**not** normalised: raw posterior modes, training applies Wan's latent normalisation), ``user_tokens.safetensors``
+- ``transcript.json``; caches ``emotion.json``, ``emotion_embeds.safetensors``, ``user_tokens.safetensors``
   (**normalised** per-frame VAE tokens, `echo.encoding.encode_user_video`'s output) and ``user_omni.safetensors``
   (understanding tokens S_usr per stride of the conversation, see `write_understanding`).
 
@@ -47,13 +46,12 @@ META = "meta.json"
 TRANSCRIPT = "transcript.json"
 EMOTION = "emotion.json"
 EMOTION_EMBEDS = "emotion_embeds.safetensors"
-AVATAR_LATENTS = "avatar_latents.safetensors"
 USER_TOKENS = "user_tokens.safetensors"
 USER_OMNI = "user_omni.safetensors"
 
-#: Which cached arrays hold generator-space (normalised) values: ``avatar_latents`` are raw VAE posterior modes
-#: (normalise with `echo.encoding.normalize_latents`), ``user_tokens`` are `encode_user_video`'s normalised tokens.
-STORED_NORMALISED = {AVATAR_LATENTS: False, USER_TOKENS: True}
+#: Which cached arrays hold generator-space (normalised) values: ``user_tokens`` are `encode_user_video`'s normalised
+#: tokens (the window latents of `training.latent_cache`, outside clip folders, are normalised too).
+STORED_NORMALISED = {USER_TOKENS: True}
 
 CLIP_ID_PATTERN = re.compile(r"^(?P<prefix>.+)_c(?P<index>\d+)$")
 
@@ -483,6 +481,53 @@ def write_landmarks(folder: str | os.PathLike, role: str, landmarks: np.ndarray)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Reasoning frames: when understanding (S_usr) and emotion texts are computed, for training and inference alike
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reasoning_frame(last_frame: int, stride: int) -> int | None:
+    """The frame whose understanding tokens / emotion text a window or chunk ending at ``last_frame`` reads.
+
+    The one rule both sides follow: understanding (Φ, HBCU) and the emotion reasoner (LAU) run only at the reasoning
+    frames ``k·stride − 1`` (``k ≥ 1``) of the conversation, on the user's media / the dialogue up to that frame
+    inclusive; a window of the dataset and a chunk of the session ending at ``last_frame`` read the result of the
+    latest reasoning frame at or before it (so a chunk ending between two reasoning frames reuses the older one).
+    Before the first reasoning frame nothing is known: no understanding tokens, and ``default_emotion``.
+
+    Args:
+        last_frame (`int`): the window's or chunk's last frame (inclusive), counted from the conversation's start.
+        stride (`int`): ``EchoSettings.understanding_stride`` or ``EchoSettings.emotion_stride``.
+
+    Returns:
+        `int` or `None`: the reasoning frame, or `None` when ``last_frame < stride − 1``.
+    """
+    if stride < 1:
+        raise ValueError(f"`stride` is {stride}, expected at least 1 frame.")
+    frame = (int(last_frame) + 1) // stride * stride - 1
+    return frame if frame >= 0 else None
+
+
+def reasoning_frames(start_frame: int, end_frame: int, stride: int) -> list[int]:
+    """The reasoning frames (`reasoning_frame`) in the conversation frames ``[start_frame, end_frame)``: where
+    echo-prep writes a clip's understanding entries and emotion windows."""
+    if stride < 1:
+        raise ValueError(f"`stride` is {stride}, expected at least 1 frame.")
+    first = -(-(start_frame + 1) // stride) * stride - 1  # the first k·stride − 1 ≥ start_frame
+    return list(range(first, end_frame, stride))
+
+
+def check_reasoning_frames(path: str | os.PathLike, frames, start_frame: int, stride: int) -> None:
+    """Refuse a cache whose entries (clip frames ``frames`` of a clip starting at conversation frame ``start_frame``)
+    are not reasoning frames of ``stride`` (a hand-written or foreign file: the rule would not find them)."""
+    off = [int(f) for f in frames if (start_frame + int(f) + 1) % stride]
+    if off:
+        raise ClipFormatError(
+            path, f"has entries at clip frames {off} (clip starting at conversation frame {start_frame}), which are not "
+            f"reasoning frames k·{stride} − 1 of its stride {stride}; delete it and rerun its echo-prep stage"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Transcript and emotion texts
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -499,6 +544,25 @@ def read_transcript(clip_dir: str | os.PathLike) -> dict:
     if not isinstance(transcript, dict) or not isinstance(transcript.get("segments"), list):
         raise ClipFormatError(path, "expected an object with a 'segments' list")
     return transcript
+
+
+def read_emotion_stride(clip_dir: str | os.PathLike) -> int | None:
+    """The ``"stride"`` of ``emotion.json`` (its windows end at the reasoning frames ``k·stride − 1`` of the
+    conversation), or `None` when the clip has no ``emotion.json``. A file of an older echo-prep (windows every 81
+    frames of the clip and at its last frame, no ``"stride"``) is refused: its texts were reasoned at other frames
+    than the session reasons at."""
+    path = Path(clip_dir) / EMOTION
+    if not path.is_file():
+        return None
+    value = read_json(path)
+    stride = value.get("stride") if isinstance(value, dict) else None
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ClipFormatError(
+            path, "has no positive integer 'stride': it was written by an older echo-prep, on windows of the clip rather "
+            "than on the conversation's reasoning frames. Delete it (and emotion_embeds.safetensors) and rerun "
+            "`echo-prep ... --stages emotion,emotion_embeds --emotion-stride <stride>`"
+        )
+    return stride
 
 
 def read_emotion_windows(clip_dir: str | os.PathLike) -> list[dict] | None:
@@ -518,9 +582,16 @@ def read_emotion_windows(clip_dir: str | os.PathLike) -> list[dict] | None:
     return sorted(windows, key=lambda w: w["end_frame"])
 
 
-def write_emotion_windows(clip_dir: str | os.PathLike, windows: list[dict]) -> Path:
-    """Write ``emotion.json`` atomically: ``{"windows": [{"end_frame", "text"}]}``."""
-    return write_json(Path(clip_dir) / EMOTION, {"windows": [dict(w) for w in windows]})
+def write_emotion_windows(clip_dir: str | os.PathLike, windows: list[dict], stride: int) -> Path:
+    """Write ``emotion.json`` atomically: ``{"stride": stride, "windows": [{"end_frame", "text"}]}``.
+
+    Window ``{"end_frame": e, "text"}`` is the reasoner's text on the dialogue up to clip frame ``e`` inclusive, a
+    reasoning frame (`reasoning_frame`) of ``stride``. A reasoning frame before anyone spoke has no window: a window
+    reading it gets ``default_emotion``, as the session does.
+    """
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"`stride` is {stride!r}, expected a positive integer.")
+    return write_json(Path(clip_dir) / EMOTION, {"stride": stride, "windows": [dict(w) for w in windows]})
 
 
 def emotion_window_at(windows: Sequence[dict] | None, frame: int) -> dict | None:
@@ -549,33 +620,16 @@ def emotion_texts(clip_dir: str | os.PathLike, default_emotion: str = "neutral")
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    """Write ``tensors`` (and string ``metadata``) to a safetensors file atomically: a temporary file beside it, then
+    `os.replace`; a killed writer leaves the old file or none, never a partial one. Returns the path."""
     from safetensors.torch import save_file
 
+    path = Path(path)
     tmp = _atomic_path(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
-
-
-def write_avatar_latents(clip_dir: str | os.PathLike, latents: torch.Tensor) -> Path:
-    """Write ``avatar_latents.safetensors``: key ``"latents"``, `(z_dim, F_all, h, w)` float32, not normalised."""
-    if latents.ndim != 4:
-        raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected (z_dim, F_all, h, w).")
-    return _save_safetensors(Path(clip_dir) / AVATAR_LATENTS, {"latents": latents.float()})
-
-
-def read_avatar_latents(clip_dir: str | os.PathLike, first: int, count: int) -> torch.Tensor:
-    """Latent frames ``first … first + count − 1`` of ``avatar_latents.safetensors``, `(z_dim, count, h, w)` float32,
-    not normalised."""
-    path = Path(clip_dir) / AVATAR_LATENTS
-    with open_safetensors(path) as f:
-        if "latents" not in f.keys():
-            raise ClipFormatError(path, "has no 'latents' tensor; delete it and rerun --stages latents")
-        total = f.get_slice("latents").get_shape()[1]
-        if total < first + count:
-            raise ClipFormatError(path, f"has {total} latent frames, expected at least {first + count}")
-        return f.get_slice("latents")[:, first : first + count].float()
 
 
 def _user_tokens_command(user_video_size: int) -> str:
@@ -595,7 +649,7 @@ def write_user_tokens(
             f"`tokens` {tuple(tokens.shape)} and `face_mask` {tuple(face_mask.shape)}, expected (T, C, h, w) and "
             "(T, h, w)."
         )
-    return _save_safetensors(
+    return write_safetensors(
         Path(clip_dir) / USER_TOKENS,
         {"tokens": tokens.float(), "face_mask": face_mask.float()},
         metadata={"user_video_size": str(int(user_video_size))},
@@ -646,7 +700,7 @@ def write_emotion_embeds(
         raise ValueError(
             f"`embeds` {tuple(embeds.shape)} / `lengths` {tuple(lengths.shape)} do not match {len(texts)} texts."
         )
-    return _save_safetensors(
+    return write_safetensors(
         Path(clip_dir) / EMOTION_EMBEDS,
         {"embeds": embeds, "lengths": lengths.long()},
         metadata={"texts": json.dumps(list(texts)), "max_length": str(int(max_length))},
@@ -694,6 +748,7 @@ class UnderstandingIndex:
             concatenated ``"hidden_states"``.
         dim (`int`): D_s.
         legacy (`bool`): a file of an older echo-prep, one entry over the whole clip (``end_frames = [T − 1]``).
+        stride (`int`, *optional*): the stride of the entries' reasoning frames (`None` for a legacy file).
     """
 
     path: Path
@@ -702,6 +757,7 @@ class UnderstandingIndex:
     lengths: np.ndarray
     dim: int
     legacy: bool = False
+    stride: int | None = None
 
 
 def _omni_command() -> str:
@@ -737,7 +793,7 @@ def write_understanding(
         hidden = torch.zeros(0, int(hidden_size))
     else:
         raise ValueError("`tokens` is empty: pass `hidden_size` (D_s) for the empty entry list.")
-    return _save_safetensors(
+    return write_safetensors(
         Path(clip_dir) / USER_OMNI,
         {
             "hidden_states": hidden,
@@ -773,6 +829,9 @@ def read_understanding_index(clip_dir: str | os.PathLike, num_frames: int) -> Un
                                       int(shape[1]), legacy=True)  # fmt: skip
         end_frames = f.get_tensor("end_frames").numpy().astype(np.int64)
         lengths = f.get_tensor("lengths").numpy().astype(np.int64)
+        stride = (f.metadata() or {}).get("stride", "")
+    if not stride.isdigit() or int(stride) < 1:
+        raise ClipFormatError(path, f"has no positive 'stride' in its metadata; delete it and rerun {_omni_command()}")
     if len(end_frames) != len(lengths) or int(lengths.sum()) != shape[0]:
         raise ClipFormatError(path, f"'lengths' {lengths.tolist()} do not add up to the {shape[0]} token rows")
     if len(end_frames) and (np.any(np.diff(end_frames) <= 0) or end_frames[0] < 0 or end_frames[-1] >= num_frames):
@@ -780,7 +839,7 @@ def read_understanding_index(clip_dir: str | os.PathLike, num_frames: int) -> Un
             path, f"'end_frames' {end_frames.tolist()} must increase within the clip's {num_frames} frames"
         )
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
-    return UnderstandingIndex(path, end_frames, offsets, lengths, int(shape[1]))
+    return UnderstandingIndex(path, end_frames, offsets, lengths, int(shape[1]), stride=int(stride))
 
 
 def read_understanding_entry(index: UnderstandingIndex, entry: int) -> torch.Tensor:

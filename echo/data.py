@@ -5,10 +5,15 @@ holds one segment of a conversation for one avatar/user assignment; the clips of
 (``<conversation>_<avatar>_c<k>``) form its *track*. Every item is a window of ``num_frames = 4k + 1`` consecutive
 frames of one clip, with what the pipeline could have seen at the window's last frame:
 
-- ``video`` `(3, T, H, W)` in [−1, 1] and ``reference`` `(3, H, W)` from ``avatar.mp4``; the reference is a random
-  frame of the clip with a face (``reference_frame``, the drawn frame or the nearest one with landmarks);
+- ``video`` `(3, T, H, W)` in [−1, 1] and ``reference`` `(3, H, W)` from ``avatar.mp4``; the reference is a frame
+  with a face drawn uniformly from the avatar's frames **outside the window** (`ConversationDataset.draw_reference`):
+  the clip's frames before and after it, or, when the window is the whole clip, the frames of the track's other
+  clips (``reference_frame`` of clip ``reference_clip``). At inference the reference is never a frame of the output,
+  so in training it is never a frame of the target;
 - ``avatar_audio`` `(T, L_w, NL, 768)`: the avatar's wav2vec2 rows with their ±``audio_radius`` context windows taken
-  from the whole clip (the window's border frames see their real neighbours);
+  from the conversation (`avatar_audio_windows`): a window at a clip's edge reads the neighbouring clip's rows, and
+  the rows are clamped only at the conversation's edges (the first and last frames of the contiguous clips), the rule
+  the pipeline applies (`echo.audio.window_indices`);
 - ``avatar_rms`` `(T,)`: the avatar's per-frame short-time RMS divided by the reference level of the avatar's whole
   track (`track_rms_reference`): ≈ 1 on loud speech, ≈ 0 on microphone noise, comparable across windows, so that
   `echo.losses.speech_weights` gives a window of pure listening the floor weight;
@@ -20,13 +25,16 @@ frames of one clip, with what the pipeline could have seen at the window's last 
   `(T_hist, 3, h_u, w_u)` with ``user_face_mask`` `(T_hist, h_u, w_u)` (or, with ``use_cached_user_tokens``, their
   VAE tokens ``user_tokens`` `(T_hist, C, h, w)` with ``user_token_mask`` `(T_hist, h, w)` from
   ``user_tokens.safetensors``, ``echo-prep --stages user_tokens``);
-- ``understanding`` `(N_s, D_s)`: the latest cached S_usr entry of the track whose end frame ≤ the window's last frame
-  (``user_omni.safetensors``, Φ on the user's media from the conversation's start to that frame), or `(0, D_s)`
-  when none is known yet (the batch then masks it out);
-- ``emotion_text``: the text of the track's latest emotion window ending at or before the window end
-  (``emotion.json``), else ``default_emotion`` (``""`` with ``drop_emotion``); with ``use_cached_emotion_embeds``
-  also its embedding ``emotion_embeds`` `(L_txt, D)` (``emotion_embeds.safetensors``);
-- ``latents`` `(16, F, h, w)` from ``avatar_latents.safetensors`` when ``use_cached_latents`` is set (not normalised);
+- ``understanding`` `(N_s, D_s)`: the cached S_usr entry of the window's reasoning frame
+  (`echo.clip_format.reasoning_frame` of its last frame and the caches' stride: the latest ``k·stride − 1`` at or
+  before it; ``user_omni.safetensors``, Φ on the user's media from the conversation's start to that frame), or
+  `(0, D_s)` before the first (the batch then masks it out);
+- ``emotion_text``: the text of the window's emotion reasoning frame, by the same rule (``emotion.json``), else
+  ``default_emotion`` (``""`` with ``drop_emotion``); with ``use_cached_emotion_embeds``
+  also its embedding ``emotion_embeds`` `(L_txt, D)` and the empty prompt's ``empty_embeds`` `(L_txt, D)` (f_ref's
+  text in stage 2) (``emotion_embeds.safetensors``);
+- with a ``latent_cache`` (`training.latent_cache.WindowLatentCache`): ``latent_key``, the window's key in it, and
+  ``latents`` `(16, F, h, w)` (normalised, as `echo.encoding.encode_latents` returns them) once the window is cached;
 - ``clip_id``, ``window_start`` (the window's first frame in the clip) and ``conversation_frame`` (its first frame in
   the conversation), for logging and data-sharding checks.
 
@@ -45,7 +53,7 @@ from diffusers.utils import logging
 from torch.utils.data import Dataset
 
 from . import clip_format
-from .audio import frame_rms
+from .audio import frame_rms, window_indices
 from .clip_format import ClipRecord, check_user_tokens, load_emotion_embeds, read_video_frames  # noqa: F401
 from .encoding import frames_to_tensor, prepare_user_video
 from .masks import reference_token_masks
@@ -121,9 +129,10 @@ class ConversationDataset(Dataset):
         use_user_video (`bool`, defaults to `False`): read the user's history frames (LCU visual branch, LPE).
         user_video_size (`int`, defaults to 64): square size of the user's history frames.
         use_understanding (`bool`, defaults to `False`): read ``user_omni.safetensors`` (HBCU); required then.
-        use_cached_latents (`bool`, defaults to `False`): return ``latents`` sliced from ``avatar_latents.safetensors``;
-            window starts are then multiples of ``temporal_compression`` (the slice's first latent frame is the
-            4-frame group ending at the window start, an approximation of a first-frame latent).
+        window_stride (`int`, defaults to 1): window starts are multiples of it (`window_starts`); with a
+            ``latent_cache``, a stride above 1 makes the windows a small set that later epochs draw again.
+        latent_cache (`training.latent_cache.WindowLatentCache`, *optional*): also return ``latent_key`` and, when
+            the window is cached, its exact ``latents`` (the training step then skips the VAE encode).
         default_emotion (`str`, defaults to `"neutral"`): emotion text of windows before the track's first emotion
             window, and of clips without ``emotion.json``.
         drop_emotion (`bool`, defaults to `False`): every window's emotion text is the empty prompt ``""`` (training
@@ -150,7 +159,8 @@ class ConversationDataset(Dataset):
         use_user_video: bool = False,
         user_video_size: int = 64,
         use_understanding: bool = False,
-        use_cached_latents: bool = False,
+        window_stride: int = 1,
+        latent_cache=None,
         default_emotion: str = "neutral",
         drop_emotion: bool = False,
         use_cached_emotion_embeds: bool = False,
@@ -178,7 +188,10 @@ class ConversationDataset(Dataset):
         self.use_user_video = use_user_video
         self.user_video_size = user_video_size
         self.use_understanding = use_understanding
-        self.use_cached_latents = use_cached_latents
+        if window_stride < 1:
+            raise ValueError(f"`window_stride` is {window_stride}, expected at least 1 frame.")
+        self.window_stride = window_stride
+        self.latent_cache = latent_cache
         self.default_emotion = default_emotion
         self.drop_emotion = drop_emotion
         self.use_cached_emotion_embeds = use_cached_emotion_embeds
@@ -207,6 +220,7 @@ class ConversationDataset(Dataset):
         cache = {("record", c.path): c for c in self.clips}
         self._tracks: dict[Path, list[ClipRecord]] = {}
         self._runs: dict[Path, list[ClipRecord]] = {}
+        self._spans: dict[Path, list[ClipRecord]] = {}  # the contiguous clips around a clip (its avatar audio windows)
         records = {c.path: c for c in self.clips}
         for clip in self.clips:
             track = clip_format.conversation_siblings(clip, cache)
@@ -215,20 +229,16 @@ class ConversationDataset(Dataset):
                     records[other.path] = self._validate(other)
             self._tracks[clip.path] = track
             self._runs[clip.path] = clip_format.contiguous_run(track, clip)
+            self._spans[clip.path] = _contiguous_span(track, clip)
         # 3. Lazily filled per-process caches (small: per-frame RMS, understanding indices, emotion windows)
         self._rms: dict[Path, np.ndarray] = {}
         self._rms_reference: dict[tuple, float] = {}
         self._understanding: dict[Path, clip_format.UnderstandingIndex] = {}
         self._emotion: dict[Path, list[dict] | None] = {}
-        if use_understanding:
-            legacy = [r.path.name for r in records.values() if self._understanding_index(r).legacy]
-            if legacy:
-                logger.warning(
-                    f"{len(legacy)} clip folders (e.g. {sorted(legacy)[0]!r}) hold `user_omni.safetensors` in the "
-                    "whole-clip format of an older echo-prep: only windows ending at their clip's last frame can "
-                    "use those tokens (anything else would see the future). Delete the files and rerun "
-                    "`echo-prep --stages omni` for per-stride entries."
-                )
+        # 4. The reasoning strides the caches were written with (`echo.clip_format.reasoning_frame`): one per data
+        # root, saved with the model (`EchoSettings`) so that the session reasons at the frames training read
+        self.understanding_stride = self._understanding_stride(records.values()) if use_understanding else None
+        self.emotion_stride = None if drop_emotion else self._emotion_stride(records.values())
 
     # ----------------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -252,8 +262,6 @@ class ConversationDataset(Dataset):
             required += [clip_format.video_name("user"), clip_format.landmarks_name("user")]
         if self.use_understanding:
             required.append(clip_format.USER_OMNI)
-        if self.use_cached_latents:
-            required.append(clip_format.AVATAR_LATENTS)
         for name in required:
             if not (clip.path / name).is_file():
                 raise FileNotFoundError(f"clip folder {str(clip.path)!r} has no {name!r}.")
@@ -275,15 +283,66 @@ class ConversationDataset(Dataset):
         return len(self.clips) * self.windows_per_clip
 
     # ----------------------------------------------------------------------------------------------------------------
-    def _window(self, clip: ClipRecord, rng: np.random.Generator) -> tuple[int, int]:
-        last_start = clip.num_frames - self.num_frames
-        if self.use_cached_latents:
-            step = self.temporal_compression
-            start = step * int(rng.integers(0, last_start // step + 1))
-        else:
-            start = int(rng.integers(0, last_start + 1))
-        reference = int(rng.integers(0, clip.num_frames))
-        return start, reference
+    def window_starts(self, clip: ClipRecord) -> range:
+        """Every start frame the sampler can draw in ``clip``: multiples of ``window_stride`` up to the last window."""
+        return range(0, clip.num_frames - self.num_frames + 1, self.window_stride)
+
+    def window_video(self, clip: ClipRecord, start: int) -> torch.Tensor:
+        """The avatar frames of the window starting at ``start``, `(3, T, H, W)` in [−1, 1], read as `__getitem__`
+        reads its ``video``."""
+        frames = read_video_frames(
+            clip.path / clip_format.video_name("avatar"), list(range(start, start + self.num_frames))
+        )
+        return frames_to_tensor(frames, self.resolution).permute(1, 0, 2, 3).contiguous()  # 3, T, H, W
+
+    def _window(self, clip: ClipRecord, rng: np.random.Generator) -> tuple[int, tuple[ClipRecord, int]]:
+        starts = self.window_starts(clip)
+        start = starts[int(rng.integers(0, len(starts)))]
+        return start, self.draw_reference(clip, start, rng)
+
+    def draw_reference(self, clip: ClipRecord, start: int, rng: np.random.Generator) -> tuple[ClipRecord, int]:
+        """The reference frame of the window ``[start, start + num_frames)`` of ``clip``: drawn uniformly from the
+        avatar's frames with a face outside the window (the clip's frames before and after it; when it has none, the
+        frames of the track's other clips), never from the window itself.
+
+        Returns:
+            `(record, frame)`: the clip folder the frame is read from and its clip frame.
+        """
+        stop = start + self.num_frames
+        frames = np.arange(clip.num_frames)
+        has_face = np.isfinite(clip_format.read_landmarks(clip.path, "avatar", clip.num_frames)).all(axis=(1, 2))
+        candidates = [(clip, int(i)) for i in frames[has_face & ((frames < start) | (frames >= stop))]]
+        if not candidates:
+            for record in self._tracks[clip.path]:
+                if record.path != clip.path:
+                    landmarks = clip_format.read_landmarks(record.path, "avatar", record.num_frames)
+                    candidates += [(record, int(i)) for i in np.nonzero(np.isfinite(landmarks).all(axis=(1, 2)))[0]]
+        if not candidates:
+            raise clip_format.ClipFormatError(
+                clip.path / clip_format.landmarks_name("avatar"),
+                f"has no frame with a face outside the window [{start}, {stop}), nor has any other clip of its "
+                "conversation and avatar: the reference is never a frame of the target; use a shorter data.num_frames "
+                "or remove the clip folder",
+            )
+        return candidates[int(rng.integers(0, len(candidates)))]
+
+    def avatar_audio_windows(self, clip: ClipRecord, start: int, stop: int) -> torch.Tensor:
+        """`(stop − start, L_w, NL, D)` float32: the avatar's wav2vec2 windows of the clip's frames ``[start, stop)``,
+        rows ``t ± audio_radius`` of the conversation (read from the neighbouring clips where they cross the clip's
+        edges) clamped to the frames of the contiguous clips around it (`echo.audio.window_indices`), as the pipeline
+        clamps them to the conversation's frames."""
+        span = self._spans[clip.path]
+        first, end = span[0].start_frame, span[-1].end_frame  # conversation frames of the contiguous clips
+        radius = self.audio_radius
+        lo = max(first, clip.start_frame + start - radius)
+        hi = min(end, clip.start_frame + stop + radius)
+        rows = np.concatenate([
+            clip_format.read_w2v(record.path, "avatar", record.num_frames)[a:b]
+            for record, a, b in clip_format.history_segments(span, hi, hi - lo)
+        ])  # fmt: skip  # hi − lo, NL, D: conversation frames lo … hi − 1
+        index = window_indices(clip.start_frame + start - first, clip.start_frame + stop - first, radius, end - first)
+        index = index + first - lo  # T, L_w, into `rows`
+        return torch.from_numpy(np.asarray(rows[index.numpy()], dtype=np.float32))
 
     def avatar_rms(self, clip: ClipRecord) -> np.ndarray:
         """`(T,)` per-frame RMS of the clip's avatar audio over its track's reference level (see the module
@@ -303,31 +362,95 @@ class ConversationDataset(Dataset):
             self._understanding[record.path] = clip_format.read_understanding_index(record.path, record.num_frames)
         return self._understanding[record.path]
 
-    def understanding_at(self, clip: ClipRecord, last_frame: int) -> torch.Tensor:
-        """The track's latest S_usr entry whose end frame ≤ ``last_frame`` (clip frame of ``clip``), `(N_s, D_s)`;
-        `(0, D_s)` when no entry ends that early."""
-        end = clip.start_frame + last_frame  # conversation frame
-        for record in reversed(self._runs[clip.path]):
+    def _understanding_stride(self, records) -> int:
+        """The stride of every ``user_omni.safetensors`` (all equal, entries on its reasoning frames); a whole-clip
+        file of an older echo-prep is refused (its tokens saw no history before the clip, and end at no reasoning
+        frame)."""
+        strides = {}
+        for record in records:
             index = self._understanding_index(record)
-            known = np.nonzero(record.start_frame + index.end_frames <= end)[0]
-            if len(known):
-                return clip_format.read_understanding_entry(index, int(known[-1]))
-        return torch.zeros(0, self._understanding_index(clip).dim)
+            if index.legacy:
+                raise clip_format.ClipFormatError(
+                    index.path, "is in the whole-clip format of an older echo-prep (no per-stride entries). Delete "
+                    "the files and rerun `echo-prep ... --stages omni --omni-stride <stride>`"
+                )
+            clip_format.check_reasoning_frames(index.path, index.end_frames, record.start_frame, index.stride)
+            strides.setdefault(index.stride, index.path)
+        if len(strides) > 1:
+            raise ValueError(
+                f"the clips' user_omni.safetensors have different strides {sorted(strides)} (e.g. "
+                f"{[str(p) for p in strides.values()]}): a model reads one understanding stride. Rerun "
+                "`echo-prep --stages omni` with one `--omni-stride` for the whole data root."
+            )
+        return next(iter(strides), None)
+
+    def _emotion_stride(self, records) -> int | None:
+        """The stride of every ``emotion.json`` (all equal, windows on its reasoning frames), `None` when no clip has
+        one; each file's windows are read once here."""
+        strides = {}
+        for record in records:
+            stride = clip_format.read_emotion_stride(record.path)
+            self._emotion[record.path] = clip_format.read_emotion_windows(record.path)
+            if stride is None:
+                continue
+            frames = [w["end_frame"] for w in self._emotion[record.path]]
+            clip_format.check_reasoning_frames(record.path / clip_format.EMOTION, frames, record.start_frame, stride)
+            strides.setdefault(stride, record.path)
+        if len(strides) > 1:
+            raise ValueError(
+                f"the clips' emotion.json have different strides {sorted(strides)} (e.g. "
+                f"{[str(p) for p in strides.values()]}): a model reads one emotion stride. Rerun "
+                "`echo-prep --stages emotion,emotion_embeds` with one `--emotion-stride` for the whole data root."
+            )
+        return next(iter(strides), None)
+
+    @property
+    def reasoning_strides(self) -> dict[str, int]:
+        """The `EchoSettings` fields ``understanding_stride`` / ``emotion_stride`` this data fixes (those it reads)."""
+        strides = {"understanding_stride": self.understanding_stride, "emotion_stride": self.emotion_stride}
+        return {name: value for name, value in strides.items() if value is not None}
+
+    def _record_at(self, clip: ClipRecord, frame: int) -> ClipRecord | None:
+        """The clip of ``clip``'s history run holding conversation frame ``frame`` (`None`: before the run)."""
+        for record in self._runs[clip.path]:
+            if record.start_frame <= frame < record.end_frame:
+                return record
+        return None
+
+    def understanding_at(self, clip: ClipRecord, last_frame: int) -> torch.Tensor:
+        """The S_usr entry a window ending at clip frame ``last_frame`` reads: the one of its reasoning frame
+        (`echo.clip_format.reasoning_frame` of the conversation frame and the understanding stride), `(N_s, D_s)`;
+        `(0, D_s)` before the first reasoning frame (or one in a clip missing from the history run)."""
+        dim = self._understanding_index(clip).dim
+        frame = clip_format.reasoning_frame(clip.start_frame + last_frame, self.understanding_stride)
+        record = None if frame is None else self._record_at(clip, frame)
+        if record is None:
+            return torch.zeros(0, dim)
+        index = self._understanding_index(record)
+        entry = np.nonzero(record.start_frame + index.end_frames == frame)[0]
+        if not len(entry):
+            raise clip_format.ClipFormatError(
+                index.path, f"has no entry at clip frame {frame - record.start_frame}, a reasoning frame of its stride "
+                f"{index.stride}; delete it and rerun `echo-prep --stages omni`"
+            )
+        return clip_format.read_understanding_entry(index, int(entry[0]))
 
     def emotion_at(self, clip: ClipRecord, last_frame: int) -> tuple[str, Path]:
-        """The emotion text in force at clip frame ``last_frame`` and the clip folder whose ``emotion.json`` (and
-        ``emotion_embeds.safetensors``) holds it: the track's latest emotion window ending at or before that frame,
-        else ``default_emotion`` (a window before the track's first emotion window never gets a later text)."""
+        """The emotion text a window ending at clip frame ``last_frame`` reads, and the clip folder whose
+        ``emotion.json`` (and ``emotion_embeds.safetensors``) holds it: the window of its reasoning frame
+        (`echo.clip_format.reasoning_frame` of the conversation frame and the emotion stride), else
+        ``default_emotion`` (before the first reasoning frame, before anyone spoke, or in a clip without
+        ``emotion.json``)."""
         if self.drop_emotion:
             return "", clip.path
-        end = clip.start_frame + last_frame
-        for record in reversed(self._runs[clip.path]):
-            if record.path not in self._emotion:
-                self._emotion[record.path] = clip_format.read_emotion_windows(record.path)
-            windows = self._emotion[record.path]
-            window = clip_format.emotion_window_at(windows, end - record.start_frame)
-            if window is not None:
-                return window["text"], record.path
+        frame = None
+        if self.emotion_stride is not None:
+            frame = clip_format.reasoning_frame(clip.start_frame + last_frame, self.emotion_stride)
+        record = None if frame is None else self._record_at(clip, frame)
+        if record is not None:
+            for window in self._emotion[record.path] or ():
+                if record.start_frame + window["end_frame"] == frame:
+                    return window["text"], record.path
         return self.default_emotion, clip.path
 
     def __getitem__(self, index: int) -> dict:
@@ -335,50 +458,44 @@ class ConversationDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items.")
         clip = self.clips[index // self.windows_per_clip]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        start, ref_index = self._window(clip, rng)
+        start, (ref_clip, ref_index) = self._window(clip, rng)
         stop = start + self.num_frames  # exclusive; the window ends at frame stop − 1
-        source_size = clip.size or self.resolution
         item = {
             "clip_id": str(clip.meta.get("clip_id", clip.path.name)),
             "window_start": start,
             "conversation_frame": clip.start_frame + start,
         }
 
-        # 1. Reference frame: the drawn frame, or the nearest frame with a face (the pipeline needs one)
-        landmarks = clip_format.read_landmarks(clip.path, "avatar", clip.num_frames)
-        has_face = np.isfinite(landmarks).all(axis=(1, 2))
-        if not has_face.any():
-            raise clip_format.ClipFormatError(
-                clip.path / clip_format.landmarks_name("avatar"), "has no frame with a face; remove the clip folder"
-            )
-        if not has_face[ref_index]:
-            faces = np.nonzero(has_face)[0]
-            ref_index = int(faces[np.argmin(np.abs(faces - ref_index))])
+        # 1. Reference frame (drawn outside the window, with a face: `draw_reference`) and its landmarks
+        ref_landmarks = clip_format.read_landmarks(ref_clip.path, "avatar", ref_clip.num_frames)[ref_index]
 
         # 2. Avatar video window and reference frame
-        frames = read_video_frames(clip.path / clip_format.video_name("avatar"), [*range(start, stop), ref_index])
+        if ref_clip.path == clip.path:
+            frames = read_video_frames(clip.path / clip_format.video_name("avatar"), [*range(start, stop), ref_index])
+        else:  # the window is the whole clip: the reference comes from another clip of the track
+            frames = np.concatenate([
+                read_video_frames(clip.path / clip_format.video_name("avatar"), list(range(start, stop))),
+                read_video_frames(ref_clip.path / clip_format.video_name("avatar"), [ref_index]),
+            ])  # fmt: skip
         frames = frames_to_tensor(frames, self.resolution)  # T+1, 3, H, W
         item["video"] = frames[:-1].permute(1, 0, 2, 3).contiguous()  # 3, T, H, W
         item["reference"] = frames[-1]
         item["reference_frame"] = ref_index
+        item["reference_clip"] = str(ref_clip.meta.get("clip_id", ref_clip.path.name))
 
-        # 3. Avatar audio windows (context from the whole clip) and track-normalised short-time RMS
-        w2v = clip_format.read_w2v(clip.path, "avatar", clip.num_frames)
-        offsets = np.arange(-self.audio_radius, self.audio_radius + 1)
-        rows = np.clip(np.arange(start, stop)[:, None] + offsets, 0, clip.num_frames - 1)  # T, L_w
-        item["avatar_audio"] = torch.from_numpy(np.asarray(w2v[rows.reshape(-1)], dtype=np.float32)).reshape(
-            self.num_frames, len(offsets), *w2v.shape[1:]
-        )
+        # 3. Avatar audio windows (context from the conversation, across clip edges) and track-normalised RMS
+        item["avatar_audio"] = self.avatar_audio_windows(clip, start, stop)  # T, L_w, NL, D
         item["avatar_rms"] = torch.from_numpy(self.avatar_rms(clip)[start:stop].copy())
 
         # 4. SDCM lip / face token masks: the reference frame's, held for every latent frame
         num_latent_frames = (self.num_frames - 1) // self.temporal_compression + 1
+        ref_size = ref_clip.size or self.resolution
         item["lip_mask"], item["face_mask"] = reference_token_masks(
-            landmarks[ref_index],
+            ref_landmarks,
             self.resolution,
             self.resolution,
             num_latent_frames,
-            source_size=(source_size, source_size),
+            source_size=(ref_size, ref_size),
             patch_size=(self.token_patch, self.token_patch),
         )  # F, H', W' each
 
@@ -401,14 +518,29 @@ class ConversationDataset(Dataset):
         if self.use_understanding:
             item["understanding"] = self.understanding_at(clip, stop - 1)  # N_s, D_s (N_s may be 0)
 
-        # 6. Emotion text and optional cached embeddings / latents
+        # 6. Emotion text and optional cached embeddings / window latents
         item["emotion_text"], emotion_source = self.emotion_at(clip, stop - 1)
         if self.use_cached_emotion_embeds:
             item["emotion_embeds"] = load_emotion_embeds(emotion_source, item["emotion_text"])
-        if self.use_cached_latents:
-            first = start // self.temporal_compression
-            item["latents"] = clip_format.read_avatar_latents(clip.path, first, num_latent_frames)
+            item["empty_embeds"] = load_emotion_embeds(clip.path, "")  # f_ref's stage-1 prompt (training.step)
+        if self.latent_cache is not None:
+            item["latent_key"] = self.latent_cache.window_key(clip.path, start)
+            latents = self.latent_cache.read(item["latent_key"])
+            if latents is not None:
+                item["latents"] = latents  # 16, F, h, w
         return item
+
+
+def _contiguous_span(track: list[ClipRecord], clip: ClipRecord) -> list[ClipRecord]:
+    """The clips of ``track`` (time-ordered) that are contiguous with ``clip``, before and after it (a missing clip
+    cuts the span at the gap): the conversation's frames whose avatar audio rows the clip's windows may read."""
+    span = clip_format.contiguous_run(track, clip)
+    index = next(i for i, record in enumerate(track) if record.path == clip.path)
+    for record in track[index + 1 :]:
+        if record.start_frame != span[-1].end_frame:
+            break
+        span.append(record)
+    return span
 
 
 def _left_pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,16 +561,19 @@ def collate_conversations(items: list[dict]) -> dict:
     ``user_tokens``, ``user_token_mask``) are **left-padded** to the longest history (the window always ends at the
     last index) with ``user_audio_mask`` True on valid frames; ``understanding`` is right-padded to the longest entry
     (at least one row) with ``understanding_mask`` (all False for a sample without a known entry);
-    ``emotion_text`` and ``clip_id`` stay lists of strings, ``window_start``, ``conversation_frame`` and
-    ``reference_frame`` lists of ints. ``emotion_embeds`` are right-padded with zeros to the longest `L_txt` (as `EmotionTextEncoder` pads),
+    ``emotion_text``, ``clip_id`` and ``reference_clip`` stay lists of strings, ``window_start``, ``conversation_frame`` and
+    ``reference_frame`` lists of ints. ``latents`` (cached window latents) are stacked only when every item has them
+    (otherwise the step encodes the whole batch), ``latent_key`` stays a list of strings. ``emotion_embeds`` and ``empty_embeds`` are right-padded with zeros to the longest `L_txt` (as `EmotionTextEncoder` pads),
     `(B, L_txt, D)`.
     """
     if not items:
         raise ValueError("`items` is empty, expected at least one dataset item.")
     batch = {}
-    for key in ("video", "reference", "avatar_audio", "avatar_rms", "lip_mask", "face_mask", "latents"):
+    for key in ("video", "reference", "avatar_audio", "avatar_rms", "lip_mask", "face_mask"):
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
+    if all("latents" in item for item in items):  # cached window latents: only when every window is cached
+        batch["latents"] = torch.stack([item["latents"] for item in items])
     batch["user_audio"], batch["user_audio_mask"] = _left_pad([item["user_audio"] for item in items])
     for key in ("user_video", "user_face_mask", "user_tokens", "user_token_mask"):
         if key in items[0]:
@@ -451,12 +586,15 @@ def collate_conversations(items: list[dict]) -> dict:
         for i, t in enumerate(tokens):
             batch["understanding"][i, : t.shape[0]] = t
             batch["understanding_mask"][i, : t.shape[0]] = True
-    if "emotion_embeds" in items[0]:
-        embeds = [item["emotion_embeds"] for item in items]
-        length = max(e.shape[0] for e in embeds)
-        batch["emotion_embeds"] = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
-        for i, e in enumerate(embeds):
-            batch["emotion_embeds"][i, : e.shape[0]] = e
-    for key in ("emotion_text", "clip_id", "window_start", "conversation_frame", "reference_frame"):
+    for key in ("emotion_embeds", "empty_embeds"):
+        if key in items[0]:
+            embeds = [item[key] for item in items]
+            length = max(e.shape[0] for e in embeds)
+            batch[key] = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
+            for i, e in enumerate(embeds):
+                batch[key][i, : e.shape[0]] = e
+    for key in ("emotion_text", "clip_id", "window_start", "conversation_frame", "reference_frame", "reference_clip"):
         batch[key] = [item[key] for item in items]
+    if "latent_key" in items[0]:
+        batch["latent_key"] = [item["latent_key"] for item in items]
     return batch

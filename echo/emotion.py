@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 from diffusers.utils import logging
 
+from .audio import FPS
+
 logger = logging.get_logger(__name__)
 
 NEUTRAL_DESCRIPTION = "calm, attentive, neutral expression"
@@ -79,6 +81,25 @@ def format_history(
     if max_segments is not None:
         lines = lines[-max_segments:]
     return "\n".join(lines)
+
+
+def reason_emotion(reasoner, history: Sequence[dict], frame: int, avatar_speaker: str = "avatar") -> Optional[str]:
+    r"""The emotion text reasoned at ``frame`` (a reasoning frame, `echo.clip_format.reasoning_frame`): the reasoner on
+    the dialogue up to that frame inclusive (``clip_end = (frame + 1) / 25`` s, `format_history`'s cut), or `None`
+    when nothing was said by then (the caller's ``default_emotion`` applies: echo-prep writes no window there, the
+    session uses the model's ``default_emotion``). Echo-prep and the session both call this.
+
+    Args:
+        reasoner: an `EmotionReasoner`, or any object with ``describe(history, clip_end, avatar_speaker)``.
+        history (`list[dict]`): transcript segments ``{"speaker", "start", "end", "text"}``, in seconds from frame 0
+            of ``frame``'s clock.
+        frame (`int`): the reasoning frame (inclusive).
+        avatar_speaker (`str`, defaults to `"avatar"`).
+    """
+    clip_end = (frame + 1) / FPS
+    if not format_history(history, clip_end, avatar_speaker, max_segments=None):
+        return None
+    return reasoner.describe(history, clip_end=clip_end, avatar_speaker=avatar_speaker)
 
 
 def build_messages(transcript: str) -> list[dict]:

@@ -9,8 +9,8 @@ inference conditions it never saw in training. Each function here is the only im
 - `prepare_user_video`, `encode_user_video`: the user's frames and face masks, then the LCU's per-frame video tokens;
 - `PromptEncoder`: the emotion text embedding (Wan's prompt encoding), its length clamp and a per-text cache;
 - `detect_face_landmarks`: MediaPipe face-mesh landmarks; `echo.masks.reference_token_masks`: SDCM's token masks;
-- `chunk_condition`: a chunk's condition (the reference image in every chunk, plus the motion frames of a
-  continuation chunk, Eq. 1; layout in `echo.conditioning`);
+- `chunk_condition`: a chunk's condition, built as Wan I2V builds its condition (the reference image in every
+  chunk, plus the motion frames of a continuation chunk, Eq. 1; layout in `echo.conditioning`);
 - `encode_reference_image`: the CLIP image tokens of the reference that an I2V base (Wan2.1-I2V) reads in its text
   cross-attention.
 
@@ -28,7 +28,9 @@ from .masks import NUM_LANDMARKS
 
 
 def normalize_latents(vae, latents: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Wan's latent normalisation ``(z − latents_mean) / latents_std`` (``inverse=True``: ``z·std + mean``).
+    """Wan's latent normalisation ``(z − latents_mean)·(1 / latents_std)`` (``inverse=True``:
+    ``z / (1 / latents_std) + latents_mean``), written as diffusers' Wan pipelines write it (the reciprocal taken in
+    float32, then cast), so that the results are bit-identical to theirs.
 
     Args:
         vae (`AutoencoderKLWan`): supplies ``config.latents_mean`` / ``config.latents_std`` (``z_dim`` values each).
@@ -36,8 +38,8 @@ def normalize_latents(vae, latents: torch.Tensor, inverse: bool = False) -> torc
     """
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-    std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-    return latents * std + mean if inverse else (latents - mean) / std
+    inv_std = (1.0 / torch.tensor(vae.config.latents_std).view(shape)).to(latents.device, latents.dtype)
+    return latents / inv_std + mean if inverse else (latents - mean) * inv_std
 
 
 def encode_user_video(
@@ -140,8 +142,11 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 def chunk_condition(
     vae, reference: torch.Tensor, motion_video: torch.Tensor | None, num_latent_frames: int
 ) -> torch.Tensor:
-    r"""The condition of one chunk (Eq. 1): the reference image in every chunk, plus the motion frames in a
-    continuation chunk, laid out by `echo.conditioning.build_condition`.
+    r"""The condition of one chunk (Eq. 1), built as Wan I2V builds its condition and laid out by
+    `echo.conditioning.build_condition`: the given frames (the reference image in a first chunk, the motion frames in
+    a continuation chunk) followed by zero pixel frames up to the chunk's length are VAE-encoded as one video and
+    normalised (`echo.conditioning.condition_video`, `encode_latents`); the reference image, encoded alone, fills the
+    reference plane. The training step and `EchoPipeline` (its session) both call this function.
 
     Args:
         vae (`AutoencoderKLWan`): the generator's VAE.
@@ -149,12 +154,12 @@ def chunk_condition(
         motion_video (`torch.Tensor` of shape `(B, 3, T_m, H, W)`, *optional*): in [−1, 1], the ``T_m = 4(m − 1) + 1``
             frames a continuation chunk shares with the previous one (the pipeline: the previous chunk's last
             generated frames; training: the window's first ground-truth frames). `None` for a first chunk.
-        num_latent_frames (`int`): F, the chunk's latent frames.
+        num_latent_frames (`int`): F, the chunk's latent frames (``4(F − 1) + 1`` video frames).
 
     Returns:
         `torch.Tensor` of shape `(B, 4 + 2·z_dim, F, H/8, W/8)` float32: ``[mask, given latents, reference plane]``.
     """
-    from .conditioning import build_condition
+    from .conditioning import build_condition, condition_video
 
     if reference.ndim != 4 or reference.shape[1] != 3:
         raise ValueError(f"`reference` has shape {tuple(reference.shape)}, expected (B, 3, H, W) in [-1, 1].")
@@ -167,11 +172,18 @@ def chunk_condition(
             f"`motion_video` has shape {tuple(motion_video.shape)}, expected ({reference.shape[0]}, 3, T_m, "
             f"{reference.shape[2]}, {reference.shape[3]}) like `reference` {tuple(reference.shape)}."
         )
+    factor = vae.config.scale_factor_temporal
+    num_frames = factor * (num_latent_frames - 1) + 1
+    given = reference[:, :, None] if motion_video is None else motion_video  # B, 3, T_g, H, W
+    if (given.shape[2] - 1) % factor or given.shape[2] > num_frames:
+        raise ValueError(
+            f"`motion_video` has {given.shape[2]} frames, expected {factor}(m − 1) + 1 frames, at most the chunk's "
+            f"{num_frames} frames (num_latent_frames = {num_latent_frames})."
+        )
     reference_latents = encode_latents(vae, reference[:, :, None])  # B, z, 1, h, w
-    motion_latents = None if motion_video is None else encode_latents(vae, motion_video)  # B, z, m, h, w
-    return build_condition(
-        reference_latents, motion_latents, num_latent_frames, vae_scale_factor_temporal=vae.config.scale_factor_temporal
-    )
+    given_latents = encode_latents(vae, condition_video(given, num_frames))  # B, z, F, h, w
+    num_given = (given.shape[2] - 1) // factor + 1
+    return build_condition(reference_latents, given_latents, num_given, vae_scale_factor_temporal=factor)
 
 
 @torch.no_grad()

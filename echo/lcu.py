@@ -116,6 +116,9 @@ class LCUState:
         return self.audio[0].batch_size
 
 
+ALPHA_INIT = 0.1  # the understanding gate α of Eq. 9 at initialisation (tanh(0.1) ≈ 0.1)
+
+
 class LongRangeContextEncoder(ModelMixin, ConfigMixin):
     r"""
     The LCU (paper Sec. 3.1): encodes the user's long-range audio-visual history and, optionally, the high-level
@@ -226,7 +229,10 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
                 bias=True,
                 out_bias=True,
             )
-            self.alpha = nn.Parameter(torch.zeros(1))  # 1-element, not 0-dim: FSDP flattens parameters
+            # α starts at ALPHA_INIT, not 0: the LCU reaches the generator only through SDCM's zero-initialised user
+            # gate, so a zero α too would put the understanding tokens behind two zeros in series (no gradient from
+            # them at step 0). 1-element, not 0-dim: FSDP flattens parameters.
+            self.alpha = nn.Parameter(torch.full((1,), ALPHA_INIT))
         self.ffn_norm = nn.LayerNorm(context_dim)
         self.ffn = FeedForward(context_dim, mult=ffn_mult, activation_fn="gelu-approximate")
         self.beta = nn.Parameter(torch.zeros(1))

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from echo.audio import SAMPLE_RATE
+from echo.audio import SAMPLE_RATE, StreamResampler
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
@@ -36,21 +36,27 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
-    """Decode the first audio stream of ``path`` (wav, mp3, mp4 ...) as mono float32 at ``sample_rate``.
+    """Decode the first audio stream of ``path`` (wav, mp3, mp4 ...) as mono float32 at ``sample_rate``: decoded and
+    downmixed at the stream's own rate, then resampled by `echo.audio.StreamResampler` (the project's one resampler).
 
     Returns:
         `np.ndarray` of shape `(num_samples,)`, or `None` when the file has no audio stream.
     """
     import av
 
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    to_mono = av.AudioResampler(format="flt", layout="mono")  # the stream's own rate
+    resampler = None
     chunks = []
     with av.open(str(path)) as container:
         if not container.streams.audio:
             return None
         for frame in container.decode(container.streams.audio[0]):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-    for out in resampler.resample(None):
-        chunks.append(out.to_ndarray().reshape(-1))
+            for out in to_mono.resample(frame):
+                if resampler is None:
+                    resampler = StreamResampler(out.sample_rate, sample_rate)
+                chunks.append(resampler(out.to_ndarray().reshape(-1)))
+        for out in to_mono.resample(None):
+            chunks.append(resampler(out.to_ndarray().reshape(-1)))
+    if resampler is not None:
+        chunks.append(resampler.flush())
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)

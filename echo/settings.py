@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 SETTINGS_NAME = "echo_settings.json"
+# Beyond any Wan model's trained frame size by far; a larger value is a typo (e.g. 1e9), refused at load.
+MAX_RESOLUTION = 8192
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class EchoSettings:
             least a chunk).
         max_sequence_length (`int`, defaults to 512): emotion-text tokens (capped by the tokenizer's maximum).
         default_emotion (`str`, defaults to `"neutral"`): emotion text when none is given or known yet.
+        understanding_stride (`int`, defaults to 25), emotion_stride (`int`, defaults to 50): frames between the
+            reasoning frames of the understanding model Φ (HBCU) and of the emotion reasoner (LAU), on the
+            conversation's clock: a window or chunk ending at frame ``t`` reads what was reasoned at
+            `echo.clip_format.reasoning_frame` ``(t, stride)``, the latest ``k·stride − 1 ≤ t`` (nothing, and
+            ``default_emotion``, before the first). Training takes them from the prepared caches (echo-prep
+            ``--omni-stride`` / ``--emotion-stride``), the session reasons at exactly those frames.
         use_emotion (`bool`, defaults to `True`): `False` = the "w/o LAU" ablation, every prompt is ``""``.
         num_inference_steps (`int`, defaults to 40), audio_guidance_scale (`float`, defaults to 4.5),
         user_guidance_scale (`float`, defaults to 2.0): sampling defaults.
@@ -43,14 +52,19 @@ class EchoSettings:
     max_history_frames: int | None = None
     max_sequence_length: int = 512
     default_emotion: str = "neutral"
+    understanding_stride: int = 25
+    emotion_stride: int = 50
     use_emotion: bool = True
     num_inference_steps: int = 40
     audio_guidance_scale: float = 4.5
     user_guidance_scale: float = 2.0
 
     def __post_init__(self):
-        if self.resolution < 16 or self.resolution % 16:
-            raise ValueError(f"`resolution` is {self.resolution}, expected a positive multiple of 16.")
+        self._check_types()
+        if not 16 <= self.resolution <= MAX_RESOLUTION or self.resolution % 16:
+            raise ValueError(
+                f"`resolution` is {self.resolution}, expected a positive multiple of 16, at most {MAX_RESOLUTION}."
+            )
         if self.num_frames_per_chunk < 1 or (self.num_frames_per_chunk - 1) % 4:
             raise ValueError(f"`num_frames_per_chunk` is {self.num_frames_per_chunk}, expected 4k + 1.")
         if not 0 < self.motion_frames < self.num_frames_per_chunk or (self.motion_frames - 1) % 4:
@@ -65,6 +79,9 @@ class EchoSettings:
                 f"`max_history_frames` is {self.max_history_frames}, expected None or at least num_frames_per_chunk = "
                 f"{self.num_frames_per_chunk} (the history ends with the chunk)."
             )
+        for name in ("understanding_stride", "emotion_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` is {getattr(self, name)}, expected at least 1 frame.")
         if self.max_sequence_length < 1:
             raise ValueError(f"`max_sequence_length` is {self.max_sequence_length}, expected at least 1.")
         if self.num_inference_steps < 1:
@@ -73,6 +90,28 @@ class EchoSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and value == value):
                 raise ValueError(f"`{name}` is {value!r}, expected a finite number >= 0.")
+
+    def _check_types(self) -> None:
+        """Every field of its declared type (an integer given as ``1e9`` or ``"512"`` is refused, naming the key)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("int"):
+                ok, accepts = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif kind == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                accepts = "a finite number"
+            elif kind == "bool":
+                ok, accepts = isinstance(value, bool), "true or false"
+            else:
+                ok, accepts = isinstance(value, str), "a string"
+            if not ok:
+                raise ValueError(
+                    f"settings key `{field.name}` is {value!r} ({type(value).__name__}), expected {accepts}"
+                    f"{' or null' if 'None' in kind else ''}."
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

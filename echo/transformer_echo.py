@@ -52,6 +52,7 @@ Decisions written down here:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -178,6 +179,16 @@ def _read_safetensors(files: list[Path], dtype_of):
             tensor = stored.to(dtype_of(key, stored), copy=True)
             del stored
             yield key, tensor
+
+
+def non_finite_weights(module: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``module`` holding a NaN or infinite value (a model
+    that diverged in training): what loading and export refuse."""
+    return [
+        name
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()
+    ]
 
 
 @dataclass
@@ -753,6 +764,29 @@ class EchoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMix
         guidance branch, as diffusers' Wan pipelines do."""
         _register_block_for_caches()
         super().enable_cache(config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "EchoTransformer3DModel":
+        """diffusers' `ModelMixin.from_pretrained`, strict: a weight the files lack (which diffusers would leave on
+        the meta device or at random, with a warning) and a non-finite weight are a `ValueError` naming them."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        where = f"{str(pretrained_model_name_or_path)!r}" + (f" ({kwargs['subfolder']}/)" if kwargs.get("subfolder") else "")
+        if info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"the generator weights in {where} lack {len(missing)} tensors ({', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}): the file is incomplete or belongs to another model. Export "
+                "the pipeline again (echo-export) or restore the file."
+            )
+        bad = non_finite_weights(model)
+        if bad:
+            raise ValueError(
+                f"the generator weights in {where} hold NaN or infinite values ({', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}): the model that wrote them diverged. Export a checkpoint from "
+                "before the divergence."
+            )
+        return (model, info) if output_loading_info else model
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading from Wan

@@ -25,7 +25,6 @@ at a chunk's end instead of running the thinker.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -33,9 +32,10 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
+from .audio import SAMPLE_RATE
+
 logger = logging.get_logger(__name__)
 
-SAMPLE_RATE = 16_000
 
 SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
@@ -255,14 +255,3 @@ def pad_understanding(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
         mask[i, : t.shape[0]] = True
     return batch, mask
 
-
-def resample_audio(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Resample a mono waveform to 16 kHz (polyphase, scipy)."""
-    from scipy.signal import resample_poly
-
-    if sample_rate == SAMPLE_RATE:
-        return np.asarray(waveform, dtype=np.float32)
-    g = math.gcd(int(sample_rate), SAMPLE_RATE)
-    return resample_poly(np.asarray(waveform, dtype=np.float64), SAMPLE_RATE // g, int(sample_rate) // g).astype(
-        np.float32
-    )

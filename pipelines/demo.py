@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 def write_example(clip_dir: str | Path, out_dir: str | Path, seconds: float | None = None) -> Path:
     """Write a prepared clip folder's conversation as a demo example: the avatar's first frame (``reference.png``) and
     its landmarks, the avatar's speech, the user's video, speech and landmarks, cut to ``seconds``, plus
-    ``manifest.jsonl`` (one `echo-render` entry with paths relative to the folder)."""
+    ``manifest.jsonl`` (one `echo-render` entry with paths relative to the folder, ``"frame_inputs": false``: the
+    frames are the clip's echo-prep crops already)."""
     import PIL.Image
 
     from echo import clip_format
@@ -110,7 +111,7 @@ def write_example(clip_dir: str | Path, out_dir: str | Path, seconds: float | No
     write_mp4(out_dir / "user.mp4", user)
     entry = {"id": record.path.name, "reference_image": "reference.png", "avatar_audio": "avatar.wav",
              "user_video": "user.mp4", "user_audio": "user.wav", "reference_landmarks": "reference_landmarks.npy",
-             "user_landmarks": "user_landmarks.npy"}  # fmt: skip
+             "user_landmarks": "user_landmarks.npy", "frame_inputs": False}  # fmt: skip
     (out_dir / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
     return out_dir
 
@@ -163,7 +164,8 @@ def render_shipped(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
     )
     video_path = write_mp4(out / "demo.mp4", output.frames[0], audio=avatar_audio, user_frames=user_video)
-    entry = {k: str((example / v).resolve()) if k not in ("id", "dialogue") else v for k, v in entry.items()}
+    entry = {k: str((example / v).resolve()) if k not in ("id", "dialogue", "frame_inputs") else v
+             for k, v in entry.items()}  # fmt: skip
     (out / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
     print(f"[3/3] wrote {video_path} (user left | avatar right, the avatar's audio)")
     print(f"      batch rendering: echo-render --pipeline {pipeline} --manifest {out / 'manifest.jsonl'} "

@@ -35,8 +35,9 @@ tensor or a sequence of numbers:
   it looks like integer PCM stored as floats;
 - int16 or int32 PCM, divided by 2¹⁵ or 2³¹;
 - at ``sampling_rate`` Hz (an integer, default 16000, at least ``MIN_SAMPLING_RATE``), resampled to the model's 16 kHz
-  with FFmpeg's resampler (`StreamResampler`, the one `echo.media.read_audio` uses for files); it is stateful, so a
-  stream pushed in pieces gives exactly the samples of the whole;
+  with the project's one resampler (`echo.audio.StreamResampler`, FFmpeg's swresample, as echo-prep and
+  `echo.media.read_audio` resample); it is stateful, so a stream pushed in pieces gives exactly the samples of the
+  whole;
 - NaN and infinity are refused.
 
 Numbers: counts (``num_inference_steps``, ``num_frames``, chunk lengths, sizes) are integers (Python or NumPy, not
@@ -47,7 +48,6 @@ scales are finite real numbers >= 0. Texts (``emotion``, ``default_emotion``) ar
 
 from __future__ import annotations
 
-import fractions
 import math
 import numbers
 from collections.abc import Sequence
@@ -56,7 +56,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from echo.audio import SAMPLE_RATE
+from echo.audio import SAMPLE_RATE, resample_audio
 
 IMAGE_FORMS = (
     "a PIL image, an (H, W, 3) uint8 array, an (H, W, 3) float array in [0, 1], or a (3, H, W) float tensor in "
@@ -311,58 +311,9 @@ def to_waveform(audio, name: str) -> np.ndarray:
     return audio
 
 
-class StreamResampler:
-    r"""Resamples one mono stream from ``rate`` Hz to the model's 16 kHz, piece by piece: FFmpeg's swresample through
-    PyAV (as `echo.media.read_audio` reads files), a stateful filter, so the pieces give exactly the samples of the
-    whole stream resampled at once. At 16 kHz it passes pieces through.
-
-    Args:
-        rate (`int`): the stream's sampling rate in Hz.
-    """
-
-    def __init__(self, rate: int):
-        self.rate = rate
-        self.flushed = False
-        self._resampler = None
-        self._pts = 0
-        if rate != SAMPLE_RATE:
-            import av
-
-            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-
-    def _run(self, frame) -> np.ndarray:
-        pieces = [out.to_ndarray().reshape(-1) for out in self._resampler.resample(frame)]
-        return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
-
-    def __call__(self, waveform: np.ndarray) -> np.ndarray:
-        """The 16 kHz samples of the next piece ``(n,)`` float32 available now (the filter holds back a few)."""
-        if self.flushed:
-            raise ValueError("The stream's resampler was flushed (end of input): no more samples can follow.")
-        if self._resampler is None or len(waveform) == 0:
-            return waveform
-        import av
-
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(waveform, np.float32)[None], format="flt", layout="mono"
-        )
-        frame.sample_rate, frame.pts = self.rate, self._pts
-        frame.time_base = fractions.Fraction(1, self.rate)
-        self._pts += len(waveform)
-        return self._run(frame)
-
-    def flush(self) -> np.ndarray:
-        """The samples the filter still holds (end of the stream; at 16 kHz there are none, and pieces may follow)."""
-        if self.flushed or self._resampler is None:
-            return np.zeros(0, np.float32)
-        self.flushed = True
-        return self._run(None)
-
-
 def to_16khz(audio, name: str, sampling_rate=SAMPLE_RATE) -> np.ndarray:
     """A whole waveform in any accepted form at ``sampling_rate`` → `(num_samples,)` float32 at 16 kHz."""
-    waveform = to_waveform(audio, name)
-    resampler = StreamResampler(check_sampling_rate(sampling_rate))
-    return np.concatenate([resampler(waveform), resampler.flush()])
+    return resample_audio(to_waveform(audio, name), check_sampling_rate(sampling_rate))
 
 
 def check_features(features, name: str, feature_shape: tuple[int, int]) -> torch.Tensor:

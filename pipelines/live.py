@@ -2,7 +2,7 @@
 
 ```
 echo-live --pipeline DIR --manifest conversations.jsonl [--id ID] [--out avatar.mp4] [--speed 1 | --no-wait]
-          [--piece-frames 1] [--report report.json] [--audio-encoding stream] [echo-render's model options]
+          [--piece-frames 1] [--report report.json] [echo-render's model options]
 ```
 
 The conversation is one entry of an ``echo-render`` manifest (the first, or ``--id``). A feeder thread pushes it into
@@ -14,8 +14,9 @@ media it starts in. The main thread renders each chunk as soon as its inputs are
 Per chunk it prints when the chunk's last input arrived, the **latency** from that arrival to the chunk's first output
 frame (the rendering time plus any wait behind the previous chunk), the compute time, and the **lag**: how far behind
 the conversation the chunk's frames are ready (output time − the time its last frame was spoken, in conversation
-seconds; it includes the audio encoder's look-ahead). The summary gives the **real-time factor** (compute seconds
-per second of video: below 1 keeps up) and ends with one line of ``name=value`` figures.
+seconds; it includes the audio rows' look-ahead, up to 51 frames after a chunk's last frame: see
+`pipelines.session`). The summary gives the **real-time factor** (compute seconds per second of video: below 1 keeps
+up) and ends with one line of ``name=value`` figures.
 """
 
 from __future__ import annotations
@@ -38,14 +39,13 @@ from .render import (
     check_model_options,
     load_pipeline,
     model_options,
-    non_negative_int,
     positive_float,
     positive_int,
     read_entry,
     read_manifest,
     write_atomically,
 )
-from .session import AUDIO_BLOCK_FRAMES, AUDIO_CONTEXT_FRAMES, SAMPLES_PER_FRAME
+from .session import SAMPLES_PER_FRAME
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,10 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-wait", action="store_true", help="push every piece at once, as fast as possible")
     parser.add_argument("--piece-frames", type=positive_int, default=1,
                         help="frames per pushed piece (default: 1, 40 ms)")  # fmt: skip
-    parser.add_argument("--audio-encoding", default="stream", choices=["stream", "file"],
-                        help="'stream': wav2vec2 blocks as the conversation runs; 'file': whole tracks at the end")  # fmt: skip
-    parser.add_argument("--audio-block-frames", type=positive_int, default=AUDIO_BLOCK_FRAMES)
-    parser.add_argument("--audio-context-frames", type=non_negative_int, default=AUDIO_CONTEXT_FRAMES)
     return add_model_arguments(parser)
 
 
@@ -173,9 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         num_frames=inputs["num_frames"],
         generator=torch.Generator().manual_seed(args.seed),
         **model_options(args),
-        audio_encoding=args.audio_encoding,
-        audio_block_frames=args.audio_block_frames,
-        audio_context_frames=args.audio_context_frames,
         output_type="np",
         **helpers,
     )

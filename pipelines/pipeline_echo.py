@@ -36,6 +36,11 @@ Inputs: `pipelines.inputs` defines the accepted forms of every input once (image
 types and ranges). `__call__`, `start_session` and `EchoSession.push` convert the accepted forms and refuse the rest
 with a `ValueError` naming the argument, before any work; nothing is clipped or guessed.
 
+Framing: the model is trained on echo-prep's square head crops. By default (``frame_inputs=True``) a raw reference
+photo and raw user frames are framed by the same code (`echo.framing`: face detection, tracking, causal box
+smoothing, a square of 1.8× the face box at ``settings.resolution``); ``frame_inputs=False`` takes inputs that already
+are such crops (a prepared clip's frames) as they are.
+
 Classifier-free guidance runs up to three passes per step: ``uncond`` (no avatar audio, no user context), ``audio``
 (avatar audio, no user context) and ``full`` (both), combined as
 ``uncond + s_a · (audio − uncond) + s_u · (full − audio)`` with ``s_a = audio_guidance_scale`` and
@@ -68,7 +73,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from echo.audio import SAMPLE_RATE, wav2vec2_frame_features
+from echo.audio import SAMPLE_RATE, audio_track_features
 from echo.encoding import (
     PromptEncoder,
     decode_latents,
@@ -83,7 +88,7 @@ from echo.transformer_echo import EchoTransformer3DModel
 
 from . import inputs as accepted
 from .pipeline_output import EchoPipelineOutput
-from .session import AUDIO_BLOCK_FRAMES, AUDIO_CONTEXT_FRAMES, EchoSession
+from .session import EchoSession
 
 logger = logging.get_logger(__name__)
 
@@ -257,29 +262,26 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         encoder = PromptEncoder(self.text_encoder, self.tokenizer, max_sequence_length)
         return encoder(prompt, device=device or self._execution_device, dtype=dtype or self.text_encoder.dtype)
 
-    def encode_audio(
-        self, waveform, num_frames: int, chunk_seconds: float = 30.0, sampling_rate: int = SAMPLE_RATE
-    ) -> torch.Tensor:
+    def encode_audio(self, waveform, num_frames: int, sampling_rate: int = SAMPLE_RATE) -> torch.Tensor:
         r"""
-        Per-video-frame wav2vec2 features of a mono waveform, computed by the function data preparation uses
-        (`echo.audio.wav2vec2_frame_features`): every hidden state stacked, the ~50 Hz rows linearly resampled
-        to one row per 25 fps frame; the waveform is zero-padded (silence) or cut to ``num_frames / 25`` seconds, and
-        audio longer than ``chunk_seconds`` is encoded in chunks with one second of context on each side.
+        Per-video-frame wav2vec2 rows of frames ``[0, num_frames)`` of a mono track, by the one definition that
+        echo-prep writes and `__call__` and sessions compute (`echo.audio.audio_track_features`: 1-s blocks with 1 s
+        of audio on either side, every hidden state stacked, one row per 25 fps frame; a row reads at most 49 frames
+        of audio after its frame). Silence after the waveform's end; audio after frame ``num_frames − 1`` is read
+        only as the look-ahead of the last rows.
 
         Args:
             waveform: a mono waveform in a form `pipelines.inputs` accepts (float in [−1, 1], int16 / int32 PCM).
             num_frames (`int`): frames the audio covers.
-            chunk_seconds (`float`, defaults to 30): longest piece encoded at once.
-            sampling_rate (`int`, defaults to 16000): rate of ``waveform``; other rates are resampled to 16 kHz.
+            sampling_rate (`int`, defaults to 16000): rate of ``waveform``; other rates are resampled to 16 kHz
+                (`echo.audio.resample_audio`, the resampler echo-prep and sessions use).
 
         Returns:
             `torch.Tensor` of shape `(num_frames, num_hidden_layers + 1, hidden_size)`, float32 on the CPU.
         """
         waveform = accepted.to_16khz(waveform, "waveform", sampling_rate)
         num_frames = accepted.check_int(num_frames, "num_frames")
-        return wav2vec2_frame_features(
-            self.audio_encoder, self.feature_extractor, waveform, num_frames, chunk_seconds=chunk_seconds
-        )
+        return audio_track_features(self.audio_encoder, self.feature_extractor, waveform, num_frames)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         r"""Normalised latents `(B, 16, F, h, w)` → frames `(B, 3, 4(F − 1) + 1, 8h, 8w)` in [−1, 1]
@@ -353,6 +355,8 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             masks = []
             for name, mask in (("lip_mask", lip_mask), ("face_mask", face_mask)):
                 mask = torch.as_tensor(mask).float()
+                if not torch.isfinite(mask).all():
+                    raise ValueError(f"`{name}` holds NaN or infinite values; expected a token-grid mask of 0s and 1s.")
                 if mask.shape[-2:] != grid:
                     raise ValueError(f"`{name}` has shape {tuple(mask.shape)}, expected (..., {grid[0]}, {grid[1]}).")
                 mask = mask.reshape(-1, *grid)
@@ -542,20 +546,18 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         user_video_size: int | None = None,
         max_sequence_length: int | None = None,
         output_type: str | None = "np",
-        audio_encoding: str = "stream",
-        audio_block_frames: int = AUDIO_BLOCK_FRAMES,
-        audio_context_frames: int = AUDIO_CONTEXT_FRAMES,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         sampling_rate: int = SAMPLE_RATE,
+        frame_inputs: bool = True,
     ) -> EchoSession:
         r"""
         Starts an interactive render: an [`~pipelines.session.EchoSession`] on this pipeline's weights, fed with
         ``session.push(user_audio=..., user_video=..., avatar_audio=...)`` in pieces of any length and yielding each
         chunk's frames (``session.pull()``, or iterating it) as soon as the chunk's inputs are complete;
         ``session.close()`` ends the input. Fed the same conversation, it yields exactly the frames of `__call__` with
-        the same generator (and ``audio_encoding``).
+        the same generator.
 
         Args:
             reference_image, generator, emotion, emotion_reasoner, understanding, understanding_model,
@@ -571,13 +573,16 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             output_type (`str` or `None`, defaults to `"np"`): of ``SessionChunk.frames``: `"np"`, `"pt"`, `"pil"`,
                 `"latent"` (the chunk's denoised latents, not decoded: see `__call__`), or `None` (only
                 ``SessionChunk.video`` and ``SessionChunk.latents``).
-            audio_encoding (`str`, defaults to `"stream"`): ``"stream"`` encodes pushed waveforms in blocks of
-                ``audio_block_frames`` frames with ``audio_context_frames`` frames of audio on each side, so chunks
-                render while the conversation goes on; ``"file"`` encodes each track whole at `close` (as `__call__`
-                by default), so nothing renders before the end of input.
-            audio_block_frames (`int`, defaults to 25), audio_context_frames (`int`, defaults to 25): see above.
             sampling_rate (`int`, defaults to 16000): the rate of the waveforms pushed without their own
                 ``sampling_rate``; other rates than 16 kHz are resampled as they arrive (`pipelines.inputs`).
+            frame_inputs (`bool`, defaults to `True`):
+                Frame ``reference_image`` and each pushed ``user_video`` frame as echo-prep frames the training crops
+                (`echo.framing`: the face detected and tracked, its box smoothed causally, a square of 1.8× the face
+                box cropped at the model's ``settings.resolution``), so a raw photo or webcam video reaches the model
+                framed as in training. A reference without a face is a `ValueError`. Landmarks given with the inputs
+                are in their pixels as given and are mapped into the crops. Pass `False` when the inputs already are
+                echo-prep head crops (a prepared clip's frames, the demo's example): they are used as given. Needs
+                MediaPipe (``pip install -e .[prep]``) when `True`.
 
         Returns:
             [`~pipelines.session.EchoSession`].
@@ -616,13 +621,11 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             lip_mask=lip_mask,
             face_mask=face_mask,
             output_type=output_type,
-            audio_encoding=audio_encoding,
-            audio_block_frames=audio_block_frames,
-            audio_context_frames=audio_context_frames,
             attention_kwargs=attention_kwargs,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             sampling_rate=sampling_rate,
+            frame_inputs=frame_inputs,
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -665,8 +668,8 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
-        audio_encoding: str = "file",
         sampling_rate: int = SAMPLE_RATE,
+        frame_inputs: bool = True,
     ):
         r"""
         The call function to the pipeline for generation.
@@ -692,7 +695,9 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 reasoner (``P_hist``).
             emotion (`str` or `list[str]`, *optional*):
                 The avatar's emotional state in words, for all chunks or one per chunk. When `None`, it is reasoned
-                per chunk by ``emotion_reasoner`` from ``dialogue`` up to the chunk's end, else ``default_emotion``.
+                by ``emotion_reasoner`` from ``dialogue`` up to each chunk's reasoning frame (the latest
+                ``k·settings.emotion_stride − 1`` at or before its last frame, `echo.clip_format.reasoning_frame`, as
+                in training), else (none yet, or nothing said by then) ``default_emotion``.
                 A model trained without LAU (``settings.use_emotion=False``) gets the empty prompt.
             num_frames (`int`, *optional*):
                 Frames to generate at 25 fps; defaults to the avatar audio's duration.
@@ -727,15 +732,17 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             understanding (`torch.Tensor` `(N_s, D_s)` or a list of them, one per chunk, *optional*):
                 Precomputed HBCU tokens ``S_usr`` (Eq. 8) when the LCU uses understanding.
             understanding_model (`Callable`, *optional*):
-                Computes ``S_usr`` per chunk as ``understanding_model(frames, audio)`` from the user's frames
-                `(T, H, W, 3)` uint8 and 16 kHz audio up to the chunk's end (e.g. `echo.OmniUnderstanding`).
+                Computes ``S_usr`` as ``understanding_model(frames, audio)`` from the user's frames `(T, H, W, 3)`
+                uint8 and 16 kHz audio up to each chunk's reasoning frame (the latest
+                ``k·settings.understanding_stride − 1`` at or before its last frame, as in training; no tokens
+                before the first), e.g. `echo.OmniUnderstanding`.
             emotion_reasoner (*optional*):
                 An object with ``describe(history, clip_end, avatar_speaker)`` (e.g. `echo.EmotionReasoner`).
             reference_landmarks (`np.ndarray` `(478, 2)`, *optional*):
-                Face-mesh landmarks of the reference in pixels of ``reference_image`` (as given, before resizing);
-                detected with MediaPipe when omitted.
+                Face-mesh landmarks of the reference in pixels of ``reference_image`` (as given, before framing and
+                resizing); detected with MediaPipe (on the framed reference) when omitted.
             user_landmarks (`np.ndarray` `(T_u, 478, 2)`, *optional*):
-                Face-mesh landmarks of the user's frames (pixels of the given frames) for the LCU's face-masked token
+                Face-mesh landmarks of the user's frames (pixels of the frames as given) for the LCU's face-masked token
                 selection (Eq. 7); detected with MediaPipe when omitted and the LCU uses the visual branch.
             lip_mask (`torch.Tensor`, *optional*), face_mask (`torch.Tensor`, *optional*):
                 Token-grid masks `(H', W')` or `(F, H', W')` replacing the landmark masks.
@@ -759,13 +766,17 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 callback_kwargs)``; ``self.current_chunk`` tells the chunk.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors passed in ``callback_kwargs``, among ``self._callback_tensor_inputs``.
-            audio_encoding (`str`, defaults to `"file"`):
-                How waveforms become wav2vec2 rows: ``"file"`` encodes each track whole (`encode_audio`, as data
-                preparation does); ``"stream"`` encodes them in blocks as a live session does
-                (`pipelines.session.stream_frame_features`), for a render identical to a session's.
             sampling_rate (`int`, defaults to 16000):
                 The rate of ``avatar_audio`` and ``user_audio`` in Hz; other rates than the model's 16 kHz are
                 resampled (FFmpeg's resampler, as audio files are read).
+            frame_inputs (`bool`, defaults to `True`):
+                Frame ``reference_image`` and each ``user_video`` frame as echo-prep frames the training crops
+                (`echo.framing`: the face detected and tracked, its box smoothed causally, a square of 1.8× the face
+                box cropped at the model's ``settings.resolution``), so a raw photo or webcam video reaches the model
+                framed as in training. A reference without a face is a `ValueError`. Landmarks given with the inputs
+                are in their pixels as given and are mapped into the crops. Pass `False` when the inputs already are
+                echo-prep head crops (a prepared clip's frames, the demo's example): they are used as given. Needs
+                MediaPipe (``pip install -e .[prep]``) when `True`.
 
         Examples:
 
@@ -838,11 +849,11 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             lip_mask=lip_mask,
             face_mask=face_mask,
             output_type=None,  # the frames are post-processed once, below
-            audio_encoding=audio_encoding,
             attention_kwargs=attention_kwargs,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             sampling_rate=sampling_rate,
+            frame_inputs=frame_inputs,
         )
         session.push(avatar_audio=avatar_audio, avatar_audio_features=avatar_audio_features, dialogue=dialogue)
         if user_video is not None:

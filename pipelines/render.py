@@ -20,7 +20,9 @@ The manifest holds one JSON object per line:
 ``dialogue``, ``emotion`` and ``num_frames`` are optional, and so are ``understanding`` (a ``.safetensors`` file with a
 ``hidden_states`` tensor, the cached HBCU tokens of data preparation), ``reference_landmarks`` (``.npy`` `(478, 2)`,
 pixels of the reference image) and ``user_landmarks`` (``.npy`` `(T, 478, 2)`, pixels of the user's frames); without
-landmarks MediaPipe detects them. Relative paths are relative to the manifest's folder. ``--understanding-model``
+landmarks MediaPipe detects them. The reference image and the user's video are framed as echo-prep frames the
+training crops (`EchoPipeline`'s ``frame_inputs``); an entry whose inputs already are echo-prep head crops (a prepared
+clip's frames, the demo's example) says ``"frame_inputs": false``. Relative paths are relative to the manifest's folder. ``--understanding-model``
 computes the understanding tokens of entries without a file, ``--emotion-backend`` reasons the emotion of entries
 without one from their dialogue (`echo.EmotionReasoner`).
 
@@ -34,9 +36,12 @@ Behaviour:
 - ids are sanitised: any character outside ``[A-Za-z0-9._-]`` becomes ``_`` and leading dots are dropped, so no id
   (``"../x"``, ``"/etc/passwd"``, ``"a/b"``) can write outside ``--out``; two entries that sanitise to the same id
   fail the second one;
-- clips whose mp4 already exists are skipped, so a rerun renders only what is missing;
+- ``<out>/render_options.json`` records the options and the clips rendered with them: clips it lists are skipped, so
+  a rerun renders only what is missing; another ``<id>.mp4`` (a user's own video, a folder) is never taken as done
+  nor deleted (that clip fails, naming it), and ``--overwrite`` deletes only the listed clips;
 - a clip that fails (missing file, bad entry, model error) is recorded in ``<out>/failures.jsonl`` (``id``,
   ``error``, ``traceback``; rewritten each run) and the others continue; the exit code is 1 when any clip failed;
+  when ``failures.jsonl`` cannot be written (disk full), the failures are printed instead;
 - a progress bar with an ETA runs over the clips and a summary is printed at the end.
 """
 
@@ -118,10 +123,20 @@ def _resolve(base: Path, value) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _input_file(base: Path, entry: dict, key: str) -> Path:
+    """The file of ``entry[key]``, checked to be a regular file: reading a FIFO or a device would block the batch."""
+    path = _resolve(base, entry[key])
+    if not path.exists():
+        raise FileNotFoundError(f"`{key}` {str(path)!r} does not exist.")
+    if not path.is_file():
+        raise ValueError(f"`{key}` {str(path)!r} is not a regular file (a folder, FIFO or device); name a file.")
+    return path
+
+
 def read_entry(entry: dict, base: Path) -> dict:
     """The files and fields of one manifest entry as `EchoPipeline` arguments: ``reference_image``, ``avatar_audio``,
     ``user_audio``, ``user_video``, ``dialogue``, ``emotion``, ``num_frames`` and, when the entry has them,
-    ``understanding``, ``reference_landmarks``, ``user_landmarks``."""
+    ``understanding``, ``reference_landmarks``, ``user_landmarks``, ``frame_inputs``."""
     from safetensors.torch import load_file
 
     from .video_io import load_image, load_wav, read_frames
@@ -130,23 +145,27 @@ def read_entry(entry: dict, base: Path) -> dict:
     if missing:
         raise ValueError(f"entry is missing keys {missing}; required: {list(REQUIRED_KEYS)}")
     kwargs = {
-        "reference_image": load_image(_resolve(base, entry["reference_image"])),
-        "avatar_audio": load_wav(_resolve(base, entry["avatar_audio"])),
-        "user_audio": load_wav(_resolve(base, entry["user_audio"])),
-        "user_video": read_frames(_resolve(base, entry["user_video"])),
+        "reference_image": load_image(_input_file(base, entry, "reference_image")),
+        "avatar_audio": load_wav(_input_file(base, entry, "avatar_audio")),
+        "user_audio": load_wav(_input_file(base, entry, "user_audio")),
+        "user_video": read_frames(_input_file(base, entry, "user_video")),
         "dialogue": entry.get("dialogue"),
         "emotion": entry.get("emotion"),
     }
     if "understanding" in entry:
-        tensors = load_file(str(_resolve(base, entry["understanding"])))
+        tensors = load_file(str(_input_file(base, entry, "understanding")))
         if "hidden_states" not in tensors:
             raise KeyError(f"{entry['understanding']!r} has no 'hidden_states' tensor")
         hidden = tensors["hidden_states"].float()
         kwargs["understanding"] = hidden.reshape(-1, hidden.shape[-1])
     if "reference_landmarks" in entry:  # pixels of the reference image, as the pipeline takes them
-        kwargs["reference_landmarks"] = _load_array(_resolve(base, entry["reference_landmarks"])).astype(np.float32)
+        kwargs["reference_landmarks"] = _load_array(_input_file(base, entry, "reference_landmarks")).astype(np.float32)
     if "user_landmarks" in entry:
-        kwargs["user_landmarks"] = _load_array(_resolve(base, entry["user_landmarks"]))
+        kwargs["user_landmarks"] = _load_array(_input_file(base, entry, "user_landmarks"))
+    if "frame_inputs" in entry:  # false: the inputs already are head crops
+        if not isinstance(entry["frame_inputs"], bool):
+            raise ValueError(f"`frame_inputs` is {entry['frame_inputs']!r}, expected true or false")
+        kwargs["frame_inputs"] = entry["frame_inputs"]
     num_frames = entry.get("num_frames")
     if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
         raise ValueError(f"`num_frames` is {num_frames!r}, expected a positive integer")
@@ -199,8 +218,12 @@ def render_manifest(
     any clip."""
     check_model_options(pipe, args)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record_options(out_dir, render_options(pipe, args), overwrite=getattr(args, "overwrite", False))
+    options = render_options(pipe, args)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        own = record_options(out_dir, options, overwrite=getattr(args, "overwrite", False))
+    except OSError as error:  # an unwritable --out, or a file in its place
+        raise ValueError(f"--out {str(out_dir)!r} cannot be written ({error.strerror or error}); choose another folder.") from error
     base = Path(manifest).resolve().parent
     rows = read_manifest(manifest)
     summary = {"rendered": [], "skipped": [], "failed": [], "frames": 0, "seconds": 0.0}
@@ -217,11 +240,19 @@ def render_manifest(
             if out_path.name in seen:
                 raise ValueError(f"`id` {clip_id!r} sanitises to {out_path.stem!r}, already used by an earlier entry")
             seen.add(out_path.name)
-            if out_path.exists():
+            if out_path.name in own and out_path.is_file():
                 summary["skipped"].append(out_path.stem)
                 continue
+            if out_path.exists() or out_path.is_symlink():
+                raise FileExistsError(
+                    f"{str(out_path)!r} exists and is not a clip echo-render recorded as its own in {OPTIONS_FILE} "
+                    f"(a {'folder' if out_path.is_dir() else 'file'} of yours?): it is left as it is. Move it away, or "
+                    "render into another --out folder."
+                )
             bar.set_postfix_str(out_path.stem)
             summary["frames"] += render_entry(pipe, entry, base, out_path, args, helpers)
+            own.add(out_path.name)
+            write_record(out_dir, options, own)
             summary["rendered"].append(out_path.stem)
         except Exception as exc:  # one clip's failure is recorded; the others still render
             failures.append(
@@ -230,11 +261,35 @@ def render_manifest(
             summary["failed"].append(str(clip_id))
             tqdm.write(f"echo-render: {clip_id!r} failed: {type(exc).__name__}: {exc}")
     bar.close()
-    with open(out_dir / "failures.jsonl", "w") as f:
-        for failure in failures:
-            f.write(json.dumps(failure) + "\n")
+    summary["failures_file"] = write_failures(out_dir / FAILURES_FILE, failures)
     summary["seconds"] = time.perf_counter() - start_time
     return summary
+
+
+FAILURES_FILE = "failures.jsonl"
+
+
+def write_failures(path: Path, failures: list[dict]) -> Path | None:
+    """Write the failure records to ``path`` (atomically: the previous file stays until the new one is complete).
+    When that fails (disk full, folder gone), print every record to stderr with the reason instead, so that no failure
+    goes unrecorded, and return `None`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            for failure in failures:
+                f.write(json.dumps(failure) + "\n")
+        os.replace(tmp, path)
+        return path
+    except OSError as error:
+        print(f"echo-render: could not write {str(path)!r} ({error.strerror or error}); the failures are:", file=sys.stderr)
+        for failure in failures:
+            print(f"echo-render: failed {failure['id']!r} (manifest line {failure['line']}): {failure['error']}",
+                  file=sys.stderr)  # fmt: skip
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return None
 
 
 OPTIONS_FILE = "render_options.json"
@@ -263,18 +318,31 @@ def render_options(pipe, args: argparse.Namespace) -> dict:
     }
 
 
-def record_options(out_dir: Path, options: dict, overwrite: bool = False) -> None:
+def record_options(out_dir: Path, options: dict, overwrite: bool = False) -> set[str]:
     """Compare ``options`` with those recorded in ``out_dir`` by an earlier run: a rerun with the same options resumes
     (finished clips are skipped), one with other options is refused naming them (clips of two settings never mix),
-    unless ``overwrite``, which deletes the earlier clips first. A folder of clips without a record is refused too."""
+    unless ``overwrite``, which deletes the earlier clips first. A folder of clips without a record is refused too.
+
+    The record (``render_options.json``) also lists the clips echo-render wrote (``clips``); ``overwrite`` deletes
+    those only, never another ``*.mp4`` of the folder (a user's own video), and only they count as done.
+
+    Returns:
+        the file names of the clips rendered with ``options`` so far (empty after ``overwrite``).
+    """
     path = out_dir / OPTIONS_FILE
-    clips = sorted(out_dir.glob("*.mp4"))
+    clips = sorted(p for p in out_dir.glob("*.mp4") if p.is_file())
+    own: set[str] = set()
     if path.is_file():
         try:
             recorded = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            if not isinstance(recorded, dict):
+                raise ValueError(f"it holds a {type(recorded).__name__}, expected a JSON object")
+        except ValueError as error:
             raise ValueError(f"{str(path)!r} is not valid JSON ({error}); delete it with the clips, or pass --overwrite.") from error
         changed = {k: (recorded.get(k), v) for k, v in options.items() if recorded.get(k) != v}
+        listed = recorded.get("clips")
+        # a record of an older echo-render lists no clips: those of the folder are its own
+        own = {p.name for p in clips} if listed is None else {name for name in listed if isinstance(name, str)}
     else:
         changed = {"(no record)": (None, "this run")} if clips else {}
     if changed and not overwrite:
@@ -285,10 +353,18 @@ def record_options(out_dir: Path, options: dict, overwrite: bool = False) -> Non
         )
     if changed and overwrite:
         for clip in clips:
-            clip.unlink()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(options, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+            if clip.name in own:
+                clip.unlink()
+        own = set()
+    write_record(out_dir, options, own)
+    return own
+
+
+def write_record(out_dir: Path, options: dict, clips: set[str]) -> None:
+    """``render_options.json``: the options and the clips rendered with them, written atomically."""
+    from echo.clip_format import write_json
+
+    write_json(out_dir / OPTIONS_FILE, {**options, "clips": sorted(clips)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--scheduler", default=None, choices=FLOW_SCHEDULERS,
                         help="sample with this scheduler instead of the model's (its shift kept unless --shift)")  # fmt: skip
-    parser.add_argument("--shift", type=positive_float, default=None,
-                        help="the scheduler's flow time shift, > 0 (default: the model's)")  # fmt: skip
+    parser.add_argument("--shift", type=flow_shift, default=None,
+                        help=f"the scheduler's flow time shift, in (0, {MAX_SHIFT:g}] (default: the model's)")  # fmt: skip
     return add_model_arguments(parser)
 
 
@@ -340,6 +416,21 @@ def positive_float(text: str) -> float:
         return value
 
     return _parsed(text, float, check, "a finite number > 0")
+
+
+# Flow time shifts past this put every σ of a schedule at 1 to float precision (sampling then fails); Wan uses 3-17.
+MAX_SHIFT = 1000.0
+
+
+def flow_shift(text: str) -> float:
+    """argparse type: a flow time shift, a finite number in ``(0, MAX_SHIFT]``."""
+
+    def check(value: float) -> float:
+        if not 0 < check_scale(value, "option") <= MAX_SHIFT:
+            raise ValueError(value)
+        return value
+
+    return _parsed(text, float, check, f"a number in (0, {MAX_SHIFT:g}]")
 
 
 # The model options: their `EchoPipeline` argument and command-line name.
@@ -451,6 +542,12 @@ def load_pipeline(
     pipe = EchoPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True)
     if scheduler is not None or shift is not None:
         pipe.scheduler = flow_scheduler(scheduler or type(pipe.scheduler).__name__, pipe.scheduler, shift)
+    sampled_shift = scheduler_shift(pipe.scheduler)
+    if not 0 < sampled_shift <= MAX_SHIFT:  # NaN fails too
+        raise ValueError(
+            f"the scheduler of {str(folder)!r} samples with the time shift {sampled_shift:g} "
+            f"(scheduler/scheduler_config.json), expected a number in (0, {MAX_SHIFT:g}]; pass --shift to override it."
+        )
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -476,8 +573,10 @@ def main(argv: list[str] | None = None) -> int:
         f"echo-render: {len(summary['rendered'])} rendered, {len(summary['skipped'])} skipped (already done), "
         f"{len(summary['failed'])} failed in {summary['seconds']:.1f} s ({video_seconds:.1f} s of video) -> {args.out}"
     )
-    if summary["failed"]:
-        print(f"echo-render: failures recorded in {Path(args.out) / 'failures.jsonl'}: {', '.join(summary['failed'])}")
+    if summary["failed"] and summary["failures_file"] is not None:
+        print(f"echo-render: failures recorded in {summary['failures_file']}: {', '.join(summary['failed'])}")
+    elif summary["failed"]:
+        print(f"echo-render: failed (not recorded, see above): {', '.join(summary['failed'])}")
     return 1 if summary["failed"] else 0
 
 

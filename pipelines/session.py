@@ -23,35 +23,58 @@ How a chunk is computed (the decisions behind "exactly" and "constant cost per c
   windows look ``radius = audio_window // 2`` frames ahead), or when the session is closed. All work (audio
   encoding, user video tokens, LCU, denoising, decoding) happens on chunk boundaries, never on push boundaries, which
   is why the piece sizes cannot change the result.
-- **User history (LCU, Eq. 5-9).** The LCU's Mamba state is carried from chunk to chunk
+- **User history (LCU, Eq. 5-9).** The user's whole history from frame 0 (``settings.max_history_frames = None``,
+  what every shipped model is trained with): the LCU's Mamba state is carried from chunk to chunk
   (`echo.lcu.LCUState`), saved at ``stop − max(radius, motion_frames)`` (the audio windows of the history's last
   frames are not final, and the next clip starts ``motion_frames`` before ``stop``). Each call still receives the
   full history (views, no copy; the form training gives it, so both build identical inputs), but reads only the
   frames after the state, re-running the open 16-frame scan block: the result is bit-identical to the full-history
   forward the model was trained with (PyTorch path; up to float rounding on the mamba-ssm kernel path, see
-  `echo.lcu`). With ``settings.max_history_frames`` set, the history is capped as in training: the LCU runs on the
-  last ``max_history_frames`` frames of every chunk without a state (a recurrent state cannot forget frames exactly),
-  at a cost bounded by the cap. The per-frame inputs of the whole conversation stay in CPU memory for those views
-  (float32 wav2vec2 rows: ``NL · 768 · 4`` bytes per frame, ~3.6 GB per hour for wav2vec2-base).
-- **Understanding (HBCU, Eq. 8).** As offline and as the data-prep cache the training windows read: Φ of the user's
-  media from the conversation's start up to the chunk's end, once per chunk (``understanding_model(frames[:stop],
-  audio[:stop])``), or precomputed tokens. Φ's own limits (``OmniUnderstanding.max_frames`` evenly spaced frames,
-  ``max_audio_seconds``) bound its cost per chunk; its inputs, the user's frames and audio since the start, are kept
-  only when an ``understanding_model`` is given.
-- **Emotion (LAU, Eq. 3).** Per chunk, from the reasoner over the dialogue pushed so far, cut at the chunk's end
-  (`echo.emotion.format_history`). A dialogue segment that starts before the end of an already rendered chunk arrives
-  too late to have been seen by that chunk: an error, since an offline render would have used it.
-- **Audio features.** wav2vec2 attends over its whole input, so a row depends on the audio after it.
-  ``audio_encoding="file"`` (the offline default) encodes each track whole at `close` (`EchoPipeline.encode_audio`,
-  the data-prep definition), so nothing renders before the end of input. ``audio_encoding="stream"`` (the session
-  default) encodes fixed blocks of ``audio_block_frames`` frames, each with ``audio_context_frames`` frames of audio
-  on both sides (`stream_frame_features`): a row is final one block plus the context after its audio, at the cost of
-  features that differ from whole-file features near block edges. Precomputed rows (``*_audio_features``, e.g. a
+  `echo.lcu`). A chunk's LCU encodes at most ``15 + max(radius, motion_frames) + (N − motion_frames) + radius``
+  frames whatever the conversation's length (51 with 33-frame chunks, one motion frame, radius 2;
+  `benchmarks/streaming.py`).
+  A model trained with a cap (``settings.max_history_frames = W``) is served with the cap's exact semantics: every
+  chunk's LCU runs on the last ``W`` frames, without a state. A state cannot be made to forget frames exactly (the
+  K stacked Mamba layers: a layer's inputs inside the window depend, through the layer below, on the frames before
+  it), so a capped model's cost per chunk is bounded by ``W`` frames (constant once the history is longer than ``W``,
+  but ``W`` frames rather than ~``N``), and the session logs a warning saying so. The per-frame inputs of the whole
+  conversation stay in CPU memory for the views (float32 wav2vec2 rows: ``NL · 768 · 4`` bytes per frame, ~3.6 GB
+  per hour for wav2vec2-base).
+- **Reasoning frames (understanding and emotion).** One rule with the training windows
+  (`echo.clip_format.reasoning_frame`): a chunk ending at frame ``stop − 1`` reads what was reasoned at its reasoning
+  frame ``r``, the latest ``k·stride − 1 ≤ stop − 1`` (strides ``settings.understanding_stride`` /
+  ``settings.emotion_stride``, saved with the model from the caches it was trained on); before the first, no
+  understanding tokens and ``settings.default_emotion``. Results are cached per reasoning frame, so a chunk ending
+  between two reasoning frames reuses the older one, exactly as a training window does.
+- **Understanding (HBCU, Eq. 8).** Φ of the user's media from the conversation's start up to ``r`` inclusive
+  (``understanding_model(frames[:r + 1], audio[:(r + 1)·640])``, what echo-prep's ``omni`` stage caches), or
+  precomputed tokens. Φ's own limits (``OmniUnderstanding.max_frames`` evenly spaced frames, ``max_audio_seconds``)
+  bound its cost per call; its inputs, the user's frames and audio since the start, are kept only when an
+  ``understanding_model`` is given.
+- **Emotion (LAU, Eq. 3).** The reasoner over the dialogue pushed so far, cut at ``r`` (`echo.emotion.reason_emotion`,
+  what echo-prep's ``emotion`` stage writes); ``default_emotion`` while nothing was said. A dialogue segment that
+  starts before the end of an already rendered chunk arrives too late to have been seen by that chunk: an error,
+  since an offline render would have used it.
+- **Audio features.** wav2vec2 attends over its whole input, so a row depends on the audio after it. The rows have
+  one definition, `echo.audio.audio_frame_features` (the one echo-prep writes and the offline call computes): 1-s
+  blocks aligned to frame 0, each encoded with 1 s of audio on either side, so the row of frame ``t`` reads at most
+  ``AUDIO_LOOKAHEAD_FRAMES`` = 49 frames (1.96 s) of audio after it. A block is encoded once its right context has
+  arrived (`echo.audio.final_rows`): a chunk ``[start, stop)`` renders once the audio up to frame
+  ``25⌊(stop + radius − 1)/25⌋ + 49`` is in, 27 to 51 frames (1.08 s to 2.04 s) after its last frame, plus the
+  compute. The avatar windows of frames ``start … stop − 1`` read rows ``t ± radius`` clamped to the conversation's
+  frames ``0 … num_frames − 1`` (`echo.audio.window_indices`, as the dataset does). Precomputed rows
+  (``*_audio_features``, e.g. a
   prepared clip's ``*_w2v.npy``) bypass both.
 - **Inputs.** Every pushed piece is checked and converted by `pipelines.inputs` (the accepted forms of images, frames
   and waveforms) before any buffer changes. A waveform at another rate than 16 kHz (``sampling_rate``, per session or
   per push; fixed per stream by its first piece) is resampled as it arrives by a stateful resampler, so pieces give
   exactly the samples of the whole; its last samples come at `close`.
+- **Framing.** With ``frame_inputs=True`` (the default) the reference photo and the user's frames are framed as
+  echo-prep frames the training crops (`echo.framing`: face detection, tracking, a causal exponential smoothing of the
+  box, a square of 1.8× the face box, cropped at ``settings.resolution``, the size the model was trained at). The
+  framing has no look-ahead, so each pushed user piece is framed when it is pushed, its state carried to the next
+  piece: pieces of any size give the crops of the whole video, and of echo-prep's framing of it. Landmarks given with
+  raw inputs are mapped into the crops. ``frame_inputs=False`` takes inputs that already are head crops as they are.
 - **Reference image tokens (I2V bases).** A transformer with ``image_dim`` (Wan2.1-I2V) reads the reference's CLIP
   tokens (`EchoPipeline.encode_image`, encoded once per session) in every guidance pass, the unconditional one too, as
   diffusers' `WanImageToVideoPipeline` does.
@@ -81,10 +104,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from diffusers.utils import logging
 
-from echo.audio import FPS, SAMPLE_RATE, wav2vec2_frame_features
+from echo.audio import (
+    AUDIO_BLOCK_FRAMES,
+    AUDIO_CONTEXT_FRAMES,
+    FPS,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    StreamResampler,
+    audio_frame_features,
+    final_rows,
+    window_indices,
+)
+from echo.clip_format import reasoning_frame
+from echo.emotion import reason_emotion
 from echo.encoding import PromptEncoder, chunk_condition, detect_face_landmarks, encode_user_video, prepare_user_video
 from echo.flow_matching import check_flow_scheduler
+from echo.framing import FaceFramer, FramingState, frame_image, source_to_crop
 from echo.masks import NUM_LANDMARKS
 
 from . import inputs as accepted
@@ -92,10 +129,7 @@ from . import inputs as accepted
 if TYPE_CHECKING:
     from .pipeline_echo import EchoPipeline
 
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples of 16 kHz audio per 25 fps frame
-AUDIO_BLOCK_FRAMES = 25  # "stream" audio encoding: frames per wav2vec2 block (1 s)
-AUDIO_CONTEXT_FRAMES = 25  # ... and audio on each side of a block (1 s, as `wav2vec2_frame_features` between chunks)
-AUDIO_ENCODINGS = ("stream", "file")
+logger = logging.get_logger(__name__)
 
 
 def missing_understanding_message(understanding_dim: int) -> str:
@@ -109,39 +143,6 @@ def missing_understanding_message(understanding_dim: int) -> str:
         "(use_understanding: false, the w/o HBCU ablation); without `user_video` the user branch is off and none "
         "is needed."
     )
-
-
-def stream_frame_features(
-    model,
-    feature_extractor,
-    waveform: np.ndarray,
-    first: int,
-    stop: int,
-    context_frames: int = AUDIO_CONTEXT_FRAMES,
-    waveform_offset: int = 0,
-) -> torch.Tensor:
-    r"""The wav2vec2 rows of frames ``[first, stop)`` of a stream: `echo.audio.wav2vec2_frame_features` of the audio of
-    frames ``max(0, first − context_frames) … stop + context_frames − 1`` (silence beyond the waveform's end), keeping
-    the rows of ``[first, stop)``. A row depends on the audio up to ``context_frames`` frames after its block.
-
-    Args:
-        model (`transformers.Wav2Vec2Model`), feature_extractor (`transformers.Wav2Vec2FeatureExtractor`).
-        waveform (`np.ndarray` of shape `(N,)`): 16 kHz mono audio of the stream, from sample ``waveform_offset``
-            (at most ``max(0, first − context_frames) · 640``) on.
-        first (`int`), stop (`int`): the frames to encode.
-        context_frames (`int`, defaults to `AUDIO_CONTEXT_FRAMES`): audio on each side, in frames.
-        waveform_offset (`int`, defaults to 0): the stream's sample index of ``waveform[0]``.
-
-    Returns:
-        `torch.Tensor` of shape `(stop − first, num_hidden_layers + 1, hidden_size)`, float32 on the CPU.
-    """
-    low, high = max(0, first - context_frames), stop + context_frames
-    if waveform_offset > low * SAMPLES_PER_FRAME:
-        raise ValueError(f"`waveform` starts at sample {waveform_offset}, after the context of frame {first}.")
-    span = np.zeros((high - low) * SAMPLES_PER_FRAME, dtype=np.float32)
-    given = waveform[low * SAMPLES_PER_FRAME - waveform_offset : high * SAMPLES_PER_FRAME - waveform_offset]
-    span[: len(given)] = given
-    return wav2vec2_frame_features(model, feature_extractor, span, high - low)[first - low : stop - low]
 
 
 class _Rows:
@@ -187,15 +188,14 @@ class _Rows:
 class _AudioStream:
     """One speaker's audio: a waveform (encoded to wav2vec2 rows on demand) and/or precomputed per-frame rows."""
 
-    def __init__(self, name: str, encoding: str, block_frames: int, context_frames: int, feature_shape: tuple):
-        self.name, self.encoding = name, encoding
-        self.block_frames, self.context_frames = block_frames, context_frames
+    def __init__(self, name: str, feature_shape: tuple):
+        self.name = name
         self.feature_shape = feature_shape  # (NL, D) of the audio encoder
         self.samples = _Rows()  # float32 waveform at 16 kHz
         self.rows = _Rows()  # float32 (T, NL, D): pushed features, or encoded from the waveform
         self.given_features = False
         self.pushed_waveform = False
-        self.resampler: accepted.StreamResampler | None = None  # fixed by the first waveform piece's rate
+        self.resampler: StreamResampler | None = None  # fixed by the first waveform piece's rate
 
     def check_rate(self, rate: int) -> None:
         """Every piece of a stream has the rate of the first (the resampler's state runs across pieces)."""
@@ -210,7 +210,7 @@ class _AudioStream:
     def push_waveform(self, waveform: np.ndarray, rate: int) -> None:
         """Appends a piece at ``rate`` Hz (checked by `check_rate`), resampled to 16 kHz as it arrives."""
         if self.resampler is None:
-            self.resampler = accepted.StreamResampler(rate)
+            self.resampler = StreamResampler(rate)
         waveform = self.resampler(waveform)
         self.samples.append(torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)))
         self.pushed_waveform = True
@@ -242,10 +242,7 @@ class _AudioStream:
             return len(self.rows)
         if closed:
             return math.inf
-        if self.encoding == "file":
-            return 0
-        blocks = (self.num_samples // SAMPLES_PER_FRAME - self.context_frames) // self.block_frames
-        return max(0, blocks) * self.block_frames
+        return final_rows(self.num_samples)
 
     def waveform(self, stop: int | None = None) -> np.ndarray:
         """The samples kept (from ``samples.offset``, 0 unless released) up to ``stop``, a view."""
@@ -254,8 +251,8 @@ class _AudioStream:
             return np.zeros(0, dtype=np.float32)
         return self.samples.view(self.samples.offset, end).numpy()
 
-    def encode(self, stop: int, total: int | None, pipe: EchoPipeline) -> torch.Tensor:
-        """Rows ``[0, stop)``, a view; encodes what is missing ("file": the whole track at ``total`` frames)."""
+    def encode(self, stop: int, pipe: EchoPipeline) -> torch.Tensor:
+        """Rows ``[0, stop)``, a view; encodes the blocks that are missing (`echo.audio.audio_frame_features`)."""
         if self.given_features:
             if len(self.rows) < stop:
                 raise ValueError(
@@ -265,24 +262,20 @@ class _AudioStream:
             return self.rows.view(0, stop)
         if not self.pushed_waveform:
             raise ValueError(f"No `{self.name}` was pushed: a mono waveform or `{self.name}_features`.")
-        if self.encoding == "file":
-            if len(self.rows) == 0:
-                self.rows.append(pipe.encode_audio(self.waveform(), total))
-            return self.rows.view(0, stop)
-        while len(self.rows) < stop:
-            first = len(self.rows)
-            block = stream_frame_features(
-                pipe.audio_encoder, pipe.feature_extractor, self.waveform(), first, first + self.block_frames,
-                self.context_frames, self.samples.offset,
-            )  # fmt: skip
-            self.rows.append(block)
+        if len(self.rows) < stop:
+            # whole blocks (final once rows_final ≥ stop), so that no block is encoded twice
+            end = -(-stop // AUDIO_BLOCK_FRAMES) * AUDIO_BLOCK_FRAMES
+            rows = audio_frame_features(pipe.audio_encoder, pipe.feature_extractor, self.waveform(), len(self.rows),
+                                        end, waveform_offset=self.samples.offset)  # fmt: skip
+            self.rows.append(rows)
         return self.rows.view(0, stop)
 
     def release(self, keep_waveform: bool) -> None:
         """Drops waveform samples no block needs any more (unless ``keep_waveform``)."""
-        if keep_waveform or self.given_features or self.encoding == "file":
+        if keep_waveform or self.given_features:
             return
-        self.samples.drop_before(max(0, len(self.rows) - self.context_frames) * SAMPLES_PER_FRAME)
+        # the next block's left context starts AUDIO_CONTEXT_FRAMES before its first frame, len(rows) at most
+        self.samples.drop_before(max(0, len(self.rows) - AUDIO_CONTEXT_FRAMES) * SAMPLES_PER_FRAME)
 
 
 @dataclass
@@ -365,20 +358,14 @@ class EchoSession:
         lip_mask: torch.Tensor | None = None,
         face_mask: torch.Tensor | None = None,
         output_type: str | None = "np",
-        audio_encoding: str = "stream",
-        audio_block_frames: int = AUDIO_BLOCK_FRAMES,
-        audio_context_frames: int = AUDIO_CONTEXT_FRAMES,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         sampling_rate: int = SAMPLE_RATE,
+        frame_inputs: bool = True,
     ):
         if output_type not in ("np", "pt", "pil", "latent", None):
             raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil', 'latent' or None.")
-        if audio_encoding not in AUDIO_ENCODINGS:
-            raise ValueError(f"`audio_encoding` is {audio_encoding!r}, expected one of {AUDIO_ENCODINGS}.")
-        audio_block_frames = accepted.check_int(audio_block_frames, "audio_block_frames", 1)
-        audio_context_frames = accepted.check_int(audio_context_frames, "audio_context_frames", 0)
         if num_frames is not None:
             num_frames = accepted.check_int(num_frames, "num_frames")
         if not isinstance(with_user, bool):
@@ -408,6 +395,19 @@ class EchoSession:
             raise ValueError(missing_understanding_message(pipe.context_encoder.config.understanding_dim))
         self.sampling_rate = accepted.check_sampling_rate(sampling_rate)
         reference_image = accepted.check_image(reference_image, "reference_image")  # converted once, checked once
+        if not isinstance(frame_inputs, bool):
+            raise ValueError(f"`frame_inputs` is {accepted.describe(frame_inputs)}; expected True or False.")
+        self.frame_inputs, self.crop_size = frame_inputs, settings.resolution
+        if frame_inputs:  # a raw photo → echo-prep's head crop at the training size (`echo.framing`), as trained
+            raw = accepted.to_uint8_image(reference_image, "reference_image")  # H, W, 3 uint8, as the detector reads
+            if reference_landmarks is not None:  # pixels of the photo as given → pixels of its crop
+                reference_landmarks = accepted.check_landmarks(
+                    reference_landmarks, "reference_landmarks", (NUM_LANDMARKS, 2),
+                    f"pixels of the {raw.shape[0]}x{raw.shape[1]} reference image",
+                )  # fmt: skip
+            reference_image, box = frame_image(raw, self.crop_size, "reference_image")  # S, S, 3 uint8
+            if reference_landmarks is not None:
+                reference_landmarks = source_to_crop(reference_landmarks, box, self.crop_size)
         self.pipe, self.settings = pipe, settings
         self.height, self.width = height, width
         self.generator, self.with_user = generator, with_user
@@ -439,14 +439,25 @@ class EchoSession:
         # 2. Buffers
         encoder = pipe.audio_encoder.config
         feature_shape = (encoder.num_hidden_layers + 1, encoder.hidden_size)
-        stream = dict(encoding=audio_encoding, block_frames=audio_block_frames, context_frames=audio_context_frames)
-        self.avatar_audio = _AudioStream("avatar_audio", feature_shape=feature_shape, **stream)
-        self.user_audio = _AudioStream("user_audio", feature_shape=feature_shape, **stream)
+        self.avatar_audio = _AudioStream("avatar_audio", feature_shape=feature_shape)
+        self.user_audio = _AudioStream("user_audio", feature_shape=feature_shape)
         self.user = _UserHistory()
         self.dialogue: list[dict] = []
         self.needs_user_video = with_user and "user_video" in pipe.context_encoder.required_inputs
         self.needs_understanding = with_user and "understanding" in pipe.context_encoder.required_inputs
         self.keeps_user_media = self.needs_understanding and understanding_model is not None and understanding is None
+        # The user's frames are framed as they are pushed (causal: no look-ahead), when something reads them
+        self.user_framer = FaceFramer() if frame_inputs and (self.needs_user_video or self.keeps_user_media) else None
+        self.user_framing = FramingState()
+        if with_user and settings.max_history_frames is not None:
+            cap = settings.max_history_frames
+            logger.warning(
+                f"This model was trained with `max_history_frames={cap}`: every chunk's LCU encodes the last {cap} "
+                f"frames of the user's history anew (exactly as trained; a carried Mamba state cannot forget frames), "
+                f"so its cost per chunk grows with the conversation up to {cap} frames instead of staying at about "
+                f"one chunk's frames. A model trained on the whole history (`max_history_frames: null`, the shipped "
+                "configs) carries the state at a constant cost per chunk (docs/inference.md)."
+            )
 
         # 3. Progress
         self.num_frames = num_frames  # known at the start, or at `close` from the avatar's audio
@@ -457,6 +468,7 @@ class EchoSession:
         self.lcu_state = None
         self.previous_video = None
         self.last_rendered_stop = 0
+        self._reasoned_at: dict[str, tuple[int, Any]] = {}  # kind → (reasoning frame, its result)
         self._condition = threading.Condition()
         if self.chunks is not None:
             self._check_per_chunk_lists(len(self.chunks))
@@ -486,7 +498,8 @@ class EchoSession:
                 mono, float in [−1, 1] or int16 / int32 PCM, at ``sampling_rate`` (`pipelines.inputs`).
             user_video (`np.ndarray` `(n, H_u, W_u, 3)`, `torch.Tensor` `(n, 3, H_u, W_u)` or a list of images,
                 *optional*): the user's next frames at 25 fps (the size of the first piece for all pieces), in the
-                forms `pipelines.inputs` accepts (uint8 or [0, 1] float arrays, [−1, 1] float tensors, PIL images).
+                forms `pipelines.inputs` accepts (uint8 or [0, 1] float arrays, [−1, 1] float tensors, PIL images);
+                framed to head crops as they arrive unless the session was started with ``frame_inputs=False``.
             avatar_audio (`np.ndarray` or `torch.Tensor` of shape `(num_samples,)`, *optional*): the avatar's speech,
                 as ``user_audio`` (silence where it listens).
             user_audio_features (`np.ndarray` or `torch.Tensor` of shape `(n, NL, D)`, *optional*),
@@ -494,7 +507,8 @@ class EchoSession:
                 wav2vec2 rows used instead of encoding the waveform (a waveform may still be pushed: the avatar's sets
                 the conversation's length, the user's feeds the ``understanding_model``).
             user_landmarks (`np.ndarray` of shape `(n, 478, 2)`, *optional*): face-mesh points of the ``user_video``
-                piece (pixels of its frames); with every video piece or with none (MediaPipe then detects them).
+                piece (pixels of its frames as pushed, mapped into the crops when framing); with every video piece or
+                with none (MediaPipe then detects them on the crops).
             dialogue (`list[dict]`, *optional*): new transcript segments ``{"speaker", "start", "end", "text"}``
                 (seconds) for the emotion reasoner.
             sampling_rate (`int`, *optional*): the rate of the audio pieces in Hz, defaults to the session's
@@ -528,7 +542,7 @@ class EchoSession:
                     f"`user_video` frames are {frames.shape[1]}x{frames.shape[2]}, the earlier pieces' "
                     f"{size[0]}x{size[1]}: every piece of a stream has the same size."
                 )
-            pieces["user_video"] = frames
+            pieces["user_video"], pieces["user_frame_size"] = frames, frames.shape[1:3]
             if self.needs_user_video:
                 with_landmarks = user_landmarks is not None
                 if self.user.with_landmarks is not None and with_landmarks != self.user.with_landmarks:
@@ -546,6 +560,12 @@ class EchoSession:
         if user_audio_features is not None:
             pieces["user_audio_features"] = self.user_audio.check_features(user_audio_features, "user_audio_features")
         segments = self._check_dialogue(dialogue) if dialogue is not None else []
+        if "user_video" in pieces and self.user_framer is not None:  # framed now, causally (module docstring)
+            pieces["user_video"], boxes, pieces["user_framing"] = self.user_framer.frame(
+                pieces["user_video"], self.crop_size, self.user_framing
+            )  # n, S, S, 3 uint8 crops; n, 4 boxes; the state after them
+            if "user_landmarks" in pieces:  # pixels of each raw frame → pixels of its crop
+                pieces["user_landmarks"] = source_to_crop(pieces["user_landmarks"], boxes[:, None], self.crop_size)
 
         # 2. Buffer (every check first, so a rejected push changes nothing)
         with self._condition:
@@ -569,7 +589,8 @@ class EchoSession:
             if "user_audio_features" in pieces:
                 self.user_audio.push_features(pieces["user_audio_features"])
             if "user_video" in pieces:
-                self.user.frame_size = pieces["user_video"].shape[1:3]
+                self.user.frame_size = pieces["user_frame_size"]
+                self.user_framing = pieces.get("user_framing", self.user_framing)
                 self.user.frames.append(torch.from_numpy(np.ascontiguousarray(pieces["user_video"])))
                 if self.needs_user_video:
                     self.user.with_landmarks = "user_landmarks" in pieces
@@ -691,7 +712,7 @@ class EchoSession:
         if self.closed:
             return True
         start, stop = self.chunk_range(index)
-        total = self.total_frames or math.inf
+        total = self.num_frames or math.inf  # the avatar's windows are clamped to the conversation's frames
         if self.avatar_audio.rows_final(False) < min(stop + self.avatar_radius, total):
             return False
         if self.with_user:
@@ -771,12 +792,12 @@ class EchoSession:
         condition = chunk_condition(pipe.vae, self.reference, motion_video, self.num_latent_frames)
         condition = condition.to(device, dtype)  # 1, 4 + 2·16, F, h, w
 
-        # 4. Avatar audio windows of the chunk's frames (±radius rows, clamped to the conversation)
-        total = self.total_frames
+        # 4. Avatar audio windows of the chunk's frames (±radius rows, clamped to the conversation's frames as in
+        # training: `echo.audio.window_indices`)
+        total = self.num_frames
         last = min(stop + self.avatar_radius, total) if total is not None else stop + self.avatar_radius
-        rows = self.avatar_audio.encode(last, total, pipe)  # T, NL, D
-        offsets = torch.arange(-self.avatar_radius, self.avatar_radius + 1)
-        window_rows = (torch.arange(start, stop)[:, None] + offsets).clamp(0, last - 1)  # N, L_w
+        rows = self.avatar_audio.encode(last, pipe)  # T, NL, D
+        window_rows = window_indices(start, stop, self.avatar_radius, last)  # N, L_w
         audio_embeds = rows[window_rows][None].to(device, dtype)  # 1, N, L_w, NL, D
 
         # 5. Noise and timesteps
@@ -866,6 +887,20 @@ class EchoSession:
             return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()[0]  # n, 3, H, W
         return self.pipe.video_processor.postprocess_video(video.float(), output_type=self.output_type)[0]
 
+    def _reasoned(self, kind: str, stop: int, reason: Callable[[int], Any]) -> Any:
+        """What was reasoned (``kind``: ``"understanding"`` or ``"emotion"``) for the chunk ending at frame ``stop − 1``:
+        ``reason(frame)`` at its reasoning frame (`echo.clip_format.reasoning_frame` with the model's stride, the rule
+        of the training windows), or `None` before the first. Cached per reasoning frame: a chunk ending before the
+        next one reuses the result."""
+        stride = getattr(self.settings, f"{kind}_stride")
+        frame = reasoning_frame(stop - 1, stride)
+        if frame is None:
+            return None
+        cached = self._reasoned_at.get(kind)
+        if cached is None or cached[0] != frame:
+            cached = self._reasoned_at[kind] = (frame, reason(frame))
+        return cached[1]
+
     def _emotion_text(self, index: int, stop: int) -> str:
         if not self.settings.use_emotion:  # the "w/o LAU" ablation: the empty prompt, as in training
             return ""
@@ -873,9 +908,10 @@ class EchoSession:
             return self.emotion[index]
         if self.emotion is not None:
             return self.emotion
-        if self.emotion_reasoner is not None and self.dialogue:
-            return self.emotion_reasoner.describe(list(self.dialogue), clip_end=stop / FPS, avatar_speaker="avatar")
-        return self.settings.default_emotion
+        text = None
+        if self.emotion_reasoner is not None:  # on the dialogue up to the reasoning frame (`None`: nothing said yet)
+            text = self._reasoned("emotion", stop, lambda f: reason_emotion(self.emotion_reasoner, self.dialogue, f))
+        return self.settings.default_emotion if text is None else text
 
     # ------------------------------------------------------------------------------------------------------------
     # User side (LCU)
@@ -907,11 +943,15 @@ class EchoSession:
     def _user_context(self, index: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         r"""The LCU's context tokens for the chunk ``[start, stop)``: the user's history is frames ``first … stop − 1``
         (``first = 0``, or ``stop − max_history_frames`` when that is later, as in training) and the current clip its
-        last ``stop − start`` frames; the inputs are those the training step gives (validity masks included)."""
+        last ``stop − start`` frames; the inputs are those the training step gives (validity masks included).
+
+        The whole history (``max_history_frames = None``) continues ``self.lcu_state``: the LCU reads only the frames
+        after it (about one chunk's, whatever ``stop``). A capped history is encoded whole at every chunk, ``min(stop,
+        max_history_frames)`` frames, the cap's exact semantics (see the module docstring)."""
         lcu, device = self.pipe.context_encoder, self.device
         cap = self.settings.max_history_frames
         first = 0 if cap is None else max(0, stop - cap)
-        audio_rows = self.user_audio.encode(stop, self.total_frames, self.pipe)
+        audio_rows = self.user_audio.encode(stop, self.pipe)
         kwargs = {
             "user_audio": audio_rows[None, first:stop],  # 1, T_hist, NL, D
             "clip_frames": stop - start,
@@ -938,10 +978,10 @@ class EchoSession:
         if understanding is None and self.understanding_model is not None:
             if not self.user_audio.pushed_waveform:
                 raise ValueError("`understanding_model` needs the user's waveform: pass `user_audio`.")
-            waveform = self.user_audio.waveform(stop * SAMPLES_PER_FRAME)
-            understanding = self.understanding_model(self._user_frames(0, stop), waveform)
             dim = self.pipe.context_encoder.config.understanding_dim
-            understanding = accepted.check_understanding(understanding, "the understanding_model's output", dim)
+            understanding = self._reasoned("understanding", stop, self._understand)
+            if understanding is None:  # before the first reasoning frame: nothing understood yet, as in training
+                understanding = torch.zeros(1, 0, dim)
         if understanding is None:
             raise ValueError(missing_understanding_message(self.pipe.context_encoder.config.understanding_dim))
         understanding = understanding.to(self.device, torch.float32)  # 1, N_s, D_s (`accepted.check_understanding`)
@@ -950,6 +990,14 @@ class EchoSession:
             understanding = understanding.new_zeros(1, 1, understanding.shape[2])
         mask = torch.full(understanding.shape[:2], num_tokens > 0, dtype=torch.bool, device=self.device)
         return {"understanding": understanding, "understanding_mask": mask}
+
+    def _understand(self, frame: int) -> torch.Tensor:
+        """Φ of the user's frames and audio from the conversation's start up to ``frame`` inclusive, `(1, N_s, D_s)`
+        (what echo-prep's ``omni`` stage caches for that frame)."""
+        waveform = self.user_audio.waveform((frame + 1) * SAMPLES_PER_FRAME)
+        understanding = self.understanding_model(self._user_frames(0, frame + 1), waveform)
+        dim = self.pipe.context_encoder.config.understanding_dim
+        return accepted.check_understanding(understanding, "the understanding_model's output", dim)
 
     def _release(self, stop: int) -> None:
         """Forgets raw media no later chunk reads (the per-frame LCU inputs stay: each call gets the whole history)."""

@@ -36,8 +36,18 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """An RGB PIL image."""
-    return PIL.Image.open(path).convert("RGB")
+    """An RGB PIL image. A 16-bit grayscale image (PIL mode ``I;16``, or ``I`` as older Pillows read 16-bit PNGs) is
+    scaled to 8 bits (PIL's own conversion would clip it to white); a 32-bit integer or float image is refused."""
+    image = PIL.Image.open(path)
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.float64) / 65535.0
+        return PIL.Image.fromarray(np.round(values * 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"{str(path)!r} is a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image (PIL mode "
+            f"{image.mode!r}), whose range is not known; save it as an 8- or 16-bit PNG or a JPEG."
+        )
+    return image.convert("RGB")
 
 
 def to_uint8_frames(frames, name: str = "frames") -> np.ndarray:

@@ -9,8 +9,8 @@ from echo.masks import NUM_LANDMARKS
 def tiny_render_inputs(num_frames: int = 9, understanding_dim: int = 32, seed: int = 0) -> dict:
     """`EchoPipeline.__call__` arguments for a 32² render of ``num_frames`` frames with every condition (avatar audio,
     user video and audio, understanding tokens of ``understanding_dim``, token-grid lip and face masks), 2 denoising
-    steps and ``"pt"`` output, without face detection (user landmarks given on a circle); each render passes its own
-    ``generator``."""
+    steps and ``"pt"`` output, without face detection (user landmarks given on a circle; random images taken as head
+    crops, ``frame_inputs=False``); each render passes its own ``generator``."""
     rng = np.random.default_rng(seed)
     image = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
     samples = num_frames * 640  # 16 kHz at 25 fps
@@ -32,4 +32,5 @@ def tiny_render_inputs(num_frames: int = 9, understanding_dim: int = 32, seed: i
         width=32,
         num_inference_steps=2,
         output_type="pt",
+        frame_inputs=False,
     )

@@ -22,6 +22,7 @@ BAD_VALUES = [
     ("data.root=''", "data.root"),
     ("data.num_frames=8", "data.num_frames"),
     ("data.num_frames=-3", "data.num_frames"),
+    ("data.window_stride=0", "data.window_stride"),
     ("data.resolution=70", "data.resolution"),
     ("data.resolution=0", "data.resolution"),
     ("data.windows_per_clip=0", "data.windows_per_clip"),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from echo import clip_format
 from echo.audio import frame_rms, window_features
 from echo.clip_format import read_video_frames
-from echo.data import ConversationDataset, collate_conversations, track_rms_reference
+from echo.data import ConversationDataset, collate_conversations, read_user_frames, track_rms_reference
 from echo.masks import FACE_OVAL, LIPS_OUTER, rasterize_masks, reference_token_masks, token_masks_from_landmarks
 
 
@@ -93,6 +93,45 @@ def test_randomness_depends_on_seed_epoch_and_index_only(data_root):
     assert first != second
 
 
+def test_reference_frame_is_never_inside_the_window(data_root, tmp_path):
+    """The reference is drawn from the avatar's frames outside the target window (at inference it is never a frame of
+    the output): over many draws it never lies inside the window, it covers the frames before and after it, it is the
+    item's ``reference`` image, and the draws are a pure function of the dataset's seed, epoch and index. A window
+    that is its whole clip takes it from another clip of the same conversation and avatar."""
+    from echo.encoding import frames_to_tensor
+
+    dataset = ConversationDataset(data_root, num_frames=9, resolution=64, windows_per_clip=8, seed=5)
+    clip = dataset.clips[0]
+    seen = set()
+    for draw in range(400):
+        start = draw % (clip.num_frames - 9 + 1)
+        record, frame = dataset.draw_reference(clip, start, np.random.default_rng([5, draw]))
+        assert record.path == clip.path and not start <= frame < start + 9, (start, frame)
+        seen.add((start, frame < start))
+    expected = {(s, True) for s in range(1, 9)} | {(s, False) for s in range(0, 8)}  # every side a window has
+    assert expected == seen
+
+    def draws(seed):
+        other = ConversationDataset(data_root, num_frames=9, resolution=64, windows_per_clip=8, seed=seed)
+        return [(other[i]["window_start"], other[i]["reference_frame"]) for i in range(len(other))]
+
+    first = draws(5)
+    assert first == draws(5) and first != draws(6)
+    for start, frame in first:
+        assert not start <= frame < start + 9
+    item = dataset[0]
+    video = clip_format.read_video_frames(clip.path / clip_format.video_name("avatar"), [item["reference_frame"]])
+    torch.testing.assert_close(item["reference"], frames_to_tensor(video, 64)[0], rtol=0, atol=0)
+
+    clips = write_conversation(tmp_path, num_clips=2, clip_frames=9)  # windows of 9 frames are whole clips
+    whole = ConversationDataset([clips[1]], num_frames=9, resolution=32, windows_per_clip=4)
+    assert {whole[i]["reference_clip"] for i in range(len(whole))} == {clips[0].name}
+    lonely = ConversationDataset([clips[1]], num_frames=9, resolution=32)
+    lonely._tracks[lonely.clips[0].path] = [lonely.clips[0]]  # no other clip of its track
+    with pytest.raises(clip_format.ClipFormatError, match=r"no frame with a face outside the window \[0, 9\)"):
+        lonely[0]
+
+
 def test_collate_left_pads_histories(dataset):
     items = [dataset[i] for i in range(len(dataset))]
     items = sorted(items, key=lambda it: it["user_audio"].shape[0])[:: len(items) - 1]  # shortest and longest
@@ -118,31 +157,28 @@ def test_collate_left_pads_histories(dataset):
 def test_emotion_text_is_the_latest_window_known_at_the_window_end(data_root, tmp_path):
     clip = tmp_path / "clip"
     shutil.copytree(_first_clip(data_root), clip)
+    """A window reads the text of its reasoning frame (the latest k·stride − 1 at or before its end); an emotion.json
+    of an older echo-prep (no stride: 81-frame clip windows) or with windows off its stride is refused."""
     (clip / "emotion.json").write_text(
         json.dumps({"windows": [{"end_frame": 4, "text": "calm"}, {"end_frame": 12, "text": "happy"}]})
     )
+    with pytest.raises(clip_format.ClipFormatError, match="older echo-prep.*--emotion-stride"):
+        ConversationDataset([clip], num_frames=9, resolution=64)
+    clip_format.write_emotion_windows(clip, [{"end_frame": 4, "text": "calm"}, {"end_frame": 12, "text": "x"}], 5)
+    with pytest.raises(clip_format.ClipFormatError, match=r"clip frames \[12\].*not reasoning frames k·5 − 1"):
+        ConversationDataset([clip], num_frames=9, resolution=64)
+    texts = {4: "calm", 9: "happy", 14: "sad"}
+    clip_format.write_emotion_windows(clip, [{"end_frame": e, "text": t} for e, t in texts.items()], stride=5)
     dataset = ConversationDataset([clip], num_frames=9, resolution=64, windows_per_clip=8)
+    ends = set()
     for index in range(len(dataset)):
         item = dataset[index]
         end = item["window_start"] + 8
-        assert item["emotion_text"] == ("happy" if end >= 12 else "calm")
+        assert item["emotion_text"] == texts[(end + 1) // 5 * 5 - 1], end
+        ends.add(end)
+    assert len(ends) > 3
     (clip / "emotion.json").unlink()
     assert ConversationDataset([clip], num_frames=9, resolution=64, default_emotion="neutral")[0]["emotion_text"] == "neutral"
-
-
-def test_cached_latents_are_sliced_on_latent_frame_boundaries(data_root, tmp_path):
-    from safetensors.torch import save_file
-
-    clip = tmp_path / "clip"
-    shutil.copytree(_first_clip(data_root), clip)
-    latents = torch.arange(5, dtype=torch.float32).view(1, 5, 1, 1).expand(16, 5, 8, 8).contiguous()  # F_all = 5
-    save_file({"latents": latents}, str(clip / "avatar_latents.safetensors"))
-    dataset = ConversationDataset([clip], num_frames=9, resolution=64, windows_per_clip=6, use_cached_latents=True)
-    for index in range(len(dataset)):
-        item = dataset[index]
-        start = item["window_start"]
-        assert start % 4 == 0
-        assert item["latents"][0, :, 0, 0].tolist() == [start // 4 + j for j in range(3)]
 
 
 def test_bad_input_is_named(data_root, tmp_path):
@@ -181,8 +217,8 @@ def test_speech_weights_of_a_prepared_clip_follow_its_voice_activity(data_root):
 
     checked = 0
     for clip in sorted(p.parent for p in data_root.glob("*/meta.json")):
-        dataset = ConversationDataset([clip], num_frames=17, resolution=64)
-        weights = speech_weights(dataset[0]["avatar_rms"][None])[0]
+        dataset = ConversationDataset([clip], num_frames=9, resolution=64)
+        weights = speech_weights(torch.from_numpy(dataset.avatar_rms(dataset.clips[0]))[None])[0]  # whole clip
         vad = json.loads((clip / "transcript.json").read_text())["vad"]["avatar"]
         times = (torch.arange(17) + 0.5) / 25
         speaking = torch.zeros(17, dtype=torch.bool)
@@ -248,7 +284,8 @@ def test_cached_user_tokens_are_the_lcu_tokens_of_the_history_frames(data_root, 
         cache_user_tokens(clip, vae, user_video_size=32)
     with pytest.raises(ValueError, match=f"{clips[0].name}.*32.*user_video_size.*is 64.*--user-video-size 64"):
         ConversationDataset(clips, use_cached_user_tokens=True, **{**kwargs, "user_video_size": 64})
-    whole = ConversationDataset(clips, num_frames=17, **kwargs)  # 17-frame clips: one window, the whole clip
+    # every frame of the 17-frame clips, read as the dataset reads a history
+    whole = [dict(zip(("user_video", "user_face_mask"), read_user_frames(clip, 0, 17, 32, 64))) for clip in clips]
     with torch.no_grad():
         encoded = [encode_user_video(vae, whole[i]["user_video"][None], whole[i]["user_face_mask"][None]) for i in (0, 1)]
     for history in (None, 10):
@@ -449,8 +486,9 @@ def test_emotion_before_the_first_window_is_the_default(data_root, tmp_path):
     (reasoned from later dialogue)."""
     clip = tmp_path / "clip"
     shutil.copytree(_first_clip(data_root), clip)
-    clip_format.write_emotion_windows(clip, [{"end_frame": 12, "text": "happy"}])
+    clip_format.write_emotion_windows(clip, [{"end_frame": 12, "text": "happy"}], stride=13)
     dataset = ConversationDataset([clip], num_frames=9, resolution=64, windows_per_clip=8, default_emotion="neutral")
+    assert dataset.emotion_stride == 13
     ends = set()
     for index in range(len(dataset)):
         item = dataset[index]
@@ -465,8 +503,10 @@ def test_emotion_and_understanding_carry_over_from_earlier_clips(tmp_path):
     """Across clips of one conversation, a window early in clip k gets the latest emotion text and understanding
     entry of the earlier clips (their end frames precede it), never a later one."""
     clips = write_conversation(tmp_path, num_clips=2, clip_frames=20, size=32)
-    clip_format.write_emotion_windows(clips[0], [{"end_frame": 9, "text": "calm"}, {"end_frame": 19, "text": "sad"}])
-    clip_format.write_emotion_windows(clips[1], [{"end_frame": 15, "text": "happy"}])
+    clip_format.write_emotion_windows(clips[0], [{"end_frame": 9, "text": "calm"}, {"end_frame": 19, "text": "sad"}],
+                                      stride=10)  # fmt: skip
+    clip_format.write_emotion_windows(clips[1], [{"end_frame": 9, "text": "happy"}, {"end_frame": 19, "text": "glad"}],
+                                      stride=10)  # conversation frames 29 and 39  # fmt: skip
     tokens = [torch.full((2, 3), float(e)) for e in (9, 19)]
     clip_format.write_understanding(clips[0], [9, 19], tokens, stride=10)
     clip_format.write_understanding(clips[1], [9, 19], [torch.full((3, 3), 29.0), torch.full((1, 3), 39.0)], stride=10)
@@ -475,7 +515,7 @@ def test_emotion_and_understanding_carry_over_from_earlier_clips(tmp_path):
     for index in range(len(dataset)):
         item = dataset[index]
         end = item["conversation_frame"] + 8  # 28 … 39
-        assert item["emotion_text"] == ("happy" if end >= 35 else "sad"), end
+        assert item["emotion_text"] == ("sad" if end < 29 else "happy" if end < 39 else "glad"), end
         entry = max(e for e in (9, 19, 29, 39) if e <= end)
         assert item["understanding"].shape[0] == {9: 2, 19: 2, 29: 3, 39: 1}[entry]
         assert (item["understanding"] == entry).all()

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from data_prep.cli import main, run_prep
-from data_prep.faces import source_to_crop
 from data_prep.layouts import find_conversations
 from data_prep.media import SAMPLE_RATE, probe_video, read_video, read_wav, resample_indices, write_video, write_wav
 from data_prep.stages import PrepOptions
@@ -16,6 +15,7 @@ from data_prep.synthetic import make_conversation
 from data_prep.testing import make_tiny_prepared_set, save_tiny_wav2vec2
 from data_prep.transcripts import read_seamless_json
 from echo import clip_format
+from echo.framing import source_to_crop
 from echo.masks import rasterize_masks
 
 
@@ -118,8 +118,8 @@ def test_features_follow_the_clip_audio(prepared_512, encoder):
     _, out = prepared_512
     clip = out / "conv0001_A_c0000"
     features = Wav2Vec2Features(encoder, num_threads=1)
-    own = features(read_wav(clip / "avatar.wav")[0], 50).astype(np.float32)
-    other = features(read_wav(clip / "user.wav")[0], 50).astype(np.float32)
+    own = features(read_wav(clip / "avatar.wav")[0], 0, 50).astype(np.float32)
+    other = features(read_wav(clip / "user.wav")[0], 0, 50).astype(np.float32)
     saved = np.load(clip / "avatar_w2v.npy").astype(np.float32)
     assert np.abs(saved - own).mean() < 0.1 * np.abs(saved - other).mean()
 
@@ -127,12 +127,14 @@ def test_features_follow_the_clip_audio(prepared_512, encoder):
 def test_wav2vec2_rows_are_exactly_one_per_frame(encoder):
     from data_prep.audio_features import Wav2Vec2Features
 
-    features = Wav2Vec2Features(encoder, chunk_seconds=1.0, num_threads=1)
+    features = Wav2Vec2Features(encoder, num_threads=1)
     rng = np.random.default_rng(0)
-    for num_frames in (1, 7, 24, 33):  # one chunk
-        assert features(rng.standard_normal(num_frames * 640).astype(np.float32), num_frames).shape[0] == num_frames
-    # Longer than a chunk: overlapping chunks are stitched to exactly T rows; audio shorter than T is zero-padded.
-    assert features(rng.standard_normal(70 * 640 - 100).astype(np.float32), 70).shape == (70, 3, 32)
+    for num_frames in (1, 7, 24, 33):  # within one block, across a block edge
+        assert features(rng.standard_normal(num_frames * 640).astype(np.float32), 0, num_frames).shape[0] == num_frames
+    # Several 25-frame blocks: exactly T rows; audio shorter than T is silence after its end; any range of frames.
+    wave = rng.standard_normal(70 * 640 - 100).astype(np.float32)
+    assert features(wave, 0, 70).shape == (70, 3, 32)
+    np.testing.assert_array_equal(features(wave, 13, 61), features(wave, 0, 70)[13:61])
 
 
 def test_resampling_to_25_fps_takes_the_nearest_frame():

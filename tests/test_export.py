@@ -147,9 +147,15 @@ def test_export_refuses_an_existing_folder_and_names_missing_files(trained, tmp_
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_pipeline(trained["base"] / "stage1", out)
     assert (out / "keep.txt").is_file()
+    with pytest.raises(FileExistsError, match="not an EchoPipeline folder"):  # --overwrite replaces pipelines only
+        export_pipeline(trained["base"] / "stage1", out, overwrite=True)
+    assert (out / "keep.txt").is_file()
+    (out / "keep.txt").unlink()
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "EchoPipeline"}))
+    (out / "stale.txt").write_text("x")
     export_pipeline(trained["base"] / "stage1", out, overwrite=True)
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "EchoPipeline"
-    assert not (out / "keep.txt").exists() and not list(tmp_path.glob(".pipe.*"))  # no temporary folder is left
+    assert not (out / "stale.txt").exists() and not list(tmp_path.glob(".pipe.*"))  # no temporary folder is left
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         export_pipeline(tmp_path / "nowhere", tmp_path / "other")

@@ -43,6 +43,7 @@ def _render(pipe) -> torch.Tensor:
         motion_frames=1,
         num_inference_steps=1,
         output_type="pt",
+        frame_inputs=False,  # a random image: no face to frame
         generator=torch.Generator().manual_seed(0),
     ).frames
 
@@ -166,3 +167,39 @@ def test_i2v_pipeline_round_trips_through_save_pretrained(components, tmp_path):
     assert isinstance(loaded, EchoPipeline) and isinstance(loaded.image_encoder, CLIPVisionModel)
     assert loaded.image_processor.crop_size == pipe.image_processor.crop_size
     torch.testing.assert_close(_render(loaded), _render(pipe), rtol=0, atol=1e-6)  # fresh buffers: rounding only
+
+
+def test_chunk_condition_is_wan_i2v_condition():
+    """The condition's [mask, given latents] channels are built as diffusers' `WanImageToVideoPipeline` builds its
+    condition (the given frames followed by zero pixel frames, VAE-encoded as one video and normalised), bit for bit:
+    a first chunk's is Wan's condition of the reference image, a continuation chunk's with one motion frame is Wan's
+    condition of that frame, and with 4(m − 1) + 1 motion frames the same construction on them."""
+    from diffusers import AutoencoderKLWan
+
+    from echo.components import load_model_config
+    from echo.encoding import chunk_condition, encode_latents
+    from tests.tiny_models import TINY, wan_i2v_condition
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**load_model_config(TINY)["vae"]["config"]).eval()
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    video = torch.rand(1, 3, 9, 64, 64, generator=g) * 2 - 1  # the previous chunk's frames
+
+    first = chunk_condition(vae, reference, None, 3)  # 1, 36, 3, 8, 8
+    expected = wan_i2v_condition(vae, reference, 9)  # 1, 20, 3, 8, 8
+    torch.testing.assert_close(first[:, :20], expected, rtol=0, atol=0)
+    assert expected[:, 4:, 1:].abs().max() > 0.1  # the frames after the given one are encoded zeros, not zeros
+    plane = encode_latents(vae, reference[:, :, None])
+    torch.testing.assert_close(first[:, 20:], plane.expand(-1, -1, 3, -1, -1), rtol=0, atol=0)
+
+    continuation = chunk_condition(vae, reference, video[:, :, -1:], 3)
+    torch.testing.assert_close(continuation[:, :20], wan_i2v_condition(vae, video[:, :, -1], 9), rtol=0, atol=0)
+    torch.testing.assert_close(continuation[:, 20:], first[:, 20:], rtol=0, atol=0)
+
+    five = chunk_condition(vae, reference, video[:, :, -5:], 3)  # m = 2 given latent frames
+    condition_video = torch.cat([video[:, :, -5:], torch.zeros(1, 3, 4, 64, 64)], 2)
+    torch.testing.assert_close(five[:, 4:20], encode_latents(vae, condition_video), rtol=0, atol=0)
+    assert five[:, :4, :2].eq(1).all() and not five[:, :4, 2:].any()
+    with pytest.raises(ValueError, match=r"`motion_video` has 4 frames, expected 4\(m − 1\) \+ 1 frames"):
+        chunk_condition(vae, reference, video[:, :, -4:], 3)

@@ -52,6 +52,7 @@ def inputs():
         "num_frames_per_chunk": CHUNK,
         "motion_frames": MOTION,
         "user_video_size": 32,
+        "frame_inputs": False,  # taken as head crops: the expectations below read these very frames and landmarks
     }
 
 
@@ -166,9 +167,13 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
     reference = pipe.prepare_reference(inputs["reference_image"], SIZE, SIZE)
     reference_latents = encode_latents(pipe.vae, reference[:, :, None])  # 1, 16, 1, h, w
     assert reference_latents.abs().max() > 0.1
-    # chunk 0: the reference latent at latent frame 0, nothing else given
+    # chunk 0: Wan I2V's condition of the reference: [reference, zero frames] encoded as one video, latent frame 0 given
+    from echo.conditioning import condition_video
+
     torch.testing.assert_close(conditions[0][:, 4:20, :1], reference_latents)
-    assert conditions[0][:, :4, 0].eq(1).all() and not conditions[0][:, :20, 1:].any()
+    given = encode_latents(pipe.vae, condition_video(reference[:, :, None], 9))
+    torch.testing.assert_close(conditions[0][:, 4:20], given, atol=0, rtol=0)
+    assert conditions[0][:, :4, 0].eq(1).all() and not conditions[0][:, :4, 1:].any()
     # every chunk (continuations too, Eq. 1) holds the reference latent in the reference plane at every latent frame
     for chunk in (0, 1, 2):
         torch.testing.assert_close(
@@ -179,11 +184,12 @@ def test_three_chunks_condition_on_previous_motion_frames_and_growing_user_histo
     motion = frames[:, 4:9].permute(0, 2, 1, 3, 4) * 2 - 1  # 1, 3, 5, H, W in [-1, 1]
     motion_latents = encode_latents(pipe.vae, motion)  # 1, 16, 2, h, w
     torch.testing.assert_close(conditions[1][:, 4:20, :2], motion_latents, atol=1e-4, rtol=1e-4)
-    assert conditions[1][:, :4, :2].eq(1).all() and not conditions[1][:, :20, 2:].any()
-    # every continuation holds the previous chunk's own last 5 decoded frames (chunk 2: chunk 1's frames 8-12)
+    assert conditions[1][:, :4, :2].eq(1).all() and not conditions[1][:, :4, 2:].any()
+    # every continuation holds the previous chunk's own last 5 decoded frames (chunk 2: chunk 1's frames 8-12),
+    # followed by zero frames, encoded as one video (Wan I2V's construction)
     for chunk in (1, 2):
-        previous = encode_latents(pipe.vae, decoded[chunk - 1][:, :, -MOTION:])
-        torch.testing.assert_close(conditions[chunk][:, 4:20, :2], previous, atol=0, rtol=0)
+        previous = encode_latents(pipe.vae, condition_video(decoded[chunk - 1][:, :, -MOTION:], 9))
+        torch.testing.assert_close(conditions[chunk][:, 4:20], previous, atol=0, rtol=0)
     # the output is chunk 0 followed by chunks 1 and 2 without their regenerated motion frames
     stitched = torch.cat([decoded[0], decoded[1][:, :, MOTION:], decoded[2][:, :, MOTION:]], dim=2)
     torch.testing.assert_close(frames, ((stitched + 1) / 2).permute(0, 2, 1, 3, 4), atol=1e-6, rtol=0)
@@ -426,10 +432,10 @@ def test_latent_output_is_each_chunks_latents_before_decoding(pipe, inputs):
     torch.testing.assert_close(frames, ((stitched + 1) / 2).permute(0, 2, 1, 3, 4), atol=1e-6, rtol=0)
 
     starts = ("reference_image", "reference_landmarks", "understanding", "emotion", "height", "width",
-              "num_frames_per_chunk", "motion_frames", "user_video_size")  # fmt: skip
+              "num_frames_per_chunk", "motion_frames", "user_video_size", "frame_inputs")  # fmt: skip
     session = pipe.start_session(
         **{k: inputs[k] for k in starts}, generator=torch.Generator().manual_seed(0), num_frames=13,
-        num_inference_steps=1, output_type="latent", audio_encoding="file",
+        num_inference_steps=1, output_type="latent",
     )  # fmt: skip
     session.push(**{k: v for k, v in inputs.items() if k.startswith(("user_", "avatar_")) and k not in starts})
     session.close()

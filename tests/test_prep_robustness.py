@@ -158,20 +158,21 @@ def test_a_rerun_with_other_options_is_refused_naming_them(tmp_path, encoder, ca
 
 def test_cache_stage_options_are_compared_when_the_stage_ran_before(tmp_path, monkeypatch):
     (tmp_path / "vae_a").mkdir()
-    first = PrepOptions(wav2vec2="w", size=64, stages=["latents"], vae=str(tmp_path / "vae_a"))
+    first = PrepOptions(wav2vec2="w", size=64, stages=["omni"], omni_model=str(tmp_path / "vae_a"))
     record_options(tmp_path, first)
     # A stage run for the first time is added, with its options.
     record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae=str(tmp_path / "vae_a"),
                                          user_video_size=32))  # fmt: skip
     recorded = json.loads((tmp_path / "prep_options.json").read_text())
-    assert set(recorded["stages"]) == {"latents", "user_tokens"}
+    assert set(recorded["stages"]) == {"omni", "user_tokens"}
     # A relative spelling of the same model folder is the same option.
     monkeypatch.chdir(tmp_path)
-    record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["latents"], vae="vae_a"))
+    record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae="vae_a", user_video_size=32))
     with pytest.raises(OptionsMismatch, match=r"`user_video_size` \(--user-video-size\) was 32, now 64"):
         record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae="vae_a"))
     with pytest.raises(OptionsMismatch, match=r"`vae` \(--vae\) was '.*vae_a', now 'vae_b'"):
-        record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["latents"], vae="vae_b"))
+        record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae="vae_b",
+                                             user_video_size=32))  # fmt: skip
 
 
 @pytest.mark.parametrize(

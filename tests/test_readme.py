@@ -121,3 +121,30 @@ def test_the_memory_table_is_the_memory_scripts_summary():
     table = summary_table(dict(figure.split("=", 1) for figure in line.split()))
     assert table.count("\n") == 3  # the header, its rule and one row per base (1.3B and 14B)
     assert table in (ROOT / "README.md").read_text() and table in docs
+
+
+def test_the_readmes_history_claim_is_what_the_configs_and_the_session_do(caplog):
+    """The README says the user's history runs from frame 1 and that a chunk's LCU encodes at most a fixed number of
+    frames (constant cost): every shipped stage-2 config and model description, and the shipped demo model, use the
+    whole history (``max_history_frames`` None), and a session at the 1.3B settings encodes exactly that many frames
+    at every chunk after the first."""
+    import json
+
+    from echo.settings import EchoSettings
+    from tests.test_streaming import _lcu_frames_per_chunk, _shipped_settings
+    from training.config import load_config
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "the user's history from frame 1" in text and "max_history_frames: null" in text
+    claimed = int(re.search(r"a chunk's LCU encodes at most (\d+) frames with 33-frame chunks", text).group(1))
+    stage2 = sorted((ROOT / "configs" / "train").glob("*stage2*.yaml"))
+    assert len(stage2) >= 10, stage2  # the paper's, its ablations, the tiny and the demo ones
+    for path in stage2:
+        assert load_config(path).data.max_history_frames is None, path.name
+    for path in sorted((ROOT / "configs" / "models").glob("*.yaml")):
+        settings = load_model_config(path).get("settings")
+        assert settings is not None and EchoSettings.from_dict(settings).max_history_frames is None, path.name
+    demo = json.loads((ROOT / "models" / "echo-demo" / "model_index.json").read_text())
+    assert demo["settings"]["max_history_frames"] is None
+    calls, _ = _lcu_frames_per_chunk(6, _shipped_settings(), caplog)
+    assert {encoded for _, encoded, _ in calls[1:]} == {claimed}

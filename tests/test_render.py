@@ -217,7 +217,7 @@ def test_ids_are_sanitised_into_the_output_folder(tmp_path, clip_id, expected):
 def test_echo_live_replays_a_conversation_through_a_session_and_reports_latency(saved_pipeline, tmp_path, capsys):
     """echo-live pushes the conversation in pieces at a paced speed through `EchoSession` and reports per chunk the
     arrival of its last input (never before that input was due), the latency to its frames, and the real-time factor;
-    the mp4 holds every frame, and the frames are those of the offline call with the same audio encoding."""
+    the mp4 holds every frame, and the frames are those of the offline call."""
     import torch
 
     from pipelines import live, render
@@ -226,8 +226,8 @@ def test_echo_live_replays_a_conversation_through_a_session_and_reports_latency(
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps(entry) + "\n")
     out, report = tmp_path / "live.mp4", tmp_path / "report.json"
-    options = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--steps", "1", "--piece-frames", "3",
-               "--audio-block-frames", "4", "--audio-context-frames", "4"]  # fmt: skip
+    options = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--steps", "1", "--piece-frames",
+               "3"]  # fmt: skip
     assert live.main([*options, "--speed", "10", "--out", str(out), "--report", str(report)]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     figures = dict(item.split("=") for item in printed[-1].split())
@@ -235,8 +235,8 @@ def test_echo_live_replays_a_conversation_through_a_session_and_reports_latency(
     assert float(figures["real_time_factor"]) > 0 and figures["chunks"] == "2"
     rows = json.loads(report.read_text())["chunks"]
     assert [(r["chunk"], r["first_frame"], r["frames"]) for r in rows] == [(0, 0, 9), (1, 9, 8)]
-    # chunk 0 needs the avatar's rows 0-10: 4-frame blocks with 4 frames of context, complete with frame 15's audio,
-    # pushed in the last piece [15, 17), due at 17 / 25 / 10 s
+    # chunk 0 needs the avatar's rows 0-10, final once the first 25-frame audio block's right context (frames 25-49)
+    # is in: for this 17-frame conversation, at the end of input, after the last piece [15, 17), due at 17 / 25 / 10 s
     assert rows[0]["inputs_complete_s"] >= 17 / 25 / 10
     assert all(r["latency_s"] >= r["compute_s"] > 0 for r in rows)
     assert probe_mp4(out)["num_frames"] == 17
@@ -248,15 +248,14 @@ def test_echo_live_replays_a_conversation_through_a_session_and_reports_latency(
                                  understanding=inputs["understanding"], emotion="calm", num_inference_steps=1,
                                  generator=torch.Generator().manual_seed(0))  # fmt: skip
     chunks, _ = live.replay(session, inputs, piece_frames=5, speed=None)  # --no-wait, other pieces
-    offline = pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0), audio_encoding="stream")
+    offline = pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     assert np.array_equal(np.concatenate([c.frames for c in chunks]), offline.frames[0])
 
 
 BAD_OPTIONS = [("--steps", "0"), ("--steps", "two"), ("--audio-guidance-scale", "-1"), ("--user-guidance-scale", "nan"),
                ("--audio-guidance-scale", "inf"), ("--height", "-16"), ("--width", "0"), ("--frames-per-chunk", "0"),
                ("--motion-frames", "1.5"), ("--user-video-size", "0"), ("--seed", "-1")]  # fmt: skip
-LIVE_BAD_OPTIONS = [("--speed", "0"), ("--speed", "nan"), ("--piece-frames", "0"), ("--audio-block-frames", "0"),
-                    ("--audio-context-frames", "-1")]  # fmt: skip
+LIVE_BAD_OPTIONS = [("--speed", "0"), ("--speed", "nan"), ("--piece-frames", "0")]
 
 
 @pytest.mark.parametrize("option, value", BAD_OPTIONS + LIVE_BAD_OPTIONS)

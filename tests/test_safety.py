@@ -254,7 +254,6 @@ def test_the_dataset_refuses_a_pickled_clip_array(prepared_clips, tmp_path, mark
 @pytest.mark.parametrize(
     "name, read",
     [
-        ("avatar_latents.safetensors", lambda cf, clip: cf.read_avatar_latents(clip, 0, 1)),
         ("user_tokens.safetensors", lambda cf, clip: cf.check_user_tokens(clip, 32, 9)),
         ("user_tokens.safetensors", lambda cf, clip: cf.read_user_tokens(clip, 0, 1)),
         ("emotion_embeds.safetensors", lambda cf, clip: cf.load_emotion_embeds(clip, "neutral")),

@@ -3,8 +3,13 @@ the offline call's frames; a chunk renders as soon as its inputs are complete, n
 gives bit for bit the full-history LCU the model was trained with; bad inputs raise clear errors.
 
 Tiny components (configs/models/tiny.yaml) at 32², 9-frame chunks with 5 motion frames, 2 steps, 25 frames (5 chunks).
+With the shipped 1.3B description's history settings (33-frame chunks, one motion frame, the whole history) the LCU
+encodes the same number of frames per chunk over 41 chunks; a capped model gets its exact window, at a bounded cost.
 """
 
+
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +17,7 @@ import torch
 
 from echo.mamba import MambaBlock
 from pipelines import EchoPipeline
-from pipelines.session import SAMPLES_PER_FRAME, stream_frame_features
+from pipelines.session import SAMPLES_PER_FRAME
 from tests.tiny_models import tiny_components_as_trained
 
 SIZE, CHUNK, MOTION, FRAMES = 32, 9, 5, 25  # chunks [0, 9), [4, 13), [8, 17), [12, 21), [16, 25)
@@ -29,6 +34,8 @@ def pipe():
             module.scan_chunk_size = 8
     pipe = EchoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
+    # The emotion is reasoned every 8 frames (at frames 7, 15, 23), as if trained on caches of that stride
+    pipe.register_to_config(settings=pipe.settings.replace(emotion_stride=8).to_dict())
     return pipe
 
 
@@ -110,53 +117,33 @@ def _session_in_pieces(pipe, conversation, piece, features=None, dialogue=None, 
     return np.concatenate([c.frames for c in chunks]), rendered_before_close
 
 
-def _stream_features(pipe, waveform, block, context):
-    """The "stream" audio encoding, by its definition: blocks of ``block`` frames with ``context`` frames of audio on
-    each side, over the whole waveform at once."""
-    rows = [stream_frame_features(pipe.audio_encoder, pipe.feature_extractor, waveform, first, first + block, context)
-            for first in range(0, FRAMES, block)]  # fmt: skip
-    return torch.cat(rows)[:FRAMES]
-
-
 @pytest.mark.parametrize("piece", [1, 7, CHUNK], ids=["one_frame", "seven_frames", "whole_chunk"])
 def test_session_in_pieces_yields_exactly_the_offline_frames(pipe, conversation, piece):
-    """Waveforms pushed in pieces of 1, 7 or 9 frames, streamed in 4-frame audio blocks with 8 frames of context,
-    render chunks while the conversation goes on and give exactly the offline call's frames (fed the same encoding
-    of the same audio, with the same seed), emotion reasoned from the dialogue so far included."""
-    block, context = 4, 8
-    features = {
-        name: _stream_features(pipe, conversation[f"{name}_audio"], block, context) for name in ("avatar", "user")
-    }
+    """Waveforms pushed in pieces of 1, 7 or 9 frames give exactly the offline call's frames (the same wav2vec2 rows,
+    `echo.audio.audio_frame_features`, with the same seed), emotion reasoned from the dialogue so far included. The
+    25-frame conversation is shorter than one audio block plus its right context (50 frames), so its chunks render
+    at `close` (`tests/test_audio_rows.py` checks the rows a session has final before the end of input)."""
     offline_reasoner, reasoner = Reasoner(), Reasoner()
-    offline = _offline(pipe, conversation, avatar_audio=None, user_audio=None, avatar_audio_features=features["avatar"],
-                       user_audio_features=features["user"], emotion_reasoner=offline_reasoner,
-                       dialogue=DIALOGUE)  # fmt: skip
-    frames, rendered_before_close = _session_in_pieces(
-        pipe, conversation, piece, dialogue=DIALOGUE, emotion_reasoner=reasoner, audio_block_frames=block,
-        audio_context_frames=context,
-    )  # fmt: skip
+    offline = _offline(pipe, conversation, emotion_reasoner=offline_reasoner, dialogue=DIALOGUE)
+    frames, rendered_before_close = _session_in_pieces(pipe, conversation, piece, dialogue=DIALOGUE,
+                                                       emotion_reasoner=reasoner)  # fmt: skip
     assert frames.shape == offline.shape == (FRAMES, SIZE, SIZE, 3)
     assert np.array_equal(frames, offline)
-    assert rendered_before_close >= 2  # chunks were rendered before the end of input
-    assert reasoner.texts == offline_reasoner.texts == ["calm"] + ["joyful"] * 4  # "great" is said at 0.5 s
+    assert rendered_before_close == 0
+    # reasoned once per reasoning frame (7, 15, 23; chunks end at 8, 12, 16, 20, 24); "great" is said at 0.5 s
+    assert reasoner.texts == offline_reasoner.texts == ["calm", "joyful", "joyful"]
 
 
-@pytest.mark.parametrize("audio_encoding", ["file", "stream"])
-def test_session_equals_the_offline_call_with_the_same_audio_encoding(pipe, conversation, audio_encoding):
-    """The offline call is a session fed everything at once: with either audio encoding (whole tracks, or the
-    session's default blocks of 25 frames with 25 frames of context), a session fed pieces of 7 frames gives its
-    frames exactly. Whole-track encoding waits for the end of input; the frames differ between the two encodings."""
-    offline = _offline(pipe, conversation, emotion="calm", audio_encoding=audio_encoding)
-    frames, rendered_before_close = _session_in_pieces(pipe, conversation, 7, emotion="calm",
-                                                       audio_encoding=audio_encoding)  # fmt: skip
+def test_session_with_default_arguments_equals_the_offline_call(pipe, conversation):
+    """The README's claim as stated: with default arguments, the offline `__call__` and a session fed the same
+    conversation in pieces give identical frames (one audio definition, no option to choose another)."""
+    offline = _offline(pipe, conversation, emotion="calm")
+    frames, _ = _session_in_pieces(pipe, conversation, 7, emotion="calm")
     assert np.array_equal(frames, offline)
-    if audio_encoding == "file":
-        assert rendered_before_close == 0
-        assert np.abs(offline - _offline(pipe, conversation, emotion="calm", audio_encoding="stream")).max() > 1e-3
 
 
 def test_offline_call_with_features_equals_a_session_fed_features(pipe, conversation):
-    """Precomputed wav2vec2 rows (a prepared clip's ``*_w2v.npy``) bypass both audio encodings."""
+    """Precomputed wav2vec2 rows (a prepared clip's ``*_w2v.npy``) bypass the audio encoder."""
     features = {name: pipe.encode_audio(conversation[f"{name}_audio"], FRAMES) for name in ("avatar", "user")}
     offline = _offline(pipe, conversation, avatar_audio=None, user_audio=None, avatar_audio_features=features["avatar"],
                        user_audio_features=features["user"], emotion="calm")  # fmt: skip
@@ -273,17 +260,15 @@ def test_bad_inputs_raise_clear_errors(pipe, conversation):
         _session(pipe, conversation, emotion=["a", "b"], num_frames=FRAMES)
     with pytest.raises(ValueError, match="divisible by 16"):
         _session(pipe, conversation, height=40)
-    with pytest.raises(ValueError, match="audio_encoding"):
-        _session(pipe, conversation, audio_encoding="mp3")
     with pytest.raises(ValueError, match="output_type"):
         _session(pipe, conversation, output_type="mp4")
     no_user = _session(pipe, conversation, with_user=False)
     with pytest.raises(ValueError, match="user_video"):
         no_user.push(user_video=frames)
-    waveform_first = _session(pipe, conversation, audio_block_frames=4, audio_context_frames=8)
-    waveform_first.push(
-        user_audio=conversation["user_audio"],
-        avatar_audio=conversation["avatar_audio"],
+    waveform_first = _session(pipe, conversation)
+    waveform_first.push(  # 75 frames of audio: the first 1-s block's rows are final (its right context is in)
+        user_audio=np.tile(conversation["user_audio"], 3),
+        avatar_audio=np.tile(conversation["avatar_audio"], 3),
         user_video=conversation["user_video"],
         user_landmarks=conversation["user_landmarks"],
     )
@@ -297,3 +282,88 @@ def test_emotion_list_length_is_checked_when_the_length_becomes_known(pipe, conv
     session.push(avatar_audio=conversation["avatar_audio"][: 9 * SAMPLES_PER_FRAME])  # 9 frames: one chunk
     with pytest.raises(ValueError, match="one per chunk"):
         session.close()
+
+
+def _shipped_settings() -> dict:
+    """The settings of the shipped Wan2.1-T2V-1.3B description (configs/models/wan2.1-t2v-1.3b.yaml)."""
+    from echo.components import load_model_config
+    from echo.settings import EchoSettings
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "models" / "wan2.1-t2v-1.3b.yaml"
+    return EchoSettings.from_dict(load_model_config(path)["settings"]).to_dict()
+
+
+def _lcu_frames_per_chunk(num_chunks: int, settings: dict, caplog) -> tuple[list[tuple[int, int, int]], str]:
+    """A session of ``num_chunks`` chunks on the tiny components (the LCU's own 16-frame scan blocks) with the history
+    settings of ``settings`` (chunk, motion frames, ``max_history_frames``), fed one chunk's stride of precomputed rows
+    and user frames at a time. Per LCU call: (history frames it received, audio frames it encoded, video frames it
+    encoded), counted by hooks on the LCU's per-frame modules; and what the session logged."""
+    chunk, motion = settings["num_frames_per_chunk"], settings["motion_frames"]
+    stride, num_frames = chunk - motion, chunk + (num_chunks - 1) * (chunk - motion)
+    pipe = EchoPipeline(**tiny_components_as_trained())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.register_to_config(settings={**pipe.config.settings, "max_history_frames": settings["max_history_frames"]})
+    lcu = pipe.context_encoder
+    rng = np.random.default_rng(0)
+    rows = {name: rng.standard_normal((num_frames, 3, 32)).astype(np.float32) for name in ("avatar", "user")}
+    small = astronaut_face()
+    calls = []
+    hooks = [
+        lcu.register_forward_pre_hook(lambda m, a, kw: calls.append([kw["user_audio"].shape[1]]), with_kwargs=True),
+        lcu.audio_norm.register_forward_pre_hook(lambda m, a: calls[-1].append(a[0].shape[1])),  # B, T, audio_dim
+        lcu.video_proj.register_forward_pre_hook(lambda m, a: calls[-1].append(a[0].shape[0])),  # B·T, G, C_v
+    ]
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipelines.session"):
+            session = pipe.start_session(reference_image=small, understanding=torch.zeros(2, 32), emotion="calm",
+                                         generator=torch.Generator().manual_seed(0), num_frames=num_frames, height=16,
+                                         width=16, num_frames_per_chunk=chunk, motion_frames=motion,
+                                         user_video_size=16, num_inference_steps=1, output_type="latent",
+                                         frame_inputs=False)  # fmt: skip
+        rendered = 0
+        for first in range(0, num_frames, stride):
+            stop = min(num_frames, first + stride)
+            session.push(avatar_audio_features=rows["avatar"][first:stop], user_audio_features=rows["user"][first:stop],
+                         user_video=np.repeat(small[None], stop - first, axis=0),
+                         user_landmarks=np.full((stop - first, 478, 2), 32.0, np.float32))  # fmt: skip
+            rendered += len(list(session))
+        session.close()
+        rendered += len(list(session))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rendered == num_chunks == len(calls)
+    return [tuple(c) for c in calls], caplog.text
+
+
+def astronaut_face() -> np.ndarray:
+    from skimage.data import astronaut
+
+    return np.ascontiguousarray(astronaut()[::8, ::8])  # 64²
+
+
+def test_shipped_settings_encode_the_whole_history_at_a_constant_lcu_cost_per_chunk(caplog):
+    """With the shipped 1.3B description's settings (33-frame chunks, one motion frame, the whole history:
+    ``max_history_frames`` None), every chunk's LCU receives the history from frame 0 (1,281 frames by chunk 40) and
+    encodes the same number of frames at chunk 40 as at chunk 1: the state's open 16-frame block, the new frames and
+    the audio windows' 2 frames before them, never more than 15 + 2 + 32 + 2 = 51. No warning is logged."""
+    settings = _shipped_settings()
+    assert settings["max_history_frames"] is None and (settings["num_frames_per_chunk"], settings["motion_frames"]) == (
+        33, 1
+    )
+    calls, logged = _lcu_frames_per_chunk(41, settings, caplog)
+    assert [c[0] for c in calls] == [33 + 32 * c for c in range(41)]  # the whole history reaches the LCU
+    assert calls[0] == (33, 33, 33)
+    encoded = [c[1:] for c in calls[1:]]
+    assert set(encoded) == {(51, 49)}, encoded  # audio: 16 + 32 + 1 + 2 window frames; video: 16 + 32 + 1
+    assert "max_history_frames" not in logged
+
+
+def test_a_capped_model_is_served_with_the_caps_exact_window_at_a_bounded_cost(caplog):
+    """A model trained with ``max_history_frames = W`` gets exactly the last ``W`` frames at every chunk (the window it
+    was trained on): ``min(stop, W)`` frames encoded per chunk, bounded by ``W`` and constant once the conversation is
+    longer, not the carried state's ~one chunk; the session warns about that cost at its start."""
+    settings = {**_shipped_settings(), "max_history_frames": 100}
+    calls, logged = _lcu_frames_per_chunk(8, settings, caplog)
+    assert calls == [(n, n, n) for n in (33, 65, 97, 100, 100, 100, 100, 100)]
+    assert "max_history_frames=100" in logged and "constant cost per chunk" in logged

@@ -426,8 +426,10 @@ def test_stage2_f_ref_is_the_frozen_stage1_model(stage2_run):
 
 def test_stage2_align_is_zero_while_the_model_equals_f_ref_then_grows(stage2_run):
     history = stage2_run[0]["history"]
-    # Step 1 runs before any update: LoRA B = 0 and the SDCM user stream is zero-initialised, so h_ℓ = h_ℓ^ref.
-    assert history[0]["align"] == 0.0
+    # Step 1 runs before any update: LoRA B = 0 and the SDCM user stream is zero-initialised, so the adapted model
+    # equals f_ref, and the features differ only through the text: f_ref reads the empty prompt (stage 1's input,
+    # `training.step.stage1_prompt_embeds`), the adapted model the window's emotion text (the tiny set always has one).
+    assert history[0]["align"] > 0.0
     assert max(h["align"] for h in history[1:]) > 0.0
 
 
@@ -714,11 +716,11 @@ def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, 
         x0 = normalize_latents(vae, vae.encode(batch["video"]).latent_dist.mode())
         reference = normalize_latents(vae, vae.encode(batch["reference"][:, :, None]).latent_dist.mode())
     # [mask (4), given latents (C), reference plane (C)] (echo.conditioning): the reference is the given latent frame 0
-    # and fills the reference plane of every latent frame (Eq. 1).
+    # (followed by Wan I2V's encoded zero frames) and fills the reference plane of every latent frame (Eq. 1).
     channels = reference.shape[1]
     given, plane = condition[:, 4 : 4 + channels], condition[:, 4 + channels :]
     torch.testing.assert_close(given[:, :, :1], reference)
-    assert condition[:, :4, 0].eq(1).all() and not condition[:, :4, 1:].any() and not given[:, :, 1:].any()
+    assert condition[:, :4, 0].eq(1).all() and not condition[:, :4, 1:].any() and given[:, :, 1:].abs().max() > 0
     torch.testing.assert_close(plane, reference.expand_as(plane))
     torch.testing.assert_close(audio, batch["avatar_audio"])
     torch.testing.assert_close(lip, batch["lip_mask"].to(lip.dtype))
@@ -828,13 +830,13 @@ def test_cached_user_tokens_train_like_the_frame_path_without_encoding_the_user_
         calls.append(tuple(user_video.shape))
         return original(vae, user_video, user_face_mask)
 
-    # Stage 2 continues a stage 1 of the same chunk length (17 frames here).
-    stage1_dir = tmp_path / "stage1_17"
-    _run("tiny_stage1.yaml", root, stage1_dir, "data.num_frames=17", "train.max_train_steps=1", "train.checkpointing_steps=0")
+    # Stage 2 continues a stage 1 of the same chunk length (13 of the clips' 17 frames: room for a reference outside).
+    stage1_dir = tmp_path / "stage1_13"
+    _run("tiny_stage1.yaml", root, stage1_dir, "data.num_frames=13", "train.max_train_steps=1", "train.checkpointing_steps=0")
     monkeypatch.setattr(training.step, "encode_user_video", spy)
-    common = (f"model.stage1_dir={stage1_dir}", "data.num_frames=17", "train.max_train_steps=2", "train.checkpointing_steps=0")
+    common = (f"model.stage1_dir={stage1_dir}", "data.num_frames=13", "train.max_train_steps=2", "train.checkpointing_steps=0")
     by_frames = _run("tiny_stage2.yaml", root, tmp_path / "frames_run", *common)
-    assert len(calls) == 2 and all(shape[1] == 17 for shape in calls)
+    assert len(calls) == 2 and all(13 <= shape[1] <= 17 for shape in calls)  # the history: frames 0 … window end
     cached = _run("tiny_stage2.yaml", root, tmp_path / "cached_run", "data.use_cached_user_tokens=true", *common)
     assert len(calls) == 2  # no VAE pass over the user video in the cached run
     assert len(cached["history"]) == 2

@@ -107,11 +107,11 @@ def test_t2v_wan_equivalence_from_saved_folder(wan_t2v_folder):
     with torch.no_grad():
         expected = wan(inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"]).sample
         # All Echo inputs present: at initialisation SDCM and the new input channels contribute nothing.
-        condition = build_condition(torch.randn(B, 16, 1, H, W), None, F_LAT)
+        condition = build_condition(torch.randn(B, 16, 1, H, W), torch.randn(B, 16, F_LAT, H, W), 1)
         actual = echo(**inputs, condition=condition).sample
         assert (actual - expected).abs().max() <= 1e-5
         # ... and so does a continuation chunk's condition (motion latents + the reference plane).
-        continuation = build_condition(torch.randn(B, 16, 1, H, W), torch.randn(B, 16, 2, H, W), F_LAT)
+        continuation = build_condition(torch.randn(B, 16, 1, H, W), torch.randn(B, 16, F_LAT, H, W), 2)
         assert (echo(**inputs, condition=continuation).sample - expected).abs().max() <= 1e-5
         # The equivalence is not vacuous: a trained SDCM does change the output.
         perturb_added_modules(echo)
@@ -137,8 +137,8 @@ def test_i2v_wan_equivalence_from_saved_folder(tmp_path, motion):
     assert (echo.config.in_channels, echo.config.condition_channels) == (52, 36)
     inputs = make_inputs(seed=1, text_len=512)  # Wan's I2V attention splits image tokens off a 512-token text
     image = torch.randn(B, 4, 24)
-    motion_latents = torch.randn(B, 16, 2, H, W) if motion else None
-    condition = build_condition(torch.randn(B, 16, 1, H, W), motion_latents, F_LAT)  # B, 36, F, h, w
+    given_latents = torch.randn(B, 16, F_LAT, H, W)  # the condition video's latents (motion: 2 given latent frames)
+    condition = build_condition(torch.randn(B, 16, 1, H, W), given_latents, 2 if motion else 1)  # B, 36, F, h, w
     assert condition[:, 20:].abs().max() > 0  # the reference plane is given, and must not change the output
     with torch.no_grad():
         expected = wan(
@@ -346,7 +346,7 @@ def test_tiny_model_overfits_one_clip():
     masks = torch.randint(0, 3, (1, num_latent_frames, H // 2, W // 2), generator=g).repeat(batch, 1, 1, 1)
     conditioning = dict(
         encoder_hidden_states=torch.randn(1, 7, 32, generator=g).repeat(batch, 1, 1),
-        condition=build_condition(x0[:, :, :1], None, num_latent_frames),
+        condition=build_condition(x0[:, :, :1], torch.cat([x0[:, :, :1], x0[:, :, 1:] * 0.1], 2), 1),
         audio_embeds=torch.randn(1, 5, 5, 3, 24, generator=g).repeat(batch, 1, 1, 1, 1),
         context_embeds=torch.randn(1, 6, 20, generator=g).repeat(batch, 1, 1),
         lip_mask=(masks == 1).float(),
@@ -509,31 +509,30 @@ def _wan_i2v_mask(num_given_video_frames: int, num_video_frames: int) -> torch.T
 
 
 def test_build_condition_layout_matches_wan_i2v_plus_the_reference_plane():
-    """[mask(4), given latents(16)] is Wan I2V's condition; the reference plane (16) holds the reference latent on
-    every latent frame, in a first chunk and in a continuation chunk alike (Eq. 1)."""
+    """[mask(4), given latents(16)] is Wan I2V's condition: the mask of the given frames and the condition video's
+    latents on every latent frame; the reference plane (16) holds the reference latent on every latent frame, in a
+    first chunk and in a continuation chunk alike (Eq. 1)."""
     reference = torch.randn(B, 16, 1, H, W)
-    condition = build_condition(reference, None, F_LAT)
+    given = torch.randn(B, 16, F_LAT, H, W)  # the condition video's latents: given frames, then encoded zero frames
+    condition = build_condition(reference, given, 1)
     assert condition.shape == (B, 36, F_LAT, H, W)
-    torch.testing.assert_close(condition[:, :4], _wan_i2v_mask(1, T_VID))
-    torch.testing.assert_close(condition[:, 4:20, :1], reference)
-    assert condition[:, 4:20, 1:].abs().max() == 0
+    torch.testing.assert_close(condition[:, :4], _wan_i2v_mask(1, T_VID), rtol=0, atol=0)
+    torch.testing.assert_close(condition[:, 4:20], given, rtol=0, atol=0)
     torch.testing.assert_close(condition[:, 20:], reference.expand(-1, -1, F_LAT, -1, -1), rtol=0, atol=0)
 
-    motion = torch.randn(B, 16, 2, H, W)  # the previous chunk's last 4·(2 − 1) + 1 = 5 frames
-    condition = build_condition(reference, motion, F_LAT)
-    torch.testing.assert_close(condition[:, :4], _wan_i2v_mask(5, T_VID))
-    torch.testing.assert_close(condition[:, 4:20, :2], motion)
-    assert condition[:, 4:20, 2:].abs().max() == 0
+    condition = build_condition(reference, given, 2)  # the previous chunk's last 4·(2 − 1) + 1 = 5 frames given
+    torch.testing.assert_close(condition[:, :4], _wan_i2v_mask(5, T_VID), rtol=0, atol=0)
+    torch.testing.assert_close(condition[:, 4:20], given, rtol=0, atol=0)
     torch.testing.assert_close(condition[:, 20:], reference.expand(-1, -1, F_LAT, -1, -1), rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="`reference_latents` .* is required"):
-        build_condition(None, motion, F_LAT)
+        build_condition(None, given, 1)
     with pytest.raises(
-        ValueError, match=r"`motion_latents` has shape \(2, 16, 2, 8, 8\), expected \(2, 16, m, 16, 16\)"
+        ValueError, match=r"`given_latents` has shape \(2, 16, 3, 8, 8\), expected \(2, 16, F, 16, 16\)"
     ):
-        build_condition(reference, torch.randn(B, 16, 2, 8, 8), F_LAT)
-    with pytest.raises(ValueError, match="`motion_latents` .* 4 latent frames, expected at most num_latent_frames = 3"):
-        build_condition(reference, torch.randn(B, 16, 4, H, W), F_LAT)
+        build_condition(reference, torch.randn(B, 16, 3, 8, 8), 1)
+    with pytest.raises(ValueError, match="`num_given` is 4, expected 1 … 3"):
+        build_condition(reference, given, 4)
 
 
 # 6. Bad input ---------------------------------------------------------------------------------------------------------
@@ -708,7 +707,8 @@ def test_wan_loras_load_onto_echo_and_change_exactly_the_wan_layers(wan_t2v_fold
     wan = WanTransformer3DModel.from_pretrained(wan_t2v_folder).eval()
     echo = EchoTransformer3DModel.from_wan(wan, **ECHO).eval()  # ECHO modules as initialised: zero contribution
     inputs = make_inputs(seed=3)
-    condition = build_condition(torch.randn(B, 16, 1, H, W, generator=torch.Generator().manual_seed(4)), None, F_LAT)
+    reference = torch.randn(B, 16, 1, H, W, generator=torch.Generator().manual_seed(4))
+    condition = build_condition(reference, torch.cat([reference, torch.zeros(B, 16, F_LAT - 1, H, W)], 2), 1)
     with torch.no_grad():
         before = echo(**inputs, condition=condition).sample
 

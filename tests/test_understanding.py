@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from echo.audio import resample_audio
 from echo.understanding import (
     P_THINK,
     OmniUnderstanding,
     pad_understanding,
-    resample_audio,
 )
 
 SPECIAL = dict(

@@ -4,30 +4,10 @@ from pathlib import Path
 
 import torch
 
-from echo.components import load_components, load_model_config
+from echo.components import load_components
+from training.testing import tiny_i2v_description  # noqa: F401  (re-exported for the tests)
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
-
-
-def tiny_i2v_description() -> dict:
-    """configs/models/tiny.yaml as an I2V base (Wan2.1-I2V's layout, tiny): the generator reads CLIP image tokens
-    (``image_dim`` 32, image key/value projections of its width 32) from a tiny seeded `CLIPVisionModel` (hidden 32, 2
-    layers, 32² images in 8² patches: 17 tokens) and its `CLIPImageProcessor` (32²); prompts are padded to the 512
-    tokens Wan's attention expects after the image tokens."""
-    description = load_model_config(TINY)
-    description["transformer"]["config"].update(image_dim=32, added_kv_proj_dim=32)
-    description["image_encoder"] = {
-        "class": "CLIPVisionModel",
-        "config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=32, patch_size=8),
-    }  # fmt: skip
-    description["image_processor"] = {
-        "class": "CLIPImageProcessor",
-        "config": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
-    }
-    description["tokenizer"]["config"]["model_max_length"] = 512
-    description["settings"]["max_sequence_length"] = 512
-    return description
 
 
 def tiny_components_as_trained(seed: int = 0, scale: float = 0.2, description: Path | dict = TINY) -> dict:
@@ -70,3 +50,19 @@ ORIGINAL_WAN_NAMES = {
     "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
     "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
 }  # fmt: skip
+
+
+def wan_i2v_condition(vae, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The condition diffusers' `WanImageToVideoPipeline` builds for ``image`` `(B, 3, H, W)` in [−1, 1] and a video of
+    ``num_frames`` frames (`prepare_latents`, no ``last_image``): `(B, 4 + z_dim, F, H/8, W/8)` ``[mask, latents]``."""
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=None, transformer=None)
+    height, width = image.shape[-2:]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        _, condition = pipe.prepare_latents(
+            image, image.shape[0], vae.config.z_dim, height, width, num_frames, torch.float32, torch.device("cpu"),
+            generator,
+        )  # fmt: skip
+    return condition

@@ -42,7 +42,14 @@ class DataConfig:
     windows_per_clip: int = 1
     max_history_frames: int | None = None
     user_video_size: int = 64
+    # Exact window latents (training/latent_cache.py): the VAE encode of each window is written once, under
+    # `latent_cache_dir` (default: <root>/.latent_cache) keyed by the VAE's weights and the clip, and read back instead
+    # of encoding the window again. It fills as training draws windows (or ahead: python -m training.latent_cache).
     use_cached_latents: bool = False
+    latent_cache_dir: str | None = None
+    # Window starts are multiples of this many frames (1: any frame). With the cache, a larger stride makes the
+    # windows a small set that later epochs draw again (every frame is still in some window while it is <= num_frames).
+    window_stride: int = 1
     # Read the emotion embeddings from `emotion_embeds.safetensors` (echo-prep --stages emotion_embeds) instead of
     # loading the text encoder: saves its memory (~11 GB for UMT5-XXL); validation renders are then skipped.
     use_cached_emotion_embeds: bool = False
@@ -210,6 +217,7 @@ VALUE_RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "data.num_frames": (lambda v: v >= 1 and (v - 1) % 4 == 0, "4k + 1"),
     "data.resolution": (lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16"),
     "data.windows_per_clip": (_at_least(1), "at least 1"),
+    "data.window_stride": (_at_least(1), "at least 1 frame"),
     "data.batch_size": (_at_least(1), "at least 1"),
     "data.num_workers": (_at_least(0), "at least 0"),
     "lora.rank": (_at_least(1), "at least 1"),

@@ -19,8 +19,11 @@ What it does, in order:
 4. The model components are cast to ``--dtype`` (modules a class keeps in float32, ``_keep_in_fp32_modules``, stay
    float32); the VAE stays float32 unless ``--vae-dtype`` says otherwise, as diffusers' Wan pipelines recommend.
 5. `pipelines.EchoPipeline(..., settings=...)` is saved with ``save_pretrained(safe_serialization=True)`` into a
-   temporary folder beside ``--out`` and renamed, so ``--out`` is never half written. An existing ``--out`` is refused
-   unless ``--overwrite``.
+   temporary folder beside ``--out`` and renamed, so ``--out`` is never half written (the temporary folders a killed
+   export left are removed by the next export into ``--out``). An existing ``--out`` is refused unless
+   ``--overwrite``, which replaces only a pipeline folder (``model_index.json`` naming `EchoPipeline`), and never one
+   that is, contains or lies inside an input (``--stage-dir``, ``--stage1-dir``, ``--vae``, ``--model-config``).
+   Weights holding NaN or infinite values (a diverged run) are refused, naming them.
 
 A stage-1 output exports without an LCU (``context_encoder`` is `None`): the pipeline then renders from the reference
 and the avatar audio only.
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -120,6 +125,7 @@ def build_exported_pipeline(
     """
     from echo.components import load_components, load_model_config
     from echo.settings import EchoSettings
+    from echo.transformer_echo import non_finite_weights
     from pipelines import EchoPipeline
 
     # 1. The trained state, its training config and settings
@@ -157,6 +163,14 @@ def build_exported_pipeline(
         load_context_encoder_weights(components["context_encoder"], trained)
     else:
         load_fused(transformer, trained, "stage1")
+    for name in ("transformer", "context_encoder"):
+        bad = non_finite_weights(components[name]) if components.get(name) is not None else []
+        if bad:
+            raise ValueError(
+                f"the trained {name} of {str(trained)!r} holds NaN or infinite weights ({', '.join(bad[:4])}"
+                f"{' ...' if len(bad) > 4 else ''}): its training diverged. Export a checkpoint-N/ from before the "
+                "divergence (--stage-dir <run>/checkpoint-N), or train again with a lower learning rate."
+            )
 
     # 4. Precision: the VAE apart
     for name in ("transformer", "text_encoder", "audio_encoder", "context_encoder", "image_encoder"):
@@ -197,6 +211,13 @@ def export_pipeline(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists; choose a new folder or pass --overwrite.")
+    inputs = {"--stage-dir": stage_dir, "--stage1-dir": stage1_dir, "--vae": vae_dir}
+    if not isinstance(model_config, dict):
+        inputs["--model-config"] = model_config
+    check_out_apart_from_inputs(out, inputs)
+    if out.exists():
+        check_replaceable(out)
+    remove_stale_temporaries(out)
     pipeline = build_exported_pipeline(stage_dir, model_config, dtype, vae_dtype, stage1_dir, vae_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
@@ -215,6 +236,62 @@ def export_pipeline(
     if old.exists():
         shutil.rmtree(old)
     return out
+
+
+def check_out_apart_from_inputs(out: Path, inputs: dict) -> None:
+    """Refuse an ``--out`` that is, contains or lies inside one of the ``inputs`` (option name → path or `None`):
+    replacing it would delete what the export reads (e.g. ``--out`` equal to ``--stage-dir``, or its parent)."""
+    target = out.resolve()
+    for option, value in inputs.items():
+        if value is None:
+            continue
+        path = Path(value).resolve()
+        if target == path or target in path.parents or path in target.parents:
+            relation = "is" if target == path else "contains" if target in path.parents else "lies inside"
+            raise ValueError(
+                f"--out {str(out)!r} {relation} the input {option} {str(value)!r}: writing the pipeline there would "
+                "replace what the export reads. Choose an --out folder apart from the inputs."
+            )
+
+
+def check_replaceable(out: Path) -> None:
+    """``--overwrite`` replaces only a pipeline folder: a folder whose ``model_index.json`` names `EchoPipeline`, as
+    echo-export writes. Anything else (a training run, a folder of other files) is refused, never deleted."""
+    index = out / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name") if out.is_dir() else None
+    except (OSError, ValueError, AttributeError):
+        class_name = None
+    if class_name != "EchoPipeline":
+        raise FileExistsError(
+            f"--out {str(out)!r} exists and is not an EchoPipeline folder (no model_index.json naming EchoPipeline): "
+            "--overwrite only replaces a pipeline folder echo-export wrote. Choose a new --out folder, or move that "
+            "one away yourself."
+        )
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the ``.<out>.<pid>.tmp`` / ``.old`` folders that an earlier export into ``out``, killed mid-write, left
+    beside it (those of a process that still runs are kept)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.(tmp|old)")
+    for stale in out.parent.glob(f".{out.name}.*") if out.parent.is_dir() else ():
+        match = pattern.fullmatch(stale.name)
+        if match is None or not stale.is_dir() or _process_alive(int(match.group(1))):
+            continue
+        logger.info("removing %s, left by an export that was stopped", stale)
+        shutil.rmtree(stale)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own leftovers are stale by definition
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,6 @@ from echo.encoding import (
     encode_latents,
     encode_reference_image,
     encode_user_video,
-    normalize_latents,
 )
 from echo.flow_matching import (
     add_noise,
@@ -93,6 +92,27 @@ def noise_motion_latents(
     return condition
 
 
+def stage1_prompt_embeds(
+    batch: dict, prompt_encoder: PromptEncoder | None, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    r"""The text ``f_ref`` reads in stage 2: the empty prompt ``""``, the only text stage 1 trains on (every stage-1
+    config sets ``ablation.use_emotion: false``), so that ``f_ref`` sees the inputs it was trained with.
+
+    Args:
+        batch (`dict`): a `collate_conversations` batch; its ``empty_embeds`` `(B, L_txt, D)` (the cached embedding of
+            ``""``, with ``data.use_cached_emotion_embeds``) are used when present.
+        prompt_encoder ([`~echo.encoding.PromptEncoder`], *optional*): encodes ``""`` otherwise.
+
+    Returns:
+        `torch.Tensor` of shape `(B, L_txt, D)`.
+    """
+    if "empty_embeds" in batch:
+        return batch["empty_embeds"].to(device, dtype)
+    if prompt_encoder is None:
+        raise ValueError("The batch has no 'empty_embeds' and no `prompt_encoder` was given to encode f_ref's prompt ''.")
+    return prompt_encoder([""] * batch_size, device, dtype)
+
+
 def training_step(
     models: TrainingModels,
     module: torch.nn.Module,
@@ -102,6 +122,7 @@ def training_step(
     generator: torch.Generator,
     device: torch.device,
     weight_dtype: torch.dtype,
+    latent_cache=None,
 ) -> dict[str, torch.Tensor]:
     """Compute the stage's loss on one batch.
 
@@ -122,6 +143,8 @@ def training_step(
             `encode_user_video` returns them), otherwise `encode_user_video` encodes ``user_video`` / ``user_face_mask``.
         prompt_encoder ([`~echo.encoding.PromptEncoder`], *optional*): `None` when the batch holds ``emotion_embeds``.
         generator (`torch.Generator`): the step's CPU generator (`step_generator`).
+        latent_cache ([`~training.latent_cache.WindowLatentCache`], *optional*): with the batch's ``latent_key``, the
+            windows this step encodes (the batch has no cached ``latents``) are written to it.
 
     Returns:
         `dict` with ``loss`` (the total, with gradient) and the detached terms ``flow``, ``pixel`` / ``align``.
@@ -132,10 +155,12 @@ def training_step(
     video = batch["video"].to(device)
 
     # 1. Clean latents, the condition (reference, + motion frames in a continuation window), avatar audio and masks
-    if "latents" in batch:
-        latents = normalize_latents(vae, batch["latents"].to(device).float())
+    if "latents" in batch:  # exact window latents from the cache (training.latent_cache): encode_latents' output
+        latents = batch["latents"].to(device).float()
     else:
         latents = encode_latents(vae, video)  # B, 16, F, h, w
+        if latent_cache is not None and "latent_key" in batch:
+            latent_cache.write_batch(batch["latent_key"], latents)
     batch_size, _, num_frames = latents.shape[:3]
     motion_video = None
     if loss_cfg.motion_prob > 0 and torch.rand((), generator=generator).item() < loss_cfg.motion_prob:
@@ -233,14 +258,16 @@ def training_step(
         )
         loss = loss + loss_cfg.pixel_weight * terms["pixel"]
     if blocks is not None:
-        # f_ref sees exactly the conditions the adapted generator sees (same noisy latents, text, condition, audio,
-        # masks, and the same audio dropout), so L_align measures only how the user branch moves the features, not
-        # the dropout. f_ref is the stage-1 generator: it has no user branch and gets no user context.
+        # f_ref sees the stage-1 inputs of the window: the same noisy latents, condition, audio, masks and audio
+        # dropout as the adapted generator, so L_align measures only how stage 2 moves the features, not the dropout;
+        # the empty prompt, the only text stage 1 trains on (`stage1_prompt_embeds`); no user context (f_ref is the
+        # stage-1 generator: it has no user branch).
+        ref_text_embeds = stage1_prompt_embeds(batch, prompt_encoder, batch_size, device, weight_dtype)
         with torch.no_grad():
             reference = models.ref_transformer(
                 noisy.to(weight_dtype),
                 timestep,
-                text_embeds,
+                ref_text_embeds,
                 condition=condition.to(weight_dtype),
                 audio_embeds=audio_embeds,
                 lip_mask=lip_mask,

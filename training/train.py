@@ -16,8 +16,12 @@ the adapter in PEFT format, the trained modules in safetensors, ``training_state
 ``rng_state_<rank>.safetensors`` (every RNG of every rank), ``echo_settings.json`` and ``training_config.yaml``. Resume
 loads nothing that can run code: accelerate's own pickles (``random_states_<rank>.pkl``, and the
 ``custom_checkpoint_<i>.pkl`` of `register_for_checkpointing`, which it loads with ``weights_only=False``) are not
-used, and a checkpoint folder holding a ``.pkl`` file is refused. Checkpoints are written to a temporary folder and
-renamed, so an interrupted save never leaves a checkpoint that ``--resume latest`` would pick. An ``output_dir`` that
+used, and a checkpoint folder holding a ``.pkl`` file is refused. Checkpoints are written to a temporary folder,
+verified and renamed, and older ones are rotated out (``checkpoints_total_limit``) only after that, so an interrupted
+save never leaves a checkpoint that ``--resume latest`` would pick, nor loses the one before it. A loss that turns NaN
+or infinite stops the run with an error naming the step (`TrainingDiverged`), before the update; weights that are not
+finite are never saved. ``--resume`` compares the run's config with the checkpoint's and refuses keys that change what
+is trained (`check_resume_config`), naming them. An ``output_dir`` that
 holds an earlier run is refused unless the run resumes it (``--resume latest``) or ``--overwrite`` deletes it first.
 
 Every checkpoint lists the size and SHA-256 of its files (``checkpoint_files.json``), and `verify_checkpoint` checks
@@ -280,9 +284,9 @@ def verify_checkpoint(checkpoint: Path) -> None:
     """Check, before anything is loaded, that ``checkpoint`` can be resumed from safely.
 
     No pickle (`check_no_pickles`); the training state present; every file listed in ``checkpoint_files.json`` present
-    with its saved size and SHA-256 (checkpoints written before the list existed skip this); every file of a kind
-    resume reads well formed and safe: safetensors headers, torch archives (CRC-32s, and accepted by the weights-only
-    loader), DCP ``.metadata`` (`_DcpMetadataUnpickler`), JSON.
+    with its saved size and SHA-256; every file of a kind resume reads well formed and safe: safetensors headers, torch
+    archives (CRC-32s, and accepted by the weights-only loader), DCP ``.metadata`` (`_DcpMetadataUnpickler`), JSON;
+    and the list itself present (a checkpoint without it is incomplete).
 
     Raises:
         CheckpointError: naming the first file that fails and why.
@@ -296,6 +300,12 @@ def verify_checkpoint(checkpoint: Path) -> None:
         _check_manifest(checkpoint)
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         _check_file(path)
+    if not (checkpoint / MANIFEST_FILE).exists():  # after the form checks, so that a malformed file is named first
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} has no {MANIFEST_FILE}, which every save writes last: the checkpoint is "
+            "incomplete or was altered, and its files cannot be checked against what was saved. Resume from another "
+            "checkpoint."
+        )
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -336,22 +346,19 @@ def _checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """`save_state` into a temporary folder, then rename it to ``checkpoint-<step>``; prune to ``total_limit``.
+    """`save_state` into a temporary folder, verify it, rename it to ``checkpoint-<step>``; then prune to
+    ``total_limit``.
 
     accelerate always pickles the RNG states (``random_states_<rank>.pkl``); the save hook has written them as
     safetensors, so the pickles are deleted before the rename and a checkpoint never holds one. The list of files with
-    their SHA-256 (`write_manifest`) is written last, into the temporary folder.
+    their SHA-256 (`write_manifest`) is written last, into the temporary folder. Older checkpoints are deleted only
+    once the new one is complete and verifies (`verify_checkpoint`): a save killed or failing at any point leaves
+    every earlier checkpoint, and ``--resume latest`` resumes from the newest of them.
     """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        if total_limit is not None:
-            existing = [p for p in _checkpoints(output_dir) if p != final]
-            for old in existing[: max(0, len(existing) + 1 - total_limit)]:
-                logger.info("removing old checkpoint %s", old)
-                shutil.rmtree(old)
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -359,9 +366,21 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
         for pickled in tmp.glob("random_states_*.pkl"):
             pickled.unlink()
         write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        verify_checkpoint(tmp)
+        if final.exists():  # a checkpoint of this step from an earlier attempt: replaced only by a verified one
+            replaced = output_dir / f".checkpoint-{step}.old"
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.replace(final, replaced)
+            os.replace(tmp, final)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(tmp, final)
+        if total_limit is not None:
+            existing = [p for p in _checkpoints(output_dir) if p != final]
+            for old in existing[: max(0, len(existing) + 1 - total_limit)]:
+                logger.info("removing old checkpoint %s", old)
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -521,6 +540,16 @@ def build_models(
     return models, prompt_encoder
 
 
+def build_latent_cache(config: TrainConfig, vae):
+    """The run's `WindowLatentCache` (``data.use_cached_latents``; keyed by ``vae`` as this run casts it), else `None`."""
+    if not config.data.use_cached_latents:
+        return None
+    from .latent_cache import WindowLatentCache
+
+    root = config.data.latent_cache_dir or str(Path(config.data.root) / ".latent_cache")
+    return WindowLatentCache.for_vae(root, vae, config.data.resolution, config.data.num_frames)
+
+
 def build_data(config: TrainConfig, models: TrainingModels):
     """The windows of the prepared clips and their loader (order from ``(seed, epoch)``, see `EpochSampler`)."""
     from echo.data import ConversationDataset, collate_conversations
@@ -538,7 +567,8 @@ def build_data(config: TrainConfig, models: TrainingModels):
         use_user_video=config.stage == 2 and config.ablation.use_visual,
         user_video_size=config.data.user_video_size,
         use_understanding=config.stage == 2 and config.ablation.use_understanding,
-        use_cached_latents=config.data.use_cached_latents,
+        window_stride=config.data.window_stride,
+        latent_cache=build_latent_cache(config, models.vae),
         default_emotion=config.data.default_emotion,
         drop_emotion=not config.ablation.use_emotion,
         use_cached_emotion_embeds=config.data.use_cached_emotion_embeds,
@@ -639,8 +669,9 @@ def resume_from_checkpoint(accelerator, config: TrainConfig, progress: TrainingP
         accelerator.print(f"no checkpoint in {output_dir}; starting from step 0")
         return
 
-    # 2. Load it
+    # 2. Load it, once its training config agrees with this run's
     checkpoint = Path(value)
+    check_resume_config(config, checkpoint)
     accelerator.print(f"resuming from {checkpoint}")
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
@@ -649,6 +680,48 @@ def resume_from_checkpoint(accelerator, config: TrainConfig, progress: TrainingP
             f"checkpoint {str(checkpoint)!r}: a file could not be loaded safely (torch.load weights_only=True): {error}"
         ) from error
     accelerator.step = progress.micro_step
+
+
+# Config keys a resumed run may change: how long it runs, how it saves, logs and validates, and where its files are.
+# Any other difference (learning rates, LoRA rank, windows, losses, ...) would not continue the same training.
+RESUME_SAFE_KEYS = re.compile(
+    r"output_dir|model\.(config|stage1_dir)|data\.(root|num_workers|latent_cache_dir|use_cached_latents)"
+    r"|train\.(max_train_steps|checkpointing_steps|checkpoints_total_limit|resume_from_checkpoint|overwrite_output_dir"
+    r"|validation_steps|validation_inference_steps|log_every|report_to|dump_trainable_params|gradient_checkpointing)"
+)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_resume_config(config: TrainConfig, checkpoint: Path) -> None:
+    """Compare this run's config with the ``training_config.yaml`` saved in ``checkpoint``: keys that change what is
+    trained are refused, naming each with both values; keys safe to change (`RESUME_SAFE_KEYS`) are logged."""
+    path = checkpoint / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} has no {CONFIG_FILE}: not written by this trainer.")
+    saved = _flat(yaml.safe_load(path.read_text()) or {})
+    own = _flat(yaml.safe_load(yaml.safe_dump(config_to_dict(config))))  # tuples → lists, as saved
+    differ = {key: (saved[key], own[key]) for key in sorted(saved.keys() & own.keys()) if saved[key] != own[key]}
+    refused = {key: values for key, values in differ.items() if not RESUME_SAFE_KEYS.fullmatch(key)}
+    if refused:
+        details = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in refused.items())
+        raise ValueError(
+            f"--resume: this run's config differs from the one {str(checkpoint)!r} was trained with ({details}); "
+            "resuming would not continue the same training. Resume with the checkpoint's values, or start a new run "
+            "into a new output_dir."
+        )
+    changed = [key for key in differ if key not in ("train.resume_from_checkpoint", "train.max_train_steps")]
+    if changed:
+        logger.warning("--resume: continuing %s with changed %s (safe to change).", checkpoint,
+                       ", ".join(f"{key} = {differ[key][1]!r} (was {differ[key][0]!r})" for key in changed))  # fmt: skip
 
 
 def build_validation(config: TrainConfig, models: TrainingModels, dataset):
@@ -707,8 +780,10 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
             )
             with accelerator.accumulate(module):
                 terms = training_step(
-                    run.models, module, batch, config, run.prompt_encoder, generator, accelerator.device, run.weight_dtype
+                    run.models, module, batch, config, run.prompt_encoder, generator, accelerator.device, run.weight_dtype,
+                    latent_cache=run.dataset.latent_cache,
                 )
+                check_finite_loss(terms, global_step + 1, batch)
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients and config.optim.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(module.parameters(), config.optim.max_grad_norm)
@@ -733,6 +808,7 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
                 logs["train/lr"] = run.lr_scheduler.get_last_lr()[0]
                 accelerator.log(logs, step=global_step)
             if train_cfg.checkpointing_steps and global_step % train_cfg.checkpointing_steps == 0:
+                check_finite_weights(module, f"checkpoint-{global_step}")
                 save_checkpoint(accelerator, Path(config.output_dir), global_step, train_cfg.checkpoints_total_limit)
             if run.renderer is not None and global_step % train_cfg.validation_steps == 0:
                 if accelerator.is_main_process:
@@ -747,9 +823,40 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
     return history, seen_clips
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights became NaN or infinite: training stops, and nothing non-finite is saved."""
+
+
+def check_finite_loss(terms: dict[str, torch.Tensor], step: int, batch: dict) -> None:
+    """Stop the run when a loss term of optimizer step ``step`` is NaN or infinite, before it reaches the weights."""
+    bad = {name: float(value.detach().float().mean()) for name, value in terms.items()
+           if not torch.isfinite(value.detach()).all()}  # fmt: skip
+    if bad:
+        clips = ", ".join(f"{c}@{w}" for c, w in zip(batch.get("clip_id", []), batch.get("window_start", [])))
+        raise TrainingDiverged(
+            f"step {step}: the loss is not finite ({', '.join(f'{k} = {v}' for k, v in bad.items())}; batch {clips}). "
+            "Training stopped before this step's update; no final/ is written. Lower optim.lora_lr / optim.base_lr "
+            "(or set optim.max_grad_norm), then resume from the last checkpoint (--resume latest) or start again."
+        )
+
+
+def check_finite_weights(module: torch.nn.Module, what: str) -> None:
+    """Refuse to save ``what`` when a weight of ``module`` is NaN or infinite (checked on every rank's own copy)."""
+    from echo.transformer_echo import non_finite_weights
+
+    bad = non_finite_weights(module)
+    if bad:
+        raise TrainingDiverged(
+            f"{what}: the weights are not finite ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); it is not "
+            "saved. Lower optim.lora_lr / optim.base_lr (or set optim.max_grad_norm), then resume from the last "
+            "checkpoint (--resume latest) or start again."
+        )
+
+
 def save_final(run: TrainingRun, settings: EchoSettings) -> None:
     """``output_dir/final/``: the adapter (PEFT), trained modules, LCU, ``echo_settings.json`` and the config."""
     accelerator = run.accelerator
+    check_finite_weights(run.module, "final/")
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(run.module)
     if accelerator.is_main_process:
@@ -774,6 +881,7 @@ def main(config: TrainConfig) -> dict:
     prepare_output_dir(accelerator, config)
     models, prompt_encoder = build_models(config, accelerator, weight_dtype)
     dataset, loader = build_data(config, models)
+    settings = settings.replace(**dataset.reasoning_strides)  # the strides the caches were reasoned at (echo.data)
     optimizer, lr_scheduler = build_optimizer(config, models, accelerator)
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         # Frozen and trainable weights must not share a flat parameter (fsdp_use_orig_params: false).

@@ -103,6 +103,7 @@ class ValidationRenderer:
                 **inputs,
                 generator=torch.Generator().manual_seed(self.config.seed),
                 output_type="np",
+                frame_inputs=False,  # a prepared clip's frames already are echo-prep's head crops
             ).frames[0]
         finally:
             module.train(was_training)
