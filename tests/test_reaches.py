@@ -315,10 +315,13 @@ def stage1_identity_errors(bases: dict, name: str, steps: int, extra: tuple[str,
     rows = np.load(clip / "avatar_w2v.npy")[:9].astype(np.float32)
     errors = []
     own = clip_format.read_video_frames(clip / "avatar.mp4", [16])[0]  # a frame after the window
+    # The masks from the clip's own landmarks in both renders: only the reference's pixels differ.
+    landmarks = clip_format.read_landmarks(clip, "avatar")[16]
     for reference in (own, another_face(own.shape[0])):
         latents = pipe(
             reference_image=reference, avatar_audio_features=rows, num_frames=9, num_inference_steps=RENDER_STEPS,
-            audio_guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent", **FRAMED,
+            audio_guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent",
+            reference_landmarks=landmarks, **FRAMED,
         ).frames  # fmt: skip
         errors.append(float((latents[0] - target[0]).square().mean()))
     return errors[0], errors[1]
