@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint demo demo-random bench clean train-demo train-demo-long
+.PHONY: install test test-slow lint demo demo-random bench clean train-demo train-demo-long tiny-data config-docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,11 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+LINT_PATHS := echo pipelines training data_prep synthetic tests benchmarks
+
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check echo pipelines training data_prep tests benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/echo-demo --out demo_out
@@ -45,6 +48,16 @@ train-demo: $(VENV)/.installed
 DEMO_LONG := --set 'decoder.set=[train.max_train_steps=800]' --set 'stage1.set=[train.max_train_steps=3000]'
 train-demo-long: $(VENV)/.installed
 	$(PY) -m training.demo_recipe --recipe configs/train/demo_recipe.yaml $(DEMO_LONG)
+
+# The small prepared set the tiny training configs read (configs/train/tiny_*.yaml: data.root data/tiny/prepared): a
+# synthetic conversation through the real echo-prep, plus the stage-2 caches. Then:
+#   python -m training.train --config configs/train/tiny_stage1.yaml
+tiny-data: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) -m training.testing --out data/tiny
+
+# docs/config_keys.md from the config dataclasses (tests/test_ecosystem.py checks it is current).
+config-docs: $(VENV)/.installed
+	$(PY) -m training.config --write-docs docs/config_keys.md
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -28,15 +28,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echo import clip_format
+from echo.audio import frame_rms
+from echo.media import read_audio
+from echo.metrics.behaviour import mouth_darkness, pearson, voice_activity
+from echo.metrics.cli import main as echo_eval
+from pipelines.demo import read_example, write_example
+from pipelines.render import write_atomically
+from pipelines.video_io import read_frames, write_mp4
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def prepare(heldout: Path, out: Path, seconds: float, long_seconds: float) -> tuple[list[str], str | None]:
     """Example folders and ground-truth files of the held-out conversations; returns the clip names (regular, long)."""
-    from echo import clip_format
-    from pipelines.demo import write_example
-    from pipelines.video_io import write_mp4
 
     clips = sorted(p for p in heldout.iterdir() if (p / "meta.json").is_file() and "_A_" in p.name)
     regular, long = [], None
@@ -51,7 +57,9 @@ def prepare(heldout: Path, out: Path, seconds: float, long_seconds: float) -> tu
         if (out / "examples" / name / "manifest.jsonl").is_file() and (out / "user_audio" / f"{name}.wav").is_file():
             continue  # written by an earlier run (a rerun, or a parallel run over other variants)
         example = write_example(clip, out / "examples" / name, seconds=length)
-        frames = clip_format.read_video_frames(clip / "avatar.mp4", list(range(len(np.load(example / "user_landmarks.npy")))))
+        frames = clip_format.read_video_frames(
+            clip / "avatar.mp4", list(range(len(np.load(example / "user_landmarks.npy"))))
+        )
         (out / "reference").mkdir(parents=True, exist_ok=True)
         write_mp4(out / "reference" / f"{name}.mp4", frames)
         for role, folder in (("avatar", "audio"), ("user", "user_audio")):
@@ -65,8 +73,6 @@ def prepare(heldout: Path, out: Path, seconds: float, long_seconds: float) -> tu
 
 def render(pipe, example: Path, out_path: Path, steps: int | None, variant: str) -> float:
     """Render one example folder to ``out_path``; returns the wall time."""
-    from pipelines.demo import read_example
-    from pipelines.render import write_atomically
 
     if out_path.is_file():
         return 0.0
@@ -87,10 +93,6 @@ def frame_strips(out: Path, name: str, folder: Path, count: int = 6) -> list[Pat
     bottom row: the model), from the ``full`` render of clip ``name``; frames evenly spaced over each state."""
     import PIL.Image
 
-    from echo.media import read_audio
-    from echo.metrics.behaviour import voice_activity
-    from pipelines.video_io import read_frames
-
     generated = read_frames(out / "generated" / "full" / f"{name}.mp4")
     truth = read_frames(out / "reference" / f"{name}.mp4")[: len(generated)]
     avatar = voice_activity(read_audio(out / "audio" / f"{name}.wav"), len(generated))
@@ -110,10 +112,16 @@ def frame_strips(out: Path, name: str, folder: Path, count: int = 6) -> list[Pat
 
 
 def evaluate(out: Path, generated: Path, report: Path) -> dict:
-    from echo.metrics.cli import main as echo_eval
 
-    args = [f"--generated={generated}", f"--reference={out / 'reference'}", f"--audio={out / 'audio'}",
-            f"--user-audio={out / 'user_audio'}", "--behaviour", f"--out={report}", "--quiet"]  # fmt: skip
+    args = [
+        f"--generated={generated}",
+        f"--reference={out / 'reference'}",
+        f"--audio={out / 'audio'}",
+        f"--user-audio={out / 'user_audio'}",
+        "--behaviour",
+        f"--out={report}",
+        "--quiet",
+    ]
     print("echo-eval " + " ".join(args))
     echo_eval(args)
     return json.loads(report.read_text())
@@ -123,10 +131,6 @@ def mouth_sync(out: Path, folder: Path, names: list[str]) -> float | None:
     """Mean over clips of Pearson r between `echo.metrics.behaviour.mouth_darkness` (mouth opening read from the
     pixels of the reference's mouth box) and the avatar's speech envelope, over all frames (speech and pauses): a
     face mesh cannot read soft frames, the mouth box can."""
-    from echo.audio import frame_rms
-    from echo.media import read_audio
-    from echo.metrics.behaviour import mouth_darkness, pearson
-    from pipelines.video_io import read_frames
 
     values = []
     for name in names:
@@ -155,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import DiffusionPipeline
 
-    import pipelines  # noqa: F401  (registers EchoPipeline with diffusers)
-
     out = Path(args.out)
     regular, long = prepare(Path(args.heldout), out, args.seconds, args.long_seconds)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, use_safetensors=True)
@@ -168,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             if name is None:
                 continue
-            seconds = render(pipe, out / "examples" / name, out / "generated" / variant / f"{name}.mp4", args.steps, variant)
+            seconds = render(
+                pipe, out / "examples" / name, out / "generated" / variant / f"{name}.mp4", args.steps, variant
+            )
             times[f"{variant}/{name}"] = seconds
             print(f"rendered {variant}/{name} in {seconds:.1f} s", flush=True)
 
@@ -183,16 +187,32 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("set", "lip sync r", "mouth box r", "listening ratio", "face rate", "PSNR", "SSIM")]
     for name, report in reports.items():
         agg = report["aggregate"]
-        rows.append((name, *(f"{agg[k]:.3f}" if agg.get(k) is not None else "n/a"
-                             for k in ("lip_sync_r", "mouth_darkness_r", "listening_ratio", "face_rate", "psnr",
-                                       "ssim"))))  # fmt: skip
+        rows.append(
+            (
+                name,
+                *(
+                    f"{agg[k]:.3f}" if agg.get(k) is not None else "n/a"
+                    for k in ("lip_sync_r", "mouth_darkness_r", "listening_ratio", "face_rate", "psnr", "ssim")
+                ),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
     figures = {}
     for name, report in reports.items():
-        for key in ("lip_sync_r", "mouth_darkness_r", "listening_ratio", "face_rate", "psnr", "ssim", "first_face_rate",
-                    "last_face_rate", "first_psnr", "last_psnr"):  # fmt: skip
+        for key in (
+            "lip_sync_r",
+            "mouth_darkness_r",
+            "listening_ratio",
+            "face_rate",
+            "psnr",
+            "ssim",
+            "first_face_rate",
+            "last_face_rate",
+            "first_psnr",
+            "last_psnr",
+        ):
             value = report["aggregate"].get(key)
             if value is not None:
                 figures[f"{name}_{key}"] = round(float(value), 4)

@@ -36,6 +36,10 @@ import sys
 import time
 from pathlib import Path
 
+from echo.components import _cast
+from echo.mamba import MambaBlock, kernel_available
+from echo.transformer_echo import EchoTransformer3DModel
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -51,22 +55,47 @@ TRAINED = r"(audio_proj\..*|blocks\.\d+\.sdcm\.(norm|attn_avt|attn|gate)\..*)"  
 # The checks' sizes: the real width on a GPU, tiny widths for --dry-run.
 SIZES = {
     "gpu": dict(
-        base="wan2.1-t2v-1.3b", rank=128, train_clip=(33, 512, 512),
+        base="wan2.1-t2v-1.3b",
+        rank=128,
+        train_clip=(33, 512, 512),
         sample_clips={"480x832x81": (81, 480, 832), "512x512x81": (81, 512, 512)},
-        mamba_width=1024, mamba_lengths=(1500, 15000), warmup=1, repeats=3,
+        mamba_width=1024,
+        mamba_lengths=(1500, 15000),
+        warmup=1,
+        repeats=3,
     ),
     "dry": dict(
-        base="tiny", rank=4, train_clip=(9, 64, 64),
+        base="tiny",
+        rank=4,
+        train_clip=(9, 64, 64),
         sample_clips={"480x832x81": (9, 48, 80), "512x512x81": (9, 64, 64)},
-        mamba_width=32, mamba_lengths=(64,), warmup=0, repeats=1,
+        mamba_width=32,
+        mamba_lengths=(64,),
+        warmup=0,
+        repeats=1,
     ),
-}  # fmt: skip
+}
 TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=52, out_channels=16, text_dim=64,
-    freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-    rope_max_seq_len=64, audio_dim=32, audio_num_layers=3, audio_window=5, context_dim=64, use_sdcm=True,
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=52,
+    out_channels=16,
+    text_dim=64,
+    freq_dim=32,
+    ffn_dim=128,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=64,
+    audio_dim=32,
+    audio_num_layers=3,
+    audio_window=5,
+    context_dim=64,
+    use_sdcm=True,
     condition_channels=36,
-)  # fmt: skip
+)
 
 
 def check_environment() -> None:
@@ -89,9 +118,6 @@ def echo_config(size: dict) -> dict:
 def build_generator(size: dict, device, dtype):
     """The Echo generator with random weights, built directly on `device` in `dtype` (float32 modules kept)."""
     import torch
-
-    from echo.components import _cast
-    from echo.transformer_echo import EchoTransformer3DModel
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -257,8 +283,6 @@ def check_sample(model, size: dict, clip_name: str, device, dtype) -> dict:
 def check_mamba(size: dict, device) -> dict:
     import torch
 
-    from echo.mamba import MambaBlock, kernel_available
-
     results = {}
     torch.manual_seed(0)
     block = MambaBlock(size["mamba_width"], use_kernel=False).to(device)
@@ -328,11 +352,20 @@ def main(args) -> None:
     if result is not None:
         mfu = flops / result["seconds"] / peak
         frames, height, width = size["train_clip"]
-        rows.append((f"train step (bf16 autocast, LoRA r{size['rank']})", f"{height}×{width}×{frames}",
-                     f"{result['seconds']:.3f} s, {flops / 1e12:.2f} TFLOP, MFU {mfu:.3f}",
-                     f"{result['peak_gib']:.2f}"))  # fmt: skip
-        figures.update(train_mfu=f"{mfu:.3f}", train_step_s=f"{result['seconds']:.3f}",
-                       train_tflop=f"{flops / 1e12:.4g}", train_peak_gib=f"{result['peak_gib']:.2f}")  # fmt: skip
+        rows.append(
+            (
+                f"train step (bf16 autocast, LoRA r{size['rank']})",
+                f"{height}×{width}×{frames}",
+                f"{result['seconds']:.3f} s, {flops / 1e12:.2f} TFLOP, MFU {mfu:.3f}",
+                f"{result['peak_gib']:.2f}",
+            )
+        )
+        figures.update(
+            train_mfu=f"{mfu:.3f}",
+            train_step_s=f"{result['seconds']:.3f}",
+            train_tflop=f"{flops / 1e12:.4g}",
+            train_peak_gib=f"{result['peak_gib']:.2f}",
+        )
 
     # 2. Seconds per denoising step (3 guided passes) at 480×832 and 512², 81 frames
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -345,9 +378,14 @@ def main(args) -> None:
             model = build_generator(size, device, dtype).eval()
         result = check_sample(model, size, clip_name, device, dtype)
         frames, height, width = size["sample_clips"][clip_name]
-        rows.append(("denoising step (3 passes, bf16)", f"{height}×{width}×{frames}",
-                     f"{result['step_seconds']:.3f} s/step, {result['pass_seconds']:.3f} s/pass",
-                     f"{result['peak_gib']:.2f}"))  # fmt: skip
+        rows.append(
+            (
+                "denoising step (3 passes, bf16)",
+                f"{height}×{width}×{frames}",
+                f"{result['step_seconds']:.3f} s/step, {result['pass_seconds']:.3f} s/pass",
+                f"{result['peak_gib']:.2f}",
+            )
+        )
         figures[f"step_s_{clip_name}"] = f"{result['step_seconds']:.3f}"
         figures[f"pass_s_{clip_name}"] = f"{result['pass_seconds']:.3f}"
         figures[f"sample_peak_gib_{clip_name}"] = f"{result['peak_gib']:.2f}"

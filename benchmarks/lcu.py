@@ -22,13 +22,31 @@ from echo.lcu import LongRangeContextEncoder
 from echo.mamba import kernel_available
 
 CPU_CONFIG = dict(
-    audio_dim=32, audio_num_layers=3, audio_window=5, dim=32, num_audio_layers=2, video_channels=16,
-    video_grid=(2, 2), num_vision_layers=1, understanding_dim=32, num_attention_heads=4, context_dim=32,
-)  # fmt: skip
+    audio_dim=32,
+    audio_num_layers=3,
+    audio_window=5,
+    dim=32,
+    num_audio_layers=2,
+    video_channels=16,
+    video_grid=(2, 2),
+    num_vision_layers=1,
+    understanding_dim=32,
+    num_attention_heads=4,
+    context_dim=32,
+)
 GPU_CONFIG = dict(
-    audio_dim=768, audio_num_layers=13, audio_window=5, dim=512, num_audio_layers=4, video_channels=16,
-    video_grid=(2, 2), num_vision_layers=2, understanding_dim=3584, num_attention_heads=8, context_dim=1536,
-)  # fmt: skip
+    audio_dim=768,
+    audio_num_layers=13,
+    audio_window=5,
+    dim=512,
+    num_audio_layers=4,
+    video_channels=16,
+    video_grid=(2, 2),
+    num_vision_layers=2,
+    understanding_dim=3584,
+    num_attention_heads=8,
+    context_dim=1536,
+)
 
 
 def parse_args():
@@ -45,12 +63,18 @@ def make_inputs(config, num_frames, args, device, dtype):
     face = torch.zeros(1, num_frames, video_size, video_size, device=device)
     face[..., video_size // 4 : -video_size // 8, video_size // 4 : -video_size // 4] = 1.0
     return dict(
-        user_audio=torch.randn(1, num_frames, config["audio_num_layers"], config["audio_dim"], device=device, dtype=dtype),
-        user_video=torch.randn(1, num_frames, config["video_channels"], video_size, video_size, device=device, dtype=dtype),
+        user_audio=torch.randn(
+            1, num_frames, config["audio_num_layers"], config["audio_dim"], device=device, dtype=dtype
+        ),
+        user_video=torch.randn(
+            1, num_frames, config["video_channels"], video_size, video_size, device=device, dtype=dtype
+        ),
         user_face_mask=face,
-        understanding=torch.randn(1, args.understanding_tokens, config["understanding_dim"], device=device, dtype=dtype),
+        understanding=torch.randn(
+            1, args.understanding_tokens, config["understanding_dim"], device=device, dtype=dtype
+        ),
         user_audio_mask=torch.ones(1, num_frames, dtype=torch.bool, device=device),
-    )  # fmt: skip
+    )
 
 
 def step(model, inputs, clip_frames):

@@ -40,6 +40,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from echo.components import _cast, load_model_config
+from echo.lcu import LongRangeContextEncoder
+from echo.transformer_echo import EchoTransformer3DModel
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -49,16 +53,40 @@ GIB = 2**30
 # Published diffusers transformer configs (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.1-I2V-14B-480P-Diffusers).
 WAN_BASES = {
     "wan2.1-t2v-1.3b": dict(
-        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+        patch_size=(1, 2, 2),
+        num_attention_heads=12,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=8960,
+        num_layers=30,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=None,
+        added_kv_proj_dim=None,
+        rope_max_seq_len=1024,
     ),
     "wan2.1-i2v-14b-480p": dict(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
+        patch_size=(1, 2, 2),
+        num_attention_heads=40,
+        attention_head_dim=128,
+        in_channels=36,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=13824,
+        num_layers=40,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=1280,
+        added_kv_proj_dim=5120,
+        rope_max_seq_len=1024,
     ),
-}  # fmt: skip
+}
 # The model descriptions whose ECHO options, LCU and component dtypes the table follows (their pretrained folders are
 # not read: the Wan configs above stand for them).
 DESCRIPTIONS = {
@@ -66,10 +94,27 @@ DESCRIPTIONS = {
     "wan2.1-i2v-14b-480p": ROOT / "configs/models/wan2.1-i2v-14b-480p.yaml",
 }
 # google/umt5-xxl encoder, CLIP ViT-H/14 vision tower (the Wan I2V image encoder), facebook/wav2vec2-base-960h.
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)  # fmt: skip
-CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                  image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")  # fmt: skip
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+)
+CLIP_VIT_H = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=1024,
+    hidden_act="gelu",
+)
 
 TEXT_TOKENS = 512  # Wan pads the text to 512 tokens
 CONTEXT_TOKENS = 256  # f_pu tokens of one chunk (the LCU's output length is set by its config; 256 is generous)
@@ -79,7 +124,6 @@ GUIDED_PASSES = 3  # uncond, audio, full (pipelines.EchoPipeline with audio and 
 
 def description(base: str) -> dict:
     """The model description (``configs/models/*.yaml``) of a Wan base."""
-    from echo.components import load_model_config
 
     return load_model_config(DESCRIPTIONS[base])
 
@@ -100,7 +144,6 @@ def echo_config(base: str) -> dict:
 
 def meta_generator(base: str, dtype: torch.dtype = torch.bfloat16):
     """The Echo generator on the meta device in `dtype` (its float32 modules kept in float32)."""
-    from echo.transformer_echo import EchoTransformer3DModel
 
     with torch.device("meta"):
         model = EchoTransformer3DModel(**echo_config(base))
@@ -109,7 +152,6 @@ def meta_generator(base: str, dtype: torch.dtype = torch.bfloat16):
 
 def cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast as `from_pretrained(torch_dtype=dtype)` loads: diffusers' `_keep_in_fp32_modules` stay float32."""
-    from echo.components import _cast
 
     return _cast(model, dtype)
 
@@ -225,8 +267,6 @@ def components(base: str) -> dict[str, torch.nn.Module]:
         Wav2Vec2Config,
         Wav2Vec2Model,
     )
-
-    from echo.lcu import LongRangeContextEncoder
 
     spec = description(base)
     generator = meta_generator(base, section_dtype(spec, "transformer"))

@@ -69,7 +69,11 @@ def main(args):
         if name in ("inception", "arcface"):
             run, items, unit = (lambda m=model: video.image_features(m, frames)), args.frames, "frames"
         elif name == "i3d":
-            run, items, unit = (lambda m=model: video.video_features(m, frames, 16)), max(1, args.frames // 16), "16-frame windows"
+            run, items, unit = (
+                (lambda m=model: video.video_features(m, frames, 16)),
+                max(1, args.frames // 16),
+                "16-frame windows",
+            )
         else:
             run, items, unit = (lambda m=model: video.lse(m, frames, audio)), args.frames - 5, "5-frame windows"
         rows.append((name, unit, items, timed(run, args.repeats, cuda)))

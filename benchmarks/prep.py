@@ -35,6 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.audio_features import Wav2Vec2Features
+from data_prep.cli import run_prep
+from data_prep.media import read_video, read_wav, write_video
+from data_prep.stages import PrepOptions
+from data_prep.testing import save_tiny_wav2vec2, tiny_audio_encoder_config
+from echo.faces import FaceMesh
+from echo.framing import FaceFramer, crop_frame
+from echo.masks import rasterize_masks
+from synthetic.conversations import make_conversation
+
 
 def _timed(function, *args, repeat: int = 1):
     start = time.perf_counter()
@@ -52,14 +62,6 @@ def main(argv=None) -> None:
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--engine-workers", type=int, default=2)
     args = parser.parse_args(argv)
-
-    from data_prep.audio_features import Wav2Vec2Features
-    from data_prep.faces import FaceMesh
-    from data_prep.media import read_video, read_wav, write_video
-    from data_prep.synthetic import make_conversation
-    from data_prep.testing import save_tiny_wav2vec2, tiny_audio_encoder_config
-    from echo.framing import FaceFramer, crop_frame
-    from echo.masks import rasterize_masks
 
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,8 +119,10 @@ def main(argv=None) -> None:
         "wav2vec2": num_frames / w2v_s,
         "encode": num_frames / encode_s,
     }
-    print(f"{num_frames} frames, source {args.source_size}², crops {args.size}², torch threads "
-          f"{torch.get_num_threads()}, device {'cuda' if cuda else 'cpu'}")
+    print(
+        f"{num_frames} frames, source {args.source_size}², crops {args.size}², torch threads "
+        f"{torch.get_num_threads()}, device {'cuda' if cuda else 'cpu'}"
+    )
     print(f"{'stage':<16}{'frames/s':>10}  notes")
     notes = {
         "detect": "MediaPipe face detection + tracking + smoothing",
@@ -139,11 +143,6 @@ def main(argv=None) -> None:
 def engines(args) -> dict:
     """echo-prep end to end on ``args.conversations`` conversations: inline, pool and Ray; returns the figures."""
     import os
-
-    from data_prep.cli import run_prep
-    from data_prep.stages import PrepOptions
-    from data_prep.synthetic import make_conversation
-    from data_prep.testing import save_tiny_wav2vec2
 
     try:
         import ray
@@ -172,17 +171,25 @@ def engines(args) -> dict:
                 ray.shutdown()
 
         def files(root):
-            return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*"))
-                    if p.is_file() and p.name != "prep_summary.json"}  # fmt: skip
+            return {
+                p.relative_to(root): p.read_bytes()
+                for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name != "prep_summary.json"
+            }
 
         reference = files(tmp / "inline")
         identical = all(files(tmp / name) == reference for name in seconds)
     conversation_s = args.conversations * args.seconds
-    print(f"\n{args.conversations} conversations of {args.seconds:g} s (source {args.source_size}², crops {args.size}², "
-          f"tiny wav2vec2), {workers} workers, {os.cpu_count()} CPUs; outputs byte-identical: {identical}")
+    print(
+        f"\n{args.conversations} conversations of {args.seconds:g} s (source {args.source_size}², crops {args.size}², "
+        f"tiny wav2vec2), {workers} workers, {os.cpu_count()} CPUs; outputs byte-identical: {identical}"
+    )
     print(f"{'engine':<10}{'wall s':>8}{'conv/min':>10}{'core-s/conv-s':>15}  notes")
-    notes = {"inline": "--workers 1, one process", "pool": f"--workers {workers}, spawned process pool",
-             "ray": f"--engine ray, {workers} actors (Ray start-up {startup.get('ray', 0):.1f} s not included)"}
+    notes = {
+        "inline": "--workers 1, one process",
+        "pool": f"--workers {workers}, spawned process pool",
+        "ray": f"--engine ray, {workers} actors (Ray start-up {startup.get('ray', 0):.1f} s not included)",
+    }
     figures = {}
     for name, wall in seconds.items():
         cores = 1 if name == "inline" else workers

@@ -30,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from echo.components import load_components, load_model_config
+from pipelines import EchoPipeline, chunk_schedule
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -51,9 +52,17 @@ def wan13b_description() -> dict:
     """configs/models/tiny.yaml with the generator, VAE, audio encoder and LCU at their real widths."""
     description = load_model_config(TINY)
     description["transformer"]["config"].update(
-        num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096, freq_dim=256,
-        rope_max_seq_len=1024, audio_dim=768, audio_num_layers=13, context_dim=1536,
-    )  # fmt: skip
+        num_attention_heads=12,
+        attention_head_dim=128,
+        ffn_dim=8960,
+        num_layers=30,
+        text_dim=4096,
+        freq_dim=256,
+        rope_max_seq_len=1024,
+        audio_dim=768,
+        audio_num_layers=13,
+        context_dim=1536,
+    )
     description["vae"]["config"] = {}  # AutoencoderKLWan defaults = the Wan2.1 VAE
     description["audio_encoder"]["config"] = {}  # Wav2Vec2Config defaults = wav2vec2-base (12 layers, 768)
     description["text_encoder"]["config"].update(d_model=4096, d_kv=64, num_heads=64, d_ff=10240)
@@ -87,8 +96,6 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     description = wan13b_description() if device.type == "cuda" else load_model_config(TINY)
     label = "wan2.1-1.3b width" if device.type == "cuda" else "tiny"
-
-    from pipelines import EchoPipeline, chunk_schedule
 
     components = load_components(description, torch_dtype=dtype)
     pipe = EchoPipeline(**components).to(device)
@@ -129,7 +136,10 @@ def main():
         captured.setdefault("kwargs", kwargs)
 
     handle = pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
-    pipe(**{**call, "num_frames": args.frames_per_chunk, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(0))  # warm-up
+    pipe(
+        **{**call, "num_frames": args.frames_per_chunk, "num_inference_steps": 1},
+        generator=torch.Generator().manual_seed(0),
+    )  # warm-up
     handle.remove()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         pipe.transformer(**captured["kwargs"])

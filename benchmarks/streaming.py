@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from echo.components import load_components, load_model_config
+from echo.settings import EchoSettings
+from pipelines import EchoPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "models" / "tiny.yaml"
@@ -62,16 +64,22 @@ def parse_args():
     parser.add_argument("--size", type=int, default=512 if cuda else 32)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the tiny model runs fastest)")
     parser.add_argument("--pipeline", default=None, help="a saved EchoPipeline folder instead of random weights")
-    parser.add_argument("--history-model", default=str(ROOT / "configs" / "models" / "wan2.1-t2v-1.3b.yaml"),
-                        help="model description whose settings and LCU the history table measures")  # fmt: skip
-    parser.add_argument("--history-max-frames", type=int, default=None,
-                        help="serve a model capped at this many history frames (default: the description's setting)")
+    parser.add_argument(
+        "--history-model",
+        default=str(ROOT / "configs" / "models" / "wan2.1-t2v-1.3b.yaml"),
+        help="model description whose settings and LCU the history table measures",
+    )
+    parser.add_argument(
+        "--history-max-frames",
+        type=int,
+        default=None,
+        help="serve a model capped at this many history frames (default: the description's setting)",
+    )
     parser.add_argument("--history-only", action="store_true", help="only the history table (skips the tiny runs)")
     return parser.parse_args()
 
 
 def build_pipeline(args, device, dtype):
-    from pipelines import EchoPipeline
 
     if args.pipeline:
         return EchoPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(device), "saved pipeline"
@@ -125,9 +133,12 @@ def run_session(pipe, inputs, num_frames, args):
     chunks = []
     for frame in range(num_frames):
         samples = slice(frame * SAMPLES_PER_FRAME, (frame + 1) * SAMPLES_PER_FRAME)
-        session.push(avatar_audio=inputs["avatar_audio"][samples], user_audio=inputs["user_audio"][samples],
-                     user_video=inputs["user_video"][frame : frame + 1],
-                     user_landmarks=inputs["user_landmarks"][frame : frame + 1])  # fmt: skip
+        session.push(
+            avatar_audio=inputs["avatar_audio"][samples],
+            user_audio=inputs["user_audio"][samples],
+            user_video=inputs["user_video"][frame : frame + 1],
+            user_landmarks=inputs["user_landmarks"][frame : frame + 1],
+        )
         chunks += list(session)
     session.close()
     chunks += list(session)
@@ -139,8 +150,6 @@ def history_pipeline(args, device, dtype):
     """The tiny components with the settings and the LCU of ``--history-model``, the generator's interface widths
     (audio rows, context width) matched to that LCU, and a wav2vec2-base-shaped audio encoder (never run: rows are
     pushed precomputed)."""
-    from echo.settings import EchoSettings
-    from pipelines import EchoPipeline
 
     real, description = load_model_config(args.history_model), load_model_config(TINY)
     settings = EchoSettings.from_dict(real["settings"]).to_dict()
@@ -191,22 +200,35 @@ def history_cost(args, device, dtype) -> tuple[list[tuple], dict]:
             torch.cuda.synchronize()
         log[-1]["seconds"] = time.perf_counter() - log[-1]["start"]
 
-    handles = [lcu.register_forward_pre_hook(start, with_kwargs=True), lcu.audio_norm.register_forward_pre_hook(count),
-               lcu.register_forward_hook(stop)]  # fmt: skip
+    handles = [
+        lcu.register_forward_pre_hook(start, with_kwargs=True),
+        lcu.audio_norm.register_forward_pre_hook(count),
+        lcu.register_forward_hook(stop),
+    ]
     runs = []
     try:
         for _ in range(args.repeats):
             log.clear()
-            session = pipe.start_session(reference_image=face, understanding=understanding, emotion="calm",
-                                         generator=torch.Generator().manual_seed(0), num_frames=num_frames,
-                                         height=args.size, width=args.size, num_inference_steps=1,
-                                         output_type="latent", frame_inputs=False)  # fmt: skip
+            session = pipe.start_session(
+                reference_image=face,
+                understanding=understanding,
+                emotion="calm",
+                generator=torch.Generator().manual_seed(0),
+                num_frames=num_frames,
+                height=args.size,
+                width=args.size,
+                num_inference_steps=1,
+                output_type="latent",
+                frame_inputs=False,
+            )
             for first in range(0, num_frames, stride):
                 last = min(num_frames, first + stride)
-                session.push(avatar_audio_features=rows["avatar"][first:last],
-                             user_audio_features=rows["user"][first:last],
-                             user_video=np.repeat(face[None], last - first, axis=0),
-                             user_landmarks=np.repeat(landmarks, last - first, axis=0))  # fmt: skip
+                session.push(
+                    avatar_audio_features=rows["avatar"][first:last],
+                    user_audio_features=rows["user"][first:last],
+                    user_video=np.repeat(face[None], last - first, axis=0),
+                    user_landmarks=np.repeat(landmarks, last - first, axis=0),
+                )
                 list(session)
             session.close()
             list(session)
@@ -215,8 +237,10 @@ def history_cost(args, device, dtype) -> tuple[list[tuple], dict]:
     finally:
         for handle in handles:
             handle.remove()
-    table = [(c, runs[0][c]["history"], runs[0][c]["encoded"], min(run[c]["seconds"] for run in runs))
-             for c in range(num_chunks)]  # fmt: skip
+    table = [
+        (c, runs[0][c]["history"], runs[0][c]["encoded"], min(run[c]["seconds"] for run in runs))
+        for c in range(num_chunks)
+    ]
     first, last = table[1:11], table[31:41]
     figures = {
         "history_cost_ratio_last_first": sum(r[3] for r in last) / sum(r[3] for r in first),
@@ -228,8 +252,10 @@ def history_cost(args, device, dtype) -> tuple[list[tuple], dict]:
 
 
 def print_history_table(args, table, figures):
-    print(f"history: settings of {Path(args.history_model).name} (LCU at its width; max_history_frames="
-          f"{figures['history_max_frames']}), repeats={args.repeats}")  # fmt: skip
+    print(
+        f"history: settings of {Path(args.history_model).name} (LCU at its width; max_history_frames="
+        f"{figures['history_max_frames']}), repeats={args.repeats}"
+    )
     print("| chunk | history frames | LCU frames encoded | LCU s |")
     print("|------:|---------------:|-------------------:|------:|")
     for c, history, encoded, seconds in table[1:]:
@@ -270,8 +296,10 @@ def main():
     def keep_inputs(module, fn_args, kwargs):
         lcu_log.append({"kwargs": kwargs})
 
-    handles = [lcu.register_forward_pre_hook(keep_inputs, with_kwargs=True),
-               lcu.audio_norm.register_forward_pre_hook(count_rows)]  # fmt: skip
+    handles = [
+        lcu.register_forward_pre_hook(keep_inputs, with_kwargs=True),
+        lcu.audio_norm.register_forward_pre_hook(count_rows),
+    ]
 
     # 1. Warm-up, then the timed runs (medians per chunk)
     run_session(pipe, inputs, num_frames, args)
@@ -310,9 +338,11 @@ def main():
         history = kwargs["user_audio"].shape[1]
         rows.append((c, history, lcu_log[c]["rows"], wall[c], lcu_seconds(kwargs, False), lcu_seconds(kwargs, True)))
 
-    print(f"model={label} device={device.type} dtype={str(dtype).replace('torch.', '')} size={args.size} "
-          f"steps={args.steps} chunk={args.frames_per_chunk} motion={args.motion_frames} frames={num_frames} "
-          f"repeats={args.repeats} threads={torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"model={label} device={device.type} dtype={str(dtype).replace('torch.', '')} size={args.size} "
+        f"steps={args.steps} chunk={args.frames_per_chunk} motion={args.motion_frames} frames={num_frames} "
+        f"repeats={args.repeats} threads={torch.get_num_threads()}"
+    )
     print("| chunk | history frames | LCU frames encoded | chunk wall s | LCU s (state) | LCU s (full history) |")
     print("|------:|---------------:|-------------------:|-------------:|--------------:|---------------------:|")
     for c, history, encoded, seconds, lcu_state, lcu_full in rows:

@@ -38,6 +38,13 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from echo.components import load_model_config
+from echo.encoding import PromptEncoder, encode_latents
+from training.config import load_config
+from training.latent_cache import WindowLatentCache
+from training.modeling import build_training_models, parameter_groups
+from training.step import step_generator, training_step
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Datasheet dense bf16 peaks (FLOP/s) by device-name fragment, most specific first.
@@ -48,10 +55,23 @@ WAN_13B = {
     "transformer": {
         "class": "EchoTransformer3DModel",
         "config": {
-            "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 52,
-            "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
-            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "audio_dim": 768, "audio_num_layers": 13,
-            "audio_window": 5, "context_dim": 1536, "use_sdcm": True, "condition_channels": 36,
+            "patch_size": [1, 2, 2],
+            "num_attention_heads": 12,
+            "attention_head_dim": 128,
+            "in_channels": 52,
+            "out_channels": 16,
+            "text_dim": 4096,
+            "freq_dim": 256,
+            "ffn_dim": 8960,
+            "num_layers": 30,
+            "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads",
+            "audio_dim": 768,
+            "audio_num_layers": 13,
+            "audio_window": 5,
+            "context_dim": 1536,
+            "use_sdcm": True,
+            "condition_channels": 36,
         },
     },
     "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "config": {"shift": 5.0}},
@@ -61,16 +81,32 @@ WAN_13B = {
         "config": {"vocab_size": 160, "d_model": 4096, "d_kv": 64, "d_ff": 1024, "num_layers": 1, "num_heads": 8},
     },
     "tokenizer": {"class": "PreTrainedTokenizerFast", "config": {"model_max_length": 512}},
-}  # fmt: skip
+}
 
 SIZES = {
-    "tiny": dict(model=str(ROOT / "configs/models/tiny.yaml"), resolution=64, num_frames=9, batch_size=2, rank=4,
-                 audio_layers=3, audio_dim=32),
-    "demo": dict(model="demo", resolution=128, num_frames=17, batch_size=1, rank=16, audio_layers=3, audio_dim=32,
-                 train_config="configs/train/demo_stage1.yaml"),
-    "wan1.3b": dict(model=WAN_13B, resolution=512, num_frames=33, batch_size=1, rank=128, audio_layers=13,
-                    audio_dim=768),
-}  # fmt: skip
+    "tiny": dict(
+        model=str(ROOT / "configs/models/tiny.yaml"),
+        resolution=64,
+        num_frames=9,
+        batch_size=2,
+        rank=4,
+        audio_layers=3,
+        audio_dim=32,
+    ),
+    "demo": dict(
+        model="demo",
+        resolution=128,
+        num_frames=17,
+        batch_size=1,
+        rank=16,
+        audio_layers=3,
+        audio_dim=32,
+        train_config="configs/train/demo_stage1.yaml",
+    ),
+    "wan1.3b": dict(
+        model=WAN_13B, resolution=512, num_frames=33, batch_size=1, rank=128, audio_layers=13, audio_dim=768
+    ),
+}
 
 
 def parse_args():
@@ -80,7 +116,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
-        "--latent-cache", action="store_true",
+        "--latent-cache",
+        action="store_true",
         help="also time the steps with the window latents read from the cache (data.use_cached_latents)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -91,12 +128,9 @@ def parse_args():
 
 
 def make_config(size: dict, workdir: Path, gradient_checkpointing: bool):
-    from training.config import load_config
 
     model = size["model"]
     if model == "demo":  # the demo description, its VAE (a trained folder there) built from the VAE trainer's config
-        from echo.components import load_model_config
-
         model = load_model_config(ROOT / "configs/models/demo.yaml")
         vae = yaml.safe_load((ROOT / "configs/train/demo_vae.yaml").read_text())["vae"]
         model["vae"] = {"class": "AutoencoderKLWan", "config": vae}
@@ -110,10 +144,14 @@ def make_config(size: dict, workdir: Path, gradient_checkpointing: bool):
         path.write_text(yaml.safe_dump(model))
         model = str(path)
     overrides = [
-        f"model.config={model}", f"data.num_frames={size['num_frames']}", f"data.resolution={size['resolution']}",
-        f"lora.rank={size['rank']}", f"train.gradient_checkpointing={str(gradient_checkpointing).lower()}",
-        "ablation.use_emotion=true", "loss.motion_prob=0.0",
-    ]  # fmt: skip
+        f"model.config={model}",
+        f"data.num_frames={size['num_frames']}",
+        f"data.resolution={size['resolution']}",
+        f"lora.rank={size['rank']}",
+        f"train.gradient_checkpointing={str(gradient_checkpointing).lower()}",
+        "ablation.use_emotion=true",
+        "loss.motion_prob=0.0",
+    ]
     return load_config(ROOT / "configs/train/stage1.yaml", overrides)
 
 
@@ -161,7 +199,6 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 
 
 def _with_layers(model, num_layers: int) -> dict:
-    from echo.components import load_model_config
 
     description = load_model_config(model)
     description["transformer"]["config"]["num_layers"] = num_layers
@@ -172,9 +209,6 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from echo.encoding import PromptEncoder
-    from training.modeling import build_training_models, parameter_groups
-    from training.step import step_generator, training_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -229,6 +263,7 @@ def main():
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+
     def timed(index: int, batch: dict) -> tuple[float, dict]:
         sync()
         start = time.perf_counter()
@@ -238,9 +273,6 @@ def main():
 
     cached_batch = cached_times = None
     if args.latent_cache:  # the same steps with the window's exact latents read from the cache
-        from echo.encoding import encode_latents
-        from training.latent_cache import WindowLatentCache
-
         with tempfile.TemporaryDirectory() as folder:
             cache = WindowLatentCache.for_vae(folder, models.vae, size["resolution"], size["num_frames"])
             keys = [f"bench/w{b:05d}.safetensors" for b in range(batch_size)]

@@ -39,7 +39,11 @@ import numpy as np
 import torch
 
 from echo import clip_format
+from echo.data import read_user_frames
+from echo.emotion import EmotionReasoner, EmotionTextEncoder, reason_emotion
+from echo.encoding import encode_user_video
 from echo.settings import EchoSettings
+from echo.understanding import OmniUnderstanding, history_frame_indices
 
 CACHE_STAGES = ("omni", "emotion", "emotion_embeds", "user_tokens")
 # The reasoning strides' defaults are the model settings' (training takes the strides from the caches it reads)
@@ -87,7 +91,6 @@ def cache_omni(clip_dir: str | Path, understanding, stride: int = DEFAULT_OMNI_S
             with ``max_frames`` and ``hidden_size`` attributes).
         stride (`int`, defaults to 25): frames between entries.
     """
-    from echo.understanding import history_frame_indices
 
     clip_dir = Path(clip_dir)
     path = clip_dir / clip_format.USER_OMNI
@@ -100,8 +103,9 @@ def cache_omni(clip_dir: str | Path, understanding, stride: int = DEFAULT_OMNI_S
     spf = clip_format.SAMPLE_RATE // clip_format.FPS  # audio samples per frame
 
     # 1. Which history frames the thinker keeps for each entry, and those frames decoded once
-    selections = [origin + history_frame_indices(record.start_frame + e + 1 - origin, understanding.max_frames)
-                  for e in ends]  # fmt: skip
+    selections = [
+        origin + history_frame_indices(record.start_frame + e + 1 - origin, understanding.max_frames) for e in ends
+    ]
     needed = sorted(set(np.concatenate(selections).tolist())) if selections else []
     frames = {}
     for other in run:
@@ -136,7 +140,6 @@ def cache_emotion(clip_dir: str | Path, reasoner, stride: int = DEFAULT_EMOTION_
     session computes); a reasoning frame before anyone spoke has no window (``default_emotion`` then applies on both
     sides). A file of an older echo-prep or of another stride is replaced, its stale ``emotion_embeds.safetensors``
     removed."""
-    from echo.emotion import reason_emotion
 
     clip_dir = Path(clip_dir)
     path = clip_dir / clip_format.EMOTION
@@ -177,8 +180,6 @@ def cache_user_tokens(clip_dir: str | Path, vae, user_video_size: int = 64, chun
     The frames are read and encoded ``chunk_frames`` at a time (a multiple of `encode_user_video`'s 64-frame VAE
     batches, so the result is the same as one call on the whole clip) to bound the memory of long clips.
     """
-    from echo.data import read_user_frames
-    from echo.encoding import encode_user_video
 
     if chunk_frames < 64 or chunk_frames % 64:
         raise ValueError(f"`chunk_frames` is {chunk_frames}, expected a positive multiple of 64.")
@@ -200,7 +201,6 @@ def cache_user_tokens(clip_dir: str | Path, vae, user_video_size: int = 64, chun
 
 
 def _text_encoder(options):
-    from echo.emotion import EmotionTextEncoder
 
     key = ("text_encoder", options.text_encoder, options.text_encoder_dtype, options.device)
     if key not in _LOADED:
@@ -209,7 +209,9 @@ def _text_encoder(options):
             raise ValueError(
                 f"`text_encoder_dtype` is {options.text_encoder_dtype!r}, expected one of {sorted(dtypes)}."
             )
-        encoder = EmotionTextEncoder.from_pretrained(options.text_encoder, torch_dtype=dtypes[options.text_encoder_dtype])
+        encoder = EmotionTextEncoder.from_pretrained(
+            options.text_encoder, torch_dtype=dtypes[options.text_encoder_dtype]
+        )
         # Training's `echo.encoding.PromptEncoder` pads to min(data.max_sequence_length (512 by default), the tokenizer's
         # model_max_length): the cache must match it.
         encoder.max_length = min(int(encoder.tokenizer.model_max_length), 512)
@@ -230,8 +232,6 @@ def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
             raise ValueError("Stage 'omni' needs `--omni-model`, a Qwen2.5-Omni / Qwen3-Omni folder.")
         key = ("omni", options.omni_model, options.device)
         if key not in _LOADED:
-            from echo.understanding import OmniUnderstanding
-
             _LOADED[key] = OmniUnderstanding.from_pretrained(options.omni_model, device=options.device)
         return cache_omni(clip_dir, _LOADED[key], options.omni_stride)
     if stage == "emotion":
@@ -239,11 +239,11 @@ def _run_stage(stage: str, clip_dir: str | Path, options) -> Path:
             raise ValueError("Stage 'emotion' needs `--emotion-model`, a causal-LM folder or an http(s) endpoint.")
         key = ("emotion", options.emotion_model, options.device)
         if key not in _LOADED:
-            from echo.emotion import EmotionReasoner
-
             if str(options.emotion_model).startswith(("http://", "https://")):
                 reasoner = EmotionReasoner(
-                    backend="openai", model=options.emotion_served_model, base_url=options.emotion_model,
+                    backend="openai",
+                    model=options.emotion_served_model,
+                    base_url=options.emotion_model,
                     on_error="raise",
                 )
             else:

@@ -24,7 +24,9 @@ Safety of the output folder:
 - ``<out>/.echo-prep.lock`` (``.echo-prep.shard-K-of-N.lock`` for a shard) names the running process (pid, host,
   start time) and is touched every 30 s. A run into a folder whose lock names a live process is refused, and so is a
   shard beside a live run of another shard count (or an unsharded run); a lock left by a killed run is taken over with
-  a notice (one of another host once its heartbeat is 5 minutes old).
+  a notice (one of another host once its heartbeat is 5 minutes old). The lock is `echo.locking`'s, which
+  echo-render's ``.echo-render.lock`` shares.
+- An ``--input`` that is not a folder is refused before anything is written to ``--out``.
 - Pool workers die with the run: on Linux each asks the kernel for SIGKILL when its parent dies, and a run stopped
   by SIGTERM or Ctrl-C terminates its workers before it exits.
 - ``prep_summary.json`` is written atomically; when it cannot be written (disk full) the failure table is printed
@@ -34,25 +36,21 @@ Safety of the output folder:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
-import time
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_prep.caches import DEFAULT_EMOTION_STRIDE, DEFAULT_OMNI_STRIDE
+from data_prep.failures import failure_record as _failure
 from data_prep.layouts import Conversation, find_conversations
-from data_prep.media import MediaError
 from data_prep.stages import (
     CACHE_STAGES,
     CORE_STAGE,
@@ -65,19 +63,16 @@ from data_prep.stages import (
     record_options,
     write_atomic_text,
 )
-from echo import clip_format
+from echo import clip_format, locking
 from echo.framing import CROP_SCALE, SMOOTH_HALF_LIFE, build_detector
+from echo.locking import LOCK_STALE_S, OutputLocked, release_lock, start_heartbeat  # noqa: F401 (part of this API)
+from echo.locking import process_stat as _process_stat  # noqa: F401
 
 logger = logging.getLogger("echo-prep")
 
-LOCK = ".echo-prep.lock"
-ADMISSION = ".echo-prep.admit"
+TOOL = "echo-prep"
+LOCK = locking.lock_name(TOOL)
 SUMMARY = "prep_summary.json"
-#: Seconds between touches of a running lock; a lock of another host untouched for ``LOCK_STALE_S`` is taken over.
-HEARTBEAT_S = 30.0
-LOCK_STALE_S = 300.0
-#: Seconds after which the admission mutex of a killed run is removed (it is held for milliseconds).
-ADMISSION_STALE_S = 60.0
 
 
 @dataclass
@@ -90,10 +85,6 @@ class PrepSummary:
     failed: list[dict] = field(default_factory=list)
 
 
-class OutputLocked(RuntimeError):
-    """The output folder is being written by another live echo-prep run (named in the message)."""
-
-
 class SummaryWriteError(OSError):
     """``prep_summary.json`` could not be written; ``summary`` holds the run's results all the same."""
 
@@ -103,182 +94,31 @@ class SummaryWriteError(OSError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The lock of an output folder
+# The lock of an output folder: `echo.locking`, the one implementation echo-prep and echo-render share
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _process_stat(pid: int) -> tuple[str, int] | None:
-    """``(state, start time in clock ticks since boot)`` of a Linux process from ``/proc``; `None` elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[19])
-
-
 def _lock_record(shard: tuple[int, int] | None = None) -> dict:
-    stat = _process_stat(os.getpid())
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "process_start_ticks": stat[1] if stat else None,
-        "command": sys.argv,
-        "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
-    }
-
-
-def _lock_is_live(record: dict) -> bool:
-    """Whether the process a lock record names still runs (on this host; a reused pid or a zombie does not count)."""
-    pid = record.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, under another user
-    stat = _process_stat(pid)
-    if stat is not None:
-        state, ticks = stat
-        recorded = record.get("process_start_ticks")
-        if state == "Z" or (recorded is not None and recorded != ticks):
-            return False
-    return True
-
-
-def _describe(record: dict) -> str:
-    shard = f"shard {record['shard']}, " if record.get("shard") else ""
-    return f"{shard}pid {record.get('pid')} on host {record.get('host')!r}, started {record.get('started')}"
+    return locking.lock_record(shard)
 
 
 def lock_name(shard: tuple[int, int] | None = None) -> str:
     """``.echo-prep.lock`` for a whole run, ``.echo-prep.shard-K-of-N.lock`` for shard K of N."""
-    return LOCK if shard is None else f".echo-prep.shard-{shard[0]}-of-{shard[1]}.lock"
+    return locking.lock_name(TOOL, shard)
 
 
-def _heartbeat_age(path: Path) -> float | None:
-    """Seconds since a lock's holder last touched it (its mtime; `None` when it is gone)."""
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-
-
-@contextlib.contextmanager
 def _admission(out_dir: Path):
-    """A short mutex over ``out_dir`` (``.echo-prep.admit``, created exclusively) around the lock checks and the
-    options record, so that runs starting together (shards of a job array) check one after the other. One left by a
-    killed run is removed once ``ADMISSION_STALE_S`` old."""
-    path = out_dir / ADMISSION
-    deadline = time.monotonic() + 2 * ADMISSION_STALE_S
-    while True:
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            break
-        except FileExistsError:
-            age = _heartbeat_age(path)
-            if age is not None and age > ADMISSION_STALE_S:
-                logger.warning("removing %s, left by a killed echo-prep run %.0f s ago", path, age)
-                path.unlink(missing_ok=True)
-            elif time.monotonic() > deadline:
-                raise OutputLocked(
-                    f"could not enter {str(out_dir)!r}: {str(path)!r} stayed for {2 * ADMISSION_STALE_S:.0f} s. "
-                    "Delete it if no echo-prep run is starting there."
-                ) from None
-            time.sleep(0.05)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+    """echo-prep's short mutex over ``out_dir`` (`echo.locking.admission`)."""
+    return locking.admission(out_dir, TOOL)
 
 
 def acquire_lock(out_dir: Path, shard: tuple[int, int] | None = None) -> Path:
-    """Create this run's lock in ``out_dir`` naming this process (`lock_name`); returns its path.
-
-    A run and the N shards of a job array may not overlap: each lock is checked against the live locks of the folder
-    (under `_admission`): the same lock (the same run, or the same shard) held by a live process, or a live lock of
-    another shard count (or an unsharded run beside a shard), refuses this run. Liveness: on this host, the named pid
-    (and its start time); on another host, the lock's heartbeat (its mtime, refreshed every ``HEARTBEAT_S`` by
-    `start_heartbeat`), stale after ``LOCK_STALE_S``.
+    """echo-prep's lock of ``out_dir`` (or of shard ``shard`` there): `echo.locking.acquire_lock`.
 
     Raises:
         `OutputLocked`: the message names the live run and the way on.
     """
-    path = out_dir / lock_name(shard)
-    record = _lock_record(shard)
-    with _admission(out_dir):
-        for other in sorted([out_dir / LOCK, *out_dir.glob(".echo-prep.shard-*-of-*.lock")]):
-            try:
-                held = json.loads(other.read_text())
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError):
-                held = {}  # unreadable: a torn lock of a crashed run
-            if not isinstance(held, dict):
-                held = {}
-            age = _heartbeat_age(other)
-            foreign = held.get("host") not in (None, record["host"])
-            live = (age is not None and age < LOCK_STALE_S) if foreign else _lock_is_live(held)
-            if other == path and live:
-                if foreign:
-                    raise OutputLocked(
-                        f"{str(out_dir)!r} is being written by echo-prep {_describe(held)} (lock {str(other)!r}); this "
-                        f"host cannot tell whether it still runs: its heartbeat is {age:.0f} s old (it is taken over "
-                        f"after {LOCK_STALE_S:.0f} s). Wait for it, use another --out, or delete the lock if that run is "
-                        "gone."
-                    )
-                raise OutputLocked(
-                    f"{str(out_dir)!r} is being written by another echo-prep run, {_describe(held)} (lock "
-                    f"{str(other)!r}). Wait for it to finish (or stop it), or use another --out."
-                )
-            same_array = shard is not None and other.name.endswith(f"-of-{shard[1]}.lock")
-            if other != path and live and not same_array:
-                mine = "a whole run" if shard is None else f"--shard {shard[0]}/{shard[1]}"
-                raise OutputLocked(
-                    f"{str(out_dir)!r} is being written by echo-prep {_describe(held)} (lock {str(other)!r}), whose "
-                    f"conversations {mine} would overlap. Shards of one job array share a folder only with the same "
-                    "N; wait for that run, or use its shard count or another --out."
-                )
-            if other == path:
-                logger.warning("taking over the lock %s of an echo-prep run that no longer runs (%s)", other,
-                               _describe(held) if held else "unreadable")  # fmt: skip
-                other.unlink(missing_ok=True)
-        tmp = out_dir / f"{path.name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        try:
-            os.link(tmp, path)  # atomic, and the lock appears complete
-        except FileExistsError:
-            raise OutputLocked(f"could not take the lock {str(path)!r}: another echo-prep run took it.") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path
-
-
-def start_heartbeat(path: Path) -> threading.Event:
-    """Touch the lock every ``HEARTBEAT_S`` seconds from a daemon thread (so runs on other hosts can tell it lives);
-    set the returned event to stop."""
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(path)
-            except OSError:
-                return
-
-    threading.Thread(target=beat, name="echo-prep-lock-heartbeat", daemon=True).start()
-    return stop
-
-
-def release_lock(path: Path) -> None:
-    """Remove the lock if it still names this process."""
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
+    return locking.acquire_lock(out_dir, TOOL, shard)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,19 +151,6 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
         process.join(timeout=10)
 
 
-def _failure(conversation: Conversation, error: BaseException) -> dict:
-    """``{"input", "file", "reason"}`` for a failed conversation; the file is the one the message names."""
-    message = str(error)
-    names = {path.name for path in conversation.files()}
-    head = message.split(":", 1)[0].strip()
-    if isinstance(error, MediaError) and head in names:
-        return {"input": conversation.id, "file": head, "reason": message.split(":", 1)[1].strip()}
-    # Not a known source problem: keep the type and the last frame so the report is actionable.
-    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
-    location = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
-    return {"input": conversation.id, "file": "", "reason": f"{type(error).__name__}: {message}{location}"}
-
-
 def _work(conversation: Conversation, out_dir: str, options: PrepOptions):
     try:
         return conversation.id, prepare_conversation(conversation, out_dir, options), None
@@ -333,8 +160,9 @@ def _work(conversation: Conversation, out_dir: str, options: PrepOptions):
 
 def _remove_outputs(out_dir: Path) -> None:
     """``--overwrite``: delete what earlier echo-prep runs wrote into ``out_dir`` (clip folders, markers, records)."""
-    clips = [p for p in out_dir.iterdir()
-             if p.is_dir() and not p.name.startswith(".") and (p / clip_format.META).is_file()]  # fmt: skip
+    clips = [
+        p for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / clip_format.META).is_file()
+    ]
     logger.warning("--overwrite: deleting %d prepared clip folder(s) of an earlier run in %s", len(clips), out_dir)
     for folder in [*clips, out_dir / ".done", *out_dir.glob(".tmp-*")]:
         shutil.rmtree(folder, ignore_errors=True)
@@ -394,6 +222,11 @@ def run_prep(
             "--overwrite deletes every prepared clip of --out, including other shards' clips: run it once without "
             "--shard (or delete the folder), then run the shards."
         )
+    if not Path(input_dir).is_dir():  # before anything is written (prep_options.json would bind --out's options)
+        state = "is not a folder" if Path(input_dir).exists() else "does not exist"
+        raise FileNotFoundError(
+            f"--input {str(input_dir)!r} {state}: pass the folder of conversations. Nothing was written to --out."
+        )
     if engine == "ray":
         cluster.import_ray()  # fail fast with the install line
     # Fail fast on a missing face backend (e.g. face-alignment not installed) instead of once per conversation.
@@ -432,8 +265,17 @@ def run_prep(
             bar.update(1)
 
         if engine == "ray":
-            cluster.run_ray(conversations, out_dir, options, record, all_ids, address=address, workers=workers,
-                            gpus_per_worker=gpus_per_worker, on_clip=on_clip)  # fmt: skip
+            cluster.run_ray(
+                conversations,
+                out_dir,
+                options,
+                record,
+                all_ids,
+                address=address,
+                workers=workers,
+                gpus_per_worker=gpus_per_worker,
+                on_clip=on_clip,
+            )
         elif workers == 1:
             for conversation in conversations:
                 try:
@@ -442,8 +284,12 @@ def run_prep(
                     record(None, _failure(conversation, error))
         else:
             # Spawned (not forked) workers: the parent may hold torch / MediaPipe threads a fork would copy mid-state.
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(os.getpid(),))  # fmt: skip
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
+            )
             try:
                 futures = [pool.submit(_work, c, str(out_dir), options) for c in conversations]
                 for future in as_completed(futures):
@@ -497,38 +343,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", help="folder of conversations (required unless --merge-summaries)")
     parser.add_argument("--layout", choices=["seamless", "pairs"], help="required unless --merge-summaries")
     parser.add_argument("--out", required=True, help="folder of prepared clip folders")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete the prepared clips of earlier runs in --out and prepare them again (needed to "
-                             "rerun with other options)")  # fmt: skip
     parser.add_argument(
-        "--wav2vec2", default="facebook/wav2vec2-base-960h",
+        "--overwrite",
+        action="store_true",
+        help="delete the prepared clips of earlier runs in --out and prepare them again (needed to "
+        "rerun with other options)",
+    )
+    parser.add_argument(
+        "--wav2vec2",
+        default="facebook/wav2vec2-base-960h",
         help="Wav2Vec2Model folder, or a model id already in the Hugging Face cache (default: %(default)s)",
     )
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes of the local pool (default 1 = inline); with --engine ray, Ray workers "
-                             "(default: as many as the cluster's CPUs / --threads, or GPUs / --ray-gpus-per-worker)")
-    parser.add_argument("--engine", default="local", choices=["local", "ray"],
-                        help="'local': a process pool on this machine; 'ray': a Ray cluster (pip install "
-                             "'echo-ihg[cluster]'; docs/cluster_prep.md)")
-    parser.add_argument("--address", default=None,
-                        help="--engine ray: the Ray cluster to join ('auto': the one this node belongs to; default: "
-                             "start a local one)")
-    parser.add_argument("--ray-gpus-per-worker", type=float, default=None,
-                        help="--engine ray: GPUs each worker reserves (default 1 with --device cuda, else 0; 0.25 puts "
-                             "four workers on a GPU)")
-    parser.add_argument("--shard", default=None,
-                        help="K/N: prepare only shard K of N of the conversations (a job array runs K = 0..N-1 into one "
-                             "--out; the last to finish merges prep_summary.json)")
-    parser.add_argument("--merge-summaries", action="store_true",
-                        help="only join the prep_summary.shard-K-of-N.json files of --out into prep_summary.json")
-    parser.add_argument("--stages", default=CORE_STAGE,
-                        help=f"comma-separated subset of {','.join([CORE_STAGE, *CACHE_STAGES])}")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes of the local pool (default 1 = inline); with --engine ray, Ray workers "
+        "(default: as many as the cluster's CPUs / --threads, or GPUs / --ray-gpus-per-worker)",
+    )
+    parser.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="'local': a process pool on this machine; 'ray': a Ray cluster (pip install "
+        "'echo-ihg[cluster]'; docs/cluster_prep.md)",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="--engine ray: the Ray cluster to join ('auto': the one this node belongs to; default: start a local one)",
+    )
+    parser.add_argument(
+        "--ray-gpus-per-worker",
+        type=float,
+        default=None,
+        help="--engine ray: GPUs each worker reserves (default 1 with --device cuda, else 0; 0.25 puts "
+        "four workers on a GPU)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="K/N: prepare only shard K of N of the conversations (a job array runs K = 0..N-1 into one "
+        "--out; the last to finish merges prep_summary.json)",
+    )
+    parser.add_argument(
+        "--merge-summaries",
+        action="store_true",
+        help="only join the prep_summary.shard-K-of-N.json files of --out into prep_summary.json",
+    )
+    parser.add_argument(
+        "--stages", default=CORE_STAGE, help=f"comma-separated subset of {','.join([CORE_STAGE, *CACHE_STAGES])}"
+    )
     parser.add_argument("--size", type=int, default=512, help="side of the square crops, a multiple of 16")
     parser.add_argument("--clip-seconds", type=float, default=10.0, help="clip length")
     parser.add_argument("--min-clip-seconds", type=float, default=1.0, help="shortest kept last clip")
     parser.add_argument("--crop-scale", type=float, default=CROP_SCALE, help="crop side / larger face-box side")
-    parser.add_argument("--smooth-half-life", type=float, default=SMOOTH_HALF_LIFE,
-                        help="half-life in frames of the causal crop-box smoothing (echo.framing; 0 = none)")
+    parser.add_argument(
+        "--smooth-half-life",
+        type=float,
+        default=SMOOTH_HALF_LIFE,
+        help="half-life in frames of the causal crop-box smoothing (echo.framing; 0 = none)",
+    )
     parser.add_argument("--face-backend", default="mediapipe", choices=list(FACE_BACKENDS))
     parser.add_argument("--min-face-ratio", type=float, default=0.5, help="fail below this fraction of face frames")
     parser.add_argument("--av-tolerance", type=float, default=0.1, help="seconds audio may fall short of video")
@@ -537,21 +412,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--omni-model", default=None, help="Qwen-Omni folder (stage 'omni')")
     parser.add_argument("--emotion-model", default=None, help="causal LM folder or http(s) endpoint (stage 'emotion')")
     parser.add_argument("--emotion-served-model", default="default", help="model name at the --emotion-model endpoint")
-    parser.add_argument("--text-encoder", default=None,
-                        help="T5/UMT5 encoder folder, or a pipeline folder with text_encoder/ (stage 'emotion_embeds')")
-    parser.add_argument("--text-encoder-dtype", default="float32", choices=list(TEXT_ENCODER_DTYPES),
-                        help="dtype of the text encoder and of the cached embeddings (default: %(default)s)")
-    parser.add_argument("--default-emotion", default="neutral",
-                        help="training's data.default_emotion, also cached by 'emotion_embeds' (default: %(default)s)")
-    parser.add_argument("--user-video-size", type=int, default=64,
-                        help="training's data.user_video_size, for stage 'user_tokens' (default: %(default)s)")
-    parser.add_argument("--omni-stride", type=int, default=DEFAULT_OMNI_STRIDE,
-                        help="frames between the understanding entries of stage 'omni', each Φ of the user's media "
-                             "from the conversation's start to its end frame (default: %(default)s); saved with the "
-                             "model trained on it as understanding_stride")
-    parser.add_argument("--emotion-stride", type=int, default=DEFAULT_EMOTION_STRIDE,
-                        help="frames between the emotion texts of stage 'emotion', each reasoned on the dialogue up to "
-                             "its end frame (default: %(default)s); saved with the model as emotion_stride")
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
+        help="T5/UMT5 encoder folder, or a pipeline folder with text_encoder/ (stage 'emotion_embeds')",
+    )
+    parser.add_argument(
+        "--text-encoder-dtype",
+        default="float32",
+        choices=list(TEXT_ENCODER_DTYPES),
+        help="dtype of the text encoder and of the cached embeddings (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--default-emotion",
+        default="neutral",
+        help="training's data.default_emotion, also cached by 'emotion_embeds' (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--user-video-size",
+        type=int,
+        default=64,
+        help="training's data.user_video_size, for stage 'user_tokens' (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--omni-stride",
+        type=int,
+        default=DEFAULT_OMNI_STRIDE,
+        help="frames between the understanding entries of stage 'omni', each Φ of the user's media "
+        "from the conversation's start to its end frame (default: %(default)s); saved with the "
+        "model trained on it as understanding_stride",
+    )
+    parser.add_argument(
+        "--emotion-stride",
+        type=int,
+        default=DEFAULT_EMOTION_STRIDE,
+        help="frames between the emotion texts of stage 'emotion', each reasoned on the dialogue up to "
+        "its end frame (default: %(default)s); saved with the model as emotion_stride",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker process")
     parser.add_argument("--no-progress", action="store_true")
@@ -614,6 +511,9 @@ def main(argv=None) -> int:
     for name in ("input", "layout"):
         if getattr(args, name) is None:
             parser.error(f"--{name} is required (unless --merge-summaries).")
+    if not Path(args.input).is_dir():
+        state = "is not a folder" if Path(args.input).exists() else "does not exist"
+        parser.error(f"--input {args.input!r} {state}: pass the folder of conversations. Nothing was written to --out.")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers is {args.workers}, expected a positive number of processes (1 runs inline).")
     try:
@@ -622,17 +522,29 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if args.shard is not None and args.overwrite:
-        parser.error("--overwrite deletes every prepared clip of --out, other shards' too: run it once without "
-                     "--shard (or delete the folder), then run the shards.")  # fmt: skip
+        parser.error(
+            "--overwrite deletes every prepared clip of --out, other shards' too: run it once without "
+            "--shard (or delete the folder), then run the shards."
+        )
     if args.engine == "local" and (args.address is not None or args.ray_gpus_per_worker is not None):
         parser.error("--address and --ray-gpus-per-worker apply to --engine ray.")
     # 2. The run; SIGTERM unwinds it (workers terminated, lock released) instead of killing it where it stands.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
-        summary = run_prep(args.input, args.layout, args.out, options, workers=args.workers,
-                           progress=not args.no_progress, overwrite=args.overwrite, engine=args.engine, shard=shard,
-                           address=args.address, gpus_per_worker=args.ray_gpus_per_worker)  # fmt: skip
+        summary = run_prep(
+            args.input,
+            args.layout,
+            args.out,
+            options,
+            workers=args.workers,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            engine=args.engine,
+            shard=shard,
+            address=args.address,
+            gpus_per_worker=args.ray_gpus_per_worker,
+        )
     except (OutputLocked, OptionsMismatch, clip_format.ClipFormatError, ImportError) as error:
         print(f"echo-prep: error: {error}", file=sys.stderr)
         return 2

@@ -26,6 +26,9 @@ import time
 from collections import deque
 from pathlib import Path
 
+from data_prep.failures import failure_record
+from data_prep.stages import prepare_conversation
+
 logger = logging.getLogger("echo-prep")
 
 SHARD_SUMMARY = re.compile(r"prep_summary\.shard-(\d+)-of-(\d+)\.json")
@@ -73,13 +76,15 @@ def merge_summaries(out_dir: str | Path) -> dict:
         if match:
             found.setdefault(int(match[2]), {})[int(match[1])] = path
     if not found:
-        raise FileNotFoundError(f"{str(out_dir)!r} holds no prep_summary.shard-K-of-N.json; run echo-prep --shard K/N first.")
+        raise FileNotFoundError(
+            f"{str(out_dir)!r} holds no prep_summary.shard-K-of-N.json; run echo-prep --shard K/N first."
+        )
     if len(found) > 1:
         raise ValueError(
             f"{str(out_dir)!r} holds shard summaries of several shard counts ({sorted(found)}); delete the "
             "prep_summary.shard-*-of-*.json files of the count you no longer use and merge again."
         )
-    (count, paths), = found.items()
+    ((count, paths),) = found.items()
     missing = sorted(set(range(count)) - set(paths))
     if missing:
         raise FileNotFoundError(
@@ -90,7 +95,9 @@ def merge_summaries(out_dir: str | Path) -> dict:
     for key in ("layout", "input"):
         values = {part.get(key) for part in parts}
         if len(values) > 1:
-            raise ValueError(f"the shard summaries of {str(out_dir)!r} name several `{key}` values: {sorted(map(str, values))}.")
+            raise ValueError(
+                f"the shard summaries of {str(out_dir)!r} name several `{key}` values: {sorted(map(str, values))}."
+            )
     merged = {
         "layout": parts[0]["layout"],
         "input": parts[0]["input"],
@@ -111,7 +118,7 @@ def merge_summaries(out_dir: str | Path) -> dict:
 def tmp_owner(name: str, conversation_ids: list[str]) -> str | None:
     """The conversation a ``.tmp-<clip>-<pid>`` folder belongs to: the longest id that ``<clip>`` starts with
     followed by ``_`` (clip ids are ``<conversation>_<participant>_c<k>``); `None` when none does."""
-    rest = name[len(".tmp-"):]
+    rest = name[len(".tmp-") :]
     owners = [c for c in conversation_ids if rest.startswith(f"{c}_")]
     return max(owners, key=len) if owners else None
 
@@ -151,14 +158,12 @@ class Preparer:
         return os.getpid()
 
     def prepare(self, conversation):
-        from data_prep.cli import _failure
-        from data_prep.stages import prepare_conversation
 
         try:
             result = prepare_conversation(conversation, self.out_dir, self.options, on_clip=self.on_clip)
             return conversation.id, result, None
         except Exception as error:  # reported per input in the summary; the run continues with the others
-            return conversation.id, None, _failure(conversation, error)
+            return conversation.id, None, failure_record(conversation, error)
 
 
 def _restarted(ray, actor) -> bool:
@@ -173,8 +178,17 @@ def _restarted(ray, actor) -> bool:
     return False
 
 
-def run_ray(conversations: list, out_dir: Path, options, record, all_ids: list[str], address: str | None = None,
-            workers: int | None = None, gpus_per_worker: float | None = None, on_clip=None) -> None:
+def run_ray(
+    conversations: list,
+    out_dir: Path,
+    options,
+    record,
+    all_ids: list[str],
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    on_clip=None,
+) -> None:
     """Prepare ``conversations`` on a Ray cluster; ``record(result, failure)`` is called in the driver for each.
 
     Args:
@@ -196,7 +210,9 @@ def run_ray(conversations: list, out_dir: Path, options, record, all_ids: list[s
         )
     gpus = (1.0 if cuda else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
     if gpus < 0 or (cuda and gpus == 0):
-        raise ValueError(f"--ray-gpus-per-worker is {gpus_per_worker}, expected a positive fraction of a GPU with --device cuda.")
+        raise ValueError(
+            f"--ray-gpus-per-worker is {gpus_per_worker}, expected a positive fraction of a GPU with --device cuda."
+        )
     started = not ray.is_initialized()
     if started:
         ray.init(address=address)
@@ -237,13 +253,19 @@ def run_ray(conversations: list, out_dir: Path, options, record, all_ids: list[s
                         idle.remove(actor)
                         logger.warning("a Ray worker did not come back within %d s; going on without it", RESTART_S)
                     if deaths[conversation.id] <= RAY_RETRIES and (idle or in_flight):
-                        logger.warning("the Ray worker preparing %s died (%s); sending it again", conversation.id, reason)
+                        logger.warning(
+                            "the Ray worker preparing %s died (%s); sending it again", conversation.id, reason
+                        )
                         pending.appendleft(conversation)
                         continue
-                    result, failure = None, {
-                        "input": conversation.id, "file": "",
-                        "reason": f"the Ray worker preparing it died {deaths[conversation.id]} times ({type(error).__name__}: {reason})",
-                    }  # fmt: skip
+                    result, failure = (
+                        None,
+                        {
+                            "input": conversation.id,
+                            "file": "",
+                            "reason": f"the Ray worker preparing it died {deaths[conversation.id]} times ({type(error).__name__}: {reason})",
+                        },
+                    )
                 record(result, failure)
                 if not idle and not in_flight:  # every worker is gone: what is left fails, named, not silently
                     while pending:

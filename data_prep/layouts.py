@@ -107,8 +107,11 @@ def _find_seamless(input_dir: Path) -> tuple[list[Conversation], list[LayoutFail
                 conversation_id,
                 "seamless",
                 participants,
-                source={"vendor_id": conversation_id.split("_")[0], "session": conversation_id.split("_")[1],
-                        "interaction": conversation_id.split("_")[2]},
+                source={
+                    "vendor_id": conversation_id.split("_")[0],
+                    "session": conversation_id.split("_")[1],
+                    "interaction": conversation_id.split("_")[2],
+                },
             )
         )
     return conversations, failures

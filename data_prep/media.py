@@ -15,7 +15,6 @@ Conventions:
 
 from __future__ import annotations
 
-import fractions
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +24,10 @@ import echo.media
 from echo import clip_format
 from echo.audio import FPS, SAMPLE_RATE, resample_audio
 from echo.clip_format import write_wav  # noqa: F401 (the writer of 16-bit PCM WAV files, re-exported)
+from echo.media import X264_OPTIONS, write_video  # noqa: F401 (the H.264 writer, re-exported)
 
 # x264 settings of prepared videos. One thread makes the bytes independent of scheduling; macroblock-tree rate
 # control is off because with it the same frames were seen to encode to different bytes from run to run.
-X264_OPTIONS = {"preset": "veryfast", "threads": "1", "x264-params": "no-mbtree=1"}
 
 
 class MediaError(RuntimeError):
@@ -73,8 +72,13 @@ def probe_video(path: str | Path) -> dict:
     if rate is None:
         rate = (len(times) - 1) / max(times[-1] - times[0], 1e-6) if len(times) > 1 else FPS
     period = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / rate
-    return {"times": times, "duration": float(times[-1] - times[0] + period), "width": width, "height": height,
-            "fps": rate}
+    return {
+        "times": times,
+        "duration": float(times[-1] - times[0] + period),
+        "width": width,
+        "height": height,
+        "fps": rate,
+    }
 
 
 def resample_indices(source_times: np.ndarray, num_frames: int, fps: float = FPS) -> np.ndarray:
@@ -116,61 +120,6 @@ def iter_resampled_frames(path: str | Path, indices: np.ndarray) -> Iterator[tup
         raise MediaError(f"{path.name}: cannot decode video ({error})") from error
     if k < len(indices):
         raise MediaError(f"{path.name}: the video ended after {k} of {len(indices)} expected frames")
-
-
-def write_video(
-    path: str | Path,
-    frames: np.ndarray,
-    fps: float = FPS,
-    crf: int = 18,
-    audio: np.ndarray | None = None,
-    sample_rate: int = SAMPLE_RATE,
-) -> None:
-    """Encode `(T, H, W, 3)` uint8 RGB frames as H.264 / yuv420p (H and W even), deterministically (one thread).
-
-    Args:
-        audio (`np.ndarray` of shape `(N,)`, *optional*): mono float audio in [-1, 1] muxed as an AAC stream.
-        sample_rate (`int`, defaults to 16000): rate of ``audio``.
-    """
-    import av
-    import cv2
-
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"`frames` has shape {frames.shape} and dtype {frames.dtype}, expected (T, H, W, 3) uint8.")
-    height, width = frames.shape[1:3]
-    if height % 2 or width % 2:
-        raise ValueError(f"`frames` are {height}×{width}; yuv420p needs even sizes.")
-    with av.open(str(path), "w", format="mp4") as container:
-        rate = fractions.Fraction(fps).limit_denominator(1001)
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.time_base = 1 / rate
-        stream.options = {"crf": str(crf), **X264_OPTIONS}
-        stream.thread_count = 1
-        audio_stream = None
-        if audio is not None:
-            audio_stream = container.add_stream("aac", rate=int(sample_rate), layout="mono")
-        for index, image in enumerate(frames):
-            # I420 by OpenCV (BT.601 limited range, like swscale's default) keeps the conversion independent of the
-            # FFmpeg build.
-            frame = av.VideoFrame.from_ndarray(cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
-            frame.pts, frame.time_base = index, 1 / rate  # explicit timestamps: rate control never guesses
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        if audio_stream is not None:
-            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
-            chunk = 1024
-            for start in range(0, samples.shape[1], chunk):
-                piece = np.ascontiguousarray(samples[:, start : start + chunk])
-                frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout="mono")
-                frame.sample_rate, frame.pts = int(sample_rate), start
-                for packet in audio_stream.encode(frame):
-                    container.mux(packet)
-            for packet in audio_stream.encode():
-                container.mux(packet)
 
 
 def read_video(path: str | Path) -> np.ndarray:

@@ -5,7 +5,9 @@ For a conversation with participants P and Q (see `data_prep.layouts`):
 1. Text: transcripts (and VAD) from the dataset files; without them, Whisper ASR when a model folder is given.
 2. Audio: every participant's track decoded to mono 16 kHz (`data_prep.media.load_audio`).
 3. Video: frame timestamps probed; the conversation has ``T = min(floor(duration · 25))`` frames at 25 fps (nearest
-   source frame per output time); audio shorter than its video by more than ``av_tolerance`` is an error.
+   source frame per output time); audio shorter than its video by more than ``av_tolerance`` is an error, and so is
+   audio longer than its video by more than ``max(AUDIO_OVERRUN_S, AUDIO_OVERRUN_RATIO · video)`` (1 s or 10 %: a
+   track of another recording, or a video cut short, would otherwise be cut to the video without a word).
 4. Faces: detection on every 25 fps frame, one tracked face, causally smoothed square crop boxes (`echo.framing`,
    the framing `pipelines.EchoPipeline` applies to raw inputs: no look-ahead).
 5. Clips of ``clip_frames`` frames (the last one kept if it has at least ``min_clip_frames``). Per clip and
@@ -39,7 +41,6 @@ import numpy as np
 
 from data_prep import caches
 from data_prep.caches import CACHE_STAGES, DEFAULT_EMOTION_STRIDE, DEFAULT_OMNI_STRIDE, torch_threads  # noqa: F401 (torch_threads re-exported)
-from data_prep.faces import FaceMesh
 from data_prep.layouts import Conversation
 from data_prep.media import (
     FPS,
@@ -53,19 +54,36 @@ from data_prep.media import (
 )
 from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_seamless_json
 from echo import clip_format
+from echo.atomic import write_text_atomic
 from echo.audio import AUDIO_BLOCK_FRAMES, AUDIO_CONTEXT_FRAMES
+from echo.faces import FaceMesh
 from echo.framing import CROP_SCALE, DETECT_MAX_SIDE, FACE_BACKENDS, SMOOTH_HALF_LIFE, FaceFramer, crop_frame
 
 PrepError = MediaError
 CORE_STAGE = "clips"
 TEXT_ENCODER_DTYPES = ("float32", "bfloat16", "float16")
 #: The model option each cache stage needs.
-STAGE_NEEDS = (("user_tokens", "vae"), ("omni", "omni_model"), ("emotion", "emotion_model"),
-               ("emotion_embeds", "text_encoder"))  # fmt: skip
+STAGE_NEEDS = (
+    ("user_tokens", "vae"),
+    ("omni", "omni_model"),
+    ("emotion", "emotion_model"),
+    ("emotion_embeds", "text_encoder"),
+)
 
 #: The options that shape the clip folders (compared on every rerun into an existing output folder).
-CLIP_OPTIONS = ("wav2vec2", "size", "clip_seconds", "min_clip_seconds", "crop_scale", "smooth_half_life", "face_backend",
-                "min_face_ratio", "detect_max_side", "av_tolerance", "asr_model")  # fmt: skip
+CLIP_OPTIONS = (
+    "wav2vec2",
+    "size",
+    "clip_seconds",
+    "min_clip_seconds",
+    "crop_scale",
+    "smooth_half_life",
+    "face_backend",
+    "min_face_ratio",
+    "detect_max_side",
+    "av_tolerance",
+    "asr_model",
+)
 #: The options that shape each cache stage's files (compared when the stage runs again).
 STAGE_OPTIONS = {
     "omni": ("omni_model", "omni_stride"),
@@ -76,6 +94,9 @@ STAGE_OPTIONS = {
 #: Options without a command-line flag of their own (Python API only).
 _API_ONLY = {"detect_max_side"}
 _PATH_OPTIONS = {"wav2vec2", "asr_model", "vae", "omni_model", "emotion_model", "text_encoder"}
+#: Audio may run past the end of its video by at most max(AUDIO_OVERRUN_S, AUDIO_OVERRUN_RATIO × the video's length).
+AUDIO_OVERRUN_S = 1.0
+AUDIO_OVERRUN_RATIO = 0.1
 #: The record of the output-shaping options of an output folder (see `record_options`).
 PREP_OPTIONS = "prep_options.json"
 
@@ -168,8 +189,10 @@ class PrepOptions:
         for name, allowed in (("face_backend", FACE_BACKENDS), ("text_encoder_dtype", TEXT_ENCODER_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_option(name)} is {getattr(self, name)!r}, expected one of {list(allowed)}.")
-        for name, multiple, why in (("size", 16, "the VAE downsamples 8× and the generator patches 2×"),
-                                    ("user_video_size", 8, "the VAE downsamples 8×")):  # fmt: skip
+        for name, multiple, why in (
+            ("size", 16, "the VAE downsamples 8× and the generator patches 2×"),
+            ("user_video_size", 8, "the VAE downsamples 8×"),
+        ):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or value < multiple or value % multiple:
                 raise ValueError(f"{_option(name)} is {value!r}, expected a positive multiple of {multiple} ({why}).")
@@ -207,7 +230,8 @@ class PrepOptions:
             "clips": {name: _normalised(name, getattr(self, name)) for name in CLIP_OPTIONS},
             "stages": {
                 stage: {name: _normalised(name, getattr(self, name)) for name in STAGE_OPTIONS[stage]}
-                for stage in CACHE_STAGES if stage in self.stages
+                for stage in CACHE_STAGES
+                if stage in self.stages
             },
         }
 
@@ -269,12 +293,16 @@ def record_options(out_dir: str | Path, options: PrepOptions) -> dict:
             before = stages.get(stage)
             pairs += [(name, before, values) for name in STAGE_OPTIONS[stage]] if isinstance(before, dict) else []
         differences = [
-            (name, old[name], new[name]) for name, old, new in pairs
+            (name, old[name], new[name])
+            for name, old, new in pairs
             if name in old and _normalised(name, old[name]) != new[name]
-        ]  # fmt: skip
+        ]
         # A clip option that no longer exists shaped the outputs another way (``smooth_sigma``: a look-ahead Gaussian)
-        differences += [(name, value, "(no longer an option)") for name, value in recorded["clips"].items()
-                        if name not in CLIP_OPTIONS]  # fmt: skip
+        differences += [
+            (name, value, "(no longer an option)")
+            for name, value in recorded["clips"].items()
+            if name not in CLIP_OPTIONS
+        ]
         if differences:
             raise OptionsMismatch(out_dir, differences)
         current["stages"] = {**stages, **current["stages"]}
@@ -331,8 +359,10 @@ def tool_versions(options: PrepOptions) -> dict:
 
 
 #: How the ``*_w2v.npy`` rows were computed (recorded in ``meta.json``; older echo-prep encoded each clip's audio alone).
-AUDIO_ROWS = (f"echo.audio.audio_frame_features: whole track, {AUDIO_BLOCK_FRAMES}-frame blocks from frame 0, "
-              f"{AUDIO_CONTEXT_FRAMES} frames of context each side")
+AUDIO_ROWS = (
+    f"echo.audio.audio_frame_features: whole track, {AUDIO_BLOCK_FRAMES}-frame blocks from frame 0, "
+    f"{AUDIO_CONTEXT_FRAMES} frames of context each side"
+)
 
 clip_id = clip_format.clip_id
 
@@ -394,8 +424,9 @@ def detect_crop_boxes(frames, name: str, options: PrepOptions) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def prepare_conversation(conversation: Conversation, out_dir: str | Path, options: PrepOptions,
-                         on_clip=None) -> ConversationResult:
+def prepare_conversation(
+    conversation: Conversation, out_dir: str | Path, options: PrepOptions, on_clip=None
+) -> ConversationResult:
     """Write every missing clip folder of ``conversation`` under ``out_dir`` (see the module docstring).
 
     Torch runs with ``options.threads`` CPU threads meanwhile (the process pool provides the parallelism).
@@ -408,8 +439,9 @@ def prepare_conversation(conversation: Conversation, out_dir: str | Path, option
         return _prepare_conversation(conversation, Path(out_dir), options, on_clip)
 
 
-def _prepare_conversation(conversation: Conversation, out_dir: Path, options: PrepOptions,
-                          on_clip=None) -> ConversationResult:
+def _prepare_conversation(
+    conversation: Conversation, out_dir: Path, options: PrepOptions, on_clip=None
+) -> ConversationResult:
     result = ConversationResult(conversation.id)
     done_marker = out_dir / ".done" / f"{conversation.id}.json"
     if done_marker.exists():
@@ -439,6 +471,16 @@ def _prepare_conversation(conversation: Conversation, out_dir: Path, options: Pr
                 f"{name}: audio is {seconds:.2f} s long, shorter than its video ({num_frames / FPS:.2f} s) by more "
                 f"than {options.av_tolerance} s"
             )
+        video_seconds = probes[participant.id]["duration"]
+        allowed = max(AUDIO_OVERRUN_S, AUDIO_OVERRUN_RATIO * video_seconds)
+        if seconds > video_seconds + allowed:
+            name = (participant.audio or participant.video).name
+            raise PrepError(
+                f"{name}: audio is {seconds:.2f} s long, longer than its video {participant.video.name} "
+                f"({video_seconds:.2f} s) by more than {allowed:.2f} s (the larger of {AUDIO_OVERRUN_S:g} s and "
+                f"{AUDIO_OVERRUN_RATIO:.0%} of the video), so it would be cut to the video. Check that they are the "
+                "same recording, or trim the audio to the video"
+            )
     ranges = clip_ranges(num_frames, options)
     if not ranges:
         raise PrepError(
@@ -451,16 +493,19 @@ def _prepare_conversation(conversation: Conversation, out_dir: Path, options: Pr
     # 4. Faces: one tracked, smoothed crop box per frame and participant.
     if CORE_STAGE in options.stages and not all((out_dir / c).is_dir() for c in all_clips):
         boxes = {
-            p.id: detect_crop_boxes((image for _, image in iter_resampled_frames(p.video, indices[p.id])),
-                                    p.video.name, options)
+            p.id: detect_crop_boxes(
+                (image for _, image in iter_resampled_frames(p.video, indices[p.id])), p.video.name, options
+            )
             for p in conversation.participants
         }
         frames = {p.id: iter_resampled_frames(p.video, indices[p.id]) for p in conversation.participants}
 
         # 5. Clips.
         for k, (start, end) in enumerate(ranges):
-            crops = {i: np.stack([crop_frame(next(frames[i])[1], boxes[i][t], options.size)
-                                  for t in range(start, end)]) for i in ids}
+            crops = {
+                i: np.stack([crop_frame(next(frames[i])[1], boxes[i][t], options.size) for t in range(start, end)])
+                for i in ids
+            }
             targets = {i: clip_id(conversation.id, i, k) for i in ids}
             if all((out_dir / c).is_dir() for c in targets.values()):
                 result.skipped += list(targets.values())
@@ -507,8 +552,18 @@ def run_caches(out_dir: Path, clips: list[str], options: PrepOptions) -> None:
                 caches.run_stage(stage, out_dir / clip, options)
 
 
-def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str, user: str, streams: dict,
-               start: int, transcript: dict, options: PrepOptions, on_clip=None) -> Path:
+def write_clip(
+    out_dir: Path,
+    clip: str,
+    conversation: Conversation,
+    avatar: str,
+    user: str,
+    streams: dict,
+    start: int,
+    transcript: dict,
+    options: PrepOptions,
+    on_clip=None,
+) -> Path:
     """Write one clip folder atomically: ``.tmp-<clip>-<pid>`` → ``<clip>``."""
     tmp = out_dir / f".tmp-{clip}-{os.getpid()}"
     if tmp.exists():
@@ -547,9 +602,11 @@ def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str
         "avatar": {"participant": avatar, "crop_boxes": np.round(streams[avatar]["boxes"], 3).tolist()},
         "user": {"participant": user, "crop_boxes": np.round(streams[user]["boxes"], 3).tolist()},
         "start_frame": start,
-        "audio_features": {"num_layers": int(streams[avatar]["w2v"].shape[1]),
-                           "dim": int(streams[avatar]["w2v"].shape[2]),
-                           "rows": AUDIO_ROWS},
+        "audio_features": {
+            "num_layers": int(streams[avatar]["w2v"].shape[1]),
+            "dim": int(streams[avatar]["w2v"].shape[2]),
+            "rows": AUDIO_ROWS,
+        },
         "options": {k: v for k, v in asdict(options).items() if k not in ("device", "stages", "threads")},
         "tool_versions": tool_versions(options),
     }
@@ -567,9 +624,4 @@ def write_clip(out_dir: Path, clip: str, conversation: Conversation, avatar: str
 def write_atomic_text(path: Path, text: str) -> None:
     """Write ``text`` through a temporary file and a rename: a failed write (disk full) leaves the old file, or
     none, never a truncated one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, text)

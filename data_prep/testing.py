@@ -1,6 +1,6 @@
 """Tiny prepared data for tests and the offline demo, made by the real preparation pipeline.
 
-`make_tiny_prepared_set` writes a short synthetic conversation (`data_prep.synthetic`), saves a randomly initialised
+`make_tiny_prepared_set` writes a short synthetic conversation (`synthetic.conversations`), saves a randomly initialised
 tiny ``Wav2Vec2Model`` (config ``audio_encoder`` of ``configs/models/tiny.yaml``) with its feature extractor to a
 folder, and runs `data_prep.cli.run_prep` on it: MediaPipe detection, tracking, cropping and face mesh, wav2vec2
 loaded back from that folder with ``from_pretrained``, transcripts from the synthetic dialogue.
@@ -11,6 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
+from data_prep.cli import run_prep
+from data_prep.stages import PrepOptions
+from synthetic.conversations import make_conversation
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 
@@ -64,9 +68,6 @@ def make_tiny_prepared_set(
         ``avatar.mp4`` / ``user.mp4`` of ``num_frames`` frames at ``size``², 16 kHz wavs, ``*_w2v.npy`` of shape
         `(num_frames, 3, 32)` float16, ``*_landmarks.npy`` of shape `(num_frames, 478, 2)`, ``transcript.json``).
     """
-    from data_prep.cli import run_prep
-    from data_prep.stages import PrepOptions
-    from data_prep.synthetic import make_conversation
 
     out_dir = Path(out_dir)
     seconds = num_frames / 25.0
@@ -124,16 +125,31 @@ def save_tiny_whisper(folder: str | Path, seed: int = 0) -> Path:
     WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer).save_pretrained(folder)
     end, start = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"]
     config = WhisperConfig(
-        vocab_size=len(vocab), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_source_positions=1500, max_target_positions=24, pad_token_id=end, bos_token_id=end, eos_token_id=end,
+        vocab_size=len(vocab),
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=1500,
+        max_target_positions=24,
+        pad_token_id=end,
+        bos_token_id=end,
+        eos_token_id=end,
         decoder_start_token_id=start,
     )
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=start, eos_token_id=end, pad_token_id=end, bos_token_id=end,
-        no_timestamps_token_id=vocab["<|notimestamps|>"], is_multilingual=False,
+        decoder_start_token_id=start,
+        eos_token_id=end,
+        pad_token_id=end,
+        bos_token_id=end,
+        no_timestamps_token_id=vocab["<|notimestamps|>"],
+        is_multilingual=False,
     )
     model.save_pretrained(folder, safe_serialization=True)
     return folder
@@ -161,9 +177,6 @@ def make_tiny_conversation_clips(
     Returns:
         `Path`: ``out_dir/prepared`` (clips ``<conversation>_<A|B>_c<k>``).
     """
-    from data_prep.cli import run_prep
-    from data_prep.stages import PrepOptions
-    from data_prep.synthetic import make_conversation
 
     out_dir = Path(out_dir)
     if (out_dir / ".complete").is_file():

@@ -85,8 +85,13 @@ def read_seamless_json(path: str | Path) -> tuple[list[dict], list[dict]]:
     return segments, vad
 
 
-def speech_regions(waveform: np.ndarray, sample_rate: int = 16_000, threshold: float = 0.02, min_gap: float = 0.3,
-                   min_length: float = 0.2) -> list[dict]:
+def speech_regions(
+    waveform: np.ndarray,
+    sample_rate: int = 16_000,
+    threshold: float = 0.02,
+    min_gap: float = 0.3,
+    min_length: float = 0.2,
+) -> list[dict]:
     """Energy-based voice activity: ``[{"start", "end"}]`` where the 20 ms RMS exceeds ``threshold`` × peak RMS."""
     hop = int(0.02 * sample_rate)
     frames = len(waveform) // hop

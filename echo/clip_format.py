@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write, write_text_atomic
 from .audio import FPS, SAMPLE_RATE
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,8 +83,14 @@ def landmarks_name(role: str) -> str:
     return f"{_check_role(role)}_landmarks.npy"
 
 
-REQUIRED_FILES = (META, video_name("avatar"), wav_name("avatar"), w2v_name("avatar"), landmarks_name("avatar"),
-                  w2v_name("user"))  # fmt: skip
+REQUIRED_FILES = (
+    META,
+    video_name("avatar"),
+    wav_name("avatar"),
+    w2v_name("avatar"),
+    landmarks_name("avatar"),
+    w2v_name("user"),
+)
 
 
 def clip_id(conversation: str, avatar: str, index: int) -> str:
@@ -109,12 +116,9 @@ def open_safetensors(path: str | os.PathLike):
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as error:
         raise ClipFormatError(
-            path, f"is not a readable safetensors file ({error}); delete it and rerun the echo-prep stage that writes it"
+            path,
+            f"is not a readable safetensors file ({error}); delete it and rerun the echo-prep stage that writes it",
         ) from error
-
-
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def read_json(path: str | os.PathLike):
@@ -129,12 +133,11 @@ def read_json(path: str | os.PathLike):
 
 
 def write_json(path: str | os.PathLike, value, atomic: bool = True) -> Path:
-    """Write ``value`` as indented JSON (temporary file then `os.replace` when ``atomic``)."""
+    """Write ``value`` as indented JSON (`echo.atomic.write_text_atomic` when ``atomic``)."""
     path = Path(path)
-    target = _atomic_path(path) if atomic else path
-    target.write_text(json.dumps(value, indent=1))
     if atomic:
-        os.replace(target, path)
+        return write_text_atomic(path, json.dumps(value, indent=1))
+    path.write_text(json.dumps(value, indent=1))
     return path
 
 
@@ -368,7 +371,9 @@ def read_video_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarr
                 break
     missing = wanted - set(frames)
     if missing:
-        raise ClipFormatError(path, f"frames {sorted(missing)[:5]} are beyond the end of the video ({len(frames)} read)")
+        raise ClipFormatError(
+            path, f"frames {sorted(missing)[:5]} are beyond the end of the video ({len(frames)} read)"
+        )
     return np.stack([frames[i] for i in indices.tolist()])
 
 
@@ -522,8 +527,9 @@ def check_reasoning_frames(path: str | os.PathLike, frames, start_frame: int, st
     off = [int(f) for f in frames if (start_frame + int(f) + 1) % stride]
     if off:
         raise ClipFormatError(
-            path, f"has entries at clip frames {off} (clip starting at conversation frame {start_frame}), which are not "
-            f"reasoning frames k·{stride} − 1 of its stride {stride}; delete it and rerun its echo-prep stage"
+            path,
+            f"has entries at clip frames {off} (clip starting at conversation frame {start_frame}), which are not "
+            f"reasoning frames k·{stride} − 1 of its stride {stride}; delete it and rerun its echo-prep stage",
         )
 
 
@@ -558,9 +564,10 @@ def read_emotion_stride(clip_dir: str | os.PathLike) -> int | None:
     stride = value.get("stride") if isinstance(value, dict) else None
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ClipFormatError(
-            path, "has no positive integer 'stride': it was written by an older echo-prep, on windows of the clip rather "
+            path,
+            "has no positive integer 'stride': it was written by an older echo-prep, on windows of the clip rather "
             "than on the conversation's reasoning frames. Delete it (and emotion_embeds.safetensors) and rerun "
-            "`echo-prep ... --stages emotion,emotion_embeds --emotion-stride <stride>`"
+            "`echo-prep ... --stages emotion,emotion_embeds --emotion-stride <stride>`",
         )
     return stride
 
@@ -576,8 +583,11 @@ def read_emotion_windows(clip_dir: str | os.PathLike) -> list[dict] | None:
     if not isinstance(windows, list):
         raise ClipFormatError(path, "expected an object with a 'windows' list; delete it and rerun --stages emotion")
     for window in windows:
-        if not (isinstance(window, dict) and isinstance(window.get("end_frame"), int)
-                and isinstance(window.get("text"), str)):  # fmt: skip
+        if not (
+            isinstance(window, dict)
+            and isinstance(window.get("end_frame"), int)
+            and isinstance(window.get("text"), str)
+        ):
             raise ClipFormatError(path, f"window {window!r} is not {{'end_frame': int, 'text': str}}")
     return sorted(windows, key=lambda w: w["end_frame"])
 
@@ -622,13 +632,12 @@ def emotion_texts(clip_dir: str | os.PathLike, default_emotion: str = "neutral")
 
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
     """Write ``tensors`` (and string ``metadata``) to a safetensors file atomically: a temporary file beside it, then
-    `os.replace`; a killed writer leaves the old file or none, never a partial one. Returns the path."""
+    `os.replace` (`echo.atomic`); a killed writer leaves the old file or none, never a partial one. Returns the path."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = _atomic_path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path
 
 
@@ -825,8 +834,9 @@ def read_understanding_index(clip_dir: str | os.PathLike, num_frames: int) -> Un
         if len(shape) != 2:
             raise ClipFormatError(path, f"'hidden_states' has shape {tuple(shape)}, expected (N, D_s)")
         if "end_frames" not in keys:  # legacy: one entry over the whole clip
-            return UnderstandingIndex(path, np.array([num_frames - 1]), np.array([0]), np.array([shape[0]]),
-                                      int(shape[1]), legacy=True)  # fmt: skip
+            return UnderstandingIndex(
+                path, np.array([num_frames - 1]), np.array([0]), np.array([shape[0]]), int(shape[1]), legacy=True
+            )
         end_frames = f.get_tensor("end_frames").numpy().astype(np.int64)
         lengths = f.get_tensor("lengths").numpy().astype(np.int64)
         stride = (f.metadata() or {}).get("stride", "")

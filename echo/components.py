@@ -64,6 +64,9 @@ from typing import Any
 
 import torch
 
+from .flow_matching import check_flow_scheduler
+from .settings import EchoSettings
+
 # Component name → the classes a section may name, as (module, class). Order is the build order.
 COMPONENT_CLASSES: dict[str, dict[str, tuple[str, str]]] = {
     "vae": {"AutoencoderKLWan": ("diffusers", "AutoencoderKLWan")},
@@ -104,11 +107,53 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 # Words of the tiny tokenizer beyond single characters: the emotion vocabulary of the demo and tests.
 TINY_TOKENIZER_WORDS = (
-    "the", "a", "an", "and", "is", "are", "of", "to", "in", "with", "at", "while", "as", "avatar", "user",
-    "listens", "listening", "speaks", "speaking", "calm", "happy", "joyful", "content", "neutral", "sad", "curious",
-    "attentive", "surprised", "amused", "interested", "engaged", "relaxed", "warm", "smile", "smiles", "nods", "face",
-    "expression", "eyes", "mouth", "emotion", "feels", "looks", "slightly", "very", "gently",
-)  # fmt: skip
+    "the",
+    "a",
+    "an",
+    "and",
+    "is",
+    "are",
+    "of",
+    "to",
+    "in",
+    "with",
+    "at",
+    "while",
+    "as",
+    "avatar",
+    "user",
+    "listens",
+    "listening",
+    "speaks",
+    "speaking",
+    "calm",
+    "happy",
+    "joyful",
+    "content",
+    "neutral",
+    "sad",
+    "curious",
+    "attentive",
+    "surprised",
+    "amused",
+    "interested",
+    "engaged",
+    "relaxed",
+    "warm",
+    "smile",
+    "smiles",
+    "nods",
+    "face",
+    "expression",
+    "eyes",
+    "mouth",
+    "emotion",
+    "feels",
+    "looks",
+    "slightly",
+    "very",
+    "gently",
+)
 
 
 def build_tiny_tokenizer(words: list[str] | tuple[str, ...] = TINY_TOKENIZER_WORDS, model_max_length: int = 512):
@@ -179,7 +224,9 @@ def load_model_config(config: str | Path | dict) -> dict:
         return copy.deepcopy(config)
     path = Path(config)
     if not path.is_file():
-        raise ValueError(f"model config {str(path)!r} is not a file; expected a YAML file such as configs/models/tiny.yaml")
+        raise ValueError(
+            f"model config {str(path)!r} is not a file; expected a YAML file such as configs/models/tiny.yaml"
+        )
     loaded = read_yaml(path, "model config")
     if not isinstance(loaded, dict):
         raise ValueError(f"model config {str(path)!r} holds a {type(loaded).__name__}, expected a mapping of sections")
@@ -299,9 +346,7 @@ def _check_scheduler_overrides(cls, config: dict) -> None:
         )
 
 
-def _build_one(
-    section: str, spec: dict, torch_dtype: torch.dtype | None, allow_download: bool, default_seed: int
-):
+def _build_one(section: str, spec: dict, torch_dtype: torch.dtype | None, allow_download: bool, default_seed: int):
     if section == "scheduler" and isinstance(spec, dict) and "pretrained" in spec:
         spec = dict(spec, **{"class": _saved_scheduler_class(spec, allow_download)})  # the folder's own class
     if not isinstance(spec, dict) or "class" not in spec:
@@ -334,7 +379,9 @@ def _build_one(
         if config and section in ("scheduler", "feature_extractor"):
             load_kwargs.update(config)  # overrides such as the scheduler's `shift`
         elif config:
-            raise ValueError(f"section {section!r} gives both 'pretrained' and 'config'; config overrides apply only to schedulers and feature extractors")
+            raise ValueError(
+                f"section {section!r} gives both 'pretrained' and 'config'; config overrides apply only to schedulers and feature extractors"
+            )
         return _from_pretrained(cls, spec["pretrained"], section, load_kwargs)
     if "from_wan" in spec:
         if section != "transformer":
@@ -445,15 +492,16 @@ def load_components(
         exactly the sections present (and requested). The result can be passed as ``EchoPipeline(**components)``
         when the eight required components are present.
     """
-    from .flow_matching import check_flow_scheduler
 
     description = load_model_config(config)
     if allow_download is None:
         allow_download = bool(description.get("allow_download", False))
     default_seed = int(description.get("seed", 0))
-    unknown = set(description) - set(COMPONENT_CLASSES) - {
-        "allow_download", "seed", "name", "description", "settings", "torch_dtype"
-    }
+    unknown = (
+        set(description)
+        - set(COMPONENT_CLASSES)
+        - {"allow_download", "seed", "name", "description", "settings", "torch_dtype"}
+    )
     if unknown:
         raise ValueError(f"model config has unknown sections {sorted(unknown)}; expected {sorted(COMPONENT_CLASSES)}")
     if only is not None:
@@ -463,8 +511,6 @@ def load_components(
 
     components = {}
     if "settings" in description and (only is None or "settings" in only):
-        from .settings import EchoSettings
-
         components["settings"] = EchoSettings.from_dict(
             description["settings"], source="model config section 'settings'"
         ).to_dict()

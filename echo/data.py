@@ -54,6 +54,7 @@ from torch.utils.data import Dataset
 
 from . import clip_format
 from .audio import frame_rms, window_indices
+from .chunks import check_frame_count
 from .clip_format import ClipRecord, check_user_tokens, load_emotion_embeds, read_video_frames  # noqa: F401
 from .encoding import frames_to_tensor, prepare_user_video
 from .masks import reference_token_masks
@@ -167,10 +168,7 @@ class ConversationDataset(Dataset):
         use_cached_user_tokens: bool = False,
         seed: int = 0,
     ):
-        if num_frames < 1 or (num_frames - 1) % temporal_compression:
-            raise ValueError(
-                f"`num_frames` is {num_frames}, expected 4k + 1 frames for temporal compression {temporal_compression}."
-            )
+        check_frame_count(num_frames, "`num_frames`", temporal_compression)
         if resolution % token_patch:
             raise ValueError(f"`resolution` is {resolution}, expected a multiple of `token_patch` = {token_patch}.")
         if max_history_frames is not None and max_history_frames < num_frames:
@@ -336,10 +334,12 @@ class ConversationDataset(Dataset):
         radius = self.audio_radius
         lo = max(first, clip.start_frame + start - radius)
         hi = min(end, clip.start_frame + stop + radius)
-        rows = np.concatenate([
-            clip_format.read_w2v(record.path, "avatar", record.num_frames)[a:b]
-            for record, a, b in clip_format.history_segments(span, hi, hi - lo)
-        ])  # fmt: skip  # hi − lo, NL, D: conversation frames lo … hi − 1
+        rows = np.concatenate(
+            [
+                clip_format.read_w2v(record.path, "avatar", record.num_frames)[a:b]
+                for record, a, b in clip_format.history_segments(span, hi, hi - lo)
+            ]
+        )  # hi − lo, NL, D: conversation frames lo … hi − 1
         index = window_indices(clip.start_frame + start - first, clip.start_frame + stop - first, radius, end - first)
         index = index + first - lo  # T, L_w, into `rows`
         return torch.from_numpy(np.asarray(rows[index.numpy()], dtype=np.float32))
@@ -371,8 +371,9 @@ class ConversationDataset(Dataset):
             index = self._understanding_index(record)
             if index.legacy:
                 raise clip_format.ClipFormatError(
-                    index.path, "is in the whole-clip format of an older echo-prep (no per-stride entries). Delete "
-                    "the files and rerun `echo-prep ... --stages omni --omni-stride <stride>`"
+                    index.path,
+                    "is in the whole-clip format of an older echo-prep (no per-stride entries). Delete "
+                    "the files and rerun `echo-prep ... --stages omni --omni-stride <stride>`",
                 )
             clip_format.check_reasoning_frames(index.path, index.end_frames, record.start_frame, index.stride)
             strides.setdefault(index.stride, index.path)
@@ -430,8 +431,9 @@ class ConversationDataset(Dataset):
         entry = np.nonzero(record.start_frame + index.end_frames == frame)[0]
         if not len(entry):
             raise clip_format.ClipFormatError(
-                index.path, f"has no entry at clip frame {frame - record.start_frame}, a reasoning frame of its stride "
-                f"{index.stride}; delete it and rerun `echo-prep --stages omni`"
+                index.path,
+                f"has no entry at clip frame {frame - record.start_frame}, a reasoning frame of its stride "
+                f"{index.stride}; delete it and rerun `echo-prep --stages omni`",
             )
         return clip_format.read_understanding_entry(index, int(entry[0]))
 
@@ -473,10 +475,12 @@ class ConversationDataset(Dataset):
         if ref_clip.path == clip.path:
             frames = read_video_frames(clip.path / clip_format.video_name("avatar"), [*range(start, stop), ref_index])
         else:  # the window is the whole clip: the reference comes from another clip of the track
-            frames = np.concatenate([
-                read_video_frames(clip.path / clip_format.video_name("avatar"), list(range(start, stop))),
-                read_video_frames(ref_clip.path / clip_format.video_name("avatar"), [ref_index]),
-            ])  # fmt: skip
+            frames = np.concatenate(
+                [
+                    read_video_frames(clip.path / clip_format.video_name("avatar"), list(range(start, stop))),
+                    read_video_frames(ref_clip.path / clip_format.video_name("avatar"), [ref_index]),
+                ]
+            )
         frames = frames_to_tensor(frames, self.resolution)  # T+1, 3, H, W
         item["video"] = frames[:-1].permute(1, 0, 2, 3).contiguous()  # 3, T, H, W
         item["reference"] = frames[-1]
@@ -501,17 +505,22 @@ class ConversationDataset(Dataset):
 
         # 5. User history: conversation frames from the track's start (or the last max_history_frames) to the window end
         segments = clip_format.history_segments(self._runs[clip.path], clip.start_frame + stop, self.max_history_frames)
-        item["user_audio"] = torch.cat([
-            torch.from_numpy(np.asarray(clip_format.read_w2v(r.path, "user", r.num_frames)[lo:hi], dtype=np.float32))
-            for r, lo, hi in segments
-        ])  # fmt: skip
+        item["user_audio"] = torch.cat(
+            [
+                torch.from_numpy(
+                    np.asarray(clip_format.read_w2v(r.path, "user", r.num_frames)[lo:hi], dtype=np.float32)
+                )
+                for r, lo, hi in segments
+            ]
+        )
         if self.use_user_video and self.use_cached_user_tokens:
             parts = [clip_format.read_user_tokens(r.path, lo, hi) for r, lo, hi in segments]
             item["user_tokens"] = torch.cat([p[0] for p in parts])  # T_hist, C, h, w
             item["user_token_mask"] = torch.cat([p[1] for p in parts])  # T_hist, h, w
         elif self.use_user_video:
             parts = [
-                read_user_frames(r.path, lo, hi, self.user_video_size, r.size or self.resolution) for r, lo, hi in segments
+                read_user_frames(r.path, lo, hi, self.user_video_size, r.size or self.resolution)
+                for r, lo, hi in segments
             ]
             item["user_video"] = torch.cat([p[0] for p in parts])  # T_hist, 3, h_u, w_u
             item["user_face_mask"] = torch.cat([p[1] for p in parts])  # T_hist, h_u, w_u

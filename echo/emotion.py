@@ -99,7 +99,14 @@ def reason_emotion(reasoner, history: Sequence[dict], frame: int, avatar_speaker
     clip_end = (frame + 1) / FPS
     if not format_history(history, clip_end, avatar_speaker, max_segments=None):
         return None
-    return reasoner.describe(history, clip_end=clip_end, avatar_speaker=avatar_speaker)
+    text = reasoner.describe(history, clip_end=clip_end, avatar_speaker=avatar_speaker)
+    if not isinstance(text, str):
+        raise ValueError(
+            f"The emotion reasoner's `describe(history, clip_end={clip_end:.2f}, avatar_speaker={avatar_speaker!r})` "
+            f"returned {text!r} ({type(text).__name__}); expected the avatar's emotional state as a `str` (e.g. "
+            "`echo.EmotionReasoner`)."
+        )
+    return text
 
 
 def build_messages(transcript: str) -> list[dict]:
@@ -246,9 +253,7 @@ class EmotionReasoner:
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
         inputs = {k: v.to(self.model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        output = self.model.generate(
-            **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id
-        )
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id)
         return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

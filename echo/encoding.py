@@ -24,7 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .masks import NUM_LANDMARKS
+from .conditioning import build_condition, condition_video
+from .emotion import EmotionTextEncoder
+from .faces import MediaPipeGraph
+from .masks import NUM_LANDMARKS, rasterize_masks
 
 
 def normalize_latents(vae, latents: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -109,7 +112,6 @@ def prepare_user_video(frames: np.ndarray, landmarks: np.ndarray, size: int) -> 
         `(video, face_mask)`: `(T, 3, size, size)` float in [−1, 1] (`frames_to_tensor`) and `(T, size, size)` float
         {0, 1}: the whole face, lips included (the lip and face regions of `echo.masks.rasterize_masks`).
     """
-    from .masks import rasterize_masks
 
     frames = np.asarray(frames)
     landmarks = np.asarray(landmarks, dtype=np.float32)
@@ -159,7 +161,6 @@ def chunk_condition(
     Returns:
         `torch.Tensor` of shape `(B, 4 + 2·z_dim, F, H/8, W/8)` float32: ``[mask, given latents, reference plane]``.
     """
-    from .conditioning import build_condition, condition_video
 
     if reference.ndim != 4 or reference.shape[1] != 3:
         raise ValueError(f"`reference` has shape {tuple(reference.shape)}, expected (B, 3, H, W) in [-1, 1].")
@@ -248,7 +249,8 @@ def detect_face_landmarks(images: np.ndarray) -> np.ndarray:
         raise ValueError(f"`images` has shape {images.shape}, expected (H, W, 3) or (T, H, W, 3) RGB.")
     height, width = frames.shape[1:3]
     landmarks = np.full((len(frames), NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
-    with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True) as mesh:
+    options = dict(static_image_mode=True, max_num_faces=1, refine_landmarks=True)
+    with MediaPipeGraph(lambda: mp.solutions.face_mesh.FaceMesh(**options)) as mesh:  # start-up noise dropped
         for t, frame in enumerate(frames):
             result = mesh.process(np.ascontiguousarray(frame[..., :3].astype(np.uint8)))
             if result.multi_face_landmarks:
@@ -268,7 +270,6 @@ class PromptEncoder:
     distinct text; ``L = min(max_sequence_length, tokenizer.model_max_length)``."""
 
     def __init__(self, text_encoder, tokenizer, max_sequence_length: int = 512):
-        from .emotion import EmotionTextEncoder
 
         self.max_length = min(int(max_sequence_length), int(tokenizer.model_max_length))
         self.encoder = EmotionTextEncoder(text_encoder, tokenizer, max_length=self.max_length)

@@ -9,8 +9,12 @@ Per frame ``t`` (a photo is a video of one frame):
 1. **Detection.** A frame whose longer side exceeds ``detect_max_side`` (640) is downscaled (OpenCV ``INTER_AREA``)
    for the detector; the boxes are scaled back to source pixels. Detectors: ``"mediapipe"`` (default, MediaPipe face
    detection, full-range model) or ``"face_alignment"`` (the box of the 68 landmarks of ``face-alignment``).
-2. **Tracking.** One face per frame: the detection that overlaps the last kept box most (the highest score on the
-   first face, or when none overlaps). A frame without a detection keeps the last kept box (it is held).
+2. **Tracking.** One face per frame, the participant's: on the first frame with a face, the **largest** detection
+   (box area; the participant faces the camera, nearer than anyone behind or beside them); on every later frame, the
+   detection that overlaps the last kept box most. A frame in which no detection overlaps it (the participant's face
+   missed or hidden, someone else's face found) is a frame without the participant's face: the last kept box is
+   held, never moved to another person, and the frame does not count as found (echo-prep fails a participant found
+   in fewer than ``min_face_ratio`` of the frames, naming the video).
 3. **Smoothing, causal.** The box centre ``(x, y)`` and size ``s = max(width, height)`` are smoothed by a one-sided
    exponential filter, ``m_t = m_{t−1} + α (b_t − m_{t−1})`` with ``α = 1 − 2^(−1 / smooth_half_life)``, started at
    the first detected box. ``smooth_half_life = 2`` frames (``α ≈ 0.293``, a mean lag of ``(1 − α) / α ≈ 2.4`` frames,
@@ -32,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from echo.faces import MediaPipeGraph
 
 CROP_SCALE = 1.8  # crop side over the larger side of the face box
 SMOOTH_HALF_LIFE = 2.0  # frames of the causal exponential smoothing of the boxes (0: none)
@@ -67,8 +73,10 @@ class MediaPipeFaceDetector:
     def __init__(self, min_confidence: float = 0.5, model_selection: int = 1):
         # MediaPipe is an optional dependency (the `prep` extra): imported here, where a detector is made.
         mp = _import_mediapipe()
-        self._detector = mp.solutions.face_detection.FaceDetection(
-            model_selection=model_selection, min_detection_confidence=min_confidence
+        self._detector = MediaPipeGraph(
+            lambda: mp.solutions.face_detection.FaceDetection(
+                model_selection=model_selection, min_detection_confidence=min_confidence
+            )
         )
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -109,7 +117,7 @@ class FaceAlignmentDetector:
         except Exception as error:  # urllib/torch.hub raise many types when offline; re-raise with the fix.
             raise RuntimeError(
                 "face-alignment could not load its weights (they download on first use, which fails offline). "
-                "Pre-download them with network access: `python -c \"import face_alignment as fa; "
+                'Pre-download them with network access: `python -c "import face_alignment as fa; '
                 "fa.FaceAlignment(fa.LandmarksType.TWO_D, device='cpu')\"` and copy ~/.cache/torch/hub/checkpoints "
                 f"here, or use --face-backend mediapipe. Original error: {error}"
             ) from error
@@ -159,16 +167,18 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def select_face(rows: np.ndarray, previous: np.ndarray | None) -> np.ndarray | None:
-    """Tracking (rule 2): the `(4,)` box among the `(N, 5)` detections that overlaps ``previous`` most (the highest
-    score without ``previous`` or overlap), or `None` when ``rows`` is empty."""
+    """Tracking (rule 2): the participant's `(4,)` box among the `(N, 5)` detections: without ``previous`` (no face
+    yet) the largest one; with it, the one that overlaps ``previous`` most. `None` when ``rows`` is empty, or when no
+    detection overlaps ``previous`` (another person's face is not the participant's)."""
     if len(rows) == 0:
         return None
-    choice = int(rows[:, 4].argmax())
-    if previous is not None:
-        overlap = _iou(previous, rows[:, :4])
-        if overlap.max() > 0:
-            choice = int(overlap.argmax())
-    return np.asarray(rows[choice, :4], dtype=np.float32)
+    if previous is None:
+        areas = (rows[:, 2] - rows[:, 0]) * (rows[:, 3] - rows[:, 1])
+        return np.asarray(rows[int(areas.argmax()), :4], dtype=np.float32)
+    overlap = _iou(previous, rows[:, :4])
+    if overlap.max() <= 0:
+        return None
+    return np.asarray(rows[int(overlap.argmax()), :4], dtype=np.float32)
 
 
 def smoothing_alpha(half_life: float) -> float:
@@ -237,8 +247,9 @@ def smooth_crop_boxes(
     state = FramingState() if state is None else state
     crops = np.zeros((len(boxes), 4), dtype=np.float32)
     for t, box in enumerate(np.asarray(boxes, dtype=np.float32)):
-        crops[t], state = advance(state, box if np.isfinite(box).all() else None, frame_size, crop_scale,
-                                  smooth_half_life)  # fmt: skip
+        crops[t], state = advance(
+            state, box if np.isfinite(box).all() else None, frame_size, crop_scale, smooth_half_life
+        )
     return crops, state
 
 
@@ -306,8 +317,11 @@ class FaceFramer:
         """Head crops of the next frames `(T, H, W, 3)` uint8 of a stream: `(T, size, size, 3)` uint8 crops, their
         `(T, 4)` boxes, and the state after them (see `track`)."""
         boxes, _, state = self.track(frames, state)
-        crops = np.stack([crop_frame(image, box, size) for image, box in zip(frames, boxes)]) if len(boxes) else (
-            np.zeros((0, size, size, 3), dtype=np.uint8))  # fmt: skip
+        crops = (
+            np.stack([crop_frame(image, box, size) for image, box in zip(frames, boxes)])
+            if len(boxes)
+            else (np.zeros((0, size, size, 3), dtype=np.uint8))
+        )
         return crops, boxes, state
 
     def close(self) -> None:

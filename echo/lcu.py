@@ -452,8 +452,9 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
                 "one unpadded conversation from its first frame: pass all-valid masks or use the full-history call."
             )
 
-    def _check_inputs(self, user_audio, clip_frames, user_audio_mask, user_video, user_face_mask, understanding,
-                      understanding_mask):  # fmt: skip
+    def _check_inputs(
+        self, user_audio, clip_frames, user_audio_mask, user_video, user_face_mask, understanding, understanding_mask
+    ):
         config = self.config
         expected = (config.audio_num_layers, config.audio_dim)
         if user_audio.ndim != 4 or tuple(user_audio.shape[2:]) != expected:
@@ -503,9 +504,10 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
                 )
         else:
             unused += [
-                n for n, v in (("understanding", understanding), ("understanding_mask", understanding_mask))
+                n
+                for n, v in (("understanding", understanding), ("understanding_mask", understanding_mask))
                 if v is not None
-            ]  # fmt: skip
+            ]
         new = set(unused) - self._warned_unused
         if new:
             logger.warning(f"LongRangeContextEncoder ignores {sorted(new)}: the matching branch is switched off.")

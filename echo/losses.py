@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .chunks import check_frame_count
 from .encoding import normalize_latents
 
 
@@ -66,9 +67,7 @@ def pixel_loss(
     if pred_latents.ndim != 5:
         raise ValueError(f"`pred_latents` has shape {tuple(pred_latents.shape)}, expected (B, C, F, h, w).")
     if video.ndim != 5 or video.shape[0] != pred_latents.shape[0]:
-        raise ValueError(
-            f"`video` has shape {tuple(video.shape)}, expected (B={pred_latents.shape[0]}, 3, T, H, W)."
-        )
+        raise ValueError(f"`video` has shape {tuple(video.shape)}, expected (B={pred_latents.shape[0]}, 3, T, H, W).")
     num_frames = pred_latents.shape[2]
     if video.shape[2] != 4 * (num_frames - 1) + 1:
         raise ValueError(
@@ -132,10 +131,7 @@ def latent_frame_weights(weights: torch.Tensor, temporal_compression: int = 4) -
     if weights.ndim != 2:
         raise ValueError(f"`weights` has shape {tuple(weights.shape)}, expected (B, T).")
     batch_size, num_frames = weights.shape
-    if (num_frames - 1) % temporal_compression:
-        raise ValueError(
-            f"`weights` has {num_frames} frames, expected 4k + 1 frames for temporal compression {temporal_compression}."
-        )
+    check_frame_count(num_frames, "`weights`", temporal_compression)
     first = weights[:, :1]
     rest = weights[:, 1:].reshape(batch_size, -1, temporal_compression).mean(dim=2)
     return torch.cat([first, rest], dim=1)

@@ -381,8 +381,9 @@ class MambaBlock(nn.Module):
             )
             scan_kwargs = dict(delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
             if h0 is None:
-                y = selective_scan_fn(*scan_inputs, z=z.transpose(1, 2).contiguous(), return_last_state=return_state,
-                                      **scan_kwargs)  # fmt: skip
+                y = selective_scan_fn(
+                    *scan_inputs, z=z.transpose(1, 2).contiguous(), return_last_state=return_state, **scan_kwargs
+                )
                 if return_state:
                     y, ssm_state = y
                 y = y.transpose(1, 2)
@@ -396,8 +397,18 @@ class MambaBlock(nn.Module):
         else:
             compute_dtype = torch.promote_types(dt.dtype, torch.float32)
             delta = F.softplus(dt.to(compute_dtype) + self.dt_proj.bias.to(compute_dtype))
-            y = selective_scan_pytorch(x, delta, A, B, C, self.D, z=z, chunk_size=self.scan_chunk_size,
-                                       initial_state=h0, return_last_state=return_state)  # fmt: skip
+            y = selective_scan_pytorch(
+                x,
+                delta,
+                A,
+                B,
+                C,
+                self.D,
+                z=z,
+                chunk_size=self.scan_chunk_size,
+                initial_state=h0,
+                return_last_state=return_state,
+            )
             if return_state:
                 y, ssm_state = y
 

@@ -20,14 +20,50 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .chunks import check_frame_count
+
 NUM_LANDMARKS = 478
 
 # Outer lip contour, in ring order.
 LIPS_OUTER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
 # Face oval, in ring order (starting at the forehead, going clockwise in image space).
 FACE_OVAL = (
-    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+    10,
+    338,
+    297,
+    332,
+    284,
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+    54,
+    103,
+    67,
+    109,
 )
 
 
@@ -114,11 +150,7 @@ def masks_to_token_grid(
         raise ValueError(f"`mask` has shape {tuple(mask.shape)}, expected (B, T, H, W) or (T, H, W).")
     batch_size, num_frames, height, width = mask.shape
     ph, pw = patch_size
-    if (num_frames - 1) % temporal_compression != 0:
-        raise ValueError(
-            f"`mask` has {num_frames} frames, expected 4k + 1 frames (k ≥ 0) for temporal compression "
-            f"{temporal_compression}."
-        )
+    check_frame_count(num_frames, "`mask`", temporal_compression)
     if height % ph or width % pw:
         raise ValueError(f"`mask` has spatial size {(height, width)}, expected multiples of the patch {patch_size}.")
     mask = mask.float()

@@ -15,6 +15,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomic
+from .chunks import check_chunking
+
 SETTINGS_NAME = "echo_settings.json"
 # Beyond any Wan model's trained frame size by far; a larger value is a typo (e.g. 1e9), refused at load.
 MAX_RESOLUTION = 8192
@@ -65,13 +68,7 @@ class EchoSettings:
             raise ValueError(
                 f"`resolution` is {self.resolution}, expected a positive multiple of 16, at most {MAX_RESOLUTION}."
             )
-        if self.num_frames_per_chunk < 1 or (self.num_frames_per_chunk - 1) % 4:
-            raise ValueError(f"`num_frames_per_chunk` is {self.num_frames_per_chunk}, expected 4k + 1.")
-        if not 0 < self.motion_frames < self.num_frames_per_chunk or (self.motion_frames - 1) % 4:
-            raise ValueError(
-                f"`motion_frames` is {self.motion_frames}, expected 4(m − 1) + 1 with 0 < motion_frames < "
-                f"num_frames_per_chunk = {self.num_frames_per_chunk}."
-            )
+        check_chunking(self.num_frames_per_chunk, self.motion_frames)
         if self.user_video_size < 8 or self.user_video_size % 8:
             raise ValueError(f"`user_video_size` is {self.user_video_size}, expected a positive multiple of 8.")
         if self.max_history_frames is not None and self.max_history_frames < self.num_frames_per_chunk:
@@ -131,11 +128,9 @@ class EchoSettings:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``echo_settings.json`` into ``folder`` atomically."""
-        path = Path(folder) / SETTINGS_NAME
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(
+            Path(folder) / SETTINGS_NAME, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+        )
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> EchoSettings:

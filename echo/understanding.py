@@ -85,8 +85,14 @@ class OmniUnderstanding:
         max_audio_seconds: float = 300.0,
         audio_chunk_seconds: float = 30.0,
     ):
-        for name in ("image_token", "audio_token", "vision_bos_token", "vision_eos_token", "audio_bos_token",
-                     "audio_eos_token"):  # fmt: skip
+        for name in (
+            "image_token",
+            "audio_token",
+            "vision_bos_token",
+            "vision_eos_token",
+            "audio_bos_token",
+            "audio_eos_token",
+        ):
             if getattr(tokenizer, name, None) is None:
                 raise ValueError(f"The tokenizer has no `{name}`; load the tokenizer of a Qwen-Omni checkpoint.")
         self.thinker = thinker.eval()
@@ -180,7 +186,9 @@ class OmniUnderstanding:
         """
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"`frames` must be a uint8 array of shape (N, H, W, 3), got {frames.dtype} {frames.shape}.")
+            raise ValueError(
+                f"`frames` must be a uint8 array of shape (N, H, W, 3), got {frames.dtype} {frames.shape}."
+            )
         inputs = {}
         if len(frames) > self.max_frames:
             # evenly spaced over the history, the last frame always included
@@ -254,4 +262,3 @@ def pad_understanding(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
         batch[i, : t.shape[0]] = t
         mask[i, : t.shape[0]] = True
     return batch, mask
-

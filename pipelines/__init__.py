@@ -5,7 +5,9 @@ Importing this package registers `EchoPipeline` in the ``diffusers`` namespace, 
 pipeline's ``model_index.json`` to this class without any remote code.
 """
 
-from .pipeline_echo import EchoPipeline, chunk_schedule
+from echo.chunks import chunk_schedule
+
+from .pipeline_echo import EchoPipeline
 from .pipeline_output import EchoPipelineOutput
 
 __all__ = ["EchoPipeline", "EchoPipelineOutput", "chunk_schedule"]

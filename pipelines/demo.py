@@ -29,6 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echo import clip_format
+from echo.audio import FPS, SAMPLE_RATE
+from echo.components import load_components, load_model_config
+from echo.understanding import OmniUnderstanding
+from synthetic.conversations import make_conversation
+
+from .pipeline_echo import EchoPipeline
+from .render import non_negative_int, positive_int, read_entry, read_manifest
+from .video_io import load_wav, read_frames, write_mp4
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "models" / "tiny.yaml"
 DEFAULT_PIPELINE = ROOT / "models" / "echo-demo"
@@ -48,38 +58,51 @@ def positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .render import non_negative_int, positive_int
 
     parser = argparse.ArgumentParser(prog="echo-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument(
-        "--pipeline", default=None,
+        "--pipeline",
+        default=None,
         help=f"a saved pipeline folder to render with (default: the shipped demo model {DEFAULT_PIPELINE.relative_to(ROOT)})",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--example", default=None,
+        "--example",
+        default=None,
         help="folder of the conversation to render with --pipeline (default: <pipeline>/example)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--config", default=None,
+        "--config",
+        default=None,
         help="build a pipeline with random weights from this model description (configs/models/*.yaml) instead, and "
         "render a synthetic conversation",
-    )  # fmt: skip
+    )
     parser.add_argument("--seconds", type=positive_float, default=4.0, help="length of the synthetic conversation")
     # None = the model's setting (the `settings:` of --config), as in echo-render.
-    parser.add_argument("--size", type=positive_int, default=None,
-                        help="rendered avatar side in pixels, a multiple of 16 (default: the model's resolution)")  # fmt: skip
-    parser.add_argument("--source-size", type=positive_int, default=256, help="side of the synthetic conversation's videos")
-    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps per chunk (default: the model's)")
-    parser.add_argument("--frames-per-chunk", type=positive_int, default=None, help="default: the model's training window")
+    parser.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        help="rendered avatar side in pixels, a multiple of 16 (default: the model's resolution)",
+    )
+    parser.add_argument(
+        "--source-size", type=positive_int, default=256, help="side of the synthetic conversation's videos"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="denoising steps per chunk (default: the model's)"
+    )
+    parser.add_argument(
+        "--frames-per-chunk", type=positive_int, default=None, help="default: the model's training window"
+    )
     parser.add_argument("--motion-frames", type=positive_int, default=None, help="default: the model's")
     parser.add_argument("--user-video-size", type=positive_int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--emotion", default=None, help="emotion text for every chunk (default: the pipeline's)")
     parser.add_argument(
-        "--understanding-model", default=None,
+        "--understanding-model",
+        default=None,
         help="a local Qwen2.5-Omni folder for the HBCU tokens; without one the tiny LCU runs with use_understanding off",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -89,11 +112,6 @@ def write_example(clip_dir: str | Path, out_dir: str | Path, seconds: float | No
     ``manifest.jsonl`` (one `echo-render` entry with paths relative to the folder, ``"frame_inputs": false``: the
     frames are the clip's echo-prep crops already)."""
     import PIL.Image
-
-    from echo import clip_format
-    from echo.audio import FPS, SAMPLE_RATE
-
-    from .video_io import write_mp4
 
     clip_dir, out_dir = Path(clip_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,9 +127,16 @@ def write_example(clip_dir: str | Path, out_dir: str | Path, seconds: float | No
         clip_format.write_wav(out_dir / f"{role}.wav", wave[:samples])
     user = clip_format.read_video_frames(clip_dir / clip_format.video_name("user"), list(range(num_frames)))
     write_mp4(out_dir / "user.mp4", user)
-    entry = {"id": record.path.name, "reference_image": "reference.png", "avatar_audio": "avatar.wav",
-             "user_video": "user.mp4", "user_audio": "user.wav", "reference_landmarks": "reference_landmarks.npy",
-             "user_landmarks": "user_landmarks.npy", "frame_inputs": False}  # fmt: skip
+    entry = {
+        "id": record.path.name,
+        "reference_image": "reference.png",
+        "avatar_audio": "avatar.wav",
+        "user_video": "user.mp4",
+        "user_audio": "user.wav",
+        "reference_landmarks": "reference_landmarks.npy",
+        "user_landmarks": "user_landmarks.npy",
+        "frame_inputs": False,
+    }
     (out_dir / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
     return out_dir
 
@@ -119,7 +144,6 @@ def write_example(clip_dir: str | Path, out_dir: str | Path, seconds: float | No
 def read_example(example: str | Path) -> tuple[dict, dict]:
     """An example folder written by `write_example`: its ``manifest.jsonl`` entry and that entry as `EchoPipeline`
     arguments (`pipelines.render.read_entry`), ``num_frames`` the example's length (its user video's frames)."""
-    from .render import read_entry, read_manifest
 
     example = Path(example)
     missing = [name for name in (*EXAMPLE_FILES, "manifest.jsonl") if not (example / name).is_file()]
@@ -138,8 +162,6 @@ def render_shipped(args: argparse.Namespace) -> int:
     """Render the example conversation (its ``manifest.jsonl`` entry, read by `echo-render`'s reader) with a saved
     (trained) pipeline."""
     from diffusers import DiffusionPipeline
-
-    from .video_io import write_mp4
 
     pipeline = Path(args.pipeline or DEFAULT_PIPELINE)
     example = Path(args.example) if args.example else pipeline / "example"
@@ -164,12 +186,15 @@ def render_shipped(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
     )
     video_path = write_mp4(out / "demo.mp4", output.frames[0], audio=avatar_audio, user_frames=user_video)
-    entry = {k: str((example / v).resolve()) if k not in ("id", "dialogue", "frame_inputs") else v
-             for k, v in entry.items()}  # fmt: skip
+    entry = {
+        k: str((example / v).resolve()) if k not in ("id", "dialogue", "frame_inputs") else v for k, v in entry.items()
+    }
     (out / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
     print(f"[3/3] wrote {video_path} (user left | avatar right, the avatar's audio)")
-    print(f"      batch rendering: echo-render --pipeline {pipeline} --manifest {out / 'manifest.jsonl'} "
-          f"--out {out / 'renders'}")  # fmt: skip
+    print(
+        f"      batch rendering: echo-render --pipeline {pipeline} --manifest {out / 'manifest.jsonl'} "
+        f"--out {out / 'renders'}"
+    )
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -186,11 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def render_random(args: argparse.Namespace) -> int:
     """Build a pipeline with random weights from ``args.config`` and render a synthetic conversation."""
-    from data_prep.synthetic import make_conversation
-    from echo.components import load_components, load_model_config
-
-    from .pipeline_echo import EchoPipeline
-    from .video_io import load_wav, read_frames, write_mp4
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,8 +237,6 @@ def render_random(args: argparse.Namespace) -> int:
     description = load_model_config(args.config)
     understanding_model = None
     if args.understanding_model:
-        from echo.understanding import OmniUnderstanding
-
         understanding_model = OmniUnderstanding.from_pretrained(args.understanding_model)
     elif "context_encoder" in description:
         description["context_encoder"].setdefault("config", {})["use_understanding"] = False
@@ -237,6 +255,7 @@ def render_random(args: argparse.Namespace) -> int:
         dialogue=dialogue,
         emotion=args.emotion,
         num_frames=conversation.num_frames,
+        sampling_rate=SAMPLE_RATE,  # load_wav reads at the model's rate
         height=size,
         width=size,
         num_inference_steps=args.steps,
@@ -270,12 +289,19 @@ def render_random(args: argparse.Namespace) -> int:
     (out / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
 
     print(f"[4/4] wrote {video_path} ({conversation.num_frames} frames, 25 fps, user left | avatar right, A's audio)")
-    options = {"--height": args.size, "--width": args.size, "--steps": args.steps,
-               "--frames-per-chunk": args.frames_per_chunk, "--motion-frames": args.motion_frames,
-               "--user-video-size": args.user_video_size}  # fmt: skip
+    options = {
+        "--height": args.size,
+        "--width": args.size,
+        "--steps": args.steps,
+        "--frames-per-chunk": args.frames_per_chunk,
+        "--motion-frames": args.motion_frames,
+        "--user-video-size": args.user_video_size,
+    }
     given = "".join(f" {flag} {value}" for flag, value in options.items() if value is not None)
-    print(f"      pipeline: {out / 'pipeline'}; batch rendering: echo-render --pipeline {out / 'pipeline'} "
-          f"--manifest {out / 'manifest.jsonl'} --out {out / 'renders'}{given}")  # fmt: skip
+    print(
+        f"      pipeline: {out / 'pipeline'}; batch rendering: echo-render --pipeline {out / 'pipeline'} "
+        f"--manifest {out / 'manifest.jsonl'} --out {out / 'renders'}{given}"
+    )
     print(f"done in {time.perf_counter() - start:.1f} s")
     print(notice)
     return 0

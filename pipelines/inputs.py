@@ -50,13 +50,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 
-from echo.audio import SAMPLE_RATE, resample_audio
+from echo.audio import FPS, SAMPLE_RATE, resample_audio
+from echo.masks import NUM_LANDMARKS
 
 IMAGE_FORMS = (
     "a PIL image, an (H, W, 3) uint8 array, an (H, W, 3) float array in [0, 1], or a (3, H, W) float tensor in "
@@ -130,10 +134,15 @@ def _unit_float_to_uint8(values: np.ndarray, name: str, got, accepts: str) -> np
     _finite(values, name, got, accepts)
     low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
     if high > 1 + _UINT8_HALF_STEP:
-        raise _refuse(name, got, accepts, (
-            f" Its values reach {high:.4g}: it looks like [0, 255]. Pass it as uint8 (`x.astype(np.uint8)`), or "
-            "divide it by 255."
-        ))  # fmt: skip
+        raise _refuse(
+            name,
+            got,
+            accepts,
+            (
+                f" Its values reach {high:.4g}: it looks like [0, 255]. Pass it as uint8 (`x.astype(np.uint8)`), or "
+                "divide it by 255."
+            ),
+        )
     if low < -_UINT8_HALF_STEP:
         raise _refuse(name, got, accepts, f" Its values go down to {low:.4g}: it looks like [-1, 1]; pass (x + 1) / 2.")
     return (values * 255.0).round().clip(0, 255).astype(np.uint8)
@@ -147,11 +156,16 @@ def _signed_float_to_uint8(values: np.ndarray, name: str, got, accepts: str) -> 
         hint = " It looks like [0, 255]: pass a uint8 tensor, or x / 127.5 - 1." if high > 2 else ""
         raise _refuse(name, got, accepts, f" Its values span [{low:.4g}, {high:.4g}], outside [-1, 1].{hint}")
     if low >= 0:
-        raise _refuse(name, got, accepts, (
-            " A float tensor is read in [-1, 1], and this one has no negative value: it may as well be in [0, 1] "
-            "(torchvision's to_tensor, the pipeline's 'pt' output). If it is in [0, 1], pass x * 2 - 1 (or an "
-            "(H, W, 3) float array in [0, 1]); if it really is a bright [-1, 1] image, pass it as uint8."
-        ))  # fmt: skip
+        raise _refuse(
+            name,
+            got,
+            accepts,
+            (
+                " A float tensor is read in [-1, 1], and this one has no negative value: it may as well be in [0, 1] "
+                "(torchvision's to_tensor, the pipeline's 'pt' output). If it is in [0, 1], pass x * 2 - 1 (or an "
+                "(H, W, 3) float array in [0, 1]); if it really is a bright [-1, 1] image, pass it as uint8."
+            ),
+        )
     return ((values + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
@@ -304,10 +318,15 @@ def to_waveform(audio, name: str) -> np.ndarray:
         raise _refuse(name, got, AUDIO_FORMS, " It holds NaN or infinite samples.")
     peak = float(np.abs(audio).max(initial=0.0))
     if peak > MAX_FLOAT_PEAK:
-        raise _refuse(name, got, AUDIO_FORMS, (
-            f" Its float samples peak at {peak:.6g}: that is not full-scale audio in [-1, 1] but looks like integer "
-            "PCM stored as floats; pass the int16 array, or divide by 32768."
-        ))  # fmt: skip
+        raise _refuse(
+            name,
+            got,
+            AUDIO_FORMS,
+            (
+                f" Its float samples peak at {peak:.6g}: that is not full-scale audio in [-1, 1] but looks like integer "
+                "PCM stored as floats; pass the int16 array, or divide by 32768."
+            ),
+        )
     return audio
 
 
@@ -324,8 +343,9 @@ def check_features(features, name: str, feature_shape: tuple[int, int]) -> torch
         try:
             features = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: memory maps are read-only
         except (ValueError, TypeError) as error:
-            raise _refuse(name, got if isinstance(got, np.ndarray) else _Said(f"a {type(got).__name__}"), accepts,
-                          f" ({error})") from error  # fmt: skip
+            raise _refuse(
+                name, got if isinstance(got, np.ndarray) else _Said(f"a {type(got).__name__}"), accepts, f" ({error})"
+            ) from error
     if not isinstance(features, torch.Tensor) or features.is_complex() or features.dtype == torch.bool:
         raise _refuse(name, got, accepts)
     features = features.detach().float().cpu()
@@ -456,3 +476,284 @@ def check_callable(value, name: str):
     if value is not None and not callable(value):
         raise _refuse(name, value, "a callable or None")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checked inputs of a render, as one typed object each
+# ----------------------------------------------------------------------------------------------------------------
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    r"""
+    Everything a render (`EchoPipeline.__call__`, or a session of `EchoPipeline.start_session`) is asked for besides
+    the model's settings and the media, checked and converted once by `check_render_options`. The session keeps it;
+    `EchoPipeline.render_chunk` reads it.
+
+    Args:
+        reference_image (`np.ndarray` `(H, W, 3)` uint8 or `torch.Tensor` `(3, H, W)` in [−1, 1]): the avatar.
+        height (`int`), width (`int`): the output size, multiples of the token unit.
+        num_frames (`int`, *optional*): the conversation's length when known in advance.
+        with_user (`bool`): whether the user's streams drive the avatar (the LCU branch).
+        generator (`torch.Generator`, *optional*): one generator for the noise of all chunks, in order.
+        emotion (`str` or `list[str]`, *optional*): one text, or one per chunk.
+        emotion_reasoner (*optional*): an object with ``describe(history, clip_end, avatar_speaker)``.
+        understanding (`torch.Tensor` `(1, N_s, D_s)` or a list of them, *optional*), understanding_model
+            (`Callable`, *optional*): HBCU tokens, or what computes them.
+        reference_landmarks (`np.ndarray` `(478, 2)`, *optional*), lip_mask / face_mask (*optional*): the SDCM masks'
+            sources.
+        output_type (`str` or `None`): of each chunk's frames (`None`: only the decoded video and latents).
+        attention_kwargs (`dict`, *optional*), callback_on_step_end (`Callable`, *optional*),
+            callback_on_step_end_tensor_inputs (`tuple[str]`): as in `EchoPipeline.__call__`.
+        sampling_rate (`int`, *optional*): the rate of waveforms pushed without their own; `None` when the caller
+            did not state it (16 kHz is assumed, with a warning, as transformers' feature extractors do).
+        frame_inputs (`bool`): frame raw inputs to echo-prep's head crops (`echo.framing`).
+    """
+
+    reference_image: np.ndarray | torch.Tensor
+    height: int
+    width: int
+    num_frames: int | None = None
+    with_user: bool = False
+    generator: torch.Generator | None = None
+    emotion: str | list[str] | None = None
+    emotion_reasoner: Any = None
+    understanding: torch.Tensor | list | None = None
+    understanding_model: Callable | None = None
+    reference_landmarks: np.ndarray | None = None
+    lip_mask: torch.Tensor | None = None
+    face_mask: torch.Tensor | None = None
+    output_type: str | None = "np"
+    attention_kwargs: dict | None = None
+    callback_on_step_end: Callable | None = None
+    callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)
+    sampling_rate: int | None = None
+    frame_inputs: bool = True
+
+
+def check_render_options(
+    *,
+    context_inputs: frozenset[str] | None,
+    understanding_dim: int | None,
+    callback_tensor_names: Sequence[str],
+    reference_image,
+    height: int,
+    width: int,
+    num_frames=None,
+    with_user=None,
+    generator=None,
+    emotion=None,
+    emotion_reasoner=None,
+    understanding=None,
+    understanding_model=None,
+    reference_landmarks=None,
+    lip_mask=None,
+    face_mask=None,
+    output_type="np",
+    attention_kwargs=None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=None,
+    sampling_rate=None,
+    frame_inputs=True,
+) -> RenderOptions:
+    r"""
+    Checks and converts a render's options once, into a [`RenderOptions`]; a `ValueError` naming the argument
+    otherwise.
+
+    Args:
+        context_inputs (`frozenset[str]` or `None`): the inputs the pipeline's LCU reads
+            (``context_encoder.required_inputs``), `None` without a context encoder.
+        understanding_dim (`int`, *optional*): ``D_s`` of the LCU's understanding tokens.
+        callback_tensor_names (`Sequence[str]`): the tensors a step callback may ask for.
+        other arguments: as in `EchoPipeline.start_session` (``with_user=None``: whether there is an LCU).
+    """
+    if reference_image is None:
+        raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
+    if output_type is not None and output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil', 'latent' or None.")
+    if num_frames is not None:
+        num_frames = check_int(num_frames, "num_frames")
+    if with_user is None:
+        with_user = context_inputs is not None
+    if not isinstance(with_user, bool):
+        raise ValueError(f"`with_user` is {describe(with_user)}; expected True, False or None.")
+    if with_user and context_inputs is None:
+        raise ValueError("`with_user=True` but the pipeline has no `context_encoder` (LCU) to encode the user.")
+    emotion = check_emotion(emotion)
+    check_generator(generator)
+    check_callable(callback_on_step_end, "callback_on_step_end")
+    check_callable(understanding_model, "understanding_model")
+    if emotion_reasoner is not None and not callable(getattr(emotion_reasoner, "describe", None)):
+        raise ValueError(
+            f"`emotion_reasoner` is {describe(emotion_reasoner)}; expected an object with "
+            "describe(history, clip_end, avatar_speaker) (e.g. `echo.EmotionReasoner`)."
+        )
+    tensor_inputs = ["latents"] if callback_on_step_end_tensor_inputs is None else callback_on_step_end_tensor_inputs
+    unknown = [name for name in tensor_inputs if name not in callback_tensor_names]
+    if unknown:
+        raise ValueError(
+            f"`callback_on_step_end_tensor_inputs` has to be in {list(callback_tensor_names)}, but found {unknown}"
+        )
+    reads_understanding = with_user and "understanding" in context_inputs
+    if understanding is not None and reads_understanding:
+        if isinstance(understanding, (list, tuple)):  # one per chunk; None: computed by the understanding_model
+            understanding = [
+                None if u is None else check_understanding(u, f"understanding[{i}]", understanding_dim)
+                for i, u in enumerate(understanding)
+            ]
+        else:
+            understanding = check_understanding(understanding, "understanding", understanding_dim)
+    if understanding is None and understanding_model is None and reads_understanding:
+        raise ValueError(missing_understanding_message(understanding_dim))
+    if sampling_rate is not None:
+        sampling_rate = check_sampling_rate(sampling_rate)
+    if not isinstance(frame_inputs, bool):
+        raise ValueError(f"`frame_inputs` is {describe(frame_inputs)}; expected True or False.")
+    return RenderOptions(
+        reference_image=check_image(reference_image, "reference_image"),
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        with_user=with_user,
+        generator=generator,
+        emotion=emotion,
+        emotion_reasoner=emotion_reasoner,
+        understanding=understanding,
+        understanding_model=understanding_model,
+        reference_landmarks=reference_landmarks,
+        lip_mask=lip_mask,
+        face_mask=face_mask,
+        output_type=output_type,
+        attention_kwargs=attention_kwargs,
+        callback_on_step_end=callback_on_step_end,
+        callback_on_step_end_tensor_inputs=tuple(tensor_inputs),
+        sampling_rate=sampling_rate,
+        frame_inputs=frame_inputs,
+    )
+
+
+def missing_understanding_message(understanding_dim: int) -> str:
+    """What to pass when the LCU reads understanding tokens (HBCU, Eq. 8) and none are given."""
+    return (
+        "This model's context encoder reads understanding tokens (use_understanding=True, HBCU) and none were "
+        "given. Pass `understanding_model=echo.OmniUnderstanding.from_pretrained(<Qwen2.5-Omni folder or hub id, "
+        "e.g. 'Qwen/Qwen2.5-Omni-7B'>)` to compute them from the user's video and audio, or "
+        f"`understanding=` precomputed tokens (N_s, {understanding_dim}) (e.g. the `user_omni.safetensors` "
+        "of a prepared clip, echo-prep --stages omni), or render with a model trained without understanding "
+        "(use_understanding: false, the w/o HBCU ablation); without `user_video` the user branch is off and none "
+        "is needed."
+    )
+
+
+@dataclass(frozen=True)
+class MediaPiece:
+    r"""
+    The next pieces of a conversation's streams, checked and converted by `check_media_piece` (`EchoSession.push`;
+    `EchoPipeline.__call__` checks the whole conversation as one piece before any work).
+
+    Args:
+        avatar_audio (`np.ndarray` `(n,)` float32, *optional*), user_audio (*optional*): at ``sampling_rate``.
+        user_video (`np.ndarray` `(n, H, W, 3)` uint8, *optional*).
+        user_landmarks (`np.ndarray` `(n, 478, 2)` float32, *optional*): of the ``user_video`` frames.
+        avatar_audio_features (`torch.Tensor` `(n, NL, D)`, *optional*), user_audio_features (*optional*).
+        dialogue (`list[dict]`): transcript segments.
+        sampling_rate (`int`, *optional*): the rate of the waveforms, `None` when not stated with the piece.
+    """
+
+    avatar_audio: np.ndarray | None = None
+    user_audio: np.ndarray | None = None
+    user_video: np.ndarray | None = None
+    user_landmarks: np.ndarray | None = None
+    avatar_audio_features: torch.Tensor | None = None
+    user_audio_features: torch.Tensor | None = None
+    dialogue: list[dict] = field(default_factory=list)
+    sampling_rate: int | None = None
+
+    @property
+    def user_streams(self) -> list[str]:
+        """The user streams the piece holds, by argument name."""
+        names = ("user_audio", "user_video", "user_audio_features", "user_landmarks")
+        return [name for name in names if getattr(self, name) is not None]
+
+
+def check_media_piece(
+    feature_shape: tuple[int, int],
+    user_audio=None,
+    user_video=None,
+    avatar_audio=None,
+    user_audio_features=None,
+    avatar_audio_features=None,
+    user_landmarks=None,
+    dialogue=None,
+    sampling_rate=None,
+    fps=None,
+) -> MediaPiece:
+    """The arguments of `EchoSession.push` checked and converted (module docstring) into a [`MediaPiece`], each
+    `ValueError` naming its argument; ``feature_shape`` is ``(NL, D)`` of the pipeline's audio encoder."""
+    if fps is not None and fps != FPS:
+        raise ValueError(f"`fps` is {fps}, expected {FPS}: the model renders and reads video at {FPS} fps.")
+    if user_landmarks is not None and user_video is None:
+        raise ValueError("`user_landmarks` must come with the `user_video` frames they belong to.")
+    frames = None if user_video is None else to_uint8_video(user_video, "user_video")  # n, H, W, 3
+    if user_landmarks is not None:
+        user_landmarks = check_landmarks(
+            user_landmarks,
+            "user_landmarks",
+            (len(frames), NUM_LANDMARKS, 2),
+            "one face mesh per `user_video` frame, in its pixels (NaN rows: no face)",
+            allow_nan=True,
+        )
+    return MediaPiece(
+        avatar_audio=None if avatar_audio is None else to_waveform(avatar_audio, "avatar_audio"),
+        user_audio=None if user_audio is None else to_waveform(user_audio, "user_audio"),
+        user_video=frames,
+        user_landmarks=user_landmarks,
+        avatar_audio_features=None
+        if avatar_audio_features is None
+        else check_features(avatar_audio_features, "avatar_audio_features", feature_shape),
+        user_audio_features=None
+        if user_audio_features is None
+        else check_features(user_audio_features, "user_audio_features", feature_shape),
+        dialogue=[] if dialogue is None else check_dialogue(dialogue),
+        sampling_rate=None if sampling_rate is None else check_sampling_rate(sampling_rate),
+    )
+
+
+def check_dialogue(dialogue) -> list[dict]:
+    """Transcript segments ``{"speaker", "start", "end", "text"}`` (seconds, finite; strings) as a list."""
+    if not isinstance(dialogue, (list, tuple)):
+        raise ValueError(f"`dialogue` is a {type(dialogue).__name__}, expected a list of segments.")
+    for segment in dialogue:
+        if not isinstance(segment, dict) or not {"speaker", "start", "end", "text"} <= set(segment):
+            raise ValueError(f"`dialogue` segment {segment!r} needs the keys speaker, start, end and text.")
+        for key in ("start", "end"):
+            value = segment[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"`dialogue` segment {segment!r}: {key!r} is not a finite number of seconds.")
+        if not isinstance(segment["text"], str) or not isinstance(segment["speaker"], str):
+            raise ValueError(f"`dialogue` segment {segment!r}: 'speaker' and 'text' must be strings.")
+    return list(dialogue)
+
+
+def check_output_memory(num_frames: int, height: int, width: int, available_bytes: int | None = None) -> None:
+    """Refuses an offline render whose frames cannot fit in memory, before anything is allocated: `__call__` returns
+    all ``num_frames`` frames at once (``num_frames · 3 · height · width`` float32 values, twice while they are
+    stitched). A longer conversation is streamed with `EchoPipeline.start_session`, one chunk at a time."""
+    needed = 2 * num_frames * 3 * height * width * 4
+    available = physical_memory_bytes() if available_bytes is None else available_bytes
+    if available is not None and needed > available:
+        raise ValueError(
+            f"`num_frames` = {num_frames} at {height}x{width} needs {needed / 2**30:.1f} GiB for the returned frames, "
+            f"more than this machine's {available / 2**30:.1f} GiB of memory: render it in pieces with "
+            "`pipe.start_session(...)` (each chunk's frames as they are ready), or pass a smaller `num_frames`."
+        )
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory in bytes (POSIX), or `None` where unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None

@@ -9,7 +9,8 @@ The conversation is one entry of an ``echo-render`` manifest (the first, or ``--
 an `EchoSession` (`EchoPipeline.start_session`) as a live source would: every ``--piece-frames`` frames of the user's
 video with the matching audio of both speakers (640 samples per frame), each piece when its last frame has happened
 (``--speed`` times real time; ``--no-wait`` pushes as fast as possible), and every transcript segment just before the
-media it starts in. The main thread renders each chunk as soon as its inputs are complete.
+media it starts in. The main thread renders each chunk as soon as its inputs are complete. ``--out`` and ``--report``
+must name files in existing folders: they are checked before anything renders.
 
 Per chunk it prints when the chunk's last input arrived, the **latency** from that arrival to the chunk's first output
 frame (the rendering time plus any wait behind the previous chunk), the compute time, and the **lag**: how far behind
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", default=None, help="write the per-chunk figures here (JSON), optional")
     parser.add_argument("--speed", type=positive_float, default=1.0, help="replay speed, times real time (default: 1)")
     parser.add_argument("--no-wait", action="store_true", help="push every piece at once, as fast as possible")
-    parser.add_argument("--piece-frames", type=positive_int, default=1,
-                        help="frames per pushed piece (default: 1, 40 ms)")  # fmt: skip
+    parser.add_argument(
+        "--piece-frames", type=positive_int, default=1, help="frames per pushed piece (default: 1, 40 ms)"
+    )
     return add_model_arguments(parser)
 
 
@@ -145,6 +147,12 @@ def summarize(chunks: list, start_time: float, speed: float | None) -> tuple[lis
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for option, value in (("--out", args.out), ("--report", args.report)):  # checked before anything renders
+        if value is not None and (Path(value).is_dir() or not Path(value).parent.is_dir()):
+            state = (
+                "is a folder" if Path(value).is_dir() else f"lies in {str(Path(value).parent)!r}, which is not a folder"
+            )
+            parser.error(f"{option} {value!r} {state}: give a file path in an existing folder (create it first).")
     manifest = Path(args.manifest)
     entries = [(number, entry, error) for number, entry, error in read_manifest(manifest)]
     chosen = [e for e in entries if args.id is None or (e[1] is not None and str(e[1].get("id")) == args.id)]
@@ -167,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         understanding=inputs.get("understanding"),
         emotion=inputs["emotion"],
         num_frames=inputs["num_frames"],
+        sampling_rate=inputs["sampling_rate"],
         generator=torch.Generator().manual_seed(args.seed),
         **model_options(args),
         output_type="np",
@@ -180,15 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"echo-live: {entry.get('id', f'line{number}')!r}, pieces of {args.piece_frames} frames, {pace}")
     print(f"{'chunk':>5} {'frames':>6} {'inputs_at_s':>11} {'latency_s':>9} {'compute_s':>9} {'lag_s':>7}")
     for row in rows:
-        print(f"{row['chunk']:>5} {row['frames']:>6} {row['inputs_complete_s']:>11.3f} {row['latency_s']:>9.3f} "
-              f"{row['compute_s']:>9.3f} {row['lag_s']:>7.3f}")  # fmt: skip
+        print(
+            f"{row['chunk']:>5} {row['frames']:>6} {row['inputs_complete_s']:>11.3f} {row['latency_s']:>9.3f} "
+            f"{row['compute_s']:>9.3f} {row['lag_s']:>7.3f}"
+        )
     if args.out:
         frames = np.concatenate([chunk.frames for chunk in chunks])
         write_atomically(Path(args.out), frames, inputs["avatar_audio"])
     if args.report:
         Path(args.report).write_text(json.dumps({"chunks": rows, "summary": summary}, indent=1) + "\n")
-    print(" ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
-                   for name, value in summary.items()))  # fmt: skip
+    print(
+        " ".join(
+            f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in summary.items()
+        )
+    )
     return 0
 
 

@@ -52,6 +52,7 @@ I2V bases (Wan2.1-I2V-14B: a transformer with ``image_dim``): the pipeline also 
 step uses) enter every pass, as in diffusers' `WanImageToVideoPipeline`.
 """
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -73,20 +74,27 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from echo.audio import SAMPLE_RATE, audio_track_features
+from echo.audio import SAMPLE_RATE, audio_frame_features, audio_track_features
+from echo.chunks import num_latent_frames
 from echo.encoding import (
     PromptEncoder,
+    chunk_condition,
     decode_latents,
     detect_face_landmarks,
     encode_reference_image,
+    encode_user_video,
     frames_to_tensor,
+    prepare_user_video,
 )
+from echo.flow_matching import check_flow_scheduler
+from echo.framing import frame_image, source_to_crop
 from echo.lcu import LongRangeContextEncoder
 from echo.masks import NUM_LANDMARKS, reference_token_masks
 from echo.settings import EchoSettings
 from echo.transformer_echo import EchoTransformer3DModel
 
 from . import inputs as accepted
+from .chunk_inputs import ChunkInputs, RenderContext
 from .pipeline_output import EchoPipelineOutput
 from .session import EchoSession
 
@@ -111,36 +119,6 @@ EXAMPLE_DOC_STRING = """
         >>> write_mp4("avatar.mp4", out.frames[0], audio=load_wav("avatar.wav"))
         ```
 """
-
-
-def chunk_schedule(num_frames: int, num_frames_per_chunk: int, motion_frames: int) -> list[tuple[int, int]]:
-    r"""Frame ranges ``[start, stop)`` of the chunks that cover ``num_frames`` frames.
-
-    The first chunk is ``[0, N)``; chunk ``c + 1`` starts ``motion_frames`` frames before the end of chunk ``c``. The
-    last chunk may run past ``num_frames`` (the extra frames are generated from silence and cut).
-
-    Args:
-        num_frames (`int`): frames to produce.
-        num_frames_per_chunk (`int`): ``N = 4k + 1`` frames per chunk.
-        motion_frames (`int`): ``4(m − 1) + 1`` frames shared by consecutive chunks, ``0 < motion_frames < N``.
-
-    Returns:
-        `list[tuple[int, int]]`: one ``(start, stop)`` pair per chunk.
-    """
-    if num_frames < 1:
-        raise ValueError(f"`num_frames` is {num_frames}, expected at least 1.")
-    if num_frames_per_chunk < 1 or (num_frames_per_chunk - 1) % 4:
-        raise ValueError(f"`num_frames_per_chunk` is {num_frames_per_chunk}, expected 4k + 1 (k >= 0).")
-    if not 0 < motion_frames < num_frames_per_chunk or (motion_frames - 1) % 4:
-        raise ValueError(
-            f"`motion_frames` is {motion_frames}, expected 4(m − 1) + 1 with 0 < motion_frames < "
-            f"num_frames_per_chunk = {num_frames_per_chunk}."
-        )
-    chunks = [(0, num_frames_per_chunk)]
-    while chunks[-1][1] < num_frames:
-        start = chunks[-1][1] - motion_frames
-        chunks.append((start, start + num_frames_per_chunk))
-    return chunks
 
 
 class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
@@ -228,6 +206,19 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' reading of ``model_index.json`` into `__init__` arguments, refusing ``"settings": null``: the
+        settings a model was trained with are part of it, and a null would silently render with `EchoSettings`'s
+        defaults (512², 33-frame chunks, 40 steps). A folder without the key (an older save) keeps the defaults."""
+        if "settings" in config_dict and config_dict["settings"] is None and kwargs.get("settings") is None:
+            raise ValueError(
+                'model_index.json has `"settings": null`: the settings the model was trained with (resolution, '
+                "frames per chunk, sampling defaults, ...) are missing. Write them back (`echo-export` writes them; "
+                "`EchoSettings` lists the keys), or remove the key to use `EchoSettings`'s defaults knowingly."
+            )
+        return super().extract_init_dict(config_dict, **kwargs)
+
     @property
     def settings(self) -> EchoSettings:
         """The settings the model was trained with (from the config): the defaults of `__call__`."""
@@ -308,8 +299,8 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             raise ValueError(
                 f"The transformer reads CLIP image tokens of the reference (`image_dim` = {image_dim}: an I2V base "
                 "such as Wan2.1-I2V) but the pipeline has no `image_encoder` / `image_processor`. Pass "
-                "`image_encoder=CLIPVisionModel.from_pretrained(repo, subfolder=\"image_encoder\")` and "
-                "`image_processor=CLIPImageProcessor.from_pretrained(repo, subfolder=\"image_processor\")` of the I2V "
+                '`image_encoder=CLIPVisionModel.from_pretrained(repo, subfolder="image_encoder")` and '
+                '`image_processor=CLIPImageProcessor.from_pretrained(repo, subfolder="image_processor")` of the I2V '
                 "base (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers) to `EchoPipeline`, or give the model description "
                 "its `image_encoder` and `image_processor` sections."
             )
@@ -372,9 +363,11 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if reference_landmarks is None:
             reference_landmarks = detect_face_landmarks(image)
         reference_landmarks = accepted.check_landmarks(
-            reference_landmarks, "reference_landmarks", (NUM_LANDMARKS, 2),
+            reference_landmarks,
+            "reference_landmarks",
+            (NUM_LANDMARKS, 2),
             f"pixels of the {image.shape[0]}x{image.shape[1]} reference image",
-        )  # fmt: skip
+        )
         lip, face = reference_token_masks(
             reference_landmarks, height, width, num_latent_frames, source_size=image.shape[:2], patch_size=patch_px
         )  # F, H', W' each
@@ -394,7 +387,8 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def resolve_settings(self, height=None, width=None, **overrides) -> tuple[EchoSettings, int, int]:
         r"""
         The settings of one call or session: the model's (`settings`) with the given arguments (not `None`), every
-        value checked (`pipelines.inputs`: types, ranges; `EchoSettings`: their relations), and the output size.
+        value checked (`pipelines.inputs`: types, ranges; `EchoSettings`: their relations; the transformer's RoPE
+        table: the positions a chunk needs), and the output size.
 
         Args:
             height (`int`, *optional*), width (`int`, *optional*): positive multiples of `token_unit`; default to
@@ -410,54 +404,83 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         settings = self.settings.replace(**{name: value for name, value in overrides.items() if value is not None})
         height = settings.resolution if height is None else height
         width = settings.resolution if width is None else width
-        return (settings, *accepted.check_size(height, width, self.token_unit))
+        height, width = accepted.check_size(height, width, self.token_unit)
+        positions = self.transformer.config.rope_max_seq_len  # RoPE positions along each axis
+        latent_frames = num_latent_frames(settings.num_frames_per_chunk, self.vae_scale_factor_temporal)
+        if latent_frames > positions:
+            raise ValueError(
+                f"`num_frames_per_chunk` is {settings.num_frames_per_chunk}: {latent_frames} latent frames, more than "
+                f"the transformer's {positions} positions (`rope_max_seq_len`). Use at most "
+                f"{self.vae_scale_factor_temporal * (positions - 1) + 1} frames per chunk (the model was trained with "
+                f"{self.settings.num_frames_per_chunk}); a longer conversation is rendered as more chunks."
+            )
+        for name, size, unit in (("height", height, self.token_unit[0]), ("width", width, self.token_unit[1])):
+            if size // unit > positions:
+                raise ValueError(
+                    f"`{name}` is {size}: {size // unit} tokens, more than the transformer's {positions} positions "
+                    f"(`rope_max_seq_len`); at most {positions * unit}."
+                )
+        return settings, height, width
 
-    def check_inputs(
-        self,
-        reference_image,
-        avatar_audio,
-        user_video,
-        user_audio,
-        num_frames,
-        emotion,
-        output_type="np",
-        callback_on_step_end_tensor_inputs=None,
-        avatar_audio_features=None,
-        user_audio_features=None,
-        generator=None,
-        callback_on_step_end=None,
-    ):
-        """The checks of the inputs' presence, pairing and types that `resolve_settings` and the conversions of
-        `pipelines.inputs` (run by `__call__` right after) do not make."""
-        if output_type not in ("np", "pt", "pil", "latent"):
-            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil' or 'latent'.")
-        if reference_image is None:
-            raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
-        if avatar_audio is None and avatar_audio_features is None:
+    def check_inputs(self, height: int, width: int, **options) -> accepted.RenderOptions:
+        r"""
+        Checks and converts a render's options once (`pipelines.inputs.check_render_options`, with what this
+        pipeline's LCU reads and the scheduler it has), before any work.
+
+        Args:
+            height (`int`), width (`int`): the output size (from `resolve_settings`).
+            **options: the arguments of `start_session` other than the settings.
+
+        Returns:
+            [`~pipelines.inputs.RenderOptions`].
+        """
+        check_flow_scheduler(self.scheduler)  # FlowMatchEuler, or a multistep solver in flow mode (UniPC)
+        encoder = self.context_encoder
+        return accepted.check_render_options(
+            context_inputs=None if encoder is None else frozenset(encoder.required_inputs),
+            understanding_dim=None if encoder is None else encoder.config.understanding_dim,
+            callback_tensor_names=self._callback_tensor_inputs,
+            height=height,
+            width=width,
+            **options,
+        )
+
+    def check_conversation(self, **media) -> accepted.MediaPiece:
+        r"""
+        The whole conversation of `__call__` (``avatar_audio``, ``user_video``, ``user_audio``, their features,
+        ``user_landmarks``, ``dialogue``, ``sampling_rate``) checked for presence and pairing and converted once, as
+        one [`~pipelines.inputs.MediaPiece`] the offline session is fed with.
+        """
+        if media.get("avatar_audio") is None and media.get("avatar_audio_features") is None:
             raise ValueError(
                 "`avatar_audio` is required: a mono waveform (or its per-frame wav2vec2 rows as "
                 "`avatar_audio_features`)."
             )
+        user_audio = media.get("user_audio")
         if user_audio is None:
-            user_audio = user_audio_features
-        if (user_video is None) != (user_audio is None):
+            user_audio = media.get("user_audio_features")
+        if (media.get("user_video") is None) != (user_audio is None):
             raise ValueError(
                 "Pass both `user_video` and `user_audio` (the user's side of the conversation), or neither."
             )
         if user_audio is not None and self.context_encoder is None:
             raise ValueError("`user_audio` was given but the pipeline has no `context_encoder` (LCU) to encode it.")
-        if num_frames is not None:
-            accepted.check_int(num_frames, "num_frames")
-        accepted.check_emotion(emotion)
-        accepted.check_generator(generator)
-        accepted.check_callable(callback_on_step_end, "callback_on_step_end")
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
+        reads_video = self.context_encoder is not None and "user_video" in self.context_encoder.required_inputs
+        if media.get("user_video") is None or not reads_video:
+            media["user_landmarks"] = None  # nothing reads them
+        piece = accepted.check_media_piece(self.audio_feature_shape, **media)
+        if piece.avatar_audio is not None and piece.avatar_audio.size == 0:
             raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
-                f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
+                "`avatar_audio` is empty (0 samples): it drives the lips and sets the conversation's length. Pass the "
+                "avatar's waveform (silence where it listens: `np.zeros(num_frames * 640)` at 16 kHz)."
             )
+        return piece
+
+    @property
+    def audio_feature_shape(self) -> tuple[int, int]:
+        """``(NL, D)`` of a wav2vec2 row of `audio_encoder` (every hidden state, stacked)."""
+        encoder = self.audio_encoder.config
+        return encoder.num_hidden_layers + 1, encoder.hidden_size
 
     def prepare_latents(
         self,
@@ -472,7 +495,7 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         shape = (
             1,
             self.vae.config.z_dim,
-            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            num_latent_frames(num_frames, self.vae_scale_factor_temporal),
             height // self.vae_scale_factor_spatial,
             width // self.vae_scale_factor_spatial,
         )
@@ -481,6 +504,14 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     # ------------------------------------------------------------------------------------------------------------
     # Properties
     # ------------------------------------------------------------------------------------------------------------
+
+    _audio_guidance_scale = None
+    _user_guidance_scale = None
+    _num_timesteps = None
+    _current_timestep = None
+    _current_chunk = None
+    _interrupt = False
+    _attention_kwargs = None
 
     @property
     def audio_guidance_scale(self):
@@ -510,13 +541,222 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def attention_kwargs(self):
         return self._attention_kwargs
 
-    def _guidance_weights(self, has_user: bool) -> dict[str, float]:
+    @staticmethod
+    def guidance_weights(audio_guidance_scale: float, user_guidance_scale: float, has_user: bool) -> dict[str, float]:
         """Weights of the passes in ``uncond + s_a (audio − uncond) + s_u (full − audio)``; zero weights dropped."""
-        s_a, s_u = float(self._audio_guidance_scale), float(self._user_guidance_scale)
+        s_a, s_u = float(audio_guidance_scale), float(user_guidance_scale)
         weights = {"uncond": 1.0 - s_a, "audio": s_a - s_u, "full": s_u}
         if not has_user:  # full ≡ audio without a user branch
             weights = {"uncond": weights["uncond"], "audio": weights["audio"] + weights["full"]}
         return {name: weight for name, weight in weights.items() if weight != 0.0}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One chunk: what a session asks for
+    # ------------------------------------------------------------------------------------------------------------
+
+    def prepare_render(self, settings: EchoSettings, options: accepted.RenderOptions) -> RenderContext:
+        r"""
+        What every chunk of a render shares, computed once: the reference framed as echo-prep frames the training
+        crops (``options.frame_inputs``: `echo.framing`, landmarks mapped into the crop), resized to the output size,
+        its CLIP tokens (I2V bases), its SDCM masks and the prompt encoder.
+
+        Args:
+            settings ([`~echo.settings.EchoSettings`]): from `resolve_settings`.
+            options ([`~pipelines.inputs.RenderOptions`]): from `check_inputs`.
+
+        Returns:
+            [`~pipelines.chunk_inputs.RenderContext`].
+        """
+        device, dtype = self._execution_device, self.transformer.dtype
+        reference_image, reference_landmarks = options.reference_image, options.reference_landmarks
+        if options.frame_inputs:  # a raw photo → echo-prep's head crop at the training size (`echo.framing`)
+            raw = accepted.to_uint8_image(reference_image, "reference_image")  # H, W, 3 uint8, as the detector reads
+            if reference_landmarks is not None:  # pixels of the photo as given → pixels of its crop
+                reference_landmarks = accepted.check_landmarks(
+                    reference_landmarks,
+                    "reference_landmarks",
+                    (NUM_LANDMARKS, 2),
+                    f"pixels of the {raw.shape[0]}x{raw.shape[1]} reference image",
+                )
+            reference_image, box = frame_image(raw, settings.resolution, "reference_image")  # S, S, 3 uint8
+            if reference_landmarks is not None:
+                reference_landmarks = source_to_crop(reference_landmarks, box, settings.resolution)
+        latent_frames = num_latent_frames(settings.num_frames_per_chunk, self.vae_scale_factor_temporal)
+        reference = self.prepare_reference(reference_image, options.height, options.width).to(device)  # 1, 3, H, W
+        lip, face = self.prepare_avatar_masks(
+            options.height,
+            options.width,
+            latent_frames,
+            reference_landmarks,
+            options.lip_mask,
+            options.face_mask,
+            reference_image,
+        )  # 1, F, H', W' each
+        return RenderContext(
+            settings=settings,
+            options=options,
+            reference=reference,
+            image_embeds=self.encode_image(reference),  # 1, N_img, image_dim (I2V bases), else None
+            lip_mask=lip.to(device, dtype),
+            face_mask=face.to(device, dtype),
+            prompt_encoder=PromptEncoder(self.text_encoder, self.tokenizer, settings.max_sequence_length),
+            device=device,
+            dtype=dtype,
+            num_latent_frames=latent_frames,
+            avatar_radius=self.transformer.config.audio_window // 2,
+            feature_shape=self.audio_feature_shape,
+        )
+
+    @torch.no_grad()
+    def render_chunk(
+        self,
+        context: RenderContext,
+        index: int,
+        gather_inputs: Callable[[int], ChunkInputs],
+        progress_bar=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Denoises and decodes one chunk: the one denoising loop of the pipeline, which `__call__` (through its
+        session) and every `EchoSession` call, and the only code that sets the guidance and timestep state.
+
+        Args:
+            context ([`~pipelines.chunk_inputs.RenderContext`]): from `prepare_render`.
+            index (`int`): the chunk's index in the schedule.
+            gather_inputs (`Callable[[int], ChunkInputs]`): the session's gathering of the chunk's inputs from its
+                buffers (emotion text, user context from the LCU, audio windows, motion frames), called once the
+                chunk is current, so that everything computed for it (the LCU call included) sees
+                ``current_chunk``.
+            progress_bar (*optional*): a tqdm bar updated once per denoising step.
+
+        Returns:
+            `(video, latents)`: the chunk's decoded frames `(1, 3, N, H, W)` in [−1, 1] and its denoised latents
+            `(1, z_dim, F, H / 8, W / 8)`.
+        """
+        settings, options = context.settings, context.options
+        device, dtype = context.device, context.dtype
+
+        # 1. Guidance and timestep state of this chunk (read by step callbacks through the properties)
+        self._current_chunk = index
+        self._audio_guidance_scale = settings.audio_guidance_scale
+        self._user_guidance_scale = settings.user_guidance_scale
+        self._attention_kwargs = options.attention_kwargs
+
+        # 2. The chunk's inputs, gathered by the session from its buffers
+        chunk = gather_inputs(index)
+
+        # 3. Encode the emotion text (LAU → c_emo); each distinct text is encoded once per render
+        prompt_embeds = context.prompt_encoder(chunk.emotion, device=device, dtype=dtype)  # 1, L, text_dim
+
+        # 4. Condition (Eq. 1): the reference in every chunk, plus the previous chunk's last motion frames
+        condition = chunk_condition(self.vae, context.reference, chunk.motion_video, context.num_latent_frames)
+        condition = condition.to(device, dtype)  # 1, 4 + 2·16, F, h, w
+
+        # 5. Prepare latents
+        latents = self.prepare_latents(
+            settings.num_frames_per_chunk, options.height, options.width, torch.float32, device, options.generator
+        )  # 1, 16, F, h, w
+
+        # 6. Prepare timesteps and the guidance passes (a pass of weight 0 is skipped)
+        self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        has_user = chunk.context_embeds is not None
+        weights = self.guidance_weights(settings.audio_guidance_scale, settings.user_guidance_scale, has_user)
+        pass_inputs = {
+            "uncond": {"audio_embeds": None, "context_embeds": None, "context_mask": None},
+            "audio": {"audio_embeds": chunk.audio_embeds, "context_embeds": None, "context_mask": None},
+            "full": {
+                "audio_embeds": chunk.audio_embeds,
+                "context_embeds": chunk.context_embeds,
+                "context_mask": chunk.context_mask,
+            },
+        }
+        # Caches that use where the loop is (SeaCache) read it from the cache context; older diffusers take a name only
+        context_parameters = inspect.signature(self.transformer.cache_context).parameters.values()
+        cache_step_info = any(parameter.kind is parameter.VAR_KEYWORD for parameter in context_parameters)
+
+        # 7. Denoising loop; each chunk is a new trajectory, so the state of an enabled cache starts afresh
+        self.transformer._reset_stateful_cache()
+        for i, t in enumerate(timesteps):
+            if self.interrupt:
+                continue
+            self._current_timestep = t
+            latent_model_input = latents.to(dtype)
+            timestep = t.expand(latents.shape[0])
+            step_context = {}
+            if cache_step_info:  # as diffusers' Wan pipelines
+                sigma = float(self.scheduler.sigmas[i])
+                step_context = {"step_index": i, "sigma": sigma, "num_inference_steps": len(timesteps)}
+            noise_pred = 0.0
+            for name, weight in weights.items():
+                extra = pass_inputs[name]
+                with self.transformer.cache_context(name, **step_context):  # one cache state per guidance pass
+                    prediction = self.transformer(
+                        hidden_states=latent_model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=prompt_embeds,
+                        encoder_hidden_states_image=context.image_embeds,
+                        condition=condition,
+                        lip_mask=context.lip_mask,
+                        face_mask=context.face_mask,
+                        attention_kwargs=options.attention_kwargs,
+                        return_dict=False,
+                        **extra,
+                    )[0]
+                noise_pred = noise_pred + weight * prediction.float()
+
+            # compute the previous noisy sample x_t -> x_t-1
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+            if options.callback_on_step_end is not None:
+                step_tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "condition": condition}
+                callback_kwargs = {k: step_tensors[k] for k in options.callback_on_step_end_tensor_inputs}
+                callback_outputs = options.callback_on_step_end(self, i, t, callback_kwargs)
+                if not isinstance(callback_outputs, dict):
+                    raise ValueError(
+                        f"`callback_on_step_end` returned {accepted.describe(callback_outputs)} at step {i} of chunk "
+                        f"{chunk.index}; expected a dict of the tensors it changes (`return callback_kwargs` to "
+                        "change none), as diffusers' step callbacks return."
+                    )
+                latents = callback_outputs.pop("latents", latents)
+                prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+            if progress_bar is not None:
+                progress_bar.update()
+        self._current_timestep = None
+
+        # 8. Decode
+        video = self.decode_latents(latents)  # 1, 3, N, H, W in [-1, 1]
+        return video, latents
+
+    def postprocess(self, video: torch.Tensor, latents: torch.Tensor, output_type: str | None):
+        r"""Frames `(B, 3, n, H, W)` in [−1, 1] (or the latents, for ``"latent"``) in the form ``output_type`` names:
+        `(B, n, H, W, 3)` float in [0, 1] (``"np"``), `(B, n, 3, H, W)` in [0, 1] (``"pt"``), PIL images
+        (``"pil"``), ``latents`` (``"latent"``), or `None` (``None``)."""
+        if output_type is None:
+            return None
+        if output_type == "latent":
+            return latents
+        if output_type == "pt":
+            return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()  # B, n, 3, H, W
+        return self.video_processor.postprocess_video(video.float(), output_type=output_type)
+
+    def encode_audio_rows(self, waveform: np.ndarray, first: int, end: int, waveform_offset: int) -> torch.Tensor:
+        r"""Rows ``[first, end)`` of a 16 kHz track of which ``waveform`` holds the samples from ``waveform_offset``
+        (`echo.audio.audio_frame_features`, the one definition of the rows): `(end − first, NL, D)` float32."""
+        return audio_frame_features(
+            self.audio_encoder, self.feature_extractor, waveform, first, end, waveform_offset=waveform_offset
+        )
+
+    def encode_user_frames(
+        self, frames: np.ndarray, landmarks: np.ndarray | None, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The LCU's video tokens and face masks of user frames `(n, H, W, 3)` uint8 (`echo.encoding`, as training):
+        `(n, C_v, h, w)` and `(n, h, w)` on the CPU; ``landmarks`` `(n, 478, 2)` detected when `None`."""
+        if landmarks is None:
+            landmarks = detect_face_landmarks(frames)
+        video, face_mask = prepare_user_video(frames, landmarks, size)
+        tokens, token_mask = encode_user_video(self.vae, video[None], face_mask[None])
+        return tokens[0].cpu(), token_mask[0].cpu()
 
     # ------------------------------------------------------------------------------------------------------------
     # Interactive session
@@ -549,7 +789,7 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        sampling_rate: int = SAMPLE_RATE,
+        sampling_rate: int | None = None,
         frame_inputs: bool = True,
     ) -> EchoSession:
         r"""
@@ -573,8 +813,9 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             output_type (`str` or `None`, defaults to `"np"`): of ``SessionChunk.frames``: `"np"`, `"pt"`, `"pil"`,
                 `"latent"` (the chunk's denoised latents, not decoded: see `__call__`), or `None` (only
                 ``SessionChunk.video`` and ``SessionChunk.latents``).
-            sampling_rate (`int`, defaults to 16000): the rate of the waveforms pushed without their own
-                ``sampling_rate``; other rates than 16 kHz are resampled as they arrive (`pipelines.inputs`).
+            sampling_rate (`int`, *optional*): the rate of the waveforms pushed without their own
+                ``sampling_rate``; other rates than 16 kHz are resampled as they arrive (`pipelines.inputs`). When
+                stated nowhere, 16 kHz is assumed with a warning (as `__call__`).
             frame_inputs (`bool`, defaults to `True`):
                 Frame ``reference_image`` and each pushed ``user_video`` frame as echo-prep frames the training crops
                 (`echo.framing`: the face detected and tracked, its box smoothed causally, a square of 1.8× the face
@@ -599,20 +840,13 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             audio_guidance_scale=audio_guidance_scale,
             user_guidance_scale=user_guidance_scale,
         )
-        if reference_image is None:
-            raise ValueError("`reference_image` is required: it fixes the avatar's identity.")
-        self._current_timestep = None
-        self._current_chunk = None
-        self._interrupt = False
-        return EchoSession(
-            self,
-            settings,
-            reference_image,
+        options = self.check_inputs(
             height,
             width,
-            generator=generator,
+            reference_image=reference_image,
             num_frames=num_frames,
-            with_user=self.context_encoder is not None if with_user is None else with_user,
+            with_user=with_user,
+            generator=generator,
             emotion=emotion,
             emotion_reasoner=emotion_reasoner,
             understanding=understanding,
@@ -627,6 +861,8 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             sampling_rate=sampling_rate,
             frame_inputs=frame_inputs,
         )
+        self._interrupt = False
+        return EchoSession(self, settings, options)
 
     # ------------------------------------------------------------------------------------------------------------
     # Call
@@ -668,7 +904,7 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
-        sampling_rate: int = SAMPLE_RATE,
+        sampling_rate: int | None = None,
         frame_inputs: bool = True,
     ):
         r"""
@@ -766,9 +1002,11 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 callback_kwargs)``; ``self.current_chunk`` tells the chunk.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors passed in ``callback_kwargs``, among ``self._callback_tensor_inputs``.
-            sampling_rate (`int`, defaults to 16000):
+            sampling_rate (`int`, *optional*):
                 The rate of ``avatar_audio`` and ``user_audio`` in Hz; other rates than the model's 16 kHz are
-                resampled (FFmpeg's resampler, as audio files are read).
+                resampled (FFmpeg's resampler, as audio files are read). When not stated, waveforms are taken at 16 kHz
+                and a warning says so, as transformers' feature extractors do: a 44.1 kHz array read as 16 kHz renders
+                2.76 times too many frames.
             frame_inputs (`bool`, defaults to `True`):
                 Frame ``reference_image`` and each ``user_video`` frame as echo-prep frames the training crops
                 (`echo.framing`: the face detected and tracked, its box smoothed causally, a square of 1.8× the face
@@ -786,8 +1024,11 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if output_type not in accepted.OUTPUT_TYPES:
+            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil' or 'latent'.")
 
-        # 0. Defaults: the settings the model was trained with; an explicit argument overrides them for this call
+        # 1. Check inputs, once: the settings (the model's, overridden by the arguments given), the options and the
+        # conversation, converted to the forms the pipeline computes with (`pipelines.inputs`) before any work
         settings, height, width = self.resolve_settings(
             height=height,
             width=width,
@@ -800,47 +1041,13 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             audio_guidance_scale=audio_guidance_scale,
             user_guidance_scale=user_guidance_scale,
         )
-
-        # 1. Check inputs, and convert the accepted forms (`pipelines.inputs`) before any work
-        self.check_inputs(
-            reference_image,
-            avatar_audio,
-            user_video,
-            user_audio,
-            num_frames,
-            emotion,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-            avatar_audio_features=avatar_audio_features,
-            user_audio_features=user_audio_features,
-            generator=generator,
-            callback_on_step_end=callback_on_step_end,
-        )
-        sampling_rate = accepted.check_sampling_rate(sampling_rate)
-        reference_image = accepted.check_image(reference_image, "reference_image")  # H, W, 3 uint8 or 3, H, W float
-        if avatar_audio is not None:
-            avatar_audio = accepted.to_waveform(avatar_audio, "avatar_audio")  # at sampling_rate
-        if user_audio is not None:
-            user_audio = accepted.to_waveform(user_audio, "user_audio")
-        if user_video is not None:
-            user_video = accepted.to_uint8_video(user_video, "user_video")  # T, H, W, 3
-        self._audio_guidance_scale = settings.audio_guidance_scale
-        self._user_guidance_scale = settings.user_guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._current_timestep = None
-        self._current_chunk = None
-        self._interrupt = False
-
-        # 2. A session fed the whole conversation at once: the streaming path, so the two cannot drift
-        session = EchoSession(
-            self,
-            settings,
-            reference_image,
+        options = self.check_inputs(
             height,
             width,
-            generator=generator,
+            reference_image=reference_image,
             num_frames=num_frames,
             with_user=user_video is not None,
+            generator=generator,
             emotion=emotion,
             emotion_reasoner=emotion_reasoner,
             understanding=understanding,
@@ -855,30 +1062,34 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             sampling_rate=sampling_rate,
             frame_inputs=frame_inputs,
         )
-        session.push(avatar_audio=avatar_audio, avatar_audio_features=avatar_audio_features, dialogue=dialogue)
-        if user_video is not None:
-            session.push(user_video=user_video, user_audio=user_audio, user_audio_features=user_audio_features,
-                         user_landmarks=user_landmarks if session.needs_user_video else None)  # fmt: skip
+        if options.num_frames is not None:  # all frames are returned at once: refuse what cannot fit, now
+            accepted.check_output_memory(options.num_frames, height, width)
+        conversation = self.check_conversation(
+            avatar_audio=avatar_audio,
+            user_audio=user_audio,
+            user_video=user_video,
+            user_landmarks=user_landmarks,
+            avatar_audio_features=avatar_audio_features,
+            user_audio_features=user_audio_features,
+            dialogue=dialogue,
+        )
+        self._interrupt = False
+
+        # 2. A session fed the whole conversation at once: the streaming path, so the two cannot drift
+        session = EchoSession(self, settings, options)
+        session.push_piece(conversation)
         session.close()
         num_frames = session.num_frames
+        accepted.check_output_memory(num_frames, height, width)
 
-        # 3. Denoise chunk by chunk (`EchoSession._render`: emotion, user context, condition, denoising, decoding)
+        # 3. Denoise chunk by chunk (`render_chunk`, asked by the session for each chunk)
         with self.progress_bar(total=session.num_chunks * settings.num_inference_steps) as progress_bar:
             session.progress_bar = progress_bar
             chunks = list(session)
-        pieces = [chunk.video for chunk in chunks]
-        chunk_latents = [chunk.latents for chunk in chunks]
-        self._current_timestep = None
-        self._current_chunk = None
 
         # 4. Post-process: exactly num_frames frames, or each chunk's latents
-        video = torch.cat(pieces, dim=2)[:, :, :num_frames]  # 1, 3, num_frames, H, W
-        if output_type == "latent":
-            frames = torch.cat(chunk_latents)  # num_chunks, z_dim, F, h, w
-        elif output_type == "pt":
-            frames = ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()  # 1, T, 3, H, W
-        else:
-            frames = self.video_processor.postprocess_video(video.float(), output_type=output_type)
+        video = torch.cat([chunk.video for chunk in chunks], dim=2)[:, :, :num_frames]  # 1, 3, num_frames, H, W
+        frames = self.postprocess(video, torch.cat([chunk.latents for chunk in chunks]), output_type)
 
         # Offload all models
         self.maybe_free_model_hooks()

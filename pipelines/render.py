@@ -42,6 +42,8 @@ Behaviour:
 - a clip that fails (missing file, bad entry, model error) is recorded in ``<out>/failures.jsonl`` (``id``,
   ``error``, ``traceback``; rewritten each run) and the others continue; the exit code is 1 when any clip failed;
   when ``failures.jsonl`` cannot be written (disk full), the failures are printed instead;
+- ``<out>/.echo-render.lock`` names the running process (the lock of `echo.locking`, as echo-prep's): a second run
+  into the same folder while one is live is refused, naming it; a lock left by a killed run is taken over;
 - a progress bar with an ETA runs over the clips and a summary is printed at the end.
 """
 
@@ -60,10 +62,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from echo import locking
+from echo.atomic import atomic_write
+from echo.audio import SAMPLE_RATE
 from echo.flow_matching import FLOW_SCHEDULERS, flow_scheduler, scheduler_shift
 
 from .inputs import check_int, check_scale
 
+TOOL = "echo-render"  # names the output folder's lock, .echo-render.lock (`echo.locking`)
 REQUIRED_KEYS = ("id", "reference_image", "avatar_audio", "user_video", "user_audio")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -151,6 +157,7 @@ def read_entry(entry: dict, base: Path) -> dict:
         "user_video": read_frames(_input_file(base, entry, "user_video")),
         "dialogue": entry.get("dialogue"),
         "emotion": entry.get("emotion"),
+        "sampling_rate": SAMPLE_RATE,  # load_wav reads every file at the model's rate
     }
     if "understanding" in entry:
         tensors = load_file(str(_input_file(base, entry, "understanding")))
@@ -197,13 +204,8 @@ def write_atomically(out_path: Path, frames: np.ndarray, audio: np.ndarray, user
     """``write_mp4`` through a temporary file and an atomic rename: a file under its final name is complete."""
     from .video_io import write_mp4
 
-    tmp_path = out_path.with_name(f".{out_path.stem}.tmp.mp4")
-    try:
+    with atomic_write(out_path, keep_suffix=True) as tmp_path:  # `.<stem>.<pid>.tmp.mp4`: the format by its suffix
         write_mp4(tmp_path, frames, audio=audio, user_frames=user_frames)
-        os.replace(tmp_path, out_path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def render_manifest(
@@ -215,15 +217,34 @@ def render_manifest(
 ) -> dict:
     """Render every entry of ``manifest`` into ``out_dir``; returns the summary dict (see `main`). The options are
     checked against the model first (`check_model_options`): options no clip could render with are one error, before
-    any clip."""
+    any clip. ``out_dir`` is locked for the run (``.echo-render.lock``, `echo.locking`): a second run into it while
+    this one lives is refused (`echo.locking.OutputLocked`, naming this run's process)."""
     check_model_options(pipe, args)
     out_dir = Path(out_dir)
-    options = render_options(pipe, args)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        own = record_options(out_dir, options, overwrite=getattr(args, "overwrite", False))
+        lock = locking.acquire_lock(out_dir, TOOL)
     except OSError as error:  # an unwritable --out, or a file in its place
-        raise ValueError(f"--out {str(out_dir)!r} cannot be written ({error.strerror or error}); choose another folder.") from error
+        raise ValueError(
+            f"--out {str(out_dir)!r} cannot be written ({error.strerror or error}); choose another folder."
+        ) from error
+    heartbeat = locking.start_heartbeat(lock)
+    try:
+        return _render_locked(pipe, manifest, out_dir, args, helpers)
+    finally:
+        heartbeat.set()
+        locking.release_lock(lock)
+
+
+def _render_locked(pipe, manifest: str | os.PathLike, out_dir: Path, args: argparse.Namespace, helpers: dict | None):
+    """`render_manifest`'s work, under the lock of ``out_dir``."""
+    options = render_options(pipe, args)
+    try:
+        own = record_options(out_dir, options, overwrite=getattr(args, "overwrite", False))
+    except OSError as error:  # an unwritable --out
+        raise ValueError(
+            f"--out {str(out_dir)!r} cannot be written ({error.strerror or error}); choose another folder."
+        ) from error
     base = Path(manifest).resolve().parent
     rows = read_manifest(manifest)
     summary = {"rendered": [], "skipped": [], "failed": [], "frames": 0, "seconds": 0.0}
@@ -256,7 +277,12 @@ def render_manifest(
             summary["rendered"].append(out_path.stem)
         except Exception as exc:  # one clip's failure is recorded; the others still render
             failures.append(
-                {"id": str(clip_id), "line": number, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                {
+                    "id": str(clip_id),
+                    "line": number,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(),
+                }
             )
             summary["failed"].append(str(clip_id))
             tqdm.write(f"echo-render: {clip_id!r} failed: {type(exc).__name__}: {exc}")
@@ -273,22 +299,21 @@ def write_failures(path: Path, failures: list[dict]) -> Path | None:
     """Write the failure records to ``path`` (atomically: the previous file stays until the new one is complete).
     When that fails (disk full, folder gone), print every record to stderr with the reason instead, so that no failure
     goes unrecorded, and return `None`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
+        with atomic_write(path) as tmp, open(tmp, "w") as f:
             for failure in failures:
                 f.write(json.dumps(failure) + "\n")
-        os.replace(tmp, path)
         return path
     except OSError as error:
-        print(f"echo-render: could not write {str(path)!r} ({error.strerror or error}); the failures are:", file=sys.stderr)
+        print(
+            f"echo-render: could not write {str(path)!r} ({error.strerror or error}); the failures are:",
+            file=sys.stderr,
+        )
         for failure in failures:
-            print(f"echo-render: failed {failure['id']!r} (manifest line {failure['line']}): {failure['error']}",
-                  file=sys.stderr)  # fmt: skip
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+            print(
+                f"echo-render: failed {failure['id']!r} (manifest line {failure['line']}): {failure['error']}",
+                file=sys.stderr,
+            )
         return None
 
 
@@ -338,7 +363,9 @@ def record_options(out_dir: Path, options: dict, overwrite: bool = False) -> set
             if not isinstance(recorded, dict):
                 raise ValueError(f"it holds a {type(recorded).__name__}, expected a JSON object")
         except ValueError as error:
-            raise ValueError(f"{str(path)!r} is not valid JSON ({error}); delete it with the clips, or pass --overwrite.") from error
+            raise ValueError(
+                f"{str(path)!r} is not valid JSON ({error}); delete it with the clips, or pass --overwrite."
+            ) from error
         changed = {k: (recorded.get(k), v) for k, v in options.items() if recorded.get(k) != v}
         listed = recorded.get("clips")
         # a record of an older echo-render lists no clips: those of the folder are its own
@@ -374,13 +401,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder for <id>.mp4 and failures.jsonl")
     parser.add_argument("--side-by-side", action="store_true", help="show the user's video left of the avatar")
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="delete clips an earlier run rendered into --out with other options (otherwise such a rerun is refused)",
-    )  # fmt: skip
-    parser.add_argument("--scheduler", default=None, choices=FLOW_SCHEDULERS,
-                        help="sample with this scheduler instead of the model's (its shift kept unless --shift)")  # fmt: skip
-    parser.add_argument("--shift", type=flow_shift, default=None,
-                        help=f"the scheduler's flow time shift, in (0, {MAX_SHIFT:g}] (default: the model's)")  # fmt: skip
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        choices=FLOW_SCHEDULERS,
+        help="sample with this scheduler instead of the model's (its shift kept unless --shift)",
+    )
+    parser.add_argument(
+        "--shift",
+        type=flow_shift,
+        default=None,
+        help=f"the scheduler's flow time shift, in (0, {MAX_SHIFT:g}] (default: the model's)",
+    )
     return add_model_arguments(parser)
 
 
@@ -480,31 +516,65 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     is parsed (argparse types); what depends on the model (sizes in tokens, chunk lengths) by `check_model_options`
     once the model is loaded, before any clip."""
     # None = the setting saved with the model (what it was trained with), for every option of this group.
-    parser.add_argument("--height", type=positive_int, default=None,
-                        help="a multiple of the model's token size (default: the model's resolution)")  # fmt: skip
-    parser.add_argument("--width", type=positive_int, default=None,
-                        help="a multiple of the model's token size (default: the model's resolution)")  # fmt: skip
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help="denoising steps per chunk, >= 1 (default: the model's)")  # fmt: skip
+    parser.add_argument(
+        "--height",
+        type=positive_int,
+        default=None,
+        help="a multiple of the model's token size (default: the model's resolution)",
+    )
+    parser.add_argument(
+        "--width",
+        type=positive_int,
+        default=None,
+        help="a multiple of the model's token size (default: the model's resolution)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="denoising steps per chunk, >= 1 (default: the model's)"
+    )
     parser.add_argument("--audio-guidance-scale", type=guidance_scale, default=None, help=">= 0 (default: the model's)")
     parser.add_argument("--user-guidance-scale", type=guidance_scale, default=None, help=">= 0 (default: the model's)")
-    parser.add_argument("--frames-per-chunk", type=positive_int, default=None,
-                        help="4k + 1 frames per chunk (default: the model's training window)")  # fmt: skip
-    parser.add_argument("--motion-frames", type=positive_int, default=None,
-                        help="4(m - 1) + 1 frames carried between chunks (default: the model's)")  # fmt: skip
-    parser.add_argument("--user-video-size", type=positive_int, default=None,
-                        help="side of the user's frames read by the LCU, a multiple of 8 (default: the model's)")  # fmt: skip
+    parser.add_argument(
+        "--frames-per-chunk",
+        type=positive_int,
+        default=None,
+        help="4k + 1 frames per chunk (default: the model's training window)",
+    )
+    parser.add_argument(
+        "--motion-frames",
+        type=positive_int,
+        default=None,
+        help="4(m - 1) + 1 frames carried between chunks (default: the model's)",
+    )
+    parser.add_argument(
+        "--user-video-size",
+        type=positive_int,
+        default=None,
+        help="side of the user's frames read by the LCU, a multiple of 8 (default: the model's)",
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", default=None, help="defaults to cuda when available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="defaults to bfloat16 on cuda, float32 on cpu")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="defaults to bfloat16 on cuda, float32 on cpu",
+    )
     parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() (GPU memory saver)")
-    parser.add_argument("--understanding-model", default=None,
-                        help="Qwen-Omni folder computing the HBCU tokens of entries without an 'understanding' file")  # fmt: skip
-    parser.add_argument("--emotion-backend", default=None, choices=["transformers", "openai"],
-                        help="reason the avatar's emotion from each entry's dialogue (entries without 'emotion')")  # fmt: skip
+    parser.add_argument(
+        "--understanding-model",
+        default=None,
+        help="Qwen-Omni folder computing the HBCU tokens of entries without an 'understanding' file",
+    )
+    parser.add_argument(
+        "--emotion-backend",
+        default=None,
+        choices=["transformers", "openai"],
+        help="reason the avatar's emotion from each entry's dialogue (entries without 'emotion')",
+    )
     parser.add_argument("--emotion-model", default=None, help="local LM folder, or the served model name")
-    parser.add_argument("--emotion-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument(
+        "--emotion-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
+    )
     return parser
 
 
@@ -566,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))  # once, before any clip (exit code 2)
     try:
         summary = render_manifest(pipe, args.manifest, args.out, args, build_helpers(args))
-    except ValueError as error:  # options refused up front (before any clip)
+    except (ValueError, locking.OutputLocked) as error:  # refused up front (before any clip): options, a live run
         parser.error(str(error))
     video_seconds = summary["frames"] / 25.0
     print(

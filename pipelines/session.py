@@ -15,9 +15,15 @@ for chunk in session:
 The offline `EchoPipeline.__call__` is such a session fed everything at once, so the two cannot drift: a session fed
 the same conversation in pieces of any size yields exactly the frames of the offline call with the same generator.
 
+Division of work: the session buffers what arrives and knows what is ready (`push` / `pull` / `close`, the audio and
+user rows, the LCU's carried state); for each ready chunk it asks the pipeline to render it (`EchoPipeline.render_chunk`,
+the one denoising loop, which calls back `EchoSession._chunk_inputs` for the chunk's inputs). It is built from the
+resolved settings and one [`~pipelines.inputs.RenderOptions`] (`EchoPipeline.start_session` checks both once), and
+uses only the pipeline's public methods and components.
+
 How a chunk is computed (the decisions behind "exactly" and "constant cost per chunk"):
 
-- **Chunks.** The chunk schedule is the offline one (`chunk_schedule`): chunk ``c`` covers frames ``[start, stop)``,
+- **Chunks.** The chunk schedule is the offline one (`echo.chunks.chunk_schedule`): chunk ``c`` covers frames ``[start, stop)``,
   ``N`` frames overlapping the previous chunk by ``motion_frames``. A chunk is rendered once its inputs are complete:
   the user's frames and audio rows ``0 … stop − 1``, the avatar's audio rows up to ``stop + radius − 1`` (its audio
   windows look ``radius = audio_window // 2`` frames ahead), or when the session is closed. All work (audio
@@ -93,17 +99,16 @@ How a chunk is computed (the decisions behind "exactly" and "constant cost per c
 
 from __future__ import annotations
 
-import inspect
 import math
-import numbers
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
 from echo.audio import (
@@ -113,36 +118,20 @@ from echo.audio import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     StreamResampler,
-    audio_frame_features,
     final_rows,
     window_indices,
 )
+from echo.chunks import chunk_range, num_chunks
 from echo.clip_format import reasoning_frame
 from echo.emotion import reason_emotion
-from echo.encoding import PromptEncoder, chunk_condition, detect_face_landmarks, encode_user_video, prepare_user_video
-from echo.flow_matching import check_flow_scheduler
-from echo.framing import FaceFramer, FramingState, frame_image, source_to_crop
-from echo.masks import NUM_LANDMARKS
+from echo.framing import FaceFramer, FramingState, source_to_crop
+from echo.settings import EchoSettings
 
 from . import inputs as accepted
-
-if TYPE_CHECKING:
-    from .pipeline_echo import EchoPipeline
+from .chunk_inputs import ChunkInputs, RenderContext
+from .inputs import MediaPiece, RenderOptions, missing_understanding_message
 
 logger = logging.get_logger(__name__)
-
-
-def missing_understanding_message(understanding_dim: int) -> str:
-    """What to pass when the LCU reads understanding tokens (HBCU, Eq. 8) and none are given."""
-    return (
-        "This model's context encoder reads understanding tokens (use_understanding=True, HBCU) and none were "
-        "given. Pass `understanding_model=echo.OmniUnderstanding.from_pretrained(<Qwen2.5-Omni folder or hub id, "
-        "e.g. 'Qwen/Qwen2.5-Omni-7B'>)` to compute them from the user's video and audio, or "
-        f"`understanding=` precomputed tokens (N_s, {understanding_dim}) (e.g. the `user_omni.safetensors` "
-        "of a prepared clip, echo-prep --stages omni), or render with a model trained without understanding "
-        "(use_understanding: false, the w/o HBCU ablation); without `user_video` the user branch is off and none "
-        "is needed."
-    )
 
 
 class _Rows:
@@ -251,7 +240,7 @@ class _AudioStream:
             return np.zeros(0, dtype=np.float32)
         return self.samples.view(self.samples.offset, end).numpy()
 
-    def encode(self, stop: int, pipe: EchoPipeline) -> torch.Tensor:
+    def encode(self, stop: int, pipe: DiffusionPipeline) -> torch.Tensor:
         """Rows ``[0, stop)``, a view; encodes the blocks that are missing (`echo.audio.audio_frame_features`)."""
         if self.given_features:
             if len(self.rows) < stop:
@@ -265,8 +254,7 @@ class _AudioStream:
         if len(self.rows) < stop:
             # whole blocks (final once rows_final ≥ stop), so that no block is encoded twice
             end = -(-stop // AUDIO_BLOCK_FRAMES) * AUDIO_BLOCK_FRAMES
-            rows = audio_frame_features(pipe.audio_encoder, pipe.feature_extractor, self.waveform(), len(self.rows),
-                                        end, waveform_offset=self.samples.offset)  # fmt: skip
+            rows = pipe.encode_audio_rows(self.waveform(), len(self.rows), end, waveform_offset=self.samples.offset)
             self.rows.append(rows)
         return self.rows.view(0, stop)
 
@@ -340,116 +328,39 @@ class EchoSession:
     session) renders every chunk whose inputs are complete and returns it as a [`SessionChunk`].
     """
 
-    def __init__(
-        self,
-        pipe: EchoPipeline,
-        settings,
-        reference_image,
-        height: int,
-        width: int,
-        generator: torch.Generator | None = None,
-        num_frames: int | None = None,
-        with_user: bool = True,
-        emotion: str | list[str] | None = None,
-        emotion_reasoner: Any | None = None,
-        understanding: torch.Tensor | list[torch.Tensor] | None = None,
-        understanding_model: Callable | None = None,
-        reference_landmarks: np.ndarray | None = None,
-        lip_mask: torch.Tensor | None = None,
-        face_mask: torch.Tensor | None = None,
-        output_type: str | None = "np",
-        attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        sampling_rate: int = SAMPLE_RATE,
-        frame_inputs: bool = True,
-    ):
-        if output_type not in ("np", "pt", "pil", "latent", None):
-            raise ValueError(f"`output_type` is {output_type!r}, expected 'np', 'pt', 'pil', 'latent' or None.")
-        if num_frames is not None:
-            num_frames = accepted.check_int(num_frames, "num_frames")
-        if not isinstance(with_user, bool):
-            raise ValueError(f"`with_user` is {accepted.describe(with_user)}; expected True, False or None.")
-        if with_user and pipe.context_encoder is None:
-            raise ValueError("`with_user=True` but the pipeline has no `context_encoder` (LCU) to encode the user.")
-        emotion = accepted.check_emotion(emotion)
-        accepted.check_generator(generator)
-        check_flow_scheduler(pipe.scheduler)  # FlowMatchEuler, or a multistep solver in flow mode (UniPC)
-        accepted.check_callable(callback_on_step_end, "callback_on_step_end")
-        accepted.check_callable(understanding_model, "understanding_model")
-        if emotion_reasoner is not None and not callable(getattr(emotion_reasoner, "describe", None)):
-            raise ValueError(
-                f"`emotion_reasoner` is {accepted.describe(emotion_reasoner)}; expected an object with "
-                "describe(history, clip_end, avatar_speaker) (e.g. `echo.EmotionReasoner`)."
-            )
-        if understanding is not None and with_user and "understanding" in pipe.context_encoder.required_inputs:
-            dim = pipe.context_encoder.config.understanding_dim
-            if isinstance(understanding, (list, tuple)):  # one per chunk; None: computed by the understanding_model
-                understanding = [None if u is None else accepted.check_understanding(u, f"understanding[{i}]", dim)
-                                 for i, u in enumerate(understanding)]  # fmt: skip
-            else:
-                understanding = accepted.check_understanding(understanding, "understanding", dim)
-        if understanding is None and understanding_model is None and with_user and (
-            "understanding" in pipe.context_encoder.required_inputs
-        ):
-            raise ValueError(missing_understanding_message(pipe.context_encoder.config.understanding_dim))
-        self.sampling_rate = accepted.check_sampling_rate(sampling_rate)
-        reference_image = accepted.check_image(reference_image, "reference_image")  # converted once, checked once
-        if not isinstance(frame_inputs, bool):
-            raise ValueError(f"`frame_inputs` is {accepted.describe(frame_inputs)}; expected True or False.")
-        self.frame_inputs, self.crop_size = frame_inputs, settings.resolution
-        if frame_inputs:  # a raw photo → echo-prep's head crop at the training size (`echo.framing`), as trained
-            raw = accepted.to_uint8_image(reference_image, "reference_image")  # H, W, 3 uint8, as the detector reads
-            if reference_landmarks is not None:  # pixels of the photo as given → pixels of its crop
-                reference_landmarks = accepted.check_landmarks(
-                    reference_landmarks, "reference_landmarks", (NUM_LANDMARKS, 2),
-                    f"pixels of the {raw.shape[0]}x{raw.shape[1]} reference image",
-                )  # fmt: skip
-            reference_image, box = frame_image(raw, self.crop_size, "reference_image")  # S, S, 3 uint8
-            if reference_landmarks is not None:
-                reference_landmarks = source_to_crop(reference_landmarks, box, self.crop_size)
-        self.pipe, self.settings = pipe, settings
-        self.height, self.width = height, width
-        self.generator, self.with_user = generator, with_user
-        self.emotion, self.emotion_reasoner = emotion, emotion_reasoner
-        self.understanding, self.understanding_model = understanding, understanding_model
-        self.output_type = output_type
-        self.attention_kwargs = attention_kwargs
-        self.callback_on_step_end = callback_on_step_end
-        self.callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+    def __init__(self, pipe: DiffusionPipeline, settings: EchoSettings, options: RenderOptions):
+        r"""
+        Args:
+            pipe ([`EchoPipeline`]): renders each chunk (`EchoPipeline.render_chunk`) and encodes the session's media
+                (`encode_audio_rows`, `encode_user_frames`, its ``context_encoder``).
+            settings ([`~echo.settings.EchoSettings`]): resolved by `EchoPipeline.resolve_settings`.
+            options ([`~pipelines.inputs.RenderOptions`]): checked by `EchoPipeline.check_inputs`.
+        """
+        self.pipe, self.settings, self.options = pipe, settings, options
         self.progress_bar = None  # an optional tqdm bar updated once per denoising step (the offline call's)
 
+        # 1. What every chunk shares: the framed reference, its SDCM masks, the prompt encoder (`prepare_render`)
+        self.context: RenderContext = pipe.prepare_render(settings, options)
         self.num_frames_per_chunk, self.motion_frames = settings.num_frames_per_chunk, settings.motion_frames
-        self.avatar_radius = pipe.transformer.config.audio_window // 2
-        self.device, self.dtype = pipe._execution_device, pipe.transformer.dtype
-        # Caches that use where the loop is (SeaCache) read it from the cache context; older diffusers take a name only
-        context_parameters = inspect.signature(pipe.transformer.cache_context).parameters.values()
-        self.cache_step_info = any(parameter.kind is parameter.VAR_KEYWORD for parameter in context_parameters)
-
-        # 1. The reference, its SDCM masks and the prompt encoder (fixed for the session)
-        self.num_latent_frames = (self.num_frames_per_chunk - 1) // pipe.vae_scale_factor_temporal + 1
-        self.reference = pipe.prepare_reference(reference_image, height, width).to(self.device)  # 1, 3, H, W
-        self.image_embeds = pipe.encode_image(self.reference)  # 1, N_img, image_dim (I2V bases), else None
-        lip, face = pipe.prepare_avatar_masks(
-            height, width, self.num_latent_frames, reference_landmarks, lip_mask, face_mask, reference_image
-        )
-        self.avatar_lip, self.avatar_face = lip.to(self.device, self.dtype), face.to(self.device, self.dtype)
-        self.prompt_encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer, settings.max_sequence_length)
 
         # 2. Buffers
-        encoder = pipe.audio_encoder.config
-        feature_shape = (encoder.num_hidden_layers + 1, encoder.hidden_size)
-        self.avatar_audio = _AudioStream("avatar_audio", feature_shape=feature_shape)
-        self.user_audio = _AudioStream("user_audio", feature_shape=feature_shape)
+        self.avatar_audio = _AudioStream("avatar_audio", feature_shape=self.context.feature_shape)
+        self.user_audio = _AudioStream("user_audio", feature_shape=self.context.feature_shape)
         self.user = _UserHistory()
         self.dialogue: list[dict] = []
-        self.needs_user_video = with_user and "user_video" in pipe.context_encoder.required_inputs
-        self.needs_understanding = with_user and "understanding" in pipe.context_encoder.required_inputs
-        self.keeps_user_media = self.needs_understanding and understanding_model is not None and understanding is None
+        self.with_user = options.with_user
+        required = pipe.context_encoder.required_inputs if self.with_user else ()
+        self.needs_user_video = "user_video" in required
+        self.needs_understanding = "understanding" in required
+        self.keeps_user_media = (
+            self.needs_understanding and options.understanding_model is not None and options.understanding is None
+        )
         # The user's frames are framed as they are pushed (causal: no look-ahead), when something reads them
-        self.user_framer = FaceFramer() if frame_inputs and (self.needs_user_video or self.keeps_user_media) else None
+        reads_frames = self.needs_user_video or self.keeps_user_media
+        self.user_framer = FaceFramer() if options.frame_inputs and reads_frames else None
         self.user_framing = FramingState()
-        if with_user and settings.max_history_frames is not None:
+        self.warned_sampling_rate = False
+        if self.with_user and settings.max_history_frames is not None:
             cap = settings.max_history_frames
             logger.warning(
                 f"This model was trained with `max_history_frames={cap}`: every chunk's LCU encodes the last {cap} "
@@ -460,8 +371,8 @@ class EchoSession:
             )
 
         # 3. Progress
-        self.num_frames = num_frames  # known at the start, or at `close` from the avatar's audio
-        self.chunks = None if num_frames is None else self._schedule(num_frames)
+        self.num_frames = options.num_frames  # known at the start, or at `close` from the avatar's audio
+        self.num_chunks = None if self.num_frames is None else self._count_chunks(self.num_frames)
         self.closed = False
         self.next_chunk = 0
         self.ready_times: dict[int, float] = {}
@@ -470,8 +381,8 @@ class EchoSession:
         self.last_rendered_stop = 0
         self._reasoned_at: dict[str, tuple[int, Any]] = {}  # kind → (reasoning frame, its result)
         self._condition = threading.Condition()
-        if self.chunks is not None:
-            self._check_per_chunk_lists(len(self.chunks))
+        if self.num_chunks is not None:
+            self._check_per_chunk_lists(self.num_chunks)
 
     # ------------------------------------------------------------------------------------------------------------
     # Input
@@ -516,56 +427,53 @@ class EchoSession:
                 arrive. Every piece of a stream has the rate of its first piece.
             fps (`float`, *optional*): the rate of the video piece; only 25 is accepted.
         """
-        rate = self.sampling_rate if sampling_rate is None else accepted.check_sampling_rate(sampling_rate)
-        if fps is not None and fps != FPS:
-            raise ValueError(f"`fps` is {fps}, expected {FPS}: the model renders and reads video at {FPS} fps.")
-        user_given = [name for name, value in (("user_audio", user_audio), ("user_video", user_video),
-                                               ("user_audio_features", user_audio_features),
-                                               ("user_landmarks", user_landmarks)) if value is not None]  # fmt: skip
+        self.push_piece(
+            accepted.check_media_piece(
+                self.context.feature_shape,
+                user_audio=user_audio,
+                user_video=user_video,
+                avatar_audio=avatar_audio,
+                user_audio_features=user_audio_features,
+                avatar_audio_features=avatar_audio_features,
+                user_landmarks=user_landmarks,
+                dialogue=dialogue,
+                sampling_rate=sampling_rate,
+                fps=fps,
+            )
+        )
+
+    def push_piece(self, piece: MediaPiece) -> None:
+        r"""`push` of a piece already checked and converted by `pipelines.inputs.check_media_piece` (what
+        `EchoPipeline.__call__` feeds its session with): the checks that depend on the session's state, then the
+        buffers. A refused piece changes nothing."""
+        rate = self._sampling_rate(piece)
+        user_given = piece.user_streams
         if user_given and not self.with_user:
             raise ValueError(
                 f"{user_given} pushed to a session without the user branch (`with_user=False`, or no context encoder)."
             )
-        if user_landmarks is not None and user_video is None:
-            raise ValueError("`user_landmarks` must come with the `user_video` frames they belong to.")
-        # 1. Validate and convert everything before changing any buffer
-        pieces = {}
-        if avatar_audio is not None:
-            pieces["avatar_audio"] = accepted.to_waveform(avatar_audio, "avatar_audio")  # at `rate`
-        if user_audio is not None:
-            pieces["user_audio"] = accepted.to_waveform(user_audio, "user_audio")
-        if user_video is not None:
-            frames = accepted.to_uint8_video(user_video, "user_video")  # n, H, W, 3
+        # 1. The checks that depend on what was pushed before, and the framing, before changing any buffer
+        frames, landmarks, framing = piece.user_video, None, None
+        if frames is not None:
             size = self.user.frame_size or frames.shape[1:3]
             if frames.shape[1:3] != size:
                 raise ValueError(
                     f"`user_video` frames are {frames.shape[1]}x{frames.shape[2]}, the earlier pieces' "
                     f"{size[0]}x{size[1]}: every piece of a stream has the same size."
                 )
-            pieces["user_video"], pieces["user_frame_size"] = frames, frames.shape[1:3]
             if self.needs_user_video:
-                with_landmarks = user_landmarks is not None
-                if self.user.with_landmarks is not None and with_landmarks != self.user.with_landmarks:
+                landmarks = piece.user_landmarks
+                if self.user.with_landmarks is not None and (landmarks is not None) != self.user.with_landmarks:
                     raise ValueError(
                         "`user_landmarks` must come with every `user_video` piece or with none (then detected)."
                     )
-                if with_landmarks:
-                    pieces["user_landmarks"] = accepted.check_landmarks(
-                        user_landmarks, "user_landmarks", (len(frames), NUM_LANDMARKS, 2),
-                        "one face mesh per `user_video` frame, in its pixels (NaN rows: no face)", allow_nan=True,
-                    )  # fmt: skip
-        if avatar_audio_features is not None:
-            pieces["avatar_audio_features"] = self.avatar_audio.check_features(avatar_audio_features,
-                                                                               "avatar_audio_features")  # fmt: skip
-        if user_audio_features is not None:
-            pieces["user_audio_features"] = self.user_audio.check_features(user_audio_features, "user_audio_features")
-        segments = self._check_dialogue(dialogue) if dialogue is not None else []
-        if "user_video" in pieces and self.user_framer is not None:  # framed now, causally (module docstring)
-            pieces["user_video"], boxes, pieces["user_framing"] = self.user_framer.frame(
-                pieces["user_video"], self.crop_size, self.user_framing
-            )  # n, S, S, 3 uint8 crops; n, 4 boxes; the state after them
-            if "user_landmarks" in pieces:  # pixels of each raw frame → pixels of its crop
-                pieces["user_landmarks"] = source_to_crop(pieces["user_landmarks"], boxes[:, None], self.crop_size)
+        segments = self._check_late_dialogue(piece.dialogue)
+        if frames is not None and self.user_framer is not None:  # framed now, causally (module docstring)
+            crop_size = self.settings.resolution
+            frames, boxes, framing = self.user_framer.frame(frames, crop_size, self.user_framing)
+            # n, S, S, 3 uint8 crops; n, 4 boxes; the state after them
+            if landmarks is not None:  # pixels of each raw frame → pixels of its crop
+                landmarks = source_to_crop(landmarks, boxes[:, None], crop_size)
 
         # 2. Buffer (every check first, so a rejected push changes nothing)
         with self._condition:
@@ -573,31 +481,46 @@ class EchoSession:
                 raise ValueError(
                     "The session is closed: inputs pushed after `close()` (or after the last chunk) come too late."
                 )
-            if "avatar_audio_features" in pieces:
+            if piece.avatar_audio_features is not None:
                 self.avatar_audio.check_can_take_features("avatar_audio_features")
-            if "user_audio_features" in pieces:
+            if piece.user_audio_features is not None:
                 self.user_audio.check_can_take_features("user_audio_features")
-            for name in ("avatar_audio", "user_audio"):
-                if name in pieces:
-                    getattr(self, name).check_rate(rate)
-            if "avatar_audio" in pieces:
-                self.avatar_audio.push_waveform(pieces["avatar_audio"], rate)
-            if "avatar_audio_features" in pieces:
-                self.avatar_audio.push_features(pieces["avatar_audio_features"])
-            if "user_audio" in pieces:
-                self.user_audio.push_waveform(pieces["user_audio"], rate)
-            if "user_audio_features" in pieces:
-                self.user_audio.push_features(pieces["user_audio_features"])
-            if "user_video" in pieces:
-                self.user.frame_size = pieces["user_frame_size"]
-                self.user_framing = pieces.get("user_framing", self.user_framing)
-                self.user.frames.append(torch.from_numpy(np.ascontiguousarray(pieces["user_video"])))
+            if piece.avatar_audio is not None:
+                self.avatar_audio.check_rate(rate)
+            if piece.user_audio is not None:
+                self.user_audio.check_rate(rate)
+            if piece.avatar_audio is not None:
+                self.avatar_audio.push_waveform(piece.avatar_audio, rate)
+            if piece.avatar_audio_features is not None:
+                self.avatar_audio.push_features(piece.avatar_audio_features)
+            if piece.user_audio is not None:
+                self.user_audio.push_waveform(piece.user_audio, rate)
+            if piece.user_audio_features is not None:
+                self.user_audio.push_features(piece.user_audio_features)
+            if frames is not None:
+                self.user.frame_size = piece.user_video.shape[1:3]
+                self.user_framing = framing or self.user_framing
+                self.user.frames.append(torch.from_numpy(np.ascontiguousarray(frames)))
                 if self.needs_user_video:
-                    self.user.with_landmarks = "user_landmarks" in pieces
-                    if self.user.with_landmarks:
-                        self.user.landmarks.append(torch.from_numpy(pieces["user_landmarks"]))
+                    self.user.with_landmarks = landmarks is not None
+                    if landmarks is not None:
+                        self.user.landmarks.append(torch.from_numpy(landmarks))
             self.dialogue.extend(segments)
             self._stamp_ready()
+
+    def _sampling_rate(self, piece: MediaPiece) -> int:
+        """The rate of the piece's waveforms: its own, the session's, or 16 kHz with a warning (once) when neither
+        states one, as transformers' feature extractors warn about an unstated ``sampling_rate``."""
+        rate = piece.sampling_rate if piece.sampling_rate is not None else self.options.sampling_rate
+        has_waveform = piece.avatar_audio is not None or piece.user_audio is not None
+        if rate is None and has_waveform and not self.warned_sampling_rate:
+            self.warned_sampling_rate = True
+            logger.warning(
+                f"No `sampling_rate` was given with the audio: it is taken to be {SAMPLE_RATE} Hz, the model's rate. "
+                "Pass `sampling_rate=` (e.g. 44100) with audio at another rate, which is then resampled; audio at "
+                "another rate read as 16 kHz gives a wrong length and wrong lips."
+            )
+        return SAMPLE_RATE if rate is None else rate
 
     def close(self, num_frames: int | None = None) -> None:
         r"""Marks the end of input. The conversation has ``num_frames`` frames (the one given to `start_session`, or
@@ -608,6 +531,11 @@ class EchoSession:
             num_frames = accepted.check_int(num_frames, "num_frames")
         with self._condition:
             if self.closed:
+                if num_frames is not None and num_frames != self.num_frames:
+                    raise ValueError(
+                        f"`close(num_frames={num_frames})` after the session was closed with {self.num_frames} "
+                        "frames: the length is fixed at the first `close()`."
+                    )
                 return
             self.avatar_audio.end()
             self.user_audio.end()
@@ -615,18 +543,27 @@ class EchoSession:
                 num_frames = self.num_frames
             if num_frames is None:
                 if self.avatar_audio.pushed_waveform:
+                    if self.avatar_audio.num_samples == 0:
+                        raise ValueError(
+                            "`avatar_audio` is empty (0 samples) and no `num_frames` was given: the conversation's "
+                            "length is unknown. Push the avatar's waveform (silence where it listens)."
+                        )
                     num_frames = max(1, int(round(self.avatar_audio.num_samples * FPS / SAMPLE_RATE)))
                 elif self.avatar_audio.given_features:
                     num_frames = len(self.avatar_audio.rows)
                 else:
                     raise ValueError("`close()` without any `avatar_audio`: the conversation's length is unknown.")
-            chunks = self._schedule(num_frames)
-            if self.next_chunk > len(chunks):
-                raise ValueError(f"`num_frames` = {num_frames} ends before the {self.next_chunk} chunks already rendered.")
-            self._check_per_chunk_lists(len(chunks))
-            total = chunks[-1][1]
-            for stream, argument in ((self.avatar_audio, "avatar_audio_features"),
-                                     (self.user_audio, "user_audio_features")):  # fmt: skip
+            count = self._count_chunks(num_frames)
+            if self.next_chunk > count:
+                raise ValueError(
+                    f"`num_frames` = {num_frames} ends before the {self.next_chunk} chunks already rendered."
+                )
+            self._check_per_chunk_lists(count)
+            total = self.chunk_range(count - 1)[1]
+            for stream, argument in (
+                (self.avatar_audio, "avatar_audio_features"),
+                (self.user_audio, "user_audio_features"),
+            ):
                 if (
                     stream.given_features
                     and len(stream.rows) < total
@@ -638,46 +575,34 @@ class EchoSession:
                     )
             if self.with_user and len(self.user.frames) == 0:
                 raise ValueError("`close()` without any `user_video` frame in a session with the user branch.")
-            self.num_frames, self.chunks, self.closed = num_frames, chunks, True
+            self.num_frames, self.num_chunks, self.closed = num_frames, count, True
             self._stamp_ready()
             self._condition.notify_all()
 
-    def _check_dialogue(self, dialogue) -> list[dict]:
-        if not isinstance(dialogue, (list, tuple)):
-            raise ValueError(f"`dialogue` is a {type(dialogue).__name__}, expected a list of segments.")
-        segments = []
-        for segment in dialogue:
-            if not isinstance(segment, dict) or not {"speaker", "start", "end", "text"} <= set(segment):
-                raise ValueError(f"`dialogue` segment {segment!r} needs the keys speaker, start, end and text.")
-            for key in ("start", "end"):
-                value = segment[key]
-                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                    raise ValueError(f"`dialogue` segment {segment!r}: {key!r} is not a finite number of seconds.")
-            if not isinstance(segment["text"], str) or not isinstance(segment["speaker"], str):
-                raise ValueError(f"`dialogue` segment {segment!r}: 'speaker' and 'text' must be strings.")
-            if self.emotion_reasoner is not None and float(segment["start"]) < self.last_rendered_stop / FPS:
-                raise ValueError(
-                    f"`dialogue` segment starting at {float(segment['start']):.2f} s arrived late: the chunks up to "
-                    f"{self.last_rendered_stop / FPS:.2f} s are rendered, and their emotion was reasoned without it. "
-                    "Push transcript segments before the media of the chunk they start in."
-                )
-            segments.append(segment)
+    def _check_late_dialogue(self, segments: list[dict]) -> list[dict]:
+        """Refuses a transcript segment that starts in an already rendered chunk (an offline render would have read
+        it); the segments' form is checked by `pipelines.inputs.check_dialogue`."""
+        if self.options.emotion_reasoner is not None:
+            for segment in segments:
+                if float(segment["start"]) < self.last_rendered_stop / FPS:
+                    raise ValueError(
+                        f"`dialogue` segment starting at {float(segment['start']):.2f} s arrived late: the chunks up "
+                        f"to {self.last_rendered_stop / FPS:.2f} s are rendered, and their emotion was reasoned "
+                        "without it. Push transcript segments before the media of the chunk they start in."
+                    )
         return segments
 
-    def _schedule(self, num_frames: int) -> list[tuple[int, int]]:
-        from .pipeline_echo import chunk_schedule
-
-        return chunk_schedule(num_frames, self.num_frames_per_chunk, self.motion_frames)
+    def _count_chunks(self, num_frames: int) -> int:
+        """How many chunks cover ``num_frames`` (`echo.chunks`), without building the schedule."""
+        return num_chunks(num_frames, self.num_frames_per_chunk, self.motion_frames)
 
     def _check_per_chunk_lists(self, num_chunks: int) -> None:
-        if isinstance(self.emotion, list) and len(self.emotion) != num_chunks:
+        emotion, understanding = self.options.emotion, self.options.understanding
+        if isinstance(emotion, list) and len(emotion) != num_chunks:
+            raise ValueError(f"`emotion` is a list of {len(emotion)} texts, expected one per chunk ({num_chunks}).")
+        if isinstance(understanding, list) and len(understanding) != num_chunks:
             raise ValueError(
-                f"`emotion` is a list of {len(self.emotion)} texts, expected one per chunk ({num_chunks})."
-            )
-        if isinstance(self.understanding, list) and len(self.understanding) != num_chunks:
-            raise ValueError(
-                f"`understanding` is a list of {len(self.understanding)} tensors, expected one per chunk "
-                f"({num_chunks})."
+                f"`understanding` is a list of {len(understanding)} tensors, expected one per chunk ({num_chunks})."
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -685,35 +610,29 @@ class EchoSession:
     # ------------------------------------------------------------------------------------------------------------
 
     def chunk_range(self, index: int) -> tuple[int, int]:
-        """Frames ``[start, stop)`` of chunk ``index`` (the schedule continues while the length is unknown)."""
-        if self.chunks is not None:
-            return self.chunks[index]
-        start = index * (self.num_frames_per_chunk - self.motion_frames)
-        return start, start + self.num_frames_per_chunk
+        """Frames ``[start, stop)`` of chunk ``index`` (`echo.chunks.chunk_range`; the schedule continues while the
+        length is unknown)."""
+        return chunk_range(index, self.num_frames_per_chunk, self.motion_frames)
 
     @property
     def total_frames(self) -> int | None:
         """Frames the chunks cover (the last chunk's end), once the length is known."""
-        return None if self.chunks is None else self.chunks[-1][1]
-
-    @property
-    def num_chunks(self) -> int | None:
-        return None if self.chunks is None else len(self.chunks)
+        return None if self.num_chunks is None else self.chunk_range(self.num_chunks - 1)[1]
 
     @property
     def done(self) -> bool:
         """Every chunk is rendered."""
-        return self.chunks is not None and self.next_chunk >= len(self.chunks)
+        return self.num_chunks is not None and self.next_chunk >= self.num_chunks
 
     def _ready(self, index: int) -> bool:
         """Whether chunk ``index``'s inputs are complete (called under the lock)."""
-        if self.chunks is not None and index >= len(self.chunks):
+        if self.num_chunks is not None and index >= self.num_chunks:
             return False
         if self.closed:
             return True
         start, stop = self.chunk_range(index)
         total = self.num_frames or math.inf  # the avatar's windows are clamped to the conversation's frames
-        if self.avatar_audio.rows_final(False) < min(stop + self.avatar_radius, total):
+        if self.avatar_audio.rows_final(False) < min(stop + self.context.avatar_radius, total):
             return False
         if self.with_user:
             if len(self.user.frames) < stop or self.user_audio.rows_final(False) < stop:
@@ -769,108 +688,24 @@ class EchoSession:
 
     @torch.no_grad()
     def _render(self, index: int) -> SessionChunk:
+        """Gathers chunk ``index``'s inputs from the buffers and asks the pipeline to render it."""
         started_at = time.perf_counter()
-        pipe, settings = self.pipe, self.settings
-        device, dtype = self.device, self.dtype
         start, stop = self.chunk_range(index)
-        num_frames_per_chunk, motion_frames = self.num_frames_per_chunk, self.motion_frames
-        pipe._current_chunk = index
-        pipe._audio_guidance_scale = settings.audio_guidance_scale
-        pipe._user_guidance_scale = settings.user_guidance_scale
-        pipe._attention_kwargs = self.attention_kwargs
+        video, latents = self.pipe.render_chunk(self.context, index, self._chunk_inputs, self.progress_bar)
 
-        # 1. Emotion text (LAU) → c_emo; each distinct text is encoded once per session
-        prompt_embeds = self.prompt_encoder(self._emotion_text(index, stop), device=device, dtype=dtype)
-
-        # 2. User context f_pu from the history up to the chunk's end (LCU, causal, carried state)
-        context_embeds = context_mask = None
-        if self.with_user:
-            context_embeds, context_mask = self._user_context(index, start, stop)
-
-        # 3. Condition (Eq. 1): the reference in every chunk, plus the previous chunk's last motion frames
-        motion_video = None if self.previous_video is None else self.previous_video[:, :, -motion_frames:]
-        condition = chunk_condition(pipe.vae, self.reference, motion_video, self.num_latent_frames)
-        condition = condition.to(device, dtype)  # 1, 4 + 2·16, F, h, w
-
-        # 4. Avatar audio windows of the chunk's frames (±radius rows, clamped to the conversation's frames as in
-        # training: `echo.audio.window_indices`)
-        total = self.num_frames
-        last = min(stop + self.avatar_radius, total) if total is not None else stop + self.avatar_radius
-        rows = self.avatar_audio.encode(last, pipe)  # T, NL, D
-        window_rows = window_indices(start, stop, self.avatar_radius, last)  # N, L_w
-        audio_embeds = rows[window_rows][None].to(device, dtype)  # 1, N, L_w, NL, D
-
-        # 5. Noise and timesteps
-        latents = pipe.prepare_latents(num_frames_per_chunk, self.height, self.width, torch.float32, device,
-                                       self.generator)  # fmt: skip
-        pipe.scheduler.set_timesteps(settings.num_inference_steps, device=device)
-        timesteps = pipe.scheduler.timesteps
-        pipe._num_timesteps = len(timesteps)
-        weights = pipe._guidance_weights(self.with_user)
-        pass_inputs = {
-            "uncond": {"audio_embeds": None, "context_embeds": None},
-            "audio": {"audio_embeds": audio_embeds, "context_embeds": None},
-            "full": {"audio_embeds": audio_embeds, "context_embeds": context_embeds},
-        }
-
-        # 6. Denoising loop; each chunk is a new trajectory, so the state of an enabled cache starts afresh
-        pipe.transformer._reset_stateful_cache()
-        for i, t in enumerate(timesteps):
-            if pipe.interrupt:
-                continue
-            pipe._current_timestep = t
-            latent_model_input = latents.to(dtype)
-            timestep = t.expand(latents.shape[0])
-            step_context = {}
-            if self.cache_step_info:  # as diffusers' Wan pipelines
-                sigma = float(pipe.scheduler.sigmas[i])
-                step_context = {"step_index": i, "sigma": sigma, "num_inference_steps": len(timesteps)}
-            noise_pred = 0.0
-            for name, weight in weights.items():
-                extra = pass_inputs[name]
-                with pipe.transformer.cache_context(name, **step_context):  # one cache state per guidance pass
-                    prediction = pipe.transformer(
-                        hidden_states=latent_model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds,
-                        encoder_hidden_states_image=self.image_embeds,
-                        condition=condition,
-                        audio_embeds=extra["audio_embeds"],
-                        context_embeds=extra["context_embeds"],
-                        context_mask=context_mask if extra["context_embeds"] is not None else None,
-                        lip_mask=self.avatar_lip,
-                        face_mask=self.avatar_face,
-                        attention_kwargs=self.attention_kwargs,
-                        return_dict=False,
-                    )[0]
-                noise_pred = noise_pred + weight * prediction.float()
-
-            # compute the previous noisy sample x_t -> x_t-1
-            latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-
-            if self.callback_on_step_end is not None:
-                step_tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "condition": condition}
-                callback_kwargs = {k: step_tensors[k] for k in self.callback_on_step_end_tensor_inputs}
-                callback_outputs = self.callback_on_step_end(pipe, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-                prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-            if self.progress_bar is not None:
-                self.progress_bar.update()
-        pipe._current_timestep = None
-
-        # 7. Decode; a continuation drops its regenerated motion frames, the last chunk ends at num_frames
-        video = pipe.decode_latents(latents)  # 1, 3, N, H, W in [-1, 1]
+        # A continuation drops its regenerated motion frames, the last chunk ends at num_frames
         self.previous_video = video
-        first_frame = start if index == 0 else start + motion_frames
-        new = video if index == 0 else video[:, :, motion_frames:]
+        first_frame = start if index == 0 else start + self.motion_frames
+        new = video if index == 0 else video[:, :, self.motion_frames :]
         if self.num_frames is not None:
             new = new[:, :, : max(0, self.num_frames - first_frame)]
         self.last_rendered_stop = stop
         self._release(stop)
+        frames = self.pipe.postprocess(new, latents, self.options.output_type)
         return SessionChunk(
             index=index,
             first_frame=first_frame,
-            frames=self._postprocess(new, latents),
+            frames=None if frames is None else frames[0],
             video=new,
             latents=latents,
             inputs_complete_at=self.ready_times[index],
@@ -878,14 +713,31 @@ class EchoSession:
             finished_at=time.perf_counter(),
         )
 
-    def _postprocess(self, video: torch.Tensor, latents: torch.Tensor):
-        if self.output_type is None:
-            return None
-        if self.output_type == "latent":
-            return latents[0]  # z_dim, F, h, w
-        if self.output_type == "pt":
-            return ((video.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()[0]  # n, 3, H, W
-        return self.pipe.video_processor.postprocess_video(video.float(), output_type=self.output_type)[0]
+    def _chunk_inputs(self, index: int) -> ChunkInputs:
+        """Chunk ``index``'s inputs from the buffers (`EchoPipeline.render_chunk` asks for them)."""
+        start, stop = self.chunk_range(index)
+        context_embeds = context_mask = None
+        emotion = self._emotion_text(index, stop)
+        if self.with_user:  # user context f_pu from the history up to the chunk's end (LCU, causal, carried state)
+            context_embeds, context_mask = self._user_context(index, start, stop)
+        motion_video = None if self.previous_video is None else self.previous_video[:, :, -self.motion_frames :]
+        return ChunkInputs(
+            index=index,
+            emotion=emotion,
+            audio_embeds=self._avatar_windows(start, stop),
+            context_embeds=context_embeds,
+            context_mask=context_mask,
+            motion_video=motion_video,
+        )
+
+    def _avatar_windows(self, start: int, stop: int) -> torch.Tensor:
+        """The avatar's audio windows of frames ``start … stop − 1`` (±radius rows, clamped to the conversation's
+        frames as in training: `echo.audio.window_indices`): `(1, N, L_w, NL, D)` on the device."""
+        radius, total = self.context.avatar_radius, self.num_frames
+        last = min(stop + radius, total) if total is not None else stop + radius
+        rows = self.avatar_audio.encode(last, self.pipe)  # T, NL, D
+        window_rows = window_indices(start, stop, radius, last)  # N, L_w
+        return rows[window_rows][None].to(self.context.device, self.context.dtype)
 
     def _reasoned(self, kind: str, stop: int, reason: Callable[[int], Any]) -> Any:
         """What was reasoned (``kind``: ``"understanding"`` or ``"emotion"``) for the chunk ending at frame ``stop − 1``:
@@ -904,13 +756,14 @@ class EchoSession:
     def _emotion_text(self, index: int, stop: int) -> str:
         if not self.settings.use_emotion:  # the "w/o LAU" ablation: the empty prompt, as in training
             return ""
-        if isinstance(self.emotion, list):
-            return self.emotion[index]
-        if self.emotion is not None:
-            return self.emotion
+        emotion, reasoner = self.options.emotion, self.options.emotion_reasoner
+        if isinstance(emotion, list):
+            return emotion[index]
+        if emotion is not None:
+            return emotion
         text = None
-        if self.emotion_reasoner is not None:  # on the dialogue up to the reasoning frame (`None`: nothing said yet)
-            text = self._reasoned("emotion", stop, lambda f: reason_emotion(self.emotion_reasoner, self.dialogue, f))
+        if reasoner is not None:  # on the dialogue up to the reasoning frame (`None`: nothing said yet)
+            text = self._reasoned("emotion", stop, lambda f: reason_emotion(reasoner, self.dialogue, f))
         return self.settings.default_emotion if text is None else text
 
     # ------------------------------------------------------------------------------------------------------------
@@ -929,16 +782,14 @@ class EchoSession:
         if first >= stop:
             return
         frames = self._user_frames(first, stop)
+        landmarks = None
         if self.user.with_landmarks:
             index = np.minimum(np.arange(first, stop), len(self.user.landmarks) - 1)
             low = int(index[0])
             landmarks = self.user.landmarks.view(low, int(index[-1]) + 1).numpy()[index - low]
-        else:
-            landmarks = detect_face_landmarks(frames)
-        video, face_mask = prepare_user_video(frames, landmarks, self.settings.user_video_size)
-        tokens, token_mask = encode_user_video(self.pipe.vae, video[None], face_mask[None])
-        self.user.tokens.append(tokens[0].cpu())
-        self.user.token_mask.append(token_mask[0].cpu())
+        tokens, token_mask = self.pipe.encode_user_frames(frames, landmarks, self.settings.user_video_size)
+        self.user.tokens.append(tokens)
+        self.user.token_mask.append(token_mask)
 
     def _user_context(self, index: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         r"""The LCU's context tokens for the chunk ``[start, stop)``: the user's history is frames ``first … stop − 1``
@@ -948,7 +799,7 @@ class EchoSession:
         The whole history (``max_history_frames = None``) continues ``self.lcu_state``: the LCU reads only the frames
         after it (about one chunk's, whatever ``stop``). A capped history is encoded whole at every chunk, ``min(stop,
         max_history_frames)`` frames, the cap's exact semantics (see the module docstring)."""
-        lcu, device = self.pipe.context_encoder, self.device
+        lcu, device = self.pipe.context_encoder, self.context.device
         cap = self.settings.max_history_frames
         first = 0 if cap is None else max(0, stop - cap)
         audio_rows = self.user_audio.encode(stop, self.pipe)
@@ -971,11 +822,13 @@ class EchoSession:
         output = lcu(**kwargs)
         if cap is None:
             self.lcu_state = output.state
-        return output.context.to(device, self.dtype), output.context_mask.to(device)
+        return output.context.to(device, self.context.dtype), output.context_mask.to(device)
 
     def _understanding(self, index: int, stop: int) -> dict:
-        understanding = self.understanding[index] if isinstance(self.understanding, list) else self.understanding
-        if understanding is None and self.understanding_model is not None:
+        understanding = self.options.understanding
+        if isinstance(understanding, list):
+            understanding = understanding[index]
+        if understanding is None and self.options.understanding_model is not None:
             if not self.user_audio.pushed_waveform:
                 raise ValueError("`understanding_model` needs the user's waveform: pass `user_audio`.")
             dim = self.pipe.context_encoder.config.understanding_dim
@@ -984,18 +837,20 @@ class EchoSession:
                 understanding = torch.zeros(1, 0, dim)
         if understanding is None:
             raise ValueError(missing_understanding_message(self.pipe.context_encoder.config.understanding_dim))
-        understanding = understanding.to(self.device, torch.float32)  # 1, N_s, D_s (`accepted.check_understanding`)
+        understanding = understanding.to(
+            self.context.device, torch.float32
+        )  # 1, N_s, D_s (`accepted.check_understanding`)
         num_tokens = understanding.shape[1]
         if num_tokens == 0:  # nothing understood yet: one hidden zero token, as a training batch holds it
             understanding = understanding.new_zeros(1, 1, understanding.shape[2])
-        mask = torch.full(understanding.shape[:2], num_tokens > 0, dtype=torch.bool, device=self.device)
+        mask = torch.full(understanding.shape[:2], num_tokens > 0, dtype=torch.bool, device=self.context.device)
         return {"understanding": understanding, "understanding_mask": mask}
 
     def _understand(self, frame: int) -> torch.Tensor:
         """Φ of the user's frames and audio from the conversation's start up to ``frame`` inclusive, `(1, N_s, D_s)`
         (what echo-prep's ``omni`` stage caches for that frame)."""
         waveform = self.user_audio.waveform((frame + 1) * SAMPLES_PER_FRAME)
-        understanding = self.understanding_model(self._user_frames(0, frame + 1), waveform)
+        understanding = self.options.understanding_model(self._user_frames(0, frame + 1), waveform)
         dim = self.pipe.context_encoder.config.understanding_dim
         return accepted.check_understanding(understanding, "the understanding_model's output", dim)
 

@@ -5,7 +5,6 @@ Everything goes through PyAV (FFmpeg's libraries), so no ``ffmpeg`` binary is ne
 
 from __future__ import annotations
 
-import fractions
 import os
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import PIL.Image
 
 from echo.audio import FPS, SAMPLE_RATE
-from echo.media import read_audio, read_video
+from echo.media import read_audio, read_video, write_video
 
 from .inputs import check_sampling_rate, to_uint8_video, to_waveform
 
@@ -81,7 +80,8 @@ def write_mp4(
     crf: int = 18,
 ) -> Path:
     r"""
-    Write frames as an H.264 (libx264, yuv420p) mp4, with an AAC audio track of exactly the video's duration.
+    Write frames as an H.264 (libx264, yuv420p) mp4, with an AAC audio track of exactly the video's duration: the
+    pipeline's output forms and the side-by-side view, encoded by the project's one writer, `echo.media.write_video`.
 
     Args:
         path (`str` or `os.PathLike`): the output file (its folder must exist).
@@ -97,50 +97,16 @@ def write_mp4(
     Returns:
         `Path` of the written file.
     """
-    import av
-
     frames = to_uint8_frames(frames)
     if audio is not None:
         audio = to_waveform(audio, "audio")
         sample_rate = check_sampling_rate(sample_rate, "sample_rate")
     if user_frames is not None:
         frames = side_by_side(frames, user_frames)
-    num_frames, height, width = frames.shape[:3]
+    height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"`frames` are {height}x{width}; H.264 yuv420p needs even sizes.")
-    path = Path(path)
-    rate = fractions.Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), "w", format="mp4") as container:
-        video_stream = container.add_stream("libx264", rate=rate)
-        video_stream.width, video_stream.height, video_stream.pix_fmt = width, height, "yuv420p"
-        video_stream.options = {"crf": str(crf), "preset": "veryfast"}
-        audio_stream = None
-        if audio is not None:
-            audio_stream = container.add_stream("aac", rate=sample_rate)
-            audio_stream.layout = "mono"
-
-        for image in frames:
-            for packet in video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in video_stream.encode():
-            container.mux(packet)
-
-        if audio_stream is not None:
-            num_samples = int(round(num_frames / fps * sample_rate))
-            waveform = audio[:num_samples]
-            waveform = np.pad(waveform, (0, num_samples - len(waveform)))
-            frame_size = audio_stream.codec_context.frame_size or 1024
-            for start in range(0, num_samples, frame_size):
-                block = waveform[start : start + frame_size]
-                audio_frame = av.AudioFrame.from_ndarray(block[None], format="flt", layout="mono")
-                audio_frame.sample_rate = sample_rate
-                audio_frame.pts = start
-                audio_frame.time_base = fractions.Fraction(1, sample_rate)
-                for packet in audio_stream.encode(audio_frame):
-                    container.mux(packet)
-            for packet in audio_stream.encode():
-                container.mux(packet)
-    return path
+    return write_video(path, frames, fps=fps, crf=crf, audio=audio, sample_rate=sample_rate, trim_audio=True)
 
 
 def probe_mp4(path: str | os.PathLike) -> dict:

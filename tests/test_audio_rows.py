@@ -91,8 +91,9 @@ def reference():
 def _session_rows(pipe, reference, waveform, piece: int) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
     """The avatar rows of a session fed ``waveform`` at 22.05 kHz in pieces of ``piece`` samples: the rows final after
     each push (`echo.audio.final_rows`), and all rows after `close`."""
-    session = pipe.start_session(**reference, with_user=False, height=32, width=32, num_frames_per_chunk=9,
-                                 motion_frames=5, frame_inputs=False)  # fmt: skip
+    session = pipe.start_session(
+        **reference, with_user=False, height=32, width=32, num_frames_per_chunk=9, motion_frames=5, frame_inputs=False
+    )
     early = []
     for first in range(0, len(waveform), piece):
         session.push(avatar_audio=waveform[first : first + piece], sampling_rate=RATE)
@@ -120,8 +121,9 @@ def test_prepared_rows_equal_the_offline_and_session_rows(prepared, pipe, refere
             assert torch.equal(rows, offline[: rows.shape[0]])
     # The stored rows are not those of each clip's audio encoded alone (the definition echo-prep had before).
     clip = sorted(prepared.glob("conv0005_A_c0001"))[0]
-    per_clip = audio_track_features(pipe.audio_encoder, pipe.feature_extractor,
-                                    clip_format.read_clip_wav(clip, "avatar"), CLIP)  # fmt: skip
+    per_clip = audio_track_features(
+        pipe.audio_encoder, pipe.feature_extractor, clip_format.read_clip_wav(clip, "avatar"), CLIP
+    )
     assert (per_clip - torch.from_numpy(np.load(clip / "avatar_w2v.npy").astype(np.float32))).abs().max() > 1e-2
 
 

@@ -9,7 +9,7 @@ from echo.metrics import behaviour
 
 @pytest.fixture(scope="module")
 def conversation(tmp_path_factory):
-    from data_prep.synthetic import make_conversation
+    from synthetic.conversations import make_conversation
 
     return make_conversation(tmp_path_factory.mktemp("behaviour"), seconds=6.0, size=128, seed=3)
 

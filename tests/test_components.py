@@ -24,9 +24,16 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_tiny_components_are_seeded_and_agree_on_the_seams(tiny):
     assert set(tiny) == {
-        "vae", "transformer", "scheduler", "audio_encoder", "feature_extractor", "text_encoder", "tokenizer",
-        "context_encoder", "settings",
-    }  # fmt: skip
+        "vae",
+        "transformer",
+        "scheduler",
+        "audio_encoder",
+        "feature_extractor",
+        "text_encoder",
+        "tokenizer",
+        "context_encoder",
+        "settings",
+    }
     transformer, audio = tiny["transformer"], tiny["audio_encoder"]
     assert (transformer.config.audio_dim, transformer.config.audio_num_layers) == (32, 3)
     assert audio.config.hidden_size == 32 and audio.config.num_hidden_layers + 1 == 3
@@ -96,10 +103,19 @@ def test_transformer_from_wan_section_keeps_every_wan_weight(tmp_path):
 
     torch.manual_seed(0)
     wan = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
-    )  # fmt: skip
+    )
     wan.save_pretrained(tmp_path / "wan" / "transformer")
     config = {
         "transformer": {

@@ -77,6 +77,7 @@ BAD_VALUES = [
     ("train.validation_steps=-1", "train.validation_steps"),
     ("train.validation_inference_steps=0", "train.validation_inference_steps"),
     ("train.log_every=0", "train.log_every"),
+    ("train.ema_decay=1.0", "train.ema_decay"),
 ]
 
 

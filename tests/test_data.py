@@ -32,9 +32,15 @@ def _first_clip(root):
 @pytest.fixture(scope="module")
 def dataset(data_root):
     return ConversationDataset(
-        data_root, num_frames=9, resolution=64, windows_per_clip=3, use_user_video=True, user_video_size=32,
-        use_understanding=True, seed=3,
-    )  # fmt: skip
+        data_root,
+        num_frames=9,
+        resolution=64,
+        windows_per_clip=3,
+        use_user_video=True,
+        user_video_size=32,
+        use_understanding=True,
+        seed=3,
+    )
 
 
 def test_window_matches_the_clip_files(dataset):
@@ -178,13 +184,18 @@ def test_emotion_text_is_the_latest_window_known_at_the_window_end(data_root, tm
         ends.add(end)
     assert len(ends) > 3
     (clip / "emotion.json").unlink()
-    assert ConversationDataset([clip], num_frames=9, resolution=64, default_emotion="neutral")[0]["emotion_text"] == "neutral"
+    assert (
+        ConversationDataset([clip], num_frames=9, resolution=64, default_emotion="neutral")[0]["emotion_text"]
+        == "neutral"
+    )
 
 
 def test_bad_input_is_named(data_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing_clip"):
         ConversationDataset([tmp_path / "missing_clip"], num_frames=9, resolution=64)
-    with pytest.raises(ValueError, match=r"every clip is shorter than the training window of num_frames = 21 .* has 17"):
+    with pytest.raises(
+        ValueError, match=r"every clip is shorter than the training window of num_frames = 21 .* has 17"
+    ):
         ConversationDataset(data_root, num_frames=21, resolution=64)
     broken = tmp_path / "broken"
     shutil.copytree(_first_clip(data_root), broken)
@@ -243,7 +254,9 @@ def test_cached_emotion_embeds_are_the_embedding_of_the_window_text(data_root, t
     for source in sorted(p.parent for p in data_root.glob("*/meta.json")):
         clips.append(tmp_path / source.name)
         shutil.copytree(source, clips[-1])
-    with pytest.raises(FileNotFoundError, match=f"{clips[0].name}.*emotion_embeds.safetensors.*--stages emotion_embeds"):
+    with pytest.raises(
+        FileNotFoundError, match=f"{clips[0].name}.*emotion_embeds.safetensors.*--stages emotion_embeds"
+    ):
         ConversationDataset(clips, num_frames=9, resolution=64, use_cached_emotion_embeds=True)
     for clip in clips:
         cache_emotion_embeds(clip, encoder)
@@ -287,7 +300,9 @@ def test_cached_user_tokens_are_the_lcu_tokens_of_the_history_frames(data_root, 
     # every frame of the 17-frame clips, read as the dataset reads a history
     whole = [dict(zip(("user_video", "user_face_mask"), read_user_frames(clip, 0, 17, 32, 64))) for clip in clips]
     with torch.no_grad():
-        encoded = [encode_user_video(vae, whole[i]["user_video"][None], whole[i]["user_face_mask"][None]) for i in (0, 1)]
+        encoded = [
+            encode_user_video(vae, whole[i]["user_video"][None], whole[i]["user_face_mask"][None]) for i in (0, 1)
+        ]
     for history in (None, 10):
         options = dict(num_frames=9, windows_per_clip=3, max_history_frames=history, **kwargs)
         frames = ConversationDataset(clips, **options)
@@ -309,7 +324,9 @@ def test_cached_user_tokens_are_the_lcu_tokens_of_the_history_frames(data_root, 
             torch.testing.assert_close(item["user_token_mask"], mask[0, rows], rtol=0, atol=0)
             # Encoding the shorter history alone differs only by the VAE's batch-size-dependent float rounding.
             with torch.no_grad():
-                alone, alone_mask = encode_user_video(vae, reference["user_video"][None], reference["user_face_mask"][None])
+                alone, alone_mask = encode_user_video(
+                    vae, reference["user_video"][None], reference["user_face_mask"][None]
+                )
             torch.testing.assert_close(item["user_tokens"], alone[0])
             torch.testing.assert_close(item["user_token_mask"], alone_mask[0], rtol=0, atol=0)
         if history is None:
@@ -338,8 +355,18 @@ def _face_landmarks(cx: float, cy: float, radius: float) -> np.ndarray:
     return points
 
 
-def write_conversation(root, num_clips=6, clip_frames=250, size=32, avatar_audio=None, user_audio=None, seed=0,
-                       conversation="conv", avatar="A", user="B"):  # fmt: skip
+def write_conversation(
+    root,
+    num_clips=6,
+    clip_frames=250,
+    size=32,
+    avatar_audio=None,
+    user_audio=None,
+    seed=0,
+    conversation="conv",
+    avatar="A",
+    user="B",
+):
     """Clip folders ``<conversation>_<avatar>_c<k>`` of one conversation in echo-prep's format, small and fast:
     ``size``² videos whose frames change every frame, user wav2vec2 rows holding their conversation frame index
     (``user_w2v[t, 0, 0] = start_frame + t``), a face whose landmarks move from frame to frame, and the given audio
@@ -368,11 +395,20 @@ def write_conversation(root, num_clips=6, clip_frames=250, size=32, avatar_audio
             clip_format.write_landmarks(
                 folder, role, np.stack([_face_landmarks(size / 2 + s, size / 2, 0.3 * size) for s in sway])
             )
-        clip_format.write_meta(folder, {
-            "clip_id": folder.name, "source": {"layout": "pairs", "conversation": conversation}, "fps": 25,
-            "num_frames": clip_frames, "sample_rate": 16_000, "size": size, "avatar": {"participant": avatar},
-            "user": {"participant": user}, "start_frame": start,
-        })  # fmt: skip
+        clip_format.write_meta(
+            folder,
+            {
+                "clip_id": folder.name,
+                "source": {"layout": "pairs", "conversation": conversation},
+                "fps": 25,
+                "num_frames": clip_frames,
+                "sample_rate": 16_000,
+                "size": size,
+                "avatar": {"participant": avatar},
+                "user": {"participant": user},
+                "start_frame": start,
+            },
+        )
         clips.append(folder)
     return clips
 
@@ -400,8 +436,15 @@ def test_user_history_starts_at_the_conversation_start_across_clips(long_convers
         stop = item["conversation_frame"] + 9
         assert item["user_audio"][:, 0, 0].tolist() == list(range(max(0, stop - 400), stop))
     # The user's frames and face masks follow the same rows, read from each clip they come from.
-    video = ConversationDataset([long_conversation[2]], num_frames=9, resolution=32, use_user_video=True,
-                                user_video_size=16, max_history_frames=300, seed=3)[0]  # fmt: skip
+    video = ConversationDataset(
+        [long_conversation[2]],
+        num_frames=9,
+        resolution=32,
+        use_user_video=True,
+        user_video_size=16,
+        max_history_frames=300,
+        seed=3,
+    )[0]
     stop = video["conversation_frame"] + 9
     expected = []
     for clip in long_conversation[:3]:
@@ -426,7 +469,7 @@ def test_a_missing_clip_cuts_the_history_at_the_gap(long_conversation, tmp_path)
 @pytest.fixture(scope="module")
 def speech_and_silence(tmp_path_factory):
     """A conversation whose avatar speaks (espeak-ng) in clips 0 and 2 and only listens (microphone noise) in 1 and 3."""
-    from data_prep.synthetic import synthesize_speech
+    from synthetic.conversations import synthesize_speech
 
     speech = synthesize_speech("Hello there, how are you doing today? I am fine, thanks.")
     rng = np.random.default_rng(5)
@@ -503,10 +546,12 @@ def test_emotion_and_understanding_carry_over_from_earlier_clips(tmp_path):
     """Across clips of one conversation, a window early in clip k gets the latest emotion text and understanding
     entry of the earlier clips (their end frames precede it), never a later one."""
     clips = write_conversation(tmp_path, num_clips=2, clip_frames=20, size=32)
-    clip_format.write_emotion_windows(clips[0], [{"end_frame": 9, "text": "calm"}, {"end_frame": 19, "text": "sad"}],
-                                      stride=10)  # fmt: skip
-    clip_format.write_emotion_windows(clips[1], [{"end_frame": 9, "text": "happy"}, {"end_frame": 19, "text": "glad"}],
-                                      stride=10)  # conversation frames 29 and 39  # fmt: skip
+    clip_format.write_emotion_windows(
+        clips[0], [{"end_frame": 9, "text": "calm"}, {"end_frame": 19, "text": "sad"}], stride=10
+    )
+    clip_format.write_emotion_windows(
+        clips[1], [{"end_frame": 9, "text": "happy"}, {"end_frame": 19, "text": "glad"}], stride=10
+    )  # conversation frames 29 and 39
     tokens = [torch.full((2, 3), float(e)) for e in (9, 19)]
     clip_format.write_understanding(clips[0], [9, 19], tokens, stride=10)
     clip_format.write_understanding(clips[1], [9, 19], [torch.full((3, 3), 29.0), torch.full((1, 3), 39.0)], stride=10)
@@ -541,15 +586,17 @@ def test_understanding_of_a_window_is_phi_of_the_media_up_to_its_end(tmp_path):
     build_omni_folder(tmp_path / "omni")
     thinker = OmniUnderstanding.from_pretrained(tmp_path / "omni", max_frames=6)
     rng = np.random.default_rng(0)
-    clips = write_conversation(tmp_path / "data", num_clips=3, clip_frames=12, size=32,
-                               user_audio=lambda k: rng.normal(0, 0.1, 12 * 640))  # fmt: skip
+    clips = write_conversation(
+        tmp_path / "data", num_clips=3, clip_frames=12, size=32, user_audio=lambda k: rng.normal(0, 0.1, 12 * 640)
+    )
     for clip in clips:
         cache_omni(clip, thinker, stride=8)
     frames = np.concatenate([read_video_frames(c / "user.mp4", range(12)) for c in clips])  # the conversation
     audio = np.concatenate([clip_format.read_clip_wav(c, "user") for c in clips])
     assert [clip_format.read_understanding_index(c, 12).end_frames.tolist() for c in clips] == [[7], [3, 11], [7]]
-    dataset = ConversationDataset(clips, num_frames=5, resolution=32, windows_per_clip=6, use_understanding=True,
-                                  seed=4)  # fmt: skip
+    dataset = ConversationDataset(
+        clips, num_frames=5, resolution=32, windows_per_clip=6, use_understanding=True, seed=4
+    )
     seen = set()
     for index in range(len(dataset)):
         item = dataset[index]
@@ -564,8 +611,10 @@ def test_understanding_of_a_window_is_phi_of_the_media_up_to_its_end(tmp_path):
         torch.testing.assert_close(item["understanding"], expected, rtol=0, atol=0)
     assert len(seen) >= 3 and max(seen) > 11  # several entries, and histories longer than a clip
     whole_clip = thinker(frames[24:36], audio[24 * 640 : 36 * 640])  # the old cache: Φ of the whole clip
-    assert not any(dataset[i]["understanding"].shape == whole_clip.shape and torch.equal(dataset[i]["understanding"],
-                   whole_clip) for i in range(len(dataset)))  # fmt: skip
+    assert not any(
+        dataset[i]["understanding"].shape == whole_clip.shape and torch.equal(dataset[i]["understanding"], whole_clip)
+        for i in range(len(dataset))
+    )
 
 
 def test_a_short_last_clip_is_history_but_no_window_source(tmp_path):

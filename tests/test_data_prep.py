@@ -11,12 +11,12 @@ from data_prep.cli import main, run_prep
 from data_prep.layouts import find_conversations
 from data_prep.media import SAMPLE_RATE, probe_video, read_video, read_wav, resample_indices, write_video, write_wav
 from data_prep.stages import PrepOptions
-from data_prep.synthetic import make_conversation
 from data_prep.testing import make_tiny_prepared_set, save_tiny_wav2vec2
 from data_prep.transcripts import read_seamless_json
 from echo import clip_format
 from echo.framing import source_to_crop
 from echo.masks import rasterize_masks
+from synthetic.conversations import make_conversation
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,9 @@ def test_lip_mask_from_saved_landmarks_overlaps_the_animated_mouth(prepared_512)
         boxes = np.asarray(meta["avatar"]["crop_boxes"], dtype=np.float32)
         # Prepared frame k shows the source frame nearest to k / 25 s.
         index = resample_indices(np.arange(conversation.num_frames) / conversation.fps, meta["num_frames"])
-        truth = np.stack([source_to_crop(conversation.landmarks[participant][i], boxes[k], 512)
-                          for k, i in enumerate(index)])
+        truth = np.stack(
+            [source_to_crop(conversation.landmarks[participant][i], boxes[k], 512) for k, i in enumerate(index)]
+        )
         predicted, _ = rasterize_masks(np.load(clip / "avatar_landmarks.npy"), 512, 512)
         known, _ = rasterize_masks(truth, 512, 512)
         iou = (predicted & known).sum((1, 2)) / (predicted | known).sum((1, 2))
@@ -204,8 +205,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_outputs(tmp_path, encoder):
             raise _Killed
 
     with pytest.raises(_Killed):
-        run_prep(tmp_path / "src", "pairs", tmp_path / "resumed", options, progress=False,
-                 on_clip=kill_during_fourth_clip)
+        run_prep(
+            tmp_path / "src", "pairs", tmp_path / "resumed", options, progress=False, on_clip=kill_during_fourth_clip
+        )
     finished = sorted(p for p in (tmp_path / "resumed").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in finished] == sorted(written[:3])
     assert len(list((tmp_path / "resumed").glob(".tmp-*"))) == 1  # the half-done clip is not visible as a clip
@@ -249,8 +251,21 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_completes(tmp_path, encode
     lonely = copy("one_video")
     (lonely / "B.mp4").unlink()
 
-    code = main(["--input", str(src), "--layout", "pairs", "--out", str(tmp_path / "out"), "--wav2vec2",
-                 str(encoder), "--size", "64", "--no-progress"])
+    code = main(
+        [
+            "--input",
+            str(src),
+            "--layout",
+            "pairs",
+            "--out",
+            str(tmp_path / "out"),
+            "--wav2vec2",
+            str(encoder),
+            "--size",
+            "64",
+            "--no-progress",
+        ]
+    )
     assert code == 1
     summary = json.loads((tmp_path / "out" / "prep_summary.json").read_text())
     failed = {f["input"]: f for f in summary["failed"]}
@@ -291,16 +306,34 @@ def test_resume_after_a_real_sigkill(tmp_path, encoder):
     import time
 
     make_conversation(tmp_path / "src", "pairs", seconds=2.4, size=128, seed=13)
-    command = [sys.executable, "-m", "data_prep.cli", "--input", str(tmp_path / "src"), "--layout", "pairs",
-               "--wav2vec2", str(encoder), "--size", "64", "--clip-seconds", "0.4", "--min-clip-seconds", "0.4",
-               "--no-progress", "--out"]
+    command = [
+        sys.executable,
+        "-m",
+        "data_prep.cli",
+        "--input",
+        str(tmp_path / "src"),
+        "--layout",
+        "pairs",
+        "--wav2vec2",
+        str(encoder),
+        "--size",
+        "64",
+        "--clip-seconds",
+        "0.4",
+        "--min-clip-seconds",
+        "0.4",
+        "--no-progress",
+        "--out",
+    ]
     subprocess.run([*command, str(tmp_path / "full")], check=True, capture_output=True)
-    process = subprocess.Popen([*command, str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if (tmp_path / "killed").is_dir() and any(not p.name.startswith(".") and p.is_dir()
-                                                  for p in (tmp_path / "killed").iterdir()):
+        if (tmp_path / "killed").is_dir() and any(
+            not p.name.startswith(".") and p.is_dir() for p in (tmp_path / "killed").iterdir()
+        ):
             break
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)

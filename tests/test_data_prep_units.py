@@ -8,10 +8,10 @@ import pytest
 
 from data_prep.media import MediaError, load_audio, read_wav, write_wav
 from data_prep.stages import PrepOptions
-from data_prep.synthetic import make_conversation
 from data_prep.testing import make_tiny_prepared_set, save_tiny_wav2vec2, save_tiny_whisper
 from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_seamless_json
 from echo.framing import FaceAlignmentDetector, crop_frame, crop_to_source, smooth_crop_boxes, source_to_crop
+from synthetic.conversations import make_conversation
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,24 @@ def test_transcript_readers_name_the_file_and_accept_word_lists(tmp_path):
     with pytest.raises(MediaError, match=r"^transcript\.json: segment speaker 'C' is not one of"):
         read_pairs_transcript(path, ["A", "B"])
     seamless = tmp_path / "V01_S0002_I00000003_P0004.json"
-    seamless.write_text(json.dumps({
-        "metadata:transcript": [{"start": 0.5, "end": 1.5, "transcript": "",
-                                 "words": [{"word": "good", "start": 0.5, "end": 0.9, "score": 0.9},
-                                           {"word": "morning", "start": 0.9, "end": 1.5, "score": 0.8}]}],
-        "metadata:vad": [{"start": 0.4, "end": 1.6}],
-    }))
+    seamless.write_text(
+        json.dumps(
+            {
+                "metadata:transcript": [
+                    {
+                        "start": 0.5,
+                        "end": 1.5,
+                        "transcript": "",
+                        "words": [
+                            {"word": "good", "start": 0.5, "end": 0.9, "score": 0.9},
+                            {"word": "morning", "start": 0.9, "end": 1.5, "score": 0.8},
+                        ],
+                    }
+                ],
+                "metadata:vad": [{"start": 0.4, "end": 1.6}],
+            }
+        )
+    )
     segments, vad = read_seamless_json(seamless)
     assert segments == [{"start": 0.5, "end": 1.5, "text": "good morning"}] and vad == [{"start": 0.4, "end": 1.6}]
     seamless.write_text(json.dumps({"metadata:vad": [{"start": 2.0, "end": 1.0}]}))
@@ -87,13 +99,17 @@ def test_transcript_readers_name_the_file_and_accept_word_lists(tmp_path):
 
 
 def test_clip_transcript_keeps_the_history_and_swaps_roles():
-    segments = {"A": [{"start": 1.0, "end": 2.0, "text": "one"}, {"start": 9.0, "end": 9.5, "text": "late"}],
-                "B": [{"start": 2.5, "end": 4.0, "text": "two"}]}
+    segments = {
+        "A": [{"start": 1.0, "end": 2.0, "text": "one"}, {"start": 9.0, "end": 9.5, "text": "late"}],
+        "B": [{"start": 2.5, "end": 4.0, "text": "two"}],
+    }
     vad = {"A": [{"start": 1.0, "end": 2.0}], "B": [{"start": 2.5, "end": 4.0}]}
     clip = clip_transcript(segments, vad, "B", "A", clip_start=3.0, clip_end=5.0, source="dataset")
     # Times relative to the clip start; the earlier turn is history (negative times); later speech is not included.
-    assert clip["segments"] == [{"speaker": "user", "start": -2.0, "end": -1.0, "text": "one"},
-                                {"speaker": "avatar", "start": -0.5, "end": 1.0, "text": "two"}]
+    assert clip["segments"] == [
+        {"speaker": "user", "start": -2.0, "end": -1.0, "text": "one"},
+        {"speaker": "avatar", "start": -0.5, "end": 1.0, "text": "two"},
+    ]
     assert clip["vad"] == {"avatar": [[0.0, 1.0]], "user": []}
 
 
@@ -111,8 +127,11 @@ def test_asr_transcribes_conversations_without_transcripts(tmp_path, encoder):
     assert transcript["transcript_source"] == "asr"
     truth = {"A": "avatar", "B": "user"}
     for segment in conversation.transcript:  # every spoken turn is found, by the right speaker, at the right time
-        found = [s for s in transcript["segments"] if s["speaker"] == truth[segment["speaker"]]
-                 and s["start"] < segment["end"] and s["end"] > segment["start"]]
+        found = [
+            s
+            for s in transcript["segments"]
+            if s["speaker"] == truth[segment["speaker"]] and s["start"] < segment["end"] and s["end"] > segment["start"]
+        ]
         assert len(found) == 1
         assert abs(found[0]["start"] - segment["start"]) < 0.2 and abs(found[0]["end"] - segment["end"]) < 0.3
 
@@ -127,8 +146,9 @@ def test_reasoning_frames_are_the_latest_stride_end_on_the_conversations_clock(t
     assert [clip_format.reasoning_frame(t, 1) for t in (0, 5)] == [0, 5]
     assert clip_format.reasoning_frames(0, 200, 50) == [49, 99, 149, 199]
     assert clip_format.reasoning_frames(30, 60, 25) == [49]  # conversation frames of a clip starting at 30
-    record = clip_format.ClipRecord(path=tmp_path, meta={}, num_frames=30, conversation="conv",
-                                    avatar="A", start_frame=30)  # fmt: skip
+    record = clip_format.ClipRecord(
+        path=tmp_path, meta={}, num_frames=30, conversation="conv", avatar="A", start_frame=30
+    )
     assert omni_entry_ends(record, 25) == [19]  # clip frame 19 = conversation frame 49
     with pytest.raises(ValueError, match="stride"):
         clip_format.reasoning_frame(3, 0)
@@ -209,8 +229,9 @@ def test_audio_muxed_in_the_video_is_used_when_there_is_no_wav(tmp_path, encoder
     from data_prep.cli import run_prep
     from echo.audio import frame_rms
 
-    conversation = make_conversation(tmp_path / "src", "pairs", seconds=1.6, size=128, seed=10, sample_rate=48_000,
-                                     audio_in_video=True)
+    conversation = make_conversation(
+        tmp_path / "src", "pairs", seconds=1.6, size=128, seed=10, sample_rate=48_000, audio_in_video=True
+    )
     assert not list((tmp_path / "src").rglob("*.wav"))
     options = PrepOptions(wav2vec2=str(encoder), size=64, clip_seconds=1.6)
     summary = run_prep(tmp_path / "src", "pairs", tmp_path / "out", options, progress=False)
@@ -238,14 +259,24 @@ def test_emotion_cache_stage_describes_each_window_from_its_history(tmp_path):
     clips = make_tiny_prepared_set(tmp_path, num_frames=21, size=64, seed=0)
     tokenizer = build_tiny_tokenizer(model_max_length=2048)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )).save_pretrained(tmp_path / "lm")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    ).save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
-    options = PrepOptions(wav2vec2=str(tmp_path / "wav2vec2"), stages=["emotion"], emotion_model=str(tmp_path / "lm"),
-                          emotion_stride=5)
+    options = PrepOptions(
+        wav2vec2=str(tmp_path / "wav2vec2"), stages=["emotion"], emotion_model=str(tmp_path / "lm"), emotion_stride=5
+    )
     path = run_stage("emotion", clips[0], options)
     written = json.loads(path.read_text())
     segments = json.loads((clips[0] / "transcript.json").read_text())["segments"]
@@ -270,8 +301,15 @@ def test_omni_cache_stage_runs_the_thinker_on_the_user_stream(tmp_path):
 
     make_tiny_prepared_set(tmp_path, num_frames=13, size=64, seed=2)
     build_omni_folder(tmp_path / "omni")
-    options = PrepOptions(wav2vec2=str(tmp_path / "wav2vec2"), size=64, clip_seconds=13 / 25, omni_stride=5,
-                          min_clip_seconds=13 / 25, stages=["clips", "omni"], omni_model=str(tmp_path / "omni"))
+    options = PrepOptions(
+        wav2vec2=str(tmp_path / "wav2vec2"),
+        size=64,
+        clip_seconds=13 / 25,
+        omni_stride=5,
+        min_clip_seconds=13 / 25,
+        stages=["clips", "omni"],
+        omni_model=str(tmp_path / "omni"),
+    )
     summary = run_prep(tmp_path / "source", "pairs", tmp_path / "prepared", options, progress=False)
     assert summary.failed == [] and len(summary.clips_skipped) == 2  # clips existed: only the cache was added
     thinker = OmniUnderstanding.from_pretrained(tmp_path / "omni")
@@ -296,8 +334,9 @@ def test_omni_cache_replaces_a_whole_clip_file_and_keeps_its_own(tmp_path):
 
     clip = tmp_path / "conv_A_c0001"
     clip.mkdir()
-    clip_format.write_meta(clip, {"num_frames": 10, "start_frame": 10, "source": {"conversation": "conv"},
-                                  "avatar": {"participant": "A"}})  # fmt: skip
+    clip_format.write_meta(
+        clip, {"num_frames": 10, "start_frame": 10, "source": {"conversation": "conv"}, "avatar": {"participant": "A"}}
+    )
     save_file({"hidden_states": torch.ones(3, 4)}, str(clip / clip_format.USER_OMNI))
     index = clip_format.read_understanding_index(clip, 10)
     assert index.legacy and index.end_frames.tolist() == [9]
@@ -311,8 +350,9 @@ def test_omni_cache_replaces_a_whole_clip_file_and_keeps_its_own(tmp_path):
 
     first = tmp_path / "conv_A_c0000"
     first.mkdir()
-    clip_format.write_meta(first, {"num_frames": 10, "start_frame": 0, "source": {"conversation": "conv"},
-                                   "avatar": {"participant": "A"}})  # fmt: skip
+    clip_format.write_meta(
+        first, {"num_frames": 10, "start_frame": 0, "source": {"conversation": "conv"}, "avatar": {"participant": "A"}}
+    )
     for folder in (first, clip):
         from data_prep.media import write_video
 
@@ -347,7 +387,9 @@ def test_emotion_embeds_stage_caches_exactly_the_text_encoder_output(tmp_path):
     texts = ["the avatar smiles and feels happy", "calm", "the avatar smiles and feels happy"]
     windows = [{"end_frame": 4 * i, "text": t} for i, t in enumerate(texts)]
     (clip / "emotion.json").write_text(json.dumps({"windows": windows}))
-    options = PrepOptions(wav2vec2="unused", stages=["emotion_embeds"], text_encoder=str(folder), default_emotion="neutral")
+    options = PrepOptions(
+        wav2vec2="unused", stages=["emotion_embeds"], text_encoder=str(folder), default_emotion="neutral"
+    )
     path = run_stage("emotion_embeds", clip, options)
     encoder = EmotionTextEncoder.from_pretrained(folder, max_length=64)  # the tiny tokenizer's model_max_length
     for text in ["", "neutral", *texts]:
@@ -383,8 +425,9 @@ def test_user_tokens_stage_caches_exactly_the_lcu_tokens_of_the_dataset_frames(t
     frames, face_mask = read_user_frames(clip, 0, 17, 32, 64)  # the whole clip, read as the dataset reads it
     item = {"user_video": frames, "user_face_mask": face_mask}
     with torch.no_grad():
-        tokens, mask = encode_user_video(AutoencoderKLWan.from_pretrained(folder).eval(), item["user_video"][None],
-                                         item["user_face_mask"][None])
+        tokens, mask = encode_user_video(
+            AutoencoderKLWan.from_pretrained(folder).eval(), item["user_video"][None], item["user_face_mask"][None]
+        )
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"user_video_size": "32"}
         torch.testing.assert_close(f.get_tensor("tokens"), tokens[0], rtol=0, atol=0)

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from data_prep.demo_set import HELDOUT_SPEEDS, TRAIN_SPEEDS, DemoSetConfig, conversation_plan
-from data_prep.synthetic import HELDOUT_SENTENCES, IDENTITIES, TRAIN_SENTENCES
+from synthetic.conversations import HELDOUT_SENTENCES, IDENTITIES, TRAIN_SENTENCES
+from synthetic.demo_set import HELDOUT_SPEEDS, TRAIN_SPEEDS, DemoSetConfig, conversation_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +60,14 @@ def test_demo_configs_agree_with_the_model_description_and_fit_the_size_budget(m
     for stage in ("stage1", "stage2"):
         config = recipe.stage_config(stage)
         saved = settings_from_config(config).to_dict()
-        for key in ("resolution", "num_frames_per_chunk", "motion_frames", "user_video_size", "use_emotion",
-                    "max_sequence_length"):
+        for key in (
+            "resolution",
+            "num_frames_per_chunk",
+            "motion_frames",
+            "user_video_size",
+            "use_emotion",
+            "max_sequence_length",
+        ):
             assert saved[key] == description["settings"][key], (stage, key)
         assert config.loss.motion_prob > 0 and config.loss.audio_drop_prob > 0
         assert config.model.config == "configs/models/demo.yaml"
@@ -73,7 +79,9 @@ def test_demo_configs_agree_with_the_model_description_and_fit_the_size_budget(m
     components = load_components({k: description[k] for k in sections})
     counts = {k: sum(p.numel() for p in components[k].parameters()) for k in sections}
     assert 8e6 <= counts["transformer"] <= 12e6, counts
-    assert components["context_encoder"].config.use_visual and not components["context_encoder"].config.use_understanding
+    assert (
+        components["context_encoder"].config.use_visual and not components["context_encoder"].config.use_understanding
+    )
     vae = AutoencoderKLWan(**load_vae_config(ROOT / "configs/train/demo_vae.yaml").vae)
     with torch.no_grad():  # the real compression: 4x in time, 8x8 in space, 16 channels
         assert vae.encode(torch.zeros(1, 3, 5, 64, 64)).latent_dist.mode().shape == (1, 16, 2, 8, 8)
@@ -96,8 +104,11 @@ def test_export_is_incomplete_until_its_example_and_card_are_written(tmp_path, m
     from training.demo_recipe import Recipe, load_recipe
 
     monkeypatch.chdir(ROOT)
-    sets = [f"export.out={tmp_path / 'pipeline'}", f"stage2.set=[output_dir={tmp_path / 'stage2'}]",
-            f"decoder.set=[export_dir={tmp_path / 'decoder'}]"]  # fmt: skip
+    sets = [
+        f"export.out={tmp_path / 'pipeline'}",
+        f"stage2.set=[output_dir={tmp_path / 'stage2'}]",
+        f"decoder.set=[export_dir={tmp_path / 'decoder'}]",
+    ]
     recipe = Recipe(load_recipe(ROOT / "configs/train/demo_recipe.yaml", sets), gpu=False)
     (tmp_path / "stage2" / "final").mkdir(parents=True)
     (tmp_path / "decoder").mkdir()
@@ -124,38 +135,92 @@ def _tiny_recipe(tmp: Path) -> Path:
     vae_arch = model["vae"]["config"]
     model["vae"] = {"class": "AutoencoderKLWan", "pretrained": str(tmp / "vae")}
     (tmp / "model.yaml").write_text(yaml.safe_dump(model))
-    (tmp / "accelerate.yaml").write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "num_machines": 1, "num_processes": 1,
-        "mixed_precision": "no", "use_cpu": True,
-    }))
+    (tmp / "accelerate.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "compute_environment": "LOCAL_MACHINE",
+                "distributed_type": "NO",
+                "num_machines": 1,
+                "num_processes": 1,
+                "mixed_precision": "no",
+                "use_cpu": True,
+            }
+        )
+    )
     steps = ["train.max_train_steps=8", "train.checkpointing_steps=2", "train.checkpoints_total_limit=2"]
     recipe = {
         "state_file": str(tmp / "recipe_state.json"),
-        "data": {"out": str(tmp / "data"), "workers": 1, "options": {
-            "num_train": 1, "train_seconds": [2.0, 2.0], "num_heldout": 1, "heldout_seconds": 2.0,
-            "long_seconds": 0, "source_size": 128, "size": 64, "clip_seconds": 2.0, "no_progress": True,
-        }},
-        "vae": {"config": str(ROOT / "configs/train/demo_vae.yaml"), "set": [
-            f"output_dir={tmp / 'vae_train'}", f"export_dir={tmp / 'vae'}",
-            *(f"vae.{k}={json.dumps(v)}" for k, v in vae_arch.items()),
-            "data.resolution=64", "data.clip_crop=32", "data.small_size=16", "data.clips_per_folder=2",
-            "train.stats_clips=4", "train.eval_frames=4", "train.log_every=1", *steps,
-        ]},
-        "decoder": {"config": str(ROOT / "configs/train/demo_vae_decoder.yaml"), "set": [
-            f"output_dir={tmp / 'decoder_train'}", f"export_dir={tmp / 'decoder'}", "data.resolution=64",
-            "data.clip_frames=9", "data.clip_crop=32", "data.clips_per_folder=1", "train.eval_frames=4",
-            "train.log_every=1", *steps,
-        ]},
-        "stage1": {"config": str(ROOT / "configs/train/tiny_stage1.yaml"), "set": [
-            f"output_dir={tmp / 'stage1'}", "data.num_workers=0", "data.windows_per_clip=4", *steps,
-        ]},
-        "stage2": {"config": str(ROOT / "configs/train/tiny_stage2.yaml"), "set": [
-            f"output_dir={tmp / 'stage2'}", "data.num_workers=0", "data.windows_per_clip=4",
-            "ablation.use_understanding=false", *steps,
-        ]},
-        "export": {"model_config": str(tmp / "model.yaml"), "out": str(tmp / "pipeline"), "dtype": "fp16",
-                   "example": {"clip": "heldout0000_A_c0000", "seconds": 1.0},
-                   "model_card": str(ROOT / "docs/demo_model_card.md")},
+        "data": {
+            "out": str(tmp / "data"),
+            "workers": 1,
+            "options": {
+                "num_train": 1,
+                "train_seconds": [2.0, 2.0],
+                "num_heldout": 1,
+                "heldout_seconds": 2.0,
+                "long_seconds": 0,
+                "source_size": 128,
+                "size": 64,
+                "clip_seconds": 2.0,
+                "no_progress": True,
+            },
+        },
+        "vae": {
+            "config": str(ROOT / "configs/train/demo_vae.yaml"),
+            "set": [
+                f"output_dir={tmp / 'vae_train'}",
+                f"export_dir={tmp / 'vae'}",
+                *(f"vae.{k}={json.dumps(v)}" for k, v in vae_arch.items()),
+                "data.resolution=64",
+                "data.clip_crop=32",
+                "data.small_size=16",
+                "data.clips_per_folder=2",
+                "train.stats_clips=4",
+                "train.eval_frames=4",
+                "train.log_every=1",
+                *steps,
+            ],
+        },
+        "decoder": {
+            "config": str(ROOT / "configs/train/demo_vae_decoder.yaml"),
+            "set": [
+                f"output_dir={tmp / 'decoder_train'}",
+                f"export_dir={tmp / 'decoder'}",
+                "data.resolution=64",
+                "data.clip_frames=9",
+                "data.clip_crop=32",
+                "data.clips_per_folder=1",
+                "train.eval_frames=4",
+                "train.log_every=1",
+                *steps,
+            ],
+        },
+        "stage1": {
+            "config": str(ROOT / "configs/train/tiny_stage1.yaml"),
+            "set": [
+                f"output_dir={tmp / 'stage1'}",
+                "data.num_workers=0",
+                "data.windows_per_clip=4",
+                *steps,
+            ],
+        },
+        "stage2": {
+            "config": str(ROOT / "configs/train/tiny_stage2.yaml"),
+            "set": [
+                f"output_dir={tmp / 'stage2'}",
+                "data.num_workers=0",
+                "data.windows_per_clip=4",
+                "ablation.use_understanding=false",
+                *steps,
+            ],
+        },
+        "export": {
+            "model_config": str(tmp / "model.yaml"),
+            "out": str(tmp / "pipeline"),
+            "dtype": "fp16",
+            "example": {"clip": "heldout0000_A_c0000", "seconds": 1.0},
+            "model_card": str(ROOT / "docs/demo_model_card.md"),
+        },
         "accelerate": {"cpu": str(tmp / "accelerate.yaml"), "gpu": str(tmp / "accelerate.yaml")},
     }
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -168,8 +233,9 @@ def _run(recipe: Path, log: Path, kill_when=None, timeout: float = 600, sets: li
     command = [sys.executable, "-m", "training.demo_recipe", "--recipe", str(recipe), *(f"--set={s}" for s in sets)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "5"}
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.time() + timeout
         try:
             while process.poll() is None and time.time() < deadline:
@@ -232,8 +298,10 @@ def test_recipe_resumes_after_a_kill_in_every_stage(tmp_path):
     # 7. Trained longer as `make train-demo-long` does (the decoder's and stage 1's max_train_steps raised by --set):
     # both continue from their last checkpoint; stage 1 keeps its input (the VAE's encoder), stage 2 starts over.
     longer = yaml.safe_load(recipe.read_text())
-    sets = [f"{stage}.set={json.dumps([*longer[stage]['set'], 'train.max_train_steps=12'])}"
-            for stage in ("decoder", "stage1")]
+    sets = [
+        f"{stage}.set={json.dumps([*longer[stage]['set'], 'train.max_train_steps=12'])}"
+        for stage in ("decoder", "stage1")
+    ]
     log = _run(recipe, tmp_path / "run7.log", sets=sets)
     assert "data: complete, skipped" in log and "vae: complete, skipped" in log
     assert f"resuming from {tmp_path / 'decoder_train'}/checkpoint-8 (step 8)" in log
@@ -242,7 +310,9 @@ def test_recipe_resumes_after_a_kill_in_every_stage(tmp_path):
     assert json.loads((tmp_path / "decoder_train" / "report.json").read_text())["steps"] == 12
     trained = yaml.safe_load((tmp_path / "stage1" / "final" / "training_config.yaml").read_text())["train"]
     assert trained["max_train_steps"] == 12
-    assert (tmp_path / "pipeline" / "model_index.json").stat().st_mtime >= (tmp_path / "stage2" / "final").stat().st_mtime
+    assert (tmp_path / "pipeline" / "model_index.json").stat().st_mtime >= (
+        tmp_path / "stage2" / "final"
+    ).stat().st_mtime
 
 
 def test_a_second_run_of_the_same_recipe_is_refused_while_one_is_live(tmp_path):
@@ -250,7 +320,12 @@ def test_a_second_run_of_the_same_recipe_is_refused_while_one_is_live(tmp_path):
 
     recipe = _tiny_recipe(tmp_path)
     with recipe_lock(tmp_path / "recipe_state.json"):
-        result = subprocess.run([sys.executable, "-m", "training.demo_recipe", "--recipe", str(recipe)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "training.demo_recipe", "--recipe", str(recipe)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert result.returncode != 0 and f"another demo-recipe run holds {tmp_path}" in result.stderr
     assert f"pid {os.getpid()}" in result.stderr and not (tmp_path / "data").exists()  # nothing was started

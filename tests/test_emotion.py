@@ -101,7 +101,9 @@ class _ChatHandler(BaseHTTPRequestHandler):
         type(self).requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
         transcript = body["messages"][-1]["content"]
         user_lines = sum(line.split("] ")[1].startswith("USER") for line in transcript.splitlines() if "] " in line)
-        content = f"<think>The user shares good news.\nThe avatar is happy.</think>\n delighted, smiling ({user_lines}) "
+        content = (
+            f"<think>The user shares good news.\nThe avatar is happy.</think>\n delighted, smiling ({user_lines}) "
+        )
         reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
@@ -180,9 +182,15 @@ def text_encoder_folder(tmp_path_factory):
     tokenizer = build_tiny_tokenizer(model_max_length=64)
     torch.manual_seed(0)
     config = UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+    )
     UMT5EncoderModel(config).save_pretrained(folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     return folder

@@ -37,8 +37,18 @@ def reference(tmp_path_factory):
 
 
 def _argv(generated, reference, *extra):
-    return ["--generated", str(generated), "--reference", str(reference), "--motion-source", "files",
-            "--kmeans-init", "2", "--quiet", *extra]  # fmt: skip
+    return [
+        "--generated",
+        str(generated),
+        "--reference",
+        str(reference),
+        "--motion-source",
+        "files",
+        "--kmeans-init",
+        "2",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_a_failing_clip_is_reported_and_the_others_are_scored(reference, tmp_path):
@@ -74,17 +84,34 @@ def test_a_faceless_clip_fails_alone_on_the_landmark_route(tmp_path):
     import skimage.data
 
     image = skimage.data.astronaut()
-    faces = np.stack([cv2.resize(image[10 + dy : 266 + dy, 95:351], (160, 160), interpolation=cv2.INTER_AREA)
-                      for dy in (0, 3, 6, 3, 0, -3, -6, -3, 0, 3, 6, 3, 0, -3, -6, -3)])  # fmt: skip
+    faces = np.stack(
+        [
+            cv2.resize(image[10 + dy : 266 + dy, 95:351], (160, 160), interpolation=cv2.INTER_AREA)
+            for dy in (0, 3, 6, 3, 0, -3, -6, -3, 0, 3, 6, 3, 0, -3, -6, -3)
+        ]
+    )
     for sub in ("reference", "generated"):
         (tmp_path / sub).mkdir()
         video.write_video(str(tmp_path / sub / "face.mp4"), faces)
     video.write_video(str(tmp_path / "reference" / "blank.mp4"), faces)
     video.write_video(str(tmp_path / "generated" / "blank.mp4"), np.full_like(faces, 128))
-    report = cli.evaluate(cli.parse_args([
-        "--generated", str(tmp_path / "generated"), "--reference", str(tmp_path / "reference"), "--kmeans-init", "2",
-        "--expression-components", "4", "--quiet", "--out", "",
-    ]))  # fmt: skip
+    report = cli.evaluate(
+        cli.parse_args(
+            [
+                "--generated",
+                str(tmp_path / "generated"),
+                "--reference",
+                str(tmp_path / "reference"),
+                "--kmeans-init",
+                "2",
+                "--expression-components",
+                "4",
+                "--quiet",
+                "--out",
+                "",
+            ]
+        )
+    )
     assert set(report["clips"]) == {"face"} and set(report["failed"]) == {"blank"}
     assert "clip 'blank' (generated)" in report["failed"]["blank"] and "face" in report["failed"]["blank"]
     assert "- blank: " in report["markdown"]

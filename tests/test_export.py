@@ -100,9 +100,12 @@ def test_stage2_export_loads_renders_and_computes_what_training_computed(trained
     # A render of one chunk at the model's own resolution.
     pipe.set_progress_bar_config(disable=True)
     frames = pipe(
-        **_render_inputs(data_root), num_frames=9, num_inference_steps=2, output_type="np",
+        **_render_inputs(data_root),
+        num_frames=9,
+        num_inference_steps=2,
+        output_type="np",
         generator=torch.Generator().manual_seed(0),
-    ).frames[0]  # fmt: skip
+    ).frames[0]
     assert frames.shape == (9, 64, 64, 3) and np.isfinite(frames).all() and frames.std() > 0
 
 
@@ -122,7 +125,9 @@ def test_stage1_export_fp16_keeps_the_vae_float32(trained, tmp_path):
         expected = trained["stage1"]["models"].module.transformer.eval()(**inputs).sample
         torch.testing.assert_close(pipe.transformer.eval()(**inputs).sample, expected, rtol=1e-5, atol=1e-5)
 
-    assert main(["--stage-dir", str(trained["base"] / "stage1"), "--out", str(tmp_path / "half"), "--dtype", "fp16"]) == 0
+    assert (
+        main(["--stage-dir", str(trained["base"] / "stage1"), "--out", str(tmp_path / "half"), "--dtype", "fp16"]) == 0
+    )
 
     def dtypes(folder: Path) -> dict[str, torch.dtype]:
         found = {}

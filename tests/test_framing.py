@@ -60,20 +60,20 @@ def _prep_crops(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_raw_photo_gives_the_reference_condition_of_echo_preps_crop(pipe, photo):
-    """The reference the pipeline conditions on (`EchoSession.reference`, what `chunk_condition` encodes) is exactly
+    """The reference the pipeline conditions on (`EchoSession.context.reference`, what `chunk_condition` encodes) is exactly
     echo-prep's crop of the photo, read as training reads its frames (`frames_to_tensor` to the model's size). Exact:
     both run the same detection, box and crop code on the same pixels."""
     size = pipe.settings.resolution
     crop = _prep_crops(photo[None], size)[0]  # S, S, 3
     session = pipe.start_session(reference_image=photo, with_user=False, **MASKS)
     expected = frames_to_tensor(crop[None], (size, size))  # 1, 3, S, S in [-1, 1]
-    torch.testing.assert_close(session.reference.cpu(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(session.context.reference.cpu(), expected, rtol=0, atol=0)
     # ... and not the squashed photo, which it used to be (the face is off-centre: they differ widely)
     squashed = pipe.prepare_reference(photo, size, size)
     assert (squashed - expected).abs().mean() > 0.1
     # Already-framed inputs pass through: the prepared crop itself, with `frame_inputs=False`
     given = pipe.start_session(reference_image=crop, with_user=False, frame_inputs=False, **MASKS)
-    torch.testing.assert_close(given.reference.cpu(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(given.context.reference.cpu(), expected, rtol=0, atol=0)
 
 
 def test_raw_user_video_gives_echo_preps_crops_offline_and_in_pieces(pipe, photo, video):

@@ -1,5 +1,5 @@
 """A fresh machine (Python and make, no espeak-ng, no sox) runs the suite: the synthetic speech the tests and
-`echo-demo --config` say ships as espeak-ng's own recordings (data_prep/speech), the same samples espeak-ng gives."""
+`echo-demo --config` say ships as espeak-ng's own recordings (synthetic/speech), the same samples espeak-ng gives."""
 
 import json
 import os
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import synthetic
-from data_prep.synthetic import (
+from synthetic import conversations as synthetic
+from synthetic.conversations import (
     SENTENCES,
     SPEECH_DIR,
     VOICES,
@@ -146,7 +146,14 @@ def test_a_fresh_machine_runs_the_tiny_prepared_set_test(fresh_path):
     process whose PATH has no espeak-ng and no sox."""
     env = {k: v for k, v in os.environ.items() if k != synthetic.SPEECH_LOG_ENV}
     env["PATH"] = fresh_path
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "tests/test_data_prep.py::test_tiny_prepared_set_for_other_tests"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_data_prep.py::test_tiny_prepared_set_for_other_tests",
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -21,8 +21,12 @@ from memory_table import activation_peak, echo_config  # noqa: E402
 def test_gpu_check_dry_run_prints_a_table_then_every_figure():
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run"],
-        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert "| check | setting | result | peak GiB |" in lines
@@ -43,7 +47,9 @@ def test_activation_peak_counts_live_tensors_and_flash_attention_memory():
     # a view of an input is the input's memory: only the product counts
     assert activation_peak(linear, lambda m, i: i["x"].reshape(100, 64) * 2, {"x": x}) == 100 * 64 * 2
     q = torch.zeros(1, 2, 1000, 32, device="meta", dtype=torch.bfloat16)
-    attention = activation_peak(torch.nn.Identity(), lambda m, i: F.scaled_dot_product_attention(i["q"], i["q"], i["q"]), {"q": q})  # fmt: skip
+    attention = activation_peak(
+        torch.nn.Identity(), lambda m, i: F.scaled_dot_product_attention(i["q"], i["q"], i["q"]), {"q": q}
+    )
     assert attention == 1 * 2 * 1000 * 32 * 2
 
 

@@ -134,8 +134,16 @@ def test_training_step_trains_through_the_reference_clip_tokens(tmp_path):
     )
 
     def loss(models):
-        step = training_step(models, models.module, batch, config, prompt_encoder, step_generator(0, 0, 0),
-                             torch.device("cpu"), torch.float32)  # fmt: skip
+        step = training_step(
+            models,
+            models.module,
+            batch,
+            config,
+            prompt_encoder,
+            step_generator(0, 0, 0),
+            torch.device("cpu"),
+            torch.float32,
+        )
         return step["loss"]
 
     try:

@@ -5,7 +5,6 @@ the same frames (uint8 / [0, 1] float / PIL / [−1, 1] tensor images, int16 / f
 Tiny components (configs/models/tiny.yaml) at 32², 5-frame chunks with 1 motion frame, 1 step.
 """
 
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -197,9 +196,12 @@ PUSH_ARGUMENTS = [
     "argument, value, fragment", PUSH_ARGUMENTS, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(PUSH_ARGUMENTS)]
 )
 def test_push_refuses_bad_values_naming_the_argument_and_changes_nothing(pipe, conversation, argument, value, fragment):
-    session = pipe.start_session(reference_image=conversation["reference_image"],
-                                 reference_landmarks=conversation["reference_landmarks"],
-                                 understanding=conversation["understanding"], **SETTINGS)  # fmt: skip
+    session = pipe.start_session(
+        reference_image=conversation["reference_image"],
+        reference_landmarks=conversation["reference_landmarks"],
+        understanding=conversation["understanding"],
+        **SETTINGS,
+    )
     piece = {"avatar_audio": conversation["avatar_audio"][:640]}
     if argument != "user_video":
         piece.update(user_video=conversation["user_video"][:1], user_landmarks=conversation["user_landmarks"][:1])
@@ -211,9 +213,12 @@ def test_push_refuses_bad_values_naming_the_argument_and_changes_nothing(pipe, c
 
 
 def test_session_stream_rate_is_fixed_by_its_first_piece(pipe, conversation):
-    session = pipe.start_session(reference_image=conversation["reference_image"],
-                                 reference_landmarks=conversation["reference_landmarks"], with_user=False,
-                                 **SETTINGS)  # fmt: skip
+    session = pipe.start_session(
+        reference_image=conversation["reference_image"],
+        reference_landmarks=conversation["reference_landmarks"],
+        with_user=False,
+        **SETTINGS,
+    )
     session.push(avatar_audio=_speech(44_100, 0.1), sampling_rate=44_100)
     with pytest.raises(ValueError, match="`avatar_audio` piece at `sampling_rate` = 16000 Hz after pieces at 44100"):
         session.push(avatar_audio=_speech(16_000, 0.1))
@@ -224,15 +229,22 @@ def test_session_stream_rate_is_fixed_by_its_first_piece(pipe, conversation):
 def test_a_refused_close_changes_nothing(pipe, conversation):
     """`close()` refused (no user frame yet) leaves the session as it was: 16 kHz audio may still follow, and the
     length is the audio's at the close that succeeds."""
-    session = pipe.start_session(reference_image=conversation["reference_image"],
-                                 reference_landmarks=conversation["reference_landmarks"],
-                                 understanding=conversation["understanding"], **SETTINGS)  # fmt: skip
+    session = pipe.start_session(
+        reference_image=conversation["reference_image"],
+        reference_landmarks=conversation["reference_landmarks"],
+        understanding=conversation["understanding"],
+        **SETTINGS,
+    )
     session.push(avatar_audio=conversation["avatar_audio"][:3200])  # 5 frames
     with pytest.raises(ValueError, match="user_video"):
         session.close()
     assert not session.closed and session.num_frames is None
-    session.push(avatar_audio=conversation["avatar_audio"][3200:], user_audio=conversation["user_audio"],
-                 user_video=conversation["user_video"], user_landmarks=conversation["user_landmarks"])  # fmt: skip
+    session.push(
+        avatar_audio=conversation["avatar_audio"][3200:],
+        user_audio=conversation["user_audio"],
+        user_video=conversation["user_video"],
+        user_landmarks=conversation["user_landmarks"],
+    )
     session.close()
     assert session.closed and session.num_frames == 9
 
@@ -260,8 +272,13 @@ def test_image_forms_convert_to_the_same_uint8():
         np.testing.assert_array_equal(accepted.to_uint8_image(form), image, err_msg=name)
     # a video: each frame by the same rule
     video = np.stack([image, 255 - image])
-    for form in (video, video / 255.0, list(video), [PIL.Image.fromarray(f) for f in video],
-                 torch.from_numpy(video).permute(0, 3, 1, 2).float() / 127.5 - 1):  # fmt: skip
+    for form in (
+        video,
+        video / 255.0,
+        list(video),
+        [PIL.Image.fromarray(f) for f in video],
+        torch.from_numpy(video).permute(0, 3, 1, 2).float() / 127.5 - 1,
+    ):
         np.testing.assert_array_equal(accepted.to_uint8_video(form), video)
 
 
@@ -300,8 +317,9 @@ def test_user_video_forms_and_int16_audio_give_the_same_frames(pipe, conversatio
     torch.testing.assert_close(
         _render(pipe, conversation, avatar_audio=pcm),
         _render(pipe, conversation, avatar_audio=pcm.astype(np.float32) / 32768),
-        atol=0, rtol=0,
-    )  # fmt: skip
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_audio_at_44_1_khz_is_resampled_to_the_same_length_and_features(pipe, conversation):
@@ -327,9 +345,13 @@ def test_a_session_resamples_pieces_exactly_as_the_whole(pipe, conversation):
     """A session fed 44.1 kHz audio in pieces of 441 samples holds exactly the 16 kHz samples of the whole resampled
     at once (the resampler's state runs across pieces; its tail comes at `close`), so its length is the same."""
     audio = _speech(44_100, 0.68)
-    session = pipe.start_session(reference_image=conversation["reference_image"],
-                                 reference_landmarks=conversation["reference_landmarks"], with_user=False,
-                                 sampling_rate=44_100, **SETTINGS)  # fmt: skip
+    session = pipe.start_session(
+        reference_image=conversation["reference_image"],
+        reference_landmarks=conversation["reference_landmarks"],
+        with_user=False,
+        sampling_rate=44_100,
+        **SETTINGS,
+    )
     for first in range(0, len(audio), 441):
         session.push(avatar_audio=audio[first : first + 441])
     session.close()

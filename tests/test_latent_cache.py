@@ -11,7 +11,7 @@ import torch
 
 from echo.data import ConversationDataset, collate_conversations
 from echo.encoding import encode_latents
-from training import latent_cache as latent_cache_module
+from training import fill_latent_cache
 from training.latent_cache import WindowLatentCache, build, vae_fingerprint, windows
 
 ROOT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny_stage1.yaml")
@@ -29,7 +29,9 @@ def _vae(seed: int = 0):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])  # fmt: skip
+    vae = AutoencoderKLWan(
+        base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     return vae.eval().requires_grad_(False)
 
 
@@ -109,10 +111,16 @@ def test_the_vae_key_is_the_same_in_every_process():
     )
     root = Path(__file__).resolve().parents[1]
     keys = {
-        subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-                       env=dict(os.environ, PYTHONHASHSEED=str(seed), OMP_NUM_THREADS="1")).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, PYTHONHASHSEED=str(seed), OMP_NUM_THREADS="1"),
+        ).stdout.strip()
         for seed in (1, 2, 3)
-    }  # fmt: skip
+    }
     assert len(keys) == 1 and len(next(iter(keys))) == 16, keys
 
 
@@ -137,7 +145,9 @@ def test_a_killed_build_resumes_without_reencoding_finished_windows(data_root, t
     stamps = {p: p.stat().st_mtime_ns for p in files}
 
     counted = []
-    monkeypatch.setattr("echo.encoding.encode_latents", lambda vae_, video: counted.append(1) or real_encode(vae_, video))
+    monkeypatch.setattr(
+        "echo.encoding.encode_latents", lambda vae_, video: counted.append(1) or real_encode(vae_, video)
+    )
     # Resumed by two ranks: each takes its own windows, none of them encodes a finished one.
     results = [build(cache, dataset, vae, rank=r, world_size=2) for r in (0, 1)]
     assert sum(r["encoded"] for r in results) == len(counted) == 2
@@ -157,10 +167,16 @@ def test_training_step_gives_the_same_loss_with_the_cache(data_root, tmp_path):
     from training.train import build_data
 
     overrides = [
-        f"data.root={data_root}", f"output_dir={tmp_path / 'run'}", "data.use_cached_latents=true",
-        f"data.latent_cache_dir={tmp_path / 'cache'}", "data.window_stride=4", "loss.motion_prob=1.0",
-        "loss.motion_latent_frames=2", "loss.motion_blur=2.0", "loss.motion_noise=0.3",
-    ]  # fmt: skip
+        f"data.root={data_root}",
+        f"output_dir={tmp_path / 'run'}",
+        "data.use_cached_latents=true",
+        f"data.latent_cache_dir={tmp_path / 'cache'}",
+        "data.window_stride=4",
+        "loss.motion_prob=1.0",
+        "loss.motion_latent_frames=2",
+        "loss.motion_blur=2.0",
+        "loss.motion_noise=0.3",
+    ]
     config = load_config(ROOT_CONFIG, overrides)
     torch.manual_seed(0)
     models = build_training_models(config)
@@ -174,9 +190,16 @@ def test_training_step_gives_the_same_loss_with_the_cache(data_root, tmp_path):
     def loss(batch):
         with torch.no_grad():
             terms = training_step(
-                models, models.module, batch, config, prompt_encoder, step_generator(0, 0, 3), torch.device("cpu"), torch.float32,
+                models,
+                models.module,
+                batch,
+                config,
+                prompt_encoder,
+                step_generator(0, 0, 3),
+                torch.device("cpu"),
+                torch.float32,
                 latent_cache=cache,
-            )  # fmt: skip
+            )
         return terms["loss"]
 
     item = dataset[1]
@@ -198,6 +221,6 @@ def test_training_step_gives_the_same_loss_with_the_cache(data_root, tmp_path):
 
 
 def test_the_build_command_refuses_a_config_without_the_cache():
-    """`python -m training.latent_cache` refuses a config whose training would not read the cache."""
+    """`python -m training.fill_latent_cache` refuses a config whose training would not read the cache."""
     with pytest.raises(ValueError, match="does not set data.use_cached_latents"):
-        latent_cache_module.main(["--config", ROOT_CONFIG])
+        fill_latent_cache.main(["--config", ROOT_CONFIG])

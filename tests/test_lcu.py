@@ -211,11 +211,18 @@ def test_vision_mamba_mixes_space_within_a_frame_and_time_causally(lcu64):
     [
         (dict(), (), ("user_audio", "user_video", "user_face_mask", "understanding")),
         (dict(use_visual=False), ("video_", "vision_"), ("user_audio", "understanding")),
-        (dict(use_understanding=False), ("f_align", "cross_attn", "alpha"), ("user_audio", "user_video", "user_face_mask")),
-        (dict(use_visual=False, use_understanding=False), ("video_", "vision_", "f_align", "cross_attn", "alpha"),
-         ("user_audio",)),
+        (
+            dict(use_understanding=False),
+            ("f_align", "cross_attn", "alpha"),
+            ("user_audio", "user_video", "user_face_mask"),
+        ),
+        (
+            dict(use_visual=False, use_understanding=False),
+            ("video_", "vision_", "f_align", "cross_attn", "alpha"),
+            ("user_audio",),
+        ),
     ],
-)  # fmt: skip
+)
 def test_switches_remove_modules_and_inputs(switches, absent, required):
     torch.manual_seed(0)
     lcu = LongRangeContextEncoder(**TINY, **switches).eval()
@@ -342,7 +349,6 @@ def test_incremental_chunks_equal_the_full_history_forward_exactly(dtype, motion
     assert (lcu(clip_frames=stop - start, **window).context - incremental[-1][0]).abs().max() > 1e-3
 
 
-
 @torch.no_grad()
 def test_the_shipped_schedule_carries_the_whole_history_exactly_over_40_chunks():
     """The shipped 1.3B description's settings (configs/models/wan2.1-t2v-1.3b.yaml: 33-frame chunks, one motion
@@ -378,6 +384,7 @@ def test_the_shipped_schedule_carries_the_whole_history_exactly_over_40_chunks()
     start, stop = chunks[-1]
     late = slice_frames(inputs, slice(chunks[30][0], stop))
     assert (lcu(clip_frames=stop - start, **late).context - incremental[-1][0]).abs().max() > 1e-4
+
 
 @torch.no_grad()
 def test_incremental_call_reads_no_frame_before_the_state_end():

@@ -15,21 +15,38 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from echo.components import load_components, load_model_config
-from echo.transformer_echo import _ECHO_ONLY_KEYS, EchoTransformer3DModel
+from echo.transformer_echo import ECHO_ONLY_KEYS, EchoTransformer3DModel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "models" / "tiny.yaml"
 
 WAN_TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, text_dim=32,
-    freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
-)  # fmt: skip
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    rope_max_seq_len=32,
+)
 ECHO_TINY = dict(audio_dim=24, audio_num_layers=3, audio_window=5, context_dim=20)
 
 # A mid-size Wan (19.4 M parameters, 74 MB in float32) and its Echo model (~30 M parameters): large enough for the
 # memory of the weights to dominate the process's allocator noise, small enough to load in a few seconds.
-WAN_MID = dict(WAN_TINY, num_attention_heads=4, attention_head_dim=128, text_dim=512, freq_dim=256, ffn_dim=2048,
-               num_layers=4, rope_max_seq_len=1024)  # fmt: skip
+WAN_MID = dict(
+    WAN_TINY,
+    num_attention_heads=4,
+    attention_head_dim=128,
+    text_dim=512,
+    freq_dim=256,
+    ffn_dim=2048,
+    num_layers=4,
+    rope_max_seq_len=1024,
+)
 ECHO_MID = dict(audio_dim=768, audio_num_layers=13, audio_window=5, context_dim=512)
 
 
@@ -102,12 +119,17 @@ def test_loading_a_float32_wan_folder_in_bfloat16_peaks_at_most_1_3x_the_model(w
     torch.manual_seed(0)
     WanTransformer3DModel(**WAN_MID).save_pretrained(tmp_path / "wan_mid")
     for how in ("from_wan", "load_components"):
-        args = dict(how=how, mid=str(tmp_path / "wan_mid"), tiny=str(wan_tiny_folder), echo_mid=ECHO_MID,
-                    echo_tiny=ECHO_TINY)  # fmt: skip
+        args = dict(
+            how=how, mid=str(tmp_path / "wan_mid"), tiny=str(wan_tiny_folder), echo_mid=ECHO_MID, echo_tiny=ECHO_TINY
+        )
         run = subprocess.run(
-            [sys.executable, "-c", _MEASURE, json.dumps(args)], capture_output=True, text=True, cwd=ROOT,
-            env=dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072"), timeout=300,
-        )  # fmt: skip
+            [sys.executable, "-c", _MEASURE, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072"),
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads(run.stdout.strip().splitlines()[-1])
         ratio = result["peak_over_before"] / result["model_bytes"]
@@ -140,9 +162,9 @@ def test_added_modules_start_as_the_constructor_makes_them(wan_tiny_folder):
     echo = EchoTransformer3DModel.from_wan(wan_tiny_folder, **ECHO_TINY)
     torch.manual_seed(1)
     reference = EchoTransformer3DModel(**dict(WAN_TINY, in_channels=52), **ECHO_TINY)
-    added = {k: v for k, v in reference.state_dict().items() if _ECHO_ONLY_KEYS.match(k)}
+    added = {k: v for k, v in reference.state_dict().items() if ECHO_ONLY_KEYS.match(k)}
     own = echo.state_dict()
-    assert added and {k for k in own if _ECHO_ONLY_KEYS.match(k)} == set(added)
+    assert added and {k for k in own if ECHO_ONLY_KEYS.match(k)} == set(added)
     for key, expected in added.items():
         actual = own[key]
         assert actual.shape == expected.shape and actual.dtype == expected.dtype, key
@@ -162,7 +184,7 @@ def test_sharded_folder_and_module_give_the_same_model(wan_tiny_folder, tmp_path
     from_folder = EchoTransformer3DModel.from_wan(tmp_path / "sharded", **ECHO_TINY).state_dict()
     from_module = EchoTransformer3DModel.from_wan(wan, **ECHO_TINY).state_dict()
     assert from_folder.keys() == from_module.keys()
-    assert all(torch.equal(from_folder[k], from_module[k]) for k in from_folder if not _ECHO_ONLY_KEYS.match(k))
+    assert all(torch.equal(from_folder[k], from_module[k]) for k in from_folder if not ECHO_ONLY_KEYS.match(k))
     # A module is copied: the Echo model does not share (and a later in-place update does not reach) Wan's weights.
     echo = EchoTransformer3DModel.from_wan(wan, **ECHO_TINY)
     assert echo.blocks[0].attn1.to_q.weight.data_ptr() != wan.blocks[0].attn1.to_q.weight.data_ptr()
@@ -196,15 +218,17 @@ def test_load_components_dtype_per_section_with_caller_override():
 
     everything = load_components(description, torch_dtype=torch.float32, only=sections)
     assert {everything[s].dtype for s in sections} == {torch.float32}
-    mixed = load_components(description, torch_dtype={"transformer": torch.float32, "default": torch.float16},
-                            only=sections)  # fmt: skip
+    mixed = load_components(
+        description, torch_dtype={"transformer": torch.float32, "default": torch.float16}, only=sections
+    )
     assert mixed["transformer"].dtype == torch.float32 and mixed["vae"].dtype == torch.float16
 
     with pytest.raises(ValueError, match=r"section 'vae' torch_dtype is 'float8'; expected one of"):
         load_components(dict(description, vae=dict(description["vae"], torch_dtype="float8")), only=["vae"])
     with pytest.raises(ValueError, match=r"section 'scheduler' sets 'torch_dtype' but a scheduler has no weights"):
-        load_components(dict(description, scheduler=dict(description["scheduler"], torch_dtype="float32")),
-                        only=["scheduler"])  # fmt: skip
+        load_components(
+            dict(description, scheduler=dict(description["scheduler"], torch_dtype="float32")), only=["scheduler"]
+        )
 
 
 def test_load_components_from_wan_is_seeded(wan_tiny_folder):

@@ -24,7 +24,9 @@ def tiny_vae():
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     return vae.eval().requires_grad_(False)
 
 
@@ -71,7 +73,7 @@ def speech_with_silence(tmp_path_factory):
     """Real speech from espeak-ng framed by one second of silence on each side, as (waveform, speech_mask)."""
     from scipy.signal import resample_poly
 
-    from data_prep.synthetic import speech_pcm
+    from synthetic.conversations import speech_pcm
 
     wave, rate = speech_pcm("Hello there, how are you doing today?", voice="en", speed=175)
     wave = wave.astype(np.float32) / 32768.0

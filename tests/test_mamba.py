@@ -232,8 +232,9 @@ def test_step_in_float32_stays_within_1e5_of_the_full_scan(piece):
     torch.testing.assert_close(outputs, full, atol=1e-5, rtol=1e-5)
 
 
-def _reference_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                                 return_last_state=False):  # fmt: skip
+def _reference_selective_scan_fn(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
     """mamba-ssm's ``selective_scan_fn`` signature and layouts (`(batch, d_inner, length)`, B/C `(batch, d_state,
     length)`), computed by a sequential float32 recurrence from a zero state: the kernel path's glue runs on CPU."""
     delta = delta.float() + (0 if delta_bias is None else delta_bias.float()[:, None])
@@ -273,8 +274,10 @@ def test_kernel_path_step_continues_from_the_state(piece, monkeypatch):
 def test_step_rejects_a_state_of_another_shape(block):
     _, state = block.step(torch.randn(2, 3, 16, dtype=torch.float64), None)
     with pytest.raises(ValueError, match="state.ssm_state"):
-        block.step(torch.randn(3, 2, 16, dtype=torch.float64), MambaState(state.conv_state[:1].expand(3, -1, -1),
-                                                                          state.ssm_state))  # fmt: skip
+        block.step(
+            torch.randn(3, 2, 16, dtype=torch.float64),
+            MambaState(state.conv_state[:1].expand(3, -1, -1), state.ssm_state),
+        )
     with pytest.raises(ValueError, match="hidden_states"):
         block.step(torch.randn(2, 0, 16, dtype=torch.float64), state)
 

@@ -22,7 +22,6 @@ NAMES = ("clip_a", "clip_b")
 T = 10
 
 
-
 def _write_clip(folder, name, rng, num_frames=T, motion_offset=0.0):
     base = rng.uniform(0, 1, size=(8, 8, 3))
     frames = np.stack([np.kron(np.roll(base, t, 0), np.ones((6, 6, 1))) for t in range(num_frames)])
@@ -51,8 +50,21 @@ def data(tmp_path_factory):
 
 
 def _args(root, generated="copy", **extra):
-    argv = ["--generated", str(root / generated), "--reference", str(root / "reference"), "--motion-source", "files",
-            "--fvd-clip-length", "4", "--frame-stride", "2", "--kmeans-init", "2", "--quiet"]  # fmt: skip
+    argv = [
+        "--generated",
+        str(root / generated),
+        "--reference",
+        str(root / "reference"),
+        "--motion-source",
+        "files",
+        "--fvd-clip-length",
+        "4",
+        "--frame-stride",
+        "2",
+        "--kmeans-init",
+        "2",
+        "--quiet",
+    ]
     for key, value in extra.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
@@ -95,15 +107,20 @@ def test_worse_motion_scores_worse(data, tmp_path):
     for name in NAMES:
         shutil.copy(data / "reference" / f"{name}.mp4", tmp_path / "gen")
         # static motion: no diversity, no variance, no correlation with the user
-        np.savez(tmp_path / "gen" / f"{name}.npz", expcode=np.zeros((T, 50)) + rng.normal(size=50),
-                 posecode=np.zeros((T, 6)))  # fmt: skip
+        np.savez(
+            tmp_path / "gen" / f"{name}.npz", expcode=np.zeros((T, 50)) + rng.normal(size=50), posecode=np.zeros((T, 6))
+        )
     report = cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "gen", user=data / "user", out="")))
     agg = report["aggregate"]
     assert agg["var_expression"] == 0.0 < agg["var_expression_ground_truth"]
     assert agg["sid_expression"] < agg["sid_expression_ground_truth"]
     assert agg["rpcc_expression"] > 0 and agg["mse_expression"] > 0
-    reference = {n: motion.pcc(np.load(data / "reference" / f"{n}.npz")["expcode"],
-                               np.load(data / "user" / f"{n}.npz")["expcode"]) for n in NAMES}  # fmt: skip
+    reference = {
+        n: motion.pcc(
+            np.load(data / "reference" / f"{n}.npz")["expcode"], np.load(data / "user" / f"{n}.npz")["expcode"]
+        )
+        for n in NAMES
+    }
     # a constant avatar has PCC 0 with the user, so rPCC = |PCC(gt, user)|
     assert agg["rpcc_expression"] == pytest.approx(np.mean([abs(v) for v in reference.values()]))
 
@@ -119,8 +136,11 @@ def test_altered_videos_score_worse_and_match_the_direct_metrics(data, tmp_path)
     for name in NAMES:
         frames, _ = video.read_video(str(data / "reference" / f"{name}.mp4"))
         altered = np.clip(frames.astype(int) + 50, 0, 255).astype(np.uint8)[:, :, ::-1]
-        video.write_video(str(tmp_path / "gen" / f"{name}.mp4"), altered, audio=video.read_audio(
-            str(data / "reference" / f"{name}.mp4")))  # fmt: skip
+        video.write_video(
+            str(tmp_path / "gen" / f"{name}.mp4"),
+            altered,
+            audio=video.read_audio(str(data / "reference" / f"{name}.mp4")),
+        )
         shutil.copy(data / "reference" / f"{name}.npz", tmp_path / "gen")
         decoded[name] = (video.read_video(str(tmp_path / "gen" / f"{name}.mp4"))[0], frames)
     report = cli.evaluate(cli.parse_args(_args(data, generated=tmp_path / "gen", weights=data / "weights", out="")))
@@ -201,8 +221,19 @@ def test_mediapipe_route_end_to_end(tmp_path):
     for sub, shifts in (("reference", moving), ("user", moving[::-1]), ("still", still)):
         os.makedirs(tmp_path / sub)
         video.write_video(str(tmp_path / sub / "clip.mp4"), _astronaut_clip(shifts))
-    argv = ["--reference", str(tmp_path / "reference"), "--user", str(tmp_path / "user"), "--kmeans-init", "2",
-            "--expression-components", "8", "--quiet", "--out", ""]  # fmt: skip
+    argv = [
+        "--reference",
+        str(tmp_path / "reference"),
+        "--user",
+        str(tmp_path / "user"),
+        "--kmeans-init",
+        "2",
+        "--expression-components",
+        "8",
+        "--quiet",
+        "--out",
+        "",
+    ]
     copy = cli.evaluate(cli.parse_args(["--generated", str(tmp_path / "reference"), *argv]))
     assert copy["table"]["rPCC"] == pytest.approx(0.0, abs=1e-12)
     assert copy["aggregate"]["mse_pose"] == 0.0 and copy["aggregate"]["mse_expression"] == 0.0

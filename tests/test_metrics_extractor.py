@@ -77,8 +77,18 @@ def synthetic_yaw_video():
     src = landmarks[::4]
     centre = src.mean(0)
     size = image.shape[0]
-    border = np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1], [size / 2, 0], [size / 2, size - 1],
-                       [0, size / 2], [size - 1, size / 2]])  # fmt: skip
+    border = np.array(
+        [
+            [0, 0],
+            [size - 1, 0],
+            [0, size - 1],
+            [size - 1, size - 1],
+            [size / 2, 0],
+            [size / 2, size - 1],
+            [0, size / 2],
+            [size - 1, size / 2],
+        ]
+    )
     gy, gx = np.mgrid[0:size, 0:size]
     grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float64)
     yaws = 20.0 * np.sin(np.linspace(0, 2 * np.pi, 24)) + 5.0 * np.sin(np.linspace(0, 6 * np.pi, 24))
@@ -88,7 +98,9 @@ def synthetic_yaw_video():
         # output pixel → input pixel, interpolated over the triangulated moved landmarks
         mapping = LinearNDInterpolator(np.vstack([dst[:, :2], border]), np.vstack([src[:, :2], border]))(grid)
         mapping = mapping.astype(np.float32).reshape(size, size, 2)
-        frames.append(cv2.remap(image, mapping[..., 0], mapping[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+        frames.append(
+            cv2.remap(image, mapping[..., 0], mapping[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        )
     return np.stack(frames), yaws
 
 

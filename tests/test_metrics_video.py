@@ -18,7 +18,6 @@ TINY = {
 }
 
 
-
 def _randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
     """Random BN statistics so that a loaded model differs from a freshly built one."""
     g = torch.Generator().manual_seed(seed)
@@ -103,8 +102,10 @@ def test_fid_identical_is_zero_and_shift_is_larger(weights_dir, clips):
     real, shifted = clips
     same = video.fid(models["inception"], real, real)
     assert abs(same) < 1e-6
-    feats = {k: np.concatenate([video.image_features(models["inception"], c) for c in v]) for k, v in
-             (("real", real), ("shifted", shifted))}  # fmt: skip
+    feats = {
+        k: np.concatenate([video.image_features(models["inception"], c) for c in v])
+        for k, v in (("real", real), ("shifted", shifted))
+    }
     # the order of frames does not matter (frames are one pooled set)
     assert abs(video.frechet_feature_distance(feats["real"][::-1], feats["real"])) < 1e-6
     shifted_fid = video.fid(models["inception"], shifted, real)
@@ -120,8 +121,10 @@ def test_fvd_identical_is_zero_and_shift_is_larger(weights_dir, clips):
     _, models = weights_dir
     real, shifted = clips
     assert abs(video.fvd(models["i3d"], real, real, clip_length=4)) < 1e-6
-    feats = {k: np.concatenate([video.video_features(models["i3d"], c, clip_length=4) for c in v]) for k, v in
-             (("real", real), ("shifted", shifted))}  # fmt: skip
+    feats = {
+        k: np.concatenate([video.video_features(models["i3d"], c, clip_length=4) for c in v])
+        for k, v in (("real", real), ("shifted", shifted))
+    }
     assert len(feats["real"]) == 2 * len(real)  # non-overlapping 4-frame windows of 8-frame clips
     shifted_fvd = video.fvd(models["i3d"], shifted, real, clip_length=4)
     assert shifted_fvd > 1e-3

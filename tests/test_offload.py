@@ -85,7 +85,11 @@ def test_group_offload_renders_the_same_frames(expected, offload_type):
     cpu = torch.device("cpu")
     options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
     pipe.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=offload_type, **options)
-    hooked = {name for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)
-              and any(hasattr(module, "_diffusers_hook") for module in component.modules())}  # fmt: skip
+    hooked = {
+        name
+        for name, component in pipe.components.items()
+        if isinstance(component, torch.nn.Module)
+        and any(hasattr(module, "_diffusers_hook") for module in component.modules())
+    }
     assert hooked == {name for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
     torch.testing.assert_close(render(pipe), expected, rtol=0, atol=0)

@@ -34,10 +34,24 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE2 = ROOT / "configs" / "train" / "tiny_stage2.yaml"
 CHUNKS = [(0, 9), (8, 17)]  # chunk_schedule(17, 9, 1)
 
-GENERATOR_INPUTS = ("encoder_hidden_states", "condition", "audio_embeds", "lip_mask", "face_mask", "context_embeds",
-                    "context_mask")  # fmt: skip
-LCU_INPUTS = ("user_audio", "clip_frames", "user_audio_mask", "user_video", "user_face_mask", "understanding",
-              "understanding_mask")  # fmt: skip
+GENERATOR_INPUTS = (
+    "encoder_hidden_states",
+    "condition",
+    "audio_embeds",
+    "lip_mask",
+    "face_mask",
+    "context_embeds",
+    "context_mask",
+)
+LCU_INPUTS = (
+    "user_audio",
+    "clip_frames",
+    "user_audio_mask",
+    "user_video",
+    "user_face_mask",
+    "understanding",
+    "understanding_mask",
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +187,16 @@ def _training_inputs(components, data_root, item, *overrides):
     prompt_encoder = PromptEncoder(components["text_encoder"], components["tokenizer"], config.data.max_sequence_length)
     batch = collate_conversations([item])
     with Capture(components["transformer"], components["context_encoder"]) as capture:
-        training_step(models, models.module, batch, config, prompt_encoder, step_generator(0, 0, 0), torch.device("cpu"),
-                      torch.float32)  # fmt: skip
+        training_step(
+            models,
+            models.module,
+            batch,
+            config,
+            prompt_encoder,
+            step_generator(0, 0, 0),
+            torch.device("cpu"),
+            torch.float32,
+        )
     (generator_inputs,), (lcu_inputs,) = [c[1] for c in capture.generator], [c[1] for c in capture.lcu]
     return generator_inputs, lcu_inputs
 
@@ -250,8 +272,16 @@ def test_f_ref_sees_the_condition_dropout_of_the_adapted_model(components, data_
     handle = ref_transformer.register_forward_hook(capture, with_kwargs=True)
     try:
         batch = collate_conversations([items[0]])
-        training_step(models, models.module, batch, config, prompt_encoder, step_generator(0, 0, 0), torch.device("cpu"),
-                      torch.float32)  # fmt: skip
+        training_step(
+            models,
+            models.module,
+            batch,
+            config,
+            prompt_encoder,
+            step_generator(0, 0, 0),
+            torch.device("cpu"),
+            torch.float32,
+        )
     finally:
         handle.remove()
     ((args, kwargs, features),) = calls
@@ -280,13 +310,22 @@ def test_f_ref_sees_the_stage1_inputs_the_empty_prompt(components, data_root, wi
     prompt_encoder = PromptEncoder(components["text_encoder"], components["tokenizer"], config.data.max_sequence_length)
     texts = []
     handles = [
-        module.register_forward_pre_hook(lambda m, args, kwargs, name=name: texts.append((name, args[2].clone())),
-                                         with_kwargs=True)  # fmt: skip
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: texts.append((name, args[2].clone())), with_kwargs=True
+        )
         for name, module in (("f_ref", ref_transformer), ("generator", components["transformer"]))
     ]
     try:
-        training_step(models, models.module, collate_conversations([item]), config, prompt_encoder,
-                      step_generator(0, 0, 0), torch.device("cpu"), torch.float32)  # fmt: skip
+        training_step(
+            models,
+            models.module,
+            collate_conversations([item]),
+            config,
+            prompt_encoder,
+            step_generator(0, 0, 0),
+            torch.device("cpu"),
+            torch.float32,
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -325,10 +364,19 @@ def test_parity_avatar_audio_windows_read_across_clip_boundaries(components, tmp
 
     pipe = EchoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    session = pipe.start_session(reference_image=item["reference"], lip_mask=item["lip_mask"],
-                                 face_mask=item["face_mask"], with_user=False, num_frames=80, height=64, width=64,
-                                 num_frames_per_chunk=9, motion_frames=1, num_inference_steps=1,
-                                 frame_inputs=False)  # fmt: skip
+    session = pipe.start_session(
+        reference_image=item["reference"],
+        lip_mask=item["lip_mask"],
+        face_mask=item["face_mask"],
+        with_user=False,
+        num_frames=80,
+        height=64,
+        width=64,
+        num_frames_per_chunk=9,
+        motion_frames=1,
+        num_inference_steps=1,
+        frame_inputs=False,
+    )
     session.push(avatar_audio_features=rows)
     with Capture(pipe.transformer, pipe.context_encoder, lambda: pipe.current_chunk) as capture:
         assert [session.pull().index, session.pull().index] == [0, 1]
@@ -380,8 +428,10 @@ def test_parity_understanding_and_emotion_are_reasoned_at_the_same_frames(compon
     shutil.copytree(sorted(p.parent for p in Path(data_root).glob("*/meta.json"))[0], clip)
     for name in (clip_format.USER_OMNI, clip_format.EMOTION):
         (clip / name).unlink()
-    dialogue = [{"speaker": "user", "start": 0.1, "end": 0.3, "text": "hello there"},
-                {"speaker": "avatar", "start": 0.4, "end": 0.6, "text": "great to see you"}]  # fmt: skip
+    dialogue = [
+        {"speaker": "user", "start": 0.1, "end": 0.3, "text": "hello there"},
+        {"speaker": "avatar", "start": 0.4, "end": 0.6, "text": "great to see you"},
+    ]
     clip_format.write_transcript(clip, {"segments": dialogue})  # the clip starts the conversation: same clock
     cache_omni(clip, StandInUnderstanding(), stride=6)  # reasoning frames 5, 11
     cache_emotion(clip, StandInReasoner(), stride=7)  # reasoning frames 6, 13
@@ -389,8 +439,16 @@ def test_parity_understanding_and_emotion_are_reasoned_at_the_same_frames(compon
     assert [w["end_frame"] for w in clip_format.read_emotion_windows(clip)] == [6, 13]
 
     # 1. The training windows that are the chunks [0, 5), [4, 9), [8, 13), [12, 17)
-    dataset = ConversationDataset(clip, num_frames=5, resolution=64, use_user_video=True, user_video_size=32,
-                                  use_understanding=True, window_stride=4, default_emotion="a neutral face")  # fmt: skip
+    dataset = ConversationDataset(
+        clip,
+        num_frames=5,
+        resolution=64,
+        use_user_video=True,
+        user_video_size=32,
+        use_understanding=True,
+        window_stride=4,
+        default_emotion="a neutral face",
+    )
     assert dataset.reasoning_strides == {"understanding_stride": 6, "emotion_stride": 7}
     items = {}
     for epoch in range(200):
@@ -452,8 +510,10 @@ def test_parity_understanding_and_emotion_are_reasoned_at_the_same_frames(compon
     assert [items[s]["understanding"].shape[0] for s in (0, 4, 8, 12)] == [0, 1 + 6 % 3, 1 + 12 % 3, 1 + 12 % 3]
     assert [items[s]["understanding"][0, 0] > 0 for s in (4, 8)] == [True, True]
     assert [items[s]["emotion_text"] for s in (0, 4, 8, 12)] == [
-        "a neutral face", "at 0.28 s after: hello there", "at 0.28 s after: hello there",
+        "a neutral face",
+        "at 0.28 s after: hello there",
+        "at 0.28 s after: hello there",
         "at 0.56 s after: hello there great to see you",
-    ]  # fmt: skip
+    ]
     # each side reasoned once per reasoning frame, on the history up to it
     assert understanding.seen == [6, 12] and reasoner.seen == [7, 14]

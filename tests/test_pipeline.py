@@ -1,7 +1,6 @@
 """EchoPipeline on tiny components: determinism, chunking with reference + motion-frame conditioning, the guidance
 equation, defaults from the saved settings, save/load round trip, CPU offload."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -230,7 +229,7 @@ def test_guidance_combines_the_three_passes(pipe, inputs, monkeypatch):
         handle.remove()
 
 
-def test_guidance_weights_skip_zero_weight_passes(pipe):
+def test_guidance_weights_skip_zero_weight_passes():
     cases = {
         (3.0, 2.0, True): {"uncond": -2.0, "audio": 1.0, "full": 2.0},
         (1.0, 1.0, True): {"full": 1.0},
@@ -239,8 +238,7 @@ def test_guidance_weights_skip_zero_weight_passes(pipe):
         (3.0, 2.0, False): {"uncond": -2.0, "audio": 3.0},  # no user: full ≡ audio
     }
     for (s_a, s_u, has_user), expected in cases.items():
-        pipe._audio_guidance_scale, pipe._user_guidance_scale = s_a, s_u
-        assert pipe._guidance_weights(has_user) == expected
+        assert EchoPipeline.guidance_weights(s_a, s_u, has_user) == expected
 
 
 def test_save_pretrained_reloads_through_diffusion_pipeline_and_offloads(pipe, inputs, tmp_path):
@@ -326,8 +324,15 @@ def test_continuation_chunk_output_depends_on_the_reference(pipe, inputs, monkey
     try:
         for image in (inputs["reference_image"], 255 - inputs["reference_image"]):
             seen.clear()
-            _run(pipe, inputs, reference_image=image, num_frames=13, num_inference_steps=1, audio_guidance_scale=1.0,
-                 user_guidance_scale=1.0)  # fmt: skip
+            _run(
+                pipe,
+                inputs,
+                reference_image=image,
+                num_frames=13,
+                num_inference_steps=1,
+                audio_guidance_scale=1.0,
+                user_guidance_scale=1.0,
+            )
             outputs.append(seen[1])
     finally:
         handle.remove()
@@ -431,12 +436,25 @@ def test_latent_output_is_each_chunks_latents_before_decoding(pipe, inputs):
     stitched = torch.cat([decoded[0], decoded[1][:, :, MOTION:]], dim=2)[:, :, :13]
     torch.testing.assert_close(frames, ((stitched + 1) / 2).permute(0, 2, 1, 3, 4), atol=1e-6, rtol=0)
 
-    starts = ("reference_image", "reference_landmarks", "understanding", "emotion", "height", "width",
-              "num_frames_per_chunk", "motion_frames", "user_video_size", "frame_inputs")  # fmt: skip
+    starts = (
+        "reference_image",
+        "reference_landmarks",
+        "understanding",
+        "emotion",
+        "height",
+        "width",
+        "num_frames_per_chunk",
+        "motion_frames",
+        "user_video_size",
+        "frame_inputs",
+    )
     session = pipe.start_session(
-        **{k: inputs[k] for k in starts}, generator=torch.Generator().manual_seed(0), num_frames=13,
-        num_inference_steps=1, output_type="latent",
-    )  # fmt: skip
+        **{k: inputs[k] for k in starts},
+        generator=torch.Generator().manual_seed(0),
+        num_frames=13,
+        num_inference_steps=1,
+        output_type="latent",
+    )
     session.push(**{k: v for k, v in inputs.items() if k.startswith(("user_", "avatar_")) and k not in starts})
     session.close()
     torch.testing.assert_close(torch.stack([chunk.frames for chunk in session]), latents, atol=0, rtol=0)
@@ -469,8 +487,11 @@ def test_each_guidance_pass_keeps_its_own_cache_state(pipe, inputs, monkeypatch)
         ran_last_block.clear()
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
         contexts, cache_context = [], pipe.transformer.cache_context
-        monkeypatch.setattr(pipe.transformer, "cache_context", lambda name, **step: contexts.append((name, step))
-                            or cache_context(name, **step))  # fmt: skip
+        monkeypatch.setattr(
+            pipe.transformer,
+            "cache_context",
+            lambda name, **step: contexts.append((name, step)) or cache_context(name, **step),
+        )
         reused = _run(pipe, inputs, **latents)
     finally:
         pipe.transformer.disable_cache()

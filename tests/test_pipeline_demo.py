@@ -23,8 +23,29 @@ def _check(out, capsys, num_frames, size):
 
 def test_demo_light(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--config", str(demo.DEFAULT_CONFIG), "--seconds", "0.68", "--size", "32",
-                      "--source-size", "64", "--steps", "1", "--frames-per-chunk", "9", "--motion-frames", "5"]) == 0  # fmt: skip
+    assert (
+        demo.main(
+            [
+                "--out",
+                str(out),
+                "--config",
+                str(demo.DEFAULT_CONFIG),
+                "--seconds",
+                "0.68",
+                "--size",
+                "32",
+                "--source-size",
+                "64",
+                "--steps",
+                "1",
+                "--frames-per-chunk",
+                "9",
+                "--motion-frames",
+                "5",
+            ]
+        )
+        == 0
+    )
     _check(out, capsys, num_frames=17, size=32)
 
 
@@ -32,8 +53,23 @@ def test_demo_renders_at_the_model_settings_by_default(tmp_path, capsys):
     """Without --size / --frames-per-chunk / --motion-frames the demo renders with the `settings:` of the model
     description (configs/models/tiny.yaml: 64², 9-frame chunks, 1 motion frame), saved with the pipeline."""
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--config", str(demo.DEFAULT_CONFIG), "--seconds", "0.68",
-                      "--source-size", "64", "--steps", "1"]) == 0  # fmt: skip
+    assert (
+        demo.main(
+            [
+                "--out",
+                str(out),
+                "--config",
+                str(demo.DEFAULT_CONFIG),
+                "--seconds",
+                "0.68",
+                "--source-size",
+                "64",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     _check(out, capsys, num_frames=17, size=64)
     saved = json.loads((out / "pipeline" / "model_index.json").read_text())["settings"]
     assert (saved["resolution"], saved["num_frames_per_chunk"], saved["motion_frames"]) == (64, 9, 1)
@@ -50,12 +86,31 @@ def test_demo_renders_a_saved_pipeline_on_an_example_conversation(tmp_path, caps
     example = demo.write_example(clip, tmp_path / "example", seconds=0.5)
     assert {p.name for p in example.iterdir()} >= {*demo.EXAMPLE_FILES, "manifest.jsonl"}
     pipeline = tmp_path / "random"
-    assert demo.main(["--out", str(pipeline), "--config", str(demo.DEFAULT_CONFIG), "--seconds", "0.68",
-                      "--source-size", "64", "--steps", "1"]) == 0  # fmt: skip
+    assert (
+        demo.main(
+            [
+                "--out",
+                str(pipeline),
+                "--config",
+                str(demo.DEFAULT_CONFIG),
+                "--seconds",
+                "0.68",
+                "--source-size",
+                "64",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--pipeline", str(pipeline / "pipeline"), "--example", str(example),
-                      "--steps", "1"]) == 0  # fmt: skip
+    assert (
+        demo.main(
+            ["--out", str(out), "--pipeline", str(pipeline / "pipeline"), "--example", str(example), "--steps", "1"]
+        )
+        == 0
+    )
     assert "weights are random" not in capsys.readouterr().out
     info = probe_mp4(out / "demo.mp4")
     assert info["num_frames"] == 12 and (info["width"], info["height"]) == (2 * 64, 64)
@@ -123,8 +178,13 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
     envelope = frame_rms(audio, num_frames)
     opening = {}
     for name, waveform in (("speech", audio), ("silence", np.zeros_like(audio))):
-        frames = pipe(avatar_audio=waveform, num_inference_steps=4, output_type="np",
-                      generator=torch.Generator().manual_seed(0), **inputs).frames[0]  # fmt: skip
+        frames = pipe(
+            avatar_audio=waveform,
+            num_inference_steps=4,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            **inputs,
+        ).frames[0]
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
         opening[name] = mouth_darkness(frames, reference_landmarks)
     with_speech = pearson(opening["speech"], envelope)

@@ -11,8 +11,8 @@ import pytest
 from data_prep import cli, cluster
 from data_prep.cli import run_prep
 from data_prep.stages import PrepOptions
-from data_prep.synthetic import make_conversation
 from data_prep.testing import save_tiny_wav2vec2
+from synthetic.conversations import make_conversation
 
 SEEDS = (20, 21, 22, 24)  # two in each shard of 2
 
@@ -41,8 +41,9 @@ def ray_cluster():
 
 def _files(root):
     """Every output file but the run summaries (which list what each run wrote), by relative path."""
-    return {p.relative_to(root): p for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.startswith("prep_summary")}  # fmt: skip
+    return {
+        p.relative_to(root): p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith("prep_summary")
+    }
 
 
 def _assert_same_bytes(reference, other):
@@ -142,8 +143,9 @@ class KillOnce:
         except FileExistsError:
             return  # the retry
         out = tmp_dir.parent
-        stamps = {str(p.relative_to(out)): [p.stat().st_ino, p.stat().st_mtime_ns]
-                  for p in out.glob("conv*/*") if p.is_file()}  # fmt: skip
+        stamps = {
+            str(p.relative_to(out)): [p.stat().st_ino, p.stat().st_mtime_ns] for p in out.glob("conv*/*") if p.is_file()
+        }
         os.write(fd, json.dumps({"pid": os.getpid(), "finished": stamps}).encode())
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -14,9 +14,9 @@ import pytest
 
 from data_prep import cli
 from data_prep.stages import OptionsMismatch, PrepOptions, record_options
-from data_prep.synthetic import make_conversation
 from data_prep.testing import save_tiny_wav2vec2
 from echo import clip_format
+from synthetic.conversations import make_conversation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,20 @@ def layout_only_input(tmp_path):
 
 
 def _argv(src, out, *extra):
-    return ["--input", str(src), "--layout", "pairs", "--out", str(out), "--wav2vec2", "unused", "--size", "64",
-            "--no-progress", *extra]  # fmt: skip
+    return [
+        "--input",
+        str(src),
+        "--layout",
+        "pairs",
+        "--out",
+        str(out),
+        "--wav2vec2",
+        "unused",
+        "--size",
+        "64",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _dead_pid() -> int:
@@ -74,8 +86,9 @@ def test_a_live_run_locks_the_folder_and_a_dead_one_is_taken_over(layout_only_in
         (out / cli.LOCK).write_text(json.dumps({**lock, **stale}))
         caplog.clear()
         with caplog.at_level("WARNING", logger="echo-prep"):
-            summary = cli.run_prep(layout_only_input, "pairs", out, PrepOptions(wav2vec2="unused", size=64),
-                                   progress=False)  # fmt: skip
+            summary = cli.run_prep(
+                layout_only_input, "pairs", out, PrepOptions(wav2vec2="unused", size=64), progress=False
+            )
         assert f"pid {stale['pid']}" in caplog.text and "no longer runs" in caplog.text
         assert [f["input"] for f in summary.failed] == ["lonely"]
         assert not (out / cli.LOCK).exists()  # released at the end of the run
@@ -91,11 +104,16 @@ def test_killing_a_pool_run_leaves_no_worker_and_a_rerun_completes(tmp_path, enc
     for seed in (21, 22):
         make_conversation(tmp_path / "src", "pairs", seconds=1.0, size=96, seed=seed)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "data_prep.cli",
-               *_argv(tmp_path / "src", out, "--clip-seconds", "0.5", "--min-clip-seconds", "0.5")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "data_prep.cli",
+        *_argv(tmp_path / "src", out, "--clip-seconds", "0.5", "--min-clip-seconds", "0.5"),
+    ]
     command[command.index("unused")] = str(encoder)
-    process = subprocess.Popen([*command, "--workers", "2"], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [*command, "--workers", "2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     descendants = []
     try:
         deadline = time.time() + 240
@@ -161,18 +179,23 @@ def test_cache_stage_options_are_compared_when_the_stage_ran_before(tmp_path, mo
     first = PrepOptions(wav2vec2="w", size=64, stages=["omni"], omni_model=str(tmp_path / "vae_a"))
     record_options(tmp_path, first)
     # A stage run for the first time is added, with its options.
-    record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae=str(tmp_path / "vae_a"),
-                                         user_video_size=32))  # fmt: skip
+    record_options(
+        tmp_path,
+        PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae=str(tmp_path / "vae_a"), user_video_size=32),
+    )
     recorded = json.loads((tmp_path / "prep_options.json").read_text())
     assert set(recorded["stages"]) == {"omni", "user_tokens"}
     # A relative spelling of the same model folder is the same option.
     monkeypatch.chdir(tmp_path)
-    record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae="vae_a", user_video_size=32))
+    record_options(
+        tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae="vae_a", user_video_size=32)
+    )
     with pytest.raises(OptionsMismatch, match=r"`user_video_size` \(--user-video-size\) was 32, now 64"):
         record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae="vae_a"))
     with pytest.raises(OptionsMismatch, match=r"`vae` \(--vae\) was '.*vae_a', now 'vae_b'"):
-        record_options(tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae="vae_b",
-                                             user_video_size=32))  # fmt: skip
+        record_options(
+            tmp_path, PrepOptions(wav2vec2="w", size=64, stages=["user_tokens"], vae="vae_b", user_video_size=32)
+        )
 
 
 @pytest.mark.parametrize(
@@ -203,8 +226,9 @@ def test_options_wrong_for_every_clip_are_refused_once_up_front(layout_only_inpu
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_a_failed_summary_write_keeps_the_old_file_and_still_prints_the_failures(layout_only_input, tmp_path, capsys,
-                                                                                 monkeypatch):  # fmt: skip
+def test_a_failed_summary_write_keeps_the_old_file_and_still_prints_the_failures(
+    layout_only_input, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "out"
     assert cli.main(_argv(layout_only_input, out)) == 1
     before = (out / cli.SUMMARY).read_text()

@@ -39,8 +39,16 @@ CONFIGS = sorted(
 )
 I2V = "configs/models/wan2.1-i2v-14b-480p.yaml"
 FRAMED = {"frame_inputs": False}  # the inputs are prepared crops already
-CONDITIONS = ("reference", "motion_frames", "avatar_audio", "user_audio", "user_video", "understanding", "emotion",
-              "image_tokens")  # fmt: skip
+CONDITIONS = (
+    "reference",
+    "motion_frames",
+    "avatar_audio",
+    "user_audio",
+    "user_video",
+    "understanding",
+    "emotion",
+    "image_tokens",
+)
 
 
 def _stage1_of(config_name: str) -> str:
@@ -158,8 +166,13 @@ def _batch(config, models, root: Path) -> dict:
 
 def _changed(batch: dict, condition: str) -> dict | None:
     """The batch with ``condition`` changed, or `None` when the batch does not carry it at all."""
-    keys = {"reference": ["reference"], "avatar_audio": ["avatar_audio"], "user_audio": ["user_audio"],
-            "user_video": ["user_video", "user_tokens"], "understanding": ["understanding"]}[condition]  # fmt: skip
+    keys = {
+        "reference": ["reference"],
+        "avatar_audio": ["avatar_audio"],
+        "user_audio": ["user_audio"],
+        "user_video": ["user_video", "user_tokens"],
+        "understanding": ["understanding"],
+    }[condition]
     keys = [key for key in keys if key in batch]
     if not keys:
         return None
@@ -300,11 +313,21 @@ def stage1_identity_errors(bases: dict, name: str, steps: int, extra: tuple[str,
     if "calibrated" not in bases:  # a Wan base whose VAE statistics are its latents' (see save_tiny_wan_folder)
         bases["calibrated"] = save_tiny_wan_folder(bases["work"] / "wan_calibrated", calibration_clips=clips)
     base = dict(bases, t2v=bases["calibrated"])
-    config, _ = _config(base, "stage1.yaml", extra=(
-        f"output_dir={bases['work'] / ('learn_' + name)}", f"train.max_train_steps={steps}",
-        f"train.checkpointing_steps={steps}", "data.windows_per_clip=4", "optim.lora_lr=1e-3", "optim.base_lr=1e-3",
-        "optim.lr_warmup_steps=0", "loss.motion_prob=0.2", *extra,
-    ))  # fmt: skip
+    config, _ = _config(
+        base,
+        "stage1.yaml",
+        extra=(
+            f"output_dir={bases['work'] / ('learn_' + name)}",
+            f"train.max_train_steps={steps}",
+            f"train.checkpointing_steps={steps}",
+            "data.windows_per_clip=4",
+            "optim.lora_lr=1e-3",
+            "optim.base_lr=1e-3",
+            "optim.lr_warmup_steps=0",
+            "loss.motion_prob=0.2",
+            *extra,
+        ),
+    )
     torch.manual_seed(0)
     main(config)
     pipe = build_exported_pipeline(config.output_dir)
@@ -319,10 +342,16 @@ def stage1_identity_errors(bases: dict, name: str, steps: int, extra: tuple[str,
     landmarks = clip_format.read_landmarks(clip, "avatar")[16]
     for reference in (own, another_face(own.shape[0])):
         latents = pipe(
-            reference_image=reference, avatar_audio_features=rows, num_frames=9, num_inference_steps=RENDER_STEPS,
-            audio_guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent",
-            reference_landmarks=landmarks, **FRAMED,
-        ).frames  # fmt: skip
+            reference_image=reference,
+            avatar_audio_features=rows,
+            num_frames=9,
+            num_inference_steps=RENDER_STEPS,
+            audio_guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            reference_landmarks=landmarks,
+            **FRAMED,
+        ).frames
         errors.append(float((latents[0] - target[0]).square().mean()))
     return errors[0], errors[1]
 

@@ -111,8 +111,17 @@ def test_render_manifest_isolates_failures_skips_done_clips_and_stays_inside_out
     manifest.write_text("\n".join(lines) + "\n")
     out = work / "out"
     # size, chunk length and motion frames: the settings saved with the pipeline (tiny: 64², 9-frame chunks)
-    args = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--out", str(out), "--steps", "1",
-            "--side-by-side"]  # fmt: skip
+    args = [
+        "--pipeline",
+        str(saved_pipeline),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--side-by-side",
+    ]
 
     assert render.main(args) == 1  # some clips failed
     printed = capsys.readouterr().out
@@ -158,9 +167,11 @@ def test_a_rerun_with_other_options_is_refused_unless_overwritten(saved_pipeline
     first = (out / "a.mp4").stat().st_mtime_ns
     assert json.loads((out / "render_options.json").read_text())["num_inference_steps"] == 1
     assert render.main(args) == 0 and (out / "a.mp4").stat().st_mtime_ns == first  # same options: resumes
-    for changed, named in ((["--steps", "2"], "num_inference_steps: earlier 1, now 2"),
-                           (["--steps", "1", "--height", "32", "--width", "32"], "height: earlier 64, now 32"),
-                           (["--steps", "1", "--seed", "3"], "seed: earlier 0, now 3")):  # fmt: skip
+    for changed, named in (
+        (["--steps", "2"], "num_inference_steps: earlier 1, now 2"),
+        (["--steps", "1", "--height", "32", "--width", "32"], "height: earlier 64, now 32"),
+        (["--steps", "1", "--seed", "3"], "seed: earlier 0, now 3"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             render.main([*args[:-2], *changed])
         assert exit_info.value.code == 2 and named in capsys.readouterr().err
@@ -191,8 +202,16 @@ def test_render_entry_passes_the_options_and_leaves_the_rest_to_the_model_settin
     base = ["--pipeline", "p", "--manifest", "m", "--out", "o"]
     pipe = Recorder()
     render.render_entry(pipe, entry, tmp_path, tmp_path / "a.mp4", parser.parse_args(base))
-    for name in ("height", "width", "num_inference_steps", "audio_guidance_scale", "user_guidance_scale",
-                 "num_frames_per_chunk", "motion_frames", "user_video_size"):  # fmt: skip
+    for name in (
+        "height",
+        "width",
+        "num_inference_steps",
+        "audio_guidance_scale",
+        "user_guidance_scale",
+        "num_frames_per_chunk",
+        "motion_frames",
+        "user_video_size",
+    ):
         assert pipe.kwargs[name] is None, name
     np.testing.assert_array_equal(pipe.kwargs["reference_landmarks"], np.load(tmp_path / "conv" / "ref_landmarks.npy"))
     options = parser.parse_args([*base, "--user-video-size", "16", "--height", "32"])
@@ -226,8 +245,7 @@ def test_echo_live_replays_a_conversation_through_a_session_and_reports_latency(
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps(entry) + "\n")
     out, report = tmp_path / "live.mp4", tmp_path / "report.json"
-    options = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--steps", "1", "--piece-frames",
-               "3"]  # fmt: skip
+    options = ["--pipeline", str(saved_pipeline), "--manifest", str(manifest), "--steps", "1", "--piece-frames", "3"]
     assert live.main([*options, "--speed", "10", "--out", str(out), "--report", str(report)]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     figures = dict(item.split("=") for item in printed[-1].split())
@@ -243,18 +261,32 @@ def test_echo_live_replays_a_conversation_through_a_session_and_reports_latency(
 
     pipe = render.load_pipeline(saved_pipeline)
     inputs = render.read_entry(entry, tmp_path)
-    session = pipe.start_session(reference_image=inputs["reference_image"],
-                                 reference_landmarks=inputs["reference_landmarks"],
-                                 understanding=inputs["understanding"], emotion="calm", num_inference_steps=1,
-                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+    session = pipe.start_session(
+        reference_image=inputs["reference_image"],
+        reference_landmarks=inputs["reference_landmarks"],
+        understanding=inputs["understanding"],
+        emotion="calm",
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     chunks, _ = live.replay(session, inputs, piece_frames=5, speed=None)  # --no-wait, other pieces
     offline = pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     assert np.array_equal(np.concatenate([c.frames for c in chunks]), offline.frames[0])
 
 
-BAD_OPTIONS = [("--steps", "0"), ("--steps", "two"), ("--audio-guidance-scale", "-1"), ("--user-guidance-scale", "nan"),
-               ("--audio-guidance-scale", "inf"), ("--height", "-16"), ("--width", "0"), ("--frames-per-chunk", "0"),
-               ("--motion-frames", "1.5"), ("--user-video-size", "0"), ("--seed", "-1")]  # fmt: skip
+BAD_OPTIONS = [
+    ("--steps", "0"),
+    ("--steps", "two"),
+    ("--audio-guidance-scale", "-1"),
+    ("--user-guidance-scale", "nan"),
+    ("--audio-guidance-scale", "inf"),
+    ("--height", "-16"),
+    ("--width", "0"),
+    ("--frames-per-chunk", "0"),
+    ("--motion-frames", "1.5"),
+    ("--user-video-size", "0"),
+    ("--seed", "-1"),
+]
 LIVE_BAD_OPTIONS = [("--speed", "0"), ("--speed", "nan"), ("--piece-frames", "0")]
 
 
@@ -275,9 +307,13 @@ def test_option_values_are_checked_as_they_are_parsed(option, value, capsys):
 
 @pytest.mark.parametrize(
     "options, named",
-    [(["--height", "70"], "`--height` is 70"), (["--frames-per-chunk", "10"], "`--frames-per-chunk` is 10"),
-     (["--motion-frames", "9"], "`--motion-frames` is 9"), (["--user-video-size", "12"], "`--user-video-size` is 12")],
-)  # fmt: skip
+    [
+        (["--height", "70"], "`--height` is 70"),
+        (["--frames-per-chunk", "10"], "`--frames-per-chunk` is 10"),
+        (["--motion-frames", "9"], "`--motion-frames` is 9"),
+        (["--user-video-size", "12"], "`--user-video-size` is 12"),
+    ],
+)
 def test_options_invalid_for_the_model_are_one_error_before_any_clip(saved_pipeline, tmp_path, capsys, options, named):
     """Options that every clip would fail with (a size that is no multiple of the model's 16-pixel tokens, a chunk
     length other than 4k + 1 frames, ...) are reported once, naming the option, before any clip is rendered: echo-render

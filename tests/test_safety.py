@@ -141,10 +141,16 @@ def checkpoint_template(tmp_path_factory):
     save_rng_state(folder, 0)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model.state_dict()}, storage_writer=dcp.FileSystemWriter(folder / "pytorch_model_fsdp_0"),
-                 no_dist=True)  # fmt: skip
-        dcp.save({"optimizer": optimizer.state_dict()}, storage_writer=dcp.FileSystemWriter(folder / "optimizer_0"),
-                 no_dist=True)  # fmt: skip
+        dcp.save(
+            {"model": model.state_dict()},
+            storage_writer=dcp.FileSystemWriter(folder / "pytorch_model_fsdp_0"),
+            no_dist=True,
+        )
+        dcp.save(
+            {"optimizer": optimizer.state_dict()},
+            storage_writer=dcp.FileSystemWriter(folder / "optimizer_0"),
+            no_dist=True,
+        )
     write_manifest(folder)
     verify_checkpoint(folder)  # the genuine files pass
     return folder
@@ -245,8 +251,9 @@ def test_the_dataset_refuses_a_pickled_clip_array(prepared_clips, tmp_path, mark
     shutil.copytree(prepared_clips, root)
     for clip in sorted(p.parent for p in root.glob("*/meta.json")):
         plant(clip / clip_format.w2v_name("avatar"), marker, "npy")
-    dataset = ConversationDataset(root, num_frames=9, resolution=64, token_patch=16, use_user_video=False,
-                                  use_understanding=False)  # fmt: skip
+    dataset = ConversationDataset(
+        root, num_frames=9, resolution=64, token_patch=16, use_user_video=False, use_understanding=False
+    )
     with pytest.raises(clip_format.ClipFormatError, match=r"avatar_w2v\.npy': is not a readable \.npy array"):
         dataset[0]
 
@@ -334,11 +341,15 @@ def test_echo_render_loads_pipeline_weights_from_safetensors_only(pipeline_folde
     "edit",
     [
         # The pipeline class named as [module, class] of a file in the folder: diffusers' custom-pipeline route.
-        lambda index, folder, code: (index.update(_class_name=["evil_pipeline", "EvilPipeline"]),
-                                     (folder / "evil_pipeline.py").write_text(code)),  # fmt: skip
+        lambda index, folder, code: (
+            index.update(_class_name=["evil_pipeline", "EvilPipeline"]),
+            (folder / "evil_pipeline.py").write_text(code),
+        ),
         # A component class from a file in its subfolder.
-        lambda index, folder, code: (index.update(scheduler=["evil_module", "EvilScheduler"]),
-                                     (folder / "scheduler" / "evil_module.py").write_text(code)),  # fmt: skip
+        lambda index, folder, code: (
+            index.update(scheduler=["evil_module", "EvilScheduler"]),
+            (folder / "scheduler" / "evil_module.py").write_text(code),
+        ),
         # A component "class" that is a function of an installed module.
         lambda index, folder, code: index.update(scheduler=["os", "system"]),
     ],
@@ -352,7 +363,9 @@ def test_a_pipeline_folder_runs_no_code_of_its_own(pipeline_folder, tmp_path, ma
     folder = tmp_path / "pipeline"
     shutil.copytree(pipeline_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    code = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nfrom pipelines import EchoPipeline as EvilPipeline\n"
+    code = (
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nfrom pipelines import EchoPipeline as EvilPipeline\n"
+    )
     edit(index, folder, code)
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError):
@@ -360,15 +373,18 @@ def test_a_pipeline_folder_runs_no_code_of_its_own(pipeline_folder, tmp_path, ma
 
 
 @pytest.mark.parametrize("component", sorted(WEIGHT_FILES))
-def test_load_components_reads_model_folders_as_safetensors_only(pipeline_folder, tmp_path, marker, torch_load_calls,
-                                                                  component):  # fmt: skip
+def test_load_components_reads_model_folders_as_safetensors_only(
+    pipeline_folder, tmp_path, marker, torch_load_calls, component
+):
     """A model description's ``pretrained:`` folder holding pickled weights only is refused before any file is
     unpickled (use_safetensors=True), naming the section and the file."""
     from echo.components import load_components, load_model_config
 
     folder = _with_planted_weights(pipeline_folder, tmp_path, component, marker)
     section = {"class": load_model_config(TINY_MODEL)[component]["class"], "pretrained": str(folder / component)}
-    with pytest.raises(OSError, match=rf"section '{component}': .*\['{WEIGHT_FILES[component][1]}'\].*safetensors only"):
+    with pytest.raises(
+        OSError, match=rf"section '{component}': .*\['{WEIGHT_FILES[component][1]}'\].*safetensors only"
+    ):
         load_components({component: section})
     assert not torch_load_calls
 
@@ -487,8 +503,13 @@ def test_echo_render_manifest_refuses_pickled_landmarks(tmp_path, marker):
     write_wav(tmp_path / "user.wav", np.zeros(16000, dtype=np.float32))
     write_mp4(tmp_path / "user.mp4", np.zeros((5, 32, 32, 3), dtype=np.uint8))
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "reference.png")
-    entry = {"id": "x", "reference_image": "reference.png", "avatar_audio": "avatar.wav", "user_video": "user.mp4",
-             "user_audio": "user.wav"}  # fmt: skip
+    entry = {
+        "id": "x",
+        "reference_image": "reference.png",
+        "avatar_audio": "avatar.wav",
+        "user_video": "user.mp4",
+        "user_audio": "user.wav",
+    }
     for key in ("reference_landmarks", "user_landmarks"):
         planted = plant(tmp_path / f"{key}.npy", marker, "npy")
         with pytest.raises(ValueError, match="allow_pickle"):

@@ -68,8 +68,9 @@ def test_the_denoising_loop_follows_the_flow_with_either_scheduler(pipe, schedul
 @pytest.fixture(scope="module")
 def unipc_pipe(pipe, tmp_path_factory):
     """The tiny pipeline with UniPC at flow shift 5, and the folder it is saved in."""
-    unipc = EchoPipeline(**dict(pipe.components, scheduler=unipc_flow(pipe.scheduler.config, flow_shift=5.0)),
-                         settings=pipe.settings)  # fmt: skip
+    unipc = EchoPipeline(
+        **dict(pipe.components, scheduler=unipc_flow(pipe.scheduler.config, flow_shift=5.0)), settings=pipe.settings
+    )
     unipc.set_progress_bar_config(disable=True)
     folder = tmp_path_factory.mktemp("unipc_pipeline")
     unipc.save_pretrained(folder)
@@ -109,8 +110,11 @@ def test_echo_render_samples_with_the_saved_scheduler_unless_told_otherwise(unip
     manifest = tmp_path / "conversations.jsonl"
     manifest.write_text("")
     recorded = {}
-    for name, options in (("saved", []), ("euler", ["--scheduler", "FlowMatchEulerDiscreteScheduler"]),
-                          ("shift", ["--shift", "2"])):  # fmt: skip
+    for name, options in (
+        ("saved", []),
+        ("euler", ["--scheduler", "FlowMatchEulerDiscreteScheduler"]),
+        ("shift", ["--shift", "2"]),
+    ):
         out = tmp_path / name
         assert (
             render.main(["--pipeline", str(unipc_pipe[1]), "--manifest", str(manifest), "--out", str(out), *options])
@@ -129,8 +133,11 @@ def test_schedulers_that_cannot_work_are_refused_naming_the_fix(pipe, tmp_path, 
     unipc_flow(pipe.scheduler.config, flow_shift=3.0).save_pretrained(tmp_path)
     section = {"pretrained": str(tmp_path)}
     # a description naming another class than the folder's (the silent FlowMatchEuler-from-UniPC load)
-    with pytest.raises(ValueError, match=r"names class 'FlowMatchEulerDiscreteScheduler' but .* holds a "
-                                         r"'UniPCMultistepScheduler' config.*Omit 'class'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"names class 'FlowMatchEulerDiscreteScheduler' but .* holds a "
+        r"'UniPCMultistepScheduler' config.*Omit 'class'",
+    ):
         load_components({"scheduler": dict(section, **{"class": "FlowMatchEulerDiscreteScheduler"})})
     # a setting of the other class (UniPC calls its shift flow_shift)
     with pytest.raises(ValueError, match=r"sets \['shift'\], which UniPCMultistepScheduler does not take"):
@@ -143,8 +150,10 @@ def test_schedulers_that_cannot_work_are_refused_naming_the_fix(pipe, tmp_path, 
     calls = []
     handle = pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
     try:
-        for wrong, named in ((UniPCMultistepScheduler.from_config(pipe.scheduler.config), "prediction_type='epsilon'"),
-                             (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), "use_dynamic_shifting")):  # fmt: skip
+        for wrong, named in (
+            (UniPCMultistepScheduler.from_config(pipe.scheduler.config), "prediction_type='epsilon'"),
+            (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), "use_dynamic_shifting"),
+        ):
             monkeypatch.setattr(pipe, "scheduler", wrong)
             with pytest.raises(ValueError, match=named):
                 render(pipe)

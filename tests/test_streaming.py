@@ -7,7 +7,6 @@ With the shipped 1.3B description's history settings (33-frame chunks, one motio
 encodes the same number of frames per chunk over 41 chunks; a capped model gets its exact window, at a bounded cost.
 """
 
-
 import logging
 from pathlib import Path
 
@@ -21,8 +20,9 @@ from pipelines.session import SAMPLES_PER_FRAME
 from tests.tiny_models import tiny_components_as_trained
 
 SIZE, CHUNK, MOTION, FRAMES = 32, 9, 5, 25  # chunks [0, 9), [4, 13), [8, 17), [12, 21), [16, 25)
-SETTINGS = dict(height=SIZE, width=SIZE, num_frames_per_chunk=CHUNK, motion_frames=MOTION, user_video_size=32,
-                num_inference_steps=2)  # fmt: skip
+SETTINGS = dict(
+    height=SIZE, width=SIZE, num_frames_per_chunk=CHUNK, motion_frames=MOTION, user_video_size=32, num_inference_steps=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +89,14 @@ def _offline(pipe, conversation, **kwargs):
 def _session_in_pieces(pipe, conversation, piece, features=None, dialogue=None, **session_kwargs):
     """Pushes ``piece`` frames of every stream at a time (audio: ``piece · 640`` samples), pulling after each push;
     with ``dialogue`` each transcript segment is pushed just before the media it starts in."""
-    session = pipe.start_session(reference_image=conversation["reference_image"],
-                                 reference_landmarks=conversation["reference_landmarks"],
-                                 understanding=conversation["understanding"],
-                                 generator=torch.Generator().manual_seed(0),
-                                 **SETTINGS, **session_kwargs)  # fmt: skip
+    session = pipe.start_session(
+        reference_image=conversation["reference_image"],
+        reference_landmarks=conversation["reference_landmarks"],
+        understanding=conversation["understanding"],
+        generator=torch.Generator().manual_seed(0),
+        **SETTINGS,
+        **session_kwargs,
+    )
     chunks, pending = [], list(dialogue or [])
     for first in range(0, FRAMES, piece):
         stop = min(FRAMES, first + piece)
@@ -101,13 +104,16 @@ def _session_in_pieces(pipe, conversation, piece, features=None, dialogue=None, 
         while pending and pending[0]["start"] * 25 < stop:
             session.push(dialogue=[pending.pop(0)])
         if features is None:
-            session.push(avatar_audio=conversation["avatar_audio"][samples],
-                         user_audio=conversation["user_audio"][samples])  # fmt: skip
+            session.push(
+                avatar_audio=conversation["avatar_audio"][samples], user_audio=conversation["user_audio"][samples]
+            )
         else:
-            session.push(avatar_audio_features=features["avatar"][first:stop],
-                         user_audio_features=features["user"][first:stop])  # fmt: skip
-        session.push(user_video=conversation["user_video"][first:stop],
-                     user_landmarks=conversation["user_landmarks"][first:stop])  # fmt: skip
+            session.push(
+                avatar_audio_features=features["avatar"][first:stop], user_audio_features=features["user"][first:stop]
+            )
+        session.push(
+            user_video=conversation["user_video"][first:stop], user_landmarks=conversation["user_landmarks"][first:stop]
+        )
         chunks += list(session)
     rendered_before_close = len(chunks)
     session.close(num_frames=FRAMES)
@@ -125,8 +131,9 @@ def test_session_in_pieces_yields_exactly_the_offline_frames(pipe, conversation,
     at `close` (`tests/test_audio_rows.py` checks the rows a session has final before the end of input)."""
     offline_reasoner, reasoner = Reasoner(), Reasoner()
     offline = _offline(pipe, conversation, emotion_reasoner=offline_reasoner, dialogue=DIALOGUE)
-    frames, rendered_before_close = _session_in_pieces(pipe, conversation, piece, dialogue=DIALOGUE,
-                                                       emotion_reasoner=reasoner)  # fmt: skip
+    frames, rendered_before_close = _session_in_pieces(
+        pipe, conversation, piece, dialogue=DIALOGUE, emotion_reasoner=reasoner
+    )
     assert frames.shape == offline.shape == (FRAMES, SIZE, SIZE, 3)
     assert np.array_equal(frames, offline)
     assert rendered_before_close == 0
@@ -145,8 +152,15 @@ def test_session_with_default_arguments_equals_the_offline_call(pipe, conversati
 def test_offline_call_with_features_equals_a_session_fed_features(pipe, conversation):
     """Precomputed wav2vec2 rows (a prepared clip's ``*_w2v.npy``) bypass the audio encoder."""
     features = {name: pipe.encode_audio(conversation[f"{name}_audio"], FRAMES) for name in ("avatar", "user")}
-    offline = _offline(pipe, conversation, avatar_audio=None, user_audio=None, avatar_audio_features=features["avatar"],
-                       user_audio_features=features["user"], emotion="calm")  # fmt: skip
+    offline = _offline(
+        pipe,
+        conversation,
+        avatar_audio=None,
+        user_audio=None,
+        avatar_audio_features=features["avatar"],
+        user_audio_features=features["user"],
+        emotion="calm",
+    )
     frames, _ = _session_in_pieces(pipe, conversation, 7, features=features, emotion="calm")
     assert np.array_equal(frames, offline)
     # ... and the rows are the whole-track encoding: the default offline call gives the same frames
@@ -164,9 +178,13 @@ def test_a_chunk_renders_as_soon_as_its_inputs_are_complete(pipe, conversation, 
         "avatar_audio_features": dict(avatar_audio_features=features["avatar"]),
     }
     needed = {"user_video": 9, "user_audio_features": 9, "avatar_audio_features": 11}
-    session = pipe.start_session(reference_image=conversation["reference_image"],
-                                 reference_landmarks=conversation["reference_landmarks"],
-                                 understanding=conversation["understanding"], emotion="calm", **SETTINGS)  # fmt: skip
+    session = pipe.start_session(
+        reference_image=conversation["reference_image"],
+        reference_landmarks=conversation["reference_landmarks"],
+        understanding=conversation["understanding"],
+        emotion="calm",
+        **SETTINGS,
+    )
     for name, pieces in streams.items():
         rows = needed[name] - (name == last)
         session.push(**{key: value[:rows] for key, value in pieces.items()})
@@ -215,9 +233,12 @@ def test_session_lcu_state_gives_the_full_history_lcu_bit_for_bit(pipe, conversa
 
 
 def _session(pipe, conversation, **kwargs):
-    return pipe.start_session(reference_image=conversation["reference_image"],
-                              reference_landmarks=conversation["reference_landmarks"],
-                              understanding=conversation["understanding"], **{**SETTINGS, **kwargs})  # fmt: skip
+    return pipe.start_session(
+        reference_image=conversation["reference_image"],
+        reference_landmarks=conversation["reference_landmarks"],
+        understanding=conversation["understanding"],
+        **{**SETTINGS, **kwargs},
+    )
 
 
 def test_bad_inputs_raise_clear_errors(pipe, conversation):
@@ -248,8 +269,12 @@ def test_bad_inputs_raise_clear_errors(pipe, conversation):
     # a transcript segment that starts inside a chunk already rendered comes too late for its emotion
     session = _session(pipe, conversation, emotion_reasoner=Reasoner(), num_frames=FRAMES)
     features = {name: pipe.encode_audio(conversation[f"{name}_audio"], FRAMES) for name in ("avatar", "user")}
-    session.push(avatar_audio_features=features["avatar"], user_audio_features=features["user"],
-                 user_video=conversation["user_video"], user_landmarks=conversation["user_landmarks"])  # fmt: skip
+    session.push(
+        avatar_audio_features=features["avatar"],
+        user_audio_features=features["user"],
+        user_video=conversation["user_video"],
+        user_landmarks=conversation["user_landmarks"],
+    )
     assert session.pull().index == 0  # frames 0-8 are rendered
     with pytest.raises(ValueError, match="dialogue.*late"):
         session.push(dialogue=[{"speaker": "user", "start": 0.2, "end": 0.5, "text": "hi"}])
@@ -315,17 +340,30 @@ def _lcu_frames_per_chunk(num_chunks: int, settings: dict, caplog) -> tuple[list
     ]
     try:
         with caplog.at_level(logging.WARNING, logger="pipelines.session"):
-            session = pipe.start_session(reference_image=small, understanding=torch.zeros(2, 32), emotion="calm",
-                                         generator=torch.Generator().manual_seed(0), num_frames=num_frames, height=16,
-                                         width=16, num_frames_per_chunk=chunk, motion_frames=motion,
-                                         user_video_size=16, num_inference_steps=1, output_type="latent",
-                                         frame_inputs=False)  # fmt: skip
+            session = pipe.start_session(
+                reference_image=small,
+                understanding=torch.zeros(2, 32),
+                emotion="calm",
+                generator=torch.Generator().manual_seed(0),
+                num_frames=num_frames,
+                height=16,
+                width=16,
+                num_frames_per_chunk=chunk,
+                motion_frames=motion,
+                user_video_size=16,
+                num_inference_steps=1,
+                output_type="latent",
+                frame_inputs=False,
+            )
         rendered = 0
         for first in range(0, num_frames, stride):
             stop = min(num_frames, first + stride)
-            session.push(avatar_audio_features=rows["avatar"][first:stop], user_audio_features=rows["user"][first:stop],
-                         user_video=np.repeat(small[None], stop - first, axis=0),
-                         user_landmarks=np.full((stop - first, 478, 2), 32.0, np.float32))  # fmt: skip
+            session.push(
+                avatar_audio_features=rows["avatar"][first:stop],
+                user_audio_features=rows["user"][first:stop],
+                user_video=np.repeat(small[None], stop - first, axis=0),
+                user_landmarks=np.full((stop - first, 478, 2), 32.0, np.float32),
+            )
             rendered += len(list(session))
         session.close()
         rendered += len(list(session))
@@ -349,7 +387,8 @@ def test_shipped_settings_encode_the_whole_history_at_a_constant_lcu_cost_per_ch
     the audio windows' 2 frames before them, never more than 15 + 2 + 32 + 2 = 51. No warning is logged."""
     settings = _shipped_settings()
     assert settings["max_history_frames"] is None and (settings["num_frames_per_chunk"], settings["motion_frames"]) == (
-        33, 1
+        33,
+        1,
     )
     calls, logged = _lcu_frames_per_chunk(41, settings, caplog)
     assert [c[0] for c in calls] == [33 + 32 * c for c in range(41)]  # the whole history reaches the LCU

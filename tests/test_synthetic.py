@@ -7,10 +7,10 @@ import wave
 import numpy as np
 import pytest
 
-from data_prep.faces import FaceMesh
 from data_prep.media import probe_video, read_video, read_wav
-from data_prep.synthetic import TRAIN_SENTENCES, DialogueStyle, MotionStyle, make_conversation
 from data_prep.transcripts import read_seamless_json
+from echo.faces import FaceMesh
+from synthetic.conversations import TRAIN_SENTENCES, DialogueStyle, MotionStyle, make_conversation
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def seamless(tmp_path_factory):
     root = tmp_path_factory.mktemp("seamless")
-    return root, make_conversation(root, layout="seamless", seconds=1.6, size=128, seed=5, fps=30,
-                                   sample_rate=22_050, interaction=7)
+    return root, make_conversation(
+        root, layout="seamless", seconds=1.6, size=128, seed=5, fps=30, sample_rate=22_050, interaction=7
+    )
 
 
 def _mouth_height(points):
@@ -113,7 +114,9 @@ def test_seamless_layout_files_and_schema(seamless):
         for entry in payload["metadata:transcript"]:
             words = entry["words"]
             assert " ".join(w["word"] for w in words) == entry["transcript"]
-            assert words[0]["start"] == pytest.approx(entry["start"]) and words[-1]["end"] == pytest.approx(entry["end"])
+            assert words[0]["start"] == pytest.approx(entry["start"]) and words[-1]["end"] == pytest.approx(
+                entry["end"]
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ def test_seamless_layout_files_and_schema(seamless):
 
 
 def test_every_identity_is_a_distinct_face_that_mediapipe_finds():
-    from data_prep.synthetic import IDENTITIES, base_face
+    from synthetic.conversations import IDENTITIES, base_face
 
     images = {}
     for name in IDENTITIES:
@@ -139,18 +142,30 @@ def test_every_identity_is_a_distinct_face_that_mediapipe_finds():
     np.testing.assert_array_equal(base_face(1, 128)[0], images["astronaut_mirror_hue"])
 
 
-# Long turns and only long pauses; its speech ships in data_prep/speech (tests/test_fresh_setup.py).
-STYLED_DIALOGUE = DialogueStyle(sentences=TRAIN_SENTENCES, voices=("en-gb+m1", "en-us+f2"), speeds=(190, 220),
-                                long_gap_prob=1.0, long_gap=(1.4, 1.8), sentences_per_turn=(2, 2))
+# Long turns and only long pauses; its speech ships in synthetic/speech (tests/test_fresh_setup.py).
+STYLED_DIALOGUE = DialogueStyle(
+    sentences=TRAIN_SENTENCES,
+    voices=("en-gb+m1", "en-us+f2"),
+    speeds=(190, 220),
+    long_gap_prob=1.0,
+    long_gap=(1.4, 1.8),
+    sentences_per_turn=(2, 2),
+)
 STYLED_SEED, STYLED_SECONDS = 11, 12.0
 
 
 @pytest.fixture(scope="module")
 def styled(tmp_path_factory):
     rng = np.random.default_rng(0)
-    return make_conversation(tmp_path_factory.mktemp("styled"), seconds=STYLED_SECONDS, size=128, seed=STYLED_SEED,
-                             identities=("camera", "grace_hopper"), dialogue=STYLED_DIALOGUE,
-                             motion=(MotionStyle.sample(rng), MotionStyle.sample(rng)))
+    return make_conversation(
+        tmp_path_factory.mktemp("styled"),
+        seconds=STYLED_SECONDS,
+        size=128,
+        seed=STYLED_SEED,
+        identities=("camera", "grace_hopper"),
+        dialogue=STYLED_DIALOGUE,
+        motion=(MotionStyle.sample(rng), MotionStyle.sample(rng)),
+    )
 
 
 def test_styled_dialogue_has_long_turns_and_mutual_silences(styled):
@@ -181,5 +196,8 @@ def test_styled_motion_nods_while_listening_and_stays_still_in_mutual_silence(st
         listening = within(set(styled.participants) - {speaker}, -0.3)[1:]  # well inside the other one's turns
         silence = ~within(set(styled.participants), 0.4)[1:]  # far from anybody's speech
         assert listening.sum() > 25 and silence.sum() > 10
-        assert energy[listening].mean() > 3 * energy[silence].mean(), (speaker, energy[listening].mean(),
-                                                                       energy[silence].mean())
+        assert energy[listening].mean() > 3 * energy[silence].mean(), (
+            speaker,
+            energy[listening].mean(),
+            energy[silence].mean(),
+        )

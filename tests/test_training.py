@@ -47,9 +47,12 @@ def _trained_state(folder: Path) -> dict[str, torch.Tensor]:
 # The learning-rate warm-up spans the resume point (step 10), so a resume must restore the scheduler's state too; LoRA
 # dropout draws from the global torch RNG, so it must restore the RNG states too (rng_state_<rank>.safetensors).
 FAST = (
-    "optim.lora_lr=5e-3", "optim.base_lr=5e-3", "train.checkpointing_steps=10", "optim.lr_warmup_steps=12",
+    "optim.lora_lr=5e-3",
+    "optim.base_lr=5e-3",
+    "train.checkpointing_steps=10",
+    "optim.lr_warmup_steps=12",
     "lora.dropout=0.1",
-)  # fmt: skip
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +62,13 @@ def stage1_runs(data_root, tmp_path_factory):
     full = _run("tiny_stage1.yaml", data_root, base / "full", "train.max_train_steps=20", *FAST)
     first = _run("tiny_stage1.yaml", data_root, base / "split", "train.max_train_steps=10", *FAST)
     resumed = _run(
-        "tiny_stage1.yaml", data_root, base / "split", "train.max_train_steps=20", "train.resume_from_checkpoint=latest",
+        "tiny_stage1.yaml",
+        data_root,
+        base / "split",
+        "train.max_train_steps=20",
+        "train.resume_from_checkpoint=latest",
         *FAST,
-    )  # fmt: skip
+    )
     return {"base": base, "full": full, "first": first, "resumed": resumed}
 
 
@@ -277,11 +284,20 @@ def test_rerun_into_an_earlier_run_refuses_unless_resumed_or_overwritten(data_ro
     _run("tiny_stage1.yaml", data_root, out, *first)
     adapter = out / "final" / LORA_DIR / "adapter_model.safetensors"
     before = adapter.read_bytes()
-    with pytest.raises(FileExistsError, match=r"checkpoint-2/, final/.*--resume latest.*new output folder.*--overwrite"):
+    with pytest.raises(
+        FileExistsError, match=r"checkpoint-2/, final/.*--resume latest.*new output folder.*--overwrite"
+    ):
         _run("tiny_stage1.yaml", data_root, out, "train.max_train_steps=1", "train.checkpointing_steps=0")
     assert adapter.read_bytes() == before and (out / "checkpoint-2").is_dir()  # nothing of the earlier run was touched
     # --overwrite deletes the earlier run's checkpoints and final weights first.
-    args = ["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", f"data.root={data_root}", "--set", f"output_dir={out}"]
+    args = [
+        "--config",
+        str(CONFIGS / "tiny_stage1.yaml"),
+        "--set",
+        f"data.root={data_root}",
+        "--set",
+        f"output_dir={out}",
+    ]
     result = run([*args, "--set", "train.max_train_steps=1", "--set", "train.checkpointing_steps=0", "--overwrite"])
     assert result["global_step"] == 1 and not (out / "checkpoint-2").exists() and adapter.read_bytes() != before
     # A folder with final/ but no checkpoint cannot be resumed either: `--resume latest` would start over.
@@ -318,7 +334,9 @@ def test_fused_adapter_computes_what_the_active_adapter_computes():
         transformer.enable_adapters()
     assert (active - base).abs().max() > 1e-3  # the adapter changes the output
     fuse_adapter(transformer, "stage1")
-    assert not any(isinstance(m, BaseTunerLayer) for m in transformer.modules()) and not hasattr(transformer, "peft_config")
+    assert not any(isinstance(m, BaseTunerLayer) for m in transformer.modules()) and not hasattr(
+        transformer, "peft_config"
+    )
     with torch.no_grad():
         torch.testing.assert_close(transformer(**inputs).sample, active, rtol=1e-5, atol=1e-5)
 
@@ -381,10 +399,18 @@ def test_stage1_loss_falls(stage1_runs):
 def stage2_run(stage1_runs, data_root):
     stage1_dir = stage1_runs["base"] / "full"
     result = _run(
-        "tiny_stage2.yaml", data_root, stage1_runs["base"] / "stage2", f"model.stage1_dir={stage1_dir}",
-        "train.max_train_steps=10", "train.checkpointing_steps=0", "optim.lora_lr=5e-3", "optim.base_lr=5e-3",
-        "train.overfit_one_batch=true", "train.validation_steps=10", "train.validation_inference_steps=2",
-    )  # fmt: skip
+        "tiny_stage2.yaml",
+        data_root,
+        stage1_runs["base"] / "stage2",
+        f"model.stage1_dir={stage1_dir}",
+        "train.max_train_steps=10",
+        "train.checkpointing_steps=0",
+        "optim.lora_lr=5e-3",
+        "optim.base_lr=5e-3",
+        "train.overfit_one_batch=true",
+        "train.validation_steps=10",
+        "train.validation_inference_steps=2",
+    )
     return result, stage1_dir
 
 
@@ -470,9 +496,13 @@ def test_stage2_align_weights_come_from_the_avatar_speech(stage1_runs, data_root
     monkeypatch.setattr(train_module, "training_step", spy_step)
     monkeypatch.setattr(step_module, "hfa_loss", spy_hfa)
     _run(
-        "tiny_stage2.yaml", data_root, tmp_path / "out", f"model.stage1_dir={stage1_runs['base'] / 'full'}",
-        "train.max_train_steps=2", "train.checkpointing_steps=0",
-    )  # fmt: skip
+        "tiny_stage2.yaml",
+        data_root,
+        tmp_path / "out",
+        f"model.stage1_dir={stage1_runs['base'] / 'full'}",
+        "train.max_train_steps=2",
+        "train.checkpointing_steps=0",
+    )
     assert len(batches) == len(weights) == 2
     floor = load_config(CONFIGS / "tiny_stage2.yaml", ["model.stage1_dir=x"]).loss.speech_weight_floor
     for batch, given in zip(batches, weights):
@@ -491,9 +521,13 @@ def test_stage2_align_weights_come_from_the_avatar_speech(stage1_runs, data_root
 )
 def test_stage2_ablations_train_from_their_configs(config, removed, switch, stage1_runs, data_root, tmp_path):
     result = _run(
-        config, data_root, tmp_path / "out", f"model.stage1_dir={stage1_runs['base'] / 'full'}",
-        "train.max_train_steps=1", "train.checkpointing_steps=0",
-    )  # fmt: skip
+        config,
+        data_root,
+        tmp_path / "out",
+        f"model.stage1_dir={stage1_runs['base'] / 'full'}",
+        "train.max_train_steps=1",
+        "train.checkpointing_steps=0",
+    )
     assert result["global_step"] == 1 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
     names = [n for n, _ in result["models"].module.named_parameters()]
     if removed is not None:
@@ -509,12 +543,18 @@ def test_stage2_ablations_train_from_their_configs(config, removed, switch, stag
 def test_wo_sdcm_ablation_trains_both_stages(data_root, tmp_path):
     from echo.transformer_echo import EchoDirectFusion
 
-    first = _run("tiny_stage1_wo_sdcm.yaml", data_root, tmp_path / "s1", "train.max_train_steps=1", "train.checkpointing_steps=0")
+    first = _run(
+        "tiny_stage1_wo_sdcm.yaml", data_root, tmp_path / "s1", "train.max_train_steps=1", "train.checkpointing_steps=0"
+    )
     assert isinstance(first["models"].module.transformer.blocks[0].sdcm, EchoDirectFusion)
     second = _run(
-        "tiny_stage2_wo_sdcm.yaml", data_root, tmp_path / "s2", f"model.stage1_dir={tmp_path / 's1'}",
-        "train.max_train_steps=1", "train.checkpointing_steps=0",
-    )  # fmt: skip
+        "tiny_stage2_wo_sdcm.yaml",
+        data_root,
+        tmp_path / "s2",
+        f"model.stage1_dir={tmp_path / 's1'}",
+        "train.max_train_steps=1",
+        "train.checkpointing_steps=0",
+    )
     assert isinstance(second["models"].ref_transformer.blocks[0].sdcm, EchoDirectFusion)
     assert second["global_step"] == 1 and torch.isfinite(torch.tensor(second["history"][0]["loss"]))
     # w/o SDCM the user context shares the audio cross-attention trained in stage 1, so the adapted model differs
@@ -535,12 +575,32 @@ def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-        "--main_process_port", str(_free_port()), "-m", "training.train", "--config", str(CONFIGS / "tiny_stage1.yaml"),
-        "--set", f"data.root={data_root}", "--set", f"output_dir={out}", "--set", "train.max_train_steps=2",
-        "--set", "train.checkpointing_steps=2", "--set", "train.dump_trainable_params=true",
-    ]  # fmt: skip
-    command[command.index("--main_process_port"):command.index("--main_process_port")] = ["--num_cpu_threads_per_process", "1"]
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "training.train",
+        "--config",
+        str(CONFIGS / "tiny_stage1.yaml"),
+        "--set",
+        f"data.root={data_root}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "train.max_train_steps=2",
+        "--set",
+        "train.checkpointing_steps=2",
+        "--set",
+        "train.dump_trainable_params=true",
+    ]
+    command[command.index("--main_process_port") : command.index("--main_process_port")] = [
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert completed.returncode == 0, completed.stderr[-3000:]
     # The checkpoint holds each rank's RNG states as safetensors and no pickle.
@@ -566,7 +626,16 @@ def test_two_process_run_keeps_ranks_identical(data_root, tmp_path):
 def test_missing_clip_folder_is_named(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        run(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--set", f"data.root={missing}", "--set", f"output_dir={tmp_path}"])
+        run(
+            [
+                "--config",
+                str(CONFIGS / "tiny_stage1.yaml"),
+                "--set",
+                f"data.root={missing}",
+                "--set",
+                f"output_dir={tmp_path}",
+            ]
+        )
 
 
 def test_clip_shorter_than_the_window_is_named(data_root, tmp_path):
@@ -602,18 +671,26 @@ def test_gradient_checkpointing_matches_and_accumulation_counts_optimizer_steps(
     common = ("train.max_train_steps=2", "train.checkpointing_steps=0")
     plain = _run("tiny_stage1.yaml", data_root, tmp_path / "plain", *common)
     recomputed = _run(
-        "tiny_stage1.yaml", data_root, tmp_path / "gc", *common, "train.gradient_checkpointing=true",
+        "tiny_stage1.yaml",
+        data_root,
+        tmp_path / "gc",
+        *common,
+        "train.gradient_checkpointing=true",
         "train.report_to=tensorboard",
-    )  # fmt: skip
+    )
     assert recomputed["models"].module.transformer.gradient_checkpointing
     torch.testing.assert_close(
         torch.tensor([h["loss"] for h in recomputed["history"]]), torch.tensor([h["loss"] for h in plain["history"]])
     )
     assert list((tmp_path / "gc" / "logs").rglob("events.out.tfevents.*"))  # TensorBoard through accelerate
     accumulated = _run(
-        "tiny_stage1.yaml", data_root, tmp_path / "ga", *common, "train.gradient_accumulation_steps=2",
+        "tiny_stage1.yaml",
+        data_root,
+        tmp_path / "ga",
+        *common,
+        "train.gradient_accumulation_steps=2",
         "train.dump_trainable_params=true",
-    )  # fmt: skip
+    )
     summary = json.loads((tmp_path / "ga" / "ranks" / "rank0.json").read_text())
     assert accumulated["global_step"] == 2 and len(summary["clip_ids"]) == 4  # two micro-batches per update
     assert accumulated["history"][0]["loss"] != plain["history"][0]["loss"]  # the mean over two micro-batches
@@ -670,7 +747,9 @@ def test_lora_and_new_modules_get_their_own_learning_rates(data_root):
     at `optim.base_lr`; the frozen base generator is in no group."""
     from training.modeling import build_training_models, parameter_groups
 
-    config = load_config(CONFIGS / "tiny_stage1.yaml", [f"data.root={data_root}", "optim.lora_lr=3e-4", "optim.base_lr=2e-5"])
+    config = load_config(
+        CONFIGS / "tiny_stage1.yaml", [f"data.root={data_root}", "optim.lora_lr=3e-4", "optim.base_lr=2e-5"]
+    )
     module = build_training_models(config).module
     groups = {g["name"]: g for g in parameter_groups(module, config)}
     assert (groups["lora"]["lr"], groups["modules"]["lr"]) == (3e-4, 2e-5)
@@ -755,9 +834,13 @@ def test_stage2_step_gives_the_lcu_the_batch_user_history(stage1_runs, data_root
 
     monkeypatch.setattr(train_module, "training_step", spy_step)
     _run(
-        "tiny_stage2.yaml", data_root, tmp_path / "out", f"model.stage1_dir={stage1_runs['base'] / 'full'}",
-        "train.max_train_steps=1", "train.checkpointing_steps=0",
-    )  # fmt: skip
+        "tiny_stage2.yaml",
+        data_root,
+        tmp_path / "out",
+        f"model.stage1_dir={stage1_runs['base'] / 'full'}",
+        "train.max_train_steps=1",
+        "train.checkpointing_steps=0",
+    )
     (record,) = seen
     batch = record["batch"]
     assert record["clip_frames"] == 9 and batch["user_audio"].shape[1] >= 9
@@ -771,7 +854,9 @@ def test_stage2_step_gives_the_lcu_the_batch_user_history(stage1_runs, data_root
     assert torch.equal(record["understanding_mask"], batch["understanding_mask"])
 
 
-def test_cached_emotion_embeds_train_like_the_text_encoder_without_building_it(data_root, tmp_path, monkeypatch, caplog):
+def test_cached_emotion_embeds_train_like_the_text_encoder_without_building_it(
+    data_root, tmp_path, monkeypatch, caplog
+):
     """With `data.use_cached_emotion_embeds` the text encoder is never built, the losses equal the text path's, and
     validation renders (which need the encoder) are skipped with a warning."""
     import shutil
@@ -797,9 +882,13 @@ def test_cached_emotion_embeds_train_like_the_text_encoder_without_building_it(d
     common = ("ablation.use_emotion=true", "train.max_train_steps=2", "train.checkpointing_steps=0")
     by_text = _run("tiny_stage1.yaml", root, tmp_path / "text_run", *common)
     cached = _run(
-        "tiny_stage1.yaml", root, tmp_path / "cached_run", "data.use_cached_emotion_embeds=true",
-        "train.validation_steps=1", *common,
-    )  # fmt: skip
+        "tiny_stage1.yaml",
+        root,
+        tmp_path / "cached_run",
+        "data.use_cached_emotion_embeds=true",
+        "train.validation_steps=1",
+        *common,
+    )
     assert "text_encoder" in requested[0] and not any(s in requested[1] for s in ("text_encoder", "tokenizer"))
     assert cached["models"].text_encoder is None and cached["prompt_encoder"] is None
     assert len(cached["history"]) == 2
@@ -832,9 +921,21 @@ def test_cached_user_tokens_train_like_the_frame_path_without_encoding_the_user_
 
     # Stage 2 continues a stage 1 of the same chunk length (13 of the clips' 17 frames: room for a reference outside).
     stage1_dir = tmp_path / "stage1_13"
-    _run("tiny_stage1.yaml", root, stage1_dir, "data.num_frames=13", "train.max_train_steps=1", "train.checkpointing_steps=0")
+    _run(
+        "tiny_stage1.yaml",
+        root,
+        stage1_dir,
+        "data.num_frames=13",
+        "train.max_train_steps=1",
+        "train.checkpointing_steps=0",
+    )
     monkeypatch.setattr(training.step, "encode_user_video", spy)
-    common = (f"model.stage1_dir={stage1_dir}", "data.num_frames=13", "train.max_train_steps=2", "train.checkpointing_steps=0")
+    common = (
+        f"model.stage1_dir={stage1_dir}",
+        "data.num_frames=13",
+        "train.max_train_steps=2",
+        "train.checkpointing_steps=0",
+    )
     by_frames = _run("tiny_stage2.yaml", root, tmp_path / "frames_run", *common)
     assert len(calls) == 2 and all(13 <= shape[1] <= 17 for shape in calls)  # the history: frames 0 … window end
     cached = _run("tiny_stage2.yaml", root, tmp_path / "cached_run", "data.use_cached_user_tokens=true", *common)
@@ -843,5 +944,11 @@ def test_cached_user_tokens_train_like_the_frame_path_without_encoding_the_user_
     for a, b in zip(by_frames["history"], cached["history"]):
         assert a["loss"] == b["loss"] and a["flow"] == b["flow"] and a["align"] == b["align"]
     with pytest.raises(ValueError, match="user_tokens.safetensors.*user_video_size.*--user-video-size 64"):
-        _run("tiny_stage2.yaml", root, tmp_path / "bad_run", "data.use_cached_user_tokens=true",
-             "data.user_video_size=64", *common)  # fmt: skip
+        _run(
+            "tiny_stage2.yaml",
+            root,
+            tmp_path / "bad_run",
+            "data.use_cached_user_tokens=true",
+            "data.user_video_size=64",
+            *common,
+        )

@@ -758,3 +758,32 @@ def test_group_offload_hooks_give_the_same_output(echo_model, offload_type):
     inputs = make_inputs(seed=6)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).sample, echo_model(**inputs).sample, rtol=0, atol=0)
+
+
+def _code_lines(function) -> list[str]:
+    """The stripped code lines of ``function``'s body (comments, blank lines and the signature left out)."""
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(function))
+    body = source[source.index(") -> torch.Tensor:\n") + len(") -> torch.Tensor:\n") :]
+    return [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_block_forward_is_diffusers_wan_block_forward_with_sdcm_inserted():
+    """`EchoTransformerBlock.forward` is marked `# Copied from` diffusers' `WanTransformerBlock.forward`: its lines are
+    the Wan 2.1 branch of the installed diffusers' (``temb`` of shape (B, 6, D)), the SDCM step aside, so a change
+    upstream shows here."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    from echo.transformer_echo import EchoTransformerBlock
+
+    upstream = _code_lines(WanTransformerBlock.forward)
+    branch_start, branch_end = upstream.index("if temb.ndim == 4:"), upstream.index("else:")
+    upstream = upstream[:branch_start] + upstream[branch_end + 1 :]  # the Wan 2.1 branch, as one path
+    ours = _code_lines(EchoTransformerBlock.forward)
+    sdcm_start = ours.index("if self.use_sdcm:")
+    sdcm_end = ours.index(
+        "norm_hidden_states = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as("
+    )
+    assert ours[:sdcm_start] + ours[sdcm_end:] == upstream

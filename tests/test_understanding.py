@@ -38,30 +38,55 @@ def build_omni_folder(folder):
 
     base = build_tiny_tokenizer(model_max_length=8192)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=8192, **SPECIAL,
-    )  # fmt: skip
+        tokenizer_object=base.backend_tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=8192,
+        **SPECIAL,
+    )
     tokenizer.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>", *SPECIAL.values()]})
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in SPECIAL.items()}
     config = Qwen2_5OmniThinkerConfig(
         audio_config=dict(
-            num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
-            output_dim=64, n_window=50,
+            num_mel_bins=16,
+            encoder_layers=2,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            d_model=32,
+            output_dim=64,
+            n_window=50,
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
         ),
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
-        audio_token_index=ids["audio_token"], image_token_index=ids["image_token"],
-        video_token_index=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
-        audio_end_token_id=ids["audio_eos_token"], vision_start_token_id=ids["vision_bos_token"],
-        vision_end_token_id=ids["vision_eos_token"], user_token_id=0,
-    )  # fmt: skip
+        audio_token_index=ids["audio_token"],
+        image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+        vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"],
+        user_token_id=0,
+    )
     torch.manual_seed(0)
     thinker = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
     feature_extractor = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000)
@@ -84,7 +109,7 @@ def omni(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
-    from data_prep.synthetic import speech_pcm
+    from synthetic.conversations import speech_pcm
 
     text = "I was so nervous before the interview, but I think it went really well."
     wave, rate = speech_pcm(text, voice="en", speed=175)
@@ -156,9 +181,14 @@ def test_loading_from_a_saved_folder_round_trips(omni, speech, face_frames):
 def test_long_histories_are_subsampled_and_chunked(omni, speech, face_frames):
     folder, (thinker, tokenizer, feature_extractor, image_processor), _ = omni
     understanding = OmniUnderstanding(
-        thinker, tokenizer, feature_extractor, image_processor, max_frames=3, max_audio_seconds=2.5,
+        thinker,
+        tokenizer,
+        feature_extractor,
+        image_processor,
+        max_frames=3,
+        max_audio_seconds=2.5,
         audio_chunk_seconds=1.0,
-    )  # fmt: skip
+    )
     history = np.repeat(face_frames, 10, axis=0)  # 40 frames
     ids = understanding.prepare_inputs(history, speech)["input_ids"][0]
     count = lambda name: int((ids == tokenizer.convert_tokens_to_ids(SPECIAL[name])).sum())  # noqa: E731
@@ -184,9 +214,15 @@ def test_understanding_tokens_feed_the_lcu(omni, speech, face_frames):
     batch, mask = pad_understanding([hidden, hidden[:5]])
     assert batch.shape == (2, hidden.shape[0], 64) and mask.sum(1).tolist() == [hidden.shape[0], 5]
     lcu = LongRangeContextEncoder(
-        audio_dim=8, audio_num_layers=2, dim=16, num_audio_layers=1, use_visual=False, understanding_dim=64,
-        num_attention_heads=2, context_dim=16,
-    )  # fmt: skip
+        audio_dim=8,
+        audio_num_layers=2,
+        dim=16,
+        num_audio_layers=1,
+        use_visual=False,
+        understanding_dim=64,
+        num_attention_heads=2,
+        context_dim=16,
+    )
     with torch.no_grad():
         lcu.alpha.fill_(1.0)
         out = lcu(torch.randn(2, 12, 2, 8), clip_frames=5, understanding=batch, understanding_mask=mask)
@@ -206,41 +242,83 @@ def test_qwen3_omni_thinker_is_accepted(tmp_path, speech, face_frames):
     from echo.components import build_tiny_tokenizer
 
     special = dict(
-        image_token="<|image_pad|>", video_token="<|video_pad|>", audio_token="<|audio_pad|>",
-        vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>", audio_bos_token="<|audio_start|>",
+        image_token="<|image_pad|>",
+        video_token="<|video_pad|>",
+        audio_token="<|audio_pad|>",
+        vision_bos_token="<|vision_start|>",
+        vision_eos_token="<|vision_end|>",
+        audio_bos_token="<|audio_start|>",
         audio_eos_token="<|audio_end|>",
-    )  # fmt: skip
+    )
     base = build_tiny_tokenizer(model_max_length=8192)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=8192, **special,
-    )  # fmt: skip
+        tokenizer_object=base.backend_tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=8192,
+        **special,
+    )
     tokenizer.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>", *special.values()]})
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in special.items()}
     config = Qwen3OmniMoeThinkerConfig(
         audio_config=dict(
-            num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
-            output_dim=64, n_window=50, downsample_hidden_size=16,
+            num_mel_bins=16,
+            encoder_layers=2,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            d_model=32,
+            output_dim=64,
+            n_window=50,
+            downsample_hidden_size=16,
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
-            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[1],
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[1],
         ),
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
-            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                             "interleaved": True},
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "interleaved": True,
+            },
         ),
-        audio_token_id=ids["audio_token"], image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-        audio_start_token_id=ids["audio_bos_token"], vision_start_token_id=ids["vision_bos_token"], user_token_id=0,
-    )  # fmt: skip
+        audio_token_id=ids["audio_token"],
+        image_token_id=ids["image_token"],
+        video_token_id=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        vision_start_token_id=ids["vision_bos_token"],
+        user_token_id=0,
+    )
     torch.manual_seed(0)
     Qwen3OmniMoeThinkerForConditionalGeneration(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     feature_extractor = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000)
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64}, patch_size=16)
-    preprocessor = {**feature_extractor.to_dict(), **image_processor.to_dict(), "image_processor_type": "Qwen2VLImageProcessor"}
+    preprocessor = {
+        **feature_extractor.to_dict(),
+        **image_processor.to_dict(),
+        "image_processor_type": "Qwen2VLImageProcessor",
+    }
     preprocessor.pop("image_processor_class", None)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor, default=str))
 

@@ -36,12 +36,35 @@ def _weights(folder):
 
 def test_decoder_training_keeps_the_encoder_and_its_statistics(trained_vae, tmp_path):
     tmp, data = trained_vae
-    sets = [f"init_from={tmp / 'vae'}", "train.freeze_encoder=true", f"output_dir={tmp_path / 'run'}",
-            f"export_dir={tmp_path / 'decoder'}", f"data.root={data}", f"data.heldout_root={data}", "data.resolution=64", "data.clip_frames=9",
-            "data.clip_crop=32", "data.clip_every=1", "data.clips_per_folder=1", "optim.lr=1e-2", "loss.kl=0",
-            "train.max_train_steps=2", "train.checkpointing_steps=0", "train.eval_frames=4", "train.log_every=1"]  # fmt: skip
-    assert train_vae.main(["--config", str(ROOT / "configs/train/demo_vae_decoder.yaml"),
-                           *(arg for item in sets for arg in ("--set", item))]) == 0  # fmt: skip
+    sets = [
+        f"init_from={tmp / 'vae'}",
+        "train.freeze_encoder=true",
+        f"output_dir={tmp_path / 'run'}",
+        f"export_dir={tmp_path / 'decoder'}",
+        f"data.root={data}",
+        f"data.heldout_root={data}",
+        "data.resolution=64",
+        "data.clip_frames=9",
+        "data.clip_crop=32",
+        "data.clip_every=1",
+        "data.clips_per_folder=1",
+        "optim.lr=1e-2",
+        "loss.kl=0",
+        "train.max_train_steps=2",
+        "train.checkpointing_steps=0",
+        "train.eval_frames=4",
+        "train.log_every=1",
+    ]
+    assert (
+        train_vae.main(
+            [
+                "--config",
+                str(ROOT / "configs/train/demo_vae_decoder.yaml"),
+                *(arg for item in sets for arg in ("--set", item)),
+            ]
+        )
+        == 0
+    )
     before, after = _weights(tmp / "vae"), _weights(tmp_path / "decoder")
     encoding = [k for k in before if k.startswith(train_vae.ENCODER_PREFIXES)]
     assert encoding and all(torch.equal(before[k], after[k]) for k in encoding)
@@ -83,7 +106,18 @@ def test_a_missing_vae_folder_is_named(trained_vae, tmp_path):
     with pytest.raises(FileNotFoundError, match="--vae .*nowhere.* not a saved AutoencoderKLWan folder"):
         replace_decoder(AutoencoderKLWan.from_pretrained(tmp / "vae"), tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="config key 'init_from' is .*nowhere"):
-        train_vae.main(["--config", str(ROOT / "configs/train/demo_vae_decoder.yaml"), "--set",
-                        f"init_from={tmp_path / 'nowhere'}", "--set", f"output_dir={tmp_path / 'run'}",
-                        "--set", f"export_dir={tmp_path / 'out'}", "--set", f"data.root={data}"])  # fmt: skip
+        train_vae.main(
+            [
+                "--config",
+                str(ROOT / "configs/train/demo_vae_decoder.yaml"),
+                "--set",
+                f"init_from={tmp_path / 'nowhere'}",
+                "--set",
+                f"output_dir={tmp_path / 'run'}",
+                "--set",
+                f"export_dir={tmp_path / 'out'}",
+                "--set",
+                f"data.root={data}",
+            ]
+        )
     assert not (tmp_path / "out").exists()

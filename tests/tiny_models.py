@@ -62,7 +62,14 @@ def wan_i2v_condition(vae, image: torch.Tensor, num_frames: int) -> torch.Tensor
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         _, condition = pipe.prepare_latents(
-            image, image.shape[0], vae.config.z_dim, height, width, num_frames, torch.float32, torch.device("cpu"),
+            image,
+            image.shape[0],
+            vae.config.z_dim,
+            height,
+            width,
+            num_frames,
+            torch.float32,
+            torch.device("cpu"),
             generator,
-        )  # fmt: skip
+        )
     return condition

@@ -14,12 +14,12 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
-if TYPE_CHECKING:
-    from echo.settings import EchoSettings
+from echo.chunks import is_frame_count
+from echo.components import read_yaml
+from echo.settings import EchoSettings
 
 
 @dataclass
@@ -38,15 +38,16 @@ class DataConfig:
 
     root: str = "data/prepared"  # a folder of prepared clip folders
     num_frames: int = 33  # video frames per window, 4k + 1
-    resolution: int = 512
-    windows_per_clip: int = 1
+    resolution: int = 512  # side of the square frames, a multiple of 16
+    windows_per_clip: int = 1  # training windows drawn from each clip per epoch
+    # Cap on the user-history frames the LCU reads (None: the whole history from the conversation's start).
     max_history_frames: int | None = None
-    user_video_size: int = 64
+    user_video_size: int = 64  # side of the user video the LCU reads (stage 2)
     # Exact window latents (training/latent_cache.py): the VAE encode of each window is written once, under
     # `latent_cache_dir` (default: <root>/.latent_cache) keyed by the VAE's weights and the clip, and read back instead
-    # of encoding the window again. It fills as training draws windows (or ahead: python -m training.latent_cache).
+    # of encoding the window again. It fills as training draws windows (or ahead: python -m training.fill_latent_cache).
     use_cached_latents: bool = False
-    latent_cache_dir: str | None = None
+    latent_cache_dir: str | None = None  # where the window latents are cached (None: <root>/.latent_cache)
     # Window starts are multiples of this many frames (1: any frame). With the cache, a larger stride makes the
     # windows a small set that later epochs draw again (every frame is still in some window while it is <= num_frames).
     window_stride: int = 1
@@ -56,21 +57,22 @@ class DataConfig:
     # Stage 2 with ablation.use_visual: read the user history's VAE tokens from `user_tokens.safetensors`
     # (echo-prep --stages user_tokens --user-video-size <user_video_size>) instead of encoding the frames every step.
     use_cached_user_tokens: bool = False
-    default_emotion: str = "neutral"
+    default_emotion: str = "neutral"  # the emotion text of a window without one
     # Emotion-text tokens given to the text encoder (capped by the tokenizer's `model_max_length`); saved with the
     # model (`echo_settings.json`) so the pipeline encodes prompts to the same length.
     max_sequence_length: int = 512
     batch_size: int = 1  # per process
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader worker processes (0: load in the training process)
 
 
 @dataclass
 class LoraSettings:
     """LoRA adapter on the generator (PEFT); ``target_modules`` is a regex over full dotted module names."""
 
-    rank: int = 128
+    rank: int = 128  # LoRA rank r
     alpha: int | None = None  # defaults to the rank (scale 1)
-    dropout: float = 0.0
+    dropout: float = 0.0  # LoRA dropout probability
+    # Regex over full dotted module names of the generator that get the adapter.
     target_modules: str = r".*blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
     # Regex over full parameter names of the generator trained in full at `optim.base_lr` (the new modules).
     trainable_modules: str = r".*(audio_|sdcm).*"
@@ -80,14 +82,14 @@ class LoraSettings:
 class OptimConfig:
     """AdamW with two learning rates: LoRA weights and the fully trained new modules."""
 
-    lora_lr: float = 1e-4
-    base_lr: float = 2e-5
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    lora_lr: float = 1e-4  # learning rate of the LoRA weights
+    base_lr: float = 2e-5  # learning rate of the fully trained modules (lora.trainable_modules, the LCU)
+    weight_decay: float = 1e-2  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # gradient clipping norm (0: no clipping; the norm is logged either way)
     lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization.get_scheduler name
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 0  # linear warm-up optimizer steps of the LR schedule
 
 
 @dataclass
@@ -95,17 +97,17 @@ class LossConfig:
     """Flow-matching σ sampling and the auxiliary losses (λ·L_pixel in stage 1, γ·L_align in stage 2)."""
 
     logit_mean: float = 0.0  # σ ~ shifted logit-normal
-    logit_std: float = 1.0
+    logit_std: float = 1.0  # std of the logit-normal σ distribution
     shift: float | None = None  # None: the `shift` of the model's scheduler (one source for training and sampling)
     pixel_weight: float = 0.1  # λ
     pixel_latent_frames: int = 2  # latent frames decoded for L_pixel
-    pixel_loss_type: str = "mse"
+    pixel_loss_type: str = "mse"  # L_pixel distance: "mse" or "l1"
     align_weight: float = 1.0  # γ
     align_blocks: int = 4  # |S|, clamped to the generator's number of blocks
-    align_distance: str = "mse"
-    speech_weight_floor: float = 0.1
+    align_distance: str = "mse"  # L_align feature distance: "mse" or "cosine"
+    speech_weight_floor: float = 0.1  # L_align weight of frames where the avatar does not speak
     motion_prob: float = 0.0  # probability of a continuation sample (leading latent frames given as motion)
-    motion_latent_frames: int = 1
+    motion_latent_frames: int = 1  # leading latent frames given as motion in a continuation sample
     # Noise augmentation of the motion frames of a continuation sample: their latents become (1 − s)·z + s·ε with s
     # drawn per sample from U(0, motion_noise), so the model learns not to copy the previous chunk's errors (at
     # inference the motion frames are its own generated frames, never the ground truth it trains on). 0: off.
@@ -117,7 +119,7 @@ class LossConfig:
     # Condition dropout for classifier-free guidance: per sample, the avatar audio (resp. the user context) is dropped
     # with this probability, so the pipeline's "uncond" and "audio" guidance passes stay in the training distribution.
     audio_drop_prob: float = 0.0
-    user_drop_prob: float = 0.0
+    user_drop_prob: float = 0.0  # per-sample dropout of the user context (stage 2), as audio_drop_prob
 
 
 @dataclass
@@ -127,23 +129,28 @@ class AblationConfig:
     use_visual: bool = True  # LPE visual branch of the LCU
     use_understanding: bool = True  # HBCU
     use_emotion: bool = True  # LAU: emotion text to the text cross-attention (off: the empty prompt)
-    use_sdcm: bool = True
+    use_sdcm: bool = True  # SDCM (off: one cross-attention over the audio)
 
 
 @dataclass
 class TrainSettings:
     """Loop, checkpoints and logging."""
 
-    max_train_steps: int = 10000
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
+    max_train_steps: int = 10000  # optimizer steps of the run
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    gradient_checkpointing: bool = False  # recompute the generator blocks' activations in backward (less memory)
     checkpointing_steps: int = 500  # save_state every N optimizer steps (0: only the final weights)
     checkpoints_total_limit: int | None = 3  # keep the newest N checkpoints (None: all)
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
     validation_steps: int | None = None  # render the first training clip every N steps (pipelines.EchoPipeline)
-    validation_inference_steps: int = 20
-    log_every: int = 1
-    report_to: str | None = "tensorboard"
+    validation_inference_steps: int = 20  # denoising steps of a validation render
+    log_every: int = 1  # log the losses, learning rate and gradient norm every N optimizer steps
+    report_to: str | None = "tensorboard"  # accelerate tracker(s): "tensorboard", "wandb", "all" (None: no trackers)
+    # An exponential moving average of the trained weights (`diffusers.training_utils.EMAModel`), updated after every
+    # optimizer step and saved with every checkpoint (`ema.safetensors`); final/ (and so echo-export) then holds the
+    # EMA weights instead of the last step's.
+    ema: bool = False
+    ema_decay: float = 0.9999  # EMA decay per optimizer step (diffusers' `EMAModel(decay=...)`)
     # Start over in an `output_dir` that holds an earlier run (its checkpoints, final/, logs and renders are deleted
     # first); without it, such a folder is refused unless the run resumes (`--resume latest`). CLI: `--overwrite`.
     overwrite_output_dir: bool = False
@@ -155,9 +162,9 @@ class TrainSettings:
 class TrainConfig:
     """The whole training configuration of one stage."""
 
-    stage: int = 1
-    output_dir: str = "outputs/stage1"
-    seed: int = 0
+    stage: int = 1  # 1: reference + avatar audio (L_flow + λ·L_pixel); 2: the user side, from stage 1's output
+    output_dir: str = "outputs/stage1"  # checkpoints, final/, logs/ and validation/ of the run
+    seed: int = 0  # weights, window order, σ and noise (a resumed run replays them)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -214,7 +221,7 @@ VALUE_RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)"),
     "model.config": (bool, "a model description file"),
     "data.root": (bool, "a folder of prepared clips"),
-    "data.num_frames": (lambda v: v >= 1 and (v - 1) % 4 == 0, "4k + 1"),
+    "data.num_frames": (is_frame_count, "4k + 1"),
     "data.resolution": (lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16"),
     "data.windows_per_clip": (_at_least(1), "at least 1"),
     "data.window_stride": (_at_least(1), "at least 1 frame"),
@@ -256,7 +263,8 @@ VALUE_RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "train.validation_steps": (_at_least(0), "at least 0 (0 or null: no validation renders)"),
     "train.validation_inference_steps": (_at_least(1), "at least 1"),
     "train.log_every": (_at_least(1), "at least 1"),
-}  # fmt: skip
+    "train.ema_decay": (lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)"),
+}
 
 
 def _lookup(config: TrainConfig, key: str):
@@ -350,7 +358,6 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise FileNotFoundError(f"training config {str(path)!r} does not exist.")
     if path.resolve() in chain:
         raise ValueError(f"training config {str(path)!r} inherits from itself through 'base'.")
-    from echo.components import read_yaml
 
     values = read_yaml(path, "training config")
     values = {} if values is None else values
@@ -403,6 +410,119 @@ def config_to_dict(config: TrainConfig) -> dict:
     return convert(dataclasses.asdict(config))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The reference of every key, generated from the dataclasses above: `--help` and docs/config_keys.md
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConfigKey:
+    """One config key: its dotted name, type, default and the comment written beside its field."""
+
+    key: str
+    type: str
+    default: typing.Any
+    help: str
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The comment of each field of a config dataclass, read from its source (`inspect` + `tokenize` + `ast`): the
+    ``#`` lines right above the field, then the comment on its line, joined."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        while line >= 1 and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        inline = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        found[node.target.id] = " ".join(part for part in above + inline if part != "fmt: skip")
+    return found
+
+
+def config_keys(cls=None, prefix: str = "") -> list[ConfigKey]:
+    """Every key of the training config (`TrainConfig` by default), section by section, in the order of the fields."""
+    cls = TrainConfig if cls is None else cls
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    keys = []
+    for item in dataclasses.fields(cls):
+        annotation = hints[item.name]
+        if dataclasses.is_dataclass(annotation):
+            keys += config_keys(annotation, prefix + item.name + ".")
+            continue
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        kind = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        keys.append(ConfigKey(prefix + item.name, kind, default, comments[item.name]))
+    return keys
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip()
+
+
+def config_help() -> str:
+    """Every config key with its default and comment, for ``python -m training.train --help``."""
+    lines = ["config keys (set in the YAML, or --set KEY=VALUE; default after '='):"]
+    for key in config_keys():
+        lines.append(f"  {key.key} = {_yaml_value(key.default).removesuffix(chr(10) + '...')}")
+        if key.help:
+            lines.append(f"      {key.help}")
+    return "\n".join(lines)
+
+
+def config_keys_markdown() -> str:
+    """docs/config_keys.md: every training config key, generated (``python -m training.config --write-docs``)."""
+    out = [
+        "# Training config keys",
+        "",
+        "<!-- Generated from the dataclasses of training/config.py by `python -m training.config --write-docs "
+        "docs/config_keys.md`; tests/test_ecosystem.py checks it is current. Do not edit by hand. -->",
+        "",
+        "Every key of a training YAML (`configs/train/*.yaml`), with its type, default and comment. Set a key in the "
+        "file or on the command line (`--set train.max_train_steps=10`); an unknown key is an error naming it. "
+        "Precision and distribution are not here: they come from the accelerate config. "
+        "`python -m training.train --help` prints the same list.",
+    ]
+    section = None
+    for key in config_keys():
+        head = key.key.split(".")[0] if "." in key.key else "top level"
+        if head != section:
+            section = head
+            out += ["", f"## {section}", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        default = _yaml_value(key.default).removesuffix("\n...").replace("|", "\\|")
+        kind, text = key.type.replace("|", "\\|"), key.help.replace("|", "\\|")
+        out.append(f"| `{key.key}` | `{kind}` | `{default}` | {text} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.config [--write-docs docs/config_keys.md]``: print (or write) the config key reference."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The training config keys, generated from training/config.py.")
+    parser.add_argument("--write-docs", metavar="PATH", help="write the markdown page there (docs/config_keys.md)")
+    args = parser.parse_args(argv)
+    if args.write_docs:
+        Path(args.write_docs).write_text(config_keys_markdown())
+    else:
+        print(config_help())
+    return 0
+
+
 # `EchoSettings` field → the training config key it comes from.
 SETTINGS_KEYS = {
     "resolution": "data.resolution",
@@ -423,7 +543,6 @@ def settings_from_config(config: TrainConfig) -> EchoSettings:
     given. Sampling defaults (steps, guidance scales) are `EchoSettings`' own. An invalid value is an error naming
     its config key.
     """
-    from echo.settings import EchoSettings
 
     data = config.data
     try:
@@ -441,3 +560,7 @@ def settings_from_config(config: TrainConfig) -> EchoSettings:
         field = re.search(r"`(\w+)`", str(error))
         key = SETTINGS_KEYS.get(field.group(1)) if field else None
         raise ValueError(f"config key {key!r}: {error}" if key else str(error)) from error
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

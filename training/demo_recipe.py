@@ -4,7 +4,7 @@
 
 Each stage runs the project's own entry point in a subprocess, with the configs a GPU user would edit:
 
-1. ``data``: ``python -m data_prep.demo_set`` (synthetic conversations prepared by the real ``echo-prep``);
+1. ``data``: ``python -m synthetic.demo_set`` (synthetic conversations prepared by the real ``echo-prep``);
 2. ``vae``: ``training.train_vae`` (``accelerate launch`` with the recipe's GPU accelerate config on a GPU);
    ``decoder`` (when the recipe has that section): ``training.train_vae`` again, the VAE's decoder trained further
    on whole chunks with its encoder frozen (``init_from`` the VAE), so the generator's latents stay valid;
@@ -40,7 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-from echo.components import read_yaml
+from echo.atomic import write_text_atomic
+from echo.components import load_model_config, read_yaml
+from pipelines.demo import write_example
+from training.config import apply_overrides, load_config
+from training.train_vae import is_complete, load_vae_config
 
 STAGES = ("data", "vae", "decoder", "stage1", "stage2", "export")
 DEFAULT_RECIPE = "configs/train/demo_recipe.yaml"
@@ -48,12 +52,13 @@ DEFAULT_RECIPE = "configs/train/demo_recipe.yaml"
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     """The recipe YAML with ``section.key=value`` overrides (values parsed as YAML)."""
-    from training.config import apply_overrides
 
     recipe = apply_overrides(read_yaml(path, "recipe") or {}, overrides)
     unknown = set(recipe) - {*STAGES, "accelerate", "state_file"}
     if unknown:
-        raise ValueError(f"recipe {str(path)!r} has unknown sections {sorted(unknown)}; expected {[*STAGES, 'accelerate', 'state_file']}")
+        raise ValueError(
+            f"recipe {str(path)!r} has unknown sections {sorted(unknown)}; expected {[*STAGES, 'accelerate', 'state_file']}"
+        )
     return recipe
 
 
@@ -73,24 +78,32 @@ class Recipe:
         self.train_root = self.data_out / "prepared" / "train"
         self.heldout_root = self.data_out / "prepared" / "heldout"
         self.model_config = recipe["export"]["model_config"]
-        self.state_file = Path(recipe.get("state_file") or Path(self.stage_config("stage1").output_dir).parent / "recipe_state.json")
+        self.state_file = Path(
+            recipe.get("state_file") or Path(self.stage_config("stage1").output_dir).parent / "recipe_state.json"
+        )
 
     # -- configs of the training stages, with the recipe's paths applied ------------------------------------------
     def vae_sets(self) -> list[str]:
-        return [f"data.root={self.train_root}", f"data.heldout_root={self.heldout_root}", *self.recipe["vae"].get("set", [])]
+        return [
+            f"data.root={self.train_root}",
+            f"data.heldout_root={self.heldout_root}",
+            *self.recipe["vae"].get("set", []),
+        ]
 
     def vae_config(self):
-        from training.train_vae import load_vae_config
 
         return load_vae_config(self.recipe["vae"]["config"], self.vae_sets())
 
     def decoder_sets(self) -> list[str]:
-        return [f"data.root={self.train_root}", f"data.heldout_root={self.heldout_root}",
-                f"init_from={self.vae_config().export_dir}", *self.recipe["decoder"].get("set", [])]  # fmt: skip
+        return [
+            f"data.root={self.train_root}",
+            f"data.heldout_root={self.heldout_root}",
+            f"init_from={self.vae_config().export_dir}",
+            *self.recipe["decoder"].get("set", []),
+        ]
 
     def decoder_config(self):
         """The decoder stage's VAE config, or `None` when the recipe has no ``decoder`` section."""
-        from training.train_vae import load_vae_config
 
         if not self.recipe.get("decoder"):
             return None
@@ -103,13 +116,11 @@ class Recipe:
         return sets + list(self.recipe[stage].get("set", []))
 
     def stage_config(self, stage: str):
-        from training.config import load_config
 
         return load_config(self.recipe[stage]["config"], self.stage_sets(stage))
 
     def check_vae_path(self) -> None:
         """The model description loads the VAE this recipe trains."""
-        from echo.components import load_model_config
 
         section = load_model_config(self.model_config).get("vae", {})
         export_dir = Path(self.vae_config().export_dir)
@@ -126,7 +137,6 @@ class Recipe:
         example = self.recipe["export"].get("example")
         if not example:
             return None
-        from pipelines.demo import write_example
 
         out = Path(self.recipe["export"]["out"]) / "example"
         return write_example(self.heldout_root / example["clip"], out, seconds=example.get("seconds"))
@@ -136,31 +146,26 @@ class Recipe:
         card = self.recipe["export"].get("model_card")
         if not card:
             return None
-        out = Path(self.recipe["export"]["out"]) / "README.md"
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(Path(card).read_text())
-        os.replace(tmp, out)
-        return out
+        return write_text_atomic(Path(self.recipe["export"]["out"]) / "README.md", Path(card).read_text())
 
     def export_extras(self) -> list[Path]:
         """The files the export stage writes after ``echo-export``: the example's ``manifest.jsonl`` (`write_example`
         writes it last) and the model card, those the recipe names. Until they exist the stage is not complete, so a
         run killed between ``echo-export`` and them exports again."""
         export, out = self.recipe["export"], Path(self.recipe["export"]["out"])
-        return [path for key, path in (("example", out / "example" / "manifest.jsonl"), ("model_card", out / "README.md"))
-                if export.get(key)]  # fmt: skip
+        return [
+            path
+            for key, path in (("example", out / "example" / "manifest.jsonl"), ("model_card", out / "README.md"))
+            if export.get(key)
+        ]
 
     # -- completion ----------------------------------------------------------------------------------------------
     def complete(self, stage: str) -> bool:
         if stage == "data":
             return (self.data_out / "DONE").is_file()
         if stage == "vae":
-            from training.train_vae import is_complete
-
             return is_complete(self.vae_config())
         if stage == "decoder":
-            from training.train_vae import is_complete
-
             config = self.decoder_config()
             return config is None or is_complete(config)
         if stage in ("stage1", "stage2"):
@@ -210,8 +215,17 @@ class Recipe:
         """The stage's command line; ``overwrite`` starts a training stage over instead of resuming it."""
         if stage == "data":
             data = self.recipe["data"]
-            command = [self.python, "-m", "data_prep.demo_set", "--out", str(self.data_out),
-                       "--model-config", str(self.model_config), "--workers", str(data.get("workers", 1))]
+            command = [
+                self.python,
+                "-m",
+                "synthetic.demo_set",
+                "--out",
+                str(self.data_out),
+                "--model-config",
+                str(self.model_config),
+                "--workers",
+                str(data.get("workers", 1)),
+            ]
             for key, value in (data.get("options") or {}).items():  # {num_train: 64, no_progress: true, ...}
                 flag = "--" + key.replace("_", "-")
                 if value is True:
@@ -222,7 +236,9 @@ class Recipe:
                     command += [flag, str(value)]
             return command
         if stage in ("vae", "decoder"):  # both run training.train_vae, the decoder stage on the VAE stage's output
-            sets = [arg for item in (self.vae_sets() if stage == "vae" else self.decoder_sets()) for arg in ("--set", item)]
+            sets = [
+                arg for item in (self.vae_sets() if stage == "vae" else self.decoder_sets()) for arg in ("--set", item)
+            ]
             sets += ["--overwrite"] if overwrite else []
             config = self.recipe[stage]["config"]
             if self.gpu:
@@ -237,10 +253,22 @@ class Recipe:
             return self._launch() + ["-m", "training.train", "--config", self.recipe[stage]["config"], *resume, *sets]
         if stage == "export":
             export = self.recipe["export"]
-            return [self.python, "-m", "training.export", "--stage-dir", self.stage_config("stage2").output_dir,
-                    "--model-config", str(self.model_config), "--out", str(export["out"]),
-                    "--dtype", str(export.get("dtype", "fp16")), "--vae-dtype", str(export.get("vae_dtype", "fp32")),
-                    "--overwrite"] + (["--vae", str(c.export_dir)] if (c := self.decoder_config()) is not None else [])
+            return [
+                self.python,
+                "-m",
+                "training.export",
+                "--stage-dir",
+                self.stage_config("stage2").output_dir,
+                "--model-config",
+                str(self.model_config),
+                "--out",
+                str(export["out"]),
+                "--dtype",
+                str(export.get("dtype", "fp16")),
+                "--vae-dtype",
+                str(export.get("vae_dtype", "fp32")),
+                "--overwrite",
+            ] + (["--vae", str(c.export_dir)] if (c := self.decoder_config()) is not None else [])
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
@@ -254,9 +282,7 @@ def _record(state_file: Path, stage: str, values: dict) -> None:
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     state.setdefault(stage, {}).update(values)
     state_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state_file.with_name(f".{state_file.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=1) + "\n")
-    os.replace(tmp, state_file)
+    write_text_atomic(state_file, json.dumps(state, indent=1) + "\n")
 
 
 @contextlib.contextmanager
@@ -298,7 +324,11 @@ def run_recipe(recipe: Recipe, stages: list[str] = STAGES, dry_run: bool = False
             continue
         command = recipe.command(stage, overwrite=stale)
         stage_env = env
-        if stage in ("vae", "decoder") and not recipe.gpu and int(recipe.recipe.get("accelerate", {}).get("vae_processes", 1)) == 1:
+        if (
+            stage in ("vae", "decoder")
+            and not recipe.gpu
+            and int(recipe.recipe.get("accelerate", {}).get("vae_processes", 1)) == 1
+        ):
             stage_env = {**env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", cores)}  # one process, all cores
         why = " (its input changed: starting it over)" if stale else ""
         print(f"[demo-recipe] {index + 1}/{len(stages)} {stage}{why}: {' '.join(command)}", flush=True)
@@ -311,27 +341,46 @@ def run_recipe(recipe: Recipe, stages: list[str] = STAGES, dry_run: bool = False
             recipe.write_model_card()
         elapsed = round(time.time() - started, 1)
         state = json.loads(recipe.state_file.read_text())
-        total = round(state.get(stage, {}).get("total_seconds", 0.0) + elapsed, 1)  # runs killed by a signal are not counted
-        _record(recipe.state_file, stage, {"last_run_seconds": elapsed, "total_seconds": total, "exit_code": code,
-                                           "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        total = round(
+            state.get(stage, {}).get("total_seconds", 0.0) + elapsed, 1
+        )  # runs killed by a signal are not counted
+        _record(
+            recipe.state_file,
+            stage,
+            {
+                "last_run_seconds": elapsed,
+                "total_seconds": total,
+                "exit_code": code,
+                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
         if code != 0:
-            print(f"[demo-recipe] {stage} failed (exit {code}) after {elapsed} s; rerun the same command to resume",
-                  flush=True)
+            print(
+                f"[demo-recipe] {stage} failed (exit {code}) after {elapsed} s; rerun the same command to resume",
+                flush=True,
+            )
             return code
         if not recipe.complete(stage):
-            print(f"[demo-recipe] {stage} exited without a complete output; rerun the same command to resume",
-                  flush=True)
+            print(
+                f"[demo-recipe] {stage} exited without a complete output; rerun the same command to resume", flush=True
+            )
             return 1
         print(f"[demo-recipe] {stage}: done in {elapsed} s ({total} s over all runs)", flush=True)
     return 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("demo-recipe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "demo-recipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe YAML (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override, e.g. stage1.set=[train.max_train_steps=2000]")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override, e.g. stage1.set=[train.max_train_steps=2000]",
+    )
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--dry-run", action="store_true", help="print what would run")
     return parser.parse_args(argv)
@@ -349,8 +398,11 @@ def main(argv=None) -> int:
         code = run_recipe(recipe, stages, dry_run=args.dry_run)
     if code == 0 and not args.dry_run:
         where = f"; pipeline: {recipe.recipe['export']['out']}" if "export" in stages else ""
-        print(f"[demo-recipe] {'all' if len(stages) == len(STAGES) else 'requested'} stages complete "
-              f"({time.time() - started:.0f} s this run){where}", flush=True)
+        print(
+            f"[demo-recipe] {'all' if len(stages) == len(STAGES) else 'requested'} stages complete "
+            f"({time.time() - started:.0f} s this run){where}",
+            flush=True,
+        )
     return code
 
 

@@ -8,9 +8,13 @@ echo-export --stage-dir outputs/stage2 --model-config configs/models/wan2.1-t2v-
 
 What it does, in order:
 
-1. ``--stage-dir`` is a run folder (its ``final/``, else its newest ``checkpoint-N/``) or one of those folders; its
+1. ``--stage-dir`` is a run folder (its ``final/``, else, with a warning naming it, its newest ``checkpoint-N/``; a
+   ``final/`` without its adapter is refused, not replaced by a checkpoint) or one of those folders; its
    ``training_config.yaml`` gives the stage, the ablation switches and (stage 2) the stage-1 output, its
-   ``echo_settings.json`` the settings the model was trained with.
+   ``echo_settings.json`` the settings the model was trained with. The exported state is logged. A stage-2 state
+   records the stage-1 state it was trained on (``stage1.json``: the SHA-256 of its weights); the stage-1 output
+   fused with it (``--stage1-dir``, or the run's ``model.stage1_dir``) must match it, or the export is refused
+   naming both.
 2. The components are built from the model description (``--model-config``, by default the one the run trained
    with), with the run's ablation switches applied exactly as training applied them.
 3. The generator gets the stage-1 modules and adapter, fused (diffusers' ``fuse_lora`` + ``unload_lora``); for a
@@ -24,6 +28,9 @@ What it does, in order:
    ``--overwrite``, which replaces only a pipeline folder (``model_index.json`` naming `EchoPipeline`), and never one
    that is, contains or lies inside an input (``--stage-dir``, ``--stage1-dir``, ``--vae``, ``--model-config``).
    Weights holding NaN or infinite values (a diverged run) are refused, naming them.
+
+With ``train.ema`` the exported weights are the EMA of the trained weights when ``--stage-dir`` resolves to ``final/``
+(training writes them there), and the last step's weights for a ``checkpoint-N/`` (logged, with a warning).
 
 A stage-1 output exports without an LCU (``context_encoder`` is `None`): the pipeline then renders from the reference
 and the avatar audio only.
@@ -46,6 +53,7 @@ import torch
 from .config import load_config
 from .modeling import (
     _apply_ablation,
+    check_stage1_identity,
     check_stage1_settings,
     load_context_encoder_weights,
     load_fused,
@@ -57,8 +65,14 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The pipeline's components besides the LCU (stage 2 only).
 PIPELINE_SECTIONS = (
-    "vae", "transformer", "scheduler", "audio_encoder", "feature_extractor", "text_encoder", "tokenizer",
-)  # fmt: skip
+    "vae",
+    "transformer",
+    "scheduler",
+    "audio_encoder",
+    "feature_extractor",
+    "text_encoder",
+    "tokenizer",
+)
 
 
 SAMPLING_SETTINGS = ("num_inference_steps", "audio_guidance_scale", "user_guidance_scale")
@@ -80,11 +94,17 @@ def replace_decoder(vae, vae_dir: str | os.PathLike):
     same encoder and quant-conv weights and latent statistics, so that only the decoded pictures differ."""
     from .train_vae import ENCODER_PREFIXES, load_vae_folder
 
-    replacement = load_vae_folder(vae_dir, f"--vae {str(vae_dir)!r} is", "pass the export_dir of a decoder run "
-                                  "(training.train_vae with train.freeze_encoder).")  # fmt: skip
+    replacement = load_vae_folder(
+        vae_dir,
+        f"--vae {str(vae_dir)!r} is",
+        "pass the export_dir of a decoder run (training.train_vae with train.freeze_encoder).",
+    )
     trained, shipped = vae.state_dict(), replacement.state_dict()
-    changed = [name for name, value in trained.items() if name.startswith(ENCODER_PREFIXES)
-               and (name not in shipped or not torch.equal(value.float(), shipped[name]))]  # fmt: skip
+    changed = [
+        name
+        for name, value in trained.items()
+        if name.startswith(ENCODER_PREFIXES) and (name not in shipped or not torch.equal(value.float(), shipped[name]))
+    ]
     for key in ("latents_mean", "latents_std", "z_dim"):
         if list(np.atleast_1d(vae.config[key])) != list(np.atleast_1d(replacement.config[key])):
             changed.append(f"config.{key}")
@@ -151,17 +171,30 @@ def build_exported_pipeline(
     if vae_dir is not None:
         components["vae"] = replace_decoder(components["vae"], vae_dir)
 
-    # 3. Trained weights, adapters fused
+    # 3. Trained weights, adapters fused. With train.ema, final/ holds the EMA weights; a checkpoint-N/ holds the last
+    # step's (its EMA, ema.safetensors, is for resuming)
+    if config.train.ema and trained.name == "final":
+        logger.info("weights: the EMA of the trained weights (train.ema, decay %s): final/ holds them",
+                    config.train.ema_decay)  # fmt: skip
+    elif config.train.ema:
+        logger.warning("weights: the trained weights of step %s, not their EMA (train.ema): only final/ holds the EMA "
+                       "weights; export the run's final/ for them", trained.name.removeprefix("checkpoint-"))  # fmt: skip
+    else:
+        logger.info("weights: the trained weights of the last step (train.ema off)")
     if config.stage == 2:
+        given = "--stage1-dir" if stage1_dir else f"model.stage1_dir of {str(config_file)!r}"
         stage1 = resolve_trained_dir(
             stage1_dir or config.model.stage1_dir,
             what=f"stage-1 output (model.stage1_dir of {str(config_file)!r}; pass --stage1-dir if it moved)",
         )
+        check_stage1_identity(trained, stage1, given)
         check_stage1_settings(config, stage1)
+        logger.info("exporting the stage-2 state %s fused with the stage-1 state %s", trained, stage1)
         load_fused(transformer, stage1, "stage1")
         load_fused(transformer, trained, "stage2")
         load_context_encoder_weights(components["context_encoder"], trained)
     else:
+        logger.info("exporting the stage-1 state %s", trained)
         load_fused(transformer, trained, "stage1")
     for name in ("transformer", "context_encoder"):
         bad = non_finite_weights(components[name]) if components.get(name) is not None else []
@@ -301,17 +334,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage-dir", required=True, help="training output: run folder, its final/ or a checkpoint-N/")
     parser.add_argument("--out", required=True, help="pipeline folder to write (save_pretrained)")
     parser.add_argument(
-        "--model-config", default=None,
+        "--model-config",
+        default=None,
         help="model description (configs/models/*.yaml); default: the model.config the run trained with",
-    )  # fmt: skip
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="generator, encoders and LCU dtype")
     parser.add_argument("--vae-dtype", choices=sorted(DTYPES), default="fp32", help="VAE dtype (default fp32)")
     parser.add_argument("--stage1-dir", default=None, help="stage 2: the stage-1 output, if it moved since training")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument(
-        "--vae", default=None,
+        "--vae",
+        default=None,
         help="a VAE folder to ship instead of the model description's: its decoder trained further, encoder frozen",
-    )  # fmt: skip
+    )
     return parser.parse_args(argv)
 
 

@@ -24,7 +24,7 @@ the step encodes the window as it always did and writes the file (`training.step
 what a step without the cache costs, and the cache is never built in advance for windows the run never draws. With
 ``data.use_cached_latents`` the sampler draws window starts on a grid of ``data.window_stride`` frames, so the windows
 it can draw are a finite set that later epochs draw again. To fill it in advance (e.g. before a long run), run
-``python -m training.latent_cache --config <training yaml>`` (under ``accelerate launch`` each rank encodes every
+``python -m training.fill_latent_cache --config <training yaml>`` (under ``accelerate launch`` each rank encodes every
 ``num_processes``-th window; existing files are skipped, so a killed build resumes where it stopped).
 
 What stays outside: the condition (`echo.encoding.chunk_condition`: the reference image, and the motion frames of a
@@ -36,14 +36,13 @@ than windows) and a blurred continuation's on a continuous σ, so they are not w
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from echo import clip_format
+from echo import clip_format, encoding
 
 #: Hex digits of the VAE hash and of the clip-content hash in the folder names.
 VAE_KEY_LENGTH = 16
@@ -128,8 +127,11 @@ class WindowLatentCache:
         path = self.folder / key
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
-            "vae": self.vae_key, "window": key, "resolution": str(self.resolution), "num_frames": str(self.num_frames)
-        }  # fmt: skip
+            "vae": self.vae_key,
+            "window": key,
+            "resolution": str(self.resolution),
+            "num_frames": str(self.num_frames),
+        }
         return clip_format.write_safetensors(path, {"latents": latents.detach().float().cpu()}, metadata)
 
     def write_batch(self, keys: list[str], latents: torch.Tensor) -> None:
@@ -155,7 +157,6 @@ def build(cache: WindowLatentCache, dataset, vae, rank: int = 0, world_size: int
     Returns:
         `dict` with ``encoded`` and ``skipped`` (already cached) window counts of this rank.
     """
-    from echo.encoding import encode_latents
 
     counts = {"encoded": 0, "skipped": 0}
     for clip, start in windows(dataset)[rank::world_size]:
@@ -164,38 +165,7 @@ def build(cache: WindowLatentCache, dataset, vae, rank: int = 0, world_size: int
             counts["skipped"] += 1
             continue
         video = dataset.window_video(clip, start)[None]  # 1, 3, T, H, W
-        cache.write(key, encode_latents(vae, video.to(vae.device))[0])
+        latents = encoding.encode_latents(vae, video.to(vae.device))  # looked up at call time (tests patch it)
+        cache.write(key, latents[0])
         counts["encoded"] += 1
     return counts
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m training.latent_cache --config <training yaml> [--set key=value ...]``: fill the cache of a
-    training config in advance (under ``accelerate launch``, sharded over the processes)."""
-    from training.config import load_config
-    from training.train import build_data, build_models, make_accelerator
-
-    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    if not config.data.use_cached_latents:
-        raise ValueError(
-            f"{args.config!r} does not set data.use_cached_latents: its training would not read the cache."
-        )
-    accelerator, weight_dtype = make_accelerator(config)
-    models, _ = build_models(config, accelerator, weight_dtype)
-    dataset, _ = build_data(config, models)
-    counts = build(dataset.latent_cache, dataset, models.vae, accelerator.process_index, accelerator.num_processes)
-    print(
-        f"[latent-cache] rank {accelerator.process_index}: {counts['encoded']} windows encoded, {counts['skipped']} "
-        f"already cached, in {dataset.latent_cache.folder}",
-        flush=True,
-    )
-    accelerator.wait_for_everyone()
-    return counts
-
-
-if __name__ == "__main__":
-    main()

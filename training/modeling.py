@@ -14,6 +14,8 @@ Files of a trained state (a checkpoint or the final output), all safetensors or 
 - ``transformer_modules.safetensors``: the fully trained generator parameters, under their base-model names;
 - ``context_encoder/``: the LCU (stage 2), `save_pretrained` format;
 - ``echo_settings.json`` and ``training_config.yaml`` (written by `training.train`): what the state was trained with.
+- ``stage1.json`` (stage 2, written by `training.train`): the stage-1 state it was trained on, its folder and the
+  SHA-256 of its trained weights (`stage1_identity`); echo-export checks the stage-1 output it fuses against it.
 
 Adapters go through diffusers' `PeftAdapterMixin` on the generator: `load_lora_adapter` to add a saved one,
 `fuse_lora` + `unload_lora` to fuse it; the saved weights are peft's `get_peft_model_state_dict`.
@@ -22,7 +24,9 @@ Adapters go through diffusers' `PeftAdapterMixin` on the generator: `load_lora_a
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -33,11 +37,14 @@ import torch.nn as nn
 
 from .config import TrainConfig, settings_from_config
 
+logger = logging.getLogger(__name__)
+
 LORA_DIR = "transformer_lora"
 MODULES_FILE = "transformer_modules.safetensors"
 CONTEXT_ENCODER_DIR = "context_encoder"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's file names
 LCU_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' file name, so `from_pretrained` reads it
+STAGE1_RECORD = "stage1.json"  # stage 2: which stage-1 state it was trained on (`stage1_identity`)
 
 
 class EchoTrainingModule(nn.Module):
@@ -79,7 +86,9 @@ class EchoTrainingModule(nn.Module):
         context_embeds = context_mask = None
         if self.context_encoder is not None:
             if user_inputs is None:
-                raise ValueError("`user_inputs` is required when the training module holds a context encoder (stage 2).")
+                raise ValueError(
+                    "`user_inputs` is required when the training module holds a context encoder (stage 2)."
+                )
             lcu = self.context_encoder(**user_inputs)
             context_embeds, context_mask = lcu.context, lcu.context_mask  # B, T_cur, context_dim
             if user_keep is not None:
@@ -114,6 +123,7 @@ class TrainingModels:
     trainable_pattern: str
     image_encoder: nn.Module | None = None  # I2V bases: the frozen CLIP vision encoder of the reference
     image_processor: object | None = None
+    stage1: dict | None = None  # stage 2: `stage1_identity` of the stage-1 state fused into the generator
 
 
 def _apply_ablation(description: dict, config: TrainConfig) -> dict:
@@ -131,7 +141,9 @@ def _apply_ablation(description: dict, config: TrainConfig) -> dict:
     if config.stage == 2:
         lcu = description.get("context_encoder")
         if lcu is None:
-            raise ValueError(f"model config {config.model.config!r} has no 'context_encoder' section (needed in stage 2).")
+            raise ValueError(
+                f"model config {config.model.config!r} has no 'context_encoder' section (needed in stage 2)."
+            )
         if "pretrained" not in lcu:
             lcu.setdefault("config", {}).update(
                 use_visual=switches.use_visual,
@@ -231,21 +243,88 @@ def fuse_adapter(transformer: nn.Module, adapter_name: str) -> None:
 
 
 def resolve_trained_dir(path: str | os.PathLike, what: str = "stage-1 output (config key 'model.stage1_dir')") -> Path:
-    """A stage output: the folder itself if it holds an adapter, else its ``final/`` or latest ``checkpoint-N``."""
+    """A stage output: the folder itself if it holds an adapter, else its ``final/``, else (no ``final/``: a run
+    still training or stopped) its latest ``checkpoint-N``, with a warning naming it. A ``final/`` without its adapter
+    (a save that was stopped) is an error, not a reason to take a checkpoint instead."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
     if (path / LORA_DIR).is_dir():
         return path
-    if (path / "final" / LORA_DIR).is_dir():
-        return path / "final"
     checkpoints = sorted(
         (p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and (p / LORA_DIR).is_dir()),
         key=lambda p: int(p.name.split("-")[1]),
     )
+    final = path / "final"
+    if (final / LORA_DIR).is_dir():
+        return final
+    if final.exists():
+        newest = f"; its newest checkpoint is {str(checkpoints[-1])!r}" if checkpoints else ""
+        raise FileNotFoundError(
+            f"{what} {str(path)!r}: its final/ has no {LORA_DIR}/, so it is incomplete (a save that was stopped, or a "
+            f"deleted file). Finish or rerun the training, or name one of its checkpoint-N/ folders instead{newest}."
+        )
     if not checkpoints:
         raise FileNotFoundError(f"{what} {str(path)!r} holds no {LORA_DIR}/, final/ or checkpoint-N/ folder.")
+    logger.warning(
+        "%s %s has no final/ (still training, or stopped): using its newest checkpoint, %s",
+        what,
+        path,
+        checkpoints[-1].name,
+    )
     return checkpoints[-1]
+
+
+def stage1_identity(trained_dir: str | os.PathLike) -> dict:
+    """What identifies a stage-1 state (stage 2 records it, echo-export checks it): ``{"dir": its folder,
+    "weights_sha256": the SHA-256 of its adapter weights followed by its trained modules}``."""
+    trained_dir = Path(trained_dir)
+    digest = hashlib.sha256()
+    for file in (trained_dir / LORA_DIR / ADAPTER_WEIGHTS_NAME, trained_dir / MODULES_FILE):
+        if not file.is_file():
+            raise FileNotFoundError(f"stage-1 state {str(trained_dir)!r} has no {file.relative_to(trained_dir)}.")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return {"dir": str(trained_dir.resolve()), "weights_sha256": digest.hexdigest()}
+
+
+def check_stage1_identity(stage2_dir: str | os.PathLike, stage1_dir: str | os.PathLike, given: str) -> None:
+    """Refuse to fuse ``stage1_dir`` with the stage-2 state ``stage2_dir`` unless it is the stage-1 state stage 2 was
+    trained on: a stage-1 output (its ``training_config.yaml`` says ``stage: 1``) whose `stage1_identity` equals the
+    one stage 2 recorded in its ``stage1.json``. ``given`` names where ``stage1_dir`` came from, for the message. A
+    stage-2 state from before ``stage1.json`` existed cannot be checked: a warning says so."""
+    import yaml
+
+    stage1_dir, stage2_dir = Path(stage1_dir), Path(stage2_dir)
+    config_file = stage1_dir / "training_config.yaml"
+    if config_file.is_file():
+        stage = (yaml.safe_load(config_file.read_text()) or {}).get("stage")
+        if stage != 1:
+            raise ValueError(
+                f"{given} {str(stage1_dir)!r} is a stage-{stage} output, not a stage-1 one ({str(config_file)!r}); "
+                f"pass the stage-1 run that {str(stage2_dir)!r} was trained on."
+            )
+    record_file = stage2_dir / STAGE1_RECORD
+    if not record_file.is_file():
+        logger.warning(
+            "%s has no %s (trained before it was recorded): cannot check that %s %s is the stage-1 state "
+            "it was trained on",
+            stage2_dir,
+            STAGE1_RECORD,
+            given,
+            stage1_dir,
+        )
+        return
+    recorded = json.loads(record_file.read_text())
+    found = stage1_identity(stage1_dir)
+    if found["weights_sha256"] != recorded.get("weights_sha256"):
+        raise ValueError(
+            f"{given} {str(stage1_dir)!r} is not the stage-1 state {str(stage2_dir)!r} was trained on: its weights' "
+            f"SHA-256 is {found['weights_sha256'][:16]}…, while stage 2 recorded {str(recorded.get('weights_sha256'))[:16]}… "
+            f"of {recorded.get('dir')!r} ({str(record_file)!r}). Fusing another stage 1 would give a generator that was "
+            "never trained; pass the stage-1 run stage 2 was trained on (--stage1-dir)."
+        )
 
 
 def save_adapter(folder: str | os.PathLike, transformer: nn.Module, adapter_name: str, state: dict | None = None):
@@ -297,9 +376,12 @@ def load_adapter(transformer: nn.Module, folder: str | os.PathLike, adapter_name
 
 
 def save_trained(
-    output_dir: str | os.PathLike, state: dict[str, torch.Tensor], module: EchoTrainingModule, adapter_name: str,
+    output_dir: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    module: EchoTrainingModule,
+    adapter_name: str,
     trainable_pattern: str,
-) -> None:  # fmt: skip
+) -> None:
     """Write the adapter (PEFT format), the fully trained generator modules and the LCU (safetensors).
 
     Args:
@@ -415,7 +497,9 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
     if config.stage == 2:
         sections.append("context_encoder")
     sections += [name for name in ("image_encoder", "image_processor") if name in description]
-    components = load_components(description, torch_dtype=torch.float32, only=sections)  # fp32 master weights: the accelerate config sets the compute precision
+    components = load_components(
+        description, torch_dtype=torch.float32, only=sections
+    )  # fp32 master weights: the accelerate config sets the compute precision
     vae = components["vae"].requires_grad_(False).eval()
     image_encoder = components.get("image_encoder")
     image_dim = components["transformer"].config.image_dim
@@ -436,9 +520,10 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
     # 2. Stage 2: fuse stage 1 into the base; f_ref is a frozen copy of it
     ref_transformer = None
     context_encoder = None
+    stage1 = None
     if config.stage == 2:
         check_stage1_settings(config, resolve_trained_dir(config.model.stage1_dir))
-        load_stage1_into(transformer, config.model.stage1_dir)
+        stage1 = stage1_identity(load_stage1_into(transformer, config.model.stage1_dir))
         ref_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
         context_encoder = components["context_encoder"].requires_grad_(True).train()
 
@@ -461,6 +546,7 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
         trainable_pattern=config.lora.trainable_modules,
         image_encoder=image_encoder,
         image_processor=components.get("image_processor"),
+        stage1=stage1,
     )
 
 
@@ -506,4 +592,3 @@ def fsdp_auto_wrap_policy(module: nn.Module, block_classes: tuple[type, ...] | N
             functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=set(block_classes)),
         ],
     )
-

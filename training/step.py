@@ -109,7 +109,9 @@ def stage1_prompt_embeds(
     if "empty_embeds" in batch:
         return batch["empty_embeds"].to(device, dtype)
     if prompt_encoder is None:
-        raise ValueError("The batch has no 'empty_embeds' and no `prompt_encoder` was given to encode f_ref's prompt ''.")
+        raise ValueError(
+            "The batch has no 'empty_embeds' and no `prompt_encoder` was given to encode f_ref's prompt ''."
+        )
     return prompt_encoder([""] * batch_size, device, dtype)
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_prep.testing import make_tiny_prepared_set
+from echo import clip_format
+from echo.components import load_components, load_model_config
+
 EMOTIONS = ("the avatar looks calm and attentive", "the avatar smiles and feels happy")
 # Reasoning strides of the tiny caches (`echo.clip_format.reasoning_frame`): several entries per 17-frame clip, so
 # windows before the first reasoning frame, on one and between two all occur (saved with models trained on it).
@@ -34,14 +38,11 @@ def make_tiny_training_set(
     """
     import torch
 
-    from echo import clip_format
-
     out_dir = Path(out_dir)
     root = out_dir / "prepared"
     done = out_dir / ".complete"
     if done.is_file():
         return root
-    from data_prep.testing import make_tiny_prepared_set
 
     clips = make_tiny_prepared_set(out_dir, num_frames=num_frames, size=size, seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -66,7 +67,6 @@ def save_tiny_text_encoder(out_dir: str | Path) -> Path:
     Returns:
         `Path`: ``out_dir``.
     """
-    from echo.components import load_components
 
     out_dir = Path(out_dir)
     config = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
@@ -83,7 +83,6 @@ def save_tiny_vae(out_dir: str | Path) -> Path:
     Returns:
         `Path`: ``out_dir``.
     """
-    from echo.components import load_components
 
     out_dir = Path(out_dir)
     config = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
@@ -111,8 +110,6 @@ def save_tiny_wan_folder(
     """
     import torch
     from diffusers import WanTransformer3DModel
-
-    from echo.components import load_components, load_model_config
 
     out_dir = Path(out_dir)
     done = out_dir / ".complete"
@@ -142,8 +139,6 @@ def _calibrate_latents(vae, clips: list[Path]) -> None:
     """Set ``vae.config.latents_mean`` / ``latents_std`` to the per-channel statistics of the clips' latents."""
     import torch
 
-    from echo import clip_format
-
     latents = []
     for clip in clips:
         record = clip_format.read_meta(clip)
@@ -156,8 +151,18 @@ def _calibrate_latents(vae, clips: list[Path]) -> None:
 
 
 # The WanTransformer3DModel arguments of the tiny generator (configs/models/tiny.yaml), the rest is ECHO's.
-_WAN_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "text_dim", "freq_dim", "ffn_dim", "num_layers",
-             "cross_attn_norm", "qk_norm", "rope_max_seq_len")  # fmt: skip
+_WAN_KEYS = (
+    "patch_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+    "cross_attn_norm",
+    "qk_norm",
+    "rope_max_seq_len",
+)
 TINY_MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 
 
@@ -166,15 +171,20 @@ def tiny_i2v_description() -> dict:
     (``image_dim`` 32, image key/value projections of its width 32) from a tiny seeded `CLIPVisionModel` (hidden 32, 2
     layers, 32² images in 8² patches: 17 tokens) and its `CLIPImageProcessor` (32²); prompts are padded to the 512
     tokens Wan's attention expects after the image tokens."""
-    from echo.components import load_model_config
 
     description = load_model_config(TINY_MODEL_CONFIG)
     description["transformer"]["config"].update(image_dim=32, added_kv_proj_dim=32)
     description["image_encoder"] = {
         "class": "CLIPVisionModel",
-        "config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=32, patch_size=8),
-    }  # fmt: skip
+        "config": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+    }
     description["image_processor"] = {
         "class": "CLIPImageProcessor",
         "config": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
@@ -193,7 +203,6 @@ def shrink_description(description: str | Path | dict, wan_folder: str | Path, w
     A description whose generator is built from a ``config`` (the tiny and demo models) keeps it; its other
     ``pretrained`` sources (e.g. the demo's trained VAE) name the tiny base's folders.
     """
-    from echo.components import load_model_config
 
     description = load_model_config(description)
     tiny = load_model_config(TINY_MODEL_CONFIG)
@@ -224,3 +233,25 @@ def shrink_description(description: str | Path | dict, wan_folder: str | Path, w
     if "image_encoder" not in description:
         settings["max_sequence_length"] = tiny["settings"]["max_sequence_length"]
     return description
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``make tiny-data`` / ``python -m training.testing --out data/tiny``: the prepared set the tiny training configs
+    read (``configs/train/tiny_*.yaml``: ``data.root: data/tiny/prepared``), made by `make_tiny_training_set` from a
+    synthetic conversation through the real echo-prep (MediaPipe framing and face mesh, a tiny random wav2vec2) plus
+    the stage-2 caches; rerunning it on a complete folder does nothing."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":", 1)[0].strip("`"))
+    parser.add_argument("--out", default="data/tiny", help="working folder; the clips go to <out>/prepared")
+    parser.add_argument("--num-frames", type=int, default=17, help="frames per clip (the tests' 17)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = make_tiny_training_set(args.out, num_frames=args.num_frames, seed=args.seed)
+    print(f"tiny prepared set: {root} ({len(list(root.glob('*/meta.json')))} clips); train on it with "
+          f"`python -m training.train --config configs/train/tiny_stage1.yaml --set data.root={root}`")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,16 +36,16 @@ so resuming under DeepSpeed is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import random
 import re
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,8 +56,18 @@ import yaml
 
 from echo.encoding import PromptEncoder
 
-from .config import TrainConfig, config_to_dict, load_config, settings_from_config
+from .checkpoint_integrity import (  # noqa: F401 (re-exported: the names resume and the tests use)
+    MANIFEST_FILE,
+    PROGRESS_FILE,
+    CheckpointError,
+    check_no_pickles,
+    verify_checkpoint,
+    write_manifest,
+)
+from .config import TrainConfig, config_help, config_to_dict, load_config, settings_from_config
+from .ema import TrainedWeightsEMA
 from .modeling import (
+    STAGE1_RECORD,
     TrainingModels,
     build_training_models,
     fsdp_auto_wrap_policy,
@@ -73,15 +83,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "training_config.yaml"
-PROGRESS_FILE = "training_state.json"
 RNG_FILE = "rng_state_{rank}.safetensors"
-MANIFEST_FILE = "checkpoint_files.json"
-PICKLE_SUFFIXES = (".pkl", ".pickle")
-TORCH_SUFFIXES = (".bin", ".pt", ".pth")  # torch.save archives, read back with torch.load(weights_only=True)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from: a file is missing, corrupt or unsafe to load (the message names it)."""
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file-size limit, ...): the message names it and the cause."""
 
 
 @dataclass
@@ -139,7 +145,9 @@ def load_rng_state(folder: str | os.PathLike, rank: int) -> None:
 
     path = Path(folder) / RNG_FILE.format(rank=rank)
     if not path.is_file():
-        logger.warning("%s does not exist (saved with fewer processes?): rank %d's RNG states not restored.", path, rank)
+        logger.warning(
+            "%s does not exist (saved with fewer processes?): rank %d's RNG states not restored.", path, rank
+        )
         return
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -155,157 +163,6 @@ def load_rng_state(folder: str | os.PathLike, rank: int) -> None:
     cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-
-
-def check_no_pickles(checkpoint: Path) -> None:
-    """Refuse a checkpoint folder that holds a pickle: accelerate's `load_state` would unpickle it (its custom and RNG
-    states are ``.pkl`` files), and unpickling can run any code. This trainer never writes one."""
-    found = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.suffix in PICKLE_SUFFIXES)
-    if found:
-        raise CheckpointError(
-            f"checkpoint {str(checkpoint)!r} holds pickle files {found}: loading them could run code, and this trainer "
-            "never writes them (the checkpoint comes from an older version or was tampered with). Resume from a "
-            "checkpoint written by this version, or start a new run into a new output folder."
-        )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(checkpoint: Path) -> Path:
-    """Write ``checkpoint_files.json``: the size and SHA-256 of every file of ``checkpoint``."""
-    files = {
-        p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(checkpoint.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_FILE
-    }
-    path = checkpoint / MANIFEST_FILE
-    path.write_text(json.dumps({"files": files}, indent=1) + "\n")
-    return path
-
-
-def _check_manifest(checkpoint: Path) -> None:
-    path = checkpoint / MANIFEST_FILE
-    try:
-        files = json.loads(path.read_text())["files"]
-        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{str(path)!r} is not a valid list of checkpoint files ({error!r}).") from error
-    for name, (size, digest) in expected.items():
-        file = checkpoint / name
-        if not file.is_file():
-            raise CheckpointError(f"{str(file)!r} is missing (listed in {MANIFEST_FILE}).")
-        if file.stat().st_size != size:
-            raise CheckpointError(
-                f"{str(file)!r} has {file.stat().st_size} bytes, {size} when it was saved (truncated or corrupt)."
-            )
-        if _sha256(file) != digest:
-            raise CheckpointError(f"{str(file)!r} does not match the SHA-256 recorded when it was saved (corrupt).")
-
-
-class _DcpMetadataUnpickler(pickle.Unpickler):
-    """Reads a ``torch.distributed.checkpoint`` ``.metadata`` file (FSDP's sharded state), resolving only what such a
-    file names: its metadata classes, ``torch.Size``, dtypes, layouts and paths. DCP reads the file with `pickle.load`,
-    which runs whatever a crafted file asks for; a file this unpickler reads back holds nothing else."""
-
-    ALLOWED = {
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("collections", "OrderedDict"),
-    } | {(module, cls) for module in ("pathlib", "pathlib._local") for cls in ("PosixPath", "PurePosixPath")}
-
-    def find_class(self, module: str, name: str):
-        import torch.distributed.checkpoint.metadata as dcp_metadata
-
-        found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
-        allowed = (
-            (module, name) in self.ALLOWED
-            or (isinstance(found, type) and found.__module__ == module)  # a class defined there, not one imported
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"'{module}.{name}' is not a checkpoint-metadata class")
-        return super().find_class(module, name)
-
-
-def _check_file(path: Path) -> None:
-    """Read ``path`` the safe way its kind allows, raising `CheckpointError` naming it if it is corrupt or unsafe."""
-    from accelerate.utils.other import load as accelerate_load
-    from safetensors import SafetensorError, safe_open
-
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:  # checks the header and that the data fills the file
-                f.metadata()
-        except (SafetensorError, OSError) as error:  # safetensors' own message names no file
-            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({error}).") from error
-    elif path.suffix in TORCH_SUFFIXES:
-        if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{str(path)!r} is not a torch.save archive (truncated or corrupt).")
-        try:
-            with zipfile.ZipFile(path) as archive:
-                damaged = archive.testzip()  # the CRC-32 of every record
-        except (zipfile.BadZipFile, OSError, EOFError) as error:
-            raise CheckpointError(f"{str(path)!r} is not a readable torch.save archive ({error}).") from error
-        if damaged is not None:
-            raise CheckpointError(f"{str(path)!r} is corrupt: its record {damaged!r} fails its CRC check.")
-        try:  # accelerate's loader: torch.load(weights_only=True) with the globals accelerate admits
-            accelerate_load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(
-                f"{str(path)!r} was refused by torch's weights-only loader: it holds objects other than tensors and "
-                f"plain containers, and unpickling it could run code ({error})."
-            ) from error
-        except (RuntimeError, OSError, EOFError) as error:
-            raise CheckpointError(f"{str(path)!r} could not be read ({error}).") from error
-    elif path.name.endswith(".metadata"):
-        try:
-            with open(path, "rb") as f:
-                _DcpMetadataUnpickler(f).load()
-        except Exception as error:  # any failure of the restricted unpickler: refuse rather than let DCP unpickle it
-            raise CheckpointError(
-                f"{str(path)!r} is not a checkpoint-metadata file that loads safely ({error}); "
-                "torch.distributed.checkpoint would unpickle it without restriction."
-            ) from error
-    elif path.suffix == ".json":
-        try:
-            json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{str(path)!r} is not valid JSON ({error}).") from error
-
-
-def verify_checkpoint(checkpoint: Path) -> None:
-    """Check, before anything is loaded, that ``checkpoint`` can be resumed from safely.
-
-    No pickle (`check_no_pickles`); the training state present; every file listed in ``checkpoint_files.json`` present
-    with its saved size and SHA-256; every file of a kind resume reads well formed and safe: safetensors headers, torch
-    archives (CRC-32s, and accepted by the weights-only loader), DCP ``.metadata`` (`_DcpMetadataUnpickler`), JSON;
-    and the list itself present (a checkpoint without it is incomplete).
-
-    Raises:
-        CheckpointError: naming the first file that fails and why.
-    """
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is not a folder.")
-    check_no_pickles(checkpoint)
-    if not (checkpoint / PROGRESS_FILE).is_file():
-        raise CheckpointError(f"checkpoint {str(checkpoint)!r} has no {PROGRESS_FILE}: not written by this trainer.")
-    if (checkpoint / MANIFEST_FILE).exists():
-        _check_manifest(checkpoint)
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
-        _check_file(path)
-    if not (checkpoint / MANIFEST_FILE).exists():  # after the form checks, so that a malformed file is named first
-        raise CheckpointError(
-            f"checkpoint {str(checkpoint)!r} has no {MANIFEST_FILE}, which every save writes last: the checkpoint is "
-            "incomplete or was altered, and its files cannot be checked against what was saved. Resume from another "
-            "checkpoint."
-        )
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -329,14 +186,23 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train ECHO (stage 1 or 2) with accelerate.")
+    parser = argparse.ArgumentParser(
+        description="Train ECHO (stage 1 or 2) with accelerate.",
+        epilog=config_help() + "\n\n(The same list, as a table: docs/config_keys.md.)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, help="training YAML, e.g. configs/train/stage1.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_train_steps=10")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (= train.resume_from_checkpoint)")
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_train_steps=10"
+    )
+    parser.add_argument(
+        "--resume", default=None, help="'latest' or a checkpoint folder (= train.resume_from_checkpoint)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
         help="delete an earlier run in output_dir (checkpoints, final/, logs) and start over (= train.overwrite_output_dir)",
-    )  # fmt: skip
+    )
     return parser.parse_args(argv)
 
 
@@ -355,18 +221,32 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     once the new one is complete and verifies (`verify_checkpoint`): a save killed or failing at any point leaves
     every earlier checkpoint, and ``--resume latest`` resumes from the newest of them.
     """
+    from safetensors import SafetensorError
+
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for pickled in tmp.glob("random_states_*.pkl"):
+                pickled.unlink()
+            write_manifest(tmp)
+            verify_checkpoint(tmp)
+    except BaseException as error:  # the partial folder goes (it frees the space a full disk lacks); re-raised
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, (OSError, RuntimeError, SafetensorError)):  # a write failed: name the checkpoint
+            raise CheckpointSaveError(
+                f"saving checkpoint-{step} into output_dir {str(output_dir)!r} failed ({type(error).__name__}: "
+                f"{error}); its partial folder was removed and earlier checkpoints are kept. Free space (or lift the "
+                "file-size limit, `ulimit -f`) where output_dir lies, then continue with --resume latest."
+            ) from error
+        raise
     if accelerator.is_main_process:
-        for pickled in tmp.glob("random_states_*.pkl"):
-            pickled.unlink()
-        write_manifest(tmp)
-        verify_checkpoint(tmp)
         if final.exists():  # a checkpoint of this step from an earlier attempt: replaced only by a verified one
             replaced = output_dir / f".checkpoint-{step}.old"
             if replaced.exists():
@@ -420,8 +300,9 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
         if skipped:
             logger.warning(
                 "--resume latest: resuming from %s, the newest checkpoint that verifies (skipped: %s).",
-                checkpoint, ", ".join(entry.split(":")[0] for entry in skipped),
-            )  # fmt: skip
+                checkpoint,
+                ", ".join(entry.split(":")[0] for entry in skipped),
+            )
         return checkpoint
     if skipped:
         raise CheckpointError(f"--resume latest: no checkpoint of {str(output_dir)!r} verifies: {'; '.join(skipped)}")
@@ -443,10 +324,15 @@ def _flat_hparams(config: TrainConfig) -> dict:
     return flat
 
 
-def write_run_files(folder: str | os.PathLike, config: TrainConfig, settings: EchoSettings) -> None:
-    """``training_config.yaml`` and ``echo_settings.json``: what a trained state was trained with."""
+def write_run_files(
+    folder: str | os.PathLike, config: TrainConfig, settings: EchoSettings, stage1: dict | None = None
+) -> None:
+    """``training_config.yaml`` and ``echo_settings.json``: what a trained state was trained with; in stage 2 also
+    ``stage1.json``, the `stage1_identity` of the stage-1 state it was trained on (echo-export checks it)."""
     Path(folder, CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     settings.save(folder)
+    if stage1 is not None:
+        Path(folder, STAGE1_RECORD).write_text(json.dumps(stage1, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,6 +356,7 @@ class TrainingRun:
     progress: TrainingProgress
     weight_dtype: torch.dtype
     renderer: Any = None
+    ema: TrainedWeightsEMA | None = None  # train.ema
 
 
 def make_accelerator(config: TrainConfig):
@@ -499,11 +386,20 @@ def prepare_output_dir(accelerator, config: TrainConfig) -> None:
     """Refuse an ``output_dir`` holding an earlier run (checkpoints, ``final/``) unless this run resumes it or
     ``train.overwrite_output_dir`` deletes it first; then write ``training_config.yaml``."""
     output_dir, train_cfg = Path(config.output_dir), config.train
+    blocker = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == output_dir else f"lies under {str(blocker)!r}, which is a file"
+        raise NotADirectoryError(
+            f"output_dir {str(output_dir)!r} {where}: a run writes a folder there. Set another output_dir "
+            "(`--set output_dir=<folder>`) or move that file away."
+        )
     checkpoints = _checkpoints(output_dir) if output_dir.is_dir() else []
     earlier = [p.name + "/" for p in checkpoints] + (["final/"] if (output_dir / "final").exists() else [])
     resume = train_cfg.resume_from_checkpoint
     if train_cfg.overwrite_output_dir and resume is not None:
-        raise ValueError("--overwrite (train.overwrite_output_dir) and --resume (train.resume_from_checkpoint) conflict.")
+        raise ValueError(
+            "--overwrite (train.overwrite_output_dir) and --resume (train.resume_from_checkpoint) conflict."
+        )
     resumable = resume is not None and (bool(checkpoints) or resume != "latest")
     if earlier and not train_cfg.overwrite_output_dir and not resumable:
         raise FileExistsError(
@@ -533,7 +429,9 @@ def build_models(
     models = build_training_models(config)
     for frozen in (models.vae, models.text_encoder, models.ref_transformer, models.image_encoder):
         if frozen is not None:
-            frozen.to(accelerator.device) if weight_dtype == torch.float32 else frozen.to(accelerator.device, weight_dtype)
+            frozen.to(accelerator.device) if weight_dtype == torch.float32 else frozen.to(
+                accelerator.device, weight_dtype
+            )
     prompt_encoder = None
     if models.text_encoder is not None:
         prompt_encoder = PromptEncoder(models.text_encoder, models.tokenizer, config.data.max_sequence_length)
@@ -608,21 +506,27 @@ def build_optimizer(config: TrainConfig, models: TrainingModels, accelerator):
 
 
 def register_checkpoint_hooks(
-    accelerator, config: TrainConfig, models: TrainingModels, settings: EchoSettings, progress: TrainingProgress
-) -> None:
+    accelerator, config: TrainConfig, models: TrainingModels, settings: EchoSettings, progress: TrainingProgress,
+    ema: TrainedWeightsEMA | None = None,
+) -> None:  # fmt: skip
     """`save_state` / `load_state` hooks: the adapter (PEFT) and trained modules instead of the full model, the step
-    counters as JSON and the RNG states as safetensors (instead of accelerate's pickles)."""
+    counters as JSON, the RNG states and (``train.ema``) the EMA weights as safetensors (instead of accelerate's
+    pickles)."""
 
     def save_hook(hook_models, weights, hook_dir):
         for model in hook_models:
             state = accelerator.get_state_dict(model)  # collective under FSDP (gathers the shards on rank 0)
             if accelerator.is_main_process:
-                save_trained(hook_dir, state, accelerator.unwrap_model(model), models.adapter_name, models.trainable_pattern)
+                save_trained(
+                    hook_dir, state, accelerator.unwrap_model(model), models.adapter_name, models.trainable_pattern
+                )
         weights.clear()  # the frozen base is not rewritten with every checkpoint
         if accelerator.is_main_process:
             progress.micro_step = accelerator.step
             progress.save(hook_dir)
-            write_run_files(hook_dir, config, settings)
+            write_run_files(hook_dir, config, settings, models.stage1)
+            if ema is not None:
+                ema.save(hook_dir)
         save_rng_state(hook_dir, accelerator.process_index)
 
     def load_hook(hook_models, hook_dir):
@@ -631,14 +535,19 @@ def register_checkpoint_hooks(
             load_trained(hook_dir, unwrapped.transformer, unwrapped.context_encoder, models.adapter_name)
         progress.load(hook_dir)
         load_rng_state(hook_dir, accelerator.process_index)
+        if ema is not None:
+            ema.load(hook_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def resume_from_checkpoint(accelerator, config: TrainConfig, progress: TrainingProgress) -> None:
+def resume_from_checkpoint(
+    accelerator, config: TrainConfig, progress: TrainingProgress, stage1: dict | None = None
+) -> None:
     """Load ``train.resume_from_checkpoint`` (``latest`` or a folder) when given, after `resolve_resume` verified it
-    on the main process (every rank then loads the same checkpoint); nothing in it can run code."""
+    on the main process (every rank then loads the same checkpoint); nothing in it can run code. In stage 2,
+    ``stage1`` (the `stage1_identity` fused now) must be the one the checkpoint recorded."""
     from accelerate.utils import DistributedType, broadcast_object_list
 
     output_dir, resume = Path(config.output_dir), config.train.resume_from_checkpoint
@@ -672,6 +581,15 @@ def resume_from_checkpoint(accelerator, config: TrainConfig, progress: TrainingP
     # 2. Load it, once its training config agrees with this run's
     checkpoint = Path(value)
     check_resume_config(config, checkpoint)
+    recorded = checkpoint / STAGE1_RECORD
+    if stage1 is not None and recorded.is_file():
+        before = json.loads(recorded.read_text())
+        if before.get("weights_sha256") != stage1["weights_sha256"]:
+            raise ValueError(
+                f"--resume: {str(checkpoint)!r} was trained on the stage-1 state {before.get('dir')!r}, but "
+                f"model.stage1_dir now gives {stage1['dir']!r}, whose weights differ (SHA-256 {stage1['weights_sha256'][:16]}…, "
+                f"recorded {str(before.get('weights_sha256'))[:16]}…). Resume with that stage-1 run, or start a new run."
+            )
     accelerator.print(f"resuming from {checkpoint}")
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
@@ -720,8 +638,11 @@ def check_resume_config(config: TrainConfig, checkpoint: Path) -> None:
         )
     changed = [key for key in differ if key not in ("train.resume_from_checkpoint", "train.max_train_steps")]
     if changed:
-        logger.warning("--resume: continuing %s with changed %s (safe to change).", checkpoint,
-                       ", ".join(f"{key} = {differ[key][1]!r} (was {differ[key][0]!r})" for key in changed))  # fmt: skip
+        logger.warning(
+            "--resume: continuing %s with changed %s (safe to change).",
+            checkpoint,
+            ", ".join(f"{key} = {differ[key][1]!r} (was {differ[key][0]!r})" for key in changed),
+        )
 
 
 def build_validation(config: TrainConfig, models: TrainingModels, dataset):
@@ -760,9 +681,11 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
     running: dict[str, float] = {}
     fixed_batch = None
     bar = tqdm(
-        total=train_cfg.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+        total=train_cfg.max_train_steps,
+        initial=global_step,
+        disable=not accelerator.is_local_main_process,
         desc=f"stage {config.stage}",
-    )  # fmt: skip
+    )
     module.train()
     while global_step < train_cfg.max_train_steps:
         skip = micro_step - epoch * batches_per_epoch
@@ -780,13 +703,20 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
             )
             with accelerator.accumulate(module):
                 terms = training_step(
-                    run.models, module, batch, config, run.prompt_encoder, generator, accelerator.device, run.weight_dtype,
+                    run.models,
+                    module,
+                    batch,
+                    config,
+                    run.prompt_encoder,
+                    generator,
+                    accelerator.device,
+                    run.weight_dtype,
                     latent_cache=run.dataset.latent_cache,
                 )
                 check_finite_loss(terms, global_step + 1, batch)
                 accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients and config.optim.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(module.parameters(), config.optim.max_grad_norm)
+                if accelerator.sync_gradients:  # the norm before clipping (logged; max_grad_norm 0: not clipped)
+                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), config.optim.max_grad_norm or math.inf)
                 run.optimizer.step()
                 run.lr_scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
@@ -799,7 +729,9 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
             # Bookkeeping once per optimizer step
             global_step += 1
             run.progress.global_step = global_step
-            history.append(dict(running, step=global_step))
+            if run.ema is not None:
+                run.ema.step()
+            history.append(dict(running, grad_norm=float(grad_norm), step=global_step))
             running = {}
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
@@ -811,9 +743,12 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
                 check_finite_weights(module, f"checkpoint-{global_step}")
                 save_checkpoint(accelerator, Path(config.output_dir), global_step, train_cfg.checkpoints_total_limit)
             if run.renderer is not None and global_step % train_cfg.validation_steps == 0:
-                if accelerator.is_main_process:
+                if accelerator.is_main_process:  # with the weights final/ will hold (the EMA's with train.ema)
                     unwrapped = accelerator.unwrap_model(module)
-                    path = run.renderer(unwrapped, Path(config.output_dir), global_step, accelerator.device)
+                    with run.ema.averaged_weights() if run.ema is not None else contextlib.nullcontext():
+                        path = run.renderer(
+                            unwrapped, Path(config.output_dir), global_step, accelerator.device, accelerator.trackers
+                        )
                     accelerator.print(f"step {global_step}: validation render {path}")
                 accelerator.wait_for_everyone()
             if global_step >= train_cfg.max_train_steps:
@@ -829,8 +764,11 @@ class TrainingDiverged(FloatingPointError):
 
 def check_finite_loss(terms: dict[str, torch.Tensor], step: int, batch: dict) -> None:
     """Stop the run when a loss term of optimizer step ``step`` is NaN or infinite, before it reaches the weights."""
-    bad = {name: float(value.detach().float().mean()) for name, value in terms.items()
-           if not torch.isfinite(value.detach()).all()}  # fmt: skip
+    bad = {
+        name: float(value.detach().float().mean())
+        for name, value in terms.items()
+        if not torch.isfinite(value.detach()).all()
+    }
     if bad:
         clips = ", ".join(f"{c}@{w}" for c, w in zip(batch.get("clip_id", []), batch.get("window_start", [])))
         raise TrainingDiverged(
@@ -853,25 +791,88 @@ def check_finite_weights(module: torch.nn.Module, what: str) -> None:
         )
 
 
+def build_ema(config: TrainConfig, accelerator, module: torch.nn.Module) -> TrainedWeightsEMA | None:
+    """The EMA of the trained weights (``train.ema``; `training.ema`), or `None`. Under FSDP and DeepSpeed a rank
+    holds only shards of the weights, so EMA is refused there."""
+    from accelerate.utils import DistributedType
+
+    if not config.train.ema:
+        return None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"train.ema is not supported under {accelerator.distributed_type}: each rank holds shards of the weights. "
+            "Train with DDP (configs/accelerate/multi_gpu.yaml) or set train.ema=false."
+        )
+    return TrainedWeightsEMA(accelerator.unwrap_model(module), config.train.ema_decay)
+
+
+def run_summary(run: TrainingRun) -> dict:
+    """What the run will do, as diffusers' training examples log it at start: examples (windows) and clips,
+    trainable parameters, batch sizes, accumulation, epochs and optimizer steps."""
+    config, accelerator = run.config, run.accelerator
+    accumulation = config.train.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(run.loader) / accumulation)
+    parameters = list(run.models.module.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    return {
+        "num_examples": len(run.dataset),
+        "num_clips": len(run.dataset.clips),
+        "trainable_parameters": trainable,
+        "total_parameters": sum(p.numel() for p in parameters),
+        "batch_size_per_process": config.data.batch_size,
+        "total_batch_size": config.data.batch_size * accelerator.num_processes * accumulation,
+        "gradient_accumulation_steps": accumulation,
+        "num_epochs": math.ceil(config.train.max_train_steps / steps_per_epoch),
+        "max_train_steps": config.train.max_train_steps,
+        "first_step": run.progress.global_step + 1,
+    }
+
+
+def log_run_summary(run: TrainingRun) -> dict:
+    """Log `run_summary` (main process) and return it."""
+    summary = run_summary(run)
+    if run.accelerator.is_main_process:
+        logger.info(
+            "***** Running training: stage %d *****\n"
+            "  Num examples (windows) = %d from %d clips\n"
+            "  Trainable parameters = %s of %s (%.2f%%)\n"
+            "  Batch size per process = %d\n"
+            "  Total train batch size (w. parallel, distributed & accumulation) = %d\n"
+            "  Gradient accumulation steps = %d\n"
+            "  Num epochs = %d\n"
+            "  Total optimization steps = %d (starting at step %d)\n"
+            "  EMA of the trained weights = %s",
+            run.config.stage, summary["num_examples"], summary["num_clips"], f"{summary['trainable_parameters']:,}",
+            f"{summary['total_parameters']:,}", 100 * summary["trainable_parameters"] / summary["total_parameters"],
+            summary["batch_size_per_process"], summary["total_batch_size"], summary["gradient_accumulation_steps"],
+            summary["num_epochs"], summary["max_train_steps"], summary["first_step"],
+            f"on (decay {run.config.train.ema_decay})" if run.ema is not None else "off",
+        )  # fmt: skip
+    return summary
+
+
 def save_final(run: TrainingRun, settings: EchoSettings) -> None:
-    """``output_dir/final/``: the adapter (PEFT), trained modules, LCU, ``echo_settings.json`` and the config."""
+    """``output_dir/final/``: the adapter (PEFT), trained modules, LCU, ``echo_settings.json`` and the config; with
+    ``train.ema`` the EMA weights (what echo-export then exports), else the last step's."""
     accelerator = run.accelerator
-    check_finite_weights(run.module, "final/")
-    accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(run.module)
-    if accelerator.is_main_process:
-        final = Path(run.config.output_dir) / "final"
-        unwrapped = accelerator.unwrap_model(run.module)
-        save_trained(final, state, unwrapped, run.models.adapter_name, run.models.trainable_pattern)
-        write_run_files(final, run.config, settings)
+    with run.ema.averaged_weights() if run.ema is not None else contextlib.nullcontext():
+        check_finite_weights(run.module, "final/")
+        accelerator.wait_for_everyone()
+        state = accelerator.get_state_dict(run.module)
+        if accelerator.is_main_process:
+            final = Path(run.config.output_dir) / "final"
+            unwrapped = accelerator.unwrap_model(run.module)
+            save_trained(final, state, unwrapped, run.models.adapter_name, run.models.trainable_pattern)
+            write_run_files(final, run.config, settings, run.models.stage1)
 
 
 def main(config: TrainConfig) -> dict:
     """Train one stage.
 
     Returns:
-        `dict`: ``global_step``, ``history`` (this rank's loss terms per optimizer step), ``num_processes``, and the
-        in-memory ``models`` ([`TrainingModels`]) and ``prompt_encoder`` for inspection.
+        `dict`: ``global_step``, ``history`` (this rank's loss terms and gradient norm per optimizer step),
+        ``num_processes``, ``summary`` (`run_summary`), and the in-memory ``models`` ([`TrainingModels`]),
+        ``prompt_encoder`` and ``ema`` ([`TrainedWeightsEMA`] or `None`) for inspection.
     """
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
@@ -892,15 +893,28 @@ def main(config: TrainConfig) -> dict:
             f"data root {config.data.root!r} gives {len(dataset)} windows: fewer than one batch of "
             f"{config.data.batch_size} per process for {accelerator.num_processes} processes."
         )
+    ema = build_ema(config, accelerator, module)
     progress = TrainingProgress()
-    register_checkpoint_hooks(accelerator, config, models, settings, progress)
-    resume_from_checkpoint(accelerator, config, progress)
+    register_checkpoint_hooks(accelerator, config, models, settings, progress, ema)
+    resume_from_checkpoint(accelerator, config, progress, models.stage1)
     if accelerator.is_main_process and config.train.report_to:
         accelerator.init_trackers(f"echo-stage{config.stage}", config=_flat_hparams(config))
     run = TrainingRun(
-        config, accelerator, models, module, optimizer, lr_scheduler, dataset, loader, prompt_encoder, progress,
-        weight_dtype, renderer=build_validation(config, models, dataset),
-    )  # fmt: skip
+        config,
+        accelerator,
+        models,
+        module,
+        optimizer,
+        lr_scheduler,
+        dataset,
+        loader,
+        prompt_encoder,
+        progress,
+        weight_dtype,
+        renderer=build_validation(config, models, dataset),
+        ema=ema,
+    )
+    summary = log_run_summary(run)
 
     history, seen_clips = train_loop(run)
 
@@ -915,6 +929,8 @@ def main(config: TrainConfig) -> dict:
         "num_processes": accelerator.num_processes,
         "models": models,
         "prompt_encoder": prompt_encoder,
+        "summary": summary,
+        "ema": ema,
     }
     if accelerator.num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, notebooks)

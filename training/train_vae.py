@@ -43,7 +43,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from echo.chunks import check_frame_count
 from echo.components import read_yaml
+from echo.media import read_video
+from echo.metrics.behaviour import psnr, ssim
+
+from .config import apply_overrides, from_dict
+from .modeling import read_safetensors
 
 logger = logging.getLogger("train_vae")
 
@@ -116,13 +122,11 @@ class VaeTrainConfig:
 
 def load_vae_config(path: str | Path | None, overrides: list[str] = ()) -> VaeTrainConfig:
     """Read the YAML, apply ``section.key=value`` overrides (values parsed as YAML), check keys and values."""
-    from .config import apply_overrides, from_dict
 
     values = apply_overrides((read_yaml(path, "VAE training config") or {}) if path else {}, overrides)
     config = from_dict(VaeTrainConfig, values)
     data = config.data
-    if (data.clip_frames - 1) % 4:
-        raise ValueError(f"config key 'data.clip_frames' is {data.clip_frames}, expected 4k + 1")
+    check_frame_count(data.clip_frames, "config key 'data.clip_frames'")
     for key in ("resolution", "clip_crop"):
         if getattr(data, key) % 8:
             raise ValueError(f"config key 'data.{key}' is {getattr(data, key)}, expected a multiple of 8")
@@ -177,12 +181,11 @@ def clip_folders(root: str | Path, key: str = "data.root") -> list[Path]:
     return folders
 
 
-def load_clip_bank(folders: list[Path], clips_per_folder: int, clip_frames: int, resolution: int, seed: int,
-                   progress: bool = True) -> np.ndarray:
+def load_clip_bank(
+    folders: list[Path], clips_per_folder: int, clip_frames: int, resolution: int, seed: int, progress: bool = True
+) -> np.ndarray:
     """`(N, clip_frames, resolution, resolution, 3)` uint8: random clips of each folder's ``avatar.mp4``."""
     from tqdm.auto import tqdm
-
-    from echo.media import read_video
 
     rng = np.random.default_rng(seed)
     bank = []
@@ -275,10 +278,10 @@ def latent_statistics(vae, bank: np.ndarray, num_clips: int, device, batch_size:
 @torch.no_grad()
 def reconstruction_metrics(vae, folders: list[Path], num_frames: int, resolution: int, device) -> dict:
     """PSNR (dB, frames in [0, 1]) and SSIM of single held-out frames reconstructed from the posterior mode."""
-    from echo.metrics.behaviour import psnr, ssim
 
-    bank = load_clip_bank(folders, max(1, math.ceil(num_frames / len(folders))), 1, resolution, seed=12345,
-                          progress=False)[:num_frames]
+    bank = load_clip_bank(
+        folders, max(1, math.ceil(num_frames / len(folders))), 1, resolution, seed=12345, progress=False
+    )[:num_frames]
     scores_psnr, scores_ssim = [], []
     for start in range(0, len(bank), 8):
         video = _to_video(bank[start : start + 8]).to(device, vae.dtype)
@@ -325,7 +328,6 @@ def save_checkpoint(output_dir: Path, step: int, vae, optimizer, total_limit: in
 
 def load_checkpoint(checkpoint: Path, vae, optimizer) -> int:
     """Load a checkpoint written by `save_checkpoint` into ``vae`` and ``optimizer``; returns its step."""
-    from .modeling import read_safetensors
 
     vae.load_state_dict(read_safetensors(checkpoint / "vae.safetensors"), strict=True)
     meta = json.loads((checkpoint / "state.json").read_text())
@@ -353,10 +355,13 @@ def is_complete(config: VaeTrainConfig) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("train-vae", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "train-vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="e.g. configs/train/demo_vae.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_train_steps=10")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_train_steps=10"
+    )
     parser.add_argument("--overwrite", action="store_true", help="delete output_dir and export_dir and start over")
     return parser.parse_args(argv)
 
@@ -372,16 +377,21 @@ def main(argv=None) -> int:
     config = load_vae_config(args.config, args.set)
     output_dir, export_dir = Path(config.output_dir), Path(config.export_dir)
     # Frame steps (T = 1) leave the temporal resampling convolutions unused: DDP must not wait for their gradients.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+    )
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+    )
     if args.overwrite and accelerator.is_main_process:
         shutil.rmtree(output_dir, ignore_errors=True)
         shutil.rmtree(export_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     if is_complete(config):
-        accelerator.print(f"{export_dir} is complete ({output_dir / REPORT_NAME}); nothing to do (--overwrite retrains)")
+        accelerator.print(
+            f"{export_dir} is complete ({output_dir / REPORT_NAME}); nothing to do (--overwrite retrains)"
+        )
         return 0
     output_dir.mkdir(parents=True, exist_ok=True)
     data, train = config.data, config.train
@@ -389,37 +399,58 @@ def main(argv=None) -> int:
     # 1. Model and optimizer
     torch.manual_seed(config.seed)
     if config.init_from:
-        vae = load_vae_folder(config.init_from, f"config key 'init_from' is {config.init_from!r},",
-                              "train the VAE first (its export_dir).")  # fmt: skip
+        vae = load_vae_folder(
+            config.init_from,
+            f"config key 'init_from' is {config.init_from!r},",
+            "train the VAE first (its export_dir).",
+        )
     else:
         vae = AutoencoderKLWan(**config.vae)
     parameters = freeze_encoder(vae) if train.freeze_encoder else list(vae.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, betas=config.optim.betas,
-                                  weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
+    )
     step = 0
     checkpoints = _checkpoints(output_dir)
     if checkpoints:
         step = load_checkpoint(checkpoints[-1], vae, optimizer)
         accelerator.print(f"resuming from {checkpoints[-1]} (step {step})")
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.optim.warmup_steps,
-                                 last_epoch=step - 1 if step else -1)
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=config.optim.warmup_steps,
+        last_epoch=step - 1 if step else -1,
+    )
     if step:
         for group in optimizer.param_groups:  # the constant schedule's value at `step`
             group["lr"] = config.optim.lr * min(1.0, step / max(1, config.optim.warmup_steps))
     module, optimizer = accelerator.prepare(VaeTrainingModule(vae, config.loss), optimizer)
     n_params = sum(p.numel() for p in vae.parameters())
-    accelerator.print(f"AutoencoderKLWan {n_params / 1e6:.2f} M parameters ({n_params * 4 / 1e6:.1f} MB fp32) on "
-                      f"{accelerator.device}, {accelerator.num_processes} process(es)")
+    accelerator.print(
+        f"AutoencoderKLWan {n_params / 1e6:.2f} M parameters ({n_params * 4 / 1e6:.1f} MB fp32) on "
+        f"{accelerator.device}, {accelerator.num_processes} process(es)"
+    )
 
     # 2. Data
     folders = clip_folders(data.root)
-    bank = load_clip_bank(folders, data.clips_per_folder, data.clip_frames, data.resolution, config.seed,
-                          progress=accelerator.is_main_process)
+    bank = load_clip_bank(
+        folders,
+        data.clips_per_folder,
+        data.clip_frames,
+        data.resolution,
+        config.seed,
+        progress=accelerator.is_main_process,
+    )
     accelerator.print(f"{len(bank)} clips of {data.clip_frames} frames from {len(folders)} clip folders")
 
     # 3. Loop
-    bar = tqdm(total=train.max_train_steps, initial=step, desc="train-vae", unit="step",
-               disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=train.max_train_steps,
+        initial=step,
+        desc="train-vae",
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
     started, first_step = time.time(), step
     generator = torch.Generator(device=accelerator.device)
     while step < train.max_train_steps:
@@ -442,7 +473,9 @@ def main(argv=None) -> int:
         if step % train.log_every == 0 or step == train.max_train_steps:
             rate = (step - first_step) / (time.time() - started)
             bar.set_postfix(l1=f"{logs['l1']:.4f}", kl=f"{logs['kl']:.3g}", steps_per_s=f"{rate:.2f}")
-            logger.info("step %d l1 %.4f l2 %.4f kl %.4g (%.3f steps/s)", step, logs["l1"], logs["l2"], logs["kl"], rate)
+            logger.info(
+                "step %d l1 %.4f l2 %.4f kl %.4g (%.3f steps/s)", step, logs["l1"], logs["l2"], logs["kl"], rate
+            )
         if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
             if accelerator.is_main_process:
                 save_checkpoint(output_dir, step, vae, optimizer, train.checkpoints_total_limit)
@@ -460,7 +493,9 @@ def main(argv=None) -> int:
         else:
             mean, std = latent_statistics(model, bank, train.stats_clips, accelerator.device)
         model.register_to_config(latents_mean=mean, latents_std=std)
-        heldout = clip_folders(data.heldout_root or data.root, "data.heldout_root" if data.heldout_root else "data.root")
+        heldout = clip_folders(
+            data.heldout_root or data.root, "data.heldout_root" if data.heldout_root else "data.root"
+        )
         metrics = reconstruction_metrics(model, heldout, train.eval_frames, data.resolution, accelerator.device)
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -479,8 +514,10 @@ def main(argv=None) -> int:
             "export_dir": str(export_dir),
         }
         (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
-        accelerator.print(f"held-out reconstruction PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} "
-                          f"({metrics['frames']} frames); saved {export_dir}")
+        accelerator.print(
+            f"held-out reconstruction PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} "
+            f"({metrics['frames']} frames); saved {export_dir}"
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

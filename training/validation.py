@@ -5,17 +5,22 @@ The pipeline shares the training modules (no copy); the audio encoder and featur
 model description. It carries the run's settings (`training.config.settings_from_config`: resolution, window = chunk
 length, motion frames, user video size, text length, default emotion, the LAU switch), so it renders with the defaults
 the exported model will have and through the encodings the training step uses (`echo.encoding`). The video, with the
-avatar's audio, goes to ``output_dir/validation/step-<N>.mp4``.
+avatar's audio, goes to ``output_dir/validation/step-<N>.mp4`` and to the run's trackers (`log_validation`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from echo import clip_format
+from echo.audio import FPS, SAMPLE_RATE
+from echo.components import load_components
+from pipelines import EchoPipeline
+from pipelines.video_io import to_uint8_frames, write_mp4
 
 from .config import TrainConfig, settings_from_config
 from .modeling import TrainingModels
@@ -41,8 +46,6 @@ class ValidationRenderer:
 
     def _audio_components(self, device: torch.device) -> tuple:
         if self._audio is None:
-            from echo.components import load_components
-
             loaded = load_components(self.config.model.config, only=["audio_encoder", "feature_extractor"])
             self._audio = (loaded["audio_encoder"].to(device).eval(), loaded["feature_extractor"])
         return self._audio
@@ -77,9 +80,11 @@ class ValidationRenderer:
         return inputs
 
     @torch.no_grad()
-    def __call__(self, module: torch.nn.Module, output_dir: Path, step: int, device: torch.device) -> Path:
-        from pipelines import EchoPipeline
-        from pipelines.video_io import write_mp4
+    def __call__(
+        self, module: torch.nn.Module, output_dir: Path, step: int, device: torch.device, trackers: Sequence = ()
+    ) -> Path:
+        """Render with ``module``'s current weights into ``output_dir/validation/step-<step>.mp4`` and send the video
+        to ``trackers`` (`log_validation`)."""
 
         audio_encoder, feature_extractor = self._audio_components(device)
         pipeline = EchoPipeline(
@@ -103,10 +108,42 @@ class ValidationRenderer:
                 **inputs,
                 generator=torch.Generator().manual_seed(self.config.seed),
                 output_type="np",
+                sampling_rate=SAMPLE_RATE,  # a prepared clip's audio is at the model's rate
                 frame_inputs=False,  # a prepared clip's frames already are echo-prep's head crops
             ).frames[0]
         finally:
             module.train(was_training)
         folder = Path(output_dir) / "validation"
         folder.mkdir(parents=True, exist_ok=True)
-        return write_mp4(folder / f"step-{step}.mp4", frames, audio=inputs["avatar_audio"])
+        path = write_mp4(folder / f"step-{step}.mp4", frames, audio=inputs["avatar_audio"])
+        log_validation(trackers, path, to_uint8_frames(frames), step, FPS)
+        return path
+
+
+def log_validation(trackers: Sequence, path: Path, frames: np.ndarray, step: int, fps: float) -> None:
+    """Send a validation render to accelerate's trackers, as diffusers' training examples do: tensorboard gets the
+    video (``add_video``, which needs moviepy) or, without moviepy, its first, middle and last frames (``add_images``);
+    wandb gets the mp4 with its audio (``wandb.Video``). Other trackers get nothing (the mp4 is on disk).
+
+    Args:
+        trackers (`Sequence[accelerate.tracking.GeneralTracker]`): ``accelerator.trackers``.
+        path (`Path`): the written mp4.
+        frames (`np.ndarray` of shape `(T, H, W, 3)`, uint8): its frames.
+        step (`int`): the optimizer step.
+        fps (`float`): its frame rate.
+    """
+    import importlib.util
+
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            if importlib.util.find_spec("moviepy") is not None:
+                video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None]  # 1, T, 3, H, W
+                tracker.writer.add_video("validation/video", video, step, fps=fps)
+            else:
+                picks = sorted({0, len(frames) // 2, len(frames) - 1})
+                tracker.writer.add_images("validation/frames", frames[picks], step, dataformats="NHWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Video(str(path), format="mp4")}, step=step)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..audio import frame_rms
 from ..masks import NUM_LANDMARKS
+from .extractor import MediaPipeMotionExtractor, head_rotation_from_landmarks3d
 
 UPPER_INNER_LIP, LOWER_INNER_LIP = 13, 14
 LEFT_MOUTH_CORNER, RIGHT_MOUTH_CORNER = 78, 308  # inner-lip corners
@@ -65,14 +66,15 @@ def mouth_darkness(frames: np.ndarray, reference_landmarks: np.ndarray) -> np.nd
     y0, y1 = max(0, int(np.floor(centre - half))), min(frames.shape[1], int(np.ceil(centre + half)))
     x0, x1 = max(0, x0), min(frames.shape[2], x1)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"the reference's mouth box ({x0}:{x1}, {y0}:{y1}) lies outside the {frames.shape[1:3]} frames.")
+        raise ValueError(
+            f"the reference's mouth box ({x0}:{x1}, {y0}:{y1}) lies outside the {frames.shape[1:3]} frames."
+        )
     return 1.0 - frames[:, y0:y1, x0:x1].reshape(len(frames), -1).mean(axis=1) / 255.0
 
 
 def head_pose(landmarks: np.ndarray) -> np.ndarray:
     """`(T, 5)`: yaw, pitch, roll in degrees (`echo.metrics.extractor.head_rotation_from_landmarks3d`) and the face
     centre (mean landmark) in face heights, x and y; NaN where no face."""
-    from .extractor import head_rotation_from_landmarks3d
 
     points = _check_landmarks(landmarks)
     if points.shape[2] != 3:
@@ -123,6 +125,7 @@ def conversation_states(
     spoken within ``margin`` frames. The margin keeps the pauses between a speaker's words (where a talking head is
     still moving with its speech) out of "silence" and the avatar's own turn edges out of "listening".
     """
+
     def near(active: np.ndarray) -> np.ndarray:
         active = np.asarray(active, dtype=bool)
         if margin <= 0:
@@ -173,9 +176,7 @@ def ssim(generated: np.ndarray, reference: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
     return float(
-        np.mean(
-            [structural_similarity(g, r, channel_axis=-1, data_range=255) for g, r in zip(generated, reference)]
-        )
+        np.mean([structural_similarity(g, r, channel_axis=-1, data_range=255) for g, r in zip(generated, reference)])
     )
 
 
@@ -205,8 +206,6 @@ def conversation_behaviour(
     generated = np.asarray(generated)
     num_frames = len(generated)
     if landmarks is None:
-        from .extractor import MediaPipeMotionExtractor
-
         landmarks = MediaPipeMotionExtractor(static_image_mode=True, fill_missing=False).detect(generated)
     has_face = np.isfinite(np.asarray(landmarks, dtype=np.float64)[..., :2]).all(axis=(1, 2))
     avatar_speaking = voice_activity(avatar_audio, num_frames)

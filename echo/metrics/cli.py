@@ -8,6 +8,9 @@ or no common name at all, is an error. A clip whose generated and reference leng
 both lengths (``--length-mismatch truncate`` trims both to the shorter one instead; the user clip is trimmed likewise).
 Generated and ground-truth videos of different resolutions are refused before anything is scored, naming each clip
 and both sizes (``--resize-generated`` resizes the generated frames to the ground truth's instead, with a warning).
+Clips of different frame rates (generated, ground truth, and the user's with ``--user``) are refused likewise, naming
+each clip and both rates: the metrics compare frame with frame, so resample the generated clips to the ground truth's
+rate first (e.g. ``ffmpeg -i clip.mp4 -r 25 out.mp4``).
 
 A clip that cannot be scored (an unreadable video, no face found, missing motion coefficients) is reported with its
 reason, in the JSON (``"failed"``) and under the Markdown table, and left out of every metric; the other clips are
@@ -39,6 +42,7 @@ import sys
 import numpy as np
 import torch
 
+from echo.atomic import write_text_atomic
 from echo.metrics import motion as motion_metrics
 from echo.metrics import video as video_metrics
 from echo.metrics.extractor import FlameCoefficientAdapter, LandmarkPCA, MediaPipeMotionExtractor, MotionCoefficients
@@ -110,8 +114,12 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def markdown_table(table: dict[str, float | None], reasons: dict[str, str], method: str = "generated",
-                   failed: dict[str, str] | None = None) -> str:
+def markdown_table(
+    table: dict[str, float | None],
+    reasons: dict[str, str],
+    method: str = "generated",
+    failed: dict[str, str] | None = None,
+) -> str:
     """Markdown table with Table 1's columns; ``n/a`` cells and the reason for each below the table, then the
     clips that could not be scored (``failed``: clip → reason)."""
     arrows = [f"{c} {'↓' if c in LOWER_IS_BETTER else '↑'}" for c in TABLE_COLUMNS]
@@ -148,12 +156,15 @@ def _failure_reason(name: str, error: BaseException) -> str:
 
 
 def _size_mismatch(name: str, generated: tuple[int, int], reference: tuple[int, int]) -> str:
-    return (f"clip {name!r}: generated {generated[1]}×{generated[0]}, ground truth {reference[1]}×{reference[0]} "
-            "(width×height)")  # fmt: skip
+    return (
+        f"clip {name!r}: generated {generated[1]}×{generated[0]}, ground truth {reference[1]}×{reference[0]} "
+        "(width×height)"
+    )
 
 
-def check_sizes(names: list[str], generated: dict[str, str], reference: dict[str, str], resize: bool,
-                failed: dict[str, str]) -> list[str]:
+def check_sizes(
+    names: list[str], generated: dict[str, str], reference: dict[str, str], resize: bool, failed: dict[str, str]
+) -> list[str]:
     """The clips of ``names`` whose generated and ground-truth videos open, after comparing their resolutions (read
     from the containers, nothing decoded).
 
@@ -177,8 +188,39 @@ def check_sizes(names: list[str], generated: dict[str, str], reference: dict[str
             "ground-truth resolution, or pass --resize-generated to resize the generated frames to it."
         )
     if mismatched:
-        logger.warning("resizing the generated frames to the ground truth's resolution (--resize-generated): %s",
-                       "; ".join(mismatched))  # fmt: skip
+        logger.warning(
+            "resizing the generated frames to the ground truth's resolution (--resize-generated): %s",
+            "; ".join(mismatched),
+        )
+    return kept
+
+
+def check_rates(names: list[str], clip_sets: dict[str, dict[str, str]], failed: dict[str, str]) -> list[str]:
+    """The clips of ``names`` whose videos open, after comparing the frame rates of each clip's videos in
+    ``clip_sets`` (label → clip → path; the ground truth's labelled ``"reference"``), read from the containers.
+
+    A clip whose files cannot be opened goes to ``failed``. Different rates raise a `ClipSetError` naming every such
+    clip and each rate: frame-by-frame metrics of a 50-fps clip against a 25-fps one compare different instants.
+    """
+    kept, mismatched = [], []
+    for name in names:
+        try:
+            rates = {label: video_metrics.video_rate(clips[name]) for label, clips in clip_sets.items()}
+        except _clip_errors() as error:
+            failed[name] = _failure_reason(name, error)
+            continue
+        kept.append(name)
+        if max(rates.values()) - min(rates.values()) > 1e-3:
+            shown = ", ".join(
+                f"{'ground truth' if label == 'reference' else label} {rate:g} fps" for label, rate in rates.items()
+            )
+            mismatched.append(f"clip {name!r}: {shown}")
+    if mismatched:
+        raise ClipSetError(
+            f"the videos of a clip differ in frame rate: {'; '.join(mismatched)}. The metrics compare frame with "
+            "frame: resample the generated clips to the ground truth's rate (e.g. `ffmpeg -i clip.mp4 -r 25 "
+            "out.mp4`) or render them at it (echo-render writes 25 fps)."
+        )
     return kept
 
 
@@ -208,12 +250,20 @@ def evaluate(args: argparse.Namespace) -> dict:
     names = match_clips(generated, reference, user)
     failed: dict[str, str] = {}
     names = check_sizes(names, generated, reference, args.resize_generated, failed)
+    names = check_rates(
+        names, {"generated": generated, "reference": reference, **({"user": user} if user else {})}, failed
+    )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # 2. Feature networks (a missing file disables its metrics, with the reason)
     reasons: dict[str, str] = {}
     networks: dict[str, torch.nn.Module | None] = {}
-    for net, columns in (("inception", ["FID"]), ("i3d", ["FVD"]), ("arcface", ["CSIM"]), ("syncnet", ["LSE-D", "LSE-C"])):
+    for net, columns in (
+        ("inception", ["FID"]),
+        ("i3d", ["FVD"]),
+        ("arcface", ["CSIM"]),
+        ("syncnet", ["LSE-D", "LSE-C"]),
+    ):
         networks[net] = None
         if not args.weights:
             for c in columns:
@@ -283,7 +333,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             aggregate[f"sid_{part}_ground_truth"] = motion_metrics.sid(ref_seqs, centroids=centroids)
         else:
             aggregate[f"sid_{part}"] = None
-            reasons.setdefault("SID", f"k-means with k={k} needs at least {k} ground-truth frames, got {len(ref_frames)}")
+            reasons.setdefault(
+                "SID", f"k-means with k={k} needs at least {k} ground-truth frames, got {len(ref_frames)}"
+            )
         aggregate[f"fd_{part}"] = motion_metrics.frechet_distance(gen_seqs, ref_seqs)
         for key in (f"mse_{part}", f"var_{part}", f"var_{part}_ground_truth", f"rpcc_{part}"):
             aggregate[key] = _mean([per_clip[n].get(key) for n in names])
@@ -291,8 +343,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         reasons["rPCC"] = "needs the user videos (--user DIR)"
 
     # 5. Set-level video metrics (a Fréchet distance needs at least 2 samples per set) and averages
-    for net, column, key, unit in (("inception", "FID", "fid", "frames"),
-                                   ("i3d", "FVD", "fvd", f"{args.fvd_clip_length}-frame windows")):  # fmt: skip
+    for net, column, key, unit in (
+        ("inception", "FID", "fid", "frames"),
+        ("i3d", "FVD", "fvd", f"{args.fvd_clip_length}-frame windows"),
+    ):
         if networks[net] is None:
             continue
         gen_feats = np.concatenate(features[net]["generated"])
@@ -406,16 +460,8 @@ def _score_clip(name, args, generated, reference, user, networks, extractor, ada
 def _write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a killed or failed write leaves the old file
     (or none), never a truncated one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, text)
 
 
 def _write_report(report: dict, args: argparse.Namespace) -> None:
@@ -444,7 +490,9 @@ def behaviour_markdown(per_clip: dict[str, dict], aggregate: dict, failed: dict[
     if long:
         lines += ["", "Long video (first vs last window): " + ", ".join(f"{k} {v:.3f}" for k, v in long.items())]
     if failed:
-        lines += ["", "Failed clips (left out of the mean):"] + [f"- {name}: {reason}" for name, reason in failed.items()]
+        lines += ["", "Failed clips (left out of the mean):"] + [
+            f"- {name}: {reason}" for name, reason in failed.items()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -467,6 +515,7 @@ def evaluate_behaviour(args: argparse.Namespace) -> dict:
     per_clip: dict[str, dict] = {}
     failed: dict[str, str] = {}
     scored = check_sizes(names, generated, reference, args.resize_generated, failed)
+    scored = check_rates(scored, {"generated": generated, "reference": reference}, failed)
     for name in tqdm(scored, desc="echo-eval: behaviour", disable=args.quiet):
         try:
             gen, fps = video_metrics.read_video(generated[name])
@@ -480,19 +529,32 @@ def evaluate_behaviour(args: argparse.Namespace) -> dict:
                     raise FileNotFoundError(f"no {label} audio {path}")
                 waves[label] = read_audio(path)
             per_clip[name] = behaviour.conversation_behaviour(
-                checked["generated"], checked["reference"], waves["avatar"], waves["user"], fps=fps,
+                checked["generated"],
+                checked["reference"],
+                waves["avatar"],
+                waves["user"],
+                fps=fps,
                 window_seconds=args.long_window,
-            )  # fmt: skip
+            )
         except ClipSetError:
             raise
         except _clip_errors() as error:
             failed[name] = _failure_reason(name, error)
     keys = sorted({k for row in per_clip.values() for k in row if k != "num_frames"})
     aggregate = {k: _mean([row.get(k) for row in per_clip.values()]) for k in keys}
-    report = {"clips": per_clip, "aggregate": aggregate, "failed": failed, "settings": {
-        "generated": args.generated, "reference": args.reference, "audio": args.audio, "user_audio": args.user_audio,
-        "num_clips": len(names), "long_window_seconds": args.long_window,
-    }}  # fmt: skip
+    report = {
+        "clips": per_clip,
+        "aggregate": aggregate,
+        "failed": failed,
+        "settings": {
+            "generated": args.generated,
+            "reference": args.reference,
+            "audio": args.audio,
+            "user_audio": args.user_audio,
+            "num_clips": len(names),
+            "long_window_seconds": args.long_window,
+        },
+    }
     report["markdown"] = behaviour_markdown(per_clip, aggregate, failed)
     _write_report(report, args)
     return report
@@ -513,9 +575,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pose-dims", type=int, default=6, help="FLAME pose size (files route)")
     parser.add_argument("--expression-components", type=int, default=50, help="PCA size (mediapipe route)")
     parser.add_argument("--length-mismatch", choices=("error", "truncate"), default="error")
-    parser.add_argument("--resize-generated", action="store_true",
-                        help="resize generated frames to the ground truth's resolution (with a warning) instead of "
-                             "refusing clips of different resolutions")  # fmt: skip
+    parser.add_argument(
+        "--resize-generated",
+        action="store_true",
+        help="resize generated frames to the ground truth's resolution (with a warning) instead of "
+        "refusing clips of different resolutions",
+    )
     parser.add_argument("--frame-stride", type=int, default=1, help="FID uses every n-th frame")
     parser.add_argument("--fvd-clip-length", type=int, default=16)
     parser.add_argument("--kmeans-init", type=int, default=10)
@@ -523,10 +588,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--behaviour", action="store_true",
+        "--behaviour",
+        action="store_true",
         help="report lip sync, listening, PSNR/SSIM, face rate and long-video stability instead of Table 1's metrics "
         "(needs --audio and --user-audio)",
-    )  # fmt: skip
+    )
     parser.add_argument("--user-audio", default=None, help="folder of the user's <clip>.wav (--behaviour)")
     parser.add_argument("--long-window", type=float, default=10.0, help="seconds of the first/last long-video windows")
     return parser.parse_args(argv)

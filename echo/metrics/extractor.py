@@ -303,18 +303,21 @@ class MediaPipeMotionExtractor:
         """`(T, H, W, 3)` uint8 RGB → landmarks `(T, 478, 3)` in pixels (z scaled like x), NaN where no face."""
         import mediapipe as mp
 
+        from echo.faces import MediaPipeGraph
+
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"`frames` has shape {frames.shape}, expected (T, H, W, 3) RGB uint8.")
         height, width = frames.shape[1:3]
         out = np.full((len(frames), NUM_LANDMARKS, 3), np.nan, dtype=np.float64)
         scale = np.array([width, height, width], dtype=np.float64)
-        with mp.solutions.face_mesh.FaceMesh(
+        build = lambda: mp.solutions.face_mesh.FaceMesh(  # noqa: E731
             static_image_mode=self.static_image_mode,
             max_num_faces=1,
             refine_landmarks=self.refine_landmarks,
             min_detection_confidence=self.min_detection_confidence,
-        ) as mesh:
+        )
+        with MediaPipeGraph(build) as mesh:  # its start-up noise on stderr dropped (`echo.faces.quiet_mediapipe`)
             for t, frame in enumerate(frames):
                 result = mesh.process(np.ascontiguousarray(frame, dtype=np.uint8))
                 if not result.multi_face_landmarks:

@@ -68,7 +68,9 @@ class FeatureNetwork(nn.Module, ConfigMixin):
         try:
             state = load_file(path)
         except (SafetensorError, OSError) as error:  # safetensors' own message names no file
-            raise ValueError(f"{cls.__name__} weights {path!r} are not a readable safetensors file ({error}).") from error
+            raise ValueError(
+                f"{cls.__name__} weights {path!r} are not a readable safetensors file ({error})."
+            ) from error
         model.load_state_dict(state, strict=True)
         return model.eval()
 
@@ -267,8 +269,19 @@ class InceptionV3Features(FeatureNetwork):
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         # 3. Inception blocks and global average pool (pool3)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):  # fmt: skip
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return x.mean(dim=(2, 3))  # N, C
 
@@ -289,8 +302,16 @@ def _same_pad_3d(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[in
 
 
 class Unit3D(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_shape=(1, 1, 1), stride=(1, 1, 1), activation=True,
-                 use_batch_norm=True, use_bias=False):  # fmt: skip
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_shape=(1, 1, 1),
+        stride=(1, 1, 1),
+        activation=True,
+        use_batch_norm=True,
+        use_bias=False,
+    ):
         super().__init__()
         self.kernel_shape, self.stride, self.activation = tuple(kernel_shape), tuple(stride), activation
         self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel_shape, self.stride, padding=0, bias=use_bias)
@@ -381,9 +402,24 @@ class I3DFeatures(FeatureNetwork):
         self.logits = Unit3D(channels, num_classes, activation=False, use_batch_norm=False, use_bias=True)
         self.initialize_weights()
 
-    _ORDER = ("Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1", "Conv3d_2c_3x3", "MaxPool3d_3a_3x3", "Mixed_3b",
-              "Mixed_3c", "MaxPool3d_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f",
-              "MaxPool3d_5a_2x2", "Mixed_5b", "Mixed_5c")  # fmt: skip
+    _ORDER = (
+        "Conv3d_1a_7x7",
+        "MaxPool3d_2a_3x3",
+        "Conv3d_2b_1x1",
+        "Conv3d_2c_3x3",
+        "MaxPool3d_3a_3x3",
+        "Mixed_3b",
+        "Mixed_3c",
+        "MaxPool3d_4a_3x3",
+        "Mixed_4b",
+        "Mixed_4c",
+        "Mixed_4d",
+        "Mixed_4e",
+        "Mixed_4f",
+        "MaxPool3d_5a_2x2",
+        "Mixed_5b",
+        "Mixed_5c",
+    )
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         if videos.ndim != 5 or videos.shape[1] != 3:
@@ -460,9 +496,7 @@ class IResNetEmbedding(FeatureNetwork):
         self.prelu = nn.PReLU(widths[0])
         inplanes = widths[0]
         for i, (num_blocks, planes) in enumerate(zip(layers, widths)):
-            downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes, eps=1e-05)
-            )
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes, eps=1e-05))
             blocks = [IBasicBlock(inplanes, planes, 2, downsample)]
             blocks += [IBasicBlock(planes, planes) for _ in range(1, num_blocks)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
@@ -581,8 +615,9 @@ FEATURE_NETWORKS: dict[str, type[FeatureNetwork]] = {
 }
 
 
-def load_feature_network(name: str, weights_dir: str, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32) -> FeatureNetwork:  # fmt: skip
+def load_feature_network(
+    name: str, weights_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FeatureNetwork:
     """Load network ``name`` (one of `FEATURE_NETWORKS`) from ``weights_dir`` in eval mode."""
     if name not in FEATURE_NETWORKS:
         raise KeyError(f"unknown feature network {name!r}; expected one of {sorted(FEATURE_NETWORKS)}.")

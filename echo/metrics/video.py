@@ -81,6 +81,22 @@ def video_size(path: str) -> tuple[int, int]:
         return int(context.height), int(context.width)
 
 
+def video_rate(path: str) -> float:
+    """Frames per second of the first video stream of ``path`` (its average rate, as `read_video` reports it; 25 when
+    the container does not say), from the container: nothing is decoded.
+
+    Raises:
+        ValueError: the file has no video stream (PyAV's errors for an unreadable file pass through).
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream.")
+        rate = container.streams.video[0].average_rate
+        return float(rate) if rate else 25.0
+
+
 def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """`(T, H, W, 3)` uint8 frames resized to ``size`` = ``(height, width)`` (area filter when shrinking, bicubic when
     enlarging)."""
@@ -120,7 +136,9 @@ def image_features(network: torch.nn.Module, frames: np.ndarray, batch_size: int
 
 
 @torch.no_grad()
-def video_features(network: torch.nn.Module, frames: np.ndarray, clip_length: int = 16, batch_size: int = 4) -> np.ndarray:
+def video_features(
+    network: torch.nn.Module, frames: np.ndarray, clip_length: int = 16, batch_size: int = 4
+) -> np.ndarray:
     """I3D features `(W, C)` of the non-overlapping ``clip_length``-frame windows of one clip (W ≥ 1)."""
     p = _param(network)
     num_windows = max(1, len(frames) // clip_length)
@@ -144,16 +162,22 @@ def frechet_feature_distance(features_a: np.ndarray, features_b: np.ndarray) -> 
     return frechet_distance_from_statistics(*_statistics(features_a), *_statistics(features_b))
 
 
-def fid(network: torch.nn.Module, generated: Iterable[np.ndarray], reference: Iterable[np.ndarray],
-        frame_stride: int = 1, batch_size: int = 32) -> float:  # fmt: skip
+def fid(
+    network: torch.nn.Module,
+    generated: Iterable[np.ndarray],
+    reference: Iterable[np.ndarray],
+    frame_stride: int = 1,
+    batch_size: int = 32,
+) -> float:
     """FID between the frames of two sets of clips (each clip `(T, H, W, 3)` uint8)."""
     gen = np.concatenate([image_features(network, c[::frame_stride], batch_size) for c in generated])
     ref = np.concatenate([image_features(network, c[::frame_stride], batch_size) for c in reference])
     return frechet_feature_distance(gen, ref)
 
 
-def fvd(network: torch.nn.Module, generated: Iterable[np.ndarray], reference: Iterable[np.ndarray],
-        clip_length: int = 16) -> float:  # fmt: skip
+def fvd(
+    network: torch.nn.Module, generated: Iterable[np.ndarray], reference: Iterable[np.ndarray], clip_length: int = 16
+) -> float:
     """FVD between two sets of clips (each `(T, H, W, 3)` uint8), over ``clip_length``-frame windows."""
     gen = np.concatenate([video_features(network, c, clip_length) for c in generated])
     ref = np.concatenate([video_features(network, c, clip_length) for c in reference])
@@ -184,9 +208,17 @@ def _mel_to_hz(mel):
     return 700.0 * (10.0 ** (np.asarray(mel) / 2595.0) - 1.0)
 
 
-def mfcc(signal: np.ndarray, sample_rate: int = SYNCNET_SAMPLE_RATE, num_cepstra: int = 13, num_filters: int = 26,
-         nfft: int = 512, window: float = 0.025, step: float = 0.01, preemphasis: float = 0.97,
-         cepstral_lifter: int = 22) -> np.ndarray:  # fmt: skip
+def mfcc(
+    signal: np.ndarray,
+    sample_rate: int = SYNCNET_SAMPLE_RATE,
+    num_cepstra: int = 13,
+    num_filters: int = 26,
+    nfft: int = 512,
+    window: float = 0.025,
+    step: float = 0.01,
+    preemphasis: float = 0.97,
+    cepstral_lifter: int = 22,
+) -> np.ndarray:
     """MFCC `(N, num_cepstra)` with python_speech_features' ``mfcc`` defaults (c0 replaced by the log frame energy)."""
     from scipy.fft import dct
 
@@ -230,8 +262,14 @@ def sync_distances(visual: torch.Tensor, audio: torch.Tensor, vshift: int = 15) 
 
 
 @torch.no_grad()
-def lse(network: torch.nn.Module, frames: np.ndarray, audio: np.ndarray, fps: float = 25.0, vshift: int = 15,
-        batch_size: int = 20) -> dict[str, float]:  # fmt: skip
+def lse(
+    network: torch.nn.Module,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    fps: float = 25.0,
+    vshift: int = 15,
+    batch_size: int = 20,
+) -> dict[str, float]:
     """LSE-D, LSE-C and the best offset (frames) of a face clip `(T, H, W, 3)` with its 16 kHz mono ``audio``."""
     if abs(fps - 25.0) > 1e-3:
         raise ValueError(f"SyncNet expects 25 fps video (4 MFCC rows per frame), got {fps} fps.")

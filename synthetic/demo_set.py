@@ -1,13 +1,13 @@
 """The demo set: synthetic conversations with variety, prepared by the real ``echo-prep``, with a held-out split.
 
-    python -m data_prep.demo_set --out data/demo [--num-train 64] [--workers 1]
+    python -m synthetic.demo_set --out data/demo [--num-train 64] [--workers 1]
 
 Writes, under ``--out``:
 
 - ``wav2vec2/``: the frozen, seeded audio encoder of the model description (``audio_encoder`` and
   ``feature_extractor`` of ``configs/models/demo.yaml``, built by `echo.components.load_components` and saved with
   ``save_pretrained``), the one ``echo-prep`` reads, so training and inference see the same features;
-- ``source/train/`` and ``source/heldout/``: conversations in the pairs layout (`data_prep.synthetic`), each written
+- ``source/train/`` and ``source/heldout/``: conversations in the pairs layout (`synthetic.conversations`), each written
   to ``tmp/`` first and moved in when complete, with its ``<id>.truth.npz`` beside it;
 - ``prepared/train/`` and ``prepared/heldout/``: ``echo-prep --layout pairs`` output (each participant in turn as the
   avatar), 25 fps, ``--size`` crops; held-out conversations are one clip per avatar (``--clip-seconds`` of the
@@ -15,7 +15,7 @@ Writes, under ``--out``:
 - ``demo_set.json``: the plan (every conversation's split, seed, length, identities, dialogue and motion styles) and
   the measured timings.
 
-Variety (`conversation_plan`): two distinct identities out of `data_prep.synthetic.IDENTITIES` per conversation,
+Variety (`conversation_plan`): two distinct identities out of `synthetic.conversations.IDENTITIES` per conversation,
 per-participant `MotionStyle` (amplitudes, speeds; nods while listening, nearly still in mutual silence), espeak-ng
 voices and speaking rates, one to three sentences per turn and long mutual silences. The held-out split never shares
 a sentence (`HELDOUT_SENTENCES`), a speaking rate (`HELDOUT_SPEEDS`) or a seed with training.
@@ -39,12 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.synthetic import (
+from echo.atomic import write_text_atomic
+from echo.components import load_components
+from synthetic.conversations import (
     HELDOUT_SENTENCES,
     IDENTITIES,
     TRAIN_SENTENCES,
     DialogueStyle,
     MotionStyle,
+    make_conversation,
 )
 
 TRAIN_VOICES = ("en-us+m3", "en-us+f3", "en-gb+m1", "en-us+f2", "en+m4", "en-gb+f4")
@@ -115,15 +118,17 @@ def conversation_plan(config: DemoSetConfig) -> list[dict]:
         first = names[index % len(names)] if not heldout else names[int(rng.integers(len(names)))]
         second = names[int(rng.choice([k for k in range(len(names)) if names[k] != first]))]
         dialogue, motion = _styles(rng, heldout)
-        plan.append({
-            "split": split,
-            "name": f"{'heldout' if heldout else 'train'}{index:04d}" + ("_long" if seconds >= 60 else ""),
-            "seed": (HELDOUT_SEED_BASE if heldout else TRAIN_SEED_BASE) + index,
-            "seconds": round(seconds, 2),
-            "identities": [first, second],
-            "dialogue": dataclasses.asdict(dialogue),
-            "motion": [dataclasses.asdict(m) for m in motion],
-        })
+        plan.append(
+            {
+                "split": split,
+                "name": f"{'heldout' if heldout else 'train'}{index:04d}" + ("_long" if seconds >= 60 else ""),
+                "seed": (HELDOUT_SEED_BASE if heldout else TRAIN_SEED_BASE) + index,
+                "seconds": round(seconds, 2),
+                "identities": [first, second],
+                "dialogue": dataclasses.asdict(dialogue),
+                "motion": [dataclasses.asdict(m) for m in motion],
+            }
+        )
     return plan
 
 
@@ -133,7 +138,6 @@ def _tuples(values: dict) -> dict:
 
 def generate(entry: dict, source_root: Path, tmp_root: Path, config: DemoSetConfig) -> bool:
     """Write one planned conversation into ``source_root`` (atomically); `False` when it already exists."""
-    from data_prep.synthetic import make_conversation
 
     final = source_root / entry["name"]
     if final.is_dir():
@@ -141,8 +145,13 @@ def generate(entry: dict, source_root: Path, tmp_root: Path, config: DemoSetConf
     work = tmp_root / entry["name"]
     shutil.rmtree(work, ignore_errors=True)
     make_conversation(
-        work, layout="pairs", seconds=entry["seconds"], size=config.source_size, seed=entry["seed"],
-        name=entry["name"], identities=tuple(entry["identities"]),
+        work,
+        layout="pairs",
+        seconds=entry["seconds"],
+        size=config.source_size,
+        seed=entry["seed"],
+        name=entry["name"],
+        identities=tuple(entry["identities"]),
         dialogue=DialogueStyle(**_tuples(entry["dialogue"])),
         motion=tuple(MotionStyle(**_tuples(m)) for m in entry["motion"]),
     )
@@ -155,7 +164,6 @@ def generate(entry: dict, source_root: Path, tmp_root: Path, config: DemoSetConf
 
 def save_audio_encoder(model_config: str | Path, folder: Path) -> Path:
     """Save the model description's seeded wav2vec2 and feature extractor (``save_pretrained``) for ``echo-prep``."""
-    from echo.components import load_components
 
     if (folder / "config.json").exists() and (folder / "preprocessor_config.json").exists():
         return folder
@@ -172,16 +180,31 @@ def save_audio_encoder(model_config: str | Path, folder: Path) -> Path:
 def run_echo_prep(source: Path, out: Path, wav2vec2: Path, size: int, clip_seconds: float, workers: int) -> int:
     """The real ``echo-prep`` (``python -m data_prep.cli``) on a pairs-layout folder; returns its exit code."""
     command = [
-        sys.executable, "-m", "data_prep.cli", "--input", str(source), "--layout", "pairs", "--out", str(out),
-        "--wav2vec2", str(wav2vec2), "--size", str(size), "--clip-seconds", str(clip_seconds),
-        "--workers", str(workers),
+        sys.executable,
+        "-m",
+        "data_prep.cli",
+        "--input",
+        str(source),
+        "--layout",
+        "pairs",
+        "--out",
+        str(out),
+        "--wav2vec2",
+        str(wav2vec2),
+        "--size",
+        str(size),
+        "--clip-seconds",
+        str(clip_seconds),
+        "--workers",
+        str(workers),
     ]
     print("$", " ".join(command), flush=True)
     return subprocess.run(command).returncode
 
 
-def build_demo_set(out: str | Path, config: DemoSetConfig, model_config: str | Path, workers: int = 1,
-                   progress: bool = True) -> dict:
+def build_demo_set(
+    out: str | Path, config: DemoSetConfig, model_config: str | Path, workers: int = 1, progress: bool = True
+) -> dict:
     """Generate and prepare the whole set under ``out`` (resumable); returns the written ``demo_set.json``."""
     from tqdm.auto import tqdm
 
@@ -218,11 +241,14 @@ def build_demo_set(out: str | Path, config: DemoSetConfig, model_config: str | P
         if not any(e["split"] == split for e in plan):
             continue
         started = time.time()
-        code = run_echo_prep(out / "source" / split, out / "prepared" / split, wav2vec2, config.size, clip_seconds,
-                             workers)
+        code = run_echo_prep(
+            out / "source" / split, out / "prepared" / split, wav2vec2, config.size, clip_seconds, workers
+        )
         if code != 0:
-            raise RuntimeError(f"echo-prep failed on {out / 'source' / split} (exit {code}); see "
-                               f"{out / 'prepared' / split / 'prep_summary.json'}. Rerun to resume.")
+            raise RuntimeError(
+                f"echo-prep failed on {out / 'source' / split} (exit {code}); see "
+                f"{out / 'prepared' / split / 'prep_summary.json'}. Rerun to resume."
+            )
         summary = json.loads((out / "prepared" / split / "prep_summary.json").read_text())
         if summary["clips_written"]:
             seconds = sum(e["seconds"] for e in plan if e["split"] == split)
@@ -248,24 +274,30 @@ def _jsonable(config: DemoSetConfig) -> dict:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = DemoSetConfig()
-    parser = argparse.ArgumentParser("demo-set", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "demo-set", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="data/demo", help="output folder (default: %(default)s)")
-    parser.add_argument("--model-config", default="configs/models/demo.yaml",
-                        help="model description whose audio encoder echo-prep uses (default: %(default)s)")
+    parser.add_argument(
+        "--model-config",
+        default="configs/models/demo.yaml",
+        help="model description whose audio encoder echo-prep uses (default: %(default)s)",
+    )
     parser.add_argument("--num-train", type=int, default=defaults.num_train)
     parser.add_argument("--train-seconds", type=float, nargs=2, default=list(defaults.train_seconds))
     parser.add_argument("--num-heldout", type=int, default=defaults.num_heldout)
     parser.add_argument("--heldout-seconds", type=float, default=defaults.heldout_seconds)
-    parser.add_argument("--long-seconds", type=float, default=defaults.long_seconds,
-                        help="one more held-out conversation this long (0: none)")
+    parser.add_argument(
+        "--long-seconds",
+        type=float,
+        default=defaults.long_seconds,
+        help="one more held-out conversation this long (0: none)",
+    )
     parser.add_argument("--source-size", type=int, default=defaults.source_size)
     parser.add_argument("--size", type=int, default=defaults.size, help="prepared crop side")
     parser.add_argument("--clip-seconds", type=float, default=defaults.clip_seconds)
@@ -278,12 +310,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = DemoSetConfig(
-        num_train=args.num_train, train_seconds=tuple(args.train_seconds), num_heldout=args.num_heldout,
-        heldout_seconds=args.heldout_seconds, long_seconds=args.long_seconds, source_size=args.source_size,
-        size=args.size, clip_seconds=args.clip_seconds, seed=args.seed,
+        num_train=args.num_train,
+        train_seconds=tuple(args.train_seconds),
+        num_heldout=args.num_heldout,
+        heldout_seconds=args.heldout_seconds,
+        long_seconds=args.long_seconds,
+        source_size=args.source_size,
+        size=args.size,
+        clip_seconds=args.clip_seconds,
+        seed=args.seed,
     )
-    manifest = build_demo_set(args.out, config, args.model_config, workers=args.workers,
-                              progress=not args.no_progress)
+    manifest = build_demo_set(args.out, config, args.model_config, workers=args.workers, progress=not args.no_progress)
     print(json.dumps({"totals": manifest["totals"], "timings": manifest["timings"]}, indent=1))
     return 0
 

@@ -1,7 +1,7 @@
 """Synthetic dyadic conversations: a real face photo animated into talking and listening video, with real speech.
 
 Two participants take turns saying short English sentences, spoken by espeak-ng (its recordings of the default
-dialogue and of the tests' utterances ship in ``data_prep/speech``, so those need no espeak-ng; see `speech_pcm`).
+dialogue and of the tests' utterances ship in ``synthetic/speech``, so those need no espeak-ng; see `speech_pcm`).
 Each participant is a face photo that ships with an installed package (an `Identity`: ``skimage.data.astronaut()``,
 ``skimage.data.camera()`` in grey, matplotlib's ``grace_hopper.jpg``; mirrored, hue-shifted, zoomed or shifted),
 animated by moving its MediaPipe face-mesh landmarks and warping the photo piecewise-affinely over a triangulation of
@@ -15,7 +15,7 @@ those landmarks:
 
 By default (``identities=(0, 1)``, no styles) the conversation is the original one: the astronaut and its mirrored,
 hue-shifted copy, one sentence per turn at 170 words per minute with short pauses, and a constant sway. The demo set
-(`data_prep.demo_set`) passes a `DialogueStyle` (sentence pool, voices and speaking rates, turns of several
+(`synthetic.demo_set`) passes a `DialogueStyle` (sentence pool, voices and speaking rates, turns of several
 sentences, long mutual silences) and a `MotionStyle` per participant (amplitudes and speeds; nearly still in mutual
 silence) drawn from its seed, so that listening behaviour differs visibly between the other one speaking and silence.
 
@@ -51,8 +51,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.media import write_video, write_wav
 from echo.audio import resample_audio
+from echo.clip_format import write_wav
+from echo.faces import FaceMesh
+from echo.masks import rasterize_masks
+from echo.media import write_video
 
 SENTENCES = (
     "Hello there, how are you today?",
@@ -143,7 +146,11 @@ class Identity:
 
 
 # Square window (centre x, centre y, side) of each source photo holding the head with some shoulders and background.
-SOURCE_WINDOWS = {"astronaut": (224.0, 160.0, 320.0), "camera": (228.0, 168.0, 200.0), "grace_hopper": (264.0, 240.0, 500.0)}
+SOURCE_WINDOWS = {
+    "astronaut": (224.0, 160.0, 320.0),
+    "camera": (228.0, 168.0, 200.0),
+    "grace_hopper": (264.0, 240.0, 500.0),
+}
 IDENTITIES = {
     "astronaut": Identity("astronaut"),
     "astronaut_mirror_hue": Identity("astronaut", mirror=True, hue=8),
@@ -225,14 +232,49 @@ class MotionStyle:
             speech_bob_deg=float(rng.uniform(0.5, 2.5)),
         )
 
+
 # MediaPipe face-mesh rings used by the animator.
 LIPS_OUTER_LOWER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291)
 LIPS_INNER_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
 LIPS_INNER_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 MOUTH_CORNERS = (61, 291)
 FACE_OVAL = (
-    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+    10,
+    338,
+    297,
+    332,
+    284,
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+    54,
+    103,
+    67,
+    109,
 )
 # The astronaut's head (rows, cols) inside `skimage.data.astronaut()` used as the base frame.
 BASE_WINDOW = (slice(0, 320), slice(64, 384))
@@ -267,7 +309,6 @@ class SyntheticConversation:
 
     def mouth_masks(self, participant: str, height: int | None = None, width: int | None = None) -> np.ndarray:
         """Known mouth region per frame, `(T, H, W)` bool: `echo.masks.rasterize_masks` lip rule on the truth."""
-        from echo.masks import rasterize_masks
 
         height = height or self.size
         width = width or self.size
@@ -354,8 +395,8 @@ def speech_pcm(text: str, voice: str = VOICES[0], speed: int = 170) -> tuple[np.
     if os.environ.get(SPEECH_RECORDED_ONLY_ENV, "0") not in ("", "0"):
         raise RuntimeError(
             f"{missing} and {SPEECH_RECORDED_ONLY_ENV} is set, so espeak-ng may not speak it: whatever the test suite "
-            "says must be recorded, to run without espeak-ng; record it with `data_prep.synthetic.ship_speech` "
-            "(data_prep/speech/README.md)."
+            "says must be recorded, to run without espeak-ng; record it with `synthetic.conversations.ship_speech` "
+            "(synthetic/speech/README.md)."
         )
     if shutil.which("espeak-ng") is None:
         raise RuntimeError(
@@ -480,8 +521,13 @@ def identity_image(identity: Identity) -> np.ndarray:
         y0 = centre_y + identity.offset[1] * crop - crop / 2
         scale = size / crop
         matrix = np.array([[scale, 0.0, -x0 * scale], [0.0, scale, -y0 * scale]])
-        window = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC,
-                                borderMode=cv2.BORDER_REFLECT_101)
+        window = cv2.warpAffine(
+            image,
+            matrix,
+            (size, size),
+            flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC,
+            borderMode=cv2.BORDER_REFLECT_101,
+        )
     window = np.ascontiguousarray(window)
     if identity.mirror:
         window = np.ascontiguousarray(window[:, ::-1])
@@ -497,7 +543,9 @@ def _identity(identity: int | str | Identity) -> Identity:
         return identity
     if isinstance(identity, (int, np.integer)):
         if not 0 <= identity < len(LEGACY_IDENTITIES):
-            raise ValueError(f"identity {identity} is not 0 or 1 (the original participants); name one of {sorted(IDENTITIES)}")
+            raise ValueError(
+                f"identity {identity} is not 0 or 1 (the original participants); name one of {sorted(IDENTITIES)}"
+            )
         identity = LEGACY_IDENTITIES[identity]
     if identity not in IDENTITIES:
         raise ValueError(f"identity {identity!r} is unknown; expected one of {sorted(IDENTITIES)}")
@@ -512,8 +560,6 @@ def base_face(variant: int | str | Identity, size: int) -> tuple[np.ndarray, np.
     hue-shifted copy).
     """
     import cv2
-
-    from data_prep.faces import FaceMesh
 
     image = identity_image(_identity(variant))
     with FaceMesh(static_image_mode=True) as mesh:
@@ -553,8 +599,12 @@ class FaceAnimator:
         ring = ring[(ring > 1).all(axis=1) & (ring < size - 2).all(axis=1)]
         edge = np.linspace(0, size - 1, 6)
         border = np.concatenate(
-            [np.stack([edge, np.zeros(6)], 1), np.stack([edge, np.full(6, size - 1.0)], 1),
-             np.stack([np.zeros(4), edge[1:-1]], 1), np.stack([np.full(4, size - 1.0), edge[1:-1]], 1)]
+            [
+                np.stack([edge, np.zeros(6)], 1),
+                np.stack([edge, np.full(6, size - 1.0)], 1),
+                np.stack([np.zeros(4), edge[1:-1]], 1),
+                np.stack([np.full(4, size - 1.0), edge[1:-1]], 1),
+            ]
         )
         self.num_ring = len(ring)
         self.controls = np.concatenate([xy, ring, border])  # N, 2
@@ -567,8 +617,8 @@ class FaceAnimator:
         self.jaw[list(LIPS_INNER_UPPER)] = 0.0
         self.jaw[[i for i in LIPS_OUTER_LOWER + LIPS_INNER_LOWER if i not in MOUTH_CORNERS + (78, 308)]] = 1.0
         self.jaw[list(MOUTH_CORNERS) + [78, 308]] = 0.5
-        self.smile = np.exp(-(np.linalg.norm(xy - xy[61], axis=1) / (0.25 * self.mouth_width)) ** 2) - np.exp(
-            -(np.linalg.norm(xy - xy[291], axis=1) / (0.25 * self.mouth_width)) ** 2
+        self.smile = np.exp(-((np.linalg.norm(xy - xy[61], axis=1) / (0.25 * self.mouth_width)) ** 2)) - np.exp(
+            -((np.linalg.norm(xy - xy[291], axis=1) / (0.25 * self.mouth_width)) ** 2)
         )  # +1 near the left corner, −1 near the right one
         ys, xs = np.mgrid[0:size, 0:size]
         self.pixels = np.stack([xs.ravel(), ys.ravel(), np.ones(size * size)], axis=1)  # HW, 3
@@ -690,15 +740,20 @@ def make_conversation(
             gain = np.dot(style.gains, [speaking, other_speaks, 1 - speaking - other_speaks])
         yaw = np.deg2rad(style.sway_deg[0]) * gain * np.sin(2 * np.pi * time / style.sway_periods[0] + phase[0])
         pitch = np.deg2rad(style.sway_deg[1]) * gain * np.sin(2 * np.pi * time / style.sway_periods[1] + phase[1])
-        pitch += np.deg2rad(style.nod_deg) * other_speaks * np.maximum(
-            0, np.sin(2 * np.pi * time / style.nod_period + phase[2])
+        pitch += (
+            np.deg2rad(style.nod_deg)
+            * other_speaks
+            * np.maximum(0, np.sin(2 * np.pi * time / style.nod_period + phase[2]))
         )
         if style.speech_bob_deg:
             bob = np.convolve(openings[p], np.ones(5) / 5, mode="same")
             pitch += np.deg2rad(style.speech_bob_deg) * bob
         smile = style.smile * other_speaks
-        shift = style.shift * size * gain[:, None] * np.stack(
-            [np.sin(2 * np.pi * time / 4.1 + phase[3]), np.sin(2 * np.pi * time / 3.7)], 1
+        shift = (
+            style.shift
+            * size
+            * gain[:, None]
+            * np.stack([np.sin(2 * np.pi * time / 4.1 + phase[3]), np.sin(2 * np.pi * time / 3.7)], 1)
         )
         rendered = [animator.render(openings[p][t], smile[t], yaw[t], pitch[t], shift[t]) for t in range(num_frames)]
         frames.append(np.stack([r[0] for r in rendered]))
