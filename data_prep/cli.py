@@ -48,6 +48,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep import cluster
 from data_prep.caches import DEFAULT_EMOTION_STRIDE, DEFAULT_OMNI_STRIDE
 from data_prep.failures import failure_record as _failure
 from data_prep.layouts import Conversation, find_conversations
@@ -206,8 +207,6 @@ def run_prep(
         ``prep_summary.json`` could not be written (its ``summary`` holds the results).
     """
     from tqdm.auto import tqdm
-
-    from data_prep import cluster
 
     if engine not in ("local", "ray"):
         raise ValueError(f"`engine` (--engine) is {engine!r}, expected 'local' or 'ray'.")
@@ -494,8 +493,6 @@ def _terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    from data_prep import cluster
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.merge_summaries:

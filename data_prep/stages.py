@@ -39,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+import echo
 from data_prep import caches
+from data_prep.audio_features import Wav2Vec2Features
 from data_prep.caches import CACHE_STAGES, DEFAULT_EMOTION_STRIDE, DEFAULT_OMNI_STRIDE, torch_threads  # noqa: F401 (torch_threads re-exported)
 from data_prep.layouts import Conversation
 from data_prep.media import (
@@ -52,7 +54,7 @@ from data_prep.media import (
     resample_indices,
     write_video,
 )
-from data_prep.transcripts import clip_transcript, read_pairs_transcript, read_seamless_json
+from data_prep.transcripts import WhisperTranscriber, clip_transcript, read_pairs_transcript, read_seamless_json
 from echo import clip_format
 from echo.atomic import write_text_atomic
 from echo.audio import AUDIO_BLOCK_FRAMES, AUDIO_CONTEXT_FRAMES
@@ -321,8 +323,6 @@ _MODELS: dict = {}
 
 
 def _wav2vec2(options: PrepOptions):
-    from data_prep.audio_features import Wav2Vec2Features
-
     key = ("wav2vec2", options.wav2vec2, options.device, options.threads)
     if key not in _MODELS:
         _MODELS[key] = Wav2Vec2Features(options.wav2vec2, device=options.device, num_threads=options.threads)
@@ -330,8 +330,6 @@ def _wav2vec2(options: PrepOptions):
 
 
 def _asr(options: PrepOptions):
-    from data_prep.transcripts import WhisperTranscriber
-
     key = ("asr", options.asr_model, options.device)
     if key not in _MODELS:
         _MODELS[key] = WhisperTranscriber(options.asr_model, device=options.device)
@@ -343,8 +341,6 @@ def tool_versions(options: PrepOptions) -> dict:
     import mediapipe
     import torch
     import transformers
-
-    import echo
 
     return {
         "echo": echo.__version__,

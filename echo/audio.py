@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import execution_device
+
 SAMPLE_RATE = 16_000
 FPS = 25
 
@@ -143,7 +145,7 @@ def _encode_span(model, feature_extractor, samples: np.ndarray, num_frames: int)
     """wav2vec2 of one span of 16 kHz audio, every hidden state stacked, ~50 Hz rows linearly resampled to exactly
     ``num_frames`` rows: `(num_frames, num_hidden_layers + 1, hidden_size)` float32 on the CPU."""
     inputs = feature_extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-    values = inputs.input_values.to(model.device, model.dtype)
+    values = inputs.input_values.to(execution_device(model), model.dtype)
     hidden_states = model(values, output_hidden_states=True).hidden_states
     return resample_rows(torch.stack(hidden_states, dim=2)[0].float().cpu(), num_frames)  # T, NL, D
 

@@ -30,6 +30,7 @@ import torch
 from diffusers.utils import logging
 
 from .audio import FPS
+from .devices import execution_device
 
 logger = logging.get_logger(__name__)
 
@@ -251,7 +252,9 @@ class EmotionReasoner:
         else:
             prompt = "\n\n".join(m["content"] for m in messages) + "\n"
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        inputs = {
+            k: v.to(execution_device(self.model)) for k, v in inputs.items() if k in ("input_ids", "attention_mask")
+        }
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id)
         return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -308,7 +311,7 @@ class EmotionTextEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
+        return execution_device(self.text_encoder)
 
     @torch.no_grad()
     def encode(self, texts: str | Sequence[str], return_mask: bool = False):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .conditioning import build_condition, condition_video
+from .devices import execution_device
 from .emotion import EmotionTextEncoder
 from .faces import MediaPipeGraph
 from .masks import NUM_LANDMARKS, rasterize_masks
@@ -93,7 +94,7 @@ def encode_user_video(
         # alignment, hence the same rounding, for every frame wherever it sits in the video.
         batch = frames.new_zeros(batch_frames, *chunk.shape[1:])
         batch[:count] = chunk
-        latents = vae.encode(batch.to(vae.device, vae.dtype)).latent_dist.mode()[:count]  # n, z, 1, h, w
+        latents = vae.encode(batch.to(execution_device(vae), vae.dtype)).latent_dist.mode()[:count]  # n, z, 1, h, w
         tokens.append(normalize_latents(vae, latents)[:, :, 0])
     tokens = torch.cat(tokens).reshape(batch_size, num_frames, vae.config.z_dim, *tokens[0].shape[-2:])
     mask = F.max_pool2d(user_face_mask.float().flatten(0, 1)[:, None], factor)[:, 0]
@@ -130,13 +131,13 @@ def prepare_user_video(frames: np.ndarray, landmarks: np.ndarray, size: int) -> 
 def encode_latents(vae, video: torch.Tensor) -> torch.Tensor:
     """`(B, 3, T, H, W)` frames in [−1, 1] → normalised latents `(B, z_dim, (T − 1)/4 + 1, H/8, W/8)` float32
     (the posterior mode, ``(z − latents_mean) / latents_std`` as in Wan)."""
-    latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
+    latents = vae.encode(video.to(execution_device(vae), vae.dtype)).latent_dist.mode()
     return normalize_latents(vae, latents.float())
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents `(B, z_dim, F, h, w)` → frames `(B, 3, 4(F − 1) + 1, 8h, 8w)` in [−1, 1]."""
-    latents = normalize_latents(vae, latents.to(vae.device, vae.dtype), inverse=True)
+    latents = normalize_latents(vae, latents.to(execution_device(vae), vae.dtype), inverse=True)
     return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
 
 
@@ -211,7 +212,7 @@ def encode_reference_image(image_encoder, image_processor, reference: torch.Tens
         raise ValueError(f"`reference` has shape {tuple(reference.shape)}, expected (B, 3, H, W) in [-1, 1].")
     pixels = ((reference.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     images = list(pixels.permute(0, 2, 3, 1).numpy())  # B × (H, W, 3) uint8, as a PIL image reads
-    inputs = image_processor(images=images, return_tensors="pt").to(image_encoder.device)
+    inputs = image_processor(images=images, return_tensors="pt").to(execution_device(image_encoder))
     inputs["pixel_values"] = inputs["pixel_values"].to(image_encoder.dtype)
     return image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
 

@@ -70,6 +70,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
 
 from .audio import window_features
+from .devices import execution_device
 from .mamba import MambaState, ResidualMambaLayer
 
 logger = logging.get_logger(__name__)
@@ -386,7 +387,7 @@ class LongRangeContextEncoder(ModelMixin, ConfigMixin):
         first = 0 if state is None else state.num_frames
         saved = None if save_state_at is None else max(first, save_state_at // self.scan_block * self.scan_block)
         split = None if saved is None else saved - first
-        device, dtype = self.device, self.dtype
+        device, dtype = execution_device(self), self.dtype
 
         # 1. Audio (Eq. 5): frames from `first − radius` for the windows; the Mamba layers continue from the state
         lowest = max(0, first - radius)

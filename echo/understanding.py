@@ -33,6 +33,7 @@ import torch
 from diffusers.utils import logging
 
 from .audio import SAMPLE_RATE
+from .devices import execution_device
 
 logger = logging.get_logger(__name__)
 
@@ -236,7 +237,7 @@ class OmniUnderstanding:
             whole prompt (system, frame, audio and instruction tokens), ``N_s`` = its length.
         """
         inputs = self.prepare_inputs(frames, audio, prompt)
-        device, dtype = self.thinker.device, self.thinker.dtype
+        device, dtype = execution_device(self.thinker), self.thinker.dtype
         inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
         outputs = self.thinker(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
         return outputs.hidden_states[-1][0].float().cpu()

@@ -224,6 +224,27 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """The settings the model was trained with (from the config): the defaults of `__call__`."""
         return EchoSettings.from_dict(self.config.settings, source="the pipeline config's `settings`")
 
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
+        r"""
+        [`~DiffusionPipeline.enable_sequential_cpu_offload`]: every layer's weights stay on the CPU (``meta`` in the
+        module) and move to ``device`` for its own forward only. The encoders send their inputs to each component's
+        execution device (`echo.devices.execution_device`), never to ``module.device`` (``meta`` here).
+
+        diffusers names the device with an index (``cpu:0`` for ``device="cpu"``); on the CPU, torch's
+        ``Parameter.to("cpu:0")`` returns a plain tensor, which accelerate's hooks cannot offload again, so a CPU
+        execution device is given to the hooks without its index (the same device; accelerators are unaffected).
+        """
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        for component in self.components.values():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            for module in component.modules():
+                outer = getattr(module, "_hf_hook", None)
+                for hook in getattr(outer, "hooks", [outer]):  # accelerate's SequentialHook holds several
+                    execution_device = getattr(hook, "execution_device", None)
+                    if execution_device is not None and torch.device(execution_device).type == "cpu":
+                        hook.execution_device = torch.device("cpu")
+
     # ------------------------------------------------------------------------------------------------------------
     # Encoders (thin wrappers of `echo.encoding`, the functions training uses)
     # ------------------------------------------------------------------------------------------------------------

@@ -65,9 +65,14 @@ from tqdm.auto import tqdm
 from echo import locking
 from echo.atomic import atomic_write
 from echo.audio import SAMPLE_RATE
+from echo.clip_format import write_json
+from echo.emotion import EmotionReasoner
 from echo.flow_matching import FLOW_SCHEDULERS, flow_scheduler, scheduler_shift
+from echo.understanding import OmniUnderstanding
 
 from .inputs import check_int, check_scale
+from .pipeline_echo import EchoPipeline
+from .video_io import load_image, load_wav, read_frames, write_mp4
 
 TOOL = "echo-render"  # names the output folder's lock, .echo-render.lock (`echo.locking`)
 REQUIRED_KEYS = ("id", "reference_image", "avatar_audio", "user_video", "user_audio")
@@ -145,8 +150,6 @@ def read_entry(entry: dict, base: Path) -> dict:
     ``understanding``, ``reference_landmarks``, ``user_landmarks``, ``frame_inputs``."""
     from safetensors.torch import load_file
 
-    from .video_io import load_image, load_wav, read_frames
-
     missing = [key for key in REQUIRED_KEYS if key not in entry]
     if missing:
         raise ValueError(f"entry is missing keys {missing}; required: {list(REQUIRED_KEYS)}")
@@ -202,8 +205,6 @@ def render_entry(
 
 def write_atomically(out_path: Path, frames: np.ndarray, audio: np.ndarray, user_frames: np.ndarray | None = None):
     """``write_mp4`` through a temporary file and an atomic rename: a file under its final name is complete."""
-    from .video_io import write_mp4
-
     with atomic_write(out_path, keep_suffix=True) as tmp_path:  # `.<stem>.<pid>.tmp.mp4`: the format by its suffix
         write_mp4(tmp_path, frames, audio=audio, user_frames=user_frames)
 
@@ -389,8 +390,6 @@ def record_options(out_dir: Path, options: dict, overwrite: bool = False) -> set
 
 def write_record(out_dir: Path, options: dict, clips: set[str]) -> None:
     """``render_options.json``: the options and the clips rendered with them, written atomically."""
-    from echo.clip_format import write_json
-
     write_json(out_dir / OPTIONS_FILE, {**options, "clips": sorted(clips)})
 
 
@@ -582,12 +581,8 @@ def build_helpers(args: argparse.Namespace) -> dict:
     """The optional understanding model and emotion reasoner named on the command line, as pipeline arguments."""
     helpers = {}
     if getattr(args, "understanding_model", None):
-        from echo.understanding import OmniUnderstanding
-
         helpers["understanding_model"] = OmniUnderstanding.from_pretrained(args.understanding_model)
     if getattr(args, "emotion_backend", None):
-        from echo.emotion import EmotionReasoner
-
         helpers["emotion_reasoner"] = EmotionReasoner(
             backend=args.emotion_backend, model=args.emotion_model, base_url=args.emotion_base_url
         )
@@ -605,8 +600,6 @@ def load_pipeline(
     """Load a saved `EchoPipeline` onto ``device`` in ``dtype`` (defaults: cuda + bfloat16 when available). It samples
     with the scheduler saved with it, or with ``scheduler`` (a class of `echo.flow_matching.FLOW_SCHEDULERS`) and / or
     the time ``shift`` (`echo.flow_matching.flow_scheduler`: from the saved scheduler's config, diffusers' way)."""
-    from .pipeline_echo import EchoPipeline
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = EchoPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True)

@@ -54,7 +54,7 @@ import numpy as np
 from echo.audio import resample_audio
 from echo.clip_format import write_wav
 from echo.faces import FaceMesh
-from echo.masks import rasterize_masks
+from echo.masks import FACE_OVAL, rasterize_masks
 from echo.media import write_video
 
 SENTENCES = (
@@ -238,44 +238,6 @@ LIPS_OUTER_LOWER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291)
 LIPS_INNER_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
 LIPS_INNER_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 MOUTH_CORNERS = (61, 291)
-FACE_OVAL = (
-    10,
-    338,
-    297,
-    332,
-    284,
-    251,
-    389,
-    356,
-    454,
-    323,
-    361,
-    288,
-    397,
-    365,
-    379,
-    378,
-    400,
-    377,
-    152,
-    148,
-    176,
-    149,
-    150,
-    136,
-    172,
-    58,
-    132,
-    93,
-    234,
-    127,
-    162,
-    21,
-    54,
-    103,
-    67,
-    109,
-)
 # The astronaut's head (rows, cols) inside `skimage.data.astronaut()` used as the base frame.
 BASE_WINDOW = (slice(0, 320), slice(64, 384))
 

@@ -861,7 +861,7 @@ def test_cached_emotion_embeds_train_like_the_text_encoder_without_building_it(
     validation renders (which need the encoder) are skipped with a warning."""
     import shutil
 
-    import echo.components
+    import training.modeling
     from data_prep.caches import cache_emotion_embeds
     from echo.emotion import EmotionTextEncoder
     from training.testing import save_tiny_text_encoder
@@ -872,13 +872,13 @@ def test_cached_emotion_embeds_train_like_the_text_encoder_without_building_it(
     for clip in sorted(p.parent for p in root.glob("*/meta.json")):
         cache_emotion_embeds(clip, encoder)
     requested = []
-    original = echo.components.load_components
+    original = training.modeling.load_components
 
     def spy(*args, only=None, **kwargs):
         requested.append(list(only))
         return original(*args, only=only, **kwargs)
 
-    monkeypatch.setattr(echo.components, "load_components", spy)
+    monkeypatch.setattr(training.modeling, "load_components", spy)
     common = ("ablation.use_emotion=true", "train.max_train_steps=2", "train.checkpointing_steps=0")
     by_text = _run("tiny_stage1.yaml", root, tmp_path / "text_run", *common)
     cached = _run(

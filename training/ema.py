@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_integrity import CheckpointError
+
 EMA_FILE = "ema.safetensors"
 # `EMAModel.state_dict()` entries besides the shadow parameters, kept in the file's header.
 _COUNTERS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
@@ -64,8 +66,6 @@ class TrainedWeightsEMA:
     def load(self, folder: str | os.PathLike) -> None:
         """Restore what `save` wrote; the file must name exactly this run's trained parameters."""
         from safetensors import SafetensorError, safe_open
-
-        from .checkpoint_integrity import CheckpointError
 
         path = Path(folder) / EMA_FILE
         if not path.is_file():

@@ -50,6 +50,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echo.components import load_components, load_model_config
+from echo.settings import EchoSettings
+
 from .config import load_config
 from .modeling import (
     _apply_ablation,
@@ -59,6 +62,7 @@ from .modeling import (
     load_fused,
     resolve_trained_dir,
 )
+from .train_vae import ENCODER_PREFIXES, load_vae_folder
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +96,6 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 def replace_decoder(vae, vae_dir: str | os.PathLike):
     """The VAE saved in ``vae_dir`` (loaded in float32), after checking that it encodes exactly as ``vae`` does: the
     same encoder and quant-conv weights and latent statistics, so that only the decoded pictures differ."""
-    from .train_vae import ENCODER_PREFIXES, load_vae_folder
-
     replacement = load_vae_folder(
         vae_dir,
         f"--vae {str(vae_dir)!r} is",
@@ -143,8 +145,7 @@ def build_exported_pipeline(
     Returns:
         `pipelines.EchoPipeline` with ``settings`` from the run's ``echo_settings.json``.
     """
-    from echo.components import load_components, load_model_config
-    from echo.settings import EchoSettings
+    # import here: import time (diffusers' and transformers' model stack, seconds; `echo-export --help` stays light)
     from echo.transformer_echo import non_finite_weights
     from pipelines import EchoPipeline
 

@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from echo.components import load_components, load_model_config
+from echo.settings import SETTINGS_NAME, EchoSettings
+
 from .config import TrainConfig, settings_from_config
 
 logger = logging.getLogger(__name__)
@@ -467,8 +470,6 @@ def load_stage1_into(transformer: nn.Module, stage1_dir: str | os.PathLike) -> P
 def check_stage1_settings(config: TrainConfig, trained_dir: str | os.PathLike) -> None:
     """Stage 2 continues stage 1 at the same frame size and chunk length: compare the stage-1 output's saved
     ``echo_settings.json`` with this run's config and refuse a mismatch, naming both values."""
-    from echo.settings import SETTINGS_NAME, EchoSettings
-
     saved = EchoSettings.load(trained_dir)
     own = settings_from_config(config)
     for field, key in (("resolution", "data.resolution"), ("num_frames_per_chunk", "data.num_frames")):
@@ -487,8 +488,6 @@ def build_training_models(config: TrainConfig) -> TrainingModels:
         [`TrainingModels`]; ``ref_transformer`` is ``f_ref`` in stage 2 and `None` in stage 1; ``text_encoder`` and
         ``tokenizer`` are `None` (never built) with ``data.use_cached_emotion_embeds``.
     """
-    from echo.components import load_components, load_model_config
-
     # 1. Components from the model description, with the ablation switches applied
     description = _apply_ablation(load_model_config(config.model.config), config)
     sections = ["vae", "transformer", "scheduler"]
@@ -575,6 +574,7 @@ def fsdp_auto_wrap_policy(module: nn.Module, block_classes: tuple[type, ...] | N
     from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 
     if block_classes is None:
+        # import here: import time (diffusers' and transformers' model stack, seconds, for this FSDP-only helper)
         from echo.transformer_echo import EchoTransformerBlock
 
         block_classes = (EchoTransformerBlock,)

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import yaml
 
+from echo.data import ConversationDataset, collate_conversations
 from echo.encoding import PromptEncoder
 
 from .checkpoint_integrity import (  # noqa: F401 (re-exported: the names resume and the tests use)
@@ -66,6 +67,7 @@ from .checkpoint_integrity import (  # noqa: F401 (re-exported: the names resume
 )
 from .config import TrainConfig, config_help, config_to_dict, load_config, settings_from_config
 from .ema import TrainedWeightsEMA
+from .latent_cache import WindowLatentCache
 from .modeling import (
     STAGE1_RECORD,
     TrainingModels,
@@ -442,16 +444,12 @@ def build_latent_cache(config: TrainConfig, vae):
     """The run's `WindowLatentCache` (``data.use_cached_latents``; keyed by ``vae`` as this run casts it), else `None`."""
     if not config.data.use_cached_latents:
         return None
-    from .latent_cache import WindowLatentCache
-
     root = config.data.latent_cache_dir or str(Path(config.data.root) / ".latent_cache")
     return WindowLatentCache.for_vae(root, vae, config.data.resolution, config.data.num_frames)
 
 
 def build_data(config: TrainConfig, models: TrainingModels):
     """The windows of the prepared clips and their loader (order from ``(seed, epoch)``, see `EpochSampler`)."""
-    from echo.data import ConversationDataset, collate_conversations
-
     vae_config, transformer_config = models.vae.config, models.module.transformer.config
     dataset = ConversationDataset(
         config.data.root,
@@ -655,6 +653,7 @@ def build_validation(config: TrainConfig, models: TrainingModels, dataset):
             "pipeline needs is not loaded, so validation renders are skipped."
         )
         return None
+    # import here: import time (the pipeline and diffusers' model stack, seconds; only runs with validation need it)
     from .validation import ValidationRenderer
 
     return ValidationRenderer(config, models, dataset.clips[0].path)
@@ -780,6 +779,7 @@ def check_finite_loss(terms: dict[str, torch.Tensor], step: int, batch: dict) ->
 
 def check_finite_weights(module: torch.nn.Module, what: str) -> None:
     """Refuse to save ``what`` when a weight of ``module`` is NaN or infinite (checked on every rank's own copy)."""
+    # import here: import time (diffusers' and transformers' model stack, seconds; `echo-train --help` stays light)
     from echo.transformer_echo import non_finite_weights
 
     bad = non_finite_weights(module)

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 from echo.atomic import write_text_atomic
+from echo.media import read_audio
+from echo.metrics import behaviour
 from echo.metrics import motion as motion_metrics
 from echo.metrics import video as video_metrics
 from echo.metrics.extractor import FlameCoefficientAdapter, LandmarkPCA, MediaPipeMotionExtractor, MotionCoefficients
@@ -502,10 +504,6 @@ def evaluate_behaviour(args: argparse.Namespace) -> dict:
     participants' wavs (``--audio DIR/<clip>.wav``, ``--user-audio DIR/<clip>.wav``). A clip that fails (unreadable,
     no audio) is reported with its reason and the others go on."""
     from tqdm.auto import tqdm
-
-    from echo.media import read_audio
-
-    from . import behaviour
 
     if not args.audio or not args.user_audio:
         raise ValueError("--behaviour needs --audio DIR (the avatar's <clip>.wav) and --user-audio DIR (the user's).")

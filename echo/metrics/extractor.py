@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from echo.faces import MediaPipeGraph
+
 NUM_LANDMARKS = 478
 
 # A stable subset of MediaPipe's canonical face model (little expression-driven motion: nose bridge and tip, eye
@@ -302,8 +304,6 @@ class MediaPipeMotionExtractor:
     def detect(self, frames: np.ndarray) -> np.ndarray:
         """`(T, H, W, 3)` uint8 RGB → landmarks `(T, 478, 3)` in pixels (z scaled like x), NaN where no face."""
         import mediapipe as mp
-
-        from echo.faces import MediaPipeGraph
 
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3:
