@@ -58,9 +58,12 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.utils import logging
 
 from echo.audio import FPS, SAMPLE_RATE, resample_audio
 from echo.masks import NUM_LANDMARKS
+
+logger = logging.get_logger(__name__)
 
 IMAGE_FORMS = (
     "a PIL image, an (H, W, 3) uint8 array, an (H, W, 3) float array in [0, 1], or a (3, H, W) float tensor in "
@@ -557,6 +560,7 @@ def check_render_options(
     callback_on_step_end_tensor_inputs=None,
     sampling_rate=None,
     frame_inputs=True,
+    use_emotion=True,
 ) -> RenderOptions:
     r"""
     Checks and converts a render's options once, into a [`RenderOptions`]; a `ValueError` naming the argument
@@ -567,6 +571,8 @@ def check_render_options(
             (``context_encoder.required_inputs``), `None` without a context encoder.
         understanding_dim (`int`, *optional*): ``D_s`` of the LCU's understanding tokens.
         callback_tensor_names (`Sequence[str]`): the tensors a step callback may ask for.
+        use_emotion (`bool`, defaults to `True`): whether the model reads the emotion text (``settings.use_emotion``);
+            `False` (the "w/o LAU" ablation): ``emotion`` / ``emotion_reasoner`` are ignored, with a warning.
         other arguments: as in `EchoPipeline.start_session` (``with_user=None``: whether there is an LCU).
     """
     if reference_image is None:
@@ -607,6 +613,15 @@ def check_render_options(
             understanding = check_understanding(understanding, "understanding", understanding_dim)
     if understanding is None and understanding_model is None and reads_understanding:
         raise ValueError(missing_understanding_message(understanding_dim))
+    warn_ignored_arguments(
+        use_emotion=use_emotion,
+        context_inputs=context_inputs,
+        with_user=with_user,
+        emotion=emotion,
+        emotion_reasoner=emotion_reasoner,
+        understanding=understanding,
+        understanding_model=understanding_model,
+    )
     if sampling_rate is not None:
         sampling_rate = check_sampling_rate(sampling_rate)
     if not isinstance(frame_inputs, bool):
@@ -632,6 +647,36 @@ def check_render_options(
         sampling_rate=sampling_rate,
         frame_inputs=frame_inputs,
     )
+
+
+def warn_ignored_arguments(
+    *, use_emotion: bool, context_inputs: frozenset[str] | None, with_user: bool, **arguments
+) -> list[str]:
+    """One warning (diffusers' logger) naming each of ``arguments`` given (not `None`) that the loaded model does not
+    use, and why: ``emotion`` / ``emotion_reasoner`` on a model trained without emotion (``use_emotion`` false),
+    ``understanding`` / ``understanding_model`` on a model without understanding (no LCU, or its
+    ``use_understanding`` false) or a render without the user branch. Returns the names warned about."""
+    reasons = {}
+    if not use_emotion:
+        why = "the model was trained without emotion (settings.use_emotion is false: every prompt is empty)"
+        reasons.update(emotion=why, emotion_reasoner=why)
+    if context_inputs is None:
+        why = "the pipeline has no context_encoder (LCU) to read understanding tokens"
+        reasons.update(understanding=why, understanding_model=why)
+    elif "understanding" not in context_inputs:
+        why = "the model was trained without understanding (its LCU's use_understanding is false)"
+        reasons.update(understanding=why, understanding_model=why)
+    elif not with_user:
+        why = "the user branch is off in this render (no user_video, or with_user=False)"
+        reasons.update(understanding=why, understanding_model=why)
+    ignored = [name for name in reasons if arguments.get(name) is not None]
+    if ignored:
+        logger.warning(
+            "Ignored, as the loaded model does not use them: "
+            + "; ".join(f"`{name}` ({reasons[name]})" for name in ignored)
+            + "."
+        )
+    return ignored
 
 
 def missing_understanding_message(understanding_dim: int) -> str:

@@ -461,6 +461,7 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             context_inputs=None if encoder is None else frozenset(encoder.required_inputs),
             understanding_dim=None if encoder is None else encoder.config.understanding_dim,
             callback_tensor_names=self._callback_tensor_inputs,
+            use_emotion=self.settings.use_emotion,
             height=height,
             width=width,
             **options,

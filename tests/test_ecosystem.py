@@ -261,3 +261,123 @@ def test_diffusers_export_to_video_and_load_video_work(tmp_path):
     loaded = load_video(path)
     assert len(loaded) == 8 and loaded[0].size == (32, 32)
     assert to_uint8_frames(loaded).shape == (8, 32, 32, 3)  # load_video's PIL list: a frames form the project takes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. The pipeline as a diffusers user loads and calls it
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from pipelines import EchoPipeline
+    from tests.tiny_models import tiny_components_as_trained
+
+    pipe = EchoPipeline(**tiny_components_as_trained())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def diffusers_caplog(caplog):
+    """``caplog`` seeing diffusers' loggers (they do not propagate to the root logger by default)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            yield caplog
+    finally:
+        diffusers_logging.disable_propagation()
+
+
+def _ignored_warnings(caplog, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "pipelines.inputs" and f"`{name}`" in r.getMessage()]
+
+
+def test_emotion_given_to_a_model_trained_without_emotion_warns_once_per_call(tiny_pipe, diffusers_caplog):
+    from tests.render_inputs import tiny_render_inputs
+
+    inputs = {**tiny_render_inputs(), "num_inference_steps": 1}
+    saved = dict(tiny_pipe.config.settings)
+    try:
+        tiny_pipe.register_to_config(settings={**saved, "use_emotion": False})  # as configs/models/demo.yaml
+        for call in (1, 2):
+            tiny_pipe(**inputs, emotion="joyful", generator=torch.Generator().manual_seed(0))
+            records = _ignored_warnings(diffusers_caplog, "emotion")
+            assert len(records) == call, [r.getMessage() for r in diffusers_caplog.records]
+            assert "use_emotion" in records[-1].getMessage()
+        tiny_pipe.register_to_config(settings=saved)  # emotion on: used, no warning
+        diffusers_caplog.clear()
+        tiny_pipe(**inputs, emotion="joyful", generator=torch.Generator().manual_seed(0))
+        assert not _ignored_warnings(diffusers_caplog, "emotion"), [r.getMessage() for r in diffusers_caplog.records]
+        assert not [r for r in diffusers_caplog.records if r.name == "pipelines.inputs"]
+    finally:
+        tiny_pipe.register_to_config(settings=saved)
+
+
+def test_understanding_given_to_a_model_without_understanding_warns(tiny_pipe, diffusers_caplog):
+    from pipelines.inputs import warn_ignored_arguments
+
+    ignored = warn_ignored_arguments(
+        use_emotion=True,
+        context_inputs=frozenset({"user_video", "user_audio"}),  # an LCU with use_understanding false
+        with_user=True,
+        emotion="joyful",
+        understanding=torch.zeros(4, 32),
+        understanding_model=None,
+    )
+    assert ignored == ["understanding"]
+    assert len(_ignored_warnings(diffusers_caplog, "understanding")) == 1
+    assert "use_understanding" in diffusers_caplog.records[-1].getMessage()
+    assert warn_ignored_arguments(
+        use_emotion=False, context_inputs=None, with_user=False, emotion=None, understanding_model=print
+    ) == ["understanding_model"]
+
+
+_LOAD = {
+    "echo_pipeline": (
+        "from pipelines import EchoPipeline\n"
+        "pipe = EchoPipeline.from_pretrained({folder!r})\n"
+        "assert type(pipe) is EchoPipeline, type(pipe)\n"
+    ),
+    "import_then_diffusion_pipeline": (
+        "from diffusers import DiffusionPipeline\n"
+        "import pipelines\n"
+        "pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
+        "assert type(pipe) is pipelines.EchoPipeline, type(pipe)\n"
+    ),
+    "plain_diffusion_pipeline": (
+        "import sys\n"
+        "from diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
+        "assert 'pipelines' not in sys.modules\n"
+    ),
+}
+
+
+def test_a_saved_pipeline_loads_in_a_fresh_interpreter_through_echo_pipeline(tiny_pipe, tmp_path):
+    """The documented path (README "3. Generate from Python", docs/inference.md): `EchoPipeline.from_pretrained`, or
+    `import pipelines` before `DiffusionPipeline.from_pretrained`. Plain `DiffusionPipeline.from_pretrained` cannot
+    find the class: diffusers looks ``_class_name`` up on its own module only, reads no entry points, and loading code
+    from the model folder is not allowed."""
+    folder = tmp_path / "echo-pipeline"
+    tiny_pipe.save_pretrained(folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    results = {
+        name: subprocess.run(
+            [sys.executable, "-c", script.format(folder=str(folder))],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for name, script in _LOAD.items()
+    }
+    for name in ("echo_pipeline", "import_then_diffusion_pipeline"):
+        assert results[name].returncode == 0, results[name].stderr[-3000:]
+    plain = results["plain_diffusion_pipeline"]
+    assert plain.returncode != 0
+    # diffusers' own message: `getattr(diffusers, "EchoPipeline")` fails
+    assert "AttributeError: module diffusers has no attribute EchoPipeline" in plain.stderr, plain.stderr[-3000:]
