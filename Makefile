@@ -7,13 +7,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint demo demo-random bench clean train-demo train-demo-long tiny-data config-docs
+.PHONY: install test test-slow lint demo demo-random web bench clean train-demo train-demo-long tiny-data config-docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[prep,train,dev,cluster]"
+	$(PY) -m pip install --quiet -e ".[prep,train,dev,cluster,web]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +32,12 @@ lint: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/echo-demo --out demo_out
+
+# The live page (docs/web.md): talk with the demo model through the camera and the microphone at http://127.0.0.1:8000/.
+# A CPU renders it far slower than real time; WEB_ARGS trades quality for speed (frames arrive late, in sync).
+WEB_ARGS ?= --steps 2 --passes 2
+web: $(VENV)/.installed
+	$(VENV)/bin/echo-web --pipeline models/echo-demo $(WEB_ARGS)
 
 # A tiny pipeline with random weights, built from its config (what the tests render), on a synthetic conversation.
 demo-random: $(VENV)/.installed

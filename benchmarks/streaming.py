@@ -30,6 +30,15 @@ a capped model instead (the pre-fix 1500 shows a cost growing with the conversat
 
     python benchmarks/streaming.py [--chunks 41] [--repeats 3] [--steps 2] [--size 32] [--history-only]
 
+Few-step mode beside the teacher: ``--pipeline DIR`` with a few-step student in ``DIR/few_step`` (written by
+``python -m training.distill``; docs/few_step.md), e.g. ``--pipeline models/echo-demo``, renders the model's own
+example conversation (``DIR/example``, its first ``--few-step-chunks`` chunks) at the model's own settings
+(resolution, chunk length, motion frames) through a session fed one frame at a time, once with the teacher (its
+saved steps and guidance) and once with the student at each of its step counts, and prints each chunk's compute
+seconds side by side. fps = avatar frames / wall seconds of the whole session (audio encoder, user tokens, LCU,
+denoising, VAE encode and decode: everything a live render does; one process, ``--threads`` CPU threads). The last
+line holds ``student_fps=<the student's default step count> teacher_fps=...`` and the other counts.
+
 The last line holds the headline figures as ``name=value`` pairs.
 """
 
@@ -47,6 +56,8 @@ import torch
 from echo.components import load_components, load_model_config
 from echo.settings import EchoSettings
 from pipelines import EchoPipeline
+from pipelines.demo import read_example
+from pipelines.few_step import FEW_STEP_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "models" / "tiny.yaml"
@@ -76,7 +87,89 @@ def parse_args():
         help="serve a model capped at this many history frames (default: the description's setting)",
     )
     parser.add_argument("--history-only", action="store_true", help="only the history table (skips the tiny runs)")
+    parser.add_argument(
+        "--few-step-chunks",
+        type=int,
+        default=8,
+        help="chunks of DIR/example rendered by teacher and student when --pipeline DIR has a few_step/ student",
+    )
     return parser.parse_args()
+
+
+def push_frame_by_frame(session, inputs: dict, num_frames: int) -> list:
+    """Feeds ``inputs`` to ``session`` one frame at a time (as a live source would), renders every chunk as soon as it
+    is complete, closes the session and returns all its chunks."""
+    chunks = []
+    for frame in range(num_frames):
+        samples = slice(frame * SAMPLES_PER_FRAME, (frame + 1) * SAMPLES_PER_FRAME)
+        session.push(
+            avatar_audio=inputs["avatar_audio"][samples],
+            user_audio=inputs["user_audio"][samples],
+            user_video=inputs["user_video"][frame : frame + 1],
+            user_landmarks=inputs["user_landmarks"][frame : frame + 1],
+            sampling_rate=SAMPLES_PER_FRAME * 25,  # 16 kHz: 640 samples per frame at 25 fps
+        )
+        chunks += list(session)
+    session.close()
+    return chunks + list(session)
+
+
+def few_step_session(pipe, inputs: dict, num_frames: int) -> tuple[list, float]:
+    """A session at the model's settings fed one frame at a time, each chunk rendered when complete; returns the
+    chunks and the wall seconds of the whole session."""
+    start = time.perf_counter()
+    session = pipe.start_session(
+        reference_image=inputs["reference_image"],
+        reference_landmarks=inputs.get("reference_landmarks"),
+        generator=torch.Generator().manual_seed(0),
+        num_frames=num_frames,
+        frame_inputs=inputs.get("frame_inputs", True),
+        understanding=inputs.get("understanding"),
+        output_type="np",
+    )
+    chunks = push_frame_by_frame(session, inputs, num_frames)
+    return chunks, time.perf_counter() - start
+
+
+def few_step_comparison(args) -> None:
+    """Per-chunk compute seconds and fps of the teacher and the few-step student of ``args.pipeline``."""
+    folder = Path(args.pipeline)
+    torch.set_num_threads(args.threads)
+    pipe = EchoPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    few_step = pipe.load_few_step_weights(folder / FEW_STEP_DIR, enable=False)
+    settings = pipe.settings
+    _, inputs = read_example(folder / "example")
+    lcu = pipe.context_encoder
+    if lcu is not None and lcu.config.use_understanding and inputs.get("understanding") is None:
+        inputs["understanding"] = torch.zeros(8, lcu.config.understanding_dim)  # the cost is the same
+    stride = settings.num_frames_per_chunk - settings.motion_frames
+    num_frames = min(settings.num_frames_per_chunk + (args.few_step_chunks - 1) * stride, inputs["num_frames"])
+    runs = {}
+    pipe.disable_few_step()
+    few_step_session(pipe, inputs, settings.num_frames_per_chunk)  # warm-up: one chunk
+    runs["teacher"] = few_step_session(pipe, inputs, num_frames)
+    for steps in few_step.num_steps:
+        pipe.enable_few_step(steps)
+        runs[f"student{steps}"] = few_step_session(pipe, inputs, num_frames)
+    names = list(runs)
+    print(
+        f"pipeline={folder} size={settings.resolution} chunk={settings.num_frames_per_chunk} "
+        f"motion={settings.motion_frames} frames={num_frames} threads={torch.get_num_threads()} "
+        f"teacher: {settings.num_inference_steps} steps x guidance passes (s_a={settings.audio_guidance_scale}, "
+        f"s_u={settings.user_guidance_scale}); student{{n}}: n steps x 1 pass"
+    )
+    print("| chunk | frames | " + " | ".join(f"{n} s" for n in names) + " |")
+    print("|------:|-------:|" + "|".join("-" * (len(n) + 3) + ":" for n in names) + "|")
+    for c, chunk in enumerate(runs["teacher"][0]):
+        cells = " | ".join(f"{runs[n][0][c].compute_seconds:>{len(n) + 2}.3f}" for n in names)
+        print(f"| {c:>5} | {len(chunk.frames):>6} | {cells} |")
+    fps = {n: sum(len(chunk.frames) for chunk in chunks) / wall for n, (chunks, wall) in runs.items()}
+    print(
+        f"student_fps={fps[f'student{few_step.default_steps}']:.3f} teacher_fps={fps['teacher']:.3f} "
+        + " ".join(f"{n}_fps={value:.3f}" for n, value in fps.items() if n != "teacher")
+        + f" student_steps={few_step.default_steps} real_time_fps=25"
+    )
 
 
 def build_pipeline(args, device, dtype):
@@ -130,18 +223,7 @@ def run_session(pipe, inputs, num_frames, args):
         motion_frames=args.motion_frames,
         output_type=None,
     )
-    chunks = []
-    for frame in range(num_frames):
-        samples = slice(frame * SAMPLES_PER_FRAME, (frame + 1) * SAMPLES_PER_FRAME)
-        session.push(
-            avatar_audio=inputs["avatar_audio"][samples],
-            user_audio=inputs["user_audio"][samples],
-            user_video=inputs["user_video"][frame : frame + 1],
-            user_landmarks=inputs["user_landmarks"][frame : frame + 1],
-        )
-        chunks += list(session)
-    session.close()
-    chunks += list(session)
+    chunks = push_frame_by_frame(session, inputs, num_frames)
     assert session.done and len(chunks) == args.chunks, (len(chunks), args.chunks)
     return chunks
 
@@ -264,6 +346,9 @@ def print_history_table(args, table, figures):
 
 def main():
     args = parse_args()
+    if args.pipeline and (Path(args.pipeline) / FEW_STEP_DIR).is_dir():
+        few_step_comparison(args)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":

@@ -89,11 +89,15 @@ class LCUOutput(BaseOutput):
             ``P_usr``, the low-level perception features before the understanding fusion.
         state ([`LCUState`], *optional*): when ``save_state_at`` was given, the state for the next call: after the
             last multiple of ``scan_block`` frames at or before ``save_state_at`` (`None` when that is frame 0).
+
+    The fields after the first default to `None` as in diffusers' outputs, so that ``LCUOutput({name: tensor})``
+    rebuilds an output from its items (accelerate's ``send_to_device`` does, returning a hooked model's output to its
+    input's device under ``enable_sequential_cpu_offload``); the LCU always fills ``context_mask`` and ``perception``.
     """
 
     context: torch.Tensor
-    context_mask: torch.Tensor
-    perception: torch.Tensor
+    context_mask: torch.Tensor = None
+    perception: torch.Tensor = None
     state: Optional["LCUState"] = None
 
 

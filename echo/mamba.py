@@ -167,6 +167,70 @@ def _continue_from_state(
     return y, last_state + decay[:, -1] * h0
 
 
+class CausalDepthwiseConv1d(nn.Conv1d):
+    r"""mamba-ssm's ``conv1d`` (a depth-wise ``nn.Conv1d`` with ``padding = kernel_size − 1``: the same parameters and
+    names) whose forward is the causal convolution of a sequence continued from its previous inputs.
+
+    The output is written as a sum over the taps in a fixed order: each output is computed by the same operations
+    wherever a sequence is split, so stepping at the scan's block boundaries reproduces the full scan bit for bit (a
+    convolution kernel's arithmetic depends on the input's length and layout). It is a module call, so a hook on it
+    (accelerate's offload) sees its weights used.
+
+    Args:
+        channels (`int`): number of channels (one filter each).
+        kernel_size (`int`): number of taps.
+        bias (`bool`, defaults to `True`): whether the convolution has a bias.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(
+            channels, channels, kernel_size=kernel_size, groups=channels, padding=kernel_size - 1, bias=bias
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        r"""
+        Args:
+            inputs (`torch.Tensor` of shape `(batch, channels, kernel_size − 1 + length)`): the previous
+                ``kernel_size − 1`` inputs (zeros before a sequence's first frame), then the new ones.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, channels, length)`: the outputs at the new frames.
+        """
+        length = inputs.shape[-1] - (self.kernel_size[0] - 1)
+        weight = self.weight[:, 0].to(inputs.dtype)  # channels, kernel_size
+        conv = inputs[..., :length] * weight[:, :1]
+        for tap in range(1, self.kernel_size[0]):
+            conv = conv + inputs[..., tap : tap + length] * weight[:, tap : tap + 1]
+        if self.bias is not None:
+            conv = conv + self.bias.to(inputs.dtype)[:, None]
+        return conv  # batch, channels, length
+
+
+class DeltaProjection(nn.Linear):
+    r"""mamba-ssm's ``dt_proj`` (an ``nn.Linear`` with a bias: the same parameters and names) whose forward returns the
+    projection and the bias apart: the bias is added in float32 by the scan (mamba-ssm's ``delta_bias``), not in the
+    input's dtype. It is a module call, so a hook on it (accelerate's offload) sees its weights used.
+
+    Args:
+        dt_rank (`int`): input width (rank of the Δ projection).
+        d_inner (`int`): output width.
+    """
+
+    def __init__(self, dt_rank: int, d_inner: int):
+        super().__init__(dt_rank, d_inner, bias=True)
+
+    def forward(self, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Args:
+            dt (`torch.Tensor` of shape `(batch, length, dt_rank)`).
+
+        Returns:
+            `(projection, bias)`: ``dt Wᵀ`` `(batch, length, d_inner)` in the input's dtype, and the bias `(d_inner,)`
+            in float32 (float64 for a float64 input).
+        """
+        return dt @ self.weight.t(), self.bias.to(torch.promote_types(dt.dtype, torch.float32))
+
+
 @dataclass
 class MambaState:
     r"""The recurrent state of a [`MambaBlock`] after frame ``t`` of a sequence (per layer, what mamba-ssm's
@@ -231,11 +295,9 @@ class MambaBlock(nn.Module):
         self.scan_chunk_size = SCAN_CHUNK_SIZE  # PyTorch path: steps per parallel scan
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
-        self.conv1d = nn.Conv1d(
-            self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias
-        )
+        self.conv1d = CausalDepthwiseConv1d(self.d_inner, kernel_size=d_conv, bias=conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.dt_proj = DeltaProjection(self.dt_rank, self.d_inner)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
@@ -269,21 +331,42 @@ class MambaBlock(nn.Module):
             return True
         return False
 
-    def forward(self, hidden_states: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        state: Optional[MambaState] = None,
+        return_state: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, MambaState]:
         r"""
+        Every computation of the block runs here and calls its submodules (``conv1d`` and ``dt_proj`` included)
+        rather than reading their parameters, so per-module hooks see each use of their weights (accelerate's
+        ``cpu_offload``, which diffusers' ``enable_sequential_cpu_offload`` installs, moves a module's weights off
+        the ``meta`` device for its own forward only). [`step`] comes through here too.
+
         Args:
             hidden_states (`torch.Tensor` of shape `(batch, length, d_model)`): input sequence.
             mask (`torch.Tensor` of shape `(batch, length)`, *optional*): ``True`` = valid frame. Invalid frames are
-                removed from the recurrence (their outputs are meaningless and should be ignored).
+                removed from the recurrence (their outputs are meaningless and should be ignored). Only for a
+                sequence from its first frame (no ``state``).
+            state (`MambaState`, *optional*): continue a sequence from this state ([`step`] checks its shapes).
+            return_state (`bool`, defaults to `False`): also return the [`MambaState`] after the last frame.
 
         Returns:
-            `torch.Tensor` of shape `(batch, length, d_model)`.
+            `torch.Tensor` of shape `(batch, length, d_model)`, and with ``return_state`` the [`MambaState`] after the
+            last frame.
         """
         self._check_hidden_states(hidden_states, min_length=0)
         batch_size, length, _ = hidden_states.shape
         if mask is not None and mask.shape != (batch_size, length):
             raise ValueError(f"`mask` must have shape {(batch_size, length)}, got {tuple(mask.shape)}.")
-        return self._mix(hidden_states, mask=mask)[0]
+        if mask is not None and state is not None:
+            raise ValueError(
+                "`mask` (left padding) applies to a sequence from its first frame; a continued sequence (`state`) has "
+                "no padding: pass one or the other."
+            )
+        outputs, new_state = self._mix(hidden_states, mask=mask, state=state, return_state=return_state)
+        return (outputs, new_state) if return_state else outputs
 
     def step(self, hidden_states: torch.Tensor, state: Optional[MambaState] = None) -> tuple[torch.Tensor, MambaState]:
         r"""Continues a sequence from ``state`` over ``k ≥ 1`` new frames (recurrent inference, no mask).
@@ -310,7 +393,7 @@ class MambaBlock(nn.Module):
                         f"`state.{name}` has shape {tuple(getattr(state, name).shape)}, expected {shape} for "
                         f"`hidden_states` {tuple(hidden_states.shape)}."
                     )
-        return self._mix(hidden_states, state=state, return_state=True)
+        return self(hidden_states, state=state, return_state=True)  # through `forward`, seen by module hooks
 
     def _check_hidden_states(self, hidden_states: torch.Tensor, min_length: int = 1) -> None:
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model or hidden_states.shape[1] < min_length:
@@ -318,20 +401,6 @@ class MambaBlock(nn.Module):
                 f"`hidden_states` must have shape (batch, length >= {min_length}, {self.d_model}), got "
                 f"{tuple(hidden_states.shape)}."
             )
-
-    def _causal_conv(self, inputs: torch.Tensor, length: int) -> torch.Tensor:
-        """The depth-wise convolution ``conv1d`` of ``inputs`` `(batch, d_inner, d_conv − 1 + length)` (the previous
-        ``d_conv − 1`` inputs, then the new ones), written as a sum over the taps in a fixed order: each output is
-        computed by the same operations wherever a sequence is split, so stepping at the scan's block boundaries
-        reproduces the full scan bit for bit (a convolution kernel's arithmetic depends on the input's length and
-        layout)."""
-        weight = self.conv1d.weight[:, 0].to(inputs.dtype)  # d_inner, d_conv
-        conv = inputs[..., :length] * weight[:, :1]
-        for tap in range(1, self.d_conv):
-            conv = conv + inputs[..., tap : tap + length] * weight[:, tap : tap + 1]
-        if self.conv1d.bias is not None:
-            conv = conv + self.conv1d.bias.to(inputs.dtype)[:, None]
-        return conv  # batch, d_inner, length
 
     def _mix(
         self,
@@ -342,7 +411,6 @@ class MambaBlock(nn.Module):
     ) -> tuple[torch.Tensor, Optional[MambaState]]:
         """The block over ``hidden_states`` `(batch, length, d_model)`, from ``state`` (zeros when `None`); the new
         state when ``return_state``."""
-        length = hidden_states.shape[1]
         keep = None if mask is None else mask.to(hidden_states.dtype).unsqueeze(-1)  # batch, length, 1
 
         # 1. Input projection: x (scan branch) and z (gate branch)
@@ -356,7 +424,7 @@ class MambaBlock(nn.Module):
             inputs = F.pad(x_t, (self.d_conv - 1, 0))  # batch, d_inner, d_conv − 1 + length (zeros before frame 0)
         else:
             inputs = torch.cat([state.conv_state[..., 1:].to(x_t.dtype), x_t], dim=-1)
-        conv = self._causal_conv(inputs, length)
+        conv = self.conv1d(inputs)  # batch, d_inner, length
         conv_state = inputs[..., -self.d_conv :] if return_state else None
         x = F.silu(conv.transpose(1, 2))  # batch, length, d_inner
         if keep is not None:
@@ -364,7 +432,7 @@ class MambaBlock(nn.Module):
 
         # 3. Input-dependent Δ, B, C
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = dt @ self.dt_proj.weight.t()  # batch, length, d_inner (bias added inside the scan)
+        dt, delta_bias = self.dt_proj(dt)  # batch, length, d_inner (its bias, float32, is added inside the scan)
         A = -torch.exp(self.A_log.float() if self.A_log.dtype != torch.float64 else self.A_log)  # d_inner, d_state
         h0 = None if state is None else state.ssm_state
 
@@ -379,7 +447,7 @@ class MambaBlock(nn.Module):
                 C.transpose(1, 2).contiguous(),
                 self.D.float(),
             )
-            scan_kwargs = dict(delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            scan_kwargs = dict(delta_bias=delta_bias.float(), delta_softplus=True)
             if h0 is None:
                 y = selective_scan_fn(
                     *scan_inputs, z=z.transpose(1, 2).contiguous(), return_last_state=return_state, **scan_kwargs
@@ -389,14 +457,14 @@ class MambaBlock(nn.Module):
                 y = y.transpose(1, 2)
             else:  # the kernel starts from zeros: add h0's contribution, then the gate
                 y, ssm_state = selective_scan_fn(*scan_inputs, z=None, return_last_state=True, **scan_kwargs)
-                delta = F.softplus(dt.float() + self.dt_proj.bias.float())
+                delta = F.softplus(dt.float() + delta_bias.float())
                 y, ssm_state = _continue_from_state(
                     y.transpose(1, 2).float(), ssm_state, delta, A, C.float(), h0.float()
                 )
                 y = y * F.silu(z.float())
         else:
             compute_dtype = torch.promote_types(dt.dtype, torch.float32)
-            delta = F.softplus(dt.to(compute_dtype) + self.dt_proj.bias.to(compute_dtype))
+            delta = F.softplus(dt.to(compute_dtype) + delta_bias.to(compute_dtype))
             y = selective_scan_pytorch(
                 x,
                 delta,

@@ -561,6 +561,7 @@ def check_render_options(
     sampling_rate=None,
     frame_inputs=True,
     use_emotion=True,
+    user_landmarks=None,
 ) -> RenderOptions:
     r"""
     Checks and converts a render's options once, into a [`RenderOptions`]; a `ValueError` naming the argument
@@ -573,6 +574,9 @@ def check_render_options(
         callback_tensor_names (`Sequence[str]`): the tensors a step callback may ask for.
         use_emotion (`bool`, defaults to `True`): whether the model reads the emotion text (``settings.use_emotion``);
             `False` (the "w/o LAU" ablation): ``emotion`` / ``emotion_reasoner`` are ignored, with a warning.
+        user_landmarks (*optional*): the conversation's user landmarks (`EchoPipeline.__call__` passes them; the
+            conversation's checks convert them), looked at here only so that the one warning about arguments the
+            model does not use (`warn_ignored_arguments`) names them too.
         other arguments: as in `EchoPipeline.start_session` (``with_user=None``: whether there is an LCU).
     """
     if reference_image is None:
@@ -621,6 +625,7 @@ def check_render_options(
         emotion_reasoner=emotion_reasoner,
         understanding=understanding,
         understanding_model=understanding_model,
+        user_landmarks=user_landmarks,
     )
     if sampling_rate is not None:
         sampling_rate = check_sampling_rate(sampling_rate)
@@ -655,7 +660,9 @@ def warn_ignored_arguments(
     """One warning (diffusers' logger) naming each of ``arguments`` given (not `None`) that the loaded model does not
     use, and why: ``emotion`` / ``emotion_reasoner`` on a model trained without emotion (``use_emotion`` false),
     ``understanding`` / ``understanding_model`` on a model without understanding (no LCU, or its
-    ``use_understanding`` false) or a render without the user branch. Returns the names warned about."""
+    ``use_understanding`` false) or a render without the user branch, ``user_landmarks`` on a model that does not read
+    the user's video (no LCU, or its ``use_visual`` false) or a render without the user branch. Returns the names
+    warned about."""
     reasons = {}
     if not use_emotion:
         why = "the model was trained without emotion (settings.use_emotion is false: every prompt is empty)"
@@ -669,6 +676,12 @@ def warn_ignored_arguments(
     elif not with_user:
         why = "the user branch is off in this render (no user_video, or with_user=False)"
         reasons.update(understanding=why, understanding_model=why)
+    if context_inputs is None:
+        reasons["user_landmarks"] = "the pipeline has no context_encoder (LCU) to read the user's video"
+    elif "user_video" not in context_inputs:
+        reasons["user_landmarks"] = "the model was trained without the user's video (its LCU's use_visual is false)"
+    elif not with_user:
+        reasons["user_landmarks"] = "the user branch is off in this render (no user_video, or with_user=False)"
     ignored = [name for name in reasons if arguments.get(name) is not None]
     if ignored:
         logger.warning(

@@ -47,6 +47,10 @@ Classifier-free guidance runs up to three passes per step: ``uncond`` (no avatar
 ``s_u = user_guidance_scale``. A pass whose weight in that sum is zero (``1 − s_a``, ``s_a − s_u``, ``s_u``) is skipped,
 so ``s_a = s_u = 1`` costs one pass. Each pass runs in its own ``transformer.cache_context`` (diffusers' caches).
 
+Few-step mode (`pipelines.few_step.FewStepMixin`, docs/few_step.md): ``pipe.load_few_step_weights(folder)`` loads a
+distilled student LoRA onto the same base (``python -m training.distill``); then every chunk takes 1, 2 or 4 Euler
+steps on the student's σ points with guidance scales 1, i.e. one generator forward per step.
+
 I2V bases (Wan2.1-I2V-14B: a transformer with ``image_dim``): the pipeline also holds the base's CLIP
 ``image_encoder`` and ``image_processor``; the reference's image tokens (`encode_image`, the encoding the training
 step uses) enter every pass, as in diffusers' `WanImageToVideoPipeline`.
@@ -95,6 +99,7 @@ from echo.transformer_echo import EchoTransformer3DModel
 
 from . import inputs as accepted
 from .chunk_inputs import ChunkInputs, RenderContext
+from .few_step import FewStepMixin
 from .pipeline_output import EchoPipelineOutput
 from .session import EchoSession
 
@@ -121,7 +126,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin, FewStepMixin):
     r"""
     Pipeline for interactive head generation (ECHO): an avatar that talks with its own audio and listens to a user.
 
@@ -421,7 +426,7 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         Returns:
             `(settings, height, width)`; a `ValueError` naming the argument when one is not accepted.
         """
-        overrides = accepted.check_call_settings(**overrides)
+        overrides = self.few_step_overrides(accepted.check_call_settings(**overrides))  # few-step mode: its settings
         settings = self.settings.replace(**{name: value for name, value in overrides.items() if value is not None})
         height = settings.resolution if height is None else height
         width = settings.resolution if width is None else width
@@ -450,7 +455,8 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
         Args:
             height (`int`), width (`int`): the output size (from `resolve_settings`).
-            **options: the arguments of `start_session` other than the settings.
+            **options: the arguments of `start_session` other than the settings (and `__call__`'s
+                ``user_landmarks``, for the warning about arguments this model does not use).
 
         Returns:
             [`~pipelines.inputs.RenderOptions`].
@@ -489,7 +495,7 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             raise ValueError("`user_audio` was given but the pipeline has no `context_encoder` (LCU) to encode it.")
         reads_video = self.context_encoder is not None and "user_video" in self.context_encoder.required_inputs
         if media.get("user_video") is None or not reads_video:
-            media["user_landmarks"] = None  # nothing reads them
+            media["user_landmarks"] = None  # nothing reads them (`check_inputs` warned, naming them)
         piece = accepted.check_media_piece(self.audio_feature_shape, **media)
         if piece.avatar_audio is not None and piece.avatar_audio.size == 0:
             raise ValueError(
@@ -678,8 +684,9 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             settings.num_frames_per_chunk, options.height, options.width, torch.float32, device, options.generator
         )  # 1, 16, F, h, w
 
-        # 6. Prepare timesteps and the guidance passes (a pass of weight 0 is skipped)
-        self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
+        # 6. Prepare timesteps (few-step mode: the student's σ points) and the guidance passes (a pass of weight 0 is
+        # skipped; few-step mode has guidance scales 1: the single ``full`` pass)
+        self.set_sampling_timesteps(settings.num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         has_user = chunk.context_embeds is not None
@@ -1083,6 +1090,7 @@ class EchoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             sampling_rate=sampling_rate,
             frame_inputs=frame_inputs,
+            user_landmarks=user_landmarks,  # only for the warning naming the arguments this model does not use
         )
         if options.num_frames is not None:  # all frames are returned at once: refuse what cannot fit, now
             accepted.check_output_memory(options.num_frames, height, width)

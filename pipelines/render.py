@@ -17,7 +17,10 @@ The manifest holds one JSON object per line:
  "emotion": "calm and attentive", "num_frames": 250}
 ```
 
-``dialogue``, ``emotion`` and ``num_frames`` are optional, and so are ``understanding`` (a ``.safetensors`` file with a
+``user_video`` and ``user_audio`` (the user's side) are required when the model reads them (its pipeline has a
+``context_encoder``, the LCU of a stage-2 export) and may be left out for a model without the user branch (a stage-1
+export renders from the reference image and the avatar's audio alone). ``dialogue``, ``emotion`` and ``num_frames``
+are optional, and so are ``understanding`` (a ``.safetensors`` file with a
 ``hidden_states`` tensor, the cached HBCU tokens of data preparation), ``reference_landmarks`` (``.npy`` `(478, 2)`,
 pixels of the reference image) and ``user_landmarks`` (``.npy`` `(T, 478, 2)`, pixels of the user's frames); without
 landmarks MediaPipe detects them. The reference image and the user's video are framed as echo-prep frames the
@@ -32,7 +35,8 @@ Behaviour:
   scale), what depends on the model (``--height 70`` with 16-pixel tokens, a chunk length other than ``4k + 1``) once
   the model is loaded; an invalid option is one error (exit code 2), not one failure per clip;
 - every clip is written to ``<out>/<id>.mp4`` (H.264 + the avatar's audio; ``--side-by-side`` adds the user's video on
-  the left), through a temporary file and an atomic rename, so a file under its final name is always complete;
+  the left when the entry has one), through a temporary file and an atomic rename, so a file under its final name is
+  always complete;
 - ids are sanitised: any character outside ``[A-Za-z0-9._-]`` becomes ``_`` and leading dots are dropped, so no id
   (``"../x"``, ``"/etc/passwd"``, ``"a/b"``) can write outside ``--out``; two entries that sanitise to the same id
   fail the second one;
@@ -75,7 +79,8 @@ from .pipeline_echo import EchoPipeline
 from .video_io import load_image, load_wav, read_frames, write_mp4
 
 TOOL = "echo-render"  # names the output folder's lock, .echo-render.lock (`echo.locking`)
-REQUIRED_KEYS = ("id", "reference_image", "avatar_audio", "user_video", "user_audio")
+REQUIRED_KEYS = ("id", "reference_image", "avatar_audio")
+USER_KEYS = ("user_video", "user_audio")  # required too when the model reads the user's side (it has an LCU)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -144,24 +149,38 @@ def _input_file(base: Path, entry: dict, key: str) -> Path:
     return path
 
 
-def read_entry(entry: dict, base: Path) -> dict:
+def read_entry(entry: dict, base: Path, with_user: bool = True) -> dict:
     """The files and fields of one manifest entry as `EchoPipeline` arguments: ``reference_image``, ``avatar_audio``,
     ``user_audio``, ``user_video``, ``dialogue``, ``emotion``, ``num_frames`` and, when the entry has them,
-    ``understanding``, ``reference_landmarks``, ``user_landmarks``, ``frame_inputs``."""
+    ``understanding``, ``reference_landmarks``, ``user_landmarks``, ``frame_inputs``.
+
+    ``with_user`` (defaults to `True`): whether the model reads the user's side (`EchoPipeline.context_encoder` is
+    not `None`); then ``user_video`` and ``user_audio`` are required, otherwise they are read when the entry has them
+    and left out when it has not."""
     from safetensors.torch import load_file
 
     missing = [key for key in REQUIRED_KEYS if key not in entry]
     if missing:
         raise ValueError(f"entry is missing keys {missing}; required: {list(REQUIRED_KEYS)}")
+    missing_user = [key for key in USER_KEYS if key not in entry]
+    if with_user and missing_user:
+        raise ValueError(
+            f"entry is missing {', '.join(f'`{key}`' for key in missing_user)}: this model reads the user's side of "
+            "the conversation (its pipeline has a context_encoder, the LCU of a stage-2 model). Add the user's video "
+            "and audio files to the entry as `user_video` and `user_audio`, or render with a model without the user "
+            "branch (a stage-1 export)."
+        )
     kwargs = {
         "reference_image": load_image(_input_file(base, entry, "reference_image")),
         "avatar_audio": load_wav(_input_file(base, entry, "avatar_audio")),
-        "user_audio": load_wav(_input_file(base, entry, "user_audio")),
-        "user_video": read_frames(_input_file(base, entry, "user_video")),
         "dialogue": entry.get("dialogue"),
         "emotion": entry.get("emotion"),
         "sampling_rate": SAMPLE_RATE,  # load_wav reads every file at the model's rate
     }
+    if "user_audio" in entry:
+        kwargs["user_audio"] = load_wav(_input_file(base, entry, "user_audio"))
+    if "user_video" in entry:
+        kwargs["user_video"] = read_frames(_input_file(base, entry, "user_video"))
     if "understanding" in entry:
         tensors = load_file(str(_input_file(base, entry, "understanding")))
         if "hidden_states" not in tensors:
@@ -190,7 +209,7 @@ def render_entry(
 
     ``helpers`` holds optional pipeline arguments shared by all entries (``understanding_model``,
     ``emotion_reasoner``)."""
-    inputs = read_entry(entry, base)
+    inputs = read_entry(entry, base, with_user=getattr(pipe, "context_encoder", None) is not None)  # stage 2: LCU
     output = pipe(
         **inputs,
         **model_options(args),
@@ -199,7 +218,8 @@ def render_entry(
         **(helpers or {}),
     )
     frames = output.frames[0]
-    write_atomically(out_path, frames, inputs["avatar_audio"], inputs["user_video"] if args.side_by_side else None)
+    user_frames = inputs.get("user_video") if args.side_by_side else None  # none: the avatar alone
+    write_atomically(out_path, frames, inputs["avatar_audio"], user_frames)
     return len(frames)
 
 

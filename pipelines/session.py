@@ -360,6 +360,7 @@ class EchoSession:
         self.user_framer = FaceFramer() if options.frame_inputs and reads_frames else None
         self.user_framing = FramingState()
         self.warned_sampling_rate = False
+        self.warned_landmarks = False  # user landmarks pushed to a model that does not read the user's video
         if self.with_user and settings.max_history_frames is not None:
             cap = settings.max_history_frames
             logger.warning(
@@ -467,6 +468,14 @@ class EchoSession:
                     raise ValueError(
                         "`user_landmarks` must come with every `user_video` piece or with none (then detected)."
                     )
+            elif piece.user_landmarks is not None and not self.warned_landmarks:  # once per session
+                self.warned_landmarks = True
+                accepted.warn_ignored_arguments(
+                    use_emotion=True,
+                    context_inputs=frozenset(self.pipe.context_encoder.required_inputs),
+                    with_user=self.with_user,
+                    user_landmarks=piece.user_landmarks,
+                )
         segments = self._check_late_dialogue(piece.dialogue)
         if frames is not None and self.user_framer is not None:  # framed now, causally (module docstring)
             crop_size = self.settings.resolution

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -235,9 +236,19 @@ def test_quieting_mediapipe_keeps_other_stderr_lines(capfd):
 def test_data_prep_rendering_and_the_demo_write_through_one_mp4_writer(tmp_path):
     import data_prep.media
     import echo.media
+    import echo.metrics.video
     import pipelines.video_io
 
     assert data_prep.media.write_video is echo.media.write_video
+    assert echo.metrics.video.write_video is echo.media.write_video
+    # No other module opens a video container for writing (the synthetic set's FLAC audio writer aside).
+    writers = []
+    for folder in ("echo", "pipelines", "training", "data_prep", "synthetic", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for line in path.read_text().splitlines():
+                if re.search(r"av\.open\(.*[\"']w[\"']", line) and "flac" not in line:
+                    writers.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+    assert writers == ['echo/media.py: with av.open(str(path), "w", format="mp4") as container:'], writers
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (6, 32, 48, 3), dtype=np.uint8)
     audio = (0.3 * np.sin(np.arange(4000) / 9.0)).astype(np.float32)  # longer than the video: cut to 6 / 25 s
@@ -276,19 +287,6 @@ def tiny_pipe():
     pipe = EchoPipeline(**tiny_components_as_trained())
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@pytest.fixture
-def diffusers_caplog(caplog):
-    """``caplog`` seeing diffusers' loggers (they do not propagate to the root logger by default)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            yield caplog
-    finally:
-        diffusers_logging.disable_propagation()
 
 
 def _ignored_warnings(caplog, name: str) -> list[logging.LogRecord]:

@@ -98,6 +98,24 @@ def test_resume_matches_an_uninterrupted_run(stage1_runs):
     assert not list((stage1_runs["base"] / "split").glob(".checkpoint-*"))  # no temporary folder is left behind
 
 
+def test_training_time_is_saved_with_checkpoints_and_survives_a_resume(stage1_runs, tmp_path):
+    """``train_seconds`` (what a learning curve plots against) adds up over the runs that led to a checkpoint."""
+    from training.train import TrainingProgress
+
+    def seconds(run: str, step: int) -> float:
+        path = stage1_runs["base"] / run / f"checkpoint-{step}" / "training_state.json"
+        return json.loads(path.read_text())["train_seconds"]
+
+    assert 0 < seconds("split", 10) < seconds("split", 20)
+    TrainingProgress(global_step=3, micro_step=3, train_seconds=12.5).save(tmp_path)
+    loaded = TrainingProgress()
+    loaded.load(tmp_path)
+    assert loaded == TrainingProgress(global_step=3, micro_step=3, train_seconds=12.5)
+    (tmp_path / "training_state.json").write_text('{"global_step": 3, "micro_step": 3}')  # written before the field
+    loaded.load(tmp_path)
+    assert loaded.train_seconds == 0.0
+
+
 def test_checkpoints_total_limit_prunes_old_checkpoints(stage1_runs):
     # checkpoints_total_limit = 2 with a save every 2 steps (tiny config) or 10 steps (here): the newest two remain.
     steps = sorted(int(p.name.split("-")[1]) for p in (stage1_runs["base"] / "full").glob("checkpoint-*"))

@@ -11,7 +11,9 @@ Each stage runs the project's own entry point in a subprocess, with the configs 
 3. ``stage1`` / ``stage2``: ``accelerate launch --config_file <accelerate config> -m training.train --config ...
    --resume latest``: the GPU config when torch sees a GPU, else the CPU one (2 gloo processes, one thread each);
 4. ``export``: ``echo-export`` (``python -m training.export``) of the stage-2 run into the pipeline folder, with
-   the fine-tuned decoder's VAE (``--vae``) when there is a ``decoder`` stage.
+   the fine-tuned decoder's VAE (``--vae``) when there is a ``decoder`` stage;
+5. ``distill`` (when the recipe has that section): ``accelerate launch -m training.distill`` (one process) of the
+   exported pipeline into a few-step student (docs/few_step.md), copied into ``<export.out>/few_step``.
 
 The recipe file (``configs/train/demo_recipe.yaml``) is the one source of the paths that tie the stages together; the
 driver passes them on as ``--set`` overrides: the prepared data root (``<data.out>/prepared/train``, held-out
@@ -20,7 +22,8 @@ stage-1 output to stage 2. The model description's ``vae.pretrained`` must be th
 
 Resuming: a stage whose output is complete is skipped (data: ``<out>/DONE``; VAE: its report at
 ``train.max_train_steps``; a training stage: ``final/`` trained to the configured ``max_train_steps``; export: a
-pipeline folder newer than the stage-2 ``final/``); an incomplete one is rerun and continues from its own checkpoints
+pipeline folder newer than the stage-2 ``final/``; distill: ``<export.out>/few_step`` trained to its
+``max_train_steps``); an incomplete one is rerun and continues from its own checkpoints
 (``demo_set`` and ``echo-prep`` skip finished conversations and clips, the trainers resume from their newest
 ``checkpoint-N``). ``state_file`` (JSON) records, per stage, the fingerprint of the output it was started from
 (`Recipe.upstream`) and its run times: raising a stage's ``max_train_steps`` and rerunning trains it further, and the
@@ -44,9 +47,10 @@ from echo.atomic import write_text_atomic
 from echo.components import load_model_config, read_yaml
 from pipelines.demo import write_example
 from training.config import apply_overrides, load_config
+from training.distill import load_distill_config, ship_student, shipped_student_steps
 from training.train_vae import is_complete, load_vae_config
 
-STAGES = ("data", "vae", "decoder", "stage1", "stage2", "export")
+STAGES = ("data", "vae", "decoder", "stage1", "stage2", "export", "distill")
 DEFAULT_RECIPE = "configs/train/demo_recipe.yaml"
 
 
@@ -114,6 +118,26 @@ class Recipe:
         if stage == "stage2":
             sets.append(f"model.stage1_dir={self.stage_config('stage1').output_dir}")
         return sets + list(self.recipe[stage].get("set", []))
+
+    def distill_sets(self) -> list[str]:
+        return [
+            f"pipeline={self.recipe['export']['out']}",
+            f"data.root={self.train_root}",
+            *self.recipe["distill"].get("set", []),
+        ]
+
+    def distill_config(self):
+        """The distill stage's config, or `None` when the recipe has no ``distill`` section."""
+        if not self.recipe.get("distill"):
+            return None
+        return load_distill_config(self.recipe["distill"]["config"], self.distill_sets())
+
+    def ship_student(self) -> Path | None:
+        """Copy the distill stage's student into ``<export.out>/few_step`` (the folder `load_few_step_weights` reads)."""
+        config = self.distill_config()
+        if config is None:
+            return None
+        return ship_student(Path(config.output_dir), Path(self.recipe["export"]["out"]))
 
     def stage_config(self, stage: str):
 
@@ -184,6 +208,13 @@ class Recipe:
                 and all(p.exists() and index.stat().st_mtime >= p.stat().st_mtime for p in inputs)
                 and all(p.is_file() for p in self.export_extras())
             )
+        if stage == "distill":  # shipped, trained to its max_train_steps, onto the exported base
+            config = self.distill_config()
+            if config is None:
+                return True
+            out = Path(self.recipe["export"]["out"])
+            trained = shipped_student_steps(out)
+            return trained is not None and trained >= config.train.max_train_steps
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
     def upstream(self, stage: str) -> float | None:
@@ -194,6 +225,7 @@ class Recipe:
             "decoder": Path(self.vae_config().export_dir) / "config.json",
             "stage1": Path(self.vae_config().export_dir) / "config.json",
             "stage2": Path(self.stage_config("stage1").output_dir) / "final" / "training_config.yaml",
+            "distill": Path(self.recipe["export"]["out"]) / "model_index.json",  # a new export: a new base
         }.get(stage)
         return path.stat().st_mtime if path is not None and path.is_file() else None
 
@@ -269,6 +301,15 @@ class Recipe:
                 str(export.get("vae_dtype", "fp32")),
                 "--overwrite",
             ] + (["--vae", str(c.export_dir)] if (c := self.decoder_config()) is not None else [])
+        if stage == "distill":
+            sets = [arg for item in self.distill_sets() for arg in ("--set", item)]
+            sets += ["--overwrite"] if overwrite else []
+            single_cpu = self.recipe.get("accelerate", {}).get("single_cpu")
+            if self.gpu or not single_cpu:
+                launch = self._launch(1)
+            else:  # one CPU process: the teacher's sampler and the student's step share nothing worth splitting
+                launch = [self.python, "-m", "accelerate.commands.launch", "--config_file", str(single_cpu)]
+            return launch + ["-m", "training.distill", "--config", self.recipe["distill"]["config"], *sets]
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
@@ -339,6 +380,8 @@ def run_recipe(recipe: Recipe, stages: list[str] = STAGES, dry_run: bool = False
         if stage == "export" and code == 0:
             recipe.write_example()
             recipe.write_model_card()
+        if stage == "distill" and code == 0:
+            recipe.ship_student()
         elapsed = round(time.time() - started, 1)
         state = json.loads(recipe.state_file.read_text())
         total = round(

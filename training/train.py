@@ -46,6 +46,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,10 +100,14 @@ class TrainingProgress:
     Args:
         global_step (`int`): optimizer steps done.
         micro_step (`int`): accelerate's micro-step counter (``Accelerator.step``), which decides when gradients sync.
+        train_seconds (`float`): wall seconds spent in the training loop over every run that led here (resumes
+            included; start-up, checkpoint writes and validation renders excluded); times the number of processes,
+            the CPU- or GPU-time a learning curve plots against (`benchmarks/learning_curve.py`).
     """
 
     global_step: int = 0
     micro_step: int = 0
+    train_seconds: float = 0.0
 
     def save(self, folder: str | os.PathLike) -> None:
         (Path(folder) / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(self)) + "\n")
@@ -114,6 +119,7 @@ class TrainingProgress:
         try:
             values = json.loads(path.read_text())
             self.global_step, self.micro_step = int(values["global_step"]), int(values["micro_step"])
+            self.train_seconds = float(values.get("train_seconds", 0.0))  # absent in checkpoints before it existed
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{str(path)!r} is not a valid training state ({error!r}).") from error
 
@@ -686,6 +692,7 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
         desc=f"stage {config.stage}",
     )
     module.train()
+    clock = time.perf_counter()
     while global_step < train_cfg.max_train_steps:
         skip = micro_step - epoch * batches_per_epoch
         epoch_loader = accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
@@ -728,6 +735,8 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
             # Bookkeeping once per optimizer step
             global_step += 1
             run.progress.global_step = global_step
+            now = time.perf_counter()
+            run.progress.train_seconds += now - clock
             if run.ema is not None:
                 run.ema.step()
             history.append(dict(running, grad_norm=float(grad_norm), step=global_step))
@@ -741,6 +750,7 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
             if train_cfg.checkpointing_steps and global_step % train_cfg.checkpointing_steps == 0:
                 check_finite_weights(module, f"checkpoint-{global_step}")
                 save_checkpoint(accelerator, Path(config.output_dir), global_step, train_cfg.checkpoints_total_limit)
+                now = time.perf_counter()  # the checkpoint's write is not training time
             if run.renderer is not None and global_step % train_cfg.validation_steps == 0:
                 if accelerator.is_main_process:  # with the weights final/ will hold (the EMA's with train.ema)
                     unwrapped = accelerator.unwrap_model(module)
@@ -750,6 +760,8 @@ def train_loop(run: TrainingRun) -> tuple[list[dict], list[str]]:
                         )
                     accelerator.print(f"step {global_step}: validation render {path}")
                 accelerator.wait_for_everyone()
+                now = time.perf_counter()
+            clock = now
             if global_step >= train_cfg.max_train_steps:
                 break
         epoch += 1

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from echo.media import read_audio, read_video
+from echo.media import read_audio, read_video, write_video  # noqa: F401 (the project's one mp4 writer, re-exported)
 from echo.metrics.motion import frechet_distance_from_statistics
 
 SYNCNET_SAMPLE_RATE = 16_000
@@ -36,34 +36,6 @@ SYNCNET_SAMPLE_RATE = 16_000
 # --------------------------------------------------------------------------------------------------------------------
 # I/O
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def write_video(
-    path: str, frames: np.ndarray, fps: int = 25, audio: np.ndarray | None = None, sample_rate: int = 16_000
-) -> None:
-    """Write `(T, H, W, 3)` uint8 frames (and optional mono float audio in [-1, 1]) to an H.264/AAC mp4."""
-    import av
-
-    frames = np.asarray(frames, dtype=np.uint8)
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12"}
-        astream = container.add_stream("aac", rate=sample_rate, layout="mono") if audio is not None else None
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        if astream is not None:
-            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
-            aframe = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
-            aframe.sample_rate = sample_rate
-            for packet in astream.encode(aframe):
-                container.mux(packet)
-            for packet in astream.encode():
-                container.mux(packet)
 
 
 def video_size(path: str) -> tuple[int, int]:
