@@ -34,8 +34,9 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/echo-demo --out demo_out
 
 # The live page (docs/web.md): talk with the demo model through the camera and the microphone at http://127.0.0.1:8000/.
-# A CPU renders it far slower than real time; WEB_ARGS trades quality for speed (frames arrive late, in sync).
-WEB_ARGS ?= --steps 2 --passes 2
+# A CPU renders it slower than real time (frames arrive late, in sync); WEB_ARGS: the distilled student at 2 steps
+# (docs/few_step.md), or e.g. --steps 2 --passes 2 for the model's own sampler.
+WEB_ARGS ?= --few-step 2
 web: $(VENV)/.installed
 	$(VENV)/bin/echo-web --pipeline models/echo-demo $(WEB_ARGS)
 

@@ -473,6 +473,29 @@ def test_passes_drop_guidance_passes_in_the_one_place_render_options_are_chosen(
         passes("--passes", "2", "--user-guidance-scale", "3")
 
 
+def test_few_step_serves_the_shipped_student_with_one_pass_per_step(tmp_path):
+    """``--few-step N``: the pipeline's distilled student is loaded and on at N steps, the session's options leave the
+    steps and guidance to it (one ``full`` pass per step); flags that would fight it, and a pipeline without a
+    student, are refused with the fix."""
+    from pipelines.web import build_parser, render_options, use_few_step
+
+    parser = build_parser()
+    pipe = EchoPipeline.from_pretrained(str(DEMO))
+    args = parser.parse_args(["--pipeline", str(DEMO), "--few-step", "4"])  # not the default 2
+    use_few_step(pipe, args)
+    options = render_options(args, pipe.settings)
+    settings, _, _ = pipe.resolve_settings(**options)
+    assert settings.num_inference_steps == 4
+    assert set(EchoPipeline.guidance_weights(settings.audio_guidance_scale, settings.user_guidance_scale, True)) == {
+        "full"
+    }
+    for extra in (["--passes", "2"], ["--steps", "4"], ["--audio-guidance-scale", "3"]):
+        with pytest.raises(ValueError, match=f"--few-step sets the steps and guidance itself: drop {extra[0]}"):
+            render_options(parser.parse_args(["--pipeline", "x", "--few-step", "2", *extra]), pipe.settings)
+    with pytest.raises(FileNotFoundError, match="has no few_step/ student"):
+        use_few_step(pipe, parser.parse_args(["--pipeline", str(tmp_path), "--few-step", "1"]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The page in a real headless Chromium (slow)
 # ----------------------------------------------------------------------------------------------------------------

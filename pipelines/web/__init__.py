@@ -2,7 +2,7 @@
 """``echo-web``: a local web page where you talk with the avatar, live, through your camera and microphone.
 
 ```
-echo-web --pipeline models/echo-demo [--port 8000] [--steps N] [--passes 3|2|1] [--reference photo.png]
+echo-web --pipeline models/echo-demo [--port 8000] [--few-step 1|2|4 | --steps N --passes 3|2|1] [--reference photo.png]
          [--chat-base-url http://127.0.0.1:8080/v1 --chat-model NAME] [echo-render's model options]
 ```
 
@@ -13,8 +13,9 @@ it is installed; upload a recording otherwise), or, with ``--chat-base-url``, as
 and the avatar says its answer.
 
 A model slower than real time (the demo model on a CPU) still works: its frames arrive late, one chunk at a time, each
-in sync with its voice. ``--steps`` and ``--passes`` (or the guidance scales) trade quality for speed;
-`render_options` is the one place where the session's render options are chosen.
+in sync with its voice. ``--few-step N`` renders with the model's distilled student (``<pipeline>/few_step``,
+docs/few_step.md: N steps of one forward each); without one, ``--steps`` and ``--passes`` (or the guidance scales)
+trade quality for speed. `render_options` is the one place where the session's render options are chosen.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(1.5x faster, lips still follow the voice); 1 = no guidance (3x faster, but the demo model's lips then no "
         "longer follow the voice: docs/web.md)",
     )
+    parser.add_argument(
+        "--few-step",
+        type=int,
+        choices=(1, 2, 4),
+        default=None,
+        help="render with the pipeline's few-step student (<pipeline>/few_step: N steps of one forward each, the "
+        "live mode; docs/few_step.md) instead of the model's sampler",
+    )
     parser.add_argument("--voice", default="en", help="espeak-ng voice for typed text (default: en)")
     parser.add_argument(
         "--chat-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1"
@@ -78,6 +87,14 @@ def render_options(args: argparse.Namespace, settings) -> dict:
     s_a (audio − uncond) + s_u (full − audio)``): 2 sets ``s_u = s_a`` (the ``audio`` pass's weight 0), 1 sets both
     to 1 (only ``full``)."""
     options = model_options(args)  # size, steps, guidance scales, chunk lengths
+    if getattr(args, "few_step", None) is not None:  # the student folds the guidance in: one pass per step
+        given = [flag for flag, value in (("--passes", args.passes != 3), ("--steps", args.steps is not None)) if value]
+        given += [
+            f"--{n.replace('_', '-')}" for n in ("audio_guidance_scale", "user_guidance_scale") if getattr(args, n)
+        ]
+        if given:
+            raise ValueError(f"--few-step sets the steps and guidance itself: drop {', '.join(given)}.")
+        return options
     if args.passes != 3:
         if args.user_guidance_scale is not None or (args.passes == 1 and args.audio_guidance_scale is not None):
             raise ValueError(
@@ -89,6 +106,19 @@ def render_options(args: argparse.Namespace, settings) -> dict:
         )
         options["audio_guidance_scale"] = options["user_guidance_scale"] = 1.0 if args.passes == 1 else audio_scale
     return options
+
+
+def use_few_step(pipe, args: argparse.Namespace) -> None:
+    """With ``--few-step N``: the pipeline's student (``<pipeline>/few_step``) loaded and switched on at N steps."""
+    if args.few_step is None:
+        return
+    folder = Path(args.pipeline) / "few_step"
+    if not (folder / "few_step.json").is_file():
+        raise FileNotFoundError(
+            f"{str(args.pipeline)!r} has no few_step/ student: distil one (docs/few_step.md) or drop --few-step."
+        )
+    pipe.load_few_step_weights(folder)
+    pipe.enable_few_step(args.few_step)
 
 
 def reference_inputs(args: argparse.Namespace, resolution: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -157,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.pipeline, args.device, args.dtype, args.cpu_offload)
     try:
         check_model_options(pipe, args)
+        use_few_step(pipe, args)
         options = render_options(args, pipe.settings)
         settings, height, _ = pipe.resolve_settings(**options)
         reference, landmarks = reference_inputs(args, height)
@@ -171,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         chat=chat,
         speak_unavailable=why_not,
     )
+    mode = f"few-step student, {args.few_step} steps" if args.few_step else f"{settings.num_inference_steps} steps"
     print(
-        f"echo-web: {args.pipeline} at {height}x{height}, {settings.num_inference_steps} "
-        f"steps, guidance {settings.audio_guidance_scale:g}/{settings.user_guidance_scale:g}: "
+        f"echo-web: {args.pipeline} at {height}x{height}, {mode}, "
+        f"guidance {settings.audio_guidance_scale:g}/{settings.user_guidance_scale:g}: "
         f"open http://{args.host}:{args.port}/",
         flush=True,
     )
