@@ -87,7 +87,7 @@ def render_options(args: argparse.Namespace, settings) -> dict:
     s_a (audio − uncond) + s_u (full − audio)``): 2 sets ``s_u = s_a`` (the ``audio`` pass's weight 0), 1 sets both
     to 1 (only ``full``)."""
     options = model_options(args)  # size, steps, guidance scales, chunk lengths
-    if getattr(args, "few_step", None) is not None:  # the student folds the guidance in: one pass per step
+    if args.few_step is not None:  # the student folds the guidance in: one pass per step
         given = [flag for flag, value in (("--passes", args.passes != 3), ("--steps", args.steps is not None)) if value]
         given += [
             f"--{n.replace('_', '-')}" for n in ("audio_guidance_scale", "user_guidance_scale") if getattr(args, n)
