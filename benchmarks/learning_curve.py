@@ -10,8 +10,10 @@
 2. ``echo-eval --behaviour`` scores each point: face rate, lip sync r within speech, PSNR / SSIM against the
    held-out video, and the mouth box r (mouth opening read from pixels against the speech envelope).
 3. The VAE's ceiling: the same held-out frames encoded and decoded chunk by chunk (the chunks the pipeline renders,
-   posterior mode) and scored the same way: no generator can do better than its VAE. Row ``vae_ceiling`` is the
-   VAE the checkpoints ship; ``--ceiling NAME=PIPELINE`` adds another pipeline folder's (``shipped=models/echo-demo``).
+   posterior mode) and scored the same way: no generator can do better than its VAE. A row is kept with the VAE's
+   fingerprint (`training.latent_cache.vae_fingerprint`, decoder included) and scored again when that VAE changes.
+   Row ``vae_ceiling`` is the VAE the checkpoints ship; ``--ceiling NAME=PIPELINE`` adds another pipeline folder's
+   (``shipped=models/echo-demo``).
 
 The x axis is stage 1's CPU-hours: the training loop's wall seconds saved with each checkpoint (``training_state.json``
 ``train_seconds``, resumes included) times its processes (one CPU thread each on a CPU). The data, VAE and decoder
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,6 +50,7 @@ from pipelines.demo import read_example  # noqa: E402
 from pipelines.render import write_atomically  # noqa: E402
 from pipelines.video_io import read_frames  # noqa: E402
 from training.export import export_pipeline  # noqa: E402
+from training.latent_cache import vae_fingerprint  # noqa: E402
 
 USER_INPUTS = ("user_video", "user_audio", "user_landmarks", "understanding", "emotion")
 MEASURES = ("face_rate", "lip_sync_r", "mouth_darkness_r", "psnr", "ssim")
@@ -129,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     stage_dir, out = Path(args.stage_dir), Path(args.out)
+    if not Path(args.heldout).is_dir():
+        parser.error(
+            f"--heldout {args.heldout} is not a folder of prepared held-out clips; the recipe's data stage writes it "
+            "(python -m training.demo_recipe --only data)"
+        )
     eval_dir = out / "eval"
     names, _ = prepare(Path(args.heldout), eval_dir, args.seconds, args.seconds)
     curve_path = out / "curve.json"
@@ -166,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     if pipe is not None:
         ceilings.setdefault("vae_ceiling", pipe)
     for name, source in ceilings.items():
-        if name in curve:
-            continue
         source = source if isinstance(source, EchoPipeline) else EchoPipeline.from_pretrained(source)
-        folder = out / "generated" / name
+        fingerprint = vae_fingerprint(source.vae, include_decoder=True)
+        if curve.get(name, {}).get("vae") == fingerprint:
+            continue
+        folder = out / "generated" / name  # another VAE than the one scored under this name: start over
+        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         for clip in names:
             if not (folder / f"{clip}.mp4").is_file():
@@ -178,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 reconstruction = reconstruct(source.vae, frames, source.settings)
                 write_atomically(folder / f"{clip}.mp4", reconstruction, inputs["avatar_audio"])
         curve[name] = score(eval_dir, folder, names, out / "reports" / f"{name}.json")
+        curve[name]["vae"] = fingerprint
         write_text_atomic(curve_path, json.dumps(curve, indent=1))
     if "ground_truth" not in curve:
         curve["ground_truth"] = score(eval_dir, eval_dir / "ground_truth", names, out / "reports" / "ground_truth.json")

@@ -51,6 +51,8 @@ from synthetic.conversations import (
 )
 
 TRAIN_VOICES = ("en-us+m3", "en-us+f3", "en-gb+m1", "en-us+f2", "en+m4", "en-gb+f4")
+# Voices a held-out conversation may speak with when ``DemoSetConfig.heldout_voices`` asks for unseen ones.
+UNSEEN_VOICES = ("en-us+m7", "en-gb+f5", "en+m6", "en-us+f1")
 # Speaking rates (espeak-ng words per minute): the two splits never share one.
 TRAIN_SPEEDS = (145, 160, 175, 190, 205)
 HELDOUT_SPEEDS = (152, 168, 183, 198)
@@ -72,6 +74,11 @@ class DemoSetConfig:
         size (`int`): side of the prepared crops.
         clip_seconds (`float`): training clip length (``echo-prep --clip-seconds``).
         seed (`int`): seed of the plan (lengths, identities, styles).
+        identities (`tuple[str, ...]`): the pool both participants are drawn from (names of
+            `synthetic.conversations.IDENTITIES`); empty: all of them (the multi-identity set). A pool of framings of
+            one photo makes a personal-avatar set: every clip, on either side, shows that person.
+        unseen_heldout_voices (`bool`): held-out conversations speak with `UNSEEN_VOICES`, never heard in training
+            (otherwise they draw from `TRAIN_VOICES`, like training).
     """
 
     num_train: int = 64
@@ -83,14 +90,18 @@ class DemoSetConfig:
     size: int = 128
     clip_seconds: float = 10.0
     seed: int = 0
+    identities: tuple[str, ...] = ()
+    unseen_heldout_voices: bool = False
 
 
-def _styles(rng: np.random.Generator, heldout: bool) -> tuple[DialogueStyle, tuple[MotionStyle, MotionStyle]]:
+def _styles(
+    rng: np.random.Generator, heldout: bool, pool: tuple[str, ...] = TRAIN_VOICES
+) -> tuple[DialogueStyle, tuple[MotionStyle, MotionStyle]]:
     speeds = HELDOUT_SPEEDS if heldout else TRAIN_SPEEDS
-    voices = rng.choice(len(TRAIN_VOICES), size=2, replace=False)
+    voices = rng.choice(len(pool), size=2, replace=False)
     dialogue = DialogueStyle(
         sentences=HELDOUT_SENTENCES if heldout else TRAIN_SENTENCES,
-        voices=(TRAIN_VOICES[voices[0]], TRAIN_VOICES[voices[1]]),
+        voices=(pool[voices[0]], pool[voices[1]]),
         speeds=(int(rng.choice(speeds)), int(rng.choice(speeds))),
         gap=(0.15, 0.6),
         long_gap_prob=float(rng.uniform(0.2, 0.45)),
@@ -106,7 +117,14 @@ def conversation_plan(config: DemoSetConfig) -> list[dict]:
     A pure function of ``config``: rerunning the command plans the same conversations.
     """
     rng = np.random.default_rng(config.seed)
-    names = sorted(IDENTITIES)
+    unknown = sorted(set(config.identities) - set(IDENTITIES))
+    if unknown or len(set(config.identities)) == 1:
+        raise ValueError(
+            f"demo-set identities {list(config.identities)}: "
+            + (f"{unknown} unknown" if unknown else "a conversation needs two")
+            + f"; name at least two of {sorted(IDENTITIES)} (--identities), or none for all of them."
+        )
+    names = sorted(config.identities or IDENTITIES)
     plan = []
     specs = [("train", i, float(rng.uniform(*config.train_seconds))) for i in range(config.num_train)]
     specs += [("heldout", j, config.heldout_seconds) for j in range(config.num_heldout)]
@@ -117,7 +135,9 @@ def conversation_plan(config: DemoSetConfig) -> list[dict]:
         # Cycle through the identities so every one appears in training; the partner is drawn among the others.
         first = names[index % len(names)] if not heldout else names[int(rng.integers(len(names)))]
         second = names[int(rng.choice([k for k in range(len(names)) if names[k] != first]))]
-        dialogue, motion = _styles(rng, heldout)
+        dialogue, motion = _styles(
+            rng, heldout, UNSEEN_VOICES if heldout and config.unseen_heldout_voices else TRAIN_VOICES
+        )
         plan.append(
             {
                 "split": split,
@@ -302,6 +322,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=defaults.size, help="prepared crop side")
     parser.add_argument("--clip-seconds", type=float, default=defaults.clip_seconds)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--identities",
+        nargs="+",
+        default=list(defaults.identities),
+        help="the identities both participants are drawn from (default: all; framings of one photo: a personal avatar)",
+    )
+    parser.add_argument(
+        "--unseen-heldout-voices",
+        action="store_true",
+        help="held-out conversations speak with voices unseen in training",
+    )
     parser.add_argument("--workers", type=int, default=1, help="echo-prep processes")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -319,6 +350,8 @@ def main(argv=None) -> int:
         size=args.size,
         clip_seconds=args.clip_seconds,
         seed=args.seed,
+        identities=tuple(args.identities),
+        unseen_heldout_voices=args.unseen_heldout_voices,
     )
     manifest = build_demo_set(args.out, config, args.model_config, workers=args.workers, progress=not args.no_progress)
     print(json.dumps({"totals": manifest["totals"], "timings": manifest["timings"]}, indent=1))

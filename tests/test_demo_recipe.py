@@ -133,7 +133,8 @@ def _tiny_recipe(tmp: Path) -> Path:
     and a few steps per stage, checkpointing every 2 steps; one training process."""
     model = yaml.safe_load((ROOT / "configs/models/tiny.yaml").read_text())
     vae_arch = model["vae"]["config"]
-    model["vae"] = {"class": "AutoencoderKLWan", "pretrained": str(tmp / "vae")}
+    # the decoder stage trains the encoder too (configs/train/demo_vae_decoder.yaml): the generator learns its latents
+    model["vae"] = {"class": "AutoencoderKLWan", "pretrained": str(tmp / "decoder")}
     (tmp / "model.yaml").write_text(yaml.safe_dump(model))
     (tmp / "accelerate.yaml").write_text(
         yaml.safe_dump(
@@ -293,10 +294,10 @@ def test_recipe_resumes_after_a_kill_in_every_stage(tmp_path):
 
     # 6. Everything is complete: a rerun skips every stage.
     log = _run(recipe, tmp_path / "run6.log")
-    assert log.count("complete, skipped") == 6
+    assert log.count("complete, skipped") == 7  # every stage, distill included (this recipe has none: complete)
 
-    # 7. Trained longer as `make train-demo-long` does (the decoder's and stage 1's max_train_steps raised by --set):
-    # both continue from their last checkpoint; stage 1 keeps its input (the VAE's encoder), stage 2 starts over.
+    # 7. Trained longer (the decoder's and stage 1's max_train_steps raised by --set): the decoder stage continues from
+    # its last checkpoint; it trains the encoder whose latents stage 1 learns, so stage 1 and stage 2 start over.
     longer = yaml.safe_load(recipe.read_text())
     sets = [
         f"{stage}.set={json.dumps([*longer[stage]['set'], 'train.max_train_steps=12'])}"
@@ -305,7 +306,8 @@ def test_recipe_resumes_after_a_kill_in_every_stage(tmp_path):
     log = _run(recipe, tmp_path / "run7.log", sets=sets)
     assert "data: complete, skipped" in log and "vae: complete, skipped" in log
     assert f"resuming from {tmp_path / 'decoder_train'}/checkpoint-8 (step 8)" in log
-    assert f"resuming from {tmp_path / 'stage1'}/checkpoint-8" in log
+    assert "stage1 (its input changed: starting it over)" in log
+    assert f"resuming from {tmp_path / 'stage1'}/checkpoint-8" not in log
     assert "stage2 (its input changed: starting it over)" in log
     assert json.loads((tmp_path / "decoder_train" / "report.json").read_text())["steps"] == 12
     trained = yaml.safe_load((tmp_path / "stage1" / "final" / "training_config.yaml").read_text())["train"]
@@ -329,3 +331,28 @@ def test_a_second_run_of_the_same_recipe_is_refused_while_one_is_live(tmp_path):
         )
     assert result.returncode != 0 and f"another demo-recipe run holds {tmp_path}" in result.stderr
     assert f"pid {os.getpid()}" in result.stderr and not (tmp_path / "data").exists()  # nothing was started
+
+
+def test_a_personal_avatar_plan_keeps_one_person_and_unseen_voices():
+    """The recipe's set: every participant is a framing of the astronaut photo; held-out voices never speak in
+    training; a pool that cannot make a conversation is refused, naming the fix."""
+    from synthetic.demo_set import TRAIN_VOICES, UNSEEN_VOICES
+
+    recipe = yaml.safe_load((ROOT / "configs/train/demo_recipe.yaml").read_text())
+    options = recipe["data"]["options"]
+    config = DemoSetConfig(
+        identities=tuple(options["identities"]), unseen_heldout_voices=options["unseen_heldout_voices"]
+    )
+    plan = conversation_plan(config)
+    assert {i for e in plan for i in e["identities"]} == set(options["identities"])
+    assert {IDENTITIES[i].source for i in options["identities"]} == {"astronaut"}
+    assert not any(IDENTITIES[i].mirror or IDENTITIES[i].hue for i in options["identities"])
+    train_voices = {v for e in plan if e["split"] == "train" for v in e["dialogue"]["voices"]}
+    heldout_voices = {v for e in plan if e["split"] == "heldout" for v in e["dialogue"]["voices"]}
+    assert train_voices <= set(TRAIN_VOICES) and heldout_voices <= set(UNSEEN_VOICES)
+    assert not train_voices & heldout_voices
+    # Without the option, held-out conversations draw from the training voices (the multi-identity set as it was).
+    assert {v for e in conversation_plan(DemoSetConfig()) for v in e["dialogue"]["voices"]} <= set(TRAIN_VOICES)
+    for pool in (("astronaut",), ("astronaut", "nobody")):
+        with pytest.raises(ValueError, match="--identities"):
+            conversation_plan(DemoSetConfig(identities=pool))

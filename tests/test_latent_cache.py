@@ -81,9 +81,11 @@ def test_a_different_vae_misses_the_cache(data_root, tmp_path):
     vae = _vae()
     cache = WindowLatentCache.for_vae(tmp_path, vae, resolution=64, num_frames=9)
     build(cache, _dataset(data_root, cache), vae)
+    whole = vae_fingerprint(vae, include_decoder=True)
     with torch.no_grad():
         vae.decoder.conv_in.weight.add_(1e-3)  # a decoder trained further: the same latents, the same cache
     assert WindowLatentCache.for_vae(tmp_path, vae, resolution=64, num_frames=9).folder == cache.folder
+    assert vae_fingerprint(vae, include_decoder=True) != whole  # but other reconstructions (a VAE ceiling's key)
     with torch.no_grad():
         vae.encoder.conv_in.weight.add_(1e-3)  # one encoder weight changed
     retrained = WindowLatentCache.for_vae(tmp_path, vae, resolution=64, num_frames=9)

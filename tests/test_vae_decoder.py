@@ -84,7 +84,9 @@ def test_decoder_training_keeps_the_encoder_and_its_statistics(trained_vae, tmp_
 
 def test_freeze_encoder_needs_a_vae_to_start_from():
     with pytest.raises(ValueError, match="train.freeze_encoder"):
-        train_vae.load_vae_config(ROOT / "configs/train/demo_vae_decoder.yaml", ["init_from=null"])
+        train_vae.load_vae_config(
+            ROOT / "configs/train/demo_vae_decoder.yaml", ["init_from=null", "train.freeze_encoder=true"]
+        )
 
 
 @pytest.mark.parametrize("change", ["encoder", "statistics"])

@@ -18,7 +18,9 @@ Each stage runs the project's own entry point in a subprocess, with the configs 
 The recipe file (``configs/train/demo_recipe.yaml``) is the one source of the paths that tie the stages together; the
 driver passes them on as ``--set`` overrides: the prepared data root (``<data.out>/prepared/train``, held-out
 ``.../heldout``) to the VAE and both stages, the model description (``export.model_config``) to both stages, the
-stage-1 output to stage 2. The model description's ``vae.pretrained`` must be the VAE config's ``export_dir``.
+stage-1 output to stage 2. The model description's ``vae.pretrained`` must be the folder whose latents the generator
+learns (`Recipe.generator_vae_dir`): the decoder stage's ``export_dir`` when that stage trains the encoder too, else
+the VAE's.
 
 Resuming: a stage whose output is complete is skipped (data: ``<out>/DONE``; VAE: its report at
 ``train.max_train_steps``; a training stage: ``final/`` trained to the configured ``max_train_steps``; export: a
@@ -143,16 +145,25 @@ class Recipe:
 
         return load_config(self.recipe[stage]["config"], self.stage_sets(stage))
 
+    def generator_vae_dir(self) -> Path:
+        """The VAE folder the generator's latents come from: the ``decoder`` stage's output when that stage trains the
+        encoder as well (whole chunks, so the temporal latents carry the mouth), else the ``vae`` stage's."""
+
+        decoder = self.decoder_config()
+        if decoder is not None and not decoder.train.freeze_encoder:
+            return Path(decoder.export_dir)
+        return Path(self.vae_config().export_dir)
+
     def check_vae_path(self) -> None:
-        """The model description loads the VAE this recipe trains."""
+        """The model description loads the VAE whose latents the generator is trained on."""
 
         section = load_model_config(self.model_config).get("vae", {})
-        export_dir = Path(self.vae_config().export_dir)
+        export_dir = self.generator_vae_dir()
         pretrained = section.get("pretrained")
         if pretrained is None or Path(pretrained).resolve() != export_dir.resolve():
             raise ValueError(
-                f"model config {self.model_config!r} loads its VAE from {pretrained!r}, but the recipe's VAE config "
-                f"writes {str(export_dir)!r}; make the model config's vae.pretrained that folder."
+                f"model config {self.model_config!r} loads its VAE from {pretrained!r}, but the recipe's generator "
+                f"is trained on the latents of {str(export_dir)!r}; make the model config's vae.pretrained that folder."
             )
 
     def write_example(self) -> Path | None:
@@ -223,7 +234,7 @@ class Recipe:
         path = {
             "vae": self.data_out / "DONE",
             "decoder": Path(self.vae_config().export_dir) / "config.json",
-            "stage1": Path(self.vae_config().export_dir) / "config.json",
+            "stage1": self.generator_vae_dir() / "config.json",
             "stage2": Path(self.stage_config("stage1").output_dir) / "final" / "training_config.yaml",
             "distill": Path(self.recipe["export"]["out"]) / "model_index.json",  # a new export: a new base
         }.get(stage)

@@ -53,16 +53,17 @@ CLIP_KEY_LENGTH = 12
 DECODE_ONLY_PREFIXES = ("decoder.", "post_quant_conv.")
 
 
-def vae_fingerprint(vae) -> str:
+def vae_fingerprint(vae, include_decoder: bool = False) -> str:
     """SHA-256 (first 16 hex digits) of what a VAE's latents depend on: its config (``latents_mean`` /
     ``latents_std`` normalise them) and every state-dict entry but the decode-only ones (`DECODE_ONLY_PREFIXES`):
     names, dtypes, shapes and bytes, in name order. The config's private keys are left out: diffusers' loaders record
-    ``_use_default_values`` from a set, in an order that differs from process to process."""
+    ``_use_default_values`` from a set, in an order that differs from process to process. With ``include_decoder``,
+    every entry: what the VAE's reconstructions depend on."""
     digest = hashlib.sha256()
     config = {name: value for name, value in dict(vae.config).items() if not name.startswith("_")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
-        if name.startswith(DECODE_ONLY_PREFIXES):
+        if name.startswith(DECODE_ONLY_PREFIXES) and not include_decoder:
             continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())

@@ -13,8 +13,12 @@ function of ``(seed, step, rank)``, so a resumed run sees the batches the interr
   cropped to ``clip_crop``² (the temporal path).
 
 Loss: ``l1·|x̂ − x| + l2·(x̂ − x)² + kl·KL(q(z|x) ‖ N(0, I))`` (means over elements), x̂ decoded from a posterior
-sample; AdamW with a linear warm-up. Everything runs through `accelerate` (a GPU when present, mixed precision from
-the accelerate config).
+sample; AdamW with a linear warm-up. With ``loss.lip_weight`` / ``loss.face_weight`` the pixel terms are weighted
+means, each pixel weighing ``1 + lip_weight`` inside the clip's lip mask and ``1 + face_weight`` on the rest of the
+face (`echo.masks.rasterize_masks` of the clip's ``avatar_landmarks.npy``): at 8 × 8 compression the mouth is a few
+latent cells wide, and an unweighted loss gives them no more say than the background. ``data.clip_crop_on_lips``
+crops every clip step around the clip's lip region. Everything runs through `accelerate` (a GPU when present, mixed
+precision from the accelerate config).
 
 Checkpoints (``output_dir/checkpoint-<step>/``, written atomically, the newest ``checkpoints_total_limit`` kept) are
 safetensors only: ``vae.safetensors``, ``optimizer.safetensors`` (AdamW moments, per parameter index) and
@@ -23,7 +27,8 @@ safetensors only: ``vae.safetensors``, ``optimizer.safetensors`` (AdamW moments,
 At the end, the posterior mode of ``stats_clips`` training clips gives per-channel ``latents_mean`` /
 ``latents_std``, written into the VAE config (`echo.encoding.normalize_latents` then hands the generator
 unit-variance latents), the VAE is saved with ``save_pretrained`` into ``export_dir``, and the reconstruction PSNR /
-SSIM on ``eval_frames`` frames of the held-out clips goes into ``output_dir/report.json``.
+SSIM on ``eval_frames`` frames of the held-out clips, and `chunk_metrics` on ``eval_chunks`` held-out chunks, go into
+``output_dir/report.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ import torch
 import torch.nn.functional as F
 
 from echo.chunks import check_frame_count
+from echo.clip_format import read_landmarks
 from echo.components import read_yaml
+from echo.masks import rasterize_masks
 from echo.media import read_video
 from echo.metrics.behaviour import psnr, ssim
 
@@ -74,6 +81,9 @@ class VaeDataConfig:
     clip_batch_size: int = 1
     clip_crop: int = 64
     clip_every: int = 2  # 0: no clip steps
+    # Clip crops hold the clip's whole lip region (needs region labels, i.e. `loss.lip_weight` or `face_weight`): the
+    # mouth is what the temporal path must reconstruct frame by frame, and a random crop often misses it.
+    clip_crop_on_lips: bool = False
 
 
 @dataclass
@@ -90,6 +100,12 @@ class VaeLossConfig:
     l1: float = 1.0
     l2: float = 1.0
     kl: float = 1e-6
+    lip_weight: float = 0.0  # extra weight of the pixels inside the lip mask (0: a plain mean)
+    face_weight: float = 0.0  # extra weight of the rest of the face
+
+    @property
+    def weighted(self) -> bool:
+        return bool(self.lip_weight or self.face_weight)
 
 
 @dataclass
@@ -100,6 +116,7 @@ class VaeTrainSettings:
     log_every: int = 10
     stats_clips: int = 128
     eval_frames: int = 64
+    eval_chunks: int = 8  # held-out chunks of data.clip_frames for `chunk_metrics` (0: none)
     # Train the decoder only (with ``init_from``): the encoder, its latent statistics and so every latent a generator
     # was trained on stay as they are, while the pictures decoded from them sharpen.
     freeze_encoder: bool = False
@@ -181,16 +198,29 @@ def clip_folders(root: str | Path, key: str = "data.root") -> list[Path]:
     return folders
 
 
+# Labels of `load_clip_bank`'s regions: background, face (not lip), lip.
+BACKGROUND, FACE, LIP = 0, 1, 2
+
+
 def load_clip_bank(
-    folders: list[Path], clips_per_folder: int, clip_frames: int, resolution: int, seed: int, progress: bool = True
-) -> np.ndarray:
-    """`(N, clip_frames, resolution, resolution, 3)` uint8: random clips of each folder's ``avatar.mp4``."""
+    folders: list[Path],
+    clips_per_folder: int,
+    clip_frames: int,
+    resolution: int,
+    seed: int,
+    progress: bool = True,
+    regions: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """`(N, clip_frames, resolution, resolution, 3)` uint8: random clips of each folder's ``avatar.mp4``; with
+    ``regions``, also `(N, clip_frames, resolution, resolution)` uint8 labels `BACKGROUND` / `FACE` / `LIP` of every
+    pixel, rasterised from the folder's avatar landmarks (`echo.masks.rasterize_masks`)."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
-    bank = []
+    bank, labels = [], []
     for folder in tqdm(folders, desc="train-vae: read clips", unit="clip", disable=not progress):
         frames, _ = read_video(folder / "avatar.mp4")
+        source_size = frames.shape[1:3]
         if frames.shape[1:3] != (resolution, resolution):
             video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
             video = F.interpolate(video, size=(resolution, resolution), mode="bilinear", antialias=True)
@@ -199,9 +229,14 @@ def load_clip_bank(
             continue
         starts = rng.integers(0, len(frames) - clip_frames + 1, size=clips_per_folder)
         bank += [frames[s : s + clip_frames] for s in starts]
+        if regions:
+            landmarks = read_landmarks(folder, "avatar", len(frames))
+            for s in starts:
+                lip, face = rasterize_masks(landmarks[s : s + clip_frames], resolution, resolution, source_size)
+                labels.append(np.where(lip, LIP, np.where(face, FACE, BACKGROUND)).astype(np.uint8))
     if not bank:
         raise ValueError(f"no clip of {clip_frames} frames in {len(folders)} folders")
-    return np.stack(bank)
+    return (np.stack(bank), np.stack(labels)) if regions else np.stack(bank)
 
 
 def _to_video(frames: np.ndarray) -> torch.Tensor:
@@ -209,33 +244,79 @@ def _to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
-def step_batches(bank: np.ndarray, data: VaeDataConfig, seed: int, step: int, rank: int) -> list[torch.Tensor]:
-    """The videos `(B, 3, T, H, W)` of one step, a pure function of ``(seed, step, rank)``."""
+def lip_crop(labels: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[int, int]:
+    """A random crop corner `(y, x)` whose ``crop``² window holds every `LIP` pixel of ``labels`` `(..., H, W)` (as
+    much of it as fits, centred on it, when it is larger than the crop); anywhere when there is none."""
+    size = labels.shape[-1]
+    rows, cols = np.nonzero((labels == LIP).reshape(-1, *labels.shape[-2:]).any(axis=0))
+    corner = []
+    for found in (rows, cols):
+        if not len(found):
+            corner.append(int(rng.integers(0, size - crop + 1)))
+            continue
+        low, high = int(found.max()) - crop + 1, int(found.min())  # every lip pixel inside: low <= corner <= high
+        if low > high:  # wider than the crop: centre it
+            low = high = (int(found.min()) + int(found.max()) + 1 - crop) // 2
+        low, high = max(0, low), min(high, size - crop)
+        low = min(low, high)  # a region at the border: the nearest crop that fits the frame
+        corner.append(int(rng.integers(low, high + 1)))
+    return corner[0], corner[1]
+
+
+def step_batches(
+    bank: np.ndarray, data: VaeDataConfig, seed: int, step: int, rank: int, labels: np.ndarray | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The videos `(B, 3, T, H, W)` of one step, a pure function of ``(seed, step, rank)``, each with its region
+    labels `(B, T, H, W)` cut the same way when ``labels`` (`load_clip_bank`'s) are given, else `None`. The user-size
+    frames are unweighted (their labels are `None`)."""
     rng = np.random.default_rng([seed, step, rank])
     num_clips, clip_frames = bank.shape[:2]
+
+    def _labels(array):
+        return None if labels is None else torch.from_numpy(np.ascontiguousarray(array))
+
     if data.clip_every and step % data.clip_every == data.clip_every - 1:
         index = rng.integers(0, num_clips, size=data.clip_batch_size)
         y, x = rng.integers(0, data.resolution - data.clip_crop + 1, size=2)
-        clips = bank[index, :, y : y + data.clip_crop, x : x + data.clip_crop]
-        return [_to_video(clips)]
+        if data.clip_crop_on_lips and labels is not None:
+            y, x = lip_crop(labels[index], data.clip_crop, rng)
+        window = (index, slice(None), slice(y, y + data.clip_crop), slice(x, x + data.clip_crop))
+        return [(_to_video(bank[window]), None if labels is None else _labels(labels[window]))]
     index = rng.integers(0, num_clips, size=data.frame_batch_size)
     frame = rng.integers(0, clip_frames, size=data.frame_batch_size)
     video = _to_video(bank[index, frame][:, None])  # B, 3, 1, H, W
+    regions = None if labels is None else _labels(labels[index, frame][:, None])  # B, 1, H, W
     if rng.uniform() < 0.5:
         video = video.flip(-1)
-    batches = [video]
+        regions = None if regions is None else regions.flip(-1)
+    batches = [(video, regions)]
     if data.small_size and data.small_batch_size:
         index = rng.integers(0, num_clips, size=data.small_batch_size)
         frame = rng.integers(0, clip_frames, size=data.small_batch_size)
         small = _to_video(bank[index, frame][:, None])[:, :, 0]
         small = F.interpolate(small, size=(data.small_size,) * 2, mode="bilinear", antialias=True)
-        batches.append(small.clamp(-1, 1)[:, :, None])
+        batches.append((small.clamp(-1, 1)[:, :, None], None))
     return batches
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loss, metrics, latent statistics
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def pixel_weights(regions: torch.Tensor, loss: VaeLossConfig) -> torch.Tensor:
+    """Per-pixel loss weights from region labels: 1 on the background, ``1 + face_weight`` on the face,
+    ``1 + lip_weight`` inside the lip mask."""
+    table = torch.tensor([1.0, 1.0 + loss.face_weight, 1.0 + loss.lip_weight])
+    return table[regions.long()]
+
+
+def weighted_mean(error: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``error`` `(B, C, T, H, W)` averaged with per-pixel ``weights`` `(B, 1, T, H, W)` (a plain mean without)."""
+    if weights is None:
+        return error.mean()
+    weights = weights.expand_as(error)
+    return (error * weights).sum() / weights.sum()
 
 
 class VaeTrainingModule(torch.nn.Module):
@@ -247,13 +328,16 @@ class VaeTrainingModule(torch.nn.Module):
         self.vae = vae
         self.loss = loss
 
-    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(
+        self, video: torch.Tensor, generator: torch.Generator | None = None, regions: torch.Tensor | None = None
+    ):
         """``(total, {"l1", "l2", "kl"})`` for `(B, 3, T, H, W)` frames in [−1, 1]; x̂ decoded from a posterior
-        sample."""
+        sample. ``regions`` (`(B, T, H, W)` labels of `load_clip_bank`) weight the pixel terms (`pixel_weights`)."""
         posterior = self.vae.encode(video).latent_dist
         reconstruction = self.vae.decode(posterior.sample(generator=generator)).sample
-        l1 = (reconstruction - video).abs().mean()
-        l2 = (reconstruction - video).square().mean()
+        weights = None if regions is None else pixel_weights(regions, self.loss).to(video)[:, None]
+        l1 = weighted_mean((reconstruction - video).abs(), weights)
+        l2 = weighted_mean((reconstruction - video).square(), weights)
         kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
         total = self.loss.l1 * l1 + self.loss.l2 * l2 + self.loss.kl * kl
         return total, {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
@@ -277,12 +361,14 @@ def latent_statistics(vae, bank: np.ndarray, num_clips: int, device, batch_size:
 
 @torch.no_grad()
 def reconstruction_metrics(vae, folders: list[Path], num_frames: int, resolution: int, device) -> dict:
-    """PSNR (dB, frames in [0, 1]) and SSIM of single held-out frames reconstructed from the posterior mode."""
+    """PSNR (dB, frames in [0, 1]) and SSIM of single held-out frames reconstructed from the posterior mode, and
+    ``lip_psnr``: the PSNR over the pixels inside their lip masks (all lip pixels of all frames pooled)."""
 
-    bank = load_clip_bank(
-        folders, max(1, math.ceil(num_frames / len(folders))), 1, resolution, seed=12345, progress=False
-    )[:num_frames]
-    scores_psnr, scores_ssim = [], []
+    bank, labels = load_clip_bank(
+        folders, max(1, math.ceil(num_frames / len(folders))), 1, resolution, seed=12345, progress=False, regions=True
+    )
+    bank, labels = bank[:num_frames], labels[:num_frames]
+    scores_psnr, scores_ssim, lip_errors = [], [], []
     for start in range(0, len(bank), 8):
         video = _to_video(bank[start : start + 8]).to(device, vae.dtype)
         reconstruction = vae.decode(vae.encode(video).latent_dist.mode()).sample.float().clamp(-1, 1)
@@ -290,7 +376,48 @@ def reconstruction_metrics(vae, folders: list[Path], num_frames: int, resolution
         fake = ((reconstruction[:, :, 0] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         scores_psnr.append(psnr(fake, real))
         scores_ssim.append(ssim(fake, real))
-    return {"psnr": float(np.mean(scores_psnr)), "ssim": float(np.mean(scores_ssim)), "frames": int(len(bank))}
+        lip = labels[start : start + 8, 0] == LIP
+        lip_errors.append(((fake.astype(np.float64) - real) / 255.0)[lip].reshape(-1))
+    lip_mse = float(np.mean(np.square(np.concatenate(lip_errors)))) if sum(map(len, lip_errors)) else float("nan")
+    return {
+        "psnr": float(np.mean(scores_psnr)),
+        "ssim": float(np.mean(scores_ssim)),
+        "lip_psnr": float(10 * np.log10(1.0 / max(lip_mse, 1e-10))),
+        "frames": int(len(bank)),
+    }
+
+
+@torch.no_grad()
+def chunk_metrics(vae, folders: list[Path], num_chunks: int, chunk_frames: int, resolution: int, device) -> dict:
+    """How held-out chunks of ``chunk_frames`` frames come back, frame by frame (posterior mode), in their lip region:
+    ``lip_psnr_by_position`` (dB, pooled over ``num_chunks`` chunks) and ``lip_first_frame_ratio``: the lip-region
+    error of frames 1… against their own ground truth over the error against the chunk's *first* frame. Above 1, the
+    decoded mouth is nearer the first frame's than its own: the temporal latents are not carrying the mouth, and no
+    generator trained on them can move it with speech (single-frame PSNR does not see this)."""
+
+    bank, labels = load_clip_bank(
+        folders, max(1, math.ceil(num_chunks / len(folders))), chunk_frames, resolution, 54321, False, regions=True
+    )
+    own, first = np.zeros(chunk_frames), np.zeros(chunk_frames)
+    for clip, regions in zip(bank[:num_chunks], labels[:num_chunks]):
+        video = _to_video(clip[None]).to(device, vae.dtype)
+        decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample.float().clamp(-1, 1)[0].cpu().numpy()
+        truth = video.float()[0].cpu().numpy()
+        mouth = (regions == LIP).any(axis=0)  # H, W: where the mouth is at any frame of the chunk
+        if not mouth.any():
+            continue
+        for t in range(chunk_frames):  # squared errors of [−1, 1] values / 4: of [0, 1] values
+            own[t] += np.square(decoded[:, t] - truth[:, t])[:, mouth].mean() / 4
+            first[t] += np.square(decoded[:, t] - truth[:, 0])[:, mouth].mean() / 4
+    count = int(sum((regions == LIP).any() for regions in labels[:num_chunks]))
+    if not count:
+        return {"lip_psnr_by_position": None, "lip_first_frame_ratio": None, "chunks": 0}
+    own, first = own / count, first / count
+    return {
+        "lip_psnr_by_position": [round(float(10 * np.log10(1 / max(v, 1e-10))), 2) for v in own],
+        "lip_first_frame_ratio": float(own[1:].mean() / max(first[1:].mean(), 1e-10)),
+        "chunks": int(count),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,7 +567,9 @@ def main(argv=None) -> int:
         data.resolution,
         config.seed,
         progress=accelerator.is_main_process,
+        regions=config.loss.weighted,
     )
+    bank, labels = bank if config.loss.weighted else (bank, None)
     accelerator.print(f"{len(bank)} clips of {data.clip_frames} frames from {len(folders)} clip folders")
 
     # 3. Loop
@@ -458,9 +587,9 @@ def main(argv=None) -> int:
         module.train()
         optimizer.zero_grad(set_to_none=True)
         logs = {}
-        for video in step_batches(bank, data, config.seed, step, accelerator.process_index):
+        for video, regions in step_batches(bank, data, config.seed, step, accelerator.process_index, labels):
             with accelerator.autocast():
-                total, parts = module(video.to(accelerator.device), generator)
+                total, parts = module(video.to(accelerator.device), generator, regions)
             accelerator.backward(total)
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + float(value)
@@ -497,6 +626,10 @@ def main(argv=None) -> int:
             data.heldout_root or data.root, "data.heldout_root" if data.heldout_root else "data.root"
         )
         metrics = reconstruction_metrics(model, heldout, train.eval_frames, data.resolution, accelerator.device)
+        if data.clip_every and train.eval_chunks:
+            metrics["chunk"] = chunk_metrics(
+                model, heldout, train.eval_chunks, data.clip_frames, data.resolution, accelerator.device
+            )
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -515,7 +648,8 @@ def main(argv=None) -> int:
         }
         (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
         accelerator.print(
-            f"held-out reconstruction PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} "
+            f"held-out reconstruction PSNR {metrics['psnr']:.2f} dB (lip {metrics['lip_psnr']:.2f} dB), SSIM "
+            f"{metrics['ssim']:.3f} "
             f"({metrics['frames']} frames); saved {export_dir}"
         )
     accelerator.wait_for_everyone()
