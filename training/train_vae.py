@@ -81,8 +81,8 @@ class VaeDataConfig:
     clip_batch_size: int = 1
     clip_crop: int = 64
     clip_every: int = 2  # 0: no clip steps
-    # Clip crops hold the clip's whole lip region (needs region labels, i.e. `loss.lip_weight` or `face_weight`): the
-    # mouth is what the temporal path must reconstruct frame by frame, and a random crop often misses it.
+    # Clip crops hold the clip's whole lip region (from the clips' landmarks, as the loss weights): the mouth is what
+    # the temporal path must reconstruct frame by frame, and a random crop often misses it.
     clip_crop_on_lips: bool = False
 
 
@@ -398,7 +398,7 @@ def chunk_metrics(vae, folders: list[Path], num_chunks: int, chunk_frames: int, 
     bank, labels = load_clip_bank(
         folders, max(1, math.ceil(num_chunks / len(folders))), chunk_frames, resolution, 54321, False, regions=True
     )
-    own, first = np.zeros(chunk_frames), np.zeros(chunk_frames)
+    own, first, count = np.zeros(chunk_frames), np.zeros(chunk_frames), 0
     for clip, regions in zip(bank[:num_chunks], labels[:num_chunks]):
         video = _to_video(clip[None]).to(device, vae.dtype)
         decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample.float().clamp(-1, 1)[0].cpu().numpy()
@@ -406,10 +406,10 @@ def chunk_metrics(vae, folders: list[Path], num_chunks: int, chunk_frames: int, 
         mouth = (regions == LIP).any(axis=0)  # H, W: where the mouth is at any frame of the chunk
         if not mouth.any():
             continue
+        count += 1
         for t in range(chunk_frames):  # squared errors of [−1, 1] values / 4: of [0, 1] values
             own[t] += np.square(decoded[:, t] - truth[:, t])[:, mouth].mean() / 4
             first[t] += np.square(decoded[:, t] - truth[:, 0])[:, mouth].mean() / 4
-    count = int(sum((regions == LIP).any() for regions in labels[:num_chunks]))
     if not count:
         return {"lip_psnr_by_position": None, "lip_first_frame_ratio": None, "chunks": 0}
     own, first = own / count, first / count
@@ -567,9 +567,9 @@ def main(argv=None) -> int:
         data.resolution,
         config.seed,
         progress=accelerator.is_main_process,
-        regions=config.loss.weighted,
+        regions=config.loss.weighted or data.clip_crop_on_lips,
     )
-    bank, labels = bank if config.loss.weighted else (bank, None)
+    bank, labels = bank if config.loss.weighted or data.clip_crop_on_lips else (bank, None)
     accelerator.print(f"{len(bank)} clips of {data.clip_frames} frames from {len(folders)} clip folders")
 
     # 3. Loop
@@ -589,7 +589,9 @@ def main(argv=None) -> int:
         logs = {}
         for video, regions in step_batches(bank, data, config.seed, step, accelerator.process_index, labels):
             with accelerator.autocast():
-                total, parts = module(video.to(accelerator.device), generator, regions)
+                total, parts = module(
+                    video.to(accelerator.device), generator, regions if config.loss.weighted else None
+                )
             accelerator.backward(total)
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + float(value)
