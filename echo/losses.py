@@ -5,6 +5,7 @@
 - `speech_weights`: the frame weights ``w(i)`` of Eq. 12 from the avatar audio's short-time RMS, normalised over the
   avatar's whole track (not per window).
 - `latent_frame_weights`: maps per-video-frame weights to latent frames (the resolution of the generator features).
+- `lip_loss_weights`: per-element weights of the flow-matching loss that count the lip region's latents more.
 - `hfa_loss`: the stage-2 hierarchical feature alignment ``L_align`` (Eq. 12) between the adapted generator and the
   frozen stage-1 reference ``f_ref``.
 
@@ -135,6 +136,35 @@ def latent_frame_weights(weights: torch.Tensor, temporal_compression: int = 4) -
     first = weights[:, :1]
     rest = weights[:, 1:].reshape(batch_size, -1, temporal_compression).mean(dim=2)
     return torch.cat([first, rest], dim=1)
+
+
+def lip_loss_weights(lip_mask: torch.Tensor, latent_shape: torch.Size | tuple, lip_weight: float) -> torch.Tensor:
+    """Per-element weights `(B, 1, F, h, w)` of the flow-matching loss: ``lip_weight`` on the latents under SDCM's
+    lip tokens, 1 elsewhere (`echo.flow_matching.flow_loss` ``mask``: a weighted mean, so the loss keeps its scale).
+
+    The mouth covers a few per cent of a chunk's latents, so the plain mean spends almost all of the loss on the head
+    and background: a generator learns *that* the mouth opens in speech long before it learns *how far*, frame by
+    frame. The weights use the token masks the generator is conditioned on (the reference's lip region, held for
+    every latent frame, `echo.masks.reference_token_masks`), each token spread over the latent pixels of its patch.
+
+    Args:
+        lip_mask (`torch.Tensor` of shape `(B, F, H', W')`): {0, 1} lip tokens.
+        latent_shape (`torch.Size`): the latents' `(B, C, F, h, w)`; ``h`` and ``w`` are multiples of ``H'``, ``W'``.
+        lip_weight (`float`): the weight of a lip latent, ≥ 1 (1: the plain loss).
+    """
+    batch_size, _, num_frames, height, width = latent_shape
+    if lip_mask.ndim != 4 or lip_mask.shape[:2] != (batch_size, num_frames):
+        raise ValueError(
+            f"`lip_mask` has shape {tuple(lip_mask.shape)}, expected ({batch_size}, {num_frames}, H', W')."
+        )
+    if height % lip_mask.shape[2] or width % lip_mask.shape[3]:
+        raise ValueError(
+            f"the {height}x{width} latents are no whole number of {tuple(lip_mask.shape[2:])} token patches."
+        )
+    if lip_weight < 1:
+        raise ValueError(f"`lip_weight` is {lip_weight}, expected a weight >= 1.")
+    mask = F.interpolate(lip_mask.float(), size=(height, width), mode="nearest")  # each token over its patch
+    return (1.0 + (lip_weight - 1.0) * mask)[:, None]
 
 
 def sample_blocks(num_layers: int, num_blocks: int, generator: torch.Generator | None = None) -> list[int]:

@@ -175,3 +175,28 @@ def test_mouth_darkness_reads_an_open_mouth_from_pixels(conversation):
     y = reference[[behaviour.UPPER_INNER_LIP, behaviour.LOWER_INNER_LIP], 1].mean()
     black[:, int(y) - 20 : int(y) + 20, int(x.min()) - 2 : int(x.max()) + 3] = 0
     assert behaviour.mouth_darkness(black, reference)[0] == 1.0
+
+
+def test_per_latent_frame_holds_a_signal_once_per_latent_frame():
+    from echo.metrics.behaviour import per_latent_frame
+
+    # Latent frame 0 is frame 0; latent frame j covers frames 4j-3 .. 4j: a signal constant on those runs comes back
+    # the same at the runs' centres, linearly between them.
+    runs = [np.array([0])] + [np.arange(1 + 4 * j, 5 + 4 * j) for j in range(4)]
+    levels = [0.0, 1.0, 3.0, 3.0, 0.0]
+    signal = np.zeros(17)
+    for run, level in zip(runs, levels):
+        signal[run] = level
+    held = per_latent_frame(signal)
+    assert held[0] == 0 and held[10] == 3  # a centre (9 .. 12: 10.5) holds its run's level ... between two 3s: 3
+    np.testing.assert_allclose(held[[1, 2]], [0.4, 0.8])  # from frame 0 (0) to the centre 2.5 (1)
+    # Frame-to-frame alternation inside a run is gone: what a 4x-compressed latent that moves once per latent frame
+    # cannot show.
+    fast = np.tile([0.0, 1.0], 20)[:33]
+    fast[0] = 0.5
+    np.testing.assert_allclose(per_latent_frame(fast), 0.5)
+    with_gap = signal.copy()
+    with_gap[5:9] = np.nan  # a run without a face: interpolated over
+    assert np.isfinite(per_latent_frame(with_gap)).all()
+    with pytest.raises(ValueError, match="signal"):
+        per_latent_frame(np.zeros((3, 2)))

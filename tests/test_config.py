@@ -54,6 +54,7 @@ BAD_VALUES = [
     ("loss.pixel_weight=-0.1", "loss.pixel_weight"),
     ("loss.pixel_latent_frames=0", "loss.pixel_latent_frames"),
     ("loss.pixel_loss_type=huber", "loss.pixel_loss_type"),
+    ("loss.lip_flow_weight=0.5", "loss.lip_flow_weight"),
     ("loss.align_weight=-1", "loss.align_weight"),
     ("loss.align_blocks=0", "loss.align_blocks"),
     ("loss.align_distance=l2", "loss.align_distance"),

@@ -13,6 +13,7 @@ from echo.losses import (
     hfa_loss,
     latent_frame_weights,
     latent_to_video_frames,
+    lip_loss_weights,
     pixel_loss,
     sample_blocks,
     speech_weights,
@@ -160,3 +161,29 @@ def test_sample_blocks_is_a_seeded_subset():
     assert len(set(a)) == 4 and all(0 <= i < 30 for i in a) and a == sorted(a)
     with pytest.raises(ValueError, match="num_blocks"):
         sample_blocks(2, 3)
+
+
+def test_lip_loss_weights_spread_each_lip_token_over_its_patch_and_keep_the_loss_scale():
+    from echo.flow_matching import flow_loss
+
+    lip = torch.zeros(2, 3, 4, 4)
+    lip[0, :, 2, 1] = 1  # one lip token of sample 0, every latent frame
+    weights = lip_loss_weights(lip, (2, 16, 3, 8, 8), lip_weight=5.0)
+    assert weights.shape == (2, 1, 3, 8, 8)
+    assert weights[0, 0, :, 4:6, 2:4].eq(5).all()  # token (2, 1) is latent pixels 4-5 x 2-3
+    assert weights[0].sum() == 3 * (64 - 4 + 4 * 5) and weights[1].eq(1).all()
+    # A weighted mean: the same error everywhere gives the same loss, an error on the lips alone counts 5 times more
+    # than the same error off them.
+    prediction, target = torch.zeros(2, 16, 3, 8, 8), torch.ones(2, 16, 3, 8, 8)
+    assert float(flow_loss(prediction, target, mask=weights)) == pytest.approx(1.0)
+    on_lip, off_lip = torch.zeros_like(target), torch.zeros_like(target)
+    on_lip[0, :, :, 4, 2] = 1
+    off_lip[0, :, :, 0, 0] = 1
+    assert float(flow_loss(prediction, on_lip, mask=weights)) == pytest.approx(
+        5 * float(flow_loss(prediction, off_lip, mask=weights))
+    )
+    torch.testing.assert_close(lip_loss_weights(lip, (2, 16, 3, 8, 8), 1.0), torch.ones(2, 1, 3, 8, 8))
+    with pytest.raises(ValueError, match="lip_weight"):
+        lip_loss_weights(lip, (2, 16, 3, 8, 8), 0.5)
+    with pytest.raises(ValueError, match="token patches"):
+        lip_loss_weights(lip, (2, 16, 3, 6, 6), 2.0)

@@ -441,14 +441,23 @@ def test_scheduler_shift_out_of_bounds_is_refused(saved_pipeline, tmp_path, caps
 
 def test_resume_latest_with_a_changed_config_names_the_differing_keys(stage1_run, data_root, tmp_path):
     """A changed learning rate, ``windows_per_clip`` or LoRA rank is refused naming each key with both values, before
-    anything is loaded (no tensor-size list); the run's length may change."""
+    anything is loaded (no tensor-size list); the run's length may change. A checkpoint written before a config key
+    existed was trained at its default: a non-default value of it is refused too."""
+    from training.checkpoint_integrity import write_manifest
+
     out = tmp_path / "run"
     shutil.copytree(stage1_run, out)
     shutil.rmtree(out / "final")
+    saved = out / "checkpoint-2" / "training_config.yaml"
+    lines = saved.read_text().splitlines(keepends=True)
+    saved.write_text("".join(line for line in lines if "lip_flow_weight" not in line))  # an older checkpoint
+    write_manifest(out / "checkpoint-2")
+    assert len(saved.read_text().splitlines()) == len(lines) - 1
     for change, named in (
         ("optim.lora_lr=0.5", r"optim\.lora_lr: checkpoint 0\.001, now 0\.5"),
         ("data.windows_per_clip=3", r"data\.windows_per_clip: checkpoint 2, now 3"),
         ("lora.rank=8", r"lora\.rank: checkpoint 4, now 8"),
+        ("loss.lip_flow_weight=10", r"loss\.lip_flow_weight: checkpoint 1\.0, now 10(\.0)?"),
     ):
         with pytest.raises(ValueError, match=rf"config differs .*checkpoint-2.* \({named}\)"):
             _train(data_root, out, "train.max_train_steps=3", "train.resume_from_checkpoint=latest", change)

@@ -781,11 +781,13 @@ def test_lora_and_new_modules_get_their_own_learning_rates(data_root):
     assert frozen_base and not any(p.requires_grad for p in frozen_base)
 
 
-def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lip_flow_weight", [1.0, 10.0])
+def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, tmp_path, monkeypatch, lip_flow_weight):
     """One stage-1 step seen from the generator's inputs: the condition holds the VAE latent of the batch's reference
     frame at latent frame 0 (mask channels 1 there, 0 elsewhere) and in every frame's reference plane, the audio
     windows and token masks are the batch's, the noisy input is (1 − σ)·x0 + ε·σ of the batch video's latents, and
-    L_flow is the MSE to v = ε − x0."""
+    L_flow is the MSE to v = ε − x0; with ``loss.lip_flow_weight`` the squared errors of the latents under the batch's
+    lip tokens (each token's 2x2 latent patch) count that many times in the mean."""
     import training.train as train_module
     from echo.encoding import normalize_latents
 
@@ -805,7 +807,14 @@ def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, 
         return terms
 
     monkeypatch.setattr(train_module, "training_step", spy_step)
-    _run("tiny_stage1.yaml", data_root, tmp_path / "out", "train.max_train_steps=1", "train.checkpointing_steps=0")
+    _run(
+        "tiny_stage1.yaml",
+        data_root,
+        tmp_path / "out",
+        "train.max_train_steps=1",
+        "train.checkpointing_steps=0",
+        f"loss.lip_flow_weight={lip_flow_weight}",
+    )
     (record,) = seen
     noisy, timestep, _, condition, audio, lip, face = record["inputs"]
     batch, vae = record["batch"], record["vae"]
@@ -826,8 +835,15 @@ def test_stage1_step_feeds_the_batch_and_regresses_the_flow_velocity(data_root, 
     assert 0 < float(sigma.min()) and float(sigma.max()) < 1
     noise = (noisy - (1 - sigma) * x0) / sigma
     assert 0.5 < float(noise.std()) < 1.5  # a standard normal ε, so x0 really is the batch's video latent
-    flow = torch.nn.functional.mse_loss(record["prediction"].float(), noise - x0)
+    error = (record["prediction"].float() - (noise - x0)) ** 2  # B, C, F, h, w
+    tokens = batch["lip_mask"].float()  # B, F, H', W'
+    assert 0 < float(tokens.mean()) < 0.5  # the batch has a lip region, smaller than the frame
+    patch = error.shape[-1] // tokens.shape[-1]
+    weights = 1 + (lip_flow_weight - 1) * tokens.repeat_interleave(patch, -2).repeat_interleave(patch, -1)[:, None]
+    flow = (error * weights).sum() / weights.expand_as(error).sum()
     assert record["flow"] == pytest.approx(float(flow), rel=1e-4)
+    if lip_flow_weight != 1:  # the weighted mean is not the plain one on this batch
+        assert float(flow) != pytest.approx(float(error.mean()), rel=1e-3)
 
 
 def test_stage2_step_gives_the_lcu_the_batch_user_history(stage1_runs, data_root, tmp_path, monkeypatch):

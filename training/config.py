@@ -102,6 +102,10 @@ class LossConfig:
     pixel_weight: float = 0.1  # λ
     pixel_latent_frames: int = 2  # latent frames decoded for L_pixel
     pixel_loss_type: str = "mse"  # L_pixel distance: "mse" or "l1"
+    # Weight of the lip region's latents in L_flow (echo.losses.lip_loss_weights; a weighted mean): 1 is the paper's
+    # plain loss. The mouth is a few per cent of the latents; this gives it more of the loss (measured on the demo
+    # model at 5: docs/demo_model.md).
+    lip_flow_weight: float = 1.0
     align_weight: float = 1.0  # γ
     align_blocks: int = 4  # |S|, clamped to the generator's number of blocks
     align_distance: str = "mse"  # L_align feature distance: "mse" or "cosine"
@@ -245,6 +249,7 @@ VALUE_RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "loss.pixel_weight": (_non_negative, "a loss weight >= 0"),
     "loss.pixel_latent_frames": (_at_least(1), "at least 1"),
     "loss.pixel_loss_type": (lambda v: v in ("mse", "l1"), "'mse' or 'l1'"),
+    "loss.lip_flow_weight": (lambda v: isinstance(v, (int, float)) and v >= 1, "a weight >= 1 (1: the plain loss)"),
     "loss.align_weight": (_non_negative, "a loss weight >= 0"),
     "loss.align_blocks": (_at_least(1), "at least 1"),
     "loss.align_distance": (lambda v: v in ("mse", "cosine"), "'mse' or 'cosine'"),

@@ -31,7 +31,7 @@ from echo.flow_matching import (
     sigma_to_timestep,
     velocity_target,
 )
-from echo.losses import hfa_loss, latent_frame_weights, pixel_loss, sample_blocks, speech_weights
+from echo.losses import hfa_loss, latent_frame_weights, lip_loss_weights, pixel_loss, sample_blocks, speech_weights
 
 from .config import TrainConfig
 from .modeling import TrainingModels
@@ -249,7 +249,10 @@ def training_step(
         encoder_hidden_states_image=image_embeds,
     )
     prediction = output.sample.float()
-    terms = {"flow": flow_loss(prediction, velocity_target(latents, noise))}
+    weights = None  # the lip region's latents counted lip_flow_weight times (echo.losses.lip_loss_weights)
+    if loss_cfg.lip_flow_weight != 1:
+        weights = lip_loss_weights(lip_mask, latents.shape, loss_cfg.lip_flow_weight)
+    terms = {"flow": flow_loss(prediction, velocity_target(latents, noise), mask=weights)}
 
     # 5. Stage losses: λ·L_pixel (stage 1) or γ·L_align (stage 2, Eq. 12)
     loss = terms["flow"]

@@ -631,6 +631,9 @@ def check_resume_config(config: TrainConfig, checkpoint: Path) -> None:
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} has no {CONFIG_FILE}: not written by this trainer.")
     saved = _flat(yaml.safe_load(path.read_text()) or {})
     own = _flat(yaml.safe_load(yaml.safe_dump(config_to_dict(config))))  # tuples → lists, as saved
+    # A key newer than the checkpoint's config was trained at its default (a later loss term, say): compare with that
+    defaults = _flat(yaml.safe_load(yaml.safe_dump(config_to_dict(TrainConfig()))))
+    saved = {key: saved.get(key, defaults.get(key)) for key in own} | saved
     differ = {key: (saved[key], own[key]) for key in sorted(saved.keys() & own.keys()) if saved[key] != own[key]}
     refused = {key: values for key, values in differ.items() if not RESUME_SAFE_KEYS.fullmatch(key)}
     if refused:

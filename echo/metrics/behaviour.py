@@ -153,6 +153,30 @@ def lip_sync_r(opening: np.ndarray, avatar_rms: np.ndarray, speaking: np.ndarray
     return pearson(np.asarray(opening)[speaking], np.asarray(avatar_rms)[speaking])
 
 
+def per_latent_frame(signal: np.ndarray, temporal_compression: int = 4) -> np.ndarray:
+    """A per-frame signal `(T,)` as it would be if it changed once per latent frame: frame 0 alone, then the mean of
+    each run of frames ``4j − 3 … 4j`` (the frames latent frame ``j`` covers), interpolated linearly back to every
+    frame between the runs' centres (NaN frames left out of the means).
+
+    The ground truth's mouth opening held this way scores what a mouth that moves only at the latent frame rate
+    (6.25 Hz at 25 fps) can score on `lip_sync_r`: the speech RMS within speech varies from frame to frame, and a VAE
+    that does not carry motion inside a latent frame cannot show that part.
+    """
+    signal = np.asarray(signal, dtype=np.float64)
+    if signal.ndim != 1 or len(signal) < 2:
+        raise ValueError(f"`signal` has shape {signal.shape}, expected (T,) with T >= 2.")
+    runs = [np.arange(1)] + [
+        np.arange(start, min(start + temporal_compression, len(signal)))
+        for start in range(1, len(signal), temporal_compression)
+    ]
+    centres = np.array([run.mean() for run in runs])
+    means = np.array([np.nanmean(signal[run]) if np.isfinite(signal[run]).any() else np.nan for run in runs])
+    keep = np.isfinite(means)
+    if keep.sum() < 2:
+        return np.full(len(signal), np.nan)
+    return np.interp(np.arange(len(signal)), centres[keep], means[keep])
+
+
 def listening_ratio(energy: np.ndarray, user_speaking: np.ndarray, silence: np.ndarray) -> float | None:
     """Mean head-motion energy while the user speaks (and the avatar does not) over the same in mutual silence."""
     energy = np.asarray(energy, dtype=np.float64)
