@@ -115,9 +115,10 @@ def truth_per_latent_frame(eval_dir: Path, names: list[str]) -> float | None:
     """Mean over clips of the lip sync r of the ground truth's mouth opening held per latent frame
     (`echo.metrics.behaviour.per_latent_frame`): what a mouth that moves only at the latent frame rate scores."""
     values = []
+    extractor = MediaPipeMotionExtractor(static_image_mode=True, fill_missing=False)
     for name in names:
         frames = read_frames(eval_dir / "ground_truth" / f"{name}.mp4")
-        landmarks = MediaPipeMotionExtractor(static_image_mode=True, fill_missing=False).detect(frames)
+        landmarks = extractor.detect(frames)
         audio = read_audio(eval_dir / "audio" / f"{name}.wav")
         opening = per_latent_frame(mouth_opening(landmarks), TEMPORAL_COMPRESSION)
         r = lip_sync_r(opening, frame_rms(audio, len(frames)), voice_activity(audio, len(frames)))

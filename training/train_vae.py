@@ -560,6 +560,7 @@ def main(argv=None) -> int:
 
     # 2. Data
     folders = clip_folders(data.root)
+    with_regions = config.loss.weighted or data.clip_crop_on_lips  # the loss weights and the lip crops read them
     bank = load_clip_bank(
         folders,
         data.clips_per_folder,
@@ -567,9 +568,9 @@ def main(argv=None) -> int:
         data.resolution,
         config.seed,
         progress=accelerator.is_main_process,
-        regions=config.loss.weighted or data.clip_crop_on_lips,
+        regions=with_regions,
     )
-    bank, labels = bank if config.loss.weighted or data.clip_crop_on_lips else (bank, None)
+    bank, labels = bank if with_regions else (bank, None)
     accelerator.print(f"{len(bank)} clips of {data.clip_frames} frames from {len(folders)} clip folders")
 
     # 3. Loop
