@@ -162,3 +162,35 @@ def test_chunk_metrics_flag_a_vae_that_decodes_every_frame_as_the_first(tiny_cli
     # the copy's lip PSNR falls after the first frame; the faithful one stays at its (constant) error
     assert copying["lip_psnr_by_position"][0] > max(copying["lip_psnr_by_position"][1:])
     assert len(set(faithful["lip_psnr_by_position"])) == 1
+
+
+def test_the_motion_term_compares_frame_differences():
+    """``loss.motion``: on a clip, ``|Δx̂ − Δx|`` over consecutive frames (the later frame's pixel weights) is added to
+    the loss with its weight; a single frame has no motion term; a negative weight is refused by name."""
+    arch = yaml.safe_load((ROOT / "configs/models/tiny.yaml").read_text())["vae"]["config"]
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**arch)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    regions = torch.zeros(1, 5, 32, 32, dtype=torch.uint8)
+    for t in range(5):  # the mouth moves down a row a frame: the weights of frame t, not t − 1, count
+        regions[:, t, 12 + t : 20 + t, 8:24] = train_vae.LIP
+
+    def run(loss, clip=video):
+        module = train_vae.VaeTrainingModule(vae, loss)
+        return module(clip, torch.Generator().manual_seed(0), regions[:, : clip.shape[2]])
+
+    plain_total, plain = run(train_vae.VaeLossConfig(lip_weight=3.0))
+    total, parts = run(train_vae.VaeLossConfig(lip_weight=3.0, motion=2.0))
+    assert "motion" not in plain and set(parts) == {"l1", "l2", "kl", "motion"}
+    with torch.no_grad():
+        posterior = vae.encode(video).latent_dist
+        decoded = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(0))).sample
+    error = (decoded.diff(dim=2) - video.diff(dim=2)).abs()  # 1, 3, 4, 32, 32
+    inside = sum(error[:, :, t - 1, 12 + t : 20 + t, 8:24].sum() for t in range(1, 5))
+    expected = (error.sum() + 3.0 * inside) / (error[:, :1].numel() + 3.0 * 4 * 8 * 16) / 3
+    torch.testing.assert_close(parts["motion"], expected)
+    torch.testing.assert_close(total, plain_total + 2.0 * expected)
+    _, single = run(train_vae.VaeLossConfig(motion=2.0), video[:, :, :1])
+    assert "motion" not in single
+    with pytest.raises(ValueError, match=r"loss\.motion"):
+        train_vae.load_vae_config(None, ["loss.motion=-1"])

@@ -102,6 +102,11 @@ class VaeLossConfig:
     kl: float = 1e-6
     lip_weight: float = 0.0  # extra weight of the pixels inside the lip mask (0: a plain mean)
     face_weight: float = 0.0  # extra weight of the rest of the face
+    # Weight of the frame-to-frame term (clip steps): |Δx̂ − Δx| with Δ the difference of consecutive frames, weighted
+    # as the pixel terms. A mouth decoded once per latent frame (4 video frames) has Δx̂ = 0 inside a latent frame,
+    # whatever its per-frame error; this term asks for the motion itself. Measured on the demo VAE (300 chunk steps
+    # beyond its 1,200, docs/demo_model.md): weight 5 lowered the lip sync r ceiling (0.311 vs 0.385 without): off.
+    motion: float = 0.0
 
     @property
     def weighted(self) -> bool:
@@ -149,6 +154,9 @@ def load_vae_config(path: str | Path | None, overrides: list[str] = ()) -> VaeTr
             raise ValueError(f"config key 'data.{key}' is {getattr(data, key)}, expected a multiple of 8")
     if data.clip_crop > data.resolution:
         raise ValueError(f"config key 'data.clip_crop' ({data.clip_crop}) exceeds data.resolution ({data.resolution})")
+    for key in ("l1", "l2", "kl", "lip_weight", "face_weight", "motion"):
+        if getattr(config.loss, key) < 0:
+            raise ValueError(f"config key 'loss.{key}' is {getattr(config.loss, key)}, expected a weight >= 0")
     if config.train.freeze_encoder and not config.init_from:
         raise ValueError("config key 'train.freeze_encoder' needs 'init_from' (the trained VAE whose encoder to keep)")
     if config.init_from and config.vae:
@@ -331,8 +339,9 @@ class VaeTrainingModule(torch.nn.Module):
     def forward(
         self, video: torch.Tensor, generator: torch.Generator | None = None, regions: torch.Tensor | None = None
     ):
-        """``(total, {"l1", "l2", "kl"})`` for `(B, 3, T, H, W)` frames in [−1, 1]; x̂ decoded from a posterior
-        sample. ``regions`` (`(B, T, H, W)` labels of `load_clip_bank`) weight the pixel terms (`pixel_weights`)."""
+        """``(total, {"l1", "l2", "kl"[, "motion"]})`` for `(B, 3, T, H, W)` frames in [−1, 1]; x̂ decoded from a
+        posterior sample. ``regions`` (`(B, T, H, W)` labels of `load_clip_bank`) weight the pixel terms
+        (`pixel_weights`; the motion term with the later frame's weights). ``motion`` only where T > 1."""
         posterior = self.vae.encode(video).latent_dist
         reconstruction = self.vae.decode(posterior.sample(generator=generator)).sample
         weights = None if regions is None else pixel_weights(regions, self.loss).to(video)[:, None]
@@ -340,7 +349,14 @@ class VaeTrainingModule(torch.nn.Module):
         l2 = weighted_mean((reconstruction - video).square(), weights)
         kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
         total = self.loss.l1 * l1 + self.loss.l2 * l2 + self.loss.kl * kl
-        return total, {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
+        parts = {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
+        if self.loss.motion and video.shape[2] > 1:
+            motion = weighted_mean(
+                (reconstruction.diff(dim=2) - video.diff(dim=2)).abs(), None if weights is None else weights[:, :, 1:]
+            )
+            total = total + self.loss.motion * motion
+            parts["motion"] = motion.detach()
+        return total, parts
 
 
 @torch.no_grad()
@@ -605,8 +621,15 @@ def main(argv=None) -> int:
         if step % train.log_every == 0 or step == train.max_train_steps:
             rate = (step - first_step) / (time.time() - started)
             bar.set_postfix(l1=f"{logs['l1']:.4f}", kl=f"{logs['kl']:.3g}", steps_per_s=f"{rate:.2f}")
+            motion = f" motion {logs['motion']:.4f}" if "motion" in logs else ""
             logger.info(
-                "step %d l1 %.4f l2 %.4f kl %.4g (%.3f steps/s)", step, logs["l1"], logs["l2"], logs["kl"], rate
+                "step %d l1 %.4f l2 %.4f kl %.4g%s (%.3f steps/s)",
+                step,
+                logs["l1"],
+                logs["l2"],
+                logs["kl"],
+                motion,
+                rate,
             )
         if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
             if accelerator.is_main_process:
