@@ -156,9 +156,11 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
     """The shipped model on its held-out example (8 s): the mouth opening of the rendered avatar follows the avatar's
     own speech envelope, and the difference from a render with that speech silenced (same seed, same user) follows it
     too, so the opening is driven by the audio, not by the time course of the render. Opening is read from pixels
-    (`mouth_darkness`, the reference's mouth box), as the soft 128² frames often defeat the face mesh; over all
-    frames, speech and pauses; the thresholds are below the report's figures (0.52 and 0.51 on this conversation's
-    first 8 s) so that the check is robust to CPU numerics."""
+    (`mouth_darkness`, the reference's mouth box), over all frames, speech and pauses. The face mesh finds a face in
+    at least 90 % of the frames, and its inner-lip gap follows the speech RMS within speech (`lip_sync_r`, the
+    behaviour report's measure). The thresholds are guards below the figures measured on this conversation's first
+    8 s (mouth box r 0.846 and 0.846, face rate 1.000, lip sync r 0.182) so that the check is robust to CPU numerics;
+    the demo's goal for lip sync r, 0.5 (a guard of 0.4), is not reached by this model (docs/demo_model.md)."""
     if not (demo.DEFAULT_PIPELINE / "model_index.json").is_file():
         pytest.skip("no shipped demo model (models/echo-demo)")
 
@@ -167,7 +169,8 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
     from diffusers import DiffusionPipeline
 
     from echo.audio import frame_rms
-    from echo.metrics.behaviour import mouth_darkness, pearson
+    from echo.metrics.behaviour import lip_sync_r, mouth_darkness, mouth_opening, pearson, voice_activity
+    from echo.metrics.extractor import MediaPipeMotionExtractor
 
     example = demo.DEFAULT_PIPELINE / "example"
     pipe = DiffusionPipeline.from_pretrained(demo.DEFAULT_PIPELINE, use_safetensors=True)
@@ -187,6 +190,11 @@ def test_shipped_model_opens_its_mouth_with_its_own_speech():
         ).frames[0]
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
         opening[name] = mouth_darkness(frames, reference_landmarks)
+        if name == "speech":
+            landmarks = MediaPipeMotionExtractor(static_image_mode=True, fill_missing=False).detect(frames)
     with_speech = pearson(opening["speech"], envelope)
     driven = pearson(opening["speech"] - opening["silence"], envelope)
     assert with_speech > 0.25 and driven > 0.25, (with_speech, driven)
+    face_rate = np.isfinite(landmarks[..., :2]).all(axis=(1, 2)).mean()
+    lip_sync = lip_sync_r(mouth_opening(landmarks), envelope, voice_activity(audio, num_frames))
+    assert face_rate >= 0.9 and lip_sync is not None and lip_sync > 0.1, (face_rate, lip_sync)
